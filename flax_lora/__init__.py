@@ -1,0 +1,34 @@
+"""flax_lora: LoRA for JAX and Flax.
+
+Adapters are separate pytrees keyed by parameter path; `wrap` is a function transform that runs
+any ``apply_fn(params, *args)`` with ``W0 + scale * a @ b`` for every adapted kernel; optax masks
+freeze the base; `merge` / `unmerge` are pure functions; checkpoints go through orbax.
+"""
+
+from flax_lora._adapters import LoraWeights, delta
+from flax_lora._checkpoint import load, load_config, save
+from flax_lora._config import LoraConfig
+from flax_lora._init import init
+from flax_lora._merge import merge, unmerge
+from flax_lora._optim import freeze_base, trainable
+from flax_lora._summary import Summary, summary
+from flax_lora._wrap import wrap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig",
+    "LoraWeights",
+    "Summary",
+    "delta",
+    "freeze_base",
+    "init",
+    "load",
+    "load_config",
+    "merge",
+    "save",
+    "summary",
+    "trainable",
+    "unmerge",
+    "wrap",
+]

@@ -1,0 +1,150 @@
+"""`lora.save` / `lora.load`: orbax checkpoints that hold adapters only."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from flax_lora._adapters import LoraWeights, adapter_table
+from flax_lora._config import LoraConfig
+from flax_lora._paths import flatten, nest
+
+PyTree = Any
+FORMAT = "flax_lora.adapters"
+VERSION = 1
+
+
+def save(
+    directory: str | os.PathLike[str], adapters: PyTree, config: LoraConfig | None = None
+) -> Path:
+    """Writes an orbax checkpoint of the adapters (arrays and metadata only) to ``directory``.
+
+    Returns once the checkpoint is on disk. The checkpoint is written beside ``directory`` and
+    moved into place only when complete, so a save that fails leaves any earlier checkpoint at
+    ``directory`` as it was.
+
+    Example:
+      >>> lora.save("/tmp/run/adapters", adapters, config)
+      >>> adapters = lora.load("/tmp/run/adapters")
+
+    Args:
+      directory: where the checkpoint goes; replaced if it holds an earlier one.
+      adapters: adapters from `lora.init` (or any function returning adapters).
+      config: the `LoraConfig` they were made with, stored as metadata.
+
+    Returns:
+      The checkpoint's absolute path.
+    """
+    directory = Path(directory).absolute()
+    table = adapter_table(adapters)
+    if not table:
+        raise ValueError("lora.save: the adapter tree is empty.")
+    arrays = nest((p, {"a": w.a, "b": w.b}) for p, w in table.items())
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "adapters": {p: w.meta() for p, w in table.items()},
+        "config": config.to_dict() if config is not None else None,
+    }
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.parent / f".{directory.name}.saving-{uuid.uuid4().hex[:8]}"
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            ckptr.save(
+                staging,
+                args=ocp.args.Composite(
+                    arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)
+                ),
+            )
+        _replace(staging, directory)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def _replace(new: Path, target: Path) -> None:
+    """Moves ``new`` to ``target``; an existing ``target`` is set aside until the move is done."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load(directory: str | os.PathLike[str]) -> PyTree:
+    """Reads adapters written by `save`, exactly (same dtypes, shapes, scales, axes).
+
+    Example:
+      >>> adapters = lora.load("/tmp/run/adapters")
+      >>> y = lora.wrap(model.apply)(params, adapters, x)
+
+    Args:
+      directory: a checkpoint directory written by `save`.
+
+    Returns:
+      The adapter tree.
+
+    Raises:
+      ValueError: ``directory`` does not hold a flax_lora adapter checkpoint.
+    """
+    directory = Path(directory).absolute()
+    meta_file = directory / "meta" / "metadata"
+    if not directory.is_dir() or not (directory / "meta").is_dir():
+        raise ValueError(
+            f"{str(directory)!r} is not a flax_lora adapter checkpoint: expected a directory "
+            "written by lora.save (with 'arrays' and 'meta' items)."
+        )
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        restored = ckptr.restore(
+            directory,
+            args=ocp.args.Composite(arrays=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
+        )
+    meta = restored["meta"]
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(
+            f"{str(directory)!r} is not a flax_lora adapter checkpoint (its metadata "
+            f"{str(meta_file)!r} has no format {FORMAT!r})."
+        )
+    arrays = flatten(restored["arrays"])
+    entries = []
+    for path, m in meta["adapters"].items():
+        a, b = arrays.get(f"{path}/a"), arrays.get(f"{path}/b")
+        if a is None or b is None:
+            raise ValueError(f"Checkpoint {str(directory)!r} lacks the factors of {path!r}.")
+        entries.append(
+            (
+                path,
+                LoraWeights(
+                    a=jax.numpy.asarray(a),
+                    b=jax.numpy.asarray(b),
+                    scale=float(m["scale"]),
+                    in_axes=tuple(m["in_axes"]),
+                    kernel_shape=tuple(m["kernel_shape"]),
+                    kind=m["kind"],
+                    dropout=float(m.get("dropout", 0.0)),
+                ),
+            )
+        )
+    return nest(entries)
+
+
+def load_config(directory: str | os.PathLike[str]) -> LoraConfig | None:
+    """The `LoraConfig` stored by `save`, or ``None`` when none was given."""
+    directory = Path(directory).absolute()
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        restored = ckptr.restore(directory, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    config = restored["meta"].get("config")
+    return LoraConfig.from_dict(config) if config else None

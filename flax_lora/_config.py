@@ -1,0 +1,163 @@
+"""`LoraConfig`: which kernels to adapt, with what rank, scale and initialisation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+INITS = ("lora", "gaussian", "random", "pissa", "olora")
+
+Patterns = str | Sequence[str] | None
+
+
+def _as_patterns(value: Patterns, name: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = (value,)
+    out = tuple(value)
+    for p in out:
+        if not isinstance(p, str):
+            raise TypeError(f"LoraConfig.{name} takes regex strings; got {p!r}.")
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"LoraConfig.{name}: {p!r} is not a valid regex ({e}).") from e
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """What to adapt and how, with PEFT's meanings and defaults where PEFT has the same field.
+
+    Example:
+      >>> import flax_lora as lora
+      >>> config = lora.LoraConfig(rank=8, alpha=16.0, targets=r".*/(query|value)/kernel")
+
+    Attributes:
+      rank: the rank ``r`` of every adapter (PEFT ``r``); at least 1.
+      alpha: the scale numerator: ``scale = alpha / rank`` (PEFT ``lora_alpha``).
+      targets: which kernels to adapt. ``None`` means every kernel; a string is a regex that must
+        ``re.fullmatch`` the path; a sequence means any of its regexes (PEFT ``target_modules``,
+        on paths rather than module names).
+      exclude: regexes (``re.fullmatch``) of paths never adapted (PEFT ``exclude_modules``).
+      rank_pattern: regex (``re.search`` on the path) to rank; the first match wins.
+      alpha_pattern: regex (``re.search`` on the path) to alpha; the first match wins.
+      init: ``"lora"`` (PEFT's default: ``a`` kaiming-uniform, ``b`` zeros; Embed: ``a`` zeros,
+        ``b`` standard normal), ``"gaussian"`` (``a`` normal with std ``1/r``, ``b`` zeros),
+        ``"pissa"`` / ``"olora"`` (from the SVD / QR of ``W0``; these also change the base),
+        ``"random"`` (both factors nonzero: not a no-op, for tests).
+      dropout: dropout rate on the LoRA branch's input (PEFT ``lora_dropout``), applied by the
+        factored execution when a call passes ``lora_rng``.
+      rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank`` (PEFT ``use_rslora``).
+      dtype: the dtype of the adapter factors (a floating dtype).
+      layers: layer indices to adapt (PEFT ``layers_to_transform``); ``None`` means all. A path's
+        layer index is the first number in it (``h3``, ``layers/3``, ``layer_3``).
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+    targets: Patterns = None
+    exclude: Patterns = ()
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    init: str = "lora"
+    dropout: float = 0.0
+    rslora: bool = False
+    dtype: Any = jnp.float32
+    layers: Sequence[int] | int | None = None
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)
+        _check_rank(self.rank, "LoraConfig.rank")
+        set_("targets", _as_patterns(self.targets, "targets"))
+        set_("exclude", _as_patterns(self.exclude, "exclude") or ())
+        for pattern, r in dict(self.rank_pattern).items():
+            _as_patterns(pattern, "rank_pattern")
+            _check_rank(r, f"LoraConfig.rank_pattern[{pattern!r}]")
+        for pattern in dict(self.alpha_pattern):
+            _as_patterns(pattern, "alpha_pattern")
+        set_("rank_pattern", dict(self.rank_pattern))
+        set_("alpha_pattern", {k: float(v) for k, v in dict(self.alpha_pattern).items()})
+        if self.init not in INITS:
+            raise ValueError(f"LoraConfig.init must be one of {INITS}; got {self.init!r}.")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1); got {self.dropout!r}.")
+        try:
+            dtype = np.dtype(self.dtype)
+        except TypeError as e:
+            raise TypeError(
+                f"LoraConfig.dtype must be a floating dtype; got {self.dtype!r}."
+            ) from e
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"LoraConfig.dtype must be a floating dtype; got {dtype}.")
+        if isinstance(self.layers, int):
+            set_("layers", (self.layers,))
+        elif self.layers is not None:
+            set_("layers", tuple(int(i) for i in self.layers))
+
+    # -- per-path resolution ---------------------------------------------------------------
+    def matches(self, path: str) -> bool:
+        """Whether ``path`` is selected by ``targets``, ``exclude`` and ``layers``."""
+        if self.targets is not None and not any(re.fullmatch(p, path) for p in self.targets):
+            return False
+        if any(re.fullmatch(p, path) for p in self.exclude):
+            return False
+        if self.layers is not None:
+            index = layer_index(path)
+            if index is None or index not in self.layers:
+                return False
+        return True
+
+    def rank_for(self, path: str) -> int:
+        """The rank of the adapter at ``path``: the first matching ``rank_pattern``, or ``rank``."""
+        for pattern, r in self.rank_pattern.items():
+            if re.search(pattern, path):
+                return int(r)
+        return int(self.rank)
+
+    def alpha_for(self, path: str) -> float:
+        """The alpha at ``path``: the first matching ``alpha_pattern``, or ``alpha``."""
+        for pattern, a in self.alpha_pattern.items():
+            if re.search(pattern, path):
+                return float(a)
+        return float(self.alpha)
+
+    def scale_for(self, path: str) -> float:
+        """``alpha / r``, or ``alpha / sqrt(r)`` with ``rslora``."""
+        r = self.rank_for(path)
+        return self.alpha_for(path) / (math.sqrt(r) if self.rslora else r)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields (dtype by name)."""
+        d = dataclasses.asdict(self)
+        d["dtype"] = np.dtype(self.dtype).name
+        for k in ("targets", "exclude", "layers"):
+            d[k] = list(d[k]) if d[k] is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LoraConfig:
+        """The inverse of :meth:`to_dict`."""
+        d = dict(d)
+        d["dtype"] = jnp.dtype(d.get("dtype", "float32"))
+        return cls(**d)
+
+
+def layer_index(path: str) -> int | None:
+    """The first number in a path (``h3/attn`` -> 3, ``layers/2/mlp`` -> 2), or ``None``."""
+    m = re.search(r"(\d+)", path)
+    return int(m.group(1)) if m else None
+
+
+def _check_rank(rank: Any, name: str) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int | np.integer):
+        raise TypeError(f"{name} must be an int; got {rank!r}.")
+    if rank < 1:
+        raise ValueError(f"{name} must be at least 1; got {rank}.")

@@ -1,0 +1,209 @@
+"""`lora.init`: make the adapters of a params tree."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from flax_lora._adapters import LoraWeights
+from flax_lora._config import LoraConfig
+from flax_lora._paths import describe, flatten, nest
+
+PyTree = Any
+_FLAX_KERNEL_NAMES = ("kernel", "embedding")
+
+
+def init(
+    key: jax.Array,
+    params: PyTree,
+    config: LoraConfig,
+    probe: Callable[[PyTree], Any] | None = None,
+) -> PyTree | tuple[PyTree, PyTree]:
+    """Creates the LoRA adapters of every kernel of ``params`` that ``config`` selects.
+
+    Example:
+      >>> model = nn.Dense(4)
+      >>> params = model.init(jax.random.key(0), jnp.ones((1, 3)))
+      >>> adapters = lora.init(jax.random.key(1), params, lora.LoraConfig(rank=2))
+      >>> adapters["params"]["kernel"].a.shape, adapters["params"]["kernel"].b.shape
+      ((3, 2), (2, 4))
+
+    Which leaves are kernels: with ``probe``, every floating leaf of 2 or more dimensions that the
+    traced probe contracts (``dot_general``, ``conv``) or gathers (an Embed lookup). Without a
+    probe, with ``targets=None``, the 2-D leaves named ``kernel`` or ``embedding`` (Flax's names);
+    with explicit ``targets``, every 2-D floating leaf they match. Rows of a 2-D kernel are its
+    input axis; kernels of 3 or more dimensions need the probe.
+
+    Args:
+      key: a PRNG key.
+      params: a Linen variables dict (``{"params": ...}``), an NNX state, or any pytree.
+      config: what to adapt and how.
+      probe: an optional function of the params alone, e.g. ``lambda p: model.apply(p, x)``,
+        traced abstractly (no FLOPs) to learn each kernel's input axes and kind.
+
+    Returns:
+      The adapters: nested dicts that mirror the paths of the adapted kernels, each ending in a
+      `LoraWeights` with factors ``a`` and ``b``. With ``init="pissa"`` or ``"olora"``, the pair
+      ``(adapters, new_params)``, where ``new_params`` holds the residual base kernels.
+
+    Raises:
+      ValueError: no kernel matches; a rank is below 1 or (PiSSA/OLoRA) above the kernel's smaller
+        side; a kernel of 3 or more dimensions has no probe.
+      TypeError: a targeted leaf is not floating.
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"lora.init expects a LoraConfig; got {type(config).__name__}.")
+    leaves = flatten(params)
+    uses = None
+    if probe is not None:
+        from flax_lora._probe import kernel_uses
+
+        uses = kernel_uses(probe, params)
+
+    selected = _select(leaves, config, uses)
+    keys = jax.random.split(key, max(len(selected), 1))
+    adapters: list[tuple[str, LoraWeights]] = []
+    new_kernels: dict[str, jax.Array] = {}
+    for k, (path, (kind, in_axes)) in zip(keys, selected.items(), strict=False):
+        kernel = leaves[path]
+        w, residual = _init_one(k, path, kernel, kind, in_axes, config)
+        adapters.append((path, w))
+        if residual is not None:
+            new_kernels[path] = residual
+    tree = nest(adapters)
+    if config.init in ("pissa", "olora"):
+        from flax_lora._paths import path_str
+
+        new_params = jax.tree_util.tree_map_with_path(
+            lambda kp, x: new_kernels.get(path_str(kp), x), params
+        )
+        return tree, new_params
+    return tree
+
+
+def _select(
+    leaves: dict[str, Any], config: LoraConfig, uses: dict[str, Any] | None
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Path -> (kind, input axes) of every kernel the config adapts."""
+    candidates = {}
+    for path, leaf in leaves.items():
+        ndim = getattr(leaf, "ndim", 0)
+        if ndim < 2:
+            continue
+        if uses is not None:
+            if path in uses or (config.targets is not None and config.matches(path)):
+                candidates[path] = leaf
+        elif config.targets is not None or path.rsplit("/", 1)[-1] in _FLAX_KERNEL_NAMES:
+            candidates[path] = leaf
+    chosen = [p for p in candidates if config.matches(p)]
+    if not chosen:
+        raise ValueError(
+            f"LoraConfig(targets={config.targets!r}, exclude={config.exclude!r}, "
+            f"layers={config.layers!r}) matches no kernel. Kernels seen: "
+            f"{describe(candidates, limit=40)}."
+        )
+    out = {}
+    for path in chosen:
+        leaf = candidates[path]
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise TypeError(
+                f"Kernel {path!r} has dtype {leaf.dtype}; LoRA adapts floating-point kernels only."
+            )
+        if uses is not None and path in uses:
+            kind, in_axes = uses[path].kind, uses[path].in_axes
+        elif leaf.ndim == 2:
+            kind = "embed" if path.rsplit("/", 1)[-1] == "embedding" else "dense"
+            in_axes = (0,)
+        elif uses is not None:
+            raise ValueError(
+                f"Kernel {path!r} of shape {tuple(leaf.shape)} is matched by targets but the probe "
+                "never contracts or gathers it, so its input axes are unknown."
+            )
+        else:
+            raise ValueError(
+                f"Kernel {path!r} has shape {tuple(leaf.shape)} ({leaf.ndim} dimensions): pass "
+                "probe=lambda p: model.apply(p, x) to lora.init so that its input axes can be "
+                "learned (2-D kernels need no probe)."
+            )
+        if not in_axes or len(in_axes) == leaf.ndim:
+            raise ValueError(
+                f"Kernel {path!r} of shape {tuple(leaf.shape)}: the probe contracts axes "
+                f"{in_axes}, which leaves no input or no output axis to factor."
+            )
+        out[path] = (kind, tuple(in_axes))
+    return out
+
+
+def _init_one(
+    key: jax.Array,
+    path: str,
+    kernel: jax.Array,
+    kind: str,
+    in_axes: tuple[int, ...],
+    config: LoraConfig,
+) -> tuple[LoraWeights, jax.Array | None]:
+    shape = tuple(kernel.shape)
+    out_axes = tuple(i for i in range(len(shape)) if i not in in_axes)
+    in_shape = tuple(shape[i] for i in in_axes)
+    out_shape = tuple(shape[i] for i in out_axes)
+    n_in, n_out = math.prod(in_shape), math.prod(out_shape)
+    r = config.rank_for(path)
+    scale = config.scale_for(path)
+    dtype = config.dtype
+    meta = dict(
+        scale=scale, in_axes=in_axes, kernel_shape=shape, kind=kind, dropout=float(config.dropout)
+    )
+    ka, kb = jax.random.split(key)
+    bound = 1.0 / math.sqrt(n_in)  # PyTorch kaiming_uniform_(a=sqrt(5)) on fan_in = prod(I)
+    residual = None
+    if config.init in ("lora", "gaussian"):
+        if kind == "embed":  # PEFT: A zeros, B normal, for both inits
+            a = jnp.zeros((n_in, r), dtype)
+            b = jax.random.normal(kb, (r, n_out), dtype)
+        elif config.init == "lora":
+            a = jax.random.uniform(ka, (n_in, r), dtype, -bound, bound)
+            b = jnp.zeros((r, n_out), dtype)
+        else:
+            a = jax.random.normal(ka, (n_in, r), dtype) / r
+            b = jnp.zeros((r, n_out), dtype)
+    elif config.init == "random":
+        a = jax.random.uniform(ka, (n_in, r), dtype, -bound, bound)
+        b = jax.random.uniform(kb, (r, n_out), dtype, -1.0, 1.0) / math.sqrt(r)
+    else:  # pissa / olora: factor W0 in float32, base becomes the residual
+        if r > min(n_in, n_out):
+            raise ValueError(
+                f"init={config.init!r} needs rank <= min(fan_in, fan_out) = {min(n_in, n_out)} "
+                f"for {path!r} (kernel {shape}, input axes {in_axes}); got rank {r}."
+            )
+        w = kernel.astype(jnp.float32).transpose(in_axes + out_axes).reshape(n_in, n_out)
+        if config.init == "pissa":
+            u, s, vt = jnp.linalg.svd(w, full_matrices=False)
+            root = jnp.sqrt(s[:r] / scale)
+            a32, b32 = u[:, :r] * root, root[:, None] * vt[:r]
+        else:  # OLoRA: QR of W0 in PyTorch's (out, in) layout: lora_A = R[:r], lora_B = Q[:, :r]
+            q, rr = jnp.linalg.qr(w.T)
+            a32, b32 = rr[:r].T, q[:, :r].T
+        res = w - scale * jnp.matmul(a32, b32, precision=jax.lax.Precision.HIGHEST)
+        inverse = tuple((in_axes + out_axes).index(i) for i in range(len(shape)))
+        residual = res.reshape(in_shape + out_shape).transpose(inverse).astype(kernel.dtype)
+        a, b = a32.astype(dtype), b32.astype(dtype)
+    a = _place(a.reshape((*in_shape, r)), kernel, in_axes, last=True)
+    b = _place(b.reshape((r, *out_shape)), kernel, out_axes, last=False)
+    return LoraWeights(a=a, b=b, **meta), residual
+
+
+def _place(x: jax.Array, kernel: Any, axes: tuple[int, ...], last: bool) -> jax.Array:
+    """Gives a factor the sharding of its kernel's ``axes`` (rank axis unsharded)."""
+    sharding = getattr(kernel, "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding) or isinstance(kernel, jax.core.Tracer):
+        return x
+    spec = tuple(sharding.spec) + (None,) * (kernel.ndim - len(sharding.spec))
+    picked = tuple(spec[i] for i in axes)
+    new_spec = (*picked, None) if last else (None, *picked)
+    return jax.device_put(
+        x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*new_spec))
+    )

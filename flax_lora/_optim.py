@@ -1,0 +1,67 @@
+"""optax helpers: train the adapter leaves (and chosen base leaves), freeze the rest."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import optax
+
+from flax_lora._adapters import is_lora
+from flax_lora._paths import path_str
+
+PyTree = Any
+
+
+def trainable(tree: PyTree, also: str | None = None) -> PyTree:
+    """A bool pytree: True exactly on adapter leaves and on leaves whose path matches ``also``.
+
+    Example:
+      >>> tree = {"params": params, "lora": adapters}
+      >>> mask = lora.trainable(tree, also="head")  # adapters + a new classifier head
+
+    Args:
+      tree: any pytree that holds adapters (as returned by `lora.init`) and base leaves.
+      also: a regex (``re.search`` on the path) of base leaves to train too.
+
+    Returns:
+      A pytree of the structure of ``tree`` with a bool at every leaf.
+    """
+    pattern = re.compile(also) if also is not None else None
+
+    def label(keypath: Any, x: Any) -> Any:
+        if is_lora(x):
+            return jax.tree.map(lambda _: True, x)
+        return bool(pattern and pattern.search(path_str(keypath)))
+
+    return jax.tree_util.tree_map_with_path(label, tree, is_leaf=is_lora)
+
+
+def freeze_base(
+    tx: optax.GradientTransformation, tree: PyTree, also: str | None = None
+) -> optax.GradientTransformation:
+    """Wraps ``tx`` to update only the adapter leaves of ``tree`` (and those matching ``also``).
+
+    Every other leaf gets an exact zero update and no optimizer state. Unlike a plain
+    ``optax.masked(tx, mask)``, which passes the raw gradient through for masked-out leaves,
+    nothing reaches a frozen leaf.
+
+    Example:
+      >>> tree = {"params": params, "lora": adapters}
+      >>> tx = lora.freeze_base(optax.adamw(1e-3), tree)
+      >>> opt_state = tx.init(tree)
+      >>> updates, opt_state = tx.update(grads, opt_state, tree)
+      >>> tree = optax.apply_updates(tree, updates)
+
+    Args:
+      tx: the optimizer for the trainable leaves.
+      tree: the joint tree the optimizer will see (only its structure and paths are used).
+      also: a regex (``re.search`` on the path) of base leaves to train too, e.g. ``"head"``.
+
+    Returns:
+      An optax ``GradientTransformation``.
+    """
+    mask = trainable(tree, also)
+    labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
+    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)

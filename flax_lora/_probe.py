@@ -1,0 +1,198 @@
+"""Which axes of a kernel are its input axes, learned by tracing a probe function abstractly.
+
+The probe is traced to a jaxpr with `jax.make_jaxpr` (no FLOPs). Each kernel's invar is followed
+through the layout-only operations Flax applies to kernels (dtype promotion, transposes,
+reshapes, nested `jit`, remat, custom derivatives, `scan` over stacked layers) to the op that
+uses it:
+
+- ``gather`` (an Embed lookup): the gathered axis is the input axis -> ``"embed"``;
+- ``conv_general_dilated``: the input-feature and spatial axes -> ``"conv"``;
+- ``dot_general``: the contracted axes -> ``"dense"``.
+
+An Embed table is classified by its lookup also when the same table is contracted by ``attend``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+from jax.extend import core as jex_core
+
+from flax_lora._paths import path_str
+
+AxisMap = tuple[tuple[int, ...], ...]  # for each axis of a var: the kernel axes it stems from
+
+# primitives that keep a value's layout (elementwise on one operand, no change of meaning)
+_SAME_LAYOUT = {
+    "convert_element_type",
+    "copy",
+    "copy_p",
+    "reduce_precision",
+    "sharding_constraint",
+    "device_put",
+    "optimization_barrier",
+    "stop_gradient",
+    "mesh_cast",
+    "reshard",
+}
+_CALLS = {
+    "pjit",
+    "jit",
+    "closed_call",
+    "core_call",
+    "remat",
+    "checkpoint",
+    "custom_jvp_call",
+    "custom_vjp_call",
+    "custom_vjp_call_jaxpr",
+    "custom_lin",
+}
+_SUB_JAXPR_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+
+
+@dataclasses.dataclass
+class Use:
+    kind: str  # "embed" | "conv" | "dense"
+    in_axes: tuple[int, ...]
+
+
+def inner_jaxpr(eqn: Any) -> tuple[Any, list[Any]] | None:
+    """The sub-jaxpr of a call-like equation and its consts, if it has exactly one."""
+    for key in _SUB_JAXPR_KEYS:
+        sub = eqn.params.get(key)
+        if sub is None:
+            continue
+        if isinstance(sub, jex_core.ClosedJaxpr):
+            return sub.jaxpr, list(sub.consts)
+        if isinstance(sub, jex_core.Jaxpr):
+            return sub, []
+    return None
+
+
+def reshape_axis_map(old_shape: Sequence[int], new_shape: Sequence[int], amap: AxisMap) -> AxisMap:
+    """Maps each new axis to the kernel axes of the old axes it was formed from."""
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(old_shape) or j < len(new_shape):
+        gi, gj = [], []
+        pi = pj = 1
+        while True:
+            if pi == pj and gi and gj:
+                # absorb trailing size-1 axes into this group
+                while i < len(old_shape) and old_shape[i] == 1 and pi == pj:
+                    gi.append(i)
+                    i += 1
+                while j < len(new_shape) and new_shape[j] == 1:
+                    gj.append(j)
+                    j += 1
+                break
+            if (pi <= pj or j >= len(new_shape)) and i < len(old_shape):
+                pi *= old_shape[i]
+                gi.append(i)
+                i += 1
+            elif j < len(new_shape):
+                pj *= new_shape[j]
+                gj.append(j)
+                j += 1
+            else:
+                break
+        groups.append((gi, gj))
+    out: list[tuple[int, ...]] = [()] * len(new_shape)
+    for gi, gj in groups:
+        src = tuple(sorted({k for i in gi for k in amap[i]}))
+        for j in gj:
+            out[j] = src
+    return tuple(out)
+
+
+def _axes(amap: AxisMap, dims: Sequence[int]) -> tuple[int, ...]:
+    return tuple(sorted({k for d in dims for k in amap[d]}))
+
+
+def _walk(jaxpr: Any, tracked: dict[Any, tuple[str, AxisMap]], uses: dict[str, list[Use]]) -> dict:
+    """Follows tracked vars through ``jaxpr``; returns the tracked outvars."""
+    env = dict(tracked)
+
+    def get(v: Any) -> tuple[str, AxisMap] | None:
+        if isinstance(v, jex_core.Literal):
+            return None
+        return env.get(v)
+
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        ins = [get(v) for v in eqn.invars]
+        if not any(ins):
+            continue
+        if name in _SAME_LAYOUT and ins[0] is not None:
+            for o in eqn.outvars:
+                env[o] = ins[0]
+        elif name == "transpose":
+            path, amap = ins[0]
+            env[eqn.outvars[0]] = (path, tuple(amap[p] for p in eqn.params["permutation"]))
+        elif name == "reshape" and ins[0] is not None:
+            path, amap = ins[0]
+            old = eqn.invars[0].aval.shape
+            new = eqn.outvars[0].aval.shape
+            env[eqn.outvars[0]] = (path, reshape_axis_map(old, new, amap))
+        elif name == "squeeze":
+            path, amap = ins[0]
+            drop = {d % len(amap) for d in eqn.params["dimensions"]}
+            env[eqn.outvars[0]] = (path, tuple(m for i, m in enumerate(amap) if i not in drop))
+        elif name == "dot_general":
+            (lc, rc), _ = eqn.params["dimension_numbers"]
+            for operand, contract in ((ins[0], lc), (ins[1], rc)):
+                if operand is not None:
+                    path, amap = operand
+                    uses.setdefault(path, []).append(Use("dense", _axes(amap, contract)))
+        elif name == "conv_general_dilated" and ins[1] is not None:
+            path, amap = ins[1]
+            rhs_spec = eqn.params["dimension_numbers"].rhs_spec
+            uses.setdefault(path, []).append(Use("conv", _axes(amap, rhs_spec[1:])))
+        elif name == "gather" and ins[0] is not None:
+            path, amap = ins[0]
+            dn = eqn.params["dimension_numbers"]
+            uses.setdefault(path, []).append(Use("embed", _axes(amap, dn.start_index_map)))
+        elif name == "scan":
+            sub = eqn.params["jaxpr"]
+            n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+            inner: dict[Any, tuple[str, AxisMap]] = {}
+            for k, (iv, t) in enumerate(zip(sub.jaxpr.invars, ins, strict=True)):
+                if t is None:
+                    continue
+                path, amap = t
+                inner[iv] = (path, amap[1:] if k >= n_consts + n_carry else amap)
+            _walk(sub.jaxpr, inner, uses)
+        elif name == "cond":
+            for branch in eqn.params["branches"]:
+                inner = {iv: t for iv, t in zip(branch.jaxpr.invars, ins[1:], strict=True) if t}
+                _walk(branch.jaxpr, inner, uses)
+        else:
+            sub = inner_jaxpr(eqn)
+            if sub is not None and len(sub[0].invars) == len(eqn.invars):
+                inner = {iv: t for iv, t in zip(sub[0].invars, ins, strict=True) if t}
+                out = _walk(sub[0], inner, uses)
+                for o, io in zip(eqn.outvars, sub[0].outvars, strict=True):
+                    if io in out:
+                        env[o] = out[io]
+    return {v: env[v] for v in jaxpr.outvars if not isinstance(v, jex_core.Literal) and v in env}
+
+
+def kernel_uses(probe: Callable[[Any], Any], params: Any) -> dict[str, Use]:
+    """Traces ``probe(params)`` abstractly; returns each used kernel's path -> `Use`.
+
+    An Embed lookup wins over other uses of the same table (``attend``); then a conv; then the
+    first contraction.
+    """
+    closed = jax.make_jaxpr(probe)(params)
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    tracked = {}
+    for var, (kp, leaf) in zip(closed.jaxpr.invars, flat, strict=True):
+        if getattr(leaf, "ndim", 0) >= 2:
+            tracked[var] = (path_str(kp), tuple((i,) for i in range(leaf.ndim)))
+    uses: dict[str, list[Use]] = {}
+    _walk(closed.jaxpr, tracked, uses)
+    rank = {"embed": 0, "conv": 1, "dense": 2}
+    return {p: min(us, key=lambda u: rank[u.kind]) for p, us in uses.items()}

@@ -1,0 +1,122 @@
+"""`lora.summary`: trainable and total parameter counts, like PEFT's print_trainable_parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+
+from flax_lora._adapters import adapter_table
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One adapted kernel."""
+
+    path: str
+    kernel_shape: tuple[int, ...]
+    rank: int
+    scale: float
+    params: int  # trainable parameters of this adapter
+    bytes: int
+    kernel_params: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """Counts of trainable (adapter) and total (base + adapter) parameters and bytes."""
+
+    rows: tuple[Row, ...]
+    trainable_params: int
+    trainable_bytes: int
+    base_params: int
+    base_bytes: int
+
+    @property
+    def total_params(self) -> int:
+        return self.base_params + self.trainable_params
+
+    @property
+    def total_bytes(self) -> int:
+        return self.base_bytes + self.trainable_bytes
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_params / max(self.total_params, 1)
+
+    def __str__(self) -> str:
+        width = max([len(r.path) for r in self.rows] + [4])
+        lines = [f"{'path':<{width}}  {'kernel':>16}  {'rank':>4}  {'scale':>7}  {'params':>10}"]
+        for r in self.rows:
+            lines.append(
+                f"{r.path:<{width}}  {'x'.join(map(str, r.kernel_shape)):>16}  {r.rank:>4}  "
+                f"{r.scale:>7.4g}  {r.params:>10,}"
+            )
+        lines.append(
+            f"trainable params: {self.trainable_params:,} || all params: {self.total_params:,} "
+            f"|| trainable%: {100 * self.trainable_fraction:.4f} || trainable bytes: "
+            f"{_human(self.trainable_bytes)} || all bytes: {_human(self.total_bytes)}"
+        )
+        return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def _size(x: Any) -> tuple[int, int]:
+    n = math.prod(getattr(x, "shape", ()))
+    return n, n * getattr(getattr(x, "dtype", None), "itemsize", 0)
+
+
+def summary(params: PyTree, adapters: PyTree, show: bool = True) -> Summary:
+    """Counts trainable and total parameters and bytes, per adapted kernel and in total.
+
+    Example:
+      >>> s = lora.summary(params, adapters)  # prints a table
+      >>> s.trainable_params, s.total_params
+
+    Args:
+      params: the base params tree.
+      adapters: the adapters.
+      show: print the table (the default), as PEFT's ``print_trainable_parameters`` does.
+
+    Returns:
+      A `Summary` whose ``str`` is the printed table.
+    """
+    from flax_lora._paths import flatten
+
+    kernels = flatten(params)
+    rows = []
+    for path, w in adapter_table(adapters).items():
+        (na, ba), (nb, bb) = _size(w.a), _size(w.b)
+        rows.append(
+            Row(
+                path,
+                tuple(w.kernel_shape),
+                w.rank,
+                float(w.scale),
+                na + nb,
+                ba + bb,
+                _size(kernels[path])[0] if path in kernels else 0,
+            )
+        )
+    base = [_size(x) for x in jax.tree.leaves(params)]
+    result = Summary(
+        rows=tuple(rows),
+        trainable_params=sum(r.params for r in rows),
+        trainable_bytes=sum(r.bytes for r in rows),
+        base_params=sum(n for n, _ in base),
+        base_bytes=sum(b for _, b in base),
+    )
+    if show:
+        print(result)
+    return result
