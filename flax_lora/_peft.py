@@ -1,0 +1,619 @@
+"""`lora.save_peft` / `lora.load_peft`: HuggingFace PEFT adapter files, both ways.
+
+A PEFT LoRA adapter is a directory with ``adapter_config.json`` and
+``adapter_model.safetensors``. Its tensors are named after the PyTorch modules they adapt:
+``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (Linear, Conv, GPT-2 Conv1D) and
+``base_model.model.<module>.lora_embedding_A`` / ``.lora_embedding_B`` (Embedding). A ``key_map``
+turns each Flax kernel path into the name of its PyTorch twin.
+
+Layouts (``a (*I, r)`` and ``b (r, *O)`` are ours, in the Flax kernel's layout):
+
+- Linear / Conv1D <-> Dense, DenseGeneral, Einsum: ``lora_A.weight = a.reshape(n_in, r).T``
+  ``(r, in)`` and ``lora_B.weight = b.reshape(r, n_out).T`` ``(out, r)``, the input axes ``I`` and
+  output axes ``O`` of a multi-axis kernel each flattened row-major in kernel order (a q/k/v
+  kernel ``(d, heads, head_dim)`` is the twin of ``Linear(d, heads * head_dim)``). GPT-2's
+  ``Conv1D`` (``fan_in_fan_out=True``) stores its weight ``(in, out)``, but PEFT stores its LoRA
+  factors as for a Linear, so it needs nothing special.
+- Conv1d/2d/3d <-> Conv: ``lora_A.weight`` is a conv weight ``(r, in, *window)`` and
+  ``lora_B.weight`` a 1x1 conv ``(out, r, 1, ...)``; ours are ``a (*window, in, r)`` and
+  ``b (r, out)``.
+- Embedding <-> Embed: ``lora_embedding_A (r, num)`` = ``a.T`` and ``lora_embedding_B (dim, r)``
+  = ``b.T``.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import math
+import os
+import re
+import uuid
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_lora._adapters import LoraWeights, adapter_table
+from flax_lora._config import LoraConfig
+from flax_lora._paths import describe, flatten, nest
+
+PyTree = Any
+KeyMap = Callable[[str], str | None] | Mapping[str, str] | None
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_FLAX_KERNEL_NAMES = ("kernel", "embedding")
+_SUFFIXES = {
+    ".lora_A.weight": "A",
+    ".lora_B.weight": "B",
+    ".lora_embedding_A": "EA",
+    ".lora_embedding_B": "EB",
+}
+# adapter_config.json fields that change the adapted model in ways these adapters cannot express.
+_UNSUPPORTED = {
+    "use_dora": "DoRA (weight-decomposed LoRA)",
+    "lora_bias": "a bias on lora_B",
+    "modules_to_save": "fully trained extra modules",
+    "trainable_token_indices": "trainable token embeddings",
+    "target_parameters": "LoRA on bare nn.Parameters",
+    "layer_replication": "layer replication",
+    "alora_invocation_tokens": "Activated LoRA",
+    "use_qalora": "QA-LoRA",
+    "use_bdlora": "block-diagonal LoRA",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA",
+}
+
+
+# init_lora_weights values with which PEFT rewrites the base weights when it makes the adapter
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+# -- key maps ------------------------------------------------------------------------------------
+def default_key_map(path: str) -> str:
+    """The default kernel path -> PyTorch module name: drop a leading ``params`` and the leaf.
+
+    ``params/encoder/layers_0/query/kernel`` -> ``encoder.layers_0.query``;
+    ``layers/0/linear/kernel`` (an NNX state) -> ``layers.0.linear``.
+    """
+    parts = path.split("/")
+    if len(parts) > 1 and parts[0] == "params":
+        parts = parts[1:]
+    return ".".join(parts[:-1])
+
+
+def _key_fn(key_map: KeyMap) -> Callable[[str], str | None]:
+    if key_map is None:
+        return default_key_map
+    if isinstance(key_map, Mapping):
+        table = dict(key_map)
+        return table.get
+    if callable(key_map):
+        return key_map
+    raise TypeError(
+        "key_map must be None, a dict {kernel path: module name} or a function of the kernel "
+        f"path; got {type(key_map).__name__}."
+    )
+
+
+def _module_name(fn: Callable[[str], str | None], path: str) -> str | None:
+    name = fn(path)
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise TypeError(f"key_map({path!r}) must return a module name (str) or None; got {name!r}.")
+    return name.removeprefix(PREFIX) or None
+
+
+# -- save ----------------------------------------------------------------------------------------
+def save_peft(
+    directory: str | os.PathLike[str],
+    adapters: PyTree,
+    config: LoraConfig | None = None,
+    key_map: KeyMap = None,
+    *,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Writes adapters as a HuggingFace PEFT LoRA adapter (``adapter_config.json`` +
+    ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained`` loads onto the
+    PyTorch twin of the Flax model.
+
+    Every factor is written as float32. ``target_modules`` lists the module names; ranks and
+    alphas that differ between modules are written resolved, as one ``rank_pattern`` /
+    ``alpha_pattern`` entry per module (longest names first, so PEFT's suffix matching picks
+    each module's own entry). Each module's alpha is the config's (``config.alpha_for``) when it
+    reproduces the adapter's scale, else derived from the scale (``scale * r``, or
+    ``scale * sqrt(r)`` with rsLoRA), so adapters from ``lora.combine`` save correctly too.
+
+    Note: PEFT matches a listed name also as a suffix (``lin`` targets ``block.lin`` too); an
+    extra module PEFT adapts that way starts with PEFT's no-op initialisation (``B = 0``), so the
+    loaded model is unchanged, but PEFT may warn about missing keys.
+
+    Example:
+      >>> lora.save_peft("/tmp/adapter", adapters, config)
+      >>> # PyTorch: PeftModel.from_pretrained(torch_model, "/tmp/adapter")
+
+    Args:
+      directory: the output directory (created; the two files in it are replaced).
+      adapters: adapters from `lora.init`, `lora.load`, `lora.load_peft`, ... (kinds ``dense``,
+        ``conv`` with Flax's ``(*window, in, out)`` layout, and ``embed`` with a 2-D table).
+      config: the `LoraConfig` they were made with (for ``r``, ``lora_alpha``, ``use_rslora``,
+        ``lora_dropout``). ``None`` takes the most common rank, alphas from the scales and no
+        rsLoRA.
+      key_map: kernel path -> PyTorch module name, as a function (returning ``None`` for a path
+        without a twin) or a dict; ``None`` drops a leading ``params`` and the leaf name and
+        joins with ``"."``. A leading ``base_model.model.`` in a returned name is ignored.
+      base_model_name_or_path: written to the config (e.g. the Hub id of the base model).
+
+    Returns:
+      The directory's absolute path.
+
+    Raises:
+      ValueError: the tree is empty; the key map names no module (or one module twice) for
+        some paths, which are listed; an adapter has a layout PEFT cannot express.
+    """
+    directory = Path(directory).absolute()
+    table = adapter_table(adapters)
+    if not table:
+        raise ValueError("lora.save_peft: the adapter tree is empty.")
+    if config is not None and not isinstance(config, LoraConfig):
+        raise TypeError(f"save_peft: config must be a LoraConfig; got {type(config).__name__}.")
+    fn = _key_fn(key_map)
+    names: dict[str, str] = {}
+    unmapped = []
+    for path in table:
+        name = _module_name(fn, path)
+        if name is None:
+            unmapped.append(path)
+        else:
+            names[path] = name
+    if unmapped:
+        raise ValueError(
+            f"save_peft: key_map gives no PyTorch module name for the adapters at "
+            f"{describe(unmapped)}; every adapted kernel needs one."
+        )
+    twice = [n for n, c in collections.Counter(names.values()).items() if c > 1]
+    if twice:
+        paths = [p for p, n in names.items() if n in twice]
+        raise ValueError(
+            f"save_peft: key_map maps several kernels to the same module(s) {twice}: {paths}."
+        )
+
+    rslora = bool(config.rslora) if config is not None else False
+    tensors: dict[str, np.ndarray] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for path, w in table.items():
+        name = names[path]
+        lora_a, lora_b = _to_peft(path, w)
+        if w.kind == "embed":
+            tensors[f"{PREFIX}{name}.lora_embedding_A"] = lora_a
+            tensors[f"{PREFIX}{name}.lora_embedding_B"] = lora_b
+        else:
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = lora_a
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = lora_b
+        ranks[name] = w.rank
+        alphas[name] = _alpha(path, w, config, rslora)
+
+    if config is not None:
+        r0, alpha0 = int(config.rank), float(config.alpha)
+        dropout = float(config.dropout)
+    else:
+        r0 = collections.Counter(ranks.values()).most_common(1)[0][0]
+        alpha0 = collections.Counter(alphas.values()).most_common(1)[0][0]
+        dropout = float(next(iter(table.values())).dropout)
+    order = sorted(ranks, key=lambda n: (-len(n), n))  # longest first: each finds its own entry
+    rank_pattern = {n: ranks[n] for n in order} if any(r != r0 for r in ranks.values()) else {}
+    alpha_pattern = (
+        {n: _json_number(alphas[n]) for n in order}
+        if any(a != alpha0 for a in alphas.values())
+        else {}
+    )
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": r0,
+        "lora_alpha": _json_number(alpha0),
+        "lora_dropout": dropout,
+        "target_modules": sorted(ranks),
+        "exclude_modules": None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": rslora,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "lora_bias": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "layer_replication": None,
+        "loftq_config": {},
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+    }
+    from safetensors.numpy import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp_w = directory / f".{WEIGHTS_NAME}.{tag}"
+    tmp_c = directory / f".{CONFIG_NAME}.{tag}"
+    try:
+        save_file(tensors, str(tmp_w), metadata={"format": "pt"})
+        tmp_c.write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp_w, directory / WEIGHTS_NAME)
+        os.replace(tmp_c, directory / CONFIG_NAME)
+    finally:
+        for tmp in (tmp_w, tmp_c):
+            tmp.unlink(missing_ok=True)
+    return directory
+
+
+def _json_number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _alpha(path: str, w: LoraWeights, config: LoraConfig | None, rslora: bool) -> float:
+    """The alpha giving ``w.scale`` at rank ``w.rank`` by PEFT's formula, exactly if possible."""
+    denom = math.sqrt(w.rank) if rslora else w.rank
+    scale = float(w.scale)
+    if config is not None:
+        alpha = config.alpha_for(path)
+        if alpha / denom == scale:
+            return alpha
+    alpha = scale * denom
+    for candidate in (alpha, math.nextafter(alpha, math.inf), math.nextafter(alpha, -math.inf)):
+        if candidate / denom == scale:
+            return candidate
+    return alpha
+
+
+def _to_peft(path: str, w: LoraWeights) -> tuple[np.ndarray, np.ndarray]:
+    """Our ``(a, b)`` as PEFT's float32 ``(lora_A, lora_B)``."""
+    a = np.asarray(jax.device_get(w.a)).astype(np.float32)
+    b = np.asarray(jax.device_get(w.b)).astype(np.float32)
+    r = w.rank
+    n_in, n_out = math.prod(w.in_shape), math.prod(w.out_shape)
+    nd = len(w.kernel_shape)
+    if w.kind == "conv":
+        if tuple(w.in_axes) != tuple(range(nd - 1)):
+            raise ValueError(
+                f"save_peft: conv kernel {path!r} of shape {tuple(w.kernel_shape)} has input axes "
+                f"{tuple(w.in_axes)}; PEFT's conv layout needs Flax's (*window, in, out)."
+            )
+        lora_a = np.moveaxis(np.moveaxis(a, -1, 0), -1, 1)  # (*k, in, r) -> (r, in, *k)
+        lora_b = b.T.reshape((n_out, r) + (1,) * (nd - 2))
+    else:
+        if w.kind == "embed" and nd != 2:
+            raise ValueError(
+                f"save_peft: embedding {path!r} has a {nd}-D table {tuple(w.kernel_shape)}; "
+                "PEFT's Embedding LoRA needs a 2-D (num, dim) table."
+            )
+        lora_a = a.reshape(n_in, r).T
+        lora_b = b.reshape(r, n_out).T
+    return np.ascontiguousarray(lora_a), np.ascontiguousarray(lora_b)
+
+
+# -- load ----------------------------------------------------------------------------------------
+def load_peft(
+    directory: str | os.PathLike[str],
+    params: PyTree,
+    key_map: KeyMap = None,
+    *,
+    probe: Callable[[PyTree], Any] | None = None,
+    dtype: Any = None,
+) -> PyTree:
+    """Reads a HuggingFace PEFT LoRA adapter (written by PEFT or by `save_peft`) onto ``params``.
+
+    Each tensor's module name is matched with the kernel paths of ``params`` through
+    ``key_map``; the scale of each module is PEFT's: ``lora_alpha / r`` (``/ sqrt(r)`` with
+    ``use_rslora``), with ``rank_pattern`` / ``alpha_pattern`` resolved as PEFT resolves them.
+
+    How each kernel's input axes are found:
+
+    - with ``probe`` (as in `lora.init`): from the traced model, for every kernel;
+    - else a 2-D kernel's rows are its input (an ``embedding`` from ``lora_embedding_*``
+      tensors is an Embed, anything else a Dense);
+    - a conv (PEFT wrote a conv weight) has Flax's ``(*window, in, out)`` layout;
+    - a dense kernel of 3 or more dimensions: the input axes are the one set of kernel axes
+      whose sizes multiply to PEFT's ``in`` features while the rest multiply to its ``out``
+      features. When several sets fit (a q kernel ``(384, 12, 32)`` is ``384 -> 384`` either
+      way), the load stops and asks for ``probe``: it never guesses.
+
+    Example:
+      >>> adapters = lora.load_peft("/tmp/adapter", params)
+      >>> y = lora.wrap(model.apply)(params, adapters, x)
+
+    Args:
+      directory: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
+      params: the Flax params tree the adapter is for (a Linen variables dict, an NNX state).
+      key_map: kernel path -> PyTorch module name, as for `save_peft`. A function may return
+        ``None`` for kernels without a twin; every key of a dict must be a path in ``params``.
+      probe: an optional function of the params alone, e.g. ``lambda p: model.apply(p, x)``,
+        traced abstractly (no FLOPs) to learn each kernel's input axes.
+      dtype: the dtype of the factors; ``None`` keeps the file's (float32 as PEFT saves).
+
+    Returns:
+      The adapters: nested dicts mirroring the adapted kernels' paths, each a `LoraWeights`.
+
+    Warns:
+      UserWarning: the adapter was made with a PEFT init that rewrites the base weights
+        (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) and not converted: it fits only that changed base.
+
+    Raises:
+      ValueError: the adapter uses options these adapters cannot honour (DoRA, ``lora_bias``,
+        ``bias != "none"``, ``modules_to_save``, ...); tensors match no kernel, or the key map
+        names kernels not in ``params`` (both listed); a tensor does not fit its kernel (the path
+        is named); the input axes of a kernel are ambiguous without ``probe``.
+    """
+    directory = Path(directory)
+    cfg = _read_config(directory)
+    rslora = bool(cfg.get("use_rslora", False))
+    r0 = int(cfg["r"])
+    alpha0 = float(cfg["lora_alpha"])
+    rank_pattern = dict(cfg.get("rank_pattern") or {})
+    alpha_pattern = dict(cfg.get("alpha_pattern") or {})
+    dropout = float(cfg.get("lora_dropout") or 0.0)
+    modules = _read_tensors(directory)
+
+    kernels = {p: x for p, x in flatten(params).items() if getattr(x, "ndim", 0) >= 2}
+    if isinstance(key_map, Mapping):
+        absent = [p for p in key_map if p not in kernels]
+        if absent:
+            raise ValueError(
+                f"load_peft: key_map names paths that are not kernels (2+ dims) of params: "
+                f"{describe(absent)}. Kernels in params: {describe(kernels, limit=20)}."
+            )
+    fn = _key_fn(key_map)
+    by_name: dict[str, list[str]] = {}
+    for path in kernels:
+        name = _module_name(fn, path)
+        if name is not None:
+            by_name.setdefault(name, []).append(path)
+    unmatched = [n for n in modules if n not in by_name]
+    if unmatched:
+        raise ValueError(
+            f"load_peft: the adapter in {str(directory)!r} has LoRA tensors for modules that "
+            f"match no kernel of params: {describe(unmatched)}. The key map names these "
+            f"kernels: {describe(sorted(by_name), limit=20)}. Pass key_map= to map kernel "
+            "paths to the PyTorch module names."
+        )
+    for n in modules:  # a module's kernel, not a multi-axis bias beside it (same module name)
+        if len(by_name[n]) > 1:
+            named = [p for p in by_name[n] if p.rsplit("/", 1)[-1] in _FLAX_KERNEL_NAMES]
+            by_name[n] = named if len(named) == 1 else by_name[n]
+    twice = {n: by_name[n] for n in modules if len(by_name[n]) > 1}
+    if twice:
+        raise ValueError(f"load_peft: key_map maps several kernels to one module: {twice}.")
+
+    uses = None
+    if probe is not None:
+        from flax_lora._probe import kernel_uses
+
+        uses = kernel_uses(probe, params)
+
+    entries = []
+    for name, tensors in modules.items():
+        path = by_name[name][0]
+        r = int(_pattern_value(rank_pattern, name, r0))
+        alpha = float(_pattern_value(alpha_pattern, name, alpha0))
+        scale = alpha / (math.sqrt(r) if rslora else r)
+        use = uses.get(path) if uses is not None else None
+        if uses is not None and use is None:
+            raise ValueError(
+                f"load_peft: the probe never contracts or gathers the kernel {path!r} "
+                f"(module {name!r}), so its input axes are unknown."
+            )
+        kernel_shape = tuple(int(s) for s in kernels[path].shape)
+        a, b, kind, in_axes = _from_peft(path, name, kernel_shape, tensors, use)
+        if a.shape[-1] != r:
+            raise ValueError(
+                f"load_peft: module {name!r} (kernel {path!r}) has rank {a.shape[-1]} tensors, "
+                f"but adapter_config.json gives it r={r}."
+            )
+        if dtype is not None:
+            a, b = a.astype(dtype), b.astype(dtype)
+        entries.append(
+            (
+                path,
+                LoraWeights(
+                    a=jnp.asarray(a),
+                    b=jnp.asarray(b),
+                    scale=scale,
+                    in_axes=in_axes,
+                    kernel_shape=kernel_shape,
+                    kind=kind,
+                    dropout=dropout,
+                ),
+            )
+        )
+    return nest(entries)
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    file = directory / CONFIG_NAME
+    if not file.is_file():
+        raise ValueError(f"load_peft: {str(directory)!r} has no {CONFIG_NAME}.")
+    cfg = json.loads(file.read_text())
+    if str(cfg.get("peft_type", "")).upper() != "LORA":
+        raise ValueError(
+            f"load_peft: {str(file)!r} is a {cfg.get('peft_type')!r} adapter; only LORA is read."
+        )
+    problems = [
+        f"{key}={cfg[key]!r} ({what})" for key, what in _UNSUPPORTED.items() if cfg.get(key)
+    ]
+    if (cfg.get("bias") or "none") != "none":
+        problems.append(f"bias={cfg['bias']!r} (trained base biases)")
+    if problems:
+        raise ValueError(
+            f"load_peft: {str(file)!r} uses PEFT options that flax_lora adapters cannot honour: "
+            f"{', '.join(problems)}. Only plain LoRA (optionally rsLoRA, rank/alpha patterns) is "
+            "supported; loading part of it would silently change the model."
+        )
+    for key in ("r", "lora_alpha"):
+        if key not in cfg:
+            raise ValueError(f"load_peft: {str(file)!r} has no {key!r}.")
+    init = str(cfg.get("init_lora_weights", True)).lower()
+    if init.startswith(_BASE_CHANGING_INITS):
+        warnings.warn(
+            f"load_peft: {str(file)!r} was initialised with init_lora_weights="
+            f"{cfg['init_lora_weights']!r}, which changes the base weights: pass the params of "
+            "that changed base, or convert the adapter in PEFT first (save_pretrained with "
+            "path_initial_model_for_weight_conversion) to use it on the original base.",
+            stacklevel=3,
+        )
+    return cfg
+
+
+def _read_tensors(directory: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Module name -> {"A"/"B"/"EA"/"EB": tensor}; unknown or incomplete entries are errors."""
+    file = directory / WEIGHTS_NAME
+    if not file.is_file():
+        other = [p.name for p in directory.glob("adapter_model.*")]
+        raise ValueError(
+            f"load_peft: {str(directory)!r} has no {WEIGHTS_NAME}"
+            + (f" (found {other}; only safetensors are read)." if other else ".")
+        )
+    from safetensors.numpy import load_file
+
+    modules: dict[str, dict[str, np.ndarray]] = {}
+    unknown = []
+    for key, value in load_file(str(file)).items():
+        name = key.removeprefix(PREFIX)
+        for suffix, role in _SUFFIXES.items():
+            if name.endswith(suffix):
+                modules.setdefault(name[: -len(suffix)], {})[role] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(
+            f"load_peft: {str(file)!r} holds tensors that are not plain LoRA factors: "
+            f"{describe(unknown)} (DoRA magnitudes, LoRA biases, modules_to_save or trainable "
+            "tokens cannot be honoured)."
+        )
+    incomplete = [n for n, t in modules.items() if set(t) not in ({"A", "B"}, {"EA", "EB"})]
+    if incomplete:
+        raise ValueError(
+            f"load_peft: {str(file)!r} lacks a lora_A/lora_B partner for modules "
+            f"{describe(incomplete)}."
+        )
+    if not modules:
+        raise ValueError(f"load_peft: {str(file)!r} holds no LoRA tensors.")
+    return modules
+
+
+def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+    """PEFT's ``get_pattern_key``: the first ``k`` with ``re.match(rf"(.*\\.)?({k})$", name)``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _from_peft(
+    path: str,
+    name: str,
+    shape: tuple[int, ...],
+    tensors: dict[str, np.ndarray],
+    use: Any,
+) -> tuple[np.ndarray, np.ndarray, str, tuple[int, ...]]:
+    """PEFT's tensors for one module as our ``(a, b, kind, in_axes)`` for the kernel at path."""
+    nd = len(shape)
+    where = f"load_peft: module {name!r} -> kernel {path!r} of shape {shape}"
+
+    def misfit(expected: str) -> ValueError:
+        got = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(tensors.items()))
+        return ValueError(f"{where}: expected {expected}; the file has {got}.")
+
+    if "EA" in tensors:  # Embedding
+        lora_a, lora_b = tensors["EA"], tensors["EB"]
+        if use is not None and (use.kind != "embed" or tuple(use.in_axes) != (0,)):
+            raise ValueError(
+                f"{where}: PEFT adapted an Embedding, but the probe sees a {use.kind}."
+            )
+        r = lora_a.shape[0]
+        if nd != 2 or lora_a.shape != (r, shape[0]) or lora_b.shape != (shape[1], r):
+            raise misfit("lora_embedding_A (r, num) and lora_embedding_B (dim, r) of a 2-D table")
+        return lora_a.T, lora_b.T, "embed", (0,)
+
+    lora_a, lora_b = tensors["A"], tensors["B"]
+    r = lora_a.shape[0]
+    if lora_a.ndim > 2:  # Conv1d/2d/3d
+        in_axes = tuple(range(nd - 1))
+        if use is not None and (use.kind != "conv" or tuple(use.in_axes) != in_axes):
+            raise ValueError(
+                f"{where}: PEFT adapted a conv, but the probe sees a {use.kind} with input axes "
+                f"{tuple(use.in_axes)} (Flax's conv layout (*window, in, out) is expected)."
+            )
+        window = shape[:-2]
+        if (
+            lora_a.ndim != nd
+            or lora_a.shape != (r, shape[-2], *window)
+            or lora_b.shape != (shape[-1], r) + (1,) * (nd - 2)
+        ):
+            raise misfit(
+                f"conv factors lora_A (r, {shape[-2]}, {', '.join(map(str, window))}) and "
+                f"lora_B ({shape[-1]}, r{', 1' * (nd - 2)})"
+            )
+        a = np.moveaxis(np.moveaxis(lora_a, 0, -1), 0, -2)  # (r, in, *k) -> (*k, in, r)
+        b = lora_b.reshape(shape[-1], r).T
+        return a, b, "conv", in_axes
+
+    # Linear / Conv1D
+    if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_b.shape[1] != r:
+        raise misfit("lora_A (r, in) and lora_B (out, r)")
+    n_in, n_out = lora_a.shape[1], lora_b.shape[0]
+    if use is not None:
+        if use.kind == "conv":
+            raise ValueError(f"{where}: PEFT adapted a Linear, but the probe sees a conv.")
+        kind, in_axes = use.kind, tuple(use.in_axes)
+    elif nd == 2:
+        kind, in_axes = "dense", (0,)
+    else:
+        kind, in_axes = "dense", _infer_in_axes(where, shape, n_in, n_out)
+    out_axes = tuple(i for i in range(nd) if i not in in_axes)
+    in_shape = tuple(shape[i] for i in in_axes)
+    out_shape = tuple(shape[i] for i in out_axes)
+    if math.prod(in_shape) != n_in or math.prod(out_shape) != n_out:
+        raise misfit(
+            f"lora_A (r, {math.prod(in_shape)}) and lora_B ({math.prod(out_shape)}, r) for input "
+            f"axes {in_axes}"
+        )
+    return lora_a.T.reshape(*in_shape, r), lora_b.T.reshape(r, *out_shape), kind, in_axes
+
+
+def _infer_in_axes(where: str, shape: tuple[int, ...], n_in: int, n_out: int) -> tuple[int, ...]:
+    """The one set of axes whose sizes multiply to ``n_in`` (the rest to ``n_out``)."""
+    nd = len(shape)
+    fits = [
+        axes
+        for k in range(1, nd)
+        for axes in itertools.combinations(range(nd), k)
+        if math.prod(shape[i] for i in axes) == n_in
+        and math.prod(shape[i] for i in range(nd) if i not in axes) == n_out
+    ]
+    if len(fits) == 1:
+        return fits[0]
+    if not fits:
+        raise ValueError(
+            f"{where}: no split of its axes into {n_in} input and {n_out} output features "
+            "(PEFT's lora_A / lora_B shapes). Was the adapter made for another model?"
+        )
+    raise ValueError(
+        f"{where}: its input axes are ambiguous from PEFT's {n_in} -> {n_out} features "
+        f"(any of {fits} fits). Pass probe=lambda p: model.apply(p, x) to load_peft."
+    )
