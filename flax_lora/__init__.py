@@ -10,7 +10,9 @@ from flax_lora._checkpoint import load, load_config, save
 from flax_lora._config import LoraConfig
 from flax_lora._init import init
 from flax_lora._merge import merge, unmerge
+from flax_lora._multi import StackedLoraWeights, combine, stack, unstack
 from flax_lora._optim import freeze_base, trainable
+from flax_lora._peft import load_peft, save_peft
 from flax_lora._summary import Summary, summary
 from flax_lora._wrap import wrap
 
@@ -19,16 +21,22 @@ __version__ = "0.1.0"
 __all__ = [
     "LoraConfig",
     "LoraWeights",
+    "StackedLoraWeights",
     "Summary",
+    "combine",
     "delta",
     "freeze_base",
     "init",
     "load",
     "load_config",
+    "load_peft",
     "merge",
     "save",
+    "save_peft",
+    "stack",
     "summary",
     "trainable",
     "unmerge",
+    "unstack",
     "wrap",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -53,20 +54,40 @@ def save(
         "config": config.to_dict() if config is not None else None,
     }
     directory.parent.mkdir(parents=True, exist_ok=True)
+    # orbax writes into temporary directories of its own beside its target: keep them all in
+    # one private staging directory, removed whatever happens
     staging = directory.parent / f".{directory.name}.saving-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    # directories made synchronously, so that no orbax thread recreates one after a failure
+    sync_dirs = ocp.CompositeOptions(
+        async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False)
+    )
     try:
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler(composite_options=sync_dirs)) as ckptr:
             ckptr.save(
-                staging,
+                staging / "checkpoint",
                 args=ocp.args.Composite(
                     arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)
                 ),
             )
-        _replace(staging, directory)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        _replace(staging / "checkpoint", directory)
+    except BaseException:
+        _remove(staging, settle_s=0.05)
+        raise
+    _remove(staging, settle_s=0.0)
     return directory
+
+
+def _remove(path: Path, settle_s: float, tries: int = 40) -> None:
+    """Removes ``path``; after a failed save, waits ``settle_s`` at a time for straggling
+    writers of orbax to finish (they may recreate a directory just removed)."""
+    for _ in range(tries):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            time.sleep(settle_s)
+            if not path.exists():
+                return
+        time.sleep(settle_s)
 
 
 def _replace(new: Path, target: Path) -> None:
@@ -101,22 +122,10 @@ def load(directory: str | os.PathLike[str]) -> PyTree:
       ValueError: ``directory`` does not hold a flax_lora adapter checkpoint.
     """
     directory = Path(directory).absolute()
-    meta_file = directory / "meta" / "metadata"
-    if not directory.is_dir() or not (directory / "meta").is_dir():
-        raise ValueError(
-            f"{str(directory)!r} is not a flax_lora adapter checkpoint: expected a directory "
-            "written by lora.save (with 'arrays' and 'meta' items)."
-        )
+    meta = _read_meta(directory)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         restored = ckptr.restore(
-            directory,
-            args=ocp.args.Composite(arrays=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
-        )
-    meta = restored["meta"]
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(
-            f"{str(directory)!r} is not a flax_lora adapter checkpoint (its metadata "
-            f"{str(meta_file)!r} has no format {FORMAT!r})."
+            directory, args=ocp.args.Composite(arrays=ocp.args.StandardRestore())
         )
     arrays = flatten(restored["arrays"])
     entries = []
@@ -142,9 +151,41 @@ def load(directory: str | os.PathLike[str]) -> PyTree:
 
 
 def load_config(directory: str | os.PathLike[str]) -> LoraConfig | None:
-    """The `LoraConfig` stored by `save`, or ``None`` when none was given."""
-    directory = Path(directory).absolute()
+    """The `LoraConfig` stored by `save`, or ``None`` when none was given.
+
+    Example:
+      >>> lora.save("/tmp/run/adapters", adapters, config)
+      >>> lora.load_config("/tmp/run/adapters") == config
+      True
+
+    Args:
+      directory: a checkpoint directory written by `save`.
+
+    Returns:
+      The stored config, or ``None``.
+
+    Raises:
+      ValueError: ``directory`` does not hold a flax_lora adapter checkpoint.
+    """
+    config = _read_meta(Path(directory).absolute()).get("config")
+    return LoraConfig.from_dict(config) if config else None
+
+
+def _read_meta(directory: Path) -> dict[str, Any]:
+    """The metadata item of a checkpoint written by `save`; ``ValueError`` if there is none."""
+    if not (directory / "meta").is_dir() or not (directory / "arrays").is_dir():
+        raise ValueError(
+            f"{str(directory)!r} is not a flax_lora adapter checkpoint: expected a directory "
+            "written by lora.save, with 'arrays' and 'meta' items"
+            + ("" if directory.is_dir() else " (it does not exist)")
+            + "."
+        )
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         restored = ckptr.restore(directory, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    config = restored["meta"].get("config")
-    return LoraConfig.from_dict(config) if config else None
+    meta = restored["meta"]
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(
+            f"{str(directory)!r} is not a flax_lora adapter checkpoint: its 'meta' item has no "
+            f"format {FORMAT!r}."
+        )
+    return meta

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -113,9 +114,12 @@ def _select(
             raise TypeError(
                 f"Kernel {path!r} has dtype {leaf.dtype}; LoRA adapts floating-point kernels only."
             )
-        if uses is not None and path in uses:
+        is_table = leaf.ndim == 2 and path.rsplit("/", 1)[-1] == "embedding"
+        if uses is not None and path in uses and not (is_table and uses[path].kind == "dense"):
             kind, in_axes = uses[path].kind, uses[path].in_axes
         elif leaf.ndim == 2:
+            # An Embed table's rows are its input axis also when the probe only contracts it
+            # (``attend``), as without a probe.
             kind = "embed" if path.rsplit("/", 1)[-1] == "embedding" else "dense"
             in_axes = (0,)
         elif uses is not None:
@@ -157,22 +161,9 @@ def _init_one(
     meta = dict(
         scale=scale, in_axes=in_axes, kernel_shape=shape, kind=kind, dropout=float(config.dropout)
     )
-    ka, kb = jax.random.split(key)
-    bound = 1.0 / math.sqrt(n_in)  # PyTorch kaiming_uniform_(a=sqrt(5)) on fan_in = prod(I)
     residual = None
-    if config.init in ("lora", "gaussian"):
-        if kind == "embed":  # PEFT: A zeros, B normal, for both inits
-            a = jnp.zeros((n_in, r), dtype)
-            b = jax.random.normal(kb, (r, n_out), dtype)
-        elif config.init == "lora":
-            a = jax.random.uniform(ka, (n_in, r), dtype, -bound, bound)
-            b = jnp.zeros((r, n_out), dtype)
-        else:
-            a = jax.random.normal(ka, (n_in, r), dtype) / r
-            b = jnp.zeros((r, n_out), dtype)
-    elif config.init == "random":
-        a = jax.random.uniform(ka, (n_in, r), dtype, -bound, bound)
-        b = jax.random.uniform(kb, (r, n_out), dtype, -1.0, 1.0) / math.sqrt(r)
+    if config.init in ("lora", "gaussian", "random"):
+        a, b = _random_factors(key, config.init, kind == "embed", n_in, n_out, r, jnp.dtype(dtype))
     else:  # pissa / olora: factor W0 in float32, base becomes the residual
         if r > min(n_in, n_out):
             raise ValueError(
@@ -187,13 +178,63 @@ def _init_one(
         else:  # OLoRA: QR of W0 in PyTorch's (out, in) layout: lora_A = R[:r], lora_B = Q[:, :r]
             q, rr = jnp.linalg.qr(w.T)
             a32, b32 = rr[:r].T, q[:, :r].T
-        res = w - scale * jnp.matmul(a32, b32, precision=jax.lax.Precision.HIGHEST)
+        # the residual is taken against the factors as stored (in ``dtype``), so that
+        # residual + scale * a @ b is W0 to float32 rounding also for bfloat16 adapters
+        a, b = a32.astype(dtype), b32.astype(dtype)
+        ab = jnp.matmul(
+            a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+        )
+        res = w - scale * ab
         inverse = tuple((in_axes + out_axes).index(i) for i in range(len(shape)))
         residual = res.reshape(in_shape + out_shape).transpose(inverse).astype(kernel.dtype)
-        a, b = a32.astype(dtype), b32.astype(dtype)
     a = _place(a.reshape((*in_shape, r)), kernel, in_axes, last=True)
     b = _place(b.reshape((r, *out_shape)), kernel, out_axes, last=False)
     return LoraWeights(a=a, b=b, **meta), residual
+
+
+def _random_factors(
+    key: jax.Array, init: str, embed: bool, n_in: int, n_out: int, r: int, dtype: Any
+) -> tuple[jax.Array, jax.Array]:
+    """``a`` (n_in, r) and ``b`` (r, n_out) for the random inits.
+
+    The random numbers are drawn by one compiled call per power-of-two size (threefry takes
+    long to compile on CPU, and a model has many kernel shapes); slicing and scaling them to
+    each shape is a second, cheap compiled call.
+    """
+    na, nb = n_in * r, r * n_out
+    normal = init == "gaussian" or (embed and init == "lora")
+    flat = _draw(key, _bucket(na + nb), normal)
+    return _shape_factors(flat, init, embed, n_in, n_out, r, dtype)
+
+
+def _bucket(n: int) -> int:
+    return max(256, 1 << (n - 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _draw(key: jax.Array, n: int, normal: bool) -> jax.Array:
+    if normal:
+        return jax.random.normal(key, (n,), jnp.float32)
+    return jax.random.uniform(key, (n,), jnp.float32, -1.0, 1.0)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
+def _shape_factors(
+    flat: jax.Array, init: str, embed: bool, n_in: int, n_out: int, r: int, dtype: Any
+) -> tuple[jax.Array, jax.Array]:
+    na, nb = n_in * r, r * n_out
+    u_a = flat[:na].reshape(n_in, r)
+    u_b = flat[na : na + nb].reshape(r, n_out)
+    bound = 1.0 / math.sqrt(n_in)  # PyTorch kaiming_uniform_(a=sqrt(5)) on fan_in = prod(I)
+    if init == "random":  # both uniform: a as kaiming, b in +-1/sqrt(r)
+        a, b = u_a * bound, u_b / math.sqrt(r)
+    elif embed:  # PEFT: A zeros, B standard normal, for both "lora" and "gaussian"
+        a, b = jnp.zeros_like(u_a), u_b
+    elif init == "lora":  # a kaiming-uniform, b zeros
+        a, b = u_a * bound, jnp.zeros_like(u_b)
+    else:  # gaussian: a normal with std 1/r, b zeros
+        a, b = u_a / r, jnp.zeros_like(u_b)
+    return a.astype(dtype), b.astype(dtype)
 
 
 def _place(x: jax.Array, kernel: Any, axes: tuple[int, ...], last: bool) -> jax.Array:

@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from flax_lora._adapters import is_lora
@@ -64,4 +65,24 @@ def freeze_base(
     """
     mask = trainable(tree, also)
     labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
-    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    return optax.multi_transform({"train": tx, "freeze": _frozen()}, labels)
+
+
+def _frozen() -> optax.GradientTransformation:
+    """Stateless updates of ``-0.0``: ``p + (-0.0)`` is ``p`` bit for bit for every ``p``.
+
+    (``optax.set_to_zero`` gives ``+0.0``, which turns a ``-0.0`` parameter into ``+0.0`` when
+    the step is not jitted: XLA folds ``p + 0`` away, eager execution does not.)
+    """
+
+    def init_fn(params: PyTree) -> optax.EmptyState:
+        del params
+        return optax.EmptyState()
+
+    def update_fn(
+        updates: PyTree, state: optax.EmptyState, params: PyTree = None
+    ) -> tuple[PyTree, optax.EmptyState]:
+        del params
+        return jax.tree.map(lambda u: jnp.full_like(u, -0.0), updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -77,6 +78,23 @@ def _size(x: Any) -> tuple[int, int]:
     return n, n * getattr(getattr(x, "dtype", None), "itemsize", 0)
 
 
+def _parameters(params: PyTree) -> list[Any]:
+    """The parameter arrays of ``params`` (see `summary`)."""
+    try:
+        from flax import nnx
+
+        variables = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        if any(isinstance(v, nnx.Variable) for v in variables):
+            params = [v for v in variables if isinstance(v, nnx.Param)]
+    except ImportError:  # pragma: no cover - flax is a dependency
+        pass
+    if isinstance(params, Mapping) and "params" in params:
+        params = params["params"]
+    leaves = jax.tree.leaves(params)
+    is_key = lambda x: hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    return [x for x in leaves if not is_key(x)]
+
+
 def summary(params: PyTree, adapters: PyTree, show: bool = True) -> Summary:
     """Counts trainable and total parameters and bytes, per adapted kernel and in total.
 
@@ -85,7 +103,9 @@ def summary(params: PyTree, adapters: PyTree, show: bool = True) -> Summary:
       >>> s.trainable_params, s.total_params
 
     Args:
-      params: the base params tree.
+      params: the base params tree. As in PEFT, only parameters count: of an NNX state its
+        ``nnx.Param`` variables (not batch statistics or RNG state), of a Linen variables
+        dict its ``"params"`` collection (not ``"batch_stats"``).
       adapters: the adapters.
       show: print the table (the default), as PEFT's ``print_trainable_parameters`` does.
 
@@ -109,7 +129,7 @@ def summary(params: PyTree, adapters: PyTree, show: bool = True) -> Summary:
                 _size(kernels[path])[0] if path in kernels else 0,
             )
         )
-    base = [_size(x) for x in jax.tree.leaves(params)]
+    base = [_size(x) for x in _parameters(params)]
     result = Summary(
         rows=tuple(rows),
         trainable_params=sum(r.params for r in rows),
