@@ -1,0 +1,93 @@
+"""The benchmark model: a small GPT-style decoder in Linen, importable by any benchmark.
+
+Six pre-LayerNorm blocks (``nn.MultiHeadDotProductAttention`` with 8 heads of 64, causal; an MLP
+``fc1`` 512 -> 2048, gelu, ``fc2`` 2048 -> 512), a tied ``nn.Embed`` of vocab 8192 used for the
+logits through ``attend``. Kernel paths read ``params/h{i}/attn/{query,key,value,out}/kernel``
+and ``params/h{i}/mlp/{fc1,fc2}/kernel``; the table is ``params/embed/embedding``.
+
+Example:
+  >>> from benchmarks.decoder import Decoder, make_batch, loss_fn
+  >>> model = Decoder()
+  >>> batch = make_batch(jax.random.key(0))
+  >>> params = model.init(jax.random.key(1), batch["tokens"])
+  >>> loss = loss_fn(model.apply, params, batch)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+#: LoRA targets of the issue: q, k, v, out and both MLP kernels of every block (36 kernels).
+TARGETS = r".*/(query|key|value|out|fc1|fc2)/kernel"
+
+
+class Mlp(nn.Module):
+    hidden: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
+        h = nn.gelu(h)
+        return nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(h)
+
+
+class Block(nn.Module):
+    heads: int
+    hidden: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        h = nn.LayerNorm(dtype=self.dtype, name="ln1")(x)
+        h = nn.MultiHeadDotProductAttention(
+            num_heads=self.heads, dtype=self.dtype, deterministic=True, name="attn"
+        )(h, h, mask=mask)
+        x = x + h
+        h = nn.LayerNorm(dtype=self.dtype, name="ln2")(x)
+        return x + Mlp(self.hidden, dtype=self.dtype, name="mlp")(h)
+
+
+class Decoder(nn.Module):
+    """GPT-style decoder: tied embedding, ``layers`` pre-LN blocks, logits via ``attend``."""
+
+    vocab: int = 8192
+    d_model: int = 512
+    heads: int = 8
+    hidden: int = 2048
+    layers: int = 6
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, offset: jax.Array | None = None) -> jax.Array:
+        """Logits ``(batch, seq, vocab)``; ``offset`` is added to the embedded tokens (the
+        benchmark differentiates with respect to it to time backprop to activations only)."""
+        embed = nn.Embed(self.vocab, self.d_model, dtype=self.dtype, name="embed")
+        x = embed(tokens)
+        if offset is not None:
+            x = x + offset
+        mask = nn.make_causal_mask(tokens)
+        block = nn.remat(Block) if self.remat else Block
+        for i in range(self.layers):
+            x = block(self.heads, self.hidden, dtype=self.dtype, name=f"h{i}")(x, mask)
+        x = nn.LayerNorm(dtype=self.dtype, name="ln_f")(x)
+        return embed.attend(x).astype(jnp.float32)
+
+
+def make_batch(key: jax.Array, batch: int = 8, seq: int = 128, vocab: int = 8192) -> dict:
+    """Random next-token data: ``tokens`` (batch, seq) and ``targets`` shifted by one."""
+    t = jax.random.randint(key, (batch, seq + 1), 0, vocab)
+    return {"tokens": t[:, :-1], "targets": t[:, 1:]}
+
+
+def loss_fn(apply: Callable[..., jax.Array], params: Any, batch: dict, *extra: Any) -> jax.Array:
+    """Mean next-token cross entropy of ``apply(params, *extra, tokens)``."""
+    logits = apply(params, *extra, batch["tokens"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()

@@ -1,0 +1,158 @@
+"""LoRA training step vs full fine-tuning on the benchmark decoder (factored execution).
+
+Times, in one process with interleaved rounds (medians), on the GPT-style decoder of
+`benchmarks.decoder` (6 blocks, d_model 512, 8 heads, MLP 2048, tied embed 8192, batch 8x128):
+
+- full fine-tuning step: grad w.r.t. all params + adamw on all params;
+- LoRA merged step: ``lora.wrap(mode="merged")``, grad w.r.t. the adapters + adamw on them;
+- LoRA auto step: ``lora.wrap(mode="auto")`` (factored), same;
+- backprop to activations only: grad w.r.t. an offset added to the embedded tokens (weights
+  frozen, no weight gradient at all): the floor for any LoRA step;
+
+then the forward passes (base, factored, merged) and the peak memory of each step from XLA's
+compiled memory analysis. LoRA: r=8, alpha=16 on q, k, v, out, fc1, fc2 of every block (36).
+
+Run:  python benchmarks/train_step.py [--rounds 7] [--reps 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import flax_lora as lora
+from benchmarks.decoder import TARGETS, Decoder, loss_fn, make_batch
+
+
+def build(model: Decoder, batch: dict, rank: int = 8, alpha: float = 16.0) -> dict[str, Any]:
+    """Params, adapters and the jitted steps / forwards (each maps state -> state)."""
+    tokens = batch["tokens"]
+    params = model.init(jax.random.key(1), tokens)
+    config = lora.LoraConfig(rank=rank, alpha=alpha, targets=TARGETS)
+    adapters = lora.init(jax.random.key(2), params, config, probe=lambda p: model.apply(p, tokens))
+    tx = optax.adamw(1e-4)
+
+    def full_step(state: tuple, frozen: None, batch: dict) -> tuple:
+        p, opt = state
+        loss, g = jax.value_and_grad(lambda q: loss_fn(model.apply, q, batch))(p)
+        upd, opt = tx.update(g, opt, p)
+        return optax.apply_updates(p, upd), opt, loss
+
+    def lora_step(mode: str) -> Callable:
+        fn = lora.wrap(model.apply, mode=mode)
+
+        def step(state: tuple, params: Any, batch: dict) -> tuple:
+            ad, opt = state
+            loss, g = jax.value_and_grad(
+                lambda a: loss_fn(lambda p, t: fn(p, a, t), params, batch)
+            )(ad)
+            upd, opt = tx.update(g, opt, ad)
+            return optax.apply_updates(ad, upd), opt, loss
+
+        return step
+
+    offset = jnp.zeros((*tokens.shape, model.d_model), jnp.float32)
+
+    def floor_step(state: tuple, params: Any, batch: dict) -> tuple:
+        (o,) = state
+        loss, g = jax.value_and_grad(
+            lambda o: loss_fn(lambda p, t: model.apply(p, t, o), params, batch)
+        )(o)
+        return g, loss
+
+    factored = lora.wrap(model.apply, mode="factored")
+    merged = lora.wrap(model.apply, mode="merged")
+    jit = lambda f: jax.jit(f, donate_argnums=0)
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # each step donates its own state
+    own = copy(params)
+    steps = {  # name -> (step(state, frozen, batch), state, frozen)
+        "full fine-tuning step": (jit(full_step), (own, tx.init(own)), None),
+        "LoRA merged step": (jit(lora_step("merged")), (copy(adapters), tx.init(adapters)), params),
+        "LoRA auto step": (jit(lora_step("auto")), (copy(adapters), tx.init(adapters)), params),
+        "backprop to activations only": (jit(floor_step), (offset,), params),
+    }
+    forwards = {  # name -> forward(params, adapters, tokens)
+        "base forward": jax.jit(lambda p, a, t: model.apply(p, t)),
+        "factored forward": jax.jit(factored),
+        "merged forward": jax.jit(merged),
+    }
+    return dict(params=params, adapters=adapters, steps=steps, forwards=forwards)
+
+
+def peak_bytes(fn: Any, *args: Any) -> tuple[int, int]:
+    """(temp bytes, argument + output + temp - aliased bytes) of the compiled ``fn``."""
+    m = fn.lower(*args).compile().memory_analysis()
+    temp = int(m.temp_size_in_bytes)
+    total = temp + int(m.argument_size_in_bytes) + int(m.output_size_in_bytes)
+    return temp, total - int(getattr(m, "alias_size_in_bytes", 0))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds")
+    ap.add_argument("--reps", type=int, default=2, help="timed calls per variant per round")
+    ap.add_argument("--layers", type=int, default=6)
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    model = Decoder(layers=args.layers)
+    batch = make_batch(jax.random.key(0))
+    b = build(model, batch)
+    n_kernels = len(jax.tree.leaves(b["adapters"])) // 2
+    print(
+        f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cpus; "
+        f"LoRA on {n_kernels} kernels"
+    )
+
+    params, adapters, tokens = b["params"], b["adapters"], batch["tokens"]
+    states, memory = {}, {}
+    for name, (fn, state, frozen) in b["steps"].items():
+        memory[name] = peak_bytes(fn, state, frozen, batch)
+        out = fn(state, frozen, batch)  # compile + warm up
+        jax.block_until_ready(out)
+        states[name] = out[:-1]
+    for fn in b["forwards"].values():
+        jax.block_until_ready(fn(params, adapters, tokens))
+
+    times: dict[str, list[float]] = {k: [] for k in (*b["steps"], *b["forwards"])}
+    for _ in range(args.rounds):
+        for name, (fn, _, frozen) in b["steps"].items():
+            for _ in range(args.reps):
+                t = time.perf_counter()
+                out = fn(states[name], frozen, batch)
+                jax.block_until_ready(out)
+                times[name].append(time.perf_counter() - t)
+                states[name] = out[:-1]
+        for name, fn in b["forwards"].items():
+            for _ in range(args.reps):
+                t = time.perf_counter()
+                jax.block_until_ready(fn(params, adapters, tokens))
+                times[name].append(time.perf_counter() - t)
+
+    med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    full, base = med["full fine-tuning step"], med["base forward"]
+    print(f"\n{'training step':34s} {'median ms':>10s} {'x full':>8s}")
+    for name in b["steps"]:
+        print(f"{name:34s} {med[name]:10.1f} {med[name] / full:8.3f}")
+    print(f"\n{'forward':34s} {'median ms':>10s} {'x base':>8s}")
+    for name in b["forwards"]:
+        print(f"{name:34s} {med[name]:10.1f} {med[name] / base:8.3f}")
+    print(f"\n{'peak memory (compiled)':34s} {'temp MiB':>10s} {'total MiB':>10s} {'x full':>8s}")
+    full_total = memory["full fine-tuning step"][1]
+    for name, (temp, total) in memory.items():
+        print(f"{name:34s} {temp / 2**20:10.1f} {total / 2**20:10.1f} {total / full_total:8.3f}")
+    print(f"\n{args.rounds} rounds x {args.reps} calls; wall {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,401 @@
+"""Factored execution: run ``apply_fn`` with adapters without ever forming an adapted kernel.
+
+The function is traced to a jaxpr (`jax.make_jaxpr`) on the abstract values of its inputs, then
+evaluated by a small interpreter (JAX's documented custom-interpreter technique). Each adapted
+kernel enters as a `KernelView` (``W0`` plus its factors, carried through the model's layout
+ops); the ops that use a view are computed by the rules of `_factored_rules`
+(``op(x, W0) + low-rank branch``); every other op is bound unchanged. Nested ``jit`` calls are
+inlined, remat regions are re-wrapped in `jax.checkpoint` with their policy. A use that no rule
+fits (``scan``, ``cond``, custom derivatives, arithmetic on the kernel itself, ...) merges that
+kernel in mode ``"auto"`` and raises in mode ``"factored"``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jex_core
+
+from flax_lora._adapters import adapter_table, check_fits
+from flax_lora._factored_rules import (
+    DensePlan,
+    conv_rule,
+    dense_branches,
+    finish_dense,
+    gather_rule,
+    plan_dense,
+)
+from flax_lora._factored_view import (
+    LAYOUT_OPS,
+    KernelView,
+    apply_layout,
+    make_view,
+    materialize,
+)
+from flax_lora._paths import describe, path_str
+from flax_lora._probe import inner_jaxpr
+
+PyTree = Any
+_INLINE = {"jit", "pjit", "closed_call", "core_call"}
+_REMAT = {"remat2", "checkpoint", "remat"}
+_CACHE_SIZE = 8
+
+
+class _Frame:
+    """The state of one jaxpr being evaluated: its environment and where the loop is."""
+
+    def __init__(self, jaxpr: Any, env: dict[Any, Any]) -> None:
+        self.jaxpr = jaxpr
+        self.env = env
+        self.index = 0
+        self.early: set[int] = set()  # ids of layout equations evaluated ahead of the loop
+        self._producers: dict[Any, Any] | None = None
+        self._dots: dict[Any, list[tuple[int, Any]]] | None = None
+
+    def producer(self, var: Any) -> Any:
+        if self._producers is None:
+            self._producers = {o: e for e in self.jaxpr.eqns for o in e.outvars}
+        return self._producers.get(var)
+
+    def dots_using(self, var: Any) -> list[tuple[int, Any]]:
+        """The ``dot_general`` equations (with their index) that take ``var`` as an operand."""
+        if self._dots is None:
+            self._dots = {}
+            for i, e in enumerate(self.jaxpr.eqns):
+                if e.primitive.name == "dot_general":
+                    for v in e.invars:
+                        if not isinstance(v, jex_core.Literal):
+                            self._dots.setdefault(v, []).append((i, e))
+        return self._dots.get(var, [])
+
+
+class Interpreter:
+    """Evaluates a jaxpr whose inputs may be `KernelView`s.
+
+    Attributes:
+      mode: ``"factored"`` (an unfactorable use raises) or ``"auto"`` (it merges the kernel).
+      key: the PRNG key for dropout on the LoRA branches, or ``None`` for no dropout.
+      count: the number of dropout masks drawn so far (each branch folds it into ``key``).
+    """
+
+    def __init__(self, mode: str, key: Any = None) -> None:
+        self.mode = mode
+        self.key = key
+        self.count = 0
+        self.frames: list[_Frame] = []
+        self.stash: dict[int, jax.Array] = {}  # low-rank branches computed ahead, by equation
+
+    # -- policy ------------------------------------------------------------------------------
+    def dropout(self, x: jax.Array, v: KernelView) -> jax.Array:
+        """Inverted dropout at the adapter's rate on a LoRA branch input (only with a key)."""
+        rate = float(v.meta.weights.dropout)
+        if self.key is None or rate == 0.0:
+            return x
+        key = jax.random.fold_in(self.key, self.count)
+        self.count += 1
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+        return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+    def fallback(self, v: KernelView, op: str, reason: str) -> jax.Array:
+        """The merged kernel for a use that cannot be factored (mode "auto"), or an error."""
+        if self.mode == "factored":
+            raise ValueError(
+                f"lora.wrap(mode='factored'): kernel {v.path!r} is used by `{op}`, which cannot "
+                f"be factored ({reason}). Use mode='auto' to merge this kernel and factor the "
+                "others, or mode='merged'."
+            )
+        return materialize(v)
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def eval(self, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+        env: dict[Any, Any] = {}
+
+        def read(var: Any) -> Any:
+            return var.val if isinstance(var, jex_core.Literal) else env[var]
+
+        env.update(zip(jaxpr.constvars, consts, strict=True))
+        env.update(zip(jaxpr.invars, args, strict=True))
+        frame = _Frame(jaxpr, env)
+        self.frames.append(frame)
+        try:
+            for i, eqn in enumerate(jaxpr.eqns):
+                frame.index = i
+                if id(eqn) in frame.early:
+                    continue
+                invals = [read(v) for v in eqn.invars]
+                with _eqn_context(eqn):
+                    if any(isinstance(x, KernelView) for x in invals):
+                        outs = self.rule(eqn, invals)
+                    else:
+                        outs = bind(eqn, invals)
+                env.update(zip(eqn.outvars, outs, strict=True))
+        finally:
+            self.frames.pop()
+        return [read(v) for v in jaxpr.outvars]
+
+    def rule(self, eqn: Any, invals: list[Any]) -> list[Any]:
+        """Evaluates one equation that has a kernel view among its inputs."""
+        name = eqn.primitive.name
+        views = [x for x in invals if isinstance(x, KernelView)]
+        first = invals[0]
+        if name in LAYOUT_OPS and len(invals) == 1:
+            return [_layout(first, eqn)]
+        result: list[Any] | str | None = None
+        if name == "dot_general":
+            result = self._dense(eqn, invals)
+        elif name == "gather" and isinstance(first, KernelView) and first.meta.why is None:
+            result = gather_rule(eqn, first, self._plain(invals[1], name, "kernel as indices"))
+        elif name == "conv_general_dilated" and isinstance(invals[1], KernelView):
+            if invals[1].meta.why is None:
+                x = self._plain(first, name, "both operands are kernels")
+                result = conv_rule(eqn, x, invals[1], self.dropout)
+        elif name in _INLINE and _sub(eqn) is not None:
+            jaxpr, consts = _sub(eqn)
+            return self.eval(jaxpr, consts, invals)
+        elif name in _REMAT and _sub(eqn) is not None:
+            return self._remat(eqn, invals)
+        if isinstance(result, list):
+            return result
+        reason = result or next((v.meta.why for v in views if v.meta.why), None)
+        reason = reason or "no factored rule for this operation"
+        plain = [self.fallback(x, name, reason) if isinstance(x, KernelView) else x for x in invals]
+        return bind(eqn, plain)
+
+    def _dense(self, eqn: Any, invals: list[Any]) -> list[Any] | str | None:
+        """``dot_general`` with a kernel view, its branch shared with siblings where possible."""
+        x_pos = 0 if isinstance(invals[1], KernelView) else 1
+        v = invals[1 - x_pos]
+        if v.meta.why is not None:
+            return None
+        x = self._plain(invals[x_pos], "dot_general", "both operands are kernels")
+        plan = plan_dense(eqn, tuple(eqn.invars[x_pos].aval.shape), v, x_pos == 0)
+        if isinstance(plan, str):
+            return plan
+        low = self.stash.pop(id(eqn), None)
+        if low is None:
+            group = self._siblings(eqn, x_pos, plan, v)
+            plans = [plan] + [p for _, p in group]
+            lows = dense_branches(
+                self.dropout(plan.prepare(x), v),
+                [p.first for p in plans],
+                [p.second for p in plans],
+                eqn.params.get("precision"),
+                eqn.params.get("preferred_element_type"),
+            )
+            low = lows[0]
+            self.stash.update((id(e), lw) for (e, _), lw in zip(group, lows[1:], strict=True))
+        return finish_dense(eqn, x, v, plan, low)
+
+    def _siblings(
+        self, eqn: Any, x_pos: int, plan: DensePlan, v: KernelView
+    ) -> list[tuple[Any, DensePlan]]:
+        """Later ``dot_general`` equations of the same activation with other kernel views.
+
+        Their low-rank branches are computed together with this one (one product of the
+        activation with the concatenated ``a`` factors). Not with LoRA dropout, whose masks
+        are drawn per adapter.
+        """
+        xvar = eqn.invars[x_pos]
+        if self.key is not None or isinstance(xvar, jex_core.Literal):
+            return []
+        frame = self.frames[-1]
+        same = lambda e, k: e.params.get(k) == eqn.params.get(k)
+        group = []
+        for i, e in frame.dots_using(xvar):
+            if i <= frame.index or e.invars[x_pos] is not xvar or id(e) in self.stash:
+                continue
+            if not (same(e, "precision") and same(e, "preferred_element_type")):
+                continue
+            kv = self._resolve(e.invars[1 - x_pos], frame)
+            if kv is None or kv.meta.why is not None or kv.dtype != v.dtype:
+                continue
+            p = plan_dense(e, tuple(xvar.aval.shape), kv, x_pos == 0)
+            if not isinstance(p, str) and p.shares_input_with(plan):
+                group.append((e, p))
+        return group
+
+    def _resolve(self, var: Any, frame: _Frame) -> KernelView | None:
+        """The kernel view ``var`` will hold, evaluating its layout ops ahead if needed."""
+        if isinstance(var, jex_core.Literal):
+            return None
+        if var in frame.env:
+            val = frame.env[var]
+            return val if isinstance(val, KernelView) else None
+        eqn = frame.producer(var)
+        if eqn is None or eqn.primitive.name not in LAYOUT_OPS or len(eqn.invars) != 1:
+            return None
+        src = self._resolve(eqn.invars[0], frame)
+        if src is None:
+            return None
+        with _eqn_context(eqn):
+            out = _layout(src, eqn)
+        frame.env[eqn.outvars[0]] = out
+        frame.early.add(id(eqn))
+        return out
+
+    def _plain(self, x: Any, op: str, reason: str) -> Any:
+        return self.fallback(x, op, reason) if isinstance(x, KernelView) else x
+
+    def _remat(self, eqn: Any, invals: list[Any]) -> list[Any]:
+        """Re-wraps a remat region in `jax.checkpoint` with its policy, evaluating it inside."""
+        jaxpr, consts = _sub(eqn)
+        name = eqn.primitive.name
+
+        def body(key: Any, *vals: Any) -> list[Any]:
+            outer, self.key = self.key, key
+            try:
+                outs = self.eval(jaxpr, consts, vals)
+            finally:
+                self.key = outer
+            return [
+                self.fallback(o, name, "the kernel leaves the remat region")
+                if isinstance(o, KernelView)
+                else o
+                for o in outs
+            ]
+
+        checkpointed = jax.checkpoint(
+            body,
+            prevent_cse=eqn.params.get("prevent_cse", True),
+            policy=eqn.params.get("policy"),
+        )
+        return list(checkpointed(self.key, *invals))
+
+
+def _layout(v: KernelView, eqn: Any) -> KernelView:
+    return apply_layout(v, eqn.primitive, bind_params(eqn), eqn.outvars[0].aval)
+
+
+def bind_params(eqn: Any) -> dict[str, Any]:
+    params = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(params, tuple):  # older JAX: (subfuns, params)
+        subfuns, params = params
+        if subfuns:
+            raise NotImplementedError(f"flax_lora: cannot rebind `{eqn.primitive.name}` here.")
+    return params
+
+
+def bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
+    """Binds an equation's primitive unchanged to new inputs (JAX's `eval_jaxpr` step)."""
+    params = eqn.primitive.get_bind_params(eqn.params)
+    subfuns: Sequence[Any] = ()
+    if isinstance(params, tuple):  # older JAX: (subfuns, params)
+        subfuns, params = params
+    out = eqn.primitive.bind(*subfuns, *invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _sub(eqn: Any) -> tuple[Any, list[Any]] | None:
+    sub = inner_jaxpr(eqn)
+    if sub is None or len(sub[0].invars) != len(eqn.invars):
+        return None
+    return sub
+
+
+def _eqn_context(eqn: Any) -> Any:
+    """The equation's own context (compute type, metadata) and its name scope, if available."""
+    stack = contextlib.ExitStack()
+    manager = getattr(getattr(eqn, "ctx", None), "manager", None)
+    if manager is not None:
+        stack.enter_context(manager)
+    name = str(getattr(getattr(eqn, "source_info", None), "name_stack", "") or "")
+    if name:
+        stack.enter_context(jax.named_scope(name))
+    return stack
+
+
+# -- entry point -----------------------------------------------------------------------------
+def _is_array(x: Any) -> bool:
+    return isinstance(x, jax.Array | np.ndarray | np.generic)
+
+
+class Tracer:
+    """Traces ``apply_fn`` to a jaxpr, caching one per input structure and abstract values."""
+
+    def __init__(self, apply_fn: Callable[..., Any]) -> None:
+        self.apply_fn = apply_fn
+        self.cache: collections.OrderedDict[Any, tuple[Any, Any]] = collections.OrderedDict()
+
+    def __call__(self, leaves: list[Any], treedef: Any) -> tuple[Any, Any]:
+        dynamic = [_is_array(x) for x in leaves]
+        avals = [jax.typeof(x) for x, d in zip(leaves, dynamic, strict=True) if d]
+        specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in avals]
+        statics = tuple((type(x), x) for x, d in zip(leaves, dynamic, strict=True) if not d)
+        key = (treedef, tuple((a.shape, a.dtype, a.weak_type) for a in avals), statics)
+        try:
+            hit = self.cache.get(key)
+        except TypeError:  # an unhashable static leaf: no caching
+            key, hit = None, None
+        if hit is not None:
+            self.cache.move_to_end(key)
+            return hit
+
+        def flat_fn(*vals: Any) -> Any:
+            it = iter(vals)
+            full = [next(it) if d else x for x, d in zip(leaves, dynamic, strict=True)]
+            params, args, kwargs = jax.tree_util.tree_unflatten(treedef, full)
+            return self.apply_fn(params, *args, **kwargs)
+
+        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*specs)
+        found = (closed, jax.tree_util.tree_structure(out_shape))
+        if key is not None and not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
+            self.cache[key] = found
+            while len(self.cache) > _CACHE_SIZE:
+                self.cache.popitem(last=False)
+        return found
+
+
+def call_factored(
+    tracer: Tracer,
+    mode: str,
+    params: PyTree,
+    adapters: PyTree,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    lora_rng: Any,
+) -> Any:
+    """``apply_fn(merge(params, adapters), *args, **kwargs)`` computed in factored form."""
+    table = adapter_table(adapters)
+    if not table:
+        return tracer.apply_fn(params, *args, **kwargs)
+    flat, treedef = jax.tree_util.tree_flatten_with_path((params, args, kwargs))
+    leaves = [x for _, x in flat]
+    n_params = len(jax.tree_util.tree_leaves(params))
+    paths = [path_str(kp[1:]) for kp, _ in flat[:n_params]]
+    _check(table, paths, leaves[:n_params])
+
+    closed, out_def = tracer(leaves, treedef)
+    where = dict(zip(paths, range(n_params), strict=True))
+    views = {where[p]: make_view(p, leaves[where[p]], w) for p, w in table.items()}
+    invals = [views.get(i, x) for i, x in enumerate(leaves) if _is_array(x)]
+    interp = Interpreter(mode, lora_rng)
+    outs = interp.eval(closed.jaxpr, closed.consts, invals)
+    outs = [
+        interp.fallback(o, "output", "the kernel is returned") if isinstance(o, KernelView) else o
+        for o in outs
+    ]
+    return jax.tree_util.tree_unflatten(out_def, outs)
+
+
+def _check(table: dict[str, Any], paths: list[str], leaves: list[Any]) -> None:
+    index = dict(zip(paths, leaves, strict=True))
+    missing = [p for p in table if p not in index]
+    if missing:
+        kernels = [p for p, x in index.items() if getattr(x, "ndim", 0) >= 2]
+        raise ValueError(
+            f"Adapters for {describe(missing)} have no kernel at that path in params. Kernels in "
+            f"params: {describe(kernels, limit=20)}. Were these adapters made for another model?"
+        )
+    for path, w in table.items():
+        leaf = index[path]
+        if not _is_array(leaf):
+            raise TypeError(f"Kernel {path!r} is a {type(leaf).__name__}; expected an array.")
+        check_fits(path, w, tuple(leaf.shape))
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise TypeError(f"Kernel {path!r} has dtype {leaf.dtype}; expected a floating dtype.")

@@ -1,0 +1,292 @@
+"""The factored rules: how an op that uses an adapted kernel is computed without forming it.
+
+One rule per kind of use, each computing ``op(x, W0) + branch`` where the low-rank branch is
+one small function of the layer input and the two factors:
+
+- `dense_branch`: ``(x @ a) @ (scale * b)`` on 2-D ``(tokens, features)`` operands, for
+  ``dot_general`` (Dense, DenseGeneral, Einsum; also a kernel contracted on its output axes, as
+  ``Embed.attend`` does: then ``a`` and ``b`` swap roles);
+- `embed_branch`: the gathered rows of ``a`` times ``scale * b``, for an Embed lookup (``gather``);
+- `conv_branch`: ``conv(x, a)`` contracted with ``scale * b``, for ``conv_general_dilated``.
+
+A rule returns ``None`` (with a reason) when the use does not fit; the interpreter then merges
+the kernel (mode ``"auto"``) or raises (mode ``"factored"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from flax_lora._factored_view import I_SIDE, O_SIDE, KernelView, cast_like
+
+Rejected = str  # the reason a use cannot be factored
+
+
+# -- the low-rank branches (one per kind; a routed variant would swap these) ---------------
+def dense_branch(
+    x: jax.Array, a: jax.Array, b: jax.Array, precision: Any = None, out_type: Any = None
+) -> jax.Array:
+    """``(x @ a) @ b`` for ``x`` of shape ``(..., K)``, ``a`` ``(K, r)``, ``b`` ``(r, M)``.
+
+    The leading axes are flattened to one token axis (a free reshape): on XLA:CPU the
+    gradients of ``a`` and ``b`` then need no transposed copy of the activations. The product
+    with ``b`` is written as an elementwise rank-``r`` expansion, which XLA fuses into whatever
+    consumes it (the base matmul's epilogue, an activation), instead of a rank-``r`` matmul
+    that writes and re-reads a (tokens, M) array; `_lowrank` gives it a hand-written backward
+    pass made of matmuls only, each shaped so that no large operand is transposed.
+    """
+    return dense_branches(x, (a,), (b,), precision, out_type)[0]
+
+
+def dense_branches(
+    x: jax.Array,
+    a: Sequence[jax.Array],
+    b: Sequence[jax.Array],
+    precision: Any = None,
+    out_type: Any = None,
+) -> tuple[jax.Array, ...]:
+    """`dense_branch` for several adapters that share the input ``x`` (q, k, v of attention).
+
+    One product ``x @ [a_1 | a_2 | ...]`` replaces one per adapter, and in the backward pass
+    one ``x``-sized read and one expansion serve them all.
+    """
+    lead = x.shape[:-1]
+    x2 = jnp.reshape(x, (math.prod(lead), x.shape[-1]))
+    outs = _lowrank(x2, tuple(a), tuple(b), precision, out_type)
+    return tuple(jnp.reshape(u, (*lead, u.shape[-1])) for u in outs)
+
+
+def _dot(x: jax.Array, y: jax.Array, cx: int, cy: int, precision: Any, out: Any) -> jax.Array:
+    return lax.dot_general(x, y, (((cx,), (cy,)), ((), ())), precision, preferred_element_type=out)
+
+
+def _expand(t: jax.Array, m: jax.Array, dtype: Any) -> jax.Array:
+    """``t @ m`` for a small inner dimension, as broadcast-multiply-sum (fusible elementwise)."""
+    acc = jnp.promote_types(dtype, jnp.float32)
+    out = jnp.sum(t.astype(acc)[:, :, None] * m.astype(acc)[None, :, :], axis=1)
+    return out.astype(dtype)
+
+
+def _splits(parts: Sequence[jax.Array], axis: int) -> list[tuple[int, int]]:
+    bounds, start = [], 0
+    for p in parts:
+        bounds.append((start, start + p.shape[axis]))
+        start += p.shape[axis]
+    return bounds
+
+
+def _lowrank_fwd(x2: Any, a: tuple, b: tuple, precision: Any, out: Any) -> tuple:
+    a_all = a[0] if len(a) == 1 else jnp.concatenate(a, axis=1)
+    t = _dot(x2, a_all, 1, 0, precision, out)
+    outs = tuple(
+        _expand(t[:, i:j], bk, jnp.result_type(t, bk))
+        for (i, j), bk in zip(_splits(a, 1), b, strict=True)
+    )
+    return outs, (x2, a_all, b, t)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _lowrank(x2: Any, a: tuple, b: tuple, precision: Any, out: Any) -> tuple:
+    return _lowrank_fwd(x2, a, b, precision, out)[0]
+
+
+def _lowrank_bwd(precision: Any, out: Any, res: tuple, gs: tuple) -> tuple:
+    del out
+    x2, a_all, b, t = res
+    bounds = _splits(b, 0)
+    g_ts, g_bs = [], []
+    for (i, j), bk, g in zip(bounds, b, gs, strict=True):
+        g_ts.append(_dot(g, cast_like(bk, g.dtype), 1, 1, precision, None))  # (N, r)
+        g_bs.append(
+            cast_like(_dot(cast_like(t[:, i:j], g.dtype), g, 0, 0, precision, None), bk.dtype)
+        )
+    g_t = g_ts[0] if len(g_ts) == 1 else jnp.concatenate(g_ts, axis=1)
+    g_a = _dot(g_t, cast_like(x2, g_t.dtype), 0, 0, precision, None).T  # (r, K) -> (K, r)
+    g_x = _expand(g_t, a_all.T, x2.dtype)  # (N, K)
+    g_a = tuple(cast_like(g_a[:, i:j], a_all.dtype) for i, j in bounds)
+    return g_x, g_a, tuple(g_bs)
+
+
+_lowrank.defvjp(_lowrank_fwd, _lowrank_bwd)
+
+
+def embed_branch(rows: jax.Array, b: jax.Array) -> jax.Array:
+    """``rows @ b`` for gathered rows of ``a`` ``(..., r)`` and ``b`` ``(r, M)``."""
+    lead = rows.shape[:-1]
+    r2 = jnp.reshape(rows, (math.prod(lead), rows.shape[-1]))
+    u = lax.dot_general(cast_like(r2, b.dtype), b, (((1,), (0,)), ((), ())))
+    return jnp.reshape(u, (*lead, b.shape[-1]))
+
+
+def conv_branch(
+    x: jax.Array, a: jax.Array, b: jax.Array, conv: Callable[[Any, Any], Any], feature_axis: int
+) -> jax.Array:
+    """``conv(x, a)`` (``r`` output features) contracted with ``b`` ``(r, M)`` on its features."""
+    t = jnp.moveaxis(conv(x, a), feature_axis, -1)
+    lead = t.shape[:-1]
+    t2 = jnp.reshape(t, (math.prod(lead), t.shape[-1]))
+    u = lax.dot_general(cast_like(t2, b.dtype), b, (((1,), (0,)), ((), ())))
+    u = jnp.reshape(u, (*lead, b.shape[-1]))
+    return jnp.moveaxis(u, -1, feature_axis)
+
+
+# -- helpers -------------------------------------------------------------------------------
+def _matrix(f: jax.Array, rows: Sequence[int], cols: Sequence[int]) -> jax.Array:
+    """Transposes ``f`` to ``(*rows, *cols)`` and flattens it to a matrix."""
+    perm = (*rows, *cols)
+    if perm != tuple(range(f.ndim)):
+        f = jnp.transpose(f, perm)
+    n = math.prod(f.shape[: len(rows)])
+    return jnp.reshape(f, (n, -1))
+
+
+def _scaled(b: jax.Array, scale: float, dtype: Any) -> jax.Array:
+    return cast_like(b * jnp.asarray(scale, b.dtype), dtype)
+
+
+# -- the rules -----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DensePlan:
+    """How one ``dot_general`` of an activation with a kernel view is factored.
+
+    Attributes:
+      x_first: whether the activation is the left operand.
+      x_perm: the transpose that puts the activation's contracted axes last (sorted), or None.
+      lead: the sizes of the activation's free axes.
+      first: the factor contracted with the activation, as a ``(K, r)`` matrix.
+      second: the other factor, scaled, as an ``(r, M)`` matrix.
+      tail: the sizes of the kernel's free axes (the output's last axes, unflattened).
+    """
+
+    x_first: bool
+    x_perm: tuple[int, ...] | None
+    lead: tuple[int, ...]
+    first: Any
+    second: Any
+    tail: tuple[int, ...]
+
+    def prepare(self, x: jax.Array) -> jax.Array:
+        """The activation as ``(*lead, K)``."""
+        if self.x_perm is not None:
+            x = jnp.transpose(x, self.x_perm)
+        return jnp.reshape(x, (*self.lead, -1))
+
+    def shares_input_with(self, other: DensePlan) -> bool:
+        return (self.x_first, self.x_perm, self.lead) == (other.x_first, other.x_perm, other.lead)
+
+
+def plan_dense(
+    eqn: Any, x_shape: tuple[int, ...], v: KernelView, x_first: bool
+) -> DensePlan | Rejected:
+    """The factored form of ``dot_general`` of an activation with a kernel view ``v``."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    xc, vc, vb = (lc, rc, rb) if x_first else (rc, lc, lb)
+    if vb:
+        return "it is contracted with batch dimensions"
+    sides = {v.meta.side[d] for d in vc}
+    n_in, n_out = len(v.axes(I_SIDE)), len(v.axes(O_SIDE))
+    pairs = sorted(zip(xc, vc, strict=True))
+    dt = v.dtype
+    if sides == {I_SIDE} and len(vc) == n_in:  # x @ a @ b
+        pos = {d: k for k, d in enumerate(v.axes(I_SIDE))}
+        first = _matrix(v.a, [pos[p[1]] for p in pairs], [v.a.ndim - 1])
+        second = jnp.reshape(v.b, (v.b.shape[0], -1))
+        tail = tuple(v.shape[d] for d in v.axes(O_SIDE))
+    elif sides == {O_SIDE} and len(vc) == n_out:  # x @ b.T @ a.T (Embed.attend)
+        pos = {d: k + 1 for k, d in enumerate(v.axes(O_SIDE))}
+        first = _matrix(v.b, [pos[p[1]] for p in pairs], [0])
+        second = _matrix(v.a, [v.a.ndim - 1], list(range(v.a.ndim - 1)))
+        tail = tuple(v.shape[d] for d in v.axes(I_SIDE))
+    else:
+        return "it is contracted on a mix of its input and output axes"
+    free = [d for d in range(len(x_shape)) if d not in xc]
+    perm = (*free, *[p[0] for p in pairs])
+    return DensePlan(
+        x_first=x_first,
+        x_perm=None if perm == tuple(range(len(x_shape))) else perm,
+        lead=tuple(x_shape[d] for d in free),
+        first=cast_like(first, dt),
+        second=_scaled(second, v.scale, dt),
+        tail=tail,
+    )
+
+
+def finish_dense(eqn: Any, x: Any, v: KernelView, plan: DensePlan, low: jax.Array) -> list[Any]:
+    """``dot_general(x, W0) + low``, with the branch ``low`` (``(*lead, M)``) laid out to fit."""
+    operands = (x, v.base) if plan.x_first else (v.base, x)
+    base_out = eqn.primitive.bind(*operands, **eqn.params)
+    low = jnp.reshape(low, (*plan.lead, *plan.tail))
+    if not plan.x_first:  # dot_general(W, x): the kernel's free axes come first
+        k = len(plan.lead)
+        low = jnp.transpose(low, (*range(k, low.ndim), *range(k)))
+    return [base_out + cast_like(low, base_out.dtype)]
+
+
+def gather_rule(eqn: Any, v: KernelView, indices: Any) -> list[Any] | Rejected:
+    """``gather`` of rows of a kernel view (an Embed lookup)."""
+    params = eqn.params
+    dn = params["dimension_numbers"]
+    sizes = tuple(params["slice_sizes"])
+    ins, outs = v.axes(I_SIDE), v.axes(O_SIDE)
+    if getattr(dn, "operand_batching_dims", ()):
+        return "it is gathered with batching dimensions"
+    if set(dn.collapsed_slice_dims) != set(ins) or set(dn.start_index_map) != set(ins):
+        return "the gather does not pick whole rows along the kernel's input axes"
+    if any(sizes[d] != v.shape[d] for d in outs):
+        return "the gather takes partial slices of the output axes"
+    base_out = eqn.primitive.bind(v.base, indices, **params)
+    pos = {d: k for k, d in enumerate(ins)}
+    n_batch = indices.ndim - 1
+    a_dn = dn._replace(
+        offset_dims=(n_batch,),
+        collapsed_slice_dims=tuple(pos[d] for d in dn.collapsed_slice_dims),
+        start_index_map=tuple(pos[d] for d in dn.start_index_map),
+    )
+    a_sizes = (*[1] * len(ins), v.a.shape[-1])
+    rows = eqn.primitive.bind(
+        v.a, indices, **{**params, "dimension_numbers": a_dn, "slice_sizes": a_sizes}
+    )
+    b = _scaled(jnp.reshape(v.b, (v.b.shape[0], -1)), v.scale, v.dtype)
+    low = embed_branch(rows, b)
+    low = jnp.reshape(low, (*low.shape[:-1], *[v.shape[d] for d in outs]))
+    # base output: offset dims carry the kernel's output axes; the rest are batch axes
+    offset = tuple(dn.offset_dims)
+    batch_pos = [d for d in range(base_out.ndim) if d not in offset]
+    src = [0] * base_out.ndim
+    for k, d in enumerate(batch_pos):
+        src[d] = k
+    for k, d in enumerate(offset):
+        src[d] = n_batch + k
+    if src != list(range(base_out.ndim)):
+        low = jnp.transpose(low, src)
+    return [base_out + cast_like(low, base_out.dtype)]
+
+
+def conv_rule(
+    eqn: Any, x: Any, v: KernelView, dropout: Callable[[Any, KernelView], Any]
+) -> list[Any] | Rejected:
+    """``conv_general_dilated`` of an input ``x`` with a kernel view ``v``."""
+    params = eqn.params
+    if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
+        return "it is a grouped convolution"
+    dn = params["dimension_numbers"]
+    out_feat, *in_axes = dn.rhs_spec
+    if v.axes(O_SIDE) != [out_feat] or sorted(v.axes(I_SIDE)) != sorted(in_axes):
+        return "its input and output axes are not the convolution's (in, spatial) and out axes"
+    base_out = eqn.primitive.bind(x, v.base, **params)
+    pos = {d: k for k, d in enumerate(v.axes(I_SIDE))}
+    r_axis = v.a.ndim - 1
+    a_dn = dn._replace(rhs_spec=(r_axis, *[pos[d] for d in in_axes]))
+    a_params = {**params, "dimension_numbers": a_dn}
+    conv = lambda lhs, a: eqn.primitive.bind(lhs, a, **a_params)
+    b = _scaled(v.b, v.scale, v.dtype)
+    low = conv_branch(dropout(x, v), cast_like(v.a, v.dtype), b, conv, dn.out_spec[1])
+    return [base_out + cast_like(low, base_out.dtype)]
