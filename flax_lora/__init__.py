@@ -13,6 +13,14 @@ from flax_lora._merge import merge, unmerge
 from flax_lora._multi import StackedLoraWeights, combine, stack, unstack
 from flax_lora._optim import freeze_base, trainable
 from flax_lora._peft import load_peft, save_peft
+from flax_lora._quant import (
+    QuantizedKernel,
+    dequantize,
+    dequantize_kernel,
+    quantize,
+    quantize_kernel,
+    requantize,
+)
 from flax_lora._summary import Summary, summary
 from flax_lora._wrap import wrap
 
@@ -21,16 +29,22 @@ __version__ = "0.1.0"
 __all__ = [
     "LoraConfig",
     "LoraWeights",
+    "QuantizedKernel",
     "StackedLoraWeights",
     "Summary",
     "combine",
     "delta",
+    "dequantize",
+    "dequantize_kernel",
     "freeze_base",
     "init",
     "load",
     "load_config",
     "load_peft",
     "merge",
+    "quantize",
+    "quantize_kernel",
+    "requantize",
     "save",
     "save_peft",
     "stack",

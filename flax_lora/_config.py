@@ -11,7 +11,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-INITS = ("lora", "gaussian", "random", "pissa", "olora")
+INITS = ("lora", "gaussian", "random", "pissa", "olora", "loftq")
 
 Patterns = str | Sequence[str] | None
 
@@ -52,13 +52,18 @@ class LoraConfig:
       init: ``"lora"`` (PEFT's default: ``a`` kaiming-uniform, ``b`` zeros; Embed: ``a`` zeros,
         ``b`` standard normal), ``"gaussian"`` (``a`` normal with std ``1/r``, ``b`` zeros),
         ``"pissa"`` / ``"olora"`` (from the SVD / QR of ``W0``; these also change the base),
-        ``"random"`` (both factors nonzero: not a no-op, for tests).
+        ``"random"`` (both factors nonzero: not a no-op, for tests), ``"loftq"`` (LoftQ, as PEFT:
+        the base is quantized and the factors fit the quantization error; `lora.init` returns
+        ``(adapters, qparams)``).
       dropout: dropout rate on the LoRA branch's input (PEFT ``lora_dropout``), applied by the
         factored execution when a call passes ``lora_rng``.
       rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank`` (PEFT ``use_rslora``).
       dtype: the dtype of the adapter factors (a floating dtype).
       layers: layer indices to adapt (PEFT ``layers_to_transform``); ``None`` means all. A path's
         layer index is the first number in it (``h3``, ``layers/3``, ``layer_3``).
+      loftq_iter: ``init="loftq"``: alternations of quantize / SVD (PEFT ``loftq_iter``, default 1).
+      loftq_dtype: ``init="loftq"``: the base's format, ``"nf4"`` (PEFT ``loftq_bits=4``; blocks
+        of 64) or ``"int8"`` (``loftq_bits=8``; per channel), as `lora.quantize`.
     """
 
     rank: int = 8
@@ -72,6 +77,8 @@ class LoraConfig:
     rslora: bool = False
     dtype: Any = jnp.float32
     layers: Sequence[int] | int | None = None
+    loftq_iter: int = 1
+    loftq_dtype: str = "nf4"
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -87,6 +94,14 @@ class LoraConfig:
         set_("alpha_pattern", {k: float(v) for k, v in dict(self.alpha_pattern).items()})
         if self.init not in INITS:
             raise ValueError(f"LoraConfig.init must be one of {INITS}; got {self.init!r}.")
+        if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int | np.integer):
+            raise TypeError(f"LoraConfig.loftq_iter must be an int; got {self.loftq_iter!r}.")
+        if self.loftq_iter < 1:
+            raise ValueError(f"LoraConfig.loftq_iter must be at least 1; got {self.loftq_iter}.")
+        if self.loftq_dtype not in ("nf4", "int8"):
+            raise ValueError(
+                f"LoraConfig.loftq_dtype must be 'nf4' or 'int8'; got {self.loftq_dtype!r}."
+            )
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1); got {self.dropout!r}.")
         try:

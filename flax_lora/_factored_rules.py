@@ -9,8 +9,8 @@ one small function of the layer input and the two factors:
 - `embed_branch`: the gathered rows of ``a`` times ``scale * b``, for an Embed lookup (``gather``);
 - `conv_branch`: ``conv(x, a)`` contracted with ``scale * b``, for ``conv_general_dilated``.
 
-A rule returns ``None`` (with a reason) when the use does not fit; the interpreter then merges
-the kernel (mode ``"auto"``) or raises (mode ``"factored"``).
+A rule returns a string, the reason, when the use does not fit; the interpreter then merges the
+kernel (mode ``"auto"``) or raises (mode ``"factored"``) with that reason in the message.
 """
 
 from __future__ import annotations
@@ -68,10 +68,23 @@ def _dot(x: jax.Array, y: jax.Array, cx: int, cy: int, precision: Any, out: Any)
     return lax.dot_general(x, y, (((cx,), (cy,)), ((), ())), precision, preferred_element_type=out)
 
 
-def _expand(t: jax.Array, m: jax.Array, dtype: Any) -> jax.Array:
-    """``t @ m`` for a small inner dimension, as broadcast-multiply-sum (fusible elementwise)."""
+def _expand(t: jax.Array, m: jax.Array, dtype: Any, unrolled: bool = False) -> jax.Array:
+    """``t @ m`` for a small inner dimension ``r``, as elementwise multiply-adds.
+
+    XLA fuses these into the consumer (the base matmul's epilogue, an activation). Two
+    spellings: a broadcast-multiply-sum (used in training, where XLA:CPU fuses it into the
+    matmul epilogue best) or ``r`` unrolled multiply-adds (used for a forward pass alone, where
+    the sum form makes XLA:CPU pull whole MLP blocks, activation and all, into one slower
+    fusion). Both accumulate in at least float32.
+    """
     acc = jnp.promote_types(dtype, jnp.float32)
-    out = jnp.sum(t.astype(acc)[:, :, None] * m.astype(acc)[None, :, :], axis=1)
+    t, m = t.astype(acc), m.astype(acc)
+    if unrolled:
+        out = t[:, 0:1] * m[0:1, :]
+        for i in range(1, t.shape[1]):
+            out = out + t[:, i : i + 1] * m[i : i + 1, :]
+    else:
+        out = jnp.sum(t[:, :, None] * m[None, :, :], axis=1)
     return out.astype(dtype)
 
 
@@ -83,11 +96,11 @@ def _splits(parts: Sequence[jax.Array], axis: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _lowrank_fwd(x2: Any, a: tuple, b: tuple, precision: Any, out: Any) -> tuple:
+def _lowrank_outs(x2: Any, a: tuple, b: tuple, precision: Any, out: Any, unrolled: bool) -> tuple:
     a_all = a[0] if len(a) == 1 else jnp.concatenate(a, axis=1)
     t = _dot(x2, a_all, 1, 0, precision, out)
     outs = tuple(
-        _expand(t[:, i:j], bk, jnp.result_type(t, bk))
+        _expand(t[:, i:j], bk, jnp.result_type(t, bk), unrolled)
         for (i, j), bk in zip(_splits(a, 1), b, strict=True)
     )
     return outs, (x2, a_all, b, t)
@@ -95,7 +108,11 @@ def _lowrank_fwd(x2: Any, a: tuple, b: tuple, precision: Any, out: Any) -> tuple
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _lowrank(x2: Any, a: tuple, b: tuple, precision: Any, out: Any) -> tuple:
-    return _lowrank_fwd(x2, a, b, precision, out)[0]
+    return _lowrank_outs(x2, a, b, precision, out, unrolled=True)[0]  # not differentiated
+
+
+def _lowrank_fwd(x2: Any, a: tuple, b: tuple, precision: Any, out: Any) -> tuple:
+    return _lowrank_outs(x2, a, b, precision, out, unrolled=False)
 
 
 def _lowrank_bwd(precision: Any, out: Any, res: tuple, gs: tuple) -> tuple:
@@ -109,7 +126,9 @@ def _lowrank_bwd(precision: Any, out: Any, res: tuple, gs: tuple) -> tuple:
             cast_like(_dot(cast_like(t[:, i:j], g.dtype), g, 0, 0, precision, None), bk.dtype)
         )
     g_t = g_ts[0] if len(g_ts) == 1 else jnp.concatenate(g_ts, axis=1)
-    g_a = _dot(g_t, cast_like(x2, g_t.dtype), 0, 0, precision, None).T  # (r, K) -> (K, r)
+    # (r, K), then transposed: the barrier stops XLA from folding the transpose into the dot,
+    # which would make it the (K, N) x (N, r) form that XLA:CPU runs ~10x slower
+    g_a = lax.optimization_barrier(_dot(g_t, cast_like(x2, g_t.dtype), 0, 0, precision, None)).T
     g_x = _expand(g_t, a_all.T, x2.dtype)  # (N, K)
     g_a = tuple(cast_like(g_a[:, i:j], a_all.dtype) for i, j in bounds)
     return g_x, g_a, tuple(g_bs)

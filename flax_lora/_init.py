@@ -49,11 +49,14 @@ def init(
     Returns:
       The adapters: nested dicts that mirror the paths of the adapted kernels, each ending in a
       `LoraWeights` with factors ``a`` and ``b``. With ``init="pissa"`` or ``"olora"``, the pair
-      ``(adapters, new_params)``, where ``new_params`` holds the residual base kernels.
+      ``(adapters, new_params)``, where ``new_params`` holds the residual base kernels; with
+      ``init="loftq"``, ``(adapters, qparams)``, where each adapted kernel of ``qparams`` is a
+      `QuantizedKernel` (``config.loftq_dtype``) and ``deQ(Q) + scale * a @ b`` approximates it
+      (see `lora.quantize`; the other leaves are unchanged).
 
     Raises:
-      ValueError: no kernel matches; a rank is below 1 or (PiSSA/OLoRA) above the kernel's smaller
-        side; a kernel of 3 or more dimensions has no probe.
+      ValueError: no kernel matches; a rank is below 1 or (PiSSA/OLoRA/LoftQ) above the kernel's
+        smaller side; a kernel of 3 or more dimensions has no probe.
       TypeError: a targeted leaf is not floating.
     """
     if not isinstance(config, LoraConfig):
@@ -76,7 +79,7 @@ def init(
         if residual is not None:
             new_kernels[path] = residual
     tree = nest(adapters)
-    if config.init in ("pissa", "olora"):
+    if config.init in ("pissa", "olora", "loftq"):
         from flax_lora._paths import path_str
 
         new_params = jax.tree_util.tree_map_with_path(
@@ -164,14 +167,20 @@ def _init_one(
     residual = None
     if config.init in ("lora", "gaussian", "random"):
         a, b = _random_factors(key, config.init, kind == "embed", n_in, n_out, r, jnp.dtype(dtype))
-    else:  # pissa / olora: factor W0 in float32, base becomes the residual
+    else:  # pissa / olora / loftq: factor W0 in float32, base becomes the residual
         if r > min(n_in, n_out):
             raise ValueError(
                 f"init={config.init!r} needs rank <= min(fan_in, fan_out) = {min(n_in, n_out)} "
                 f"for {path!r} (kernel {shape}, input axes {in_axes}); got rank {r}."
             )
         w = kernel.astype(jnp.float32).transpose(in_axes + out_axes).reshape(n_in, n_out)
-        if config.init == "pissa":
+        if config.init == "loftq":  # the base becomes Q, quantized (see flax_lora._quant)
+            from flax_lora._quant import loftq_factors
+
+            a32, b32, residual = loftq_factors(
+                kernel, in_axes, r, scale, config.loftq_iter, config.loftq_dtype
+            )
+        elif config.init == "pissa":
             u, s, vt = jnp.linalg.svd(w, full_matrices=False)
             root = jnp.sqrt(s[:r] / scale)
             a32, b32 = u[:, :r] * root, root[:, None] * vt[:r]
@@ -181,12 +190,13 @@ def _init_one(
         # the residual is taken against the factors as stored (in ``dtype``), so that
         # residual + scale * a @ b is W0 to float32 rounding also for bfloat16 adapters
         a, b = a32.astype(dtype), b32.astype(dtype)
-        ab = jnp.matmul(
-            a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
-        )
-        res = w - scale * ab
-        inverse = tuple((in_axes + out_axes).index(i) for i in range(len(shape)))
-        residual = res.reshape(in_shape + out_shape).transpose(inverse).astype(kernel.dtype)
+        if residual is None:  # pissa / olora
+            ab = jnp.matmul(
+                a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+            )
+            res = w - scale * ab
+            inverse = tuple((in_axes + out_axes).index(i) for i in range(len(shape)))
+            residual = res.reshape(in_shape + out_shape).transpose(inverse).astype(kernel.dtype)
     a = _place(a.reshape((*in_shape, r)), kernel, in_axes, last=True)
     b = _place(b.reshape((r, *out_shape)), kernel, out_axes, last=False)
     return LoraWeights(a=a, b=b, **meta), residual

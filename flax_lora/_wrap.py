@@ -28,7 +28,14 @@ def wrap(apply_fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]
     rows of ``a`` times ``b``) and ``conv_general_dilated`` (``conv(x, a)`` then ``b``; not for
     grouped convolutions). The backward pass then computes no full weight gradient, which is
     where LoRA's training speed comes from. Dtype promotion, transposes, reshapes, nested
-    ``jit`` and remat regions (re-wrapped with their checkpoint policy) are seen through.
+    ``jit`` and remat regions (re-wrapped with their checkpoint policy) are seen through. The
+    trace is cached per input structure, shapes and static arguments, as ``jax.jit`` caches
+    its traces (so, as with ``jax.jit``, arrays that ``apply_fn`` closes over are captured
+    once).
+
+    Sharp edge: the factored Dense branch has a hand-written backward pass (a
+    ``jax.custom_vjp``), so forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``,
+    ``jax.hessian``) of the factored modes raises; use ``mode="merged"`` for those.
 
     Example:
       >>> fn = jax.jit(lora.wrap(model.apply))

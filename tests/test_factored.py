@@ -6,6 +6,7 @@ merged weights, which does not use the factored code at all.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -312,6 +313,9 @@ def test_factored_mode_raises_with_path_and_op(fn: Callable, op: str) -> None:
     with pytest.raises(ValueError, match=rf"'w'.*`{op}`"):
         lora.wrap(fn, mode="factored")(params, adapters, x)
     # auto merges that kernel (silently) and factors the other one
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lora.wrap(fn)(params, adapters, x)
     _assert_close(
         _both(
             lambda ad: lora.wrap(fn)(params, ad, x),
