@@ -17,7 +17,6 @@ Writes examples/out/multi_task_loss.png and examples/out/adapters_{a,b}/.
 
 from __future__ import annotations
 
-import functools
 import time
 from pathlib import Path
 
@@ -35,7 +34,6 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import flax_lora as lora
-from flax_lora._multi import routed_apply  # the lead will switch this to lora.wrap(lora_ids=...)
 
 OUT = Path(__file__).parent / "out"
 BATCH = 64
@@ -178,8 +176,8 @@ def main() -> None:
     ids = np.repeat([i for _, i in groups], n)
     perm = np.random.default_rng(0).permutation(len(ids))  # interleave the tasks in the batch
     x_mix, y_mix, ids = x_mix[perm], y_mix[perm], ids[perm]
-    routed = jax.jit(functools.partial(routed_apply, model.apply))
-    logits = routed(params, stacked, jnp.asarray(ids), x_mix)
+    routed = jax.jit(lora.wrap(model.apply))
+    logits = routed(params, stacked, x_mix, lora_ids=jnp.asarray(ids))
     print(f"\nrouted mixed batch of {len(ids)} (ids {ids[:8].tolist()}...):")
     for task, i in groups:
         sel = ids == i

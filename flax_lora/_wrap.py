@@ -6,8 +6,13 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import numpy as np
+
 from flax_lora._factored import Tracer, call_factored
 from flax_lora._merge import merge
+from flax_lora._multi import check_ids, select, stacked_table
+from flax_lora._quant import dequantize
 
 PyTree = Any
 MODES = ("auto", "merged", "factored")
@@ -42,6 +47,9 @@ def wrap(apply_fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]
       >>> y = fn(params, adapters, x)
       >>> grads = jax.grad(lambda ad: loss(fn(params, ad, x)))(adapters)
       >>> y = fn(params, adapters, x, lora_rng=jax.random.key(0))  # with LoRA dropout
+      >>> stacked = lora.stack([adapters_a, adapters_b])
+      >>> y = fn(params, stacked, x, lora_ids=jnp.array([0, 1, -1, 1]))  # per-example routing
+      >>> y = fn(lora.quantize(params, dtype="nf4"), adapters, x)  # QLoRA: a quantized base
 
     Args:
       apply_fn: any function whose first argument is the params pytree: a Linen
@@ -55,23 +63,87 @@ def wrap(apply_fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]
         kernel itself, ...); ``"merged"`` always forms ``W0 + scale * a @ b`` (as `merge`).
 
     Returns:
-      ``fn(params, adapters, *args, lora_rng=None, **kwargs)``. ``lora_rng``, a PRNG key,
-      turns on dropout on the LoRA branch inputs at each adapter's ``dropout`` rate (PEFT's
-      ``lora_dropout``; inverted dropout, none for Embed lookups, as PEFT); without it, or in
-      mode ``"merged"``, no dropout is applied.
+      ``fn(params, adapters, *args, lora_rng=None, lora_ids=None, **kwargs)``.
+
+      ``params`` may hold `QuantizedKernel` nodes (`lora.quantize`, QLoRA): they are
+      dequantized inside the traced computation, so only the codes live between steps.
+
+      ``lora_rng``, a PRNG key, turns on dropout on the LoRA branch inputs at each adapter's
+      ``dropout`` rate (PEFT's ``lora_dropout``; inverted dropout, none for Embed lookups, as
+      PEFT); without it, or in mode ``"merged"``, no dropout is applied.
+
+      ``lora_ids``, integers of shape ``(B,)``, routes example ``j`` of the batch through
+      adapter ``lora_ids[j]`` of a stacked tree (`lora.stack`) passed as ``adapters``; ``-1``
+      runs the base model for that example. One compilation serves any ids. Every positional
+      input is split along axis 0 (its batch axis, of length ``B``) and each example runs as a
+      batch of one (so layers that mix examples, such as BatchNorm in training mode, see one
+      example); keyword arguments are passed to every example unchanged, and every output leaf
+      must have the batch on axis 0. The base ops are batched back into one op over the batch;
+      only the low-rank branches use per-example factors, gathered from the stack. Concrete ids
+      outside ``[-1, N)`` raise ``ValueError``; traced ids cannot be checked, and an
+      out-of-range traced id runs the base model.
     """
     if mode not in MODES:
         raise ValueError(f"lora.wrap: mode must be one of {MODES}; got {mode!r}.")
     tracer = Tracer(apply_fn)
 
-    @functools.wraps(apply_fn)
-    def wrapped(
-        params: PyTree, adapters: PyTree, *args: Any, lora_rng: Any = None, **kwargs: Any
-    ) -> Any:
+    def run(params: PyTree, adapters: PyTree, args: Any, kwargs: Any, rng: Any) -> Any:
         if adapters is None:
             return apply_fn(params, *args, **kwargs)
         if mode == "merged":
             return apply_fn(merge(params, adapters), *args, **kwargs)
-        return call_factored(tracer, mode, params, adapters, args, kwargs, lora_rng)
+        return call_factored(tracer, mode, params, adapters, args, kwargs, rng)
+
+    @functools.wraps(apply_fn)
+    def wrapped(
+        params: PyTree,
+        adapters: PyTree,
+        *args: Any,
+        lora_rng: Any = None,
+        lora_ids: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        params = dequantize(params)
+        if lora_ids is None:
+            return run(params, adapters, args, kwargs, lora_rng)
+        return _routed(run, params, adapters, args, kwargs, lora_rng, lora_ids)
 
     return wrapped
+
+
+def _routed(
+    run: Callable[..., Any],
+    params: PyTree,
+    stacked: PyTree,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    rng: Any,
+    ids: Any,
+) -> Any:
+    """Example ``j`` of the batch through adapter ``ids[j]``: a `jax.vmap` over the examples.
+
+    Inside the map each example runs as a batch of one with its own factors, gathered from the
+    stack (`select`); the base kernels are not mapped, so JAX batches each base op back into one
+    op over the whole batch, and only the low-rank branches (and, for uses that cannot be
+    factored, the merged kernels) are per example.
+    """
+    table = stacked_table(stacked)
+    n = next(iter(table.values())).num_adapters
+    leaves = jax.tree.leaves(args)
+    sizes = {int(np.shape(x)[0]) if np.ndim(x) else None for x in leaves}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            "lora_ids routes along axis 0 of every positional input, so each needs the same "
+            f"leading (batch) size; got leading sizes {sorted(str(b) for b in sizes)}. Pass "
+            "inputs that are not per-example as keyword arguments."
+        )
+    batch = sizes.pop()
+    ids = check_ids(ids, n, batch)
+    keys = None if rng is None else jax.random.split(rng, batch)
+
+    def one(index: jax.Array, key: Any, example: tuple[Any, ...]) -> Any:
+        single = jax.tree.map(lambda x: x[None], example)
+        out = run(params, select(stacked, index), single, kwargs, key)
+        return jax.tree.map(lambda y: y[0], out)
+
+    return jax.vmap(one)(ids, keys, args)

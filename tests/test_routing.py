@@ -1,0 +1,163 @@
+"""Per-example routing: ``fn(params, stacked, *args, lora_ids=ids)``.
+
+The reference runs each example alone (a batch of one) through its own merged model,
+``apply_fn(lora.merge(params, adapters_k), x[j:j+1])``, or through the base for ``-1``: a Python
+loop over examples that shares no code with the routed path beyond `lora.merge`, which
+tests/test_merge.py checks against numpy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import flax_lora as lora
+
+VOCAB, SEQ, DIM, BATCH = 24, 6, 16, 6
+IDS = [0, 2, -1, 1, 2, 0]
+
+
+class LinenTiny(nn.Module):
+    """Embed lookup, self-attention (DenseGeneral q/k/v/out), a 1-D Conv and a Dense head."""
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        h = nn.Embed(VOCAB, DIM)(tokens)
+        h = h + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=DIM)(h)
+        h = nn.gelu(nn.Conv(DIM, kernel_size=(3,))(h))
+        return nn.Dense(5)(h.mean(axis=1))
+
+
+class NnxTiny(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.embed = nnx.Embed(VOCAB, DIM, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(
+            num_heads=2, in_features=DIM, qkv_features=DIM, decode=False, rngs=rngs
+        )
+        self.conv = nnx.Conv(DIM, DIM, kernel_size=(3,), rngs=rngs)
+        self.head = nnx.Linear(DIM, 5, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        h = self.embed(tokens)
+        h = h + self.attn(h)
+        h = nnx.gelu(self.conv(h))
+        return self.head(h.mean(axis=1))
+
+
+def _tokens() -> jax.Array:
+    return jax.random.randint(jax.random.key(7), (BATCH, SEQ), 0, VOCAB)
+
+
+def _linen() -> tuple[Callable[..., Any], Any]:
+    model = LinenTiny()
+    return model.apply, model.init(jax.random.key(0), _tokens())
+
+
+def _nnx() -> tuple[Callable[..., Any], Any]:
+    graphdef, state = nnx.split(NnxTiny(nnx.Rngs(0)))
+    return (lambda s, t: nnx.merge(graphdef, s)(t)), state
+
+
+MODELS = {"linen": _linen, "nnx": _nnx}
+
+
+def _adapter_sets(apply_fn: Callable[..., Any], params: Any) -> list[Any]:
+    """Three adapter sets of different ranks and scales (one rsLoRA), all nonzero."""
+    probe = lambda p: apply_fn(p, _tokens())
+    configs = [
+        lora.LoraConfig(rank=2, alpha=4.0, init="random"),
+        lora.LoraConfig(rank=4, alpha=2.0, init="random", rslora=True),
+        lora.LoraConfig(rank=3, alpha=6.0, init="random"),
+    ]
+    return [
+        lora.init(jax.random.key(10 + i), params, c, probe=probe) for i, c in enumerate(configs)
+    ]
+
+
+def _reference(apply_fn: Callable[..., Any], params: Any, sets: list[Any], x: Any) -> np.ndarray:
+    rows = []
+    for j, k in enumerate(IDS):
+        p = params if k < 0 else lora.merge(params, sets[k])
+        rows.append(np.asarray(apply_fn(p, x[j : j + 1]))[0])
+    return np.stack(rows)
+
+
+def _kinds(adapters: Any) -> set[str]:
+    return {w.kind for w in jax.tree.leaves(adapters, is_leaf=lambda x: hasattr(x, "kind"))}
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+@pytest.mark.parametrize("mode", ["auto", "factored", "merged"])
+def test_routed_equals_each_example_through_its_own_merged_model(family: str, mode: str) -> None:
+    apply_fn, params = MODELS[family]()
+    sets = _adapter_sets(apply_fn, params)
+    assert _kinds(sets[0]) == {"dense", "embed", "conv"}  # Embed, attention/Dense and Conv
+    x = _tokens()
+    want = _reference(apply_fn, params, sets, x)
+    fn = jax.jit(lora.wrap(apply_fn, mode=mode))
+    got = fn(params, lora.stack(sets), x, lora_ids=jnp.array(IDS))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
+    # the routing changes the outputs: the adapters are not no-ops
+    base = np.asarray(apply_fn(params, x))
+    assert np.abs(want - base)[np.array(IDS) >= 0].min() > 1e-3
+
+
+def test_one_compilation_serves_any_ids() -> None:
+    apply_fn, params = _linen()
+    traces = []
+
+    def counted(p: Any, t: Any) -> Any:
+        traces.append(1)
+        return apply_fn(p, t)
+
+    sets = _adapter_sets(apply_fn, params)
+    stacked, x = lora.stack(sets), _tokens()
+    fn = jax.jit(lora.wrap(counted))
+    ys = [fn(params, stacked, x, lora_ids=jnp.array(ids)) for ids in (IDS, [-1] * BATCH, IDS[::-1])]
+    assert fn._cache_size() == 1
+    n_traces = len(traces)
+    fn(params, stacked, x, lora_ids=jnp.array([1] * BATCH))
+    assert len(traces) == n_traces  # no retrace for new ids
+    # all-base ids give the base model
+    np.testing.assert_allclose(np.asarray(ys[1]), np.asarray(apply_fn(params, x)), atol=2e-6)
+
+
+def test_routed_gradients_reach_only_the_adapters_used() -> None:
+    apply_fn, params = _linen()
+    sets = _adapter_sets(apply_fn, params)
+    stacked, x = lora.stack(sets), _tokens()
+    ids = jnp.array([0, 0, -1, 2, 2, -1])  # adapter 1 unused
+    loss = lambda st: jnp.sum(lora.wrap(apply_fn)(params, st, x, lora_ids=ids) ** 2)
+    grads = jax.jit(jax.grad(loss))(stacked)
+    for g in jax.tree.leaves(grads):
+        g = np.asarray(g)
+        assert np.all(g[1] == 0)
+        assert np.abs(g[0]).max() > 0 and np.abs(g[2]).max() > 0
+    # adapter 0's gradient equals the gradient of its own examples through a merged model
+    a0 = lora.unstack(stacked, 0)
+    ref = jax.grad(lambda ad: jnp.sum(apply_fn(lora.merge(params, ad), x[:2]) ** 2))(a0)
+    got = lora.unstack(grads, 0)
+    for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
+
+
+def test_routing_errors_are_clear() -> None:
+    apply_fn, params = _linen()
+    sets = _adapter_sets(apply_fn, params)
+    stacked, x = lora.stack(sets), _tokens()
+    fn = lora.wrap(apply_fn)
+    with pytest.raises(ValueError, match=r"lora_ids must lie in \[-1, 3\).*\[3\]"):
+        fn(params, stacked, x, lora_ids=jnp.array([0, 1, 2, 3, 0, 0]))
+    with pytest.raises(ValueError, match="lora_ids has 2 ids but the inputs have a batch"):
+        fn(params, stacked, x, lora_ids=jnp.array([0, 1]))
+    with pytest.raises(TypeError, match="lora_ids must be integers"):
+        fn(params, stacked, x, lora_ids=jnp.zeros(BATCH))
+    with pytest.raises(TypeError, match="Expected a stacked adapter tree"):
+        fn(params, sets[0], x, lora_ids=jnp.array(IDS))
