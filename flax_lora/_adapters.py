@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flax_lora._paths import describe, flatten
 
@@ -19,9 +20,9 @@ KINDS = ("dense", "conv", "embed")
 class LoraWeights:
     """The LoRA factors of one kernel and what is needed to merge them.
 
-    ``a`` and ``b`` are the only pytree leaves (the trainable arrays); everything else is static
-    metadata that travels in the tree structure, so ``jax.tree.leaves(adapters)`` never holds a
-    base weight or a scale.
+    ``a`` and ``b`` (and DoRA's ``m``) are the only pytree leaves (the trainable arrays);
+    everything else is static metadata that travels in the tree structure, so
+    ``jax.tree.leaves(adapters)`` never holds a base weight or a scale.
 
     For a kernel whose axes split into input axes ``I`` (contracted with the layer input, or
     gathered by an Embed lookup) and output axes ``O``, ``a`` has shape ``(*I, r)`` and ``b``
@@ -36,6 +37,17 @@ class LoraWeights:
       kernel_shape: the shape of the adapted kernel.
       kind: ``"dense"`` (Dense, DenseGeneral, Einsum), ``"conv"`` or ``"embed"``.
       dropout: the dropout rate of the LoRA branch (applied in factored execution).
+      m: DoRA's magnitude (``LoraConfig(dora=True)``), shape ``O`` (one entry per output unit),
+        a third trainable leaf; ``None`` (no leaf) for plain LoRA. With it the adapted kernel is
+        ``m * V / ||V||``, ``V = W0 + scale * a @ b``, the norm over the input axes (see
+        `flax_lora._dora`).
+      layer_axes: the number of leading layer axes of a kernel stacked by ``nn.scan`` /
+        ``nnx.scan`` (0 for an ordinary kernel). A stacked kernel ``(L, *rest)`` has factors
+        ``a`` ``(L, *I, r)`` and ``b`` ``(L, r, *O)``: one adapter per layer. ``in_axes`` and
+        ``kernel_shape`` refer to the whole stacked kernel.
+      layers: for a stacked kernel adapted on some layers only (``LoraConfig(layers=...)``),
+        the adapted indices of its first layer axis; the others' factors are zero and stay zero
+        (the update is masked per layer, so their gradients are zero). ``None``: all layers.
     """
 
     a: Any
@@ -45,6 +57,9 @@ class LoraWeights:
     kernel_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     kind: str = dataclasses.field(default="dense", metadata=dict(static=True))
     dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+    m: Any = None
+    layer_axes: int = dataclasses.field(default=0, metadata=dict(static=True))
+    layers: tuple[int, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
     def rank(self) -> int:
@@ -52,7 +67,13 @@ class LoraWeights:
 
     @property
     def out_axes(self) -> tuple[int, ...]:
-        return tuple(i for i in range(len(self.kernel_shape)) if i not in self.in_axes)
+        return tuple(
+            i for i in range(self.layer_axes, len(self.kernel_shape)) if i not in self.in_axes
+        )
+
+    @property
+    def layer_shape(self) -> tuple[int, ...]:
+        return tuple(self.kernel_shape[: self.layer_axes])
 
     @property
     def in_shape(self) -> tuple[int, ...]:
@@ -74,6 +95,9 @@ class LoraWeights:
             kind=self.kind,
             dropout=float(self.dropout),
             rank=self.rank,
+            dora=self.m is not None,
+            layer_axes=self.layer_axes,
+            layers=None if self.layers is None else list(self.layers),
         )
 
 
@@ -106,11 +130,21 @@ def check_fits(path: str, w: LoraWeights, shape: tuple[int, ...]) -> None:
             "another model?"
         )
     r = w.a.shape[-1] if w.a.ndim else None
-    if tuple(w.a.shape) != (*w.in_shape, r) or tuple(w.b.shape) != (r, *w.out_shape):
+    lead = w.layer_shape
+    if tuple(w.a.shape) != (*lead, *w.in_shape, r) or tuple(w.b.shape) != (
+        *lead,
+        r,
+        *w.out_shape,
+    ):
         raise ValueError(
-            f"Adapter for {path!r}: expected a of shape {(*w.in_shape, 'r')} and b of shape "
-            f"{('r', *w.out_shape)} with one rank r; got a {tuple(w.a.shape)}, "
+            f"Adapter for {path!r}: expected a of shape {(*lead, *w.in_shape, 'r')} and b of "
+            f"shape {(*lead, 'r', *w.out_shape)} with one rank r; got a {tuple(w.a.shape)}, "
             f"b {tuple(w.b.shape)}."
+        )
+    if w.m is not None and tuple(w.m.shape) != (*lead, *w.out_shape):
+        raise ValueError(
+            f"DoRA adapter for {path!r}: expected a magnitude m of shape {tuple(w.out_shape)} "
+            f"(the kernel's output axes); got {tuple(w.m.shape)}."
         )
 
 
@@ -122,10 +156,22 @@ def delta(w: LoraWeights, dtype: Any = jnp.float32) -> jax.Array:
     r = w.a.shape[-1]
     n_in = math.prod(w.in_shape)
     n_out = math.prod(w.out_shape)
-    a = w.a.reshape(n_in, r).astype(dtype)
-    b = w.b.reshape(r, n_out).astype(dtype)
+    lead = w.layer_shape  # stacked layers: one product per layer (a batched matmul)
+    a = w.a.reshape(*lead, n_in, r).astype(dtype)
+    b = w.b.reshape(*lead, r, n_out).astype(dtype)
+    mask = layer_mask(w)
+    if mask is not None:
+        a = a * jnp.asarray(mask, dtype).reshape(mask.shape + (1,) * (a.ndim - 1))
     d = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST) * jnp.asarray(w.scale, dtype)
-    d = d.reshape(w.in_shape + w.out_shape)
-    order = w.in_axes + w.out_axes
+    d = d.reshape(lead + w.in_shape + w.out_shape)
+    order = tuple(range(len(lead))) + w.in_axes + w.out_axes
     inverse = tuple(order.index(i) for i in range(len(order)))
     return d.transpose(inverse)
+
+
+def layer_mask(w: LoraWeights) -> np.ndarray | None:
+    """For a stacked kernel adapted on some layers only: 1.0 on the adapted indices of its first
+    layer axis, 0.0 elsewhere (shape ``(L,)``); ``None`` when every layer is adapted."""
+    if w.layers is None or not w.layer_axes:
+        return None
+    return np.isin(np.arange(w.kernel_shape[0]), np.asarray(w.layers, int)).astype(np.float32)

@@ -46,7 +46,10 @@ def save(
     table = adapter_table(adapters)
     if not table:
         raise ValueError("lora.save: the adapter tree is empty.")
-    arrays = nest((p, {"a": w.a, "b": w.b}) for p, w in table.items())
+    arrays = nest(
+        (p, {"a": w.a, "b": w.b} if w.m is None else {"a": w.a, "b": w.b, "m": w.m})
+        for p, w in table.items()
+    )
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -133,6 +136,8 @@ def load(directory: str | os.PathLike[str]) -> PyTree:
         a, b = arrays.get(f"{path}/a"), arrays.get(f"{path}/b")
         if a is None or b is None:
             raise ValueError(f"Checkpoint {str(directory)!r} lacks the factors of {path!r}.")
+        if m.get("dora") and arrays.get(f"{path}/m") is None:
+            raise ValueError(f"Checkpoint {str(directory)!r} lacks the DoRA magnitude of {path!r}.")
         entries.append(
             (
                 path,
@@ -144,10 +149,18 @@ def load(directory: str | os.PathLike[str]) -> PyTree:
                     kernel_shape=tuple(m["kernel_shape"]),
                     kind=m["kind"],
                     dropout=float(m.get("dropout", 0.0)),
+                    layer_axes=int(m.get("layer_axes", 0)),
+                    layers=None if m.get("layers") is None else tuple(m["layers"]),
+                    m=_magnitude(arrays.get(f"{path}/m")),
                 ),
             )
         )
     return nest(entries)
+
+
+def _magnitude(m: Any) -> Any:
+    """DoRA's magnitude as read, or ``None`` for a plain LoRA adapter."""
+    return None if m is None else jax.numpy.asarray(m)
 
 
 def load_config(directory: str | os.PathLike[str]) -> LoraConfig | None:

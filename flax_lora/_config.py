@@ -60,10 +60,16 @@ class LoraConfig:
       rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank`` (PEFT ``use_rslora``).
       dtype: the dtype of the adapter factors (a floating dtype).
       layers: layer indices to adapt (PEFT ``layers_to_transform``); ``None`` means all. A path's
-        layer index is the first number in it (``h3``, ``layers/3``, ``layer_3``).
+        layer index is the first number in it (``h3``, ``layers/3``, ``layer_3``); paths without
+        a number are not adapted. For a kernel stacked by ``nn.scan`` / ``nnx.scan`` (a leading
+        layer axis), the layer index is the position on that axis instead: the adapter covers
+        the whole stack, with zero (and frozen) factors on the layers not picked.
       loftq_iter: ``init="loftq"``: alternations of quantize / SVD (PEFT ``loftq_iter``, default 1).
       loftq_dtype: ``init="loftq"``: the base's format, ``"nf4"`` (PEFT ``loftq_bits=4``; blocks
         of 64) or ``"int8"`` (``loftq_bits=8``; per channel), as `lora.quantize`.
+      dora: DoRA (PEFT ``use_dora``; Liu et al. 2024): each adapter also holds a magnitude
+        ``m`` (one entry per output unit, initialised to ``W0``'s norm over the input axes) and
+        the kernel becomes ``m * V / ||V||`` with ``V = W0 + scale * a @ b``, the norm detached.
     """
 
     rank: int = 8
@@ -79,6 +85,7 @@ class LoraConfig:
     layers: Sequence[int] | int | None = None
     loftq_iter: int = 1
     loftq_dtype: str = "nf4"
+    dora: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -118,13 +125,17 @@ class LoraConfig:
             set_("layers", tuple(int(i) for i in self.layers))
 
     # -- per-path resolution ---------------------------------------------------------------
-    def matches(self, path: str) -> bool:
-        """Whether ``path`` is selected by ``targets``, ``exclude`` and ``layers``."""
+    def matches(self, path: str, layer_in_path: bool = True) -> bool:
+        """Whether ``path`` is selected by ``targets``, ``exclude`` and ``layers``.
+
+        ``layer_in_path=False`` (a kernel stacked by ``nn.scan``: its layers are the entries of
+        its leading axis, picked by `lora.init`) skips the ``layers`` check on the path.
+        """
         if self.targets is not None and not any(re.fullmatch(p, path) for p in self.targets):
             return False
         if any(re.fullmatch(p, path) for p in self.exclude):
             return False
-        if self.layers is not None:
+        if self.layers is not None and layer_in_path:
             index = layer_index(path)
             if index is None or index not in self.layers:
                 return False

@@ -5,9 +5,11 @@ evaluated by a small interpreter (JAX's documented custom-interpreter technique)
 kernel enters as a `KernelView` (``W0`` plus its factors, carried through the model's layout
 ops); the ops that use a view are computed by the rules of `_factored_rules`
 (``op(x, W0) + low-rank branch``); every other op is bound unchanged. Nested ``jit`` calls are
-inlined, remat regions are re-wrapped in `jax.checkpoint` with their policy. A use that no rule
-fits (``scan``, ``cond``, custom derivatives, arithmetic on the kernel itself, ...) merges that
-kernel in mode ``"auto"`` and raises in mode ``"factored"``.
+inlined, remat regions are re-wrapped in `jax.checkpoint` with their policy, and a ``scan``
+(``nn.scan`` / ``nnx.scan`` stacked layers, or a loop closing over a kernel) runs as a real
+`jax.lax.scan` whose body is evaluated by this interpreter on per-layer views (`_scan`). A use
+that no rule fits (``cond``, a kernel carried by a loop, custom derivatives, arithmetic on the
+kernel itself, ...) merges that kernel in mode ``"auto"`` and raises in mode ``"factored"``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from flax_lora._factored_view import (
 )
 from flax_lora._paths import describe, path_str
 from flax_lora._probe import inner_jaxpr
+from flax_lora._scan import is_stacked, scan_rule
 
 PyTree = Any
 _INLINE = {"jit", "pjit", "closed_call", "core_call"}
@@ -147,7 +150,11 @@ class Interpreter:
         if name in LAYOUT_OPS and len(invals) == 1:
             return [_layout(first, eqn)]
         result: list[Any] | str | None = None
-        if name == "dot_general":
+        if name == "scan":  # stacked layers, or kernels closed over by a loop
+            result = scan_rule(self, eqn, invals)
+        elif any(is_stacked(v) for v in views) and name not in _INLINE | _REMAT:
+            result = "the stacked kernel is used whole, not sliced by a scan over its layers"
+        elif name == "dot_general":
             result = self._dense(eqn, invals)
         elif name == "gather" and isinstance(first, KernelView) and first.meta.why is None:
             result = gather_rule(eqn, first, self._plain(invals[1], name, "kernel as indices"))
@@ -177,7 +184,21 @@ class Interpreter:
         plan = plan_dense(eqn, tuple(eqn.invars[x_pos].aval.shape), v, x_pos == 0)
         if isinstance(plan, str):
             return plan
+        if plan.x_scale is not None:  # DoRA, kernel contracted on its output axes
+            x = x * plan.x_scale.astype(x.dtype)
+        x_drop = None
         low = self.stash.pop(id(eqn), None)
+        dora_drop = v.g is not None and not plan.on_out and self.key is not None
+        if low is None and dora_drop and float(v.meta.weights.dropout) > 0:  # PEFT's form
+            dropped = self.dropout(x, v)
+            x_drop = None if dropped is x else dropped
+            low = dense_branches(
+                plan.prepare(dropped),
+                [plan.first],
+                [plan.second],
+                eqn.params.get("precision"),
+                eqn.params.get("preferred_element_type"),
+            )[0]
         if low is None:
             group = self._siblings(eqn, x_pos, plan, v)
             plans = [plan] + [p for _, p in group]
@@ -190,7 +211,7 @@ class Interpreter:
             )
             low = lows[0]
             self.stash.update((id(e), lw) for (e, _), lw in zip(group, lows[1:], strict=True))
-        return finish_dense(eqn, x, v, plan, low)
+        return finish_dense(eqn, x, v, plan, low, x_drop)
 
     def _siblings(
         self, eqn: Any, x_pos: int, plan: DensePlan, v: KernelView

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_lora._factored_view import I_SIDE, O_SIDE, KernelView, cast_like
+from flax_lora._factored_view import I_SIDE, O_SIDE, KernelView, cast_like, dora_scale
 
 Rejected = str  # the reason a use cannot be factored
 
@@ -183,6 +183,9 @@ class DensePlan:
       first: the factor contracted with the activation, as a ``(K, r)`` matrix.
       second: the other factor, scaled, as an ``(r, M)`` matrix.
       tail: the sizes of the kernel's free axes (the output's last axes, unflattened).
+      on_out: whether the kernel is contracted on its output axes (``Embed.attend``).
+      x_scale: DoRA with ``on_out``: the factor ``m / ||V||`` laid out along the activation's
+        contracted axes (the activation is scaled by it before both products), else None.
     """
 
     x_first: bool
@@ -191,6 +194,8 @@ class DensePlan:
     first: Any
     second: Any
     tail: tuple[int, ...]
+    on_out: bool = False
+    x_scale: Any = None
 
     def prepare(self, x: jax.Array) -> jax.Array:
         """The activation as ``(*lead, K)``."""
@@ -199,6 +204,8 @@ class DensePlan:
         return jnp.reshape(x, (*self.lead, -1))
 
     def shares_input_with(self, other: DensePlan) -> bool:
+        if self.x_scale is not None or other.x_scale is not None:  # DoRA scales x per kernel
+            return False
         return (self.x_first, self.x_perm, self.lead) == (other.x_first, other.x_perm, other.lead)
 
 
@@ -228,6 +235,11 @@ def plan_dense(
         return "it is contracted on a mix of its input and output axes"
     free = [d for d in range(len(x_shape)) if d not in xc]
     perm = (*free, *[p[0] for p in pairs])
+    on_out = sides == {O_SIDE}
+    x_scale = None
+    if on_out and v.g is not None:  # x @ (g * V).T == (x * g) @ V.T: g goes onto x
+        x_of = dict(zip(vc, xc, strict=True))
+        x_scale = dora_scale(v, len(x_shape), [x_of[d] for d in v.axes(O_SIDE)], dt)
     return DensePlan(
         x_first=x_first,
         x_perm=None if perm == tuple(range(len(x_shape))) else perm,
@@ -235,18 +247,50 @@ def plan_dense(
         first=cast_like(first, dt),
         second=_scaled(second, v.scale, dt),
         tail=tail,
+        on_out=on_out,
+        x_scale=x_scale,
     )
 
 
-def finish_dense(eqn: Any, x: Any, v: KernelView, plan: DensePlan, low: jax.Array) -> list[Any]:
-    """``dot_general(x, W0) + low``, with the branch ``low`` (``(*lead, M)``) laid out to fit."""
+def finish_dense(
+    eqn: Any, x: Any, v: KernelView, plan: DensePlan, low: jax.Array, x_drop: Any = None
+) -> list[Any]:
+    """``dot_general(x, W0) + low``, with the branch ``low`` (``(*lead, M)``) laid out to fit.
+
+    DoRA (``v.g``, the kernel contracted on its input axes): ``g * (x @ W0 + low)``, or with
+    LoRA dropout (``x_drop``, the dropped activation), PEFT's
+    ``x @ W0 + (g - 1) * (x_drop @ W0) + g * low``. (With ``plan.on_out`` the activation was
+    scaled by ``g`` before, see `DensePlan`.)
+    """
     operands = (x, v.base) if plan.x_first else (v.base, x)
     base_out = eqn.primitive.bind(*operands, **eqn.params)
     low = jnp.reshape(low, (*plan.lead, *plan.tail))
     if not plan.x_first:  # dot_general(W, x): the kernel's free axes come first
         k = len(plan.lead)
         low = jnp.transpose(low, (*range(k, low.ndim), *range(k)))
-    return [base_out + cast_like(low, base_out.dtype)]
+    if v.g is None or plan.on_out:
+        return [base_out + cast_like(low, base_out.dtype)]
+    k, n = len(plan.lead), len(plan.tail)
+    o_pos = list(range(k, k + n)) if plan.x_first else list(range(n))
+    drop_out = None
+    if x_drop is not None:
+        operands = (x_drop, v.base) if plan.x_first else (v.base, x_drop)
+        drop_out = eqn.primitive.bind(*operands, **eqn.params)
+    return [_dora_out(base_out, low, v, o_pos, drop_out)]
+
+
+def _dora_out(
+    base_out: jax.Array, low: jax.Array, v: KernelView, o_pos: list[int], drop_out: Any = None
+) -> jax.Array:
+    """``g * (base_out + low)`` (or PEFT's dropout form), in at least float32, cast back."""
+    acc = jnp.promote_types(base_out.dtype, jnp.float32)
+    g = dora_scale(v, base_out.ndim, o_pos, acc)
+    base, low = cast_like(base_out, acc), cast_like(low, acc)
+    if drop_out is None:
+        out = (base + low) * g
+    else:
+        out = base + (g - 1.0) * cast_like(drop_out, acc) + g * low
+    return cast_like(out, base_out.dtype)
 
 
 def gather_rule(eqn: Any, v: KernelView, indices: Any) -> list[Any] | Rejected:
@@ -286,6 +330,8 @@ def gather_rule(eqn: Any, v: KernelView, indices: Any) -> list[Any] | Rejected:
         src[d] = n_batch + k
     if src != list(range(base_out.ndim)):
         low = jnp.transpose(low, src)
+    if v.g is not None:  # DoRA: the offset dims are the kernel's output axes, in view order
+        return [_dora_out(base_out, low, v, list(offset))]
     return [base_out + cast_like(low, base_out.dtype)]
 
 
@@ -307,5 +353,9 @@ def conv_rule(
     a_params = {**params, "dimension_numbers": a_dn}
     conv = lambda lhs, a: eqn.primitive.bind(lhs, a, **a_params)
     b = _scaled(v.b, v.scale, v.dtype)
-    low = conv_branch(dropout(x, v), cast_like(v.a, v.dtype), b, conv, dn.out_spec[1])
+    x_drop = dropout(x, v)
+    low = conv_branch(x_drop, cast_like(v.a, v.dtype), b, conv, dn.out_spec[1])
+    if v.g is not None:  # DoRA, with PEFT's dropout form when dropout is on
+        drop_out = None if x_drop is x else eqn.primitive.bind(x_drop, v.base, **params)
+        return [_dora_out(base_out, low, v, [dn.out_spec[1]], drop_out)]
     return [base_out + cast_like(low, base_out.dtype)]

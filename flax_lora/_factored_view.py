@@ -26,6 +26,7 @@ from jax import lax
 from flax_lora._adapters import LoraWeights, delta
 
 I_SIDE, O_SIDE = "I", "O"
+L_SIDE = "L"  # a layer axis of a kernel stacked by a scan (see `flax_lora._scan`)
 
 # ops that change neither the layout nor the meaning of the kernel (applied to the base only)
 VALUE_OPS = {
@@ -65,6 +66,9 @@ class KernelView:
       a: the input-side factor in view layout, ``(*I-axes of the view, r)``.
       b: the output-side factor in view layout, ``(r, *O-axes of the view)``.
       meta: path, adapter metadata, the op history and the axis sides.
+      g: DoRA only: the per-output-unit factor ``m / ||V||`` (norm detached) in view layout,
+        ``(*O-axes of the view)``; the view then stands for ``g * (base + scale * a @ b)``
+        (``g`` broadcast over the I-axes). ``None`` for plain LoRA.
     """
 
     root: Any
@@ -74,6 +78,8 @@ class KernelView:
     a: Any
     b: Any
     meta: ViewMeta = dataclasses.field(metadata=dict(static=True))
+    g: Any = None
+    root_m: Any = None  # DoRA: the magnitude as given, for `materialize`
 
     @property
     def path(self) -> str:
@@ -98,6 +104,15 @@ class KernelView:
 
 def make_view(path: str, kernel: Any, w: LoraWeights) -> KernelView:
     """The view of a kernel that no op has touched yet."""
+    if w.layer_axes and w.m is not None:  # DoRA on a stacked kernel: only `materialize`
+        side = (I_SIDE,) * len(w.kernel_shape)
+        why = "DoRA on a kernel stacked by a scan is not factored"
+        meta = ViewMeta(path, w.replace(a=None, b=None, m=None), (), side, why)
+        return KernelView(kernel, w.a, w.b, kernel, w.a, w.b, meta, root_m=w.m)
+    if w.layer_axes:  # stacked by a scan: sliced into per-layer views by the scan rule
+        from flax_lora._scan import make_stacked_view
+
+        return make_stacked_view(path, kernel, w)
     side = tuple(I_SIDE if d in w.in_axes else O_SIDE for d in range(len(w.kernel_shape)))
     a, b = w.a, w.b
     order = sorted(range(len(w.in_axes)), key=lambda k: w.in_axes[k])
@@ -106,16 +121,30 @@ def make_view(path: str, kernel: Any, w: LoraWeights) -> KernelView:
     order = sorted(range(len(w.out_axes)), key=lambda k: w.out_axes[k])
     if order != list(range(len(order))):
         b = jnp.transpose(b, (0, *[1 + k for k in order]))
-    static = w.replace(a=None, b=None)
-    return KernelView(kernel, w.a, w.b, kernel, a, b, ViewMeta(path, static, (), side, None))
+    g = None
+    if w.m is not None:  # DoRA: the factor per output unit, from W0's norms and low-rank terms
+        from flax_lora._dora import dora_factor
+
+        g = dora_factor(kernel, w)
+        if order != list(range(len(order))):
+            g = jnp.transpose(g, order)
+    static = w.replace(a=None, b=None, m=None)
+    return KernelView(
+        kernel, w.a, w.b, kernel, a, b, ViewMeta(path, static, (), side, None), g=g, root_m=w.m
+    )
 
 
 def materialize(v: KernelView) -> jax.Array:
     """``W0 + scale * a @ b`` in the kernel's dtype (as `lora.merge`), then the view's ops."""
-    w = v.meta.weights.replace(a=v.root_a, b=v.root_b)
+    w = v.meta.weights.replace(a=v.root_a, b=v.root_b, m=v.root_m)
     root = v.root
     compute = jnp.promote_types(root.dtype, jnp.float32)
-    out = (root.astype(compute) + delta(w, compute)).astype(root.dtype)
+    if w.m is not None:  # DoRA, as `lora.merge`
+        from flax_lora._dora import dora_kernel
+
+        out = dora_kernel(root, w, compute).astype(root.dtype)
+    else:
+        out = (root.astype(compute) + delta(w, compute)).astype(root.dtype)
     for prim, params in v.meta.ops:
         out = prim.bind(out, **params)
     return out
@@ -127,7 +156,7 @@ def apply_layout(v: KernelView, prim: Any, params: dict[str, Any], out_aval: Any
     base = prim.bind(v.base, **params)
     meta = v.meta
     ops = (*meta.ops, (prim, params))
-    new = lambda a, b, side, why=meta.why: KernelView(
+    new = lambda a, b, side, why=meta.why, g=v.g: KernelView(
         v.root,
         v.root_a,
         v.root_b,
@@ -135,7 +164,11 @@ def apply_layout(v: KernelView, prim: Any, params: dict[str, Any], out_aval: Any
         a,
         b,
         ViewMeta(meta.path, meta.weights, ops, tuple(side), why),
+        g=g,
+        root_m=v.root_m,
     )
+    if name not in VALUE_OPS and meta.why is None and L_SIDE in meta.side:
+        return new(v.a, v.b, [I_SIDE] * len(out_aval.shape), f"`{name}` of a stacked kernel")
     if name in VALUE_OPS or meta.why is not None:
         if name in VALUE_OPS:
             return new(v.a, v.b, meta.side)
@@ -146,7 +179,7 @@ def apply_layout(v: KernelView, prim: Any, params: dict[str, Any], out_aval: Any
     if name == "squeeze":
         drop = {d % len(meta.side) for d in params["dimensions"]}
         side = [s for d, s in enumerate(meta.side) if d not in drop]
-        return new(*_refactor(v, side, base.shape), side)
+        return new(*_refactor(v, side, base.shape), side, g=_refactor_g(v, side, base.shape))
     if name == "broadcast_in_dim":
         kept = tuple(params["broadcast_dimensions"])
         shape = tuple(params["shape"])
@@ -160,14 +193,14 @@ def apply_layout(v: KernelView, prim: Any, params: dict[str, Any], out_aval: Any
         side = [I_SIDE] * len(shape)
         for k, d in enumerate(kept):
             side[d] = meta.side[k]
-        return new(*_refactor(v, side, shape), side)
+        return new(*_refactor(v, side, shape), side, g=_refactor_g(v, side, shape))
     # reshape
     if params.get("dimensions") is not None:
         return new(v.a, v.b, [I_SIDE] * len(base.shape), f"`{name}` with dimensions")
     side, why = _reshape_sides(v.shape, tuple(base.shape), meta.side)
     if why is not None:
         return new(v.a, v.b, [I_SIDE] * len(base.shape), why)
-    return new(*_refactor(v, side, base.shape), side)
+    return new(*_refactor(v, side, base.shape), side, g=_refactor_g(v, side, base.shape))
 
 
 def _permute(v: KernelView, perm: tuple[int, ...], new: Any) -> KernelView:
@@ -177,7 +210,8 @@ def _permute(v: KernelView, perm: tuple[int, ...], new: Any) -> KernelView:
     pb = [old_o.index(p) for p in perm if v.meta.side[p] == O_SIDE]
     a = v.a if pa == sorted(pa) else jnp.transpose(v.a, (*pa, len(pa)))
     b = v.b if pb == sorted(pb) else jnp.transpose(v.b, (0, *[1 + k for k in pb]))
-    return new(a, b, side)
+    g = v.g if v.g is None or pb == sorted(pb) else jnp.transpose(v.g, pb)
+    return new(a, b, side, g=g)
 
 
 def _refactor(v: KernelView, side: list[str], shape: tuple[int, ...]) -> tuple[Any, Any]:
@@ -188,6 +222,25 @@ def _refactor(v: KernelView, side: list[str], shape: tuple[int, ...]) -> tuple[A
     a = v.a if tuple(v.a.shape) == a_shape else jnp.reshape(v.a, a_shape)
     b = v.b if tuple(v.b.shape) == b_shape else jnp.reshape(v.b, b_shape)
     return a, b
+
+
+def _refactor_g(v: KernelView, side: list[str], shape: tuple[int, ...]) -> Any:
+    """DoRA's factor ``g`` reshaped to the sizes of the new view's O axes, like ``b``."""
+    if v.g is None:
+        return None
+    g_shape = tuple(shape[d] for d, s in enumerate(side) if s == O_SIDE)
+    return v.g if tuple(v.g.shape) == g_shape else jnp.reshape(v.g, g_shape)
+
+
+def dora_scale(v: KernelView, out_ndim: int, o_pos: list[int], dtype: Any) -> Any:
+    """DoRA's ``g`` broadcastable against an array of ``out_ndim`` axes whose axes ``o_pos``
+    are the view's O axes, in view order; ``None`` without DoRA."""
+    if v.g is None:
+        return None
+    order = sorted(range(len(o_pos)), key=lambda k: o_pos[k])
+    g = v.g if order == list(range(len(order))) else jnp.transpose(v.g, order)
+    g = jnp.expand_dims(g, tuple(d for d in range(out_ndim) if d not in o_pos))
+    return cast_like(g, dtype)
 
 
 def reshape_groups(old: tuple[int, ...], new: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:

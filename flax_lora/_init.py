@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from flax_lora._adapters import LoraWeights
 from flax_lora._config import LoraConfig
+from flax_lora._layers import init_stacked, stacked_kernels
 from flax_lora._paths import describe, flatten, nest
 
 PyTree = Any
@@ -61,6 +62,8 @@ def init(
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"lora.init expects a LoraConfig; got {type(config).__name__}.")
+    original = params  # DoRA's magnitude needs the values of a quantized base
+    params = _shapes_of_quantized(params, config)
     leaves = flatten(params)
     uses = None
     if probe is not None:
@@ -69,12 +72,18 @@ def init(
         uses = kernel_uses(probe, params)
 
     selected = _select(leaves, config, uses)
+    stacked = stacked_kernels(selected, uses, leaves, config)  # scan-stacked layers
     keys = jax.random.split(key, max(len(selected), 1))
     adapters: list[tuple[str, LoraWeights]] = []
     new_kernels: dict[str, jax.Array] = {}
     for k, (path, (kind, in_axes)) in zip(keys, selected.items(), strict=False):
         kernel = leaves[path]
-        w, residual = _init_one(k, path, kernel, kind, in_axes, config)
+        if path in stacked:
+            w, residual = init_stacked(k, path, kernel, kind, in_axes, config, *stacked[path])
+        else:
+            w, residual = _init_one(k, path, kernel, kind, in_axes, config)
+        if config.dora:
+            w = _with_magnitude(w, residual if residual is not None else original, path)
         adapters.append((path, w))
         if residual is not None:
             new_kernels[path] = residual
@@ -87,6 +96,27 @@ def init(
         )
         return tree, new_params
     return tree
+
+
+def _shapes_of_quantized(params: PyTree, config: LoraConfig) -> PyTree:
+    """A quantized base (QLoRA) stands in as the shapes of its kernels: "lora", "gaussian" and
+    "random" need no values, and nothing is dequantized."""
+    from flax_lora._quant import is_quantized
+
+    found = [x for x in jax.tree.leaves(params, is_leaf=is_quantized) if is_quantized(x)]
+    if not found:
+        return params
+    if config.init in ("pissa", "olora", "loftq"):
+        raise TypeError(
+            f"lora.init(init={config.init!r}) needs the float base kernels, but params hold "
+            "QuantizedKernel nodes. Pass the float params (init='loftq' quantizes them itself), "
+            "or lora.dequantize(params)."
+        )
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if is_quantized(x) else x,
+        params,
+        is_leaf=is_quantized,
+    )
 
 
 def _select(
@@ -103,7 +133,10 @@ def _select(
                 candidates[path] = leaf
         elif config.targets is not None or path.rsplit("/", 1)[-1] in _FLAX_KERNEL_NAMES:
             candidates[path] = leaf
-    chosen = [p for p in candidates if config.matches(p)]
+    # a scan-stacked kernel's layers are the entries of its leading axis, not a number in its
+    # path: `flax_lora._layers.stacked_kernels` picks them
+    stacked = lambda p: uses is not None and p in uses and bool(uses[p].layer_axes)
+    chosen = [p for p in candidates if config.matches(p, layer_in_path=not stacked(p))]
     if not chosen:
         raise ValueError(
             f"LoraConfig(targets={config.targets!r}, exclude={config.exclude!r}, "
@@ -200,6 +233,30 @@ def _init_one(
     a = _place(a.reshape((*in_shape, r)), kernel, in_axes, last=True)
     b = _place(b.reshape((r, *out_shape)), kernel, out_axes, last=False)
     return LoraWeights(a=a, b=b, **meta), residual
+
+
+def _with_magnitude(w: LoraWeights, base: PyTree, path: str) -> LoraWeights:
+    """DoRA: ``m = ||W0 + scale * a @ b||`` over the input axes (PEFT), in the factors' dtype.
+
+    ``base`` is the base kernel the adapter will run on (a PiSSA/OLoRA residual, a LoftQ
+    `QuantizedKernel`), or the params tree holding it at ``path``. With the default inits
+    (``b = 0``, or ``a = 0`` for an Embed) this makes DoRA the identity at init.
+    """
+    from flax_lora._dora import weight_norm
+    from flax_lora._quant import dequantize_kernel, is_quantized
+
+    if not (is_quantized(base) or hasattr(base, "ndim")):
+        base = flatten(base, is_leaf=is_quantized)[path]
+    if is_quantized(base):
+        base = dequantize_kernel(base)
+    m = weight_norm(base, w, jnp.promote_types(base.dtype, jnp.float32)).astype(w.b.dtype)
+    sharding = getattr(base, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and not isinstance(base, jax.core.Tracer):
+        spec = tuple(sharding.spec) + (None,) * (base.ndim - len(sharding.spec))
+        axes = tuple(range(getattr(w, "layer_axes", 0))) + tuple(w.out_axes)
+        out_spec = jax.sharding.PartitionSpec(*[spec[i] for i in axes])
+        m = jax.device_put(m, jax.sharding.NamedSharding(sharding.mesh, out_spec))
+    return w.replace(m=m)
 
 
 def _random_factors(

@@ -8,17 +8,34 @@ import jax
 import jax.numpy as jnp
 
 from flax_lora._adapters import adapter_table, check_fits, delta
+from flax_lora._dora import dora_kernel
 from flax_lora._paths import describe, path_str
+from flax_lora._quant import dequantize
+from flax_lora._quant import requantize as requantize_like
 
 PyTree = Any
+_DORA_UNMERGE = (
+    "lora.unmerge: the adapter for {path!r} is a DoRA adapter (it has a magnitude m). A DoRA "
+    "merge W = m * V / ||V|| cannot be undone from W, m, a and b: W determines V only up to a "
+    "positive factor per output unit (every choice has ||W|| = m), so W0 is lost. Keep the base "
+    "params (merge is pure and does not change them) instead of unmerging."
+)
 
 
-def merge(params: PyTree, adapters: PyTree) -> PyTree:
+def merge(params: PyTree, adapters: PyTree, requantize: bool = False) -> PyTree:
     """Folds each adapter into its kernel: ``W = W0 + scale * a @ b``.
+
+    A DoRA adapter (``LoraConfig(dora=True)``, with a magnitude ``m``) gives
+    ``W = m * V / ||V||`` with ``V = W0 + scale * a @ b`` (the norm over the input axes).
 
     The sum is computed in float32 (or the kernel's dtype, if wider) and cast once to the
     kernel's dtype; every other leaf is returned untouched, and the tree keeps its type (a Linen
     variables dict, an NNX state). Pure and jit-able.
+
+    On a quantized base (`lora.quantize`, QLoRA) the quantized kernels are dequantized first and
+    the merged kernels are returned as plain arrays; ``requantize=True`` stores them quantized
+    again in their base's format (`lora.requantize`, which warns with the rounding error it
+    introduces: a small LoRA update is mostly lost to the quantization grid).
 
     Example:
       >>> merged = jax.jit(lora.merge)(params, adapters)
@@ -27,6 +44,7 @@ def merge(params: PyTree, adapters: PyTree) -> PyTree:
     Args:
       params: the base params tree.
       adapters: adapters from `lora.init` (or `lora.load`, `lora.load_peft`, `lora.combine`).
+      requantize: on a quantized base, quantize the merged kernels again (with a warning).
 
     Returns:
       A params tree of the same structure with the adapted kernels merged.
@@ -34,11 +52,15 @@ def merge(params: PyTree, adapters: PyTree) -> PyTree:
     Raises:
       ValueError: an adapter's path is not in ``params``, or its kernel shape does not fit.
     """
-    return _fold(params, adapters, +1.0)
+    merged = _fold(dequantize(params), adapters, +1.0)
+    return requantize_like(merged, params) if requantize else merged
 
 
 def unmerge(params: PyTree, adapters: PyTree) -> PyTree:
     """The inverse of `merge`: ``W0 = W - scale * a @ b``, with the same precision rule.
+
+    DoRA adapters cannot be unmerged (``W`` does not determine ``||V||``, so ``W0`` is lost):
+    they raise ``ValueError``; keep the base params instead (`merge` does not change them).
 
     Example:
       >>> base = lora.unmerge(lora.merge(params, adapters), adapters)
@@ -51,9 +73,10 @@ def unmerge(params: PyTree, adapters: PyTree) -> PyTree:
       The params tree with the adapters taken out again.
 
     Raises:
-      ValueError: an adapter's path is not in ``params``, or its kernel shape does not fit.
+      ValueError: an adapter's path is not in ``params``, or its kernel shape does not fit; an
+        adapter is a DoRA adapter.
     """
-    return _fold(params, adapters, -1.0)
+    return _fold(dequantize(params), adapters, -1.0)
 
 
 def _fold(params: PyTree, adapters: PyTree, sign: float) -> PyTree:
@@ -75,6 +98,10 @@ def _fold(params: PyTree, adapters: PyTree, sign: float) -> PyTree:
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
             raise TypeError(f"Kernel {path!r} has dtype {leaf.dtype}; expected a floating dtype.")
         compute = jnp.promote_types(leaf.dtype, jnp.float32)
+        if w.m is not None:  # DoRA: m * V / ||V||
+            if sign < 0:
+                raise ValueError(_DORA_UNMERGE.format(path=path))
+            return dora_kernel(leaf, w, compute).astype(leaf.dtype)
         out = leaf.astype(compute) + sign * delta(w, compute)
         return out.astype(leaf.dtype)
 

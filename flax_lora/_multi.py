@@ -45,6 +45,13 @@ def _tables(adapter_list: Any, fn: str) -> list[dict[str, LoraWeights]]:
     if not adapter_list:
         raise ValueError(f"lora.{fn}: adapter_list is empty; pass at least one adapter set.")
     tables = [adapter_table(ad) for ad in adapter_list]
+    dora = [f"set {i}: {p}" for i, t in enumerate(tables) for p, w in t.items() if w.m is not None]
+    if dora:  # m / ||W0 + delta|| does not combine linearly, and routing has no place for m
+        raise ValueError(
+            f"lora.{fn} does not support DoRA adapters (with a magnitude m), found at "
+            f"{describe(dora)}: a DoRA kernel m * V / ||V|| is not linear in the adapters. "
+            "Merge each DoRA adapter into its own params (lora.merge) instead."
+        )
     first = tables[0]
     if not first:
         raise ValueError(f"lora.{fn}: adapter set 0 holds no adapters.")
@@ -478,7 +485,7 @@ def stack(adapter_list: Sequence[PyTree]) -> PyTree:
 
     Example:
       >>> stacked = lora.stack([adapters_a, adapters_b, adapters_c])
-      >>> y = routed_apply(model.apply, params, stacked, jnp.array([0, 2, -1, 1]), x)
+      >>> y = lora.wrap(model.apply)(params, stacked, x, lora_ids=jnp.array([0, 2, -1, 1]))
       >>> lora.unstack(stacked, 1)  # adapters_b again (scale folded into b)
 
     Args:

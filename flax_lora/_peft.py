@@ -19,6 +19,10 @@ Layouts (``a (*I, r)`` and ``b (r, *O)`` are ours, in the Flax kernel's layout):
   ``b (r, out)``.
 - Embedding <-> Embed: ``lora_embedding_A (r, num)`` = ``a.T`` and ``lora_embedding_B (dim, r)``
   = ``b.T``.
+- DoRA (``use_dora``): ``<module>.lora_magnitude_vector`` (no ``.weight``) is our ``m``
+  (``LoraWeights.m``, shape ``O``): ``(out,)`` for a Linear / Conv1D (``O`` flattened), ``(dim,)``
+  for an Embedding, ``(1, out, 1, ...)`` for a Conv. PEFT's norms run over the same axes as ours
+  (see `flax_lora._dora`).
 """
 
 from __future__ import annotations
@@ -55,10 +59,10 @@ _SUFFIXES = {
     ".lora_B.weight": "B",
     ".lora_embedding_A": "EA",
     ".lora_embedding_B": "EB",
+    ".lora_magnitude_vector": "M",
 }
 # adapter_config.json fields that change the adapted model in ways these adapters cannot express.
 _UNSUPPORTED = {
-    "use_dora": "DoRA (weight-decomposed LoRA)",
     "lora_bias": "a bias on lora_B",
     "modules_to_save": "fully trained extra modules",
     "trainable_token_indices": "trainable token embeddings",
@@ -126,12 +130,14 @@ def save_peft(
     ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained`` loads onto the
     PyTorch twin of the Flax model.
 
-    Every factor is written as float32. ``target_modules`` lists the module names; ranks and
-    alphas that differ between modules are written resolved, as one ``rank_pattern`` /
-    ``alpha_pattern`` entry per module (longest names first, so PEFT's suffix matching picks
-    each module's own entry). Each module's alpha is the config's (``config.alpha_for``) when it
-    reproduces the adapter's scale, else derived from the scale (``scale * r``, or
-    ``scale * sqrt(r)`` with rsLoRA), so adapters from ``lora.combine`` save correctly too.
+    Every factor is written as float32; DoRA adapters (all or none of the set) also write their
+    magnitudes (``<module>.lora_magnitude_vector``) with ``use_dora: true``. ``target_modules``
+    lists the module names; ranks and alphas that differ between modules are written resolved,
+    as one ``rank_pattern`` / ``alpha_pattern`` entry per module (longest names first, so PEFT's
+    suffix matching picks each module's own entry). Each module's alpha is the config's
+    (``config.alpha_for``) when it reproduces the adapter's scale, else derived from the scale
+    (``scale * r``, or ``scale * sqrt(r)`` with rsLoRA), so adapters from ``lora.combine`` save
+    correctly too.
 
     Note: PEFT matches a listed name also as a suffix (``lin`` targets ``block.lin`` too); an
     extra module PEFT adapts that way starts with PEFT's no-op initialisation (``B = 0``), so the
@@ -188,6 +194,14 @@ def save_peft(
         )
 
     rslora = bool(config.rslora) if config is not None else False
+    dora = [p for p, w in table.items() if w.m is not None]
+    if dora and len(dora) != len(table):
+        plain = [p for p in table if p not in dora]
+        raise ValueError(
+            f"save_peft: PEFT's use_dora holds for all modules of an adapter, but only some "
+            f"adapters are DoRA adapters (with a magnitude m: {describe(dora)}; without: "
+            f"{describe(plain)}). Save them as two adapters."
+        )
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
@@ -200,6 +214,8 @@ def save_peft(
         else:
             tensors[f"{PREFIX}{name}.lora_A.weight"] = lora_a
             tensors[f"{PREFIX}{name}.lora_B.weight"] = lora_b
+        if w.m is not None:  # DoRA
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = _magnitude_to_peft(w)
         ranks[name] = w.rank
         alphas[name] = _alpha(path, w, config, rslora)
 
@@ -235,7 +251,7 @@ def save_peft(
         "fan_in_fan_out": False,
         "bias": "none",
         "lora_bias": False,
-        "use_dora": False,
+        "use_dora": bool(dora),
         "modules_to_save": None,
         "init_lora_weights": True,
         "layers_to_transform": None,
@@ -281,6 +297,14 @@ def _alpha(path: str, w: LoraWeights, config: LoraConfig | None, rslora: bool) -
     return alpha
 
 
+def _magnitude_to_peft(w: LoraWeights) -> np.ndarray:
+    """DoRA's ``m`` in PEFT's ``lora_magnitude_vector`` layout, float32."""
+    m = np.asarray(jax.device_get(w.m)).astype(np.float32).reshape(-1)
+    if w.kind == "conv":  # PEFT: (1, out, 1, ...) for Conv1d/2d/3d
+        m = m.reshape((1, m.size) + (1,) * (len(w.kernel_shape) - 2))
+    return np.ascontiguousarray(m)
+
+
 def _to_peft(path: str, w: LoraWeights) -> tuple[np.ndarray, np.ndarray]:
     """Our ``(a, b)`` as PEFT's float32 ``(lora_A, lora_B)``."""
     a = np.asarray(jax.device_get(w.a)).astype(np.float32)
@@ -321,6 +345,7 @@ def load_peft(
     Each tensor's module name is matched with the kernel paths of ``params`` through
     ``key_map``; the scale of each module is PEFT's: ``lora_alpha / r`` (``/ sqrt(r)`` with
     ``use_rslora``), with ``rank_pattern`` / ``alpha_pattern`` resolved as PEFT resolves them.
+    A DoRA adapter (``use_dora``) loads with its magnitudes as `LoraWeights.m`.
 
     How each kernel's input axes are found:
 
@@ -354,7 +379,7 @@ def load_peft(
         (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) and not converted: it fits only that changed base.
 
     Raises:
-      ValueError: the adapter uses options these adapters cannot honour (DoRA, ``lora_bias``,
+      ValueError: the adapter uses options these adapters cannot honour (``lora_bias``,
         ``bias != "none"``, ``modules_to_save``, ...); tensors match no kernel, or the key map
         names kernels not in ``params`` (both listed); a tensor does not fit its kernel (the path
         is named); the input axes of a kernel are ambiguous without ``probe``.
@@ -368,6 +393,13 @@ def load_peft(
     alpha_pattern = dict(cfg.get("alpha_pattern") or {})
     dropout = float(cfg.get("lora_dropout") or 0.0)
     modules = _read_tensors(directory)
+    use_dora = bool(cfg.get("use_dora", False))
+    wrong = [n for n, t in modules.items() if ("M" in t) != use_dora]
+    if wrong:
+        raise ValueError(
+            f"load_peft: adapter_config.json has use_dora={use_dora}, but modules "
+            f"{describe(wrong)} {'lack' if use_dora else 'have'} a lora_magnitude_vector."
+        )
 
     kernels = {p: x for p, x in flatten(params).items() if getattr(x, "ndim", 0) >= 2}
     if isinstance(key_map, Mapping):
@@ -424,6 +456,18 @@ def load_peft(
                 f"load_peft: module {name!r} (kernel {path!r}) has rank {a.shape[-1]} tensors, "
                 f"but adapter_config.json gives it r={r}."
             )
+        m = None
+        if "M" in tensors:  # DoRA: PEFT's (out,), (dim,) or conv (1, out, 1, ...) -> O
+            out_shape = tuple(kernel_shape[i] for i in range(len(kernel_shape)) if i not in in_axes)
+            m = tensors["M"]
+            if m.size != math.prod(out_shape) or m.ndim not in (1, len(kernel_shape)):
+                raise ValueError(
+                    f"load_peft: module {name!r} -> kernel {path!r}: its lora_magnitude_vector "
+                    f"has shape {tuple(m.shape)}; expected {math.prod(out_shape)} entries, one "
+                    f"per output unit {out_shape}."
+                )
+            m = m.reshape(out_shape)
+            m = m.astype(dtype) if dtype is not None else m.astype(a.dtype)
         if dtype is not None:
             a, b = a.astype(dtype), b.astype(dtype)
         entries.append(
@@ -437,6 +481,7 @@ def load_peft(
                     kernel_shape=kernel_shape,
                     kind=kind,
                     dropout=dropout,
+                    m=None if m is None else jnp.asarray(m),
                 ),
             )
         )
@@ -460,8 +505,8 @@ def _read_config(directory: Path) -> dict[str, Any]:
     if problems:
         raise ValueError(
             f"load_peft: {str(file)!r} uses PEFT options that flax_lora adapters cannot honour: "
-            f"{', '.join(problems)}. Only plain LoRA (optionally rsLoRA, rank/alpha patterns) is "
-            "supported; loading part of it would silently change the model."
+            f"{', '.join(problems)}. Only LoRA (optionally rsLoRA, rank/alpha patterns) "
+            "and DoRA are supported; loading part of it would silently change the model."
         )
     for key in ("r", "lora_alpha"):
         if key not in cfg:
@@ -502,10 +547,10 @@ def _read_tensors(directory: Path) -> dict[str, dict[str, np.ndarray]]:
     if unknown:
         raise ValueError(
             f"load_peft: {str(file)!r} holds tensors that are not plain LoRA factors: "
-            f"{describe(unknown)} (DoRA magnitudes, LoRA biases, modules_to_save or trainable "
-            "tokens cannot be honoured)."
+            f"{describe(unknown)} (LoRA biases, modules_to_save or trainable tokens cannot be "
+            "honoured)."
         )
-    incomplete = [n for n, t in modules.items() if set(t) not in ({"A", "B"}, {"EA", "EB"})]
+    incomplete = [n for n, t in modules.items() if set(t) - {"M"} not in ({"A", "B"}, {"EA", "EB"})]
     if incomplete:
         raise ValueError(
             f"load_peft: {str(file)!r} lacks a lora_A/lora_B partner for modules "

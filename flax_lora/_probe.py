@@ -57,6 +57,7 @@ _SUB_JAXPR_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 class Use:
     kind: str  # "embed" | "conv" | "dense"
     in_axes: tuple[int, ...]
+    layer_axes: tuple[int, ...] = ()  # kernel axes sliced off by enclosing scans (stacked layers)
 
 
 def inner_jaxpr(eqn: Any) -> tuple[Any, list[Any]] | None:
@@ -159,12 +160,21 @@ def _walk(jaxpr: Any, tracked: dict[Any, tuple[str, AxisMap]], uses: dict[str, l
             sub = eqn.params["jaxpr"]
             n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
             inner: dict[Any, tuple[str, AxisMap]] = {}
+            sliced: dict[str, tuple[int, ...]] = {}  # path -> the kernel axes the scan slices
             for k, (iv, t) in enumerate(zip(sub.jaxpr.invars, ins, strict=True)):
                 if t is None:
                     continue
                 path, amap = t
+                if k >= n_consts + n_carry:
+                    sliced[path] = amap[0]
                 inner[iv] = (path, amap[1:] if k >= n_consts + n_carry else amap)
-            _walk(sub.jaxpr, inner, uses)
+            inner_uses: dict[str, list[Use]] = {}
+            _walk(sub.jaxpr, inner, inner_uses)
+            for path, found in inner_uses.items():
+                for u in found:
+                    if path in sliced:
+                        u.layer_axes = tuple(sorted({*sliced[path], *u.layer_axes}))
+                uses.setdefault(path, []).extend(found)
         elif name == "cond":
             for branch in eqn.params["branches"]:
                 inner = {iv: t for iv, t in zip(branch.jaxpr.invars, ins[1:], strict=True) if t}

@@ -412,6 +412,8 @@ def dequantize(params: PyTree) -> PyTree:
       The same tree with each `QuantizedKernel` replaced by an array of its original shape and
       dtype.
     """
+    if not any(is_quantized(x) for x in jax.tree.leaves(params, is_leaf=is_quantized)):
+        return params  # nothing to do: the very same tree
     return jax.tree.map(
         lambda x: dequantize_kernel(x) if is_quantized(x) else x, params, is_leaf=is_quantized
     )

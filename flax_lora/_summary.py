@@ -118,14 +118,15 @@ def summary(params: PyTree, adapters: PyTree, show: bool = True) -> Summary:
     rows = []
     for path, w in adapter_table(adapters).items():
         (na, ba), (nb, bb) = _size(w.a), _size(w.b)
+        nm, bm = _size(w.m) if w.m is not None else (0, 0)  # DoRA's magnitude
         rows.append(
             Row(
                 path,
                 tuple(w.kernel_shape),
                 w.rank,
                 float(w.scale),
-                na + nb,
-                ba + bb,
+                na + nb + nm,
+                ba + bb + bm,
                 _size(kernels[path])[0] if path in kernels else 0,
             )
         )

@@ -33,10 +33,16 @@ def wrap(apply_fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]
     rows of ``a`` times ``b``) and ``conv_general_dilated`` (``conv(x, a)`` then ``b``; not for
     grouped convolutions). The backward pass then computes no full weight gradient, which is
     where LoRA's training speed comes from. Dtype promotion, transposes, reshapes, nested
-    ``jit`` and remat regions (re-wrapped with their checkpoint policy) are seen through. The
+    ``jit``, remat regions (re-wrapped with their checkpoint policy) and ``scan`` loops over
+    layer-stacked kernels (``nn.scan``/``nnx.scan``: run as a ``scan`` over per-layer slices of
+    ``W0``, ``a`` and ``b``) are seen through. The
     trace is cached per input structure, shapes and static arguments, as ``jax.jit`` caches
     its traces (so, as with ``jax.jit``, arrays that ``apply_fn`` closes over are captured
     once).
+
+    DoRA adapters (``LoraConfig(dora=True)``) are factored too: the layer output is scaled per
+    output unit by ``m / ||W0 + scale * a @ b||``, the norm computed from ``W0``'s column norms
+    and low-rank terms (detached from the gradient, as PEFT), never from a formed kernel.
 
     Sharp edge: the factored Dense branch has a hand-written backward pass (a
     ``jax.custom_vjp``), so forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``,
@@ -59,8 +65,9 @@ def wrap(apply_fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]
       mode: ``"auto"`` (default) factors every use it can and merges the other kernels
         (``W0 + scale * a @ b`` inside the trace), silently; ``"factored"`` never materialises
         an adapted kernel and raises ``ValueError`` naming the kernel path and the operation
-        for a use it cannot factor (``scan``, ``cond``, custom derivatives, arithmetic on the
-        kernel itself, ...); ``"merged"`` always forms ``W0 + scale * a @ b`` (as `merge`).
+        for a use it cannot factor (``cond``, a kernel carried through a ``scan`` loop, custom
+        derivatives, arithmetic on the kernel itself, ...); ``"merged"`` always forms
+        ``W0 + scale * a @ b`` (as `merge`).
 
     Returns:
       ``fn(params, adapters, *args, lora_rng=None, lora_ids=None, **kwargs)``.

@@ -301,11 +301,34 @@ def _scaled_kernel(p: dict, x: jax.Array) -> jax.Array:
 
 
 def _scanned(p: dict, x: jax.Array) -> jax.Array:
+    """A loop closing over the kernel: factored inside the scan (see tests/test_scan.py)."""
     h, _ = jax.lax.scan(lambda c, _: (jnp.tanh(c @ p["w"]), None), x @ p["first"], None, length=3)
     return h
 
 
-@pytest.mark.parametrize(("fn", "op"), [(_scaled_kernel, "mul"), (_scanned, "scan")])
+def _carried(p: dict, x: jax.Array) -> jax.Array:
+    """The kernel as a loop carry, changed by each iteration: no factored rule fits."""
+    h = jnp.tanh(x @ p["first"])
+    step = lambda c, _: ((jnp.tanh(c[0] @ c[1]), 0.9 * c[1]), None)
+    (h, _), _ = jax.lax.scan(step, (h, p["w"]), None, length=3)
+    return h
+
+
+def test_kernel_closed_over_by_a_scan_is_factored() -> None:
+    params = {"first": _x(4, 6, seed=1), "w": _x(6, 6, seed=2)}
+    adapters = _adapters(params, lora.LoraConfig(rank=2, targets="first|w"))
+    x = _x(3, 4)
+    _assert_close(
+        _both(
+            lambda ad: lora.wrap(_scanned, mode="factored")(params, ad, x),
+            lambda ad: _scanned(lora.merge(params, ad), x),
+            adapters,
+        ),
+        2e-5,
+    )
+
+
+@pytest.mark.parametrize(("fn", "op"), [(_scaled_kernel, "mul"), (_carried, "scan")])
 def test_factored_mode_raises_with_path_and_op(fn: Callable, op: str) -> None:
     params = {"first": _x(4, 6, seed=1), "w": _x(6, 6, seed=2)}
     adapters = _adapters(params, lora.LoraConfig(rank=2, targets="first|w"))

@@ -431,17 +431,24 @@ def test_merge_and_wrap_on_quantized_base(fmt: str) -> None:
     want = numpy_mlp(ref, np.asarray(x))
     y = model.apply(lora.merge(lora.dequantize(q), adapters), x)
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
-    if fmt == "int8":
-        return
-    # jitted, the base quantized outside and expanded inside (what lora.wrap will do itself)
-    fn = jax.jit(lambda qp, ad, x: lora.wrap(model.apply)(lora.dequantize(qp), ad, x))
-    np.testing.assert_allclose(np.asarray(fn(q, adapters, x)), want, rtol=1e-5, atol=1e-5)
+    # merge onto the quantized base directly: float kernels, by default
+    merged = lora.merge(q, adapters)
+    assert not quantized_paths(merged)
+    np.testing.assert_allclose(np.asarray(model.apply(merged, x)), want, rtol=1e-5, atol=1e-5)
+    # adapters made on the quantized tree (shapes only) fit the float model the same way
+    on_q = lora.init(jax.random.key(0), q, config)
+    for u, v in zip(jax.tree.leaves(on_q), jax.tree.leaves(adapters), strict=True):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    # lora.wrap takes the quantized tree and dequantizes inside the jitted call
+    for mode in ("auto", "merged"):
+        fn = jax.jit(lora.wrap(model.apply, mode=mode))
+        np.testing.assert_allclose(np.asarray(fn(q, adapters, x)), want, rtol=1e-5, atol=1e-5)
     # gradients w.r.t. the adapters, against the same model on the reference's float base
     ref_base = replace_leaves(
         variables, {f"params/{n}/kernel": jnp.asarray(v, jnp.float32) for n, v in base.items()}
     )
     loss = lambda base, ad: jnp.sum(jnp.tanh(lora.wrap(model.apply)(base, ad, x)))
-    g = jax.jit(jax.grad(lambda ad, qp: loss(lora.dequantize(qp), ad)))(adapters, q)
+    g = jax.jit(jax.grad(lambda ad, qp: loss(qp, ad)))(adapters, q)
     g_ref = jax.grad(lambda ad: loss(ref_base, ad))(adapters)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
@@ -455,6 +462,9 @@ def test_requantize_warns_with_the_error(kw: dict) -> None:
     merged = lora.merge(lora.dequantize(q), adapters)
     with pytest.warns(UserWarning, match=r"relative error .* of up to (\d|\.)+") as rec:
         rq = lora.requantize(merged, like=q)
+    with pytest.warns(UserWarning, match=r"relative error"):
+        via_merge = lora.merge(q, adapters, requantize=True)
+    assert set(quantized_paths(via_merge)) == set(quantized_paths(q))
     worst = float(re.search(r"up to ([0-9.e-]+)", str(rec[0].message)).group(1))
     found = quantized_paths(rq)
     assert set(found) == set(quantized_paths(q))
@@ -597,3 +607,10 @@ def test_bad_input() -> None:
         lora.LoraConfig(init="loftq", loftq_dtype="fp4")
     with pytest.raises(ValueError, match=r"init='loftq' needs rank <= .*'params/head/kernel'"):
         lora.init(jax.random.key(0), variables, lora.LoraConfig(rank=4, init="loftq"))
+
+
+def test_init_on_a_quantized_base_needs_no_values_but_pissa_does() -> None:
+    _, variables, _ = mlp()
+    q = lora.quantize(variables, dtype="nf4", block_size=8)
+    with pytest.raises(TypeError, match=r"init='pissa'.*QuantizedKernel"):
+        lora.init(jax.random.key(0), q, lora.LoraConfig(rank=2, init="pissa"))

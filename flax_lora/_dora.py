@@ -1,0 +1,93 @@
+"""DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"), as PEFT's ``use_dora``.
+
+An adapter with a magnitude ``m`` (`LoraWeights.m`, one entry per output unit of the kernel)
+stands for the kernel
+
+    W = m * V / ||V||,   V = W0 + scale * a @ b,
+
+where ``||V||`` is the L2 norm of ``V`` over the kernel's input axes, one value per output unit,
+and is detached from the gradient (``jax.lax.stop_gradient``; the paper's section 4.3 and PEFT).
+For a kernel stacked by a scan (``LoraWeights.layer_axes``) ``m`` has the leading layer axes too.
+The axes match PEFT's, so that files interoperate: a Linear's norm runs over ``in_features`` (a
+Flax Dense kernel's rows), a Conv's over ``(in_channels, *kernel_size)`` (all of a Flax conv
+kernel's axes but the last), an Embedding's over the vocabulary (the table's rows: PEFT's
+``lora_magnitude_vector`` of an Embedding has one entry per embedding dimension).
+
+Factored execution (`factored_norm`) computes ``||V||**2`` per output unit as
+``||W0||**2 + 2 scale colsum(W0 * (a @ b)) + scale**2 ||a @ b||**2`` from ``W0.T @ a`` (``O x r``)
+and ``a.T @ a`` (``r x r``), never forming ``a @ b``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from flax_lora._adapters import LoraWeights, delta, layer_mask
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def is_dora(w: Any) -> bool:
+    """Whether an adapter (`LoraWeights`) carries a DoRA magnitude."""
+    return getattr(w, "m", None) is not None
+
+
+def weight_norm(kernel: jax.Array, w: LoraWeights, dtype: Any = jnp.float32) -> jax.Array:
+    """``||W0 + scale * a @ b||`` over the input axes, shape ``w.out_shape``, in ``dtype``.
+
+    Not detached: `lora.init` uses it for ``m``; `dora_kernel` detaches it.
+    """
+    v = kernel.astype(dtype) + delta(w, dtype)
+    return jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(sorted(w.in_axes))))
+
+
+def dora_kernel(kernel: jax.Array, w: LoraWeights, dtype: Any = jnp.float32) -> jax.Array:
+    """The DoRA kernel ``m * V / stop_gradient(||V||)`` in the kernel's layout, in ``dtype``."""
+    v = kernel.astype(dtype) + delta(w, dtype)
+    norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(sorted(w.in_axes)), keepdims=True))
+    m = jnp.expand_dims(w.m.astype(dtype), tuple(sorted(w.in_axes)))
+    factor = m / jax.lax.stop_gradient(norm)
+    mask = layer_mask(w)
+    if mask is not None:  # a stacked kernel adapted on some layers only: the others stay W0
+        keep = jnp.asarray(mask > 0).reshape(mask.shape + (1,) * (factor.ndim - 1))
+        factor = jnp.where(keep, factor, jnp.ones((), dtype))
+    return v * factor
+
+
+def factored_norm(kernel: jax.Array, w: LoraWeights) -> jax.Array:
+    """``||W0 + scale * a @ b||`` over the input axes without forming ``a @ b`` (float32).
+
+    Shape ``w.out_shape``; detached from the gradient. Three contractions on the kernel's own
+    layout (no transposed copy of ``W0`` and, for a float32 kernel, no kernel-sized array):
+    ``||W0||**2`` per output unit, ``W0.T @ a`` (``O x r``) and ``a.T @ a`` (``r x r``).
+    """
+    acc = jnp.promote_types(kernel.dtype, jnp.float32)
+    ins = tuple(w.in_axes)
+    outs = tuple(w.out_axes)
+    k = len(ins)
+    a = jax.lax.stop_gradient(w.a)
+    b = jax.lax.stop_gradient(w.b).astype(acc)
+    w0 = kernel.astype(acc)  # a no-op for float32 kernels; the result is detached below
+    dot = lambda x, y, dn: jax.lax.dot_general(
+        x, y, dn, precision=_HI, preferred_element_type=acc
+    ).astype(acc)
+    w0_sq = dot(w0, w0, ((ins, ins), (outs, outs)))  # (*O,)
+    a_f = a.astype(acc)
+    w0t_a = dot(w0, a_f, ((ins, tuple(range(k))), ((), ())))  # (*O, r)
+    cross = jnp.sum(jnp.moveaxis(w0t_a, -1, 0) * b, axis=0)  # colsum(W0 * (a @ b)), (*O,)
+    gram = dot(a_f, a_f, ((tuple(range(k)), tuple(range(k))), ((), ())))  # (r, r)
+    gb = jnp.tensordot(gram, b, axes=(1, 0), precision=_HI)  # (r, *O)
+    ab_sq = jnp.sum(gb * b, axis=0)  # ||a @ b||**2 per output unit
+    s = jnp.asarray(w.scale, acc)
+    sq = w0_sq + 2.0 * s * cross + s * s * ab_sq
+    return jax.lax.stop_gradient(jnp.sqrt(jnp.maximum(sq, 0.0)))
+
+
+def dora_factor(kernel: jax.Array, w: LoraWeights) -> jax.Array:
+    """``m / stop_gradient(||V||)`` per output unit (shape ``w.out_shape``), factored."""
+    norm = factored_norm(kernel, w)
+    m = w.m.astype(jnp.promote_types(w.m.dtype, jnp.float32))
+    return m / norm.astype(m.dtype)

@@ -1,0 +1,158 @@
+"""Factored execution through ``scan``: stacked layers (``nn.scan`` / ``nnx.scan``).
+
+A model whose layers are stacked by ``nn.scan`` passes each stacked kernel ``(L, *rest)`` to a
+``scan`` primitive as a per-iteration operand: the body sees one layer's slice. The scan rule
+runs a real `jax.lax.scan` whose body evaluates the scan's body jaxpr with the same interpreter,
+feeding it, for each stacked kernel view, the per-layer slices of ``W0`` and of the factors
+``a`` ``(L, *I, r)`` and ``b`` ``(L, r, *O)`` as a per-layer `KernelView`. So the layer's
+kernel uses are factored as anywhere else and no per-layer merged kernel is formed. Kernel
+views among the scan's constants (an unstacked kernel used by every iteration) are closed over
+by the body unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from flax_lora._adapters import LoraWeights, layer_mask
+from flax_lora._factored_view import (
+    I_SIDE,
+    L_SIDE,
+    O_SIDE,
+    VALUE_OPS,
+    KernelView,
+    ViewMeta,
+)
+
+# ops that commute with slicing a layer off (they act on values only, with no shape in their
+# parameters); a sharding op on the stack is dropped for the per-layer view's `materialize`
+_ELEMENTWISE = {"convert_element_type", "copy", "copy_p", "reduce_precision"}
+
+
+def is_stacked(v: KernelView) -> bool:
+    return L_SIDE in v.meta.side
+
+
+def make_stacked_view(path: str, kernel: Any, w: LoraWeights) -> KernelView:
+    """The view of a stacked kernel: sides ``L...`` then ``I``/``O``; factors
+    ``a`` ``(*L, *I, r)``, ``b`` ``(*L, r, *O)`` (the per-layer mask applied to ``a``)."""
+    if w.m is not None:
+        raise ValueError(
+            f"Adapter for {path!r}: DoRA (a magnitude m) on a kernel stacked by a scan is not "
+            "supported yet."
+        )
+    n = w.layer_axes
+    side = tuple(
+        L_SIDE if d < n else I_SIDE if d in w.in_axes else O_SIDE
+        for d in range(len(w.kernel_shape))
+    )
+    a, b = w.a, w.b
+    mask = layer_mask(w)
+    if mask is not None:  # layers not picked: zero update, zero gradient
+        a = a * jnp.asarray(mask, a.dtype).reshape(mask.shape + (1,) * (a.ndim - 1))
+    root_a = a
+    lead = tuple(range(n))
+    order = sorted(range(len(w.in_axes)), key=lambda k: w.in_axes[k])
+    if order != list(range(len(order))):  # factor axes follow the kernel's axis order
+        a = jnp.transpose(a, (*lead, *[n + k for k in order], a.ndim - 1))
+    order = sorted(range(len(w.out_axes)), key=lambda k: w.out_axes[k])
+    if order != list(range(len(order))):
+        b = jnp.transpose(b, (*lead, n, *[n + 1 + k for k in order]))
+    static = w.replace(a=None, b=None, m=None)
+    return KernelView(kernel, root_a, w.b, kernel, a, b, ViewMeta(path, static, (), side, None))
+
+
+def _sliceable(v: KernelView) -> str | None:
+    """Why the scan cannot slice the view into per-layer views, or ``None`` if it can."""
+    if v.meta.why is not None:
+        return v.meta.why
+    if not v.meta.side or v.meta.side[0] != L_SIDE:
+        return "the scan slices an axis of the kernel that is not its layer axis"
+    if getattr(v, "g", None) is not None:
+        return "DoRA on a stacked kernel is not supported"
+    if any(prim.name not in VALUE_OPS for prim, _ in v.meta.ops):
+        return "the stacked kernel is reshaped before the scan"
+    return None
+
+
+def _layer_meta(meta: ViewMeta) -> ViewMeta:
+    """The static part of one layer's view of a stacked view."""
+    w = meta.weights
+    weights = w.replace(
+        in_axes=tuple(d - 1 for d in w.in_axes),
+        kernel_shape=tuple(w.kernel_shape[1:]),
+        layer_axes=w.layer_axes - 1,
+        layers=None,  # the mask is already in root_a and a
+    )
+    ops = tuple((p, k) for p, k in meta.ops if p.name in _ELEMENTWISE)
+    return ViewMeta(meta.path, weights, ops, meta.side[1:], None)
+
+
+def scan_rule(interp: Any, eqn: Any, invals: list[Any]) -> list[Any] | str:
+    """``scan`` with kernel views among its operands, evaluated by ``interp`` inside a real
+    `jax.lax.scan`; a reason string when it does not fit (a view as loop carry, ...)."""
+    p = eqn.params
+    n_consts, n_carry = p["num_consts"], p["num_carry"]
+    consts = invals[:n_consts]
+    carry = invals[n_consts : n_consts + n_carry]
+    xs = invals[n_consts + n_carry :]
+    if any(isinstance(c, KernelView) for c in carry):
+        return "the kernel is a loop carry of the scan"
+    for x in xs:
+        if isinstance(x, KernelView):
+            why = _sliceable(x)
+            if why is not None:
+                return why
+    closed = p["jaxpr"]
+    slots = [_layer_meta(x.meta) if isinstance(x, KernelView) else None for x in xs]
+    xs_in: list[Any] = [
+        (x.root, x.root_a, x.root_b, x.base, x.a, x.b) if isinstance(x, KernelView) else x
+        for x in xs
+    ]
+    with_key = interp.key is not None
+    if with_key:  # a different dropout mask in every layer
+        xs_in.append(jnp.arange(p["length"], dtype=jnp.uint32))
+    passthrough: dict[int, int] = {}  # ys output -> xs operand: a kernel view returned as is
+
+    def body(c: list[Any], sl: list[Any]) -> tuple[list[Any], list[Any]]:
+        layer = [KernelView(*s, m) if m is not None else s for s, m in zip(sl, slots, strict=False)]
+        outer = interp.key
+        if with_key:
+            interp.key = jax.random.fold_in(outer, sl[-1])
+        try:
+            outs = interp.eval(closed.jaxpr, closed.consts, [*consts, *c, *layer])
+        finally:
+            interp.key = outer
+        new_c = [_plain(interp, o) for o in outs[:n_carry]]
+        new_c = [
+            o.astype(i.dtype) if o.dtype != i.dtype else o for o, i in zip(new_c, c, strict=True)
+        ]
+        ys = []
+        for j, o in enumerate(outs[n_carry:]):
+            k = next((k for k, v in enumerate(layer) if o is v), None)
+            if isinstance(o, KernelView) and k is not None:
+                passthrough[j] = k
+                ys.append(jnp.zeros((), jnp.float32))
+            else:
+                ys.append(_plain(interp, o))
+        return new_c, ys
+
+    carry_out, ys = jax.lax.scan(
+        body,
+        list(carry),
+        xs_in,
+        length=p["length"],
+        reverse=p["reverse"],
+        unroll=p["unroll"],
+    )
+    ys = [xs[passthrough[j]] if j in passthrough else y for j, y in enumerate(ys)]
+    return [*carry_out, *ys]
+
+
+def _plain(interp: Any, o: Any) -> Any:
+    if isinstance(o, KernelView):
+        return interp.fallback(o, "scan", "the kernel leaves the scan body")
+    return o
