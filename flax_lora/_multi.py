@@ -52,6 +52,13 @@ def _tables(adapter_list: Any, fn: str) -> list[dict[str, LoraWeights]]:
             f"{describe(dora)}: a DoRA kernel m * V / ||V|| is not linear in the adapters. "
             "Merge each DoRA adapter into its own params (lora.merge) instead."
         )
+    stacked = [f"set {i}: {p}" for i, t in enumerate(tables) for p, w in t.items() if w.layer_axes]
+    if stacked:
+        raise ValueError(
+            f"lora.{fn} does not support adapters of scan-stacked kernels (with a leading layer "
+            f"axis) yet, found at {describe(stacked)}. Merge each adapter set into its own "
+            "params (lora.merge) instead."
+        )
     first = tables[0]
     if not first:
         raise ValueError(f"lora.{fn}: adapter set 0 holds no adapters.")

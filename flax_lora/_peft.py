@@ -170,6 +170,13 @@ def save_peft(
     table = adapter_table(adapters)
     if not table:
         raise ValueError("lora.save_peft: the adapter tree is empty.")
+    stacked = [p for p, w in table.items() if w.layer_axes]
+    if stacked:
+        raise ValueError(
+            f"lora.save_peft: {describe(stacked)} adapt scan-stacked kernels (a leading layer "
+            "axis), which PEFT stores as one module per layer; exporting them is not supported "
+            "yet. Adapters of unstacked models export as usual."
+        )
     if config is not None and not isinstance(config, LoraConfig):
         raise TypeError(f"save_peft: config must be a LoraConfig; got {type(config).__name__}.")
     fn = _key_fn(key_map)
