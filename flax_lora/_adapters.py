@@ -152,6 +152,20 @@ def delta(w: LoraWeights, dtype: Any = jnp.float32) -> jax.Array:
     """``scale * a @ b`` in the kernel's layout, computed in ``dtype`` (float32 by default).
 
     The product runs at the highest matmul precision, so TPUs do not round it through bfloat16.
+    For a scan-stacked kernel it is one product per layer (layers not picked by
+    ``LoraConfig(layers=...)`` give zeros). A DoRA adapter's magnitude is not applied here:
+    `lora.merge` forms the DoRA kernel.
+
+    Example:
+      >>> w = adapters["params"]["Dense_0"]["kernel"]
+      >>> d = lora.delta(w)  # same shape as params["params"]["Dense_0"]["kernel"]
+
+    Args:
+      w: the `LoraWeights` of one kernel.
+      dtype: the dtype to compute and return in.
+
+    Returns:
+      An array of the kernel's shape: the update ``merge`` adds for a plain LoRA adapter.
     """
     r = w.a.shape[-1]
     n_in = math.prod(w.in_shape)

@@ -29,7 +29,19 @@ class Row:
 
 @dataclasses.dataclass(frozen=True)
 class Summary:
-    """Counts of trainable (adapter) and total (base + adapter) parameters and bytes."""
+    """Counts of trainable (adapter) and total (base + adapter) parameters and bytes.
+
+    Returned by `lora.summary`; ``str(summary)`` is the printed table, one row per adapted
+    kernel, and the fields below hold the numbers.
+
+    Attributes:
+      rows: one row per adapted kernel (path, kernel shape, rank, scale, adapter parameters
+        and bytes, kernel parameters).
+      trainable_params: parameters in the adapters.
+      trainable_bytes: their bytes.
+      base_params: parameters of the base params tree.
+      base_bytes: its bytes.
+    """
 
     rows: tuple[Row, ...]
     trainable_params: int
