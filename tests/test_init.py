@@ -125,8 +125,10 @@ def test_noop_inits_leave_outputs_unchanged(init: str, layer_name: str) -> None:
     m = build(layer_name)
     config = lora.LoraConfig(rank=3, alpha=6.0, init=init)
     adapters = lora.init(jax.random.key(3), m.params, config, probe=m.probe)
-    base = np.asarray(m.apply(m.params, m.x))
-    np.testing.assert_array_equal(_out(m.apply, m.params, adapters, m.x), base)
+    base = np.asarray(jax.jit(m.apply)(m.params, m.x))
+    # equal up to XLA's choice of fusions (older jax fuses the two jitted graphs differently);
+    # a nonzero update would move the outputs by orders of magnitude more
+    np.testing.assert_allclose(_out(m.apply, m.params, adapters, m.x), base, rtol=1e-6, atol=1e-6)
     for path, w in adapter_entries(adapters).items():
         _, kind = m.kernels[path]
         a, b = np.asarray(w.a), np.asarray(w.b)

@@ -98,7 +98,9 @@ def test_grad_wrt_adapters_equals_reference(layer_name, mode) -> None:
     loss = lambda ad: jnp.sum(fn(m.params, ad, m.x).astype(jnp.float32) * cotangent)
     grads = adapter_entries(jax.jit(jax.grad(loss))(adapters))
     ref_loss, factors = _ref_loss(m, adapters, cotangent)
-    ref = jax.jit(jax.grad(ref_loss))(factors)
+    # not jitted: jax 0.7.1's XLA miscompiles the jitted gradient of this reference on Conv
+    # kernels (a finite-difference check agrees with the eager one and with lora.wrap)
+    ref = jax.grad(ref_loss)(factors)
     for path, (ga, gb) in ref.items():
         g = grads[path]
         assert g.a.shape == ga.shape and g.b.shape == gb.shape
