@@ -21,7 +21,6 @@ import argparse
 import os
 import statistics
 import sys
-from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,8 +30,8 @@ import jax.numpy as jnp
 import optax
 
 import flax_lora as lora
-from benchmarks.decoder import TARGETS, Decoder, loss_fn, make_batch
-from benchmarks.train_step import peak_bytes, timed
+from benchmarks.decoder import TARGETS, Decoder, make_batch
+from benchmarks.train_step import lora_step, peak_bytes, timed
 
 
 def build(model: Decoder, batch: dict, rank: int = 8, alpha: float = 16.0) -> dict[str, Any]:
@@ -46,26 +45,13 @@ def build(model: Decoder, batch: dict, rank: int = 8, alpha: float = 16.0) -> di
         config = lora.LoraConfig(rank=rank, alpha=alpha, targets=TARGETS, dora=dora)
         return lora.init(jax.random.key(2), params, config, probe=probe)
 
-    def lora_step(mode: str) -> Callable:
-        fn = lora.wrap(model.apply, mode=mode)
-
-        def step(state: tuple, params: Any, batch: dict) -> tuple:
-            ad, opt = state
-            loss, g = jax.value_and_grad(
-                lambda a: loss_fn(lambda p, t: fn(p, a, t), params, batch)
-            )(ad)
-            upd, opt = tx.update(g, opt, ad)
-            return optax.apply_updates(ad, upd), opt, loss
-
-        return step
-
     jit = lambda f: jax.jit(f, donate_argnums=0)
     copy = lambda tree: jax.tree.map(jnp.copy, tree)
     plain, dora = make(False), make(True)
     steps = {
-        "LoRA auto step": (jit(lora_step("auto")), (copy(plain), tx.init(plain))),
-        "DoRA auto step": (jit(lora_step("auto")), (copy(dora), tx.init(dora))),
-        "DoRA merged step": (jit(lora_step("merged")), (copy(dora), tx.init(dora))),
+        "LoRA auto step": (jit(lora_step(model, tx, "auto")), (copy(plain), tx.init(plain))),
+        "DoRA auto step": (jit(lora_step(model, tx, "auto")), (copy(dora), tx.init(dora))),
+        "DoRA merged step": (jit(lora_step(model, tx, "merged")), (copy(dora), tx.init(dora))),
     }
     return dict(params=params, steps=steps)
 

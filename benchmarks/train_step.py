@@ -39,6 +39,20 @@ import flax_lora as lora
 from benchmarks.decoder import TARGETS, Decoder, loss_fn, make_batch
 
 
+def lora_step(model: Any, tx: optax.GradientTransformation, mode: str) -> Callable:
+    """A LoRA training step ``(adapters, opt_state), params, batch -> (adapters, opt_state, loss)``
+    with the gradient w.r.t. the adapters only, for ``lora.wrap(model.apply, mode=mode)``."""
+    fn = lora.wrap(model.apply, mode=mode)
+
+    def step(state: tuple, params: Any, batch: dict) -> tuple:
+        ad, opt = state
+        loss, g = jax.value_and_grad(lambda a: loss_fn(lambda p, t: fn(p, a, t), params, batch))(ad)
+        upd, opt = tx.update(g, opt, ad)
+        return optax.apply_updates(ad, upd), opt, loss
+
+    return step
+
+
 def build(model: Decoder, batch: dict, rank: int = 8, alpha: float = 16.0) -> dict[str, Any]:
     """Params, adapters and the jitted steps / forwards (each maps state -> state)."""
     tokens = batch["tokens"]
@@ -52,19 +66,6 @@ def build(model: Decoder, batch: dict, rank: int = 8, alpha: float = 16.0) -> di
         loss, g = jax.value_and_grad(lambda q: loss_fn(model.apply, q, batch))(p)
         upd, opt = tx.update(g, opt, p)
         return optax.apply_updates(p, upd), opt, loss
-
-    def lora_step(mode: str) -> Callable:
-        fn = lora.wrap(model.apply, mode=mode)
-
-        def step(state: tuple, params: Any, batch: dict) -> tuple:
-            ad, opt = state
-            loss, g = jax.value_and_grad(
-                lambda a: loss_fn(lambda p, t: fn(p, a, t), params, batch)
-            )(ad)
-            upd, opt = tx.update(g, opt, ad)
-            return optax.apply_updates(ad, upd), opt, loss
-
-        return step
 
     offset = jnp.zeros((*tokens.shape, model.d_model), jnp.float32)
 
@@ -82,8 +83,16 @@ def build(model: Decoder, batch: dict, rank: int = 8, alpha: float = 16.0) -> di
     own = copy(params)
     steps = {  # name -> (step(state, frozen, batch), state, frozen)
         "full fine-tuning step": (jit(full_step), (own, tx.init(own)), None),
-        "LoRA merged step": (jit(lora_step("merged")), (copy(adapters), tx.init(adapters)), params),
-        "LoRA auto step": (jit(lora_step("auto")), (copy(adapters), tx.init(adapters)), params),
+        "LoRA merged step": (
+            jit(lora_step(model, tx, "merged")),
+            (copy(adapters), tx.init(adapters)),
+            params,
+        ),
+        "LoRA auto step": (
+            jit(lora_step(model, tx, "auto")),
+            (copy(adapters), tx.init(adapters)),
+            params,
+        ),
         "backprop to activations only": (jit(floor_step), (offset,), params),
     }
     forwards = {  # name -> forward(params, adapters, tokens)

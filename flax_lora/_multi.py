@@ -4,7 +4,7 @@
 ``svd``, ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` and the ``*_svd``
 variants), defined below as formulas over the deltas ``Δᵢ = sᵢ · aᵢ @ bᵢ``; `stack` puts N adapters
 of any ranks and scales into one tree of `StackedLoraWeights` that a routed forward gathers from
-per example (``a[ids]``, ``b[ids]``); `routed_apply` is the reference routed forward for any model.
+per example (``a[ids]``, ``b[ids]``): ``lora.wrap(f)(params, stacked, x, lora_ids=ids)``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_lora._adapters import LoraWeights, adapter_table
-from flax_lora._merge import merge
 from flax_lora._paths import describe, flatten, nest
 
 PyTree = Any
@@ -653,66 +652,3 @@ def select(stacked: PyTree, index: jax.Array) -> PyTree:
             )
         )
     return nest(out)
-
-
-def routed_apply(
-    apply_fn: Callable[..., Any],
-    params: PyTree,
-    stacked: PyTree,
-    ids: Any,
-    *args: Any,
-    **kwargs: Any,
-) -> Any:
-    """Runs example ``j`` of the batch through adapter ``ids[j]`` (``-1``: the base model).
-
-    The reference routed forward, correct for any model: ``jax.vmap`` over the batch runs
-    ``apply_fn(lora.merge(params, adapter ids[j]), example j)`` per example, so it forms one
-    merged copy of every adapted kernel per example (memory ``B x`` the adapted kernels). It is
-    the fallback for uses that factored routing cannot handle. Jit it for one compilation for any
-    ``ids`` of a given batch size.
-
-    Every leaf of every positional argument in ``args`` is split along axis 0 (the batch axis,
-    which must have length ``len(ids)``); each example is run with a batch of one, and every
-    output leaf must have the batch on axis 0. Keyword arguments are passed unchanged to every
-    example (not split).
-
-    Example:
-      >>> stacked = lora.stack([adapters_a, adapters_b])
-      >>> fn = jax.jit(functools.partial(routed_apply, model.apply))
-      >>> y = fn(params, stacked, jnp.array([0, 1, -1, 0]), x)  # x: (4, ...)
-
-    Args:
-      apply_fn: any function whose first argument is the params pytree.
-      params: the base params.
-      stacked: a tree from `lora.stack`.
-      ids: integer ids of shape ``(B,)``, each in ``[-1, N)``; concrete ids are checked, traced
-        ones out of range run the base model.
-      *args: the batched inputs.
-      **kwargs: passed to ``apply_fn`` as they are.
-
-    Returns:
-      The outputs of ``apply_fn``, batched on axis 0.
-
-    Raises:
-      ValueError: a concrete id is out of range, or ``ids`` does not match the batch.
-    """
-    table = stacked_table(stacked)
-    n = next(iter(table.values())).num_adapters
-    leaves = jax.tree.leaves(args)
-    if not leaves:
-        raise ValueError("routed_apply needs at least one batched positional input.")
-    batch = {int(np.shape(x)[0]) if np.ndim(x) else None for x in leaves}
-    if len(batch) != 1 or None in batch:
-        raise ValueError(
-            "routed_apply splits every positional input along axis 0; their leading sizes "
-            f"differ or are missing: {sorted(str(b) for b in batch)}."
-        )
-    ids = check_ids(ids, n, batch.pop())
-
-    def one(index: jax.Array, example: tuple[Any, ...]) -> Any:
-        merged = merge(params, select(stacked, index))
-        single = jax.tree.map(lambda x: x[None], example)
-        out = apply_fn(merged, *single, **kwargs)
-        return jax.tree.map(lambda y: y[0], out)
-
-    return jax.vmap(one)(ids, args)

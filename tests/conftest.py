@@ -356,3 +356,17 @@ def mlp(in_features: int = 4, seed: int = 0) -> tuple[MLP, Any, jax.Array]:
     model = MLP()
     x = _floats((5, in_features), seed=seed + 10)
     return model, fill(jax.eval_shape(lambda: model.init(_key(seed), x)), seed), x
+
+
+def fill_abstract(tree: Any, seed: int, std: float) -> Any:
+    """Replaces the floating leaves of an abstract tree by seeded normal values."""
+    rng = np.random.default_rng(seed)
+
+    def fill(s: Any) -> Any:
+        if jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key):
+            return jax.random.key(0)
+        if jnp.issubdtype(s.dtype, jnp.floating):
+            return (std * rng.normal(size=s.shape)).astype(s.dtype)
+        return np.zeros(s.shape, s.dtype)
+
+    return jax.tree.map(fill, tree)

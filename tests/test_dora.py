@@ -508,11 +508,10 @@ def test_twins_agree_and_init_magnitudes_match_peft() -> None:
         np.testing.assert_allclose(np.asarray(m).reshape(-1), _t2n(theirs).reshape(-1), rtol=1e-5)
 
 
-def test_peft_written_dora_adapter_loads(tmp_path: Path) -> None:
-    tm = TorchNet()
-    params = _net_params(tm)
+def _perturbed_peft_model(tm: Any, seed: int) -> Any:
+    """A PEFT DoRA model on ``tm`` with random nonzero A, B and magnitudes, in eval mode."""
     pm = _peft_model(tm)
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in pm.named_parameters():
             if "lora_magnitude_vector" in name:
@@ -520,6 +519,13 @@ def test_peft_written_dora_adapter_loads(tmp_path: Path) -> None:
             elif "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     pm.eval()
+    return pm
+
+
+def test_peft_written_dora_adapter_loads(tmp_path: Path) -> None:
+    tm = TorchNet()
+    params = _net_params(tm)
+    pm = _perturbed_peft_model(tm, seed=1)
     expected = _torch_out(pm)
     pm.save_pretrained(str(tmp_path))
 
@@ -537,15 +543,7 @@ def test_gradients_match_peft_autograd(tmp_path: Path) -> None:
     """PEFT's own backward pass (its norm detached as ours) gives our gradients for a, b and m."""
     tm = TorchNet()
     params = _net_params(tm)
-    pm = _peft_model(tm)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_magnitude_vector" in name:
-                p.mul_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-            elif "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    pm.eval()
+    pm = _perturbed_peft_model(tm, seed=2)
     pm.save_pretrained(str(tmp_path))
     out = pm(torch.as_tensor(IDS))
     c = _rng(80).normal(size=tuple(out.shape)).astype(np.float32)

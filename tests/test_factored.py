@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import fill_abstract
 from flax import nnx
 from jax.extend import core as jex_core
 
@@ -34,17 +35,7 @@ def _tokens(*shape: int, vocab: int) -> np.ndarray:
 
 
 def _fill(tree: Any, seed: int, std: float = 0.5) -> Any:
-    """Replaces the floating leaves of an abstract tree by seeded normal values."""
-    rng = np.random.default_rng(seed)
-
-    def fill(s: Any) -> Any:
-        if jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key):
-            return jax.random.key(0)
-        if jnp.issubdtype(s.dtype, jnp.floating):
-            return (std * rng.normal(size=s.shape)).astype(s.dtype)
-        return np.zeros(s.shape, s.dtype)
-
-    return jax.tree.map(fill, tree)
+    return fill_abstract(tree, seed, std)
 
 
 class EmbedAttend(nn.Module):

@@ -17,7 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import adapter_entries, leaves_by_path, ref_delta64, replace_leaves
+from conftest import (
+    adapter_entries,
+    fill_abstract,
+    leaves_by_path,
+    ref_delta64,
+    replace_leaves,
+)
 from flax import nnx
 from jax.extend import core as jex_core
 
@@ -80,16 +86,7 @@ class NnxStack(nnx.Module):
 
 
 def _fill(tree: Any, seed: int, std: float = 0.4) -> Any:
-    rng = np.random.default_rng(seed)
-
-    def fill(s: Any) -> Any:
-        if jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key):
-            return jax.random.key(0)
-        if jnp.issubdtype(s.dtype, jnp.floating):
-            return (std * rng.normal(size=s.shape)).astype(s.dtype)
-        return np.zeros(s.shape, s.dtype)
-
-    return jax.tree.map(fill, tree)
+    return fill_abstract(tree, seed, std)
 
 
 X = np.random.default_rng(0).normal(size=(5, 7, D)).astype(np.float32)

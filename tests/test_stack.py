@@ -14,7 +14,7 @@ from flax import nnx
 
 import flax_lora as lora
 from flax_lora import LoraWeights, StackedLoraWeights
-from flax_lora._multi import gather, routed_apply
+from flax_lora._multi import gather
 
 VOCAB, T, B = 11, 5, 6
 IDS = [0, 1, -1, 2, 1, 0]
@@ -145,6 +145,11 @@ def test_gather_gives_each_examples_delta(setup):
             dj = d[j].reshape(w.in_shape + w.out_shape).transpose(inverse)
             ref = np.zeros(w.kernel_shape) if k < 0 else want[k][path]
             np.testing.assert_allclose(dj, ref, rtol=1e-5, atol=1e-6, err_msg=f"{path} ex {j}")
+
+
+def routed_apply(apply_fn, params, stacked, ids, x):
+    """The routed forward in mode "merged": each example with its own adapter merged in."""
+    return lora.wrap(apply_fn, mode="merged")(params, stacked, x, lora_ids=ids)
 
 
 # ------------------------------------------------------------------------------------------
