@@ -16,20 +16,26 @@ INITS = ("lora", "gaussian", "random", "pissa", "olora", "loftq")
 Patterns = str | Sequence[str] | None
 
 
-def _as_patterns(value: Patterns, name: str) -> tuple[str, ...] | None:
+def regex_tuple(value: Patterns, owner: str) -> tuple[str, ...] | None:
+    """``value`` (one regex or several) as a tuple of valid regexes; ``None`` stays ``None``.
+
+    Raises a TypeError / ValueError that starts with ``owner`` (e.g. ``"LoraConfig.targets"``).
+    """
     if value is None:
         return None
-    if isinstance(value, str):
-        value = (value,)
-    out = tuple(value)
+    out = (value,) if isinstance(value, str) else tuple(value)
     for p in out:
         if not isinstance(p, str):
-            raise TypeError(f"LoraConfig.{name} takes regex strings; got {p!r}.")
+            raise TypeError(f"{owner} takes regex strings; got {p!r}.")
         try:
             re.compile(p)
         except re.error as e:
-            raise ValueError(f"LoraConfig.{name}: {p!r} is not a valid regex ({e}).") from e
+            raise ValueError(f"{owner}: {p!r} is not a valid regex ({e}).") from e
     return out
+
+
+def _as_patterns(value: Patterns, name: str) -> tuple[str, ...] | None:
+    return regex_tuple(value, f"LoraConfig.{name}")
 
 
 @dataclasses.dataclass(frozen=True)

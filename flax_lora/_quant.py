@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_lora._config import regex_tuple
 from flax_lora._paths import describe, flatten, path_str
 
 PyTree = Any
@@ -290,20 +291,6 @@ def dequantize_kernel(q: QuantizedKernel) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 # trees
 # ---------------------------------------------------------------------------------------------
-def _patterns(targets: str | Sequence[str] | None) -> tuple[str, ...] | None:
-    if targets is None:
-        return None
-    out = (targets,) if isinstance(targets, str) else tuple(targets)
-    for p in out:
-        if not isinstance(p, str):
-            raise TypeError(f"lora.quantize: targets takes regex strings; got {p!r}.")
-        try:
-            re.compile(p)
-        except re.error as e:
-            raise ValueError(f"lora.quantize: targets {p!r} is not a valid regex ({e}).") from e
-    return out
-
-
 def _select(leaves: dict[str, Any], patterns: tuple[str, ...] | None) -> list[str]:
     """The paths to quantize: the rule of `lora.init` without a probe."""
     candidates = [
@@ -383,7 +370,7 @@ def quantize(
     """
     _check_format(dtype, block_size, double_quant)
     leaves = flatten(params, is_leaf=is_quantized)
-    chosen = set(_select(leaves, _patterns(targets)))
+    chosen = set(_select(leaves, regex_tuple(targets, "lora.quantize: targets")))
 
     def f(kp: Any, x: Any) -> Any:
         if is_quantized(x) or path_str(kp) not in chosen:
