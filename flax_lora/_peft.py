@@ -23,11 +23,22 @@ Layouts (``a (*I, r)`` and ``b (r, *O)`` are ours, in the Flax kernel's layout):
   (``LoraWeights.m``, shape ``O``): ``(out,)`` for a Linear / Conv1D (``O`` flattened), ``(dim,)``
   for an Embedding, ``(1, out, 1, ...)`` for a Conv. PEFT's norms run over the same axes as ours
   (see `flax_lora._dora`).
+
+Scan-stacked kernels (``nn.scan`` / ``nnx.scan``, `LoraWeights.layer_axes` ``== 1``): a kernel
+``(L, *rest)`` with factors ``a (L, *I, r)``, ``b (L, r, *O)`` is ``L`` PyTorch modules, one per
+layer (``model.layers.0.q_proj``, ``model.layers.1.q_proj``, ...). The key map names such a
+kernel with the placeholder ``{layer}`` (``"layers.{layer}.attn.query"``); layer ``i``'s module
+is that name with ``{layer}`` replaced by ``i`` (plain replacement, not ``str.format``). Each
+layer's module holds exactly what an unstacked adapter of the layer's kernel ``rest`` would. A
+stacked adapter of some layers only (`LoraWeights.layers`) writes those layers' modules; loading
+a file without some layers' modules gives those layers zero factors and ``layers=`` the others.
+One stacked adapter has one rank, one scale and one DoRA-ness for all its layers.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import json
 import math
@@ -53,6 +64,7 @@ KeyMap = Callable[[str], str | None] | Mapping[str, str] | None
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+LAYER = "{layer}"  # in a key map's name of a scan-stacked kernel: replaced by each layer index
 _FLAX_KERNEL_NAMES = ("kernel", "embedding")
 _SUFFIXES = {
     ".lora_A.weight": "A",
@@ -139,6 +151,12 @@ def save_peft(
     (``scale * r``, or ``scale * sqrt(r)`` with rsLoRA), so adapters from ``lora.combine`` save
     correctly too.
 
+    A scan-stacked adapter (`LoraWeights.layer_axes` ``== 1``) is written as one module per
+    adapted layer (all ``L``, or its ``layers``), each as the unstacked adapter of that layer's
+    kernel: its key-map name must contain ``{layer}`` (``"layers.{layer}.attn.query"``), replaced
+    by the layer index; ``target_modules`` / ``rank_pattern`` / ``alpha_pattern`` list the
+    per-layer names.
+
     Note: PEFT matches a listed name also as a suffix (``lin`` targets ``block.lin`` too); an
     extra module PEFT adapts that way starts with PEFT's no-op initialisation (``B = 0``), so the
     loaded model is unchanged, but PEFT may warn about missing keys.
@@ -146,6 +164,9 @@ def save_peft(
     Example:
       >>> lora.save_peft("/tmp/adapter", adapters, config)
       >>> # PyTorch: PeftModel.from_pretrained(torch_model, "/tmp/adapter")
+      >>> # nn.scan-stacked blocks (params/layers/q/kernel (L, d, d)) -> layers.0.q, layers.1.q, ...
+      >>> key_map = lambda p: p.removeprefix("params/").replace("layers/", "layers.{layer}.")[:-7]
+      >>> lora.save_peft("/tmp/adapter", adapters, config, key_map=key_map)
 
     Args:
       directory: the output directory (created; the two files in it are replaced).
@@ -157,6 +178,8 @@ def save_peft(
       key_map: kernel path -> PyTorch module name, as a function (returning ``None`` for a path
         without a twin) or a dict; ``None`` drops a leading ``params`` and the leaf name and
         joins with ``"."``. A leading ``base_model.model.`` in a returned name is ignored.
+        The name of a scan-stacked kernel must contain ``{layer}`` (so the default key map
+        cannot name one), that of an unstacked kernel must not.
       base_model_name_or_path: written to the config (e.g. the Hub id of the base model).
 
     Returns:
@@ -164,19 +187,14 @@ def save_peft(
 
     Raises:
       ValueError: the tree is empty; the key map names no module (or one module twice) for
-        some paths, which are listed; an adapter has a layout PEFT cannot express.
+        some paths, which are listed; a stacked kernel's name lacks ``{layer}`` (or an
+        unstacked one's has it), or a kernel has more than one layer axis (nested scans); an
+        adapter has a layout PEFT cannot express.
     """
     directory = Path(directory).absolute()
     table = adapter_table(adapters)
     if not table:
         raise ValueError("lora.save_peft: the adapter tree is empty.")
-    stacked = [p for p, w in table.items() if w.layer_axes]
-    if stacked:
-        raise ValueError(
-            f"lora.save_peft: {describe(stacked)} adapt scan-stacked kernels (a leading layer "
-            "axis), which PEFT stores as one module per layer; exporting them is not supported "
-            "yet. Adapters of unstacked models export as usual."
-        )
     if config is not None and not isinstance(config, LoraConfig):
         raise TypeError(f"save_peft: config must be a LoraConfig; got {type(config).__name__}.")
     fn = _key_fn(key_map)
@@ -193,9 +211,20 @@ def save_peft(
             f"save_peft: key_map gives no PyTorch module name for the adapters at "
             f"{describe(unmapped)}; every adapted kernel needs one."
         )
-    twice = [n for n, c in collections.Counter(names.values()).items() if c > 1]
+    stacked = [p for p, w in table.items() if w.layer_axes]
+    if key_map is None and stacked:
+        raise ValueError(
+            f"save_peft: {describe(stacked)} adapt scan-stacked kernels (a leading layer axis), "
+            "which PEFT stores as one module per layer; pass a key_map whose names for them "
+            f"contain {LAYER!r} (e.g. 'layers.{LAYER}.attn.query'), replaced by each layer index."
+        )
+    modules = [  # (kernel path, module name, adapter of that module's kernel), layer by layer
+        item for path, w in table.items() for item in _layer_modules(path, names[path], w)
+    ]
+    counts = collections.Counter(name for _, name, _ in modules)
+    twice = [n for n, c in counts.items() if c > 1]
     if twice:
-        paths = [p for p, n in names.items() if n in twice]
+        paths = list(dict.fromkeys(p for p, n, _ in modules if n in twice))
         raise ValueError(
             f"save_peft: key_map maps several kernels to the same module(s) {twice}: {paths}."
         )
@@ -212,8 +241,7 @@ def save_peft(
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
-    for path, w in table.items():
-        name = names[path]
+    for path, name, w in modules:
         lora_a, lora_b = _to_peft(path, w)
         if w.kind == "embed":
             tensors[f"{PREFIX}{name}.lora_embedding_A"] = lora_a
@@ -285,6 +313,51 @@ def save_peft(
     return directory
 
 
+def _layer_modules(path: str, name: str, w: LoraWeights) -> list[tuple[str, str, LoraWeights]]:
+    """``(path, module name, adapter)`` of each PEFT module ``w`` stands for: itself, or for a
+    scan-stacked kernel one per adapted layer, as the adapter of that layer's kernel."""
+    if not w.layer_axes:
+        if LAYER in name:
+            raise ValueError(
+                f"save_peft: key_map names the unstacked kernel {path!r} {name!r}, with the "
+                f"placeholder {LAYER!r}; only kernels stacked by a scan have layers."
+            )
+        return [(path, name, w)]
+    if w.layer_axes > 1:
+        raise ValueError(
+            f"save_peft: the kernel {path!r} of shape {tuple(w.kernel_shape)} has "
+            f"{w.layer_axes} layer axes (nested scans); PEFT modules can be named by one layer "
+            "index only, so one layer axis is expected."
+        )
+    if LAYER not in name:
+        raise ValueError(
+            f"save_peft: key_map names the scan-stacked kernel {path!r} (shape "
+            f"{tuple(w.kernel_shape)}) {name!r}; a stacked kernel's name must contain "
+            f"{LAYER!r}, replaced by each layer index (one PEFT module per layer)."
+        )
+    layers = range(w.kernel_shape[0]) if w.layers is None else w.layers
+    return [
+        (path, layer_name(name, i), w.replace(**_layer_slice(w, i), layers=None)) for i in layers
+    ]
+
+
+def _layer_slice(w: LoraWeights, i: int) -> dict[str, Any]:
+    """The fields of layer ``i``'s adapter of a stacked ``w``, as an unstacked adapter."""
+    return dict(
+        a=w.a[i],
+        b=w.b[i],
+        m=None if w.m is None else w.m[i],
+        kernel_shape=tuple(w.kernel_shape[1:]),
+        in_axes=tuple(d - 1 for d in w.in_axes),
+        layer_axes=0,
+    )
+
+
+def layer_name(name: str, i: int) -> str:
+    """The PEFT module name of layer ``i`` of a stacked kernel named ``name``."""
+    return name.replace(LAYER, str(i))
+
+
 def _json_number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
@@ -354,6 +427,13 @@ def load_peft(
     ``use_rslora``), with ``rank_pattern`` / ``alpha_pattern`` resolved as PEFT resolves them.
     A DoRA adapter (``use_dora``) loads with its magnitudes as `LoraWeights.m`.
 
+    Scan-stacked kernels: a kernel whose key-map name contains ``{layer}`` is taken as stacked
+    on its leading axis (``L = kernel.shape[0]``) and gathers the modules of its layers (the name
+    with ``{layer}`` replaced by ``0 ... L-1``), each read as for the unstacked layer kernel
+    ``kernel.shape[1:]``, into one stacked `LoraWeights` (``layer_axes=1``). Layers without a
+    module get zero factors and ``layers=`` the others (a kernel with none is not adapted);
+    all its layers must have one rank, one scale and the same DoRA-ness.
+
     How each kernel's input axes are found:
 
     - with ``probe`` (as in `lora.init`): from the traced model, for every kernel;
@@ -368,12 +448,15 @@ def load_peft(
     Example:
       >>> adapters = lora.load_peft("/tmp/adapter", params)
       >>> y = lora.wrap(model.apply)(params, adapters, x)
+      >>> # stacked blocks: {"params/layers/q/kernel": "layers.{layer}.q", ...}
+      >>> adapters = lora.load_peft("/tmp/adapter", params, key_map=key_map)
 
     Args:
       directory: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
       params: the Flax params tree the adapter is for (a Linen variables dict, an NNX state).
       key_map: kernel path -> PyTorch module name, as for `save_peft`. A function may return
         ``None`` for kernels without a twin; every key of a dict must be a path in ``params``.
+        Names with ``{layer}`` mark scan-stacked kernels (see above).
       probe: an optional function of the params alone, e.g. ``lambda p: model.apply(p, x)``,
         traced abstractly (no FLOPs) to learn each kernel's input axes.
       dtype: the dtype of the factors; ``None`` keeps the file's (float32 as PEFT saves).
@@ -389,7 +472,9 @@ def load_peft(
       ValueError: the adapter uses options these adapters cannot honour (``lora_bias``,
         ``bias != "none"``, ``modules_to_save``, ...); tensors match no kernel, or the key map
         names kernels not in ``params`` (both listed); a tensor does not fit its kernel (the path
-        is named); the input axes of a kernel are ambiguous without ``probe``.
+        is named); the input axes of a kernel are ambiguous without ``probe``; the layers of a
+        stacked kernel differ in rank, scale or DoRA-ness, or the probe's view of a kernel
+        (stacked or not) disagrees with ``{layer}`` in its name.
     """
     directory = Path(directory)
     cfg = _read_config(directory)
@@ -418,10 +503,19 @@ def load_peft(
             )
     fn = _key_fn(key_map)
     by_name: dict[str, list[str]] = {}
+    layer_of: dict[tuple[str, str], int] = {}  # (module, stacked kernel path) -> layer index
+    templates: dict[str, str] = {}  # stacked kernel path -> its name with {layer}
     for path in kernels:
         name = _module_name(fn, path)
-        if name is not None:
+        if name is None:
+            continue
+        if LAYER not in name:
             by_name.setdefault(name, []).append(path)
+            continue
+        templates[path] = name
+        for i in range(kernels[path].shape[0]):
+            by_name.setdefault(layer_name(name, i), []).append(path)
+            layer_of[layer_name(name, i), path] = i
     unmatched = [n for n in modules if n not in by_name]
     if unmatched:
         raise ValueError(
@@ -444,7 +538,7 @@ def load_peft(
 
         uses = kernel_uses(probe, params)
 
-    entries = []
+    per_kernel: dict[str, dict[int | None, LoraWeights]] = {}
     for name, tensors in modules.items():
         path = by_name[name][0]
         r = int(_pattern_value(rank_pattern, name, r0))
@@ -457,42 +551,121 @@ def load_peft(
                 f"(module {name!r}), so its input axes are unknown."
             )
         kernel_shape = tuple(int(s) for s in kernels[path].shape)
-        a, b, kind, in_axes = _from_peft(path, name, kernel_shape, tensors, use)
-        if a.shape[-1] != r:
+        layer = layer_of.get((name, path))
+        if use is not None and len(use.layer_axes) != (layer is not None):
+            seen = f"stacked by {len(use.layer_axes)} scan(s)" if use.layer_axes else "unstacked"
             raise ValueError(
-                f"load_peft: module {name!r} (kernel {path!r}) has rank {a.shape[-1]} tensors, "
-                f"but adapter_config.json gives it r={r}."
+                f"load_peft: the probe sees the kernel {path!r} (module {name!r}) {seen}"
+                f", but the key map's name for it {'has' if layer is not None else 'lacks'} the "
+                f"placeholder {LAYER!r}; expected one scan-stacked layer axis named by "
+                f"{LAYER!r}, or an unstacked kernel without it."
             )
-        m = None
-        if "M" in tensors:  # DoRA: PEFT's (out,), (dim,) or conv (1, out, 1, ...) -> O
-            out_shape = tuple(kernel_shape[i] for i in range(len(kernel_shape)) if i not in in_axes)
-            m = tensors["M"]
-            if m.size != math.prod(out_shape) or m.ndim not in (1, len(kernel_shape)):
-                raise ValueError(
-                    f"load_peft: module {name!r} -> kernel {path!r}: its lora_magnitude_vector "
-                    f"has shape {tuple(m.shape)}; expected {math.prod(out_shape)} entries, one "
-                    f"per output unit {out_shape}."
+        if layer is not None:  # one layer of a stacked kernel: that layer's kernel and use
+            kernel_shape = kernel_shape[1:]
+            if use is not None:
+                use = dataclasses.replace(
+                    use, in_axes=tuple(d - 1 for d in use.in_axes), layer_axes=()
                 )
-            m = m.reshape(out_shape)
-            m = m.astype(dtype) if dtype is not None else m.astype(a.dtype)
-        if dtype is not None:
-            a, b = a.astype(dtype), b.astype(dtype)
-        entries.append(
-            (
-                path,
-                LoraWeights(
-                    a=jnp.asarray(a),
-                    b=jnp.asarray(b),
-                    scale=scale,
-                    in_axes=in_axes,
-                    kernel_shape=kernel_shape,
-                    kind=kind,
-                    dropout=dropout,
-                    m=None if m is None else jnp.asarray(m),
-                ),
-            )
+        w = _module_weights(path, name, kernel_shape, tensors, use, r, scale, dropout, dtype)
+        per_kernel.setdefault(path, {})[layer] = w
+    entries = [
+        (
+            path,
+            _stack(path, templates[path], tuple(kernels[path].shape), pieces)
+            if path in templates
+            else pieces[None],
         )
+        for path, pieces in per_kernel.items()
+    ]
     return nest(entries)
+
+
+def _module_weights(
+    path: str,
+    name: str,
+    kernel_shape: tuple[int, ...],
+    tensors: dict[str, np.ndarray],
+    use: Any,
+    r: int,
+    scale: float,
+    dropout: float,
+    dtype: Any,
+) -> LoraWeights:
+    """The adapter one PEFT module's tensors make for the (unstacked) kernel of ``kernel_shape``."""
+    a, b, kind, in_axes = _from_peft(path, name, kernel_shape, tensors, use)
+    if a.shape[-1] != r:
+        raise ValueError(
+            f"load_peft: module {name!r} (kernel {path!r}) has rank {a.shape[-1]} tensors, "
+            f"but adapter_config.json gives it r={r}."
+        )
+    m = None
+    if "M" in tensors:  # DoRA: PEFT's (out,), (dim,) or conv (1, out, 1, ...) -> O
+        out_shape = tuple(kernel_shape[i] for i in range(len(kernel_shape)) if i not in in_axes)
+        m = tensors["M"]
+        if m.size != math.prod(out_shape) or m.ndim not in (1, len(kernel_shape)):
+            raise ValueError(
+                f"load_peft: module {name!r} -> kernel {path!r}: its lora_magnitude_vector "
+                f"has shape {tuple(m.shape)}; expected {math.prod(out_shape)} entries, one "
+                f"per output unit {out_shape}."
+            )
+        m = m.reshape(out_shape)
+        m = m.astype(dtype) if dtype is not None else m.astype(a.dtype)
+    if dtype is not None:
+        a, b = a.astype(dtype), b.astype(dtype)
+    return LoraWeights(
+        a=jnp.asarray(a),
+        b=jnp.asarray(b),
+        scale=scale,
+        in_axes=in_axes,
+        kernel_shape=kernel_shape,
+        kind=kind,
+        dropout=dropout,
+        m=None if m is None else jnp.asarray(m),
+    )
+
+
+def _stack(
+    path: str, template: str, shape: tuple[int, ...], pieces: dict[Any, LoraWeights]
+) -> LoraWeights:
+    """One scan-stacked adapter (``layer_axes=1``) of the kernel of ``shape`` from the adapters
+    of its layers' modules; layers without a module get zero factors, and ``layers`` lists the
+    others when there are such."""
+    present = sorted(pieces)
+    how = {i: (w.rank, float(w.scale), w.m is not None) for i, w in pieces.items()}
+    if len(set(how.values())) > 1:
+        raise ValueError(
+            f"load_peft: the layers of the scan-stacked kernel {path!r} (modules {template!r}) "
+            "must share one rank, one scale and DoRA-ness (one stacked adapter holds them); the "
+            "file gives, by layer: "
+            + ", ".join(
+                f"{i}: rank {r}, scale {scale}{', DoRA' if dora else ''}"
+                for i, (r, scale, dora) in sorted(how.items())
+            )
+            + "."
+        )
+    first = pieces[present[0]]
+    missing = [i for i in range(shape[0]) if i not in pieces]
+    if missing and first.m is not None:
+        raise ValueError(
+            f"load_peft: the DoRA adapter of the scan-stacked kernel {path!r} (modules "
+            f"{template!r}) lacks layers {missing}; their magnitudes are unknown."
+        )
+
+    def stacked(field: str) -> jax.Array:
+        zero = jnp.zeros_like(getattr(first, field))
+        return jnp.stack(
+            [getattr(pieces[i], field) if i in pieces else zero for i in range(shape[0])]
+        )
+
+    return first.replace(
+        a=stacked("a"),
+        b=stacked("b"),
+        m=None if first.m is None else stacked("m"),
+        in_axes=tuple(d + 1 for d in first.in_axes),
+        kernel_shape=tuple(shape),
+        layer_axes=1,
+        layers=tuple(present) if missing else None,
+    )
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
