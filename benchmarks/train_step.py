@@ -16,7 +16,13 @@ Each variant is timed by wall clock and by the process CPU time (all threads) pe
 machine shared with other jobs the CPU-time ratios are the steadier of the two. Targets of the
 factored-execution issue: LoRA auto step <= 0.70x full, factored forward <= 1.10x base.
 
-Run:  python benchmarks/train_step.py [--rounds 10] [--reps 1]   (about 3-5 minutes on 2 CPUs)
+Run:  python benchmarks/train_step.py [--rounds 10] [--reps 1]   (about 1-2 minutes on 2 CPUs)
+
+``--memory-scheduler`` compiles every variant with XLA:CPU's memory-minimizing instruction
+scheduler instead of its default concurrency-optimized one (it appends
+``--xla_cpu_enable_concurrency_optimized_scheduler=false`` to ``XLA_FLAGS`` before the backend
+starts; XLA reads this flag process-wide only, not from per-``jit`` compiler options). The
+header prints the flags in effect.
 """
 
 from __future__ import annotations
@@ -123,7 +129,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds")
     ap.add_argument("--reps", type=int, default=1, help="timed calls per variant per round")
     ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument(
+        "--memory-scheduler",
+        action="store_true",
+        help="XLA:CPU memory-minimizing scheduler for all variants (see the module docstring)",
+    )
     args = ap.parse_args()
+    if args.memory_scheduler:  # before the backend starts: XLA reads XLA_FLAGS then
+        flag = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
     t0 = time.perf_counter()
     model = Decoder(layers=args.layers)
     batch = make_batch(jax.random.key(0))
@@ -131,7 +145,7 @@ def main() -> None:
     n_kernels = len(jax.tree.leaves(b["adapters"])) // 2
     print(
         f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cpus; "
-        f"LoRA on {n_kernels} kernels"
+        f"LoRA on {n_kernels} kernels; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
     )
 
     params, adapters, tokens = b["params"], b["adapters"], batch["tokens"]
