@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -52,11 +52,11 @@ def _tables(adapter_list: Any, fn: str) -> list[dict[str, LoraWeights]]:
             "Merge each DoRA adapter into its own params (lora.merge) instead."
         )
     stacked = [f"set {i}: {p}" for i, t in enumerate(tables) for p, w in t.items() if w.layer_axes]
-    if stacked:
+    if stacked and fn == "stack":  # routing has no rule inside a scan yet
         raise ValueError(
             f"lora.{fn} does not support adapters of scan-stacked kernels (with a leading layer "
             f"axis) yet, found at {describe(stacked)}. Merge each adapter set into its own "
-            "params (lora.merge) instead."
+            "params (lora.merge), or lora.combine them, instead."
         )
     first = tables[0]
     if not first:
@@ -71,14 +71,14 @@ def _tables(adapter_list: Any, fn: str) -> list[dict[str, LoraWeights]]:
             )
         for path, w in table.items():
             w0 = first[path]
-            for field in ("kernel_shape", "in_axes", "kind"):
+            for field in ("kernel_shape", "in_axes", "kind", "layer_axes"):
                 if getattr(w, field) != getattr(w0, field):
                     raise ValueError(
                         f"lora.{fn}: adapters for {path!r} disagree on {field}: set 0 has "
                         f"{getattr(w0, field)!r}, set {i} has {getattr(w, field)!r}. Were they "
                         "made for different models?"
                     )
-            if w.a.shape[-1] != w.b.shape[0]:
+            if w.a.shape[-1] != w.b.shape[w.layer_axes]:
                 raise ValueError(
                     f"lora.{fn}: adapter set {i} at {path!r} has a of shape {tuple(w.a.shape)} "
                     f"and b of shape {tuple(w.b.shape)}: their ranks differ."
@@ -235,6 +235,11 @@ def combine(
     differ per kernel (PEFT's ``rank_pattern``), only ``linear``-family methods need equal ranks
     at each kernel. All adapter sets must adapt the same kernels (PEFT skips missing ones).
 
+    Adapters of kernels stacked by ``nn.scan`` / ``nnx.scan`` (`LoraWeights.layer_axes`) are
+    combined layer by layer, each layer exactly as an unstacked adapter of that layer's kernel
+    (the SVD per layer; dare draws a mask per layer); the result adapts the union of the inputs'
+    ``layers``.
+
     Example:
       >>> both = lora.combine([adapters_a, adapters_b], [0.7, 0.3], method="cat")
       >>> low = lora.combine([adapters_a, adapters_b], [1.0, -1.0], method="svd", rank=8)
@@ -263,9 +268,10 @@ def combine(
 
     Raises:
       ValueError: the adapter sets adapt different kernels or disagree on a kernel's shape, input
-        axes or kind (naming the path); ``weights`` has the wrong length; an unknown method;
-        unequal ranks for a ``linear``-family method (naming the path); a missing or
-        out-of-range ``density``; a missing ``key`` for dare; ``rank`` for a non-SVD method.
+        axes, kind or layer axes (naming the path); DoRA adapters; ``weights`` has the wrong
+        length; an unknown method; unequal ranks for a ``linear``-family method (naming the
+        path); a missing or out-of-range ``density``; a missing ``key`` for dare; ``rank`` for a
+        non-SVD method.
       TypeError: ``adapter_list`` is not a list of adapter sets.
     """
     if method not in METHODS:
@@ -339,13 +345,56 @@ def _combine_tables(
     for p_index, path in enumerate(tables[0]):
         ws = [t[path] for t in tables]
         k = None if key is None else jax.random.fold_in(key, p_index)
-        if method == "cat":
-            out[path] = _cat(ws, w)
-        elif method in FACTOR_METHODS:
-            out[path] = _factors(ws, w, method, density, k, sign_method)
-        else:
-            out[path] = _svd(ws, w, base, rank, density, k, sign_method)
+
+        def one(ws: list[LoraWeights], k: jax.Array | None) -> LoraWeights:
+            if method == "cat":
+                return _cat(ws, w)
+            if method in FACTOR_METHODS:
+                return _factors(ws, w, method, density, k, sign_method)
+            return _svd(ws, w, base, rank, density, k, sign_method)
+
+        out[path] = _per_layer(one, ws, k) if ws[0].layer_axes else one(ws, k)
     return out
+
+
+def _per_layer(
+    one: Callable[[list[LoraWeights], jax.Array | None], LoraWeights],
+    ws: list[LoraWeights],
+    key: jax.Array | None,
+) -> LoraWeights:
+    """``one`` (the combination of one kernel's adapters) on each layer of scan-stacked adapters.
+
+    Each layer's adapters are those of the layer's own kernel (the ``vmap``-ed function sees an
+    unstacked `LoraWeights`); random pruning draws its own key per layer. The result covers the
+    layers any input adapts (``layers`` is their union, ``None`` if one adapts all).
+    """
+    w0 = ws[0]
+    n = w0.layer_axes
+    lead = tuple(w0.kernel_shape[:n])
+    views = [
+        x.replace(
+            a=x.a.reshape((math.prod(lead), *x.a.shape[n:])),
+            b=x.b.reshape((math.prod(lead), *x.b.shape[n:])),
+            kernel_shape=tuple(x.kernel_shape[n:]),
+            in_axes=tuple(d - n for d in x.in_axes),
+            layer_axes=0,
+            layers=None,
+        )
+        for x in ws
+    ]
+    keys = None if key is None else jax.random.split(key, math.prod(lead))
+    out = jax.vmap(one, in_axes=(0, None if keys is None else 0))(views, keys)
+    picked = (
+        None if any(x.layers is None for x in ws) else sorted(set().union(*(x.layers for x in ws)))
+    )
+    return out.replace(
+        a=out.a.reshape((*lead, *out.a.shape[1:])),
+        b=out.b.reshape((*lead, *out.b.shape[1:])),
+        kernel_shape=tuple(w0.kernel_shape),
+        in_axes=tuple(w0.in_axes),
+        layer_axes=n,
+        layers=None if picked is None else tuple(picked),
+    )
 
 
 def _cat(ws: list[LoraWeights], weights: jax.Array) -> LoraWeights:
