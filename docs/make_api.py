@@ -30,7 +30,8 @@ def render() -> str:
         "# API reference",
         "",
         "Generated from the docstrings by `python docs/make_api.py`; do not edit by hand.",
-        "`import flax_lora as lora`. The contract these follow is in the README.",
+        "`import flax_lora as lora`. The public surface is `flax_lora.__all__`; the README "
+        "explains the design.",
         "",
     ]
     names = sorted(lora.__all__, key=str.lower)

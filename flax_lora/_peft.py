@@ -190,6 +190,10 @@ def save_peft(
         some paths, which are listed; a stacked kernel's name lacks ``{layer}`` (or an
         unstacked one's has it), or a kernel has more than one layer axis (nested scans); an
         adapter has a layout PEFT cannot express.
+
+    Warns:
+      UserWarning: ``config.init`` is ``"pissa"``, ``"olora"`` or ``"loftq"`` (the adapters
+        belong to the changed base `lora.init` returned, not to the original one PEFT loads).
     """
     directory = Path(directory).absolute()
     table = adapter_table(adapters)
@@ -197,6 +201,14 @@ def save_peft(
         raise ValueError("lora.save_peft: the adapter tree is empty.")
     if config is not None and not isinstance(config, LoraConfig):
         raise TypeError(f"save_peft: config must be a LoraConfig; got {type(config).__name__}.")
+    if config is not None and config.init.startswith(_BASE_CHANGING_INITS):
+        warnings.warn(
+            f"save_peft: these adapters were made with init={config.init!r}, which also changed "
+            "the base weights (lora.init returned new params); PEFT will load them onto the "
+            "original base, where they give a different model. Export the changed base too, or "
+            "lora.merge them into it and use that merged model.",
+            stacklevel=2,
+        )
     fn = _key_fn(key_map)
     names: dict[str, str] = {}
     unmapped = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -111,10 +112,17 @@ def wrap(apply_fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]
         **kwargs: Any,
     ) -> Any:
         params = dequantize(params)
+        if mode == "merged" and lora_rng is not None:
+            warnings.warn(
+                "lora.wrap(mode='merged') applies no LoRA dropout, so lora_rng is ignored; use "
+                "mode='auto' or 'factored' for dropout on the LoRA branch (PEFT's lora_dropout).",
+                stacklevel=2,
+            )
         if lora_ids is None:
             return run(params, adapters, args, kwargs, lora_rng)
         return _routed(run, params, adapters, args, kwargs, lora_rng, lora_ids)
 
+    del wrapped.__wrapped__  # so that inspect.signature / help() show the wrapped signature
     return wrapped
 
 
@@ -151,6 +159,18 @@ def _routed(
     def one(index: jax.Array, key: Any, example: tuple[Any, ...]) -> Any:
         single = jax.tree.map(lambda x: x[None], example)
         out = run(params, select(stacked, index), single, kwargs, key)
+        flat, _ = jax.tree_util.tree_flatten_with_path(out)
+        bad = [(jax.tree_util.keystr(kp), np.shape(y)) for kp, y in flat if np.shape(y)[:1] != (1,)]
+        if bad:  # e.g. a per-example keyword input broadcast against the batch of one
+            raise ValueError(
+                "lora_ids runs each example as a batch of one and takes row 0 of every output, "
+                "but for one example the model returned outputs whose leading size is not 1: "
+                + ", ".join(f"output{k or ''} of shape {s}" for k, s in bad[:5])
+                + ". Inputs given per example (a per-example mask, positions, ...) must be "
+                "positional arguments (split along axis 0); keyword arguments are passed whole "
+                "to every example. Outputs without a batch axis (scalars, mutable collections) "
+                "cannot be routed."
+            )
         return jax.tree.map(lambda y: y[0], out)
 
     return jax.vmap(one)(ids, keys, args)

@@ -8,6 +8,7 @@ must give the PyTorch model (through `PeftModel.from_pretrained`) the Flax twin'
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import warnings
@@ -602,3 +603,13 @@ def test_rank_disagreeing_with_config_is_refused(saved: tuple[Path, Any]) -> Non
     (directory / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"'lin'.*rank 2.*r=4"):
         lora.load_peft(directory, params)
+
+
+def test_save_peft_warns_for_base_changing_inits(tmp_path: Path) -> None:
+    adapters, config = net_adapters("plain")
+    for init in ("pissa", "olora", "loftq"):
+        with pytest.warns(UserWarning, match=f"init='{init}'.*changed the base"):
+            lora.save_peft(tmp_path / init, adapters, dataclasses.replace(config, init=init))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lora.save_peft(tmp_path / "plain", adapters, config)  # init="random": no warning

@@ -161,3 +161,35 @@ def test_routing_errors_are_clear() -> None:
         fn(params, stacked, x, lora_ids=jnp.zeros(BATCH))
     with pytest.raises(TypeError, match="Expected a stacked adapter tree"):
         fn(params, sets[0], x, lora_ids=jnp.array(IDS))
+
+
+def test_per_example_keyword_inputs_are_refused_not_broadcast() -> None:
+    """A per-example keyword input would broadcast against each batch-of-one example (and
+    row 0 of the result would be taken silently); routing refuses it and says to pass it
+    positionally, where it is split per example like the other inputs."""
+
+    class Masked(nn.Module):
+        @nn.compact
+        def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+            y = nn.Dense(4, name="dense")(x)
+            return y if mask is None else y * mask
+
+    model = Masked()
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), jnp.float32)
+    mask = jnp.asarray([[1.0], [0.0], [2.0], [0.5]])
+    params = model.init(jax.random.key(0), x)
+    config = lora.LoraConfig(rank=2, init="random")
+    sets = [lora.init(jax.random.key(i), params, config) for i in (1, 2)]
+    for s in sets:  # nonzero b, so every adapter changes the output
+        s["params"]["dense"]["kernel"] = s["params"]["dense"]["kernel"].replace(
+            b=jnp.ones_like(s["params"]["dense"]["kernel"].b)
+        )
+    ids = jnp.asarray([0, 1, 0, -1])
+    fn = lora.wrap(model.apply)
+    with pytest.raises(ValueError, match="keyword arguments are passed whole"):
+        fn(params, lora.stack(sets), x, mask=mask, lora_ids=ids)
+    y = np.asarray(fn(params, lora.stack(sets), x, mask, lora_ids=ids))
+    for j, k in enumerate(np.asarray(ids)):  # each row through its own merged model
+        p = params if k < 0 else lora.merge(params, sets[int(k)])
+        ref = np.asarray(model.apply(p, x[j : j + 1], mask[j : j + 1]))[0]
+        np.testing.assert_allclose(y[j], ref, rtol=1e-5, atol=1e-6)

@@ -6,6 +6,8 @@ by ``W0 + scale * a @ b`` computed in the test (numpy float64, or jnp for gradie
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,3 +148,14 @@ def test_wrap_passes_kwargs_and_rejects_unknown_modes() -> None:
     np.testing.assert_allclose(y, y_ref, **_tol(y_ref, jnp.float32))
     with pytest.raises(ValueError, match="mode"):
         lora.wrap(m.apply, mode="fused")
+
+
+def test_wrapped_signature_and_merged_dropout_warning() -> None:
+    m = build("linen_embed_attend")
+    adapters = _adapters(m)
+    fn = lora.wrap(m.apply, mode="merged")
+    names = list(inspect.signature(fn).parameters)
+    assert names[:2] == ["params", "adapters"] and {"lora_rng", "lora_ids"} <= set(names)
+    with pytest.warns(UserWarning, match="applies no LoRA dropout"):
+        y = fn(m.params, adapters, m.x, lora_rng=jax.random.key(0))
+    np.testing.assert_array_equal(y, fn(m.params, adapters, m.x))  # and indeed none
