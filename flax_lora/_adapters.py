@@ -63,27 +63,33 @@ class LoraWeights:
 
     @property
     def rank(self) -> int:
+        """``r``, the size of the factors' shared axis."""
         return int(self.a.shape[-1])
 
     @property
     def out_axes(self) -> tuple[int, ...]:
+        """The kernel's output axes (not input, not layer axes), in order."""
         return tuple(
             i for i in range(self.layer_axes, len(self.kernel_shape)) if i not in self.in_axes
         )
 
     @property
     def layer_shape(self) -> tuple[int, ...]:
+        """The sizes of the leading layer axes of a scan-stacked kernel (``()`` otherwise)."""
         return tuple(self.kernel_shape[: self.layer_axes])
 
     @property
     def in_shape(self) -> tuple[int, ...]:
+        """The sizes of the kernel's input axes ``I``."""
         return tuple(self.kernel_shape[i] for i in self.in_axes)
 
     @property
     def out_shape(self) -> tuple[int, ...]:
+        """The sizes of the kernel's output axes ``O``."""
         return tuple(self.kernel_shape[i] for i in self.out_axes)
 
     def replace(self, **changes: Any) -> LoraWeights:
+        """A copy with the given fields changed (`dataclasses.replace`), e.g. new factors."""
         return dataclasses.replace(self, **changes)
 
     def meta(self) -> dict[str, Any]:

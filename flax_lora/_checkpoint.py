@@ -41,6 +41,10 @@ def save(
 
     Returns:
       The checkpoint's absolute path.
+
+    Raises:
+      ValueError: the adapter tree is empty.
+      TypeError: ``adapters`` holds leaves other than `LoraWeights`.
     """
     directory = Path(directory).absolute()
     table = adapter_table(adapters)

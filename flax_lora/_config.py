@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -23,10 +25,18 @@ def regex_tuple(value: Patterns, owner: str) -> tuple[str, ...] | None:
     """
     if value is None:
         return None
-    out = (value,) if isinstance(value, str) else tuple(value)
+    if isinstance(value, str):
+        out: tuple[Any, ...] = (value,)
+    elif isinstance(value, Iterable) and not isinstance(value, bytes | Mapping):
+        out = tuple(value)
+    else:
+        raise TypeError(
+            f"{owner} takes a regex string, a sequence of regex strings or None; got {value!r} "
+            f"({type(value).__name__})."
+        )
     for p in out:
         if not isinstance(p, str):
-            raise TypeError(f"{owner} takes regex strings; got {p!r}.")
+            raise TypeError(f"{owner} takes regex strings; got {p!r} ({type(p).__name__}).")
         try:
             re.compile(p)
         except re.error as e:
@@ -41,6 +51,10 @@ def _as_patterns(value: Patterns, name: str) -> tuple[str, ...] | None:
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """What to adapt and how, with PEFT's meanings and defaults where PEFT has the same field.
+
+    Every field is checked when the config is made (a ``TypeError`` / ``ValueError`` naming the
+    field). A config is hashable, so it can be a ``jax.jit`` static argument or a dict key; two
+    configs are equal when all fields are, the patterns' order included (the first match wins).
 
     Example:
       >>> import flax_lora as lora
@@ -95,28 +109,34 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)
-        _check_rank(self.rank, "LoraConfig.rank")
+        set_("rank", _check_rank(self.rank, "LoraConfig.rank"))
+        set_("alpha", _check_real(self.alpha, "LoraConfig.alpha"))
         set_("targets", _as_patterns(self.targets, "targets"))
         set_("exclude", _as_patterns(self.exclude, "exclude") or ())
-        for pattern, r in dict(self.rank_pattern).items():
-            _as_patterns(pattern, "rank_pattern")
-            _check_rank(r, f"LoraConfig.rank_pattern[{pattern!r}]")
-        for pattern in dict(self.alpha_pattern):
-            _as_patterns(pattern, "alpha_pattern")
-        set_("rank_pattern", dict(self.rank_pattern))
-        set_("alpha_pattern", {k: float(v) for k, v in dict(self.alpha_pattern).items()})
+        ranks = _check_patterns(self.rank_pattern, "rank_pattern", "rank")
+        set_(
+            "rank_pattern", {k: _check_rank(v, f"LoraConfig.rank_pattern[{k!r}]") for k, v in ranks}
+        )
+        alphas = _check_patterns(self.alpha_pattern, "alpha_pattern", "alpha")
+        set_(
+            "alpha_pattern",
+            {k: _check_real(v, f"LoraConfig.alpha_pattern[{k!r}]") for k, v in alphas},
+        )
+        if not isinstance(self.init, str):
+            raise TypeError(
+                f"LoraConfig.init must be a string, one of {INITS}; got {self.init!r} "
+                f"({type(self.init).__name__})."
+            )
         if self.init not in INITS:
             raise ValueError(f"LoraConfig.init must be one of {INITS}; got {self.init!r}.")
-        if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int | np.integer):
-            raise TypeError(f"LoraConfig.loftq_iter must be an int; got {self.loftq_iter!r}.")
-        if self.loftq_iter < 1:
-            raise ValueError(f"LoraConfig.loftq_iter must be at least 1; got {self.loftq_iter}.")
-        if self.loftq_dtype not in ("nf4", "int8"):
-            raise ValueError(
-                f"LoraConfig.loftq_dtype must be 'nf4' or 'int8'; got {self.loftq_dtype!r}."
-            )
-        if not 0.0 <= float(self.dropout) < 1.0:
+        dropout = _check_real(self.dropout, "LoraConfig.dropout")
+        if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1); got {self.dropout!r}.")
+        set_("dropout", dropout)
+        set_("rslora", _check_bool(self.rslora, "LoraConfig.rslora"))
+        set_("dora", _check_bool(self.dora, "LoraConfig.dora"))
+        if self.dtype is None:
+            raise TypeError("LoraConfig.dtype must be a floating dtype; got None.")
         try:
             dtype = np.dtype(self.dtype)
         except TypeError as e:
@@ -125,10 +145,53 @@ class LoraConfig:
             ) from e
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"LoraConfig.dtype must be a floating dtype; got {dtype}.")
-        if isinstance(self.layers, int):
-            set_("layers", (self.layers,))
-        elif self.layers is not None:
-            set_("layers", tuple(int(i) for i in self.layers))
+        set_("layers", _check_layers(self.layers))
+        if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int | np.integer):
+            raise TypeError(
+                f"LoraConfig.loftq_iter must be an int; got {self.loftq_iter!r} "
+                f"({type(self.loftq_iter).__name__})."
+            )
+        if self.loftq_iter < 1:
+            raise ValueError(f"LoraConfig.loftq_iter must be at least 1; got {self.loftq_iter}.")
+        set_("loftq_iter", int(self.loftq_iter))
+        if not isinstance(self.loftq_dtype, str):
+            raise TypeError(
+                f"LoraConfig.loftq_dtype must be the string 'nf4' or 'int8'; got "
+                f"{self.loftq_dtype!r} ({type(self.loftq_dtype).__name__})."
+            )
+        if self.loftq_dtype not in ("nf4", "int8"):
+            raise ValueError(
+                f"LoraConfig.loftq_dtype must be 'nf4' or 'int8'; got {self.loftq_dtype!r}."
+            )
+
+    # -- equality and hashing --------------------------------------------------------------
+    def _key(self) -> tuple[Any, ...]:
+        """The fields as a hashable tuple: the pattern dicts as their items *in order* (the
+        first matching pattern wins, so order is part of the meaning), the dtype normalised."""
+        return (
+            self.rank,
+            self.alpha,
+            self.targets,
+            self.exclude,
+            tuple(self.rank_pattern.items()),
+            tuple(self.alpha_pattern.items()),
+            self.init,
+            self.dropout,
+            self.rslora,
+            np.dtype(self.dtype),
+            self.layers,
+            self.loftq_iter,
+            self.loftq_dtype,
+            self.dora,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._key() == other._key()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
     # -- per-path resolution ---------------------------------------------------------------
     def matches(self, path: str, layer_in_path: bool = True) -> bool:
@@ -188,8 +251,74 @@ def layer_index(path: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _check_rank(rank: Any, name: str) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int | np.integer):
-        raise TypeError(f"{name} must be an int; got {rank!r}.")
+def _check_rank(rank: Any, name: str) -> int:
+    if isinstance(rank, bool | np.bool_) or not isinstance(rank, int | np.integer):
+        raise TypeError(f"{name} must be an int; got {rank!r} ({type(rank).__name__}).")
     if rank < 1:
         raise ValueError(f"{name} must be at least 1; got {rank}.")
+    return int(rank)
+
+
+def _check_real(value: Any, name: str) -> float:
+    """``value`` (an int, a float, a NumPy scalar or a concrete 0-d array) as a finite float."""
+    concrete = isinstance(value, np.ndarray | jax.Array) and not isinstance(value, jax.core.Tracer)
+    if concrete and value.ndim == 0 and np.issubdtype(value.dtype, np.number):
+        value = value.item()
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {value!r} ({type(value).__name__}).")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"{name} must be finite; got {value!r}.")
+    return out
+
+
+def _check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be a bool; got {value!r} ({type(value).__name__}).")
+    return bool(value)
+
+
+def _check_patterns(value: Any, field: str, what: str) -> list[tuple[str, Any]]:
+    """The items of a ``rank_pattern`` / ``alpha_pattern`` mapping, keys checked as regexes."""
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"LoraConfig.{field} must be a mapping of regex string -> {what}; got {value!r} "
+            f"({type(value).__name__})."
+        )
+    for pattern in value:
+        if not isinstance(pattern, str):
+            raise TypeError(
+                f"LoraConfig.{field} keys must be regex strings; got {pattern!r} "
+                f"({type(pattern).__name__})."
+            )
+        _as_patterns(pattern, field)
+    return list(value.items())
+
+
+def _check_layers(layers: Any) -> tuple[int, ...] | None:
+    """``LoraConfig.layers`` as a tuple of layer indices (``None`` stays ``None``)."""
+    if layers is None:
+        return None
+    if isinstance(layers, np.ndarray) and layers.ndim == 0:
+        layers = layers.item()
+    if isinstance(layers, int | np.integer) and not isinstance(layers, bool | np.bool_):
+        items: tuple[Any, ...] = (layers,)
+    elif isinstance(layers, Iterable) and not isinstance(layers, str | bytes | Mapping):
+        items = tuple(layers)
+    else:
+        raise TypeError(
+            "LoraConfig.layers must be an int, a sequence of ints or None; got "
+            f"{layers!r} ({type(layers).__name__})."
+        )
+    for i in items:
+        if isinstance(i, bool | np.bool_) or not isinstance(i, int | np.integer):
+            raise TypeError(
+                f"LoraConfig.layers takes int layer indices; got {i!r} ({type(i).__name__}) "
+                f"in {layers!r}."
+            )
+        if i < 0:
+            raise ValueError(
+                f"LoraConfig.layers takes layer indices >= 0 (the first number in a path, or the "
+                f"position on a stacked layer axis); got {int(i)} in {layers!r}."
+            )
+    return tuple(int(i) for i in items)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -141,7 +142,7 @@ def _select(
         raise ValueError(
             f"LoraConfig(targets={config.targets!r}, exclude={config.exclude!r}, "
             f"layers={config.layers!r}) matches no kernel. Kernels seen: "
-            f"{describe(candidates, limit=40)}."
+            f"{describe(candidates, limit=40)}." + _no_probe_hint(leaves, config, uses)
         )
     out = {}
     for path in chosen:
@@ -176,6 +177,30 @@ def _select(
             )
         out[path] = (kind, tuple(in_axes))
     return out
+
+
+def _no_probe_hint(leaves: dict[str, Any], config: LoraConfig, uses: dict[str, Any] | None) -> str:
+    """For a config that matches nothing without a probe and with ``targets=None``: the rule
+    that picked the candidates, the leaves it passed over, and what to pass instead."""
+    if uses is not None or config.targets is not None:
+        return ""
+    big = [p for p, leaf in leaves.items() if getattr(leaf, "ndim", 0) >= 2]
+    others = [p for p in big if p.rsplit("/", 1)[-1] not in _FLAX_KERNEL_NAMES]
+    if others:
+        example = "|".join(re.escape(p) for p in others[:2])
+        todo = (
+            f"To adapt other leaves, pass targets= (regexes that re.fullmatch their paths, e.g. "
+            f"targets={example!r}; 2-D leaves then take their rows as the input axis) or "
+            "probe=lambda p: apply_fn(p, x) (every leaf the traced function contracts or "
+            "gathers becomes a kernel)."
+        )
+    else:
+        todo = "The tree has no other leaf of 2 or more dimensions to adapt."
+    return (
+        " Without a probe and with targets=None, only leaves named 'kernel' or 'embedding' "
+        f"(Flax's names) are candidates. Leaves of 2 or more dimensions in params: "
+        f"{describe(big, limit=10)}. {todo}"
+    )
 
 
 def _init_one(

@@ -206,7 +206,9 @@ def combine(
       ``a = Σᵢ σᵢ √|wᵢsᵢ| aᵢ`` and ``b = Σᵢ √|wᵢsᵢ| bᵢ`` with ``σᵢ = sign(wᵢsᵢ)``, so
       ``Δ = (Σᵢ σᵢ√|wᵢsᵢ| aᵢ)(Σⱼ √|wⱼsⱼ| bⱼ)``, which holds cross terms ``aᵢbⱼ`` (i ≠ j); for a
       single adapter ``Δ = w Δ₁`` exactly. All ranks must be equal (per kernel).
-    - ``"magnitude_prune"``, ``"ties"``, ``"dare_linear"``, ``"dare_ties"``: as ``"linear"``
+    - ``"magnitude_prune"``, ``"ties"`` (TIES-Merging, Yadav et al. 2023,
+      arXiv:2306.01708), ``"dare_linear"``, ``"dare_ties"`` (DARE, Yu et al. 2023,
+      arXiv:2311.03099): as ``"linear"``
       (same factor weights ``σᵢ√|wᵢsᵢ|`` for ``a``, ``√|wᵢsᵢ|`` for ``b``), but each factor
       ``F`` (``a``, then ``b``) is merged with PEFT's ``merge_utils`` rule ``merge({Fᵢ}, {vᵢ})``:
 
@@ -486,6 +488,7 @@ class StackedLoraWeights:
 
     @property
     def num_adapters(self) -> int:
+        """``N``, the number of stacked adapters."""
         return len(self.ranks)
 
     @property
@@ -495,17 +498,21 @@ class StackedLoraWeights:
 
     @property
     def out_axes(self) -> tuple[int, ...]:
+        """The kernel's output axes (those not in ``in_axes``), in order."""
         return tuple(i for i in range(len(self.kernel_shape)) if i not in self.in_axes)
 
     @property
     def in_shape(self) -> tuple[int, ...]:
+        """The sizes of the kernel's input axes ``I``."""
         return tuple(self.kernel_shape[i] for i in self.in_axes)
 
     @property
     def out_shape(self) -> tuple[int, ...]:
+        """The sizes of the kernel's output axes ``O``."""
         return tuple(self.kernel_shape[i] for i in self.out_axes)
 
     def replace(self, **changes: Any) -> StackedLoraWeights:
+        """A copy with the given fields changed (`dataclasses.replace`)."""
         return dataclasses.replace(self, **changes)
 
 
@@ -553,10 +560,18 @@ def stack(adapter_list: Sequence[PyTree]) -> PyTree:
 
     Raises:
       ValueError: the adapter sets adapt different kernels or disagree on a kernel's shape,
-        input axes or kind (naming the path).
+        input axes, kind or dropout rate (naming the path); DoRA or scan-stacked adapters.
       TypeError: ``adapter_list`` is not a list of adapter sets.
     """
     tables = _tables(adapter_list, "stack")
+    for path in tables[0]:
+        rates = [float(t[path].dropout) for t in tables]
+        if len(set(rates)) > 1:
+            raise ValueError(
+                f"lora.stack: the adapters for {path!r} have different dropout rates {rates}; "
+                "a routed call applies one rate per kernel. Give them one rate (e.g. "
+                "w.replace(dropout=...)) before stacking."
+            )
     return nest(_stack_tables(tables).items())
 
 

@@ -90,6 +90,14 @@ def wrap(apply_fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]
       only the low-rank branches use per-example factors, gathered from the stack. Concrete ids
       outside ``[-1, N)`` raise ``ValueError``; traced ids cannot be checked, and an
       out-of-range traced id runs the base model.
+
+    Raises:
+      ValueError: an unknown ``mode``; in mode ``"factored"``, a use of an adapted kernel that
+        cannot be factored (naming the kernel path and the operation); adapters for paths that
+        are not kernels of ``params`` or of the wrong shape (naming the path); with
+        ``lora_ids``, ids out of range, a batch size that differs between inputs or from the
+        ids, a per-example keyword input or an output without a batch axis.
+      TypeError: ``lora_ids`` not integers, or a plain (unstacked) adapter tree with ``lora_ids``.
     """
     if mode not in MODES:
         raise ValueError(f"lora.wrap: mode must be one of {MODES}; got {mode!r}.")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import flax_lora as lora
@@ -123,3 +126,155 @@ def test_frozen() -> None:
     c = lora.LoraConfig()
     with pytest.raises(AttributeError):
         c.rank = 3
+
+
+# every field is checked when the config is made: wrong type -> TypeError, bad value -> ValueError,
+# the message starts with the field's name and shows what was given
+@pytest.mark.parametrize(
+    ("kw", "error", "field", "shown"),
+    [
+        (dict(alpha="abc"), TypeError, "alpha", "'abc'"),
+        (dict(alpha=True), TypeError, "alpha", "True"),
+        (dict(alpha=None), TypeError, "alpha", "None"),
+        (dict(alpha=float("nan")), ValueError, "alpha", "nan"),
+        (dict(alpha=float("inf")), ValueError, "alpha", "inf"),
+        (dict(rank=True), TypeError, "rank", "True"),
+        (dict(rank="4"), TypeError, "rank", "'4'"),
+        (dict(dropout="x"), TypeError, "dropout", "'x'"),
+        (dict(dropout=-0.1), ValueError, "dropout", "-0.1"),
+        (dict(dropout=1.5), ValueError, "dropout", "1.5"),
+        (dict(alpha_pattern={"q": "x"}), TypeError, "alpha_pattern['q']", "'x'"),
+        (dict(alpha_pattern={"q": False}), TypeError, "alpha_pattern['q']", "False"),
+        (dict(alpha_pattern={3: 1.0}), TypeError, "alpha_pattern", "3"),
+        (dict(alpha_pattern=[("q", 1.0)]), TypeError, "alpha_pattern", "[('q', 1.0)]"),
+        (dict(rank_pattern={"q": "x"}), TypeError, "rank_pattern['q']", "'x'"),
+        (dict(rank_pattern={"q": True}), TypeError, "rank_pattern['q']", "True"),
+        (dict(rank_pattern={("a", "b"): 2}), TypeError, "rank_pattern", "('a', 'b')"),
+        (dict(rank_pattern="q"), TypeError, "rank_pattern", "'q'"),
+        (dict(layers=["a"]), TypeError, "layers", "'a'"),
+        (dict(layers=[1.0]), TypeError, "layers", "1.0"),
+        (dict(layers=[True]), TypeError, "layers", "True"),
+        (dict(layers="12"), TypeError, "layers", "'12'"),
+        (dict(layers=2.5), TypeError, "layers", "2.5"),
+        (dict(layers=[0, -1]), ValueError, "layers", "-1"),
+        (dict(targets=5), TypeError, "targets", "5"),
+        (dict(targets=[r"q", 5]), TypeError, "targets", "5"),
+        (dict(targets=b"q"), TypeError, "targets", "b'q'"),
+        (dict(exclude=5), TypeError, "exclude", "5"),
+        (dict(init=5), TypeError, "init", "5"),
+        (dict(rslora=1), TypeError, "rslora", "1"),
+        (dict(rslora="yes"), TypeError, "rslora", "'yes'"),
+        (dict(dora=None), TypeError, "dora", "None"),
+        (dict(dtype=None), TypeError, "dtype", "None"),
+        (dict(loftq_iter=1.0), TypeError, "loftq_iter", "1.0"),
+        (dict(loftq_dtype=4), TypeError, "loftq_dtype", "4"),
+    ],
+)
+def test_every_field_is_checked(kw, error, field, shown) -> None:
+    with pytest.raises(error) as e:
+        lora.LoraConfig(**kw)
+    msg = str(e.value)
+    assert type(e.value) is error
+    assert msg.startswith(f"LoraConfig.{field}"), msg
+    assert shown in msg, msg
+    # says what was expected, not a bare Python conversion message
+    assert any(w in msg for w in ("must", "takes")), msg
+    assert "could not convert" not in msg and "invalid literal" not in msg
+
+
+def test_accepted_inputs_are_normalised() -> None:
+    c = lora.LoraConfig(
+        rank=np.int64(3),
+        alpha=np.float32(1.5),
+        rank_pattern={"q": np.int32(2)},
+        alpha_pattern={"k": 2, "v": np.float64(0.25), "o": jnp.asarray(4.0)},
+        dropout=np.float32(0.5),
+        rslora=np.bool_(True),
+        layers=np.array([2, 0]),
+        loftq_iter=np.int8(2),
+    )
+    assert c.rank == 3 and type(c.rank) is int
+    assert c.alpha == 1.5 and type(c.alpha) is float
+    assert c.rank_pattern == {"q": 2} and type(c.rank_pattern["q"]) is int
+    assert c.alpha_pattern == {"k": 2.0, "v": 0.25, "o": 4.0}
+    assert all(type(a) is float for a in c.alpha_pattern.values())
+    assert c.dropout == 0.5 and c.rslora is True and c.loftq_iter == 2
+    assert c.layers == (2, 0) and all(type(i) is int for i in c.layers)
+    assert lora.LoraConfig(alpha=16).alpha == 16.0
+    assert lora.LoraConfig(layers=np.int64(1)).layers == (1,)
+    assert lora.LoraConfig(layers=(1, 3)).layers == lora.LoraConfig(layers=[1, 3]).layers
+    assert lora.LoraConfig(targets=("a", "b")).targets == ("a", "b")
+    import json
+
+    json.dumps(c.to_dict())  # plain Python numbers: JSON-ready
+    assert lora.LoraConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+# ---------------------------------------------------------------------------------------------
+# hashing: a config is a jax.jit static argument and a dict key
+# ---------------------------------------------------------------------------------------------
+def _config(**kw) -> lora.LoraConfig:
+    base = dict(rank=4, alpha=8.0, rank_pattern={"query": 2}, alpha_pattern={"mlp": 3.0})
+    return lora.LoraConfig(**{**base, **kw})
+
+
+def test_equal_configs_hash_equal() -> None:
+    a, b = _config(), _config()
+    assert a is not b and a == b and hash(a) == hash(b)
+    assert hash(lora.LoraConfig()) == hash(lora.LoraConfig())
+    # equal after normalisation: equal hashes too
+    assert lora.LoraConfig(alpha=16) == lora.LoraConfig(alpha=16.0)
+    assert hash(lora.LoraConfig(alpha=16)) == hash(lora.LoraConfig(alpha=16.0))
+    x, y = lora.LoraConfig(dtype=jnp.bfloat16), lora.LoraConfig(dtype=np.dtype(jnp.bfloat16))
+    assert x == y and hash(x) == hash(y)
+    assert lora.LoraConfig(targets="a") == lora.LoraConfig(targets=["a"])
+    table = {a: "first"}
+    assert table[b] == "first" and len({a, b, _config(rank=5)}) == 2
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(rank_pattern={"query": 3}),
+        dict(rank_pattern={"query": 2, "key": 2}),
+        dict(alpha_pattern={"mlp": 4.0}),
+        dict(alpha_pattern={}),
+        dict(layers=(0,)),
+        dict(exclude="x"),
+        dict(dtype=jnp.bfloat16),
+    ],
+)
+def test_configs_that_differ_compare_and_hash_differently(kw) -> None:
+    a, b = _config(), _config(**kw)
+    assert a != b and hash(a) != hash(b) and len({a: 0, b: 1}) == 2
+
+
+def test_pattern_order_is_part_of_equality() -> None:
+    # first match wins: these two give "attn/query" different ranks, so they must differ
+    qa = lora.LoraConfig(rank_pattern={"query": 4, "attn": 2})
+    aq = lora.LoraConfig(rank_pattern={"attn": 2, "query": 4})
+    assert (qa.rank_for("attn/query"), aq.rank_for("attn/query")) == (4, 2)
+    assert qa != aq and hash(qa) != hash(aq)
+
+
+def test_config_as_a_jit_static_argument() -> None:
+    traces = []
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def scaled(x, config):
+        traces.append(config)
+        return x * config.scale_for("h0/attn/query/kernel")
+
+    x = jnp.ones(3)
+    # scale = alpha / rank of the first matching rank_pattern: 8 / 2
+    np.testing.assert_allclose(scaled(x, _config()), np.full(3, 8.0 / 2))
+    np.testing.assert_allclose(scaled(x, _config()), np.full(3, 8.0 / 2))  # equal config: cached
+    assert len(traces) == 1
+    np.testing.assert_allclose(scaled(x, _config(rank_pattern={"query": 4})), np.full(3, 2.0))
+    assert len(traces) == 2
+    # same dict contents in another order: another first match, so no stale cache hit
+    qa = lora.LoraConfig(alpha=8.0, rank_pattern={"query": 4, "attn": 2})
+    aq = lora.LoraConfig(alpha=8.0, rank_pattern={"attn": 2, "query": 4})
+    np.testing.assert_allclose(scaled(x, qa), np.full(3, 8.0 / 4))
+    np.testing.assert_allclose(scaled(x, aq), np.full(3, 8.0 / 2))
+    assert len(traces) == 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -346,3 +347,46 @@ def test_init_needs_a_config() -> None:
     _, variables, _ = mlp()
     with pytest.raises(TypeError, match="LoraConfig"):
         lora.init(jax.random.key(0), variables, {"rank": 2})
+
+
+def test_plain_params_without_probe_say_what_to_pass() -> None:
+    # plain JAX params: no leaf is named "kernel" or "embedding"
+    params = {"w1": jnp.ones((4, 8)), "w2": jnp.ones((8, 2)), "b": jnp.ones(8)}
+    with pytest.raises(ValueError) as e:
+        lora.init(jax.random.key(0), params, lora.LoraConfig(rank=2))
+    msg = str(e.value)
+    assert "matches no kernel" in msg
+    assert "'kernel'" in msg and "'embedding'" in msg  # the rule that was applied
+    assert "'w1'" in msg and "'w2'" in msg and "'b'" not in msg  # the 2-D+ leaves
+    assert "targets=" in msg and "probe=" in msg  # what to pass instead
+    # more than 10 such leaves: 10 shown, the rest counted
+    many = {f"layer{i:02d}": jnp.ones((2, 2)) for i in range(13)}
+    with pytest.raises(ValueError) as e:
+        lora.init(jax.random.key(0), many, lora.LoraConfig())
+    assert "'layer09'" in str(e.value) and "'layer10'" not in str(e.value)
+    assert "and 3 more" in str(e.value)
+
+
+def test_plain_params_follow_the_advice() -> None:
+    """Both ways out named by the error adapt the plain leaves: the adapted model matches
+    W0 + scale * a @ b computed in float64."""
+    rng = np.random.default_rng(0)
+    params = {
+        "w1": jnp.asarray(rng.normal(size=(4, 8)), jnp.float32),
+        "w2": jnp.asarray(rng.normal(size=(8, 2)), jnp.float32),
+        "b": jnp.zeros(8),
+    }
+    x = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+    apply = lambda p, x: jnp.tanh(x @ p["w1"] + p["b"]) @ p["w2"]
+    config = lora.LoraConfig(rank=2, alpha=3.0, init="random")
+    by_targets = lora.init(jax.random.key(1), params, dataclasses.replace(config, targets="w1|w2"))
+    by_probe = lora.init(jax.random.key(1), params, config, probe=lambda p: apply(p, x))
+    for adapters in (by_targets, by_probe):
+        assert set(adapters) == {"w1", "w2"}
+        p64 = {k: np.asarray(v, np.float64) for k, v in params.items()}
+        for k, w in adapters.items():
+            assert tuple(w.in_axes) == (0,) and w.kind == "dense"
+            p64[k] = p64[k] + 1.5 * np.asarray(w.a, np.float64) @ np.asarray(w.b, np.float64)
+        want = np.tanh(np.asarray(x, np.float64) @ p64["w1"] + p64["b"]) @ p64["w2"]
+        got = lora.wrap(apply)(params, adapters, x)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
