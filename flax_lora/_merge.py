@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax_lora._adapters import adapter_table, check_fits, delta
 from flax_lora._dora import dora_kernel
 from flax_lora._paths import describe, path_str
-from flax_lora._quant import dequantize
+from flax_lora._quant import dequantize_kernel, is_quantized
 from flax_lora._quant import requantize as requantize_like
 
 PyTree = Any
@@ -32,10 +32,12 @@ def merge(params: PyTree, adapters: PyTree, requantize: bool = False) -> PyTree:
     kernel's dtype; every other leaf is returned untouched, and the tree keeps its type (a Linen
     variables dict, an NNX state). Pure and jit-able.
 
-    On a quantized base (`lora.quantize`, QLoRA) the quantized kernels are dequantized first and
-    the merged kernels are returned as plain arrays; ``requantize=True`` stores them quantized
-    again in their base's format (`lora.requantize`, which warns with the rounding error it
-    introduces: a small LoRA update is mostly lost to the quantization grid).
+    On a quantized base (`lora.quantize`, QLoRA) each adapted quantized kernel is dequantized
+    first and comes back merged as a plain array of its original dtype; a quantized kernel
+    without an adapter is returned untouched (the same `QuantizedKernel`). ``requantize=True``
+    stores the merged kernels quantized again in their base's format (`lora.requantize`, which
+    warns with the rounding error it introduces: a small LoRA update is mostly lost to the
+    quantization grid).
 
     Example:
       >>> merged = jax.jit(lora.merge)(params, adapters)
@@ -52,12 +54,21 @@ def merge(params: PyTree, adapters: PyTree, requantize: bool = False) -> PyTree:
     Raises:
       ValueError: an adapter's path is not in ``params``, or its kernel shape does not fit.
     """
-    merged = _fold(dequantize(params), adapters, +1.0)
-    return requantize_like(merged, params) if requantize else merged
+    merged, dequantized = _fold(params, adapters, +1.0)
+    if not requantize:
+        return merged
+    has_quantized = any(is_quantized(x) for x in jax.tree.leaves(params, is_leaf=is_quantized))
+    if has_quantized and not dequantized:
+        return merged  # no quantized kernel was merged: nothing to quantize again
+    # raises on a base without QuantizedKernels; the unadapted ones pass through untouched
+    return requantize_like(merged, params)
 
 
 def unmerge(params: PyTree, adapters: PyTree) -> PyTree:
     """The inverse of `merge`: ``W0 = W - scale * a @ b``, with the same precision rule.
+
+    As in `merge`, an adapted `QuantizedKernel` is dequantized and returned as a plain array;
+    every other leaf, quantized or not, is returned untouched.
 
     DoRA adapters cannot be unmerged (``W`` does not determine ``||V||``, so ``W0`` is lost):
     they raise ``ValueError``; keep the base params instead (`merge` does not change them).
@@ -76,15 +87,18 @@ def unmerge(params: PyTree, adapters: PyTree) -> PyTree:
       ValueError: an adapter's path is not in ``params``, or its kernel shape does not fit; an
         adapter is a DoRA adapter.
     """
-    return _fold(dequantize(params), adapters, -1.0)
+    return _fold(params, adapters, -1.0)[0]
 
 
-def _fold(params: PyTree, adapters: PyTree, sign: float) -> PyTree:
+def _fold(params: PyTree, adapters: PyTree, sign: float) -> tuple[PyTree, bool]:
+    """The folded tree, and whether an adapted kernel was a `QuantizedKernel` (dequantized
+    here; quantized kernels without an adapter are passed through untouched)."""
     if adapters is None:
-        return params
+        return params, False
     table = adapter_table(adapters)
     seen: set[str] = set()
     kernels: list[str] = []
+    dequantized: list[str] = []
 
     def fold(keypath: Any, leaf: Any) -> Any:
         path = path_str(keypath)
@@ -95,6 +109,9 @@ def _fold(params: PyTree, adapters: PyTree, sign: float) -> PyTree:
             return leaf
         seen.add(path)
         check_fits(path, w, tuple(leaf.shape))
+        if is_quantized(leaf):  # only adapted kernels are dequantized
+            dequantized.append(path)
+            leaf = dequantize_kernel(leaf)
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
             raise TypeError(f"Kernel {path!r} has dtype {leaf.dtype}; expected a floating dtype.")
         compute = jnp.promote_types(leaf.dtype, jnp.float32)
@@ -105,11 +122,11 @@ def _fold(params: PyTree, adapters: PyTree, sign: float) -> PyTree:
         out = leaf.astype(compute) + sign * delta(w, compute)
         return out.astype(leaf.dtype)
 
-    out = jax.tree_util.tree_map_with_path(fold, params)
+    out = jax.tree_util.tree_map_with_path(fold, params, is_leaf=is_quantized)
     missing = [p for p in table if p not in seen]
     if missing:
         raise ValueError(
             f"Adapters for {describe(missing)} have no kernel at that path in params. Kernels in "
             f"params: {describe(kernels, limit=20)}. Were these adapters made for another model?"
         )
-    return out
+    return out, bool(dequantized)

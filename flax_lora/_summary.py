@@ -10,6 +10,7 @@ from typing import Any
 import jax
 
 from flax_lora._adapters import adapter_table
+from flax_lora._quant import is_quantized
 
 PyTree = Any
 
@@ -39,8 +40,9 @@ class Summary:
         and bytes, kernel parameters).
       trainable_params: parameters in the adapters.
       trainable_bytes: their bytes.
-      base_params: parameters of the base params tree.
-      base_bytes: its bytes.
+      base_params: parameters of the base params tree (a `QuantizedKernel` counts as the
+        elements of the kernel it stands for).
+      base_bytes: its bytes (of a `QuantizedKernel`, the bytes it stores).
     """
 
     rows: tuple[Row, ...]
@@ -86,6 +88,10 @@ def _human(n: int) -> str:
 
 
 def _size(x: Any) -> tuple[int, int]:
+    """(elements, bytes) of an array; a `QuantizedKernel` counts the elements of the kernel it
+    stands for and the bytes of its stored arrays (codes, absmax, double-quant scales)."""
+    if is_quantized(x):
+        return math.prod(x.shape), sum(_size(leaf)[1] for leaf in jax.tree.leaves(x))
     n = math.prod(getattr(x, "shape", ()))
     return n, n * getattr(getattr(x, "dtype", None), "itemsize", 0)
 
@@ -102,7 +108,7 @@ def _parameters(params: PyTree) -> list[Any]:
         pass
     if isinstance(params, Mapping) and "params" in params:
         params = params["params"]
-    leaves = jax.tree.leaves(params)
+    leaves = jax.tree.leaves(params, is_leaf=is_quantized)
     is_key = lambda x: hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
     return [x for x in leaves if not is_key(x)]
 
@@ -117,7 +123,11 @@ def summary(params: PyTree, adapters: PyTree, show: bool = True) -> Summary:
     Args:
       params: the base params tree. As in PEFT, only parameters count: of an NNX state its
         ``nnx.Param`` variables (not batch statistics or RNG state), of a Linen variables
-        dict its ``"params"`` collection (not ``"batch_stats"``).
+        dict its ``"params"`` collection (not ``"batch_stats"``). On a quantized base
+        (`lora.quantize`) a `QuantizedKernel` counts as the parameters of the kernel it stands
+        for (its ``shape``), so the counts and the trainable % are those of the float model,
+        and as the bytes it actually stores (codes, absmax and any double-quantization
+        scales).
       adapters: the adapters.
       show: print the table (the default), as PEFT's ``print_trainable_parameters`` does.
 
@@ -126,7 +136,7 @@ def summary(params: PyTree, adapters: PyTree, show: bool = True) -> Summary:
     """
     from flax_lora._paths import flatten
 
-    kernels = flatten(params)
+    kernels = flatten(params, is_leaf=is_quantized)
     rows = []
     for path, w in adapter_table(adapters).items():
         (na, ba), (nb, bb) = _size(w.a), _size(w.b)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -614,3 +615,126 @@ def test_init_on_a_quantized_base_needs_no_values_but_pissa_does() -> None:
     q = lora.quantize(variables, dtype="nf4", block_size=8)
     with pytest.raises(TypeError, match=r"init='pissa'.*QuantizedKernel"):
         lora.init(jax.random.key(0), q, lora.LoraConfig(rank=2, init="pissa"))
+
+
+# ---------------------------------------------------------------------------------------------
+# merge / unmerge on a quantized base: only the adapted kernels are dequantized
+# ---------------------------------------------------------------------------------------------
+def ref_dequant64(w: np.ndarray, fmt: str, block: int, double_quant: bool) -> np.ndarray:
+    """deQ(Q(w)) in float64 from the test's own references (no near-ties allowed)."""
+    if fmt == "int8":
+        _, absmax, deq = ref_int8(w)
+        t = np.asarray(w, np.float64) * 127.0 / absmax
+        assert (np.abs(t - np.floor(t) - 0.5) > 1e-4).all()  # no rounding ties in the data
+        return deq
+    r = ref_nf4(w, block)
+    assert not near_tie(r["t"][: w.size], NF4_BNB).any()
+    if not double_quant:
+        return r["deq"]
+    d = ref_double(r["absmax"])
+    assert not near_tie(d["t"], DYN, tol=1e-6).any()
+    vals = NF4_BNB[r["codes"]].astype(np.float64).reshape(-1, block) * d["deq"][:, None]
+    return vals.reshape(-1)[: w.size].reshape(w.shape)
+
+
+QUANT_KW = [
+    dict(dtype="int8"),
+    dict(dtype="nf4", block_size=8),
+    dict(dtype="nf4", block_size=8, double_quant=True),
+]
+
+
+@pytest.mark.parametrize("kw", QUANT_KW, ids=["int8", "nf4", "nf4-dq"])
+def test_merge_dequantizes_only_the_adapted_kernels(kw: dict) -> None:
+    _, variables, _ = mlp()
+    q = lora.quantize(variables, targets=r".*/(fc1|head)/kernel", **kw)  # fc0 stays float
+    config = lora.LoraConfig(rank=2, alpha=3.0, init="random", targets=r".*/fc1/kernel")
+    adapters = lora.init(jax.random.key(0), variables, config)
+    ad = adapters["params"]["fc1"]["kernel"]
+    w = np.asarray(variables["params"]["fc1"]["kernel"])
+    deq = ref_dequant64(w, kw["dtype"], kw.get("block_size", 0), kw.get("double_quant", False))
+    delta = ref_delta64(ad.a, ad.b, (0,), 1.5)
+    head = q["params"]["head"]["kernel"]
+    for fn, want in ((lora.merge, deq + delta), (lora.unmerge, deq - delta)):
+        out = fn(q, adapters)
+        # the unadapted quantized kernel: the very same QuantizedKernel, codes and scales
+        kept = out["params"]["head"]["kernel"]
+        assert isinstance(kept, lora.QuantizedKernel) and kept is head
+        for name in ("codes", "absmax", "absmax_scale", "absmax_offset"):
+            assert getattr(kept, name) is getattr(head, name)
+        # every other leaf untouched too
+        for name in ("fc0", "fc1", "head"):
+            assert out["params"][name]["bias"] is q["params"][name]["bias"]
+        assert out["params"]["fc0"]["kernel"] is q["params"]["fc0"]["kernel"]
+        # the adapted kernel: a plain float32 array, deQ(W) +/- scale * a @ b
+        got = out["params"]["fc1"]["kernel"]
+        assert not isinstance(got, lora.QuantizedKernel)
+        assert got.dtype == jnp.float32 and got.shape == w.shape
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-6, atol=1e-6)
+        assert set(quantized_paths(out)) == {"params/head/kernel"}
+    # jitted: the unadapted kernel comes back quantized with the same codes and scales
+    out = jax.jit(lora.merge)(q, adapters)
+    kept = out["params"]["head"]["kernel"]
+    assert isinstance(kept, lora.QuantizedKernel)
+    for u, v in zip(jax.tree.leaves(kept), jax.tree.leaves(head), strict=True):
+        assert u.dtype == v.dtype
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    np.testing.assert_allclose(
+        np.asarray(out["params"]["fc1"]["kernel"], np.float64), deq + delta, rtol=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("kw", QUANT_KW, ids=["int8", "nf4", "nf4-dq"])
+def test_merge_without_adapters_leaves_a_quantized_tree_untouched(kw: dict) -> None:
+    _, variables, _ = mlp()
+    q = lora.quantize(variables, **kw)
+    for out in (lora.merge(q, None), lora.unmerge(q, None), lora.merge(q, None, requantize=True)):
+        flat_q = jax.tree_util.tree_flatten(
+            q, is_leaf=lambda x: isinstance(x, lora.QuantizedKernel)
+        )
+        flat_o = jax.tree_util.tree_flatten(
+            out, is_leaf=lambda x: isinstance(x, lora.QuantizedKernel)
+        )
+        assert flat_o[1] == flat_q[1]
+        assert len(quantized_paths(out)) == 3
+        for u, v in zip(flat_o[0], flat_q[0], strict=True):
+            assert u is v
+
+
+def test_merge_requantize_keeps_unadapted_kernels_as_they_were() -> None:
+    _, variables, _ = mlp()
+    q = lora.quantize(variables, dtype="nf4", block_size=8)
+    config = lora.LoraConfig(rank=2, alpha=3.0, init="random", targets=r".*/fc1/kernel")
+    adapters = lora.init(jax.random.key(0), variables, config)
+    with pytest.warns(
+        UserWarning, match=r"relative error .*\(at 'params/fc1/kernel'; mean .* over 1 kernels"
+    ):
+        out = lora.merge(q, adapters, requantize=True)
+    # the adapted kernel quantized again from the float merge, in the base's format
+    float_merge = lora.merge(q, adapters)["params"]["fc1"]["kernel"]
+    again = out["params"]["fc1"]["kernel"]
+    assert isinstance(again, lora.QuantizedKernel)
+    assert (again.format, again.block_size, again.shape) == ("nf4", 8, (6, 6))
+    fresh = lora.quantize_kernel(float_merge, "nf4", block_size=8)
+    np.testing.assert_array_equal(np.asarray(again.codes), np.asarray(fresh.codes))
+    # the others: the very same objects, not a re-quantization of their dequantized values
+    for name in ("fc0", "head"):
+        assert out["params"][name]["kernel"] is q["params"][name]["kernel"]
+    # adapters only on a float kernel of a partly quantized base: nothing is rounded, no warning
+    q_head = lora.quantize(variables, targets=r".*/head/kernel", dtype="int8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = lora.merge(q_head, adapters, requantize=True)
+    assert out["params"]["head"]["kernel"] is q_head["params"]["head"]["kernel"]
+    np.testing.assert_allclose(
+        np.asarray(out["params"]["fc1"]["kernel"], np.float64),
+        np.asarray(variables["params"]["fc1"]["kernel"], np.float64)
+        + ref_delta64(
+            adapters["params"]["fc1"]["kernel"].a, adapters["params"]["fc1"]["kernel"].b, (0,), 1.5
+        ),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    # requantize=True on a base with nothing quantized still says so
+    with pytest.raises(ValueError, match="holds no QuantizedKernel"):
+        lora.merge(variables, adapters, requantize=True)

@@ -75,3 +75,72 @@ def test_only_parameters_count_not_batch_stats_or_rng_state() -> None:
     adapters = lora.init(jax.random.key(0), variables, lora.LoraConfig(rank=1))
     s = lora.summary(variables, adapters, show=False)
     assert s.base_params == 12 + 4 + 8 and s.trainable_params == 3 + 4
+
+
+# ---------------------------------------------------------------------------------------------
+# a quantized base (QLoRA): the same parameter counts, the bytes actually stored
+# ---------------------------------------------------------------------------------------------
+class TwoDense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(30, name="out")(nn.Dense(48, name="fc")(x))
+
+
+# fc: kernel 64x48 + bias 48; out: kernel 48x30 + bias 30; adapters rank 4 on both kernels
+TWO_DENSE_BASE = 64 * 48 + 48 + 48 * 30 + 30  # 4590
+TWO_DENSE_TRAINABLE = 4 * (64 + 48) + 4 * (48 + 30)  # 760
+TWO_DENSE_BIAS_BYTES = 4 * (48 + 30)
+# stored bytes of the two kernels, by hand, from each format's layout (NF4 block 64: fc is
+# 3072 / 64 = 48 blocks, out 1440 / 64 = 22.5 -> 23 blocks, the last one zero-padded)
+TWO_DENSE_KERNEL_BYTES = {
+    "float32": 4 * (64 * 48 + 48 * 30),
+    # int8 codes, one float32 absmax per output channel
+    "int8": (64 * 48 + 48 * 30) + 4 * (48 + 30),
+    # two 4-bit codes per byte over whole blocks, one float32 absmax per block
+    "nf4": (48 * 64 + 23 * 64) // 2 + 4 * (48 + 23),
+    # uint8 absmax codes per block, one float32 absmax per 256 blocks (1 each), a float32 offset
+    "nf4-dq": (48 * 64 + 23 * 64) // 2 + (48 + 23) + 4 * (1 + 1) + 4 * (1 + 1),
+}
+
+
+def _quantized_variants(variables):
+    return {
+        "float32": variables,
+        "int8": lora.quantize(variables, dtype="int8"),
+        "nf4": lora.quantize(variables, dtype="nf4", block_size=64),
+        "nf4-dq": lora.quantize(variables, dtype="nf4", block_size=64, double_quant=True),
+    }
+
+
+def test_quantized_base_counts_its_kernels_as_parameters_and_its_storage_as_bytes() -> None:
+    variables = TwoDense().init(jax.random.key(0), jnp.ones((1, 64)))
+    adapters = lora.init(jax.random.key(1), variables, lora.LoraConfig(rank=4))
+    fraction = TWO_DENSE_TRAINABLE / (TWO_DENSE_BASE + TWO_DENSE_TRAINABLE)
+    stored = {}
+    for fmt, params in _quantized_variants(variables).items():
+        s = lora.summary(params, adapters, show=False)
+        stored[fmt] = s.base_bytes
+        assert (s.base_params, s.trainable_params) == (TWO_DENSE_BASE, TWO_DENSE_TRAINABLE), fmt
+        assert s.total_params == TWO_DENSE_BASE + TWO_DENSE_TRAINABLE
+        assert abs(s.trainable_fraction - fraction) < 1e-12, fmt
+        assert s.base_bytes == TWO_DENSE_KERNEL_BYTES[fmt] + TWO_DENSE_BIAS_BYTES, fmt
+        assert s.trainable_bytes == 4 * TWO_DENSE_TRAINABLE
+        rows = {r.path: r for r in s.rows}
+        assert rows["params/fc/kernel"].kernel_params == 64 * 48, fmt
+        assert rows["params/out/kernel"].kernel_params == 48 * 30, fmt
+        assert (rows["params/fc/kernel"].params, rows["params/out/kernel"].params) == (448, 312)
+    # the stored bytes shrink: f32 > int8 > nf4 > nf4 with double quantization
+    assert stored["float32"] > stored["int8"] > stored["nf4"] > stored["nf4-dq"]
+
+
+def test_quantized_nnx_state_counts_like_the_float_one() -> None:
+    m = build("nnx_mha")  # q, k, v: kernel (6, 2, 2) + bias (2, 2); out: kernel (2, 2, 6) + bias 6
+    adapters = lora.init(jax.random.key(0), m.params, lora.LoraConfig(rank=3), probe=m.probe)
+    q = lora.quantize(m.params, dtype="nf4", block_size=64)
+    s = lora.summary(q, adapters, show=False)
+    base = 3 * (24 + 4) + (24 + 6)
+    trainable = 3 * (18 + 12) + (12 + 18)
+    assert (s.base_params, s.trainable_params) == (base, trainable)
+    # each 24-value kernel: one zero-padded block of 64 -> 32 bytes of codes + a float32 absmax
+    assert s.base_bytes == 4 * (32 + 4) + 4 * (3 * 4 + 6)
+    assert all(r.kernel_params == 24 for r in s.rows) and len(s.rows) == 4
