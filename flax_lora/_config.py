@@ -90,6 +90,11 @@ class LoraConfig:
       dora: DoRA (PEFT ``use_dora``; Liu et al. 2024): each adapter also holds a magnitude
         ``m`` (one entry per output unit, initialised to ``W0``'s norm over the input axes) and
         the kernel becomes ``m * V / ||V||`` with ``V = W0 + scale * a @ b``, the norm detached.
+      layers_pattern: with ``layers``, where a path's layer index is (PEFT ``layers_pattern``):
+        a regex (or several) that must ``re.fullmatch`` one ``/``-separated component of the
+        path; the index is the number in that component (``h3``, ``block_3``) or, if it has
+        none, the next component (``layers/3``). Paths with no such component are not adapted.
+        ``None``: the first number in the path. For paths like ``stage_2/block_3``.
     """
 
     rank: int = 8
@@ -106,6 +111,7 @@ class LoraConfig:
     loftq_iter: int = 1
     loftq_dtype: str = "nf4"
     dora: bool = False
+    layers_pattern: Patterns = None
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -146,6 +152,7 @@ class LoraConfig:
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"LoraConfig.dtype must be a floating dtype; got {dtype}.")
         set_("layers", _check_layers(self.layers))
+        set_("layers_pattern", _as_patterns(self.layers_pattern, "layers_pattern"))
         if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int | np.integer):
             raise TypeError(
                 f"LoraConfig.loftq_iter must be an int; got {self.loftq_iter!r} "
@@ -183,6 +190,7 @@ class LoraConfig:
             self.loftq_iter,
             self.loftq_dtype,
             self.dora,
+            self.layers_pattern,
         )
 
     def __eq__(self, other: object) -> bool:
@@ -205,7 +213,7 @@ class LoraConfig:
         if any(re.fullmatch(p, path) for p in self.exclude):
             return False
         if self.layers is not None and layer_in_path:
-            index = layer_index(path)
+            index = layer_index(path, self.layers_pattern)
             if index is None or index not in self.layers:
                 return False
         return True
@@ -233,7 +241,7 @@ class LoraConfig:
         """A JSON-ready dict of the fields (dtype by name)."""
         d = dataclasses.asdict(self)
         d["dtype"] = np.dtype(self.dtype).name
-        for k in ("targets", "exclude", "layers"):
+        for k in ("targets", "exclude", "layers", "layers_pattern"):
             d[k] = list(d[k]) if d[k] is not None else None
         return d
 
@@ -245,10 +253,21 @@ class LoraConfig:
         return cls(**d)
 
 
-def layer_index(path: str) -> int | None:
-    """The first number in a path (``h3/attn`` -> 3, ``layers/2/mlp`` -> 2), or ``None``."""
-    m = re.search(r"(\d+)", path)
-    return int(m.group(1)) if m else None
+def layer_index(path: str, patterns: Sequence[str] | None = None) -> int | None:
+    """A path's layer index, or ``None``: without ``patterns`` the first number in the path
+    (``h3/attn`` -> 3, ``layers/2/mlp`` -> 2); with them, the number in the first component that
+    fully matches one of them, or in the component after it (``LoraConfig.layers_pattern``)."""
+    if patterns is None:
+        m = re.search(r"(\d+)", path)
+        return int(m.group(1)) if m else None
+    parts = path.split("/")
+    for i, part in enumerate(parts):
+        if any(re.fullmatch(p, part) for p in patterns):
+            for candidate in (part, parts[i + 1] if i + 1 < len(parts) else ""):
+                m = re.search(r"(\d+)", candidate)
+                if m:
+                    return int(m.group(1))
+    return None
 
 
 def _check_rank(rank: Any, name: str) -> int:

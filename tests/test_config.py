@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import adapter_entries
 
 import flax_lora as lora
 
@@ -278,3 +279,31 @@ def test_config_as_a_jit_static_argument() -> None:
     np.testing.assert_allclose(scaled(x, qa), np.full(3, 8.0 / 4))
     np.testing.assert_allclose(scaled(x, aq), np.full(3, 8.0 / 2))
     assert len(traces) == 4
+
+
+def test_layers_pattern_picks_the_layer_component() -> None:
+    """PEFT's layers_pattern: the index is read from the named component (or the next one),
+    not from the first number in the path."""
+
+    paths = [f"params/stage_{s}/block_{b}/kernel" for s in range(2) for b in range(3)]
+    params = {
+        "params": {
+            f"stage_{s}": {f"block_{b}": {"kernel": jnp.ones((4, 4))} for b in range(3)}
+            for s in range(2)
+        }
+    }
+    by_block = lora.LoraConfig(layers=(1,), layers_pattern=r"block_\d+")
+    adapted = set(adapter_entries(lora.init(jax.random.key(0), params, by_block)))
+    assert adapted == {"params/stage_0/block_1/kernel", "params/stage_1/block_1/kernel"}
+    first_number = lora.LoraConfig(layers=(1,))  # the default reads the stage number
+    adapted = set(adapter_entries(lora.init(jax.random.key(0), params, first_number)))
+    assert adapted == {p for p in paths if p.startswith("params/stage_1/")}
+    # a component without a number: the index is in the next one
+    nested = lora.LoraConfig(layers=(2,), layers_pattern="layers")
+    assert nested.matches("params/encoder/layers/2/attn/kernel")
+    assert not nested.matches("params/encoder/layers/1/attn/kernel")
+    assert not nested.matches("params/decoder_2/attn/kernel")  # no 'layers' component
+    with pytest.raises(ValueError, match=r"LoraConfig.layers_pattern: '\(' is not a valid regex"):
+        lora.LoraConfig(layers=(1,), layers_pattern="(")
+    assert lora.LoraConfig.from_dict(by_block.to_dict()) == by_block
+    assert by_block != lora.LoraConfig(layers=(1,))
