@@ -60,7 +60,17 @@ def dense_branches(
     """
     lead = x.shape[:-1]
     x2 = jnp.reshape(x, (math.prod(lead), x.shape[-1]))
-    outs = _lowrank(x2, tuple(a), tuple(b), precision, out_type)
+    try:
+        outs = _lowrank(x2, tuple(a), tuple(b), precision, out_type)
+    except TypeError as e:
+        if "forward-mode" not in str(e):
+            raise
+        raise TypeError(
+            "lora.wrap: forward-mode autodiff (jax.jvp, jax.jacfwd, jax.hessian, jax.linearize) "
+            "is not available in modes 'auto' and 'factored': their Dense branch has a "
+            "hand-written backward pass (a custom_vjp). Use lora.wrap(apply_fn, mode='merged') "
+            "for forward-mode derivatives."
+        ) from e
     return tuple(jnp.reshape(u, (*lead, u.shape[-1])) for u in outs)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,3 +160,29 @@ def test_wrapped_signature_and_merged_dropout_warning() -> None:
     with pytest.warns(UserWarning, match="applies no LoRA dropout"):
         y = fn(m.params, adapters, m.x, lora_rng=jax.random.key(0))
     np.testing.assert_array_equal(y, fn(m.params, adapters, m.x))  # and indeed none
+
+
+def test_forward_mode_autodiff_merged_works_factored_explains() -> None:
+    """jax.jvp w.r.t. the adapters: mode "merged" gives the model's jvp with the kernel tangent
+    ``scale * (da @ b + a @ db)``; the factored modes raise an error that says to use it."""
+    model = nn.Dense(5)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)), jnp.float32)
+    params = model.init(jax.random.key(0), x)
+    config = lora.LoraConfig(rank=2, alpha=3.0, init="random")
+    adapters = lora.init(jax.random.key(1), params, config)
+    tangent = jax.tree.map(lambda t: 0.5 * jnp.ones_like(t), adapters)
+    y, dy = jax.jvp(
+        lambda ad: lora.wrap(model.apply, mode="merged")(params, ad, x), (adapters,), (tangent,)
+    )
+    w = adapters["params"]["kernel"]
+    dw = tangent["params"]["kernel"]
+    a, b, da, db = (np.asarray(v, np.float64) for v in (w.a, w.b, dw.a, dw.b))
+    kernel = np.asarray(params["params"]["kernel"], np.float64) + w.scale * a @ b
+    dkernel = w.scale * (da @ b + a @ db)
+    x64 = np.asarray(x, np.float64)
+    np.testing.assert_allclose(y, x64 @ kernel + np.asarray(params["params"]["bias"]), rtol=1e-5)
+    np.testing.assert_allclose(dy, x64 @ dkernel, rtol=1e-5, atol=1e-6)
+    for mode in ("auto", "factored"):
+        fn = lora.wrap(model.apply, mode=mode)
+        with pytest.raises(TypeError, match=r"forward-mode autodiff.*mode='merged'"):
+            jax.jvp(lambda ad: fn(params, ad, x), (adapters,), (tangent,))  # noqa: B023
