@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
-from flax_lora._adapters import adapter_table, check_fits
+from flax_lora._adapters import LoraWeights, adapter_table, check_fits
 from flax_lora._factored_rules import (
     DensePlan,
     conv_rule,
@@ -42,6 +42,14 @@ from flax_lora._factored_view import (
 )
 from flax_lora._paths import describe, path_str
 from flax_lora._probe import inner_jaxpr
+from flax_lora._routing import (
+    ROUTED_OPS,
+    RoutingFallback,
+    is_routed,
+    make_routed_view,
+    per_example,
+    routed_layout,
+)
 from flax_lora._scan import is_stacked, scan_rule
 
 PyTree = Any
@@ -87,9 +95,10 @@ class Interpreter:
       count: the number of dropout masks drawn so far (each branch folds it into ``key``).
     """
 
-    def __init__(self, mode: str, key: Any = None) -> None:
+    def __init__(self, mode: str, key: Any = None, batch: int | None = None) -> None:
         self.mode = mode
         self.key = key
+        self.batch = batch  # routing (`lora_ids`): the batch size; views carry per-example factors
         self.count = 0
         self.frames: list[_Frame] = []
         self.stash: dict[int, jax.Array] = {}  # low-rank branches computed ahead, by equation
@@ -107,6 +116,8 @@ class Interpreter:
 
     def fallback(self, v: KernelView, op: str, reason: str) -> jax.Array:
         """The merged kernel for a use that cannot be factored (mode "auto"), or an error."""
+        if is_routed(v):
+            raise RoutingFallback(f"kernel {v.path!r} is used by `{op}` ({reason})")
         if self.mode == "factored":
             raise ValueError(
                 f"lora.wrap(mode='factored'): kernel {v.path!r} is used by `{op}`, which cannot "
@@ -147,6 +158,15 @@ class Interpreter:
         name = eqn.primitive.name
         views = [x for x in invals if isinstance(x, KernelView)]
         first = invals[0]
+        if self.batch is not None and any(is_routed(v) for v in views):
+            if name in LAYOUT_OPS and len(invals) == 1:
+                return [routed_layout(first, lambda v: _layout(v, eqn))]
+            if name in ROUTED_OPS:
+                return per_example(
+                    eqn, invals, self.batch, self._next_key(), self.rule, self._with_key
+                )
+            if not (name in _INLINE | _REMAT and _sub(eqn) is not None):
+                raise RoutingFallback(f"kernel {views[0].path!r} is used by `{name}`")
         if name in LAYOUT_OPS and len(invals) == 1:
             return [_layout(first, eqn)]
         result: list[Any] | str | None = None
@@ -181,7 +201,7 @@ class Interpreter:
         if v.meta.why is not None:
             return None
         x = self._plain(invals[x_pos], "dot_general", "both operands are kernels")
-        plan = plan_dense(eqn, tuple(eqn.invars[x_pos].aval.shape), v, x_pos == 0)
+        plan = plan_dense(eqn, tuple(jnp.shape(x)), v, x_pos == 0)
         if isinstance(plan, str):
             return plan
         if plan.x_scale is not None:  # DoRA, kernel contracted on its output axes
@@ -223,7 +243,7 @@ class Interpreter:
         are drawn per adapter.
         """
         xvar = eqn.invars[x_pos]
-        if self.key is not None or isinstance(xvar, jex_core.Literal):
+        if self.key is not None or self.batch is not None or isinstance(xvar, jex_core.Literal):
             return []
         frame = self.frames[-1]
         same = lambda e, k: e.params.get(k) == eqn.params.get(k)
@@ -259,6 +279,21 @@ class Interpreter:
         frame.env[eqn.outvars[0]] = out
         frame.early.add(id(eqn))
         return out
+
+    def _next_key(self) -> Any:
+        """A fresh dropout key for one use (``None`` without dropout)."""
+        if self.key is None:
+            return None
+        self.count += 1
+        return jax.random.fold_in(self.key, 1_000_003 + self.count)
+
+    def _with_key(self, key: Any, fn: Callable[[], list[Any]]) -> list[Any]:
+        """``fn()`` with the dropout key set to ``key`` (one example's, under routing)."""
+        outer, self.key = self.key, key
+        try:
+            return fn()
+        finally:
+            self.key = outer
 
     def _plain(self, x: Any, op: str, reason: str) -> Any:
         return self.fallback(x, op, reason) if isinstance(x, KernelView) else x
@@ -380,9 +415,29 @@ def call_factored(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     lora_rng: Any,
+    ids: Any = None,
 ) -> Any:
-    """``apply_fn(merge(params, adapters), *args, **kwargs)`` computed in factored form."""
-    table = adapter_table(adapters)
+    """``apply_fn(merge(params, adapters), *args, **kwargs)`` computed in factored form.
+
+    With ``ids`` (routing), ``adapters`` is a stacked tree (`lora.stack`) and example ``j``
+    of the batch (axis 0 of the activations at each adapted kernel) uses adapter ``ids[j]``.
+
+    Raises:
+      RoutingFallback: with ``ids``, a use of an adapted kernel that per-example rules on the
+        whole batch cannot serve.
+    """
+    if ids is not None:
+        from flax_lora._multi import stacked_table
+
+        stacked = stacked_table(adapters)
+        table = {
+            p: LoraWeights(
+                a=w.a[0], b=w.b[0], scale=1.0, in_axes=w.in_axes, kernel_shape=w.kernel_shape
+            )
+            for p, w in stacked.items()
+        }
+    else:
+        table = adapter_table(adapters)
     if not table:
         return tracer.apply_fn(params, *args, **kwargs)
     flat, treedef = jax.tree_util.tree_flatten_with_path((params, args, kwargs))
@@ -393,9 +448,14 @@ def call_factored(
 
     closed, out_def = tracer(leaves, treedef)
     where = dict(zip(paths, range(n_params), strict=True))
-    views = {where[p]: make_view(p, leaves[where[p]], w) for p, w in table.items()}
+    if ids is None:
+        views = {where[p]: make_view(p, leaves[where[p]], w) for p, w in table.items()}
+    else:
+        views = {
+            where[p]: make_routed_view(p, leaves[where[p]], w, ids) for p, w in stacked.items()
+        }
     invals = [views.get(i, x) for i, x in enumerate(leaves) if _is_array(x)]
-    interp = Interpreter(mode, lora_rng)
+    interp = Interpreter(mode, lora_rng, None if ids is None else int(ids.shape[0]))
     outs = interp.eval(closed.jaxpr, closed.consts, invals)
     outs = [
         interp.fallback(o, "output", "the kernel is returned") if isinstance(o, KernelView) else o

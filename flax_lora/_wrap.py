@@ -14,6 +14,7 @@ from flax_lora._factored import Tracer, call_factored
 from flax_lora._merge import merge
 from flax_lora._multi import check_ids, select, stacked_table
 from flax_lora._quant import dequantize
+from flax_lora._routing import RoutingFallback
 
 PyTree = Any
 MODES = ("auto", "merged", "factored")
@@ -82,13 +83,19 @@ def wrap(apply_fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]
 
       ``lora_ids``, integers of shape ``(B,)``, routes example ``j`` of the batch through
       adapter ``lora_ids[j]`` of a stacked tree (`lora.stack`) passed as ``adapters``; ``-1``
-      runs the base model for that example. One compilation serves any ids. Every positional
-      input is split along axis 0 (its batch axis, of length ``B``) and each example runs as a
-      batch of one (so layers that mix examples, such as BatchNorm in training mode, see one
-      example); keyword arguments are passed to every example unchanged, and every output leaf
-      must have the batch on axis 0. The base ops are batched back into one op over the batch;
-      only the low-rank branches use per-example factors, gathered from the stack. Concrete ids
-      outside ``[-1, N)`` raise ``ValueError``; traced ids cannot be checked, and an
+      runs the base model for that example. One compilation serves any ids. In modes
+      ``"auto"`` and ``"factored"`` the model runs once on the whole batch, and at each adapted
+      kernel axis 0 of the activation (the batch axis of the model's inputs) is matched with
+      the per-example factors: the base op stays one op over the batch, only the low-rank
+      branch is per example, and everything else (batch statistics, masks passed as keywords)
+      sees the whole batch, as without routing. A model whose activations do not keep the
+      batch on axis 0 at an adapted kernel, or that uses a kernel otherwise (``cond``,
+      arithmetic on it, ...), is run per example instead in mode ``"auto"`` (and refused in
+      mode ``"factored"``); mode ``"merged"`` always runs per example: every positional input
+      is split along axis 0 and each example runs as a batch of one with its own merged
+      kernels (layers that mix examples then see one example; keyword arguments are passed to
+      every example unchanged, and every output leaf must have the batch on axis 0). Concrete
+      ids outside ``[-1, N)`` raise ``ValueError``; traced ids cannot be checked, and an
       out-of-range traced id runs the base model.
 
     Raises:
@@ -128,6 +135,18 @@ def wrap(apply_fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]
             )
         if lora_ids is None:
             return run(params, adapters, args, kwargs, lora_rng)
+        if mode != "merged":
+            table = stacked_table(adapters)
+            ids = check_ids(lora_ids, next(iter(table.values())).num_adapters)
+            try:
+                return call_factored(tracer, mode, params, adapters, args, kwargs, lora_rng, ids)
+            except RoutingFallback as e:
+                if mode == "factored":
+                    raise ValueError(
+                        f"lora.wrap(mode='factored') with lora_ids: {e}, so the batch cannot be "
+                        "routed kernel by kernel. Use mode='auto' (it then runs each example "
+                        "as a batch of one) or mode='merged'."
+                    ) from e
         return _routed(run, params, adapters, args, kwargs, lora_rng, lora_ids)
 
     del wrapped.__wrapped__  # so that inspect.signature / help() show the wrapped signature

@@ -163,33 +163,77 @@ def test_routing_errors_are_clear() -> None:
         fn(params, sets[0], x, lora_ids=jnp.array(IDS))
 
 
-def test_per_example_keyword_inputs_are_refused_not_broadcast() -> None:
-    """A per-example keyword input would broadcast against each batch-of-one example (and
-    row 0 of the result would be taken silently); routing refuses it and says to pass it
-    positionally, where it is split per example like the other inputs."""
+def test_keyword_inputs_and_batch_statistics_see_the_whole_batch() -> None:
+    """Routing in the factored modes runs the model once on the whole batch: a per-example
+    keyword input (a mask) stays aligned with its rows, and a layer that mixes examples
+    (BatchNorm with batch statistics) sees the whole batch. The reference is built by hand in
+    float64 numpy: row j's Dense kernel is W0 + a[ids[j]] @ b[ids[j]] * scale."""
 
     class Masked(nn.Module):
         @nn.compact
         def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-            y = nn.Dense(4, name="dense")(x)
-            return y if mask is None else y * mask
+            h = nn.Dense(4, name="dense")(x)
+            h = nn.BatchNorm(use_running_average=False, use_bias=False, use_scale=False)(h)
+            return h if mask is None else h * mask
 
     model = Masked()
     x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), jnp.float32)
     mask = jnp.asarray([[1.0], [0.0], [2.0], [0.5]])
-    params = model.init(jax.random.key(0), x)
+    variables = model.init(jax.random.key(0), x)
+    params = {"params": variables["params"]}
     config = lora.LoraConfig(rank=2, init="random")
     sets = [lora.init(jax.random.key(i), params, config) for i in (1, 2)]
-    for s in sets:  # nonzero b, so every adapter changes the output
-        s["params"]["dense"]["kernel"] = s["params"]["dense"]["kernel"].replace(
-            b=jnp.ones_like(s["params"]["dense"]["kernel"].b)
+    ids = np.asarray([0, 1, 0, -1])
+    w0 = np.asarray(params["params"]["dense"]["kernel"], np.float64)
+    bias = np.asarray(params["params"]["dense"]["bias"], np.float64)
+    rows = []
+    for j, k in enumerate(ids):
+        w = w0
+        if k >= 0:
+            ad = sets[k]["params"]["dense"]["kernel"]
+            w = w0 + ad.scale * np.asarray(ad.a, np.float64) @ np.asarray(ad.b, np.float64)
+        rows.append(np.asarray(x[j], np.float64) @ w + bias)
+    h = np.stack(rows)
+    ref = (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5) * np.asarray(mask, np.float64)
+
+    def run(mode: str) -> np.ndarray:
+        fn = lora.wrap(
+            lambda p, x, mask: model.apply(
+                {**variables, **p}, x, mask=mask, mutable=["batch_stats"]
+            )[0],
+            mode=mode,
         )
-    ids = jnp.asarray([0, 1, 0, -1])
-    fn = lora.wrap(model.apply)
+        return np.asarray(fn(params, lora.stack(sets), x, mask=mask, lora_ids=jnp.asarray(ids)))
+
+    for mode in ("auto", "factored"):
+        np.testing.assert_allclose(run(mode), ref, rtol=1e-4, atol=1e-4)
+    # mode "merged" runs each example as a batch of one: a per-example keyword input is refused
     with pytest.raises(ValueError, match="keyword arguments are passed whole"):
-        fn(params, lora.stack(sets), x, mask=mask, lora_ids=ids)
-    y = np.asarray(fn(params, lora.stack(sets), x, mask, lora_ids=ids))
-    for j, k in enumerate(np.asarray(ids)):  # each row through its own merged model
-        p = params if k < 0 else lora.merge(params, sets[int(k)])
-        ref = np.asarray(model.apply(p, x[j : j + 1], mask[j : j + 1]))[0]
-        np.testing.assert_allclose(y[j], ref, rtol=1e-5, atol=1e-6)
+        run("merged")
+
+
+def test_batch_not_on_axis_0_falls_back_in_auto_and_is_refused_in_factored() -> None:
+    """A model that moves the batch off axis 0 before an adapted kernel: mode "auto" runs the
+    examples one by one instead (still each through its own adapter), "factored" says why."""
+
+    class Swapped(nn.Module):
+        @nn.compact
+        def __call__(self, x: jax.Array) -> jax.Array:  # (B, S, D) -> (S, B, D) -> Dense
+            return jnp.swapaxes(nn.Dense(4, name="dense")(jnp.swapaxes(x, 0, 1)), 0, 1)
+
+    model = Swapped()
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 5, 2)), jnp.float32)
+    params = model.init(jax.random.key(0), x)
+    sets = [
+        lora.init(jax.random.key(i), params, lora.LoraConfig(rank=2, init="random")) for i in (1, 2)
+    ]
+    ids = [0, 1, -1]
+    got = lora.wrap(model.apply)(params, lora.stack(sets), x, lora_ids=jnp.asarray(ids))
+    for j, k in enumerate(ids):
+        p = params if k < 0 else lora.merge(params, sets[k])
+        want = np.asarray(model.apply(p, x[j : j + 1]))[0]
+        np.testing.assert_allclose(np.asarray(got)[j], want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"'params/dense/kernel'.*not the batch \(3\) on axis 0"):
+        lora.wrap(model.apply, mode="factored")(
+            params, lora.stack(sets), x, lora_ids=jnp.asarray(ids)
+        )
