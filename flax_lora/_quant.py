@@ -109,6 +109,12 @@ class QuantizedKernel:
 
     Use `dequantize_kernel` (or `dequantize` on a whole tree) to get the kernel back.
 
+    Example:
+      >>> qparams = lora.quantize(params, dtype="nf4")
+      >>> q = qparams["params"]["Dense_0"]["kernel"]  # QuantizedKernel(nf4, shape=(64, 32), ...)
+      >>> q.shape, q.nbytes  # the kernel's shape; the bytes it stores
+      >>> w = lora.dequantize(qparams)["params"]["Dense_0"]["kernel"]  # float again
+
     Attributes:
       codes: ``"int8"``: int8 codes of the kernel's shape. ``"nf4"``: uint8 of shape
         ``(ceil(n / block_size) * block_size / 2,)``, two 4-bit level indices per byte (the first
@@ -136,14 +142,17 @@ class QuantizedKernel:
 
     @property
     def double_quant(self) -> bool:
+        """Whether the block absmaxes are themselves quantized (QLoRA's double quantization)."""
         return self.absmax_offset is not None
 
     @property
     def ndim(self) -> int:
+        """The number of axes of the kernel it stands for."""
         return len(self.shape)
 
     @property
     def size(self) -> int:
+        """The number of elements of the kernel it stands for."""
         return math.prod(self.shape)
 
     @property

@@ -35,6 +35,11 @@ class Summary:
     Returned by `lora.summary`; ``str(summary)`` is the printed table, one row per adapted
     kernel, and the fields below hold the numbers.
 
+    Example:
+      >>> s = lora.summary(params, adapters, show=False)
+      >>> s.trainable_params, s.total_params, f"{100 * s.trainable_fraction:.2f}%"
+      >>> [(r.path, r.rank) for r in s.rows]
+
     Attributes:
       rows: one row per adapted kernel (path, kernel shape, rank, scale, adapter parameters
         and bytes, kernel parameters).
@@ -53,14 +58,17 @@ class Summary:
 
     @property
     def total_params(self) -> int:
+        """Base plus adapter parameters."""
         return self.base_params + self.trainable_params
 
     @property
     def total_bytes(self) -> int:
+        """Base plus adapter bytes."""
         return self.base_bytes + self.trainable_bytes
 
     @property
     def trainable_fraction(self) -> float:
+        """``trainable_params / total_params`` (PEFT's "trainable%" / 100)."""
         return self.trainable_params / max(self.total_params, 1)
 
     def __str__(self) -> str:
