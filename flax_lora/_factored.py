@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -123,6 +124,12 @@ class Interpreter:
                 f"lora.wrap(mode='factored'): kernel {v.path!r} is used by `{op}`, which cannot "
                 f"be factored ({reason}). Use mode='auto' to merge this kernel and factor the "
                 "others, or mode='merged'."
+            )
+        if self.key is not None and float(v.meta.weights.dropout) > 0:
+            warnings.warn(
+                f"lora.wrap(mode='auto'): kernel {v.path!r} is merged for `{op}` ({reason}), so "
+                "its LoRA dropout is not applied; the other kernels' is.",
+                stacklevel=2,
             )
         return materialize(v)
 

@@ -330,6 +330,12 @@ def test_factored_mode_raises_with_path_and_op(fn: Callable, op: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lora.wrap(fn)(params, adapters, x)
+    # ... but says so when the call asks for LoRA dropout, which the merged kernel cannot have
+    dropping = jax.tree.map(
+        lambda w: w.replace(dropout=0.1), adapters, is_leaf=lambda w: hasattr(w, "dropout")
+    )
+    with pytest.warns(UserWarning, match=rf"'w' is merged for `{op}`.*dropout is not applied"):
+        lora.wrap(fn)(params, dropping, x, lora_rng=jax.random.key(0))
     _assert_close(
         _both(
             lambda ad: lora.wrap(fn)(params, ad, x),
