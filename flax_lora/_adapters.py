@@ -92,6 +92,19 @@ class LoraWeights:
         """A copy with the given fields changed (`dataclasses.replace`), e.g. new factors."""
         return dataclasses.replace(self, **changes)
 
+    def unstacked(self, n: int = 1, **changes: Any) -> LoraWeights:
+        """The adapter of one layer's kernel of a scan-stacked adapter: ``n`` leading layer
+        axes dropped from the metadata (``layers`` cleared), with ``changes`` (e.g. that layer's
+        factors ``a``, ``b``) applied."""
+        return dataclasses.replace(
+            self,
+            kernel_shape=tuple(self.kernel_shape[n:]),
+            in_axes=tuple(d - n for d in self.in_axes),
+            layer_axes=self.layer_axes - n,
+            layers=None,
+            **changes,
+        )
+
     def meta(self) -> dict[str, Any]:
         """The static fields as a JSON-ready dict."""
         return dict(

@@ -175,22 +175,10 @@ class LoraConfig:
     def _key(self) -> tuple[Any, ...]:
         """The fields as a hashable tuple: the pattern dicts as their items *in order* (the
         first matching pattern wins, so order is part of the meaning), the dtype normalised."""
-        return (
-            self.rank,
-            self.alpha,
-            self.targets,
-            self.exclude,
-            tuple(self.rank_pattern.items()),
-            tuple(self.alpha_pattern.items()),
-            self.init,
-            self.dropout,
-            self.rslora,
-            np.dtype(self.dtype),
-            self.layers,
-            self.loftq_iter,
-            self.loftq_dtype,
-            self.dora,
-            self.layers_pattern,
+        norm = lambda v: tuple(v.items()) if isinstance(v, Mapping) else v
+        return tuple(
+            np.dtype(self.dtype) if f.name == "dtype" else norm(getattr(self, f.name))
+            for f in dataclasses.fields(self)
         )
 
     def __eq__(self, other: object) -> bool:

@@ -110,9 +110,7 @@ class Interpreter:
         rate = float(v.meta.weights.dropout)
         if self.key is None or rate == 0.0:
             return x
-        key = jax.random.fold_in(self.key, self.count)
-        self.count += 1
-        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+        keep = jax.random.bernoulli(self._next_key(), 1.0 - rate, x.shape)
         return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
     def fallback(self, v: KernelView, op: str, reason: str) -> jax.Array:
@@ -292,7 +290,7 @@ class Interpreter:
         if self.key is None:
             return None
         self.count += 1
-        return jax.random.fold_in(self.key, 1_000_003 + self.count)
+        return jax.random.fold_in(self.key, self.count - 1)
 
     def _with_key(self, key: Any, fn: Callable[[], list[Any]]) -> list[Any]:
         """``fn()`` with the dropout key set to ``key`` (one example's, under routing)."""

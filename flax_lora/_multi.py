@@ -373,14 +373,11 @@ def _per_layer(
     w0 = ws[0]
     n = w0.layer_axes
     lead = tuple(w0.kernel_shape[:n])
-    views = [
-        x.replace(
+    views = [  # the layers flattened to one mapped axis
+        x.unstacked(
+            n,
             a=x.a.reshape((math.prod(lead), *x.a.shape[n:])),
             b=x.b.reshape((math.prod(lead), *x.b.shape[n:])),
-            kernel_shape=tuple(x.kernel_shape[n:]),
-            in_axes=tuple(d - n for d in x.in_axes),
-            layer_axes=0,
-            layers=None,
         )
         for x in ws
     ]

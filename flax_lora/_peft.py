@@ -349,20 +349,13 @@ def _layer_modules(path: str, name: str, w: LoraWeights) -> list[tuple[str, str,
         )
     layers = range(w.kernel_shape[0]) if w.layers is None else w.layers
     return [
-        (path, layer_name(name, i), w.replace(**_layer_slice(w, i), layers=None)) for i in layers
+        (
+            path,
+            layer_name(name, i),
+            w.unstacked(a=w.a[i], b=w.b[i], m=None if w.m is None else w.m[i]),
+        )
+        for i in layers
     ]
-
-
-def _layer_slice(w: LoraWeights, i: int) -> dict[str, Any]:
-    """The fields of layer ``i``'s adapter of a stacked ``w``, as an unstacked adapter."""
-    return dict(
-        a=w.a[i],
-        b=w.b[i],
-        m=None if w.m is None else w.m[i],
-        kernel_shape=tuple(w.kernel_shape[1:]),
-        in_axes=tuple(d - 1 for d in w.in_axes),
-        layer_axes=0,
-    )
 
 
 def layer_name(name: str, i: int) -> str:

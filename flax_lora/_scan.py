@@ -81,12 +81,7 @@ def _sliceable(v: KernelView) -> str | None:
 def _layer_meta(meta: ViewMeta) -> ViewMeta:
     """The static part of one layer's view of a stacked view."""
     w = meta.weights
-    weights = w.replace(
-        in_axes=tuple(d - 1 for d in w.in_axes),
-        kernel_shape=tuple(w.kernel_shape[1:]),
-        layer_axes=w.layer_axes - 1,
-        layers=None,  # the mask is already in root_a and a
-    )
+    weights = w.unstacked(1)  # layers cleared: the mask is already in root_a and a
     ops = tuple((p, k) for p, k in meta.ops if p.name in _ELEMENTWISE)
     return ViewMeta(meta.path, weights, ops, meta.side[1:], None)
 

@@ -166,7 +166,7 @@ def test_pruning_methods_act_layer_by_layer(method: str) -> None:
     for path, w in got.items():
         if not _stacked(path):
             continue
-        for i in range(L_of(w)):
+        for i in range(w.kernel_shape[0]):
             one = lora.combine(
                 [{"k": _layer_view(t[path], i)} for t in tables], WEIGHTS, method, density=0.5
             )["k"]
@@ -180,10 +180,6 @@ def test_pruning_methods_act_layer_by_layer(method: str) -> None:
             else:
                 _close(w.a[i], one.a, 1e-6)
                 _close(w.b[i], one.b, 1e-6)
-
-
-def L_of(w: Any) -> int:
-    return int(w.kernel_shape[0])
 
 
 def test_dare_draws_a_mask_per_layer() -> None:
@@ -213,10 +209,9 @@ def test_dare_draws_a_mask_per_layer() -> None:
 
 
 def test_stacked_and_unstacked_sets_do_not_combine() -> None:
-    _, params, sets = _two_sets("linen")
+    _, _, sets = _two_sets("linen")
     flat = {p: _layer_view(w, 0) if _stacked(p) else w for p, w in adapter_entries(sets[1]).items()}
     with pytest.raises(ValueError, match="disagree on kernel_shape"):
         lora.combine([sets[0], flat], WEIGHTS, "cat")
     with pytest.raises(ValueError, match="scan-stacked kernels"):
         lora.stack(sets)
-    del params
