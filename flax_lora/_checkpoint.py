@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from flax_lora._adapters import LoraWeights, adapter_table
 from flax_lora._config import LoraConfig
@@ -29,6 +33,10 @@ def save(
     Returns once the checkpoint is on disk. The checkpoint is written beside ``directory`` and
     moved into place only when complete, so a save that fails leaves any earlier checkpoint at
     ``directory`` as it was.
+
+    In a multi-process run (`jax.distributed`), every process must call it with the same
+    ``directory`` on a shared file system, as with orbax: each writes its shards, the primary
+    process moves the checkpoint into place, and none returns before it is there.
 
     Example:
       >>> lora.save("/tmp/run/adapters", adapters, config)
@@ -62,9 +70,10 @@ def save(
     }
     directory.parent.mkdir(parents=True, exist_ok=True)
     # orbax writes into temporary directories of its own beside its target: keep them all in
-    # one private staging directory, removed whatever happens
-    staging = directory.parent / f".{directory.name}.saving-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    # one private staging directory, removed whatever happens. In a multi-process run all
+    # processes share it, and only the primary process (as in orbax) moves or removes files.
+    primary = jax.process_index() == 0
+    staging = _make_staging(directory, primary)
     # directories made synchronously, so that no orbax thread recreates one after a failure
     sync_dirs = ocp.CompositeOptions(
         async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False)
@@ -77,12 +86,65 @@ def save(
                     arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)
                 ),
             )
-        _replace(staging / "checkpoint", directory)
     except BaseException:
-        _remove(staging, settle_s=0.05)
+        if primary:
+            _remove(staging, settle_s=0.05)
         raise
-    _remove(staging, settle_s=0.0)
+
+    def finish() -> None:
+        try:
+            _replace(staging / "checkpoint", directory)
+        finally:
+            _remove(staging, settle_s=0.0)
+
+    _on_primary(finish, primary, f"move the checkpoint into place at {str(directory)!r}")
     return directory
+
+
+def _make_staging(directory: Path, primary: bool) -> Path:
+    """A new staging directory beside ``directory``, made by the primary process; every process
+    of a multi-process run gets the same one (its name is broadcast from the primary)."""
+    token = secrets.randbits(32) | 1  # never 0: 0 tells the others that the primary failed
+    error: OSError | None = None
+    if primary:
+        try:
+            _staging_path(directory, token).mkdir()
+        except OSError as e:
+            error, token = e, 0
+    if jax.process_count() > 1:
+        # a collective: no process goes on before the primary has made the directory
+        token = int(multihost_utils.broadcast_one_to_all(np.uint32(token), is_source=primary))
+    if error is not None:
+        raise error
+    if token == 0:
+        raise OSError(
+            f"lora.save: the primary process could not create a staging directory beside "
+            f"{str(directory)!r}; see its error."
+        )
+    return _staging_path(directory, token)
+
+
+def _staging_path(directory: Path, token: int) -> Path:
+    return directory.parent / f".{directory.name}.saving-{token:08x}"
+
+
+def _on_primary(fn: Callable[[], None], primary: bool, what: str) -> None:
+    """Runs ``fn`` on the primary process only. In a multi-process run every process waits for
+    it (a collective), so none returns before the files are in place, and all raise if it failed."""
+    error: BaseException | None = None
+    if primary:
+        try:
+            fn()
+        except BaseException as e:
+            if jax.process_count() == 1:
+                raise
+            error = e
+    if jax.process_count() > 1:
+        ok = multihost_utils.broadcast_one_to_all(np.int32(error is None), is_source=primary)
+        if error is not None:
+            raise error
+        if not int(ok):
+            raise OSError(f"lora.save: the primary process failed to {what}; see its error.")
 
 
 def _remove(path: Path, settle_s: float, tries: int = 40) -> None:
@@ -115,6 +177,11 @@ def _replace(new: Path, target: Path) -> None:
 def load(directory: str | os.PathLike[str]) -> PyTree:
     """Reads adapters written by `save`, exactly (same dtypes, shapes, scales, axes).
 
+    In a single process the factors come back with the shardings they were saved with (on the
+    first local device where those devices are missing). In a multi-process run every process
+    must call it with the same ``directory``, as with orbax; each gets every factor whole, on its
+    own first device (place them on a mesh with ``jax.device_put``).
+
     Example:
       >>> adapters = lora.load("/tmp/run/adapters")
       >>> y = lora.wrap(model.apply)(params, adapters, x)
@@ -132,7 +199,7 @@ def load(directory: str | os.PathLike[str]) -> PyTree:
     meta = _read_meta(directory)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         restored = ckptr.restore(
-            directory, args=ocp.args.Composite(arrays=ocp.args.StandardRestore())
+            directory, args=ocp.args.Composite(arrays=_restore_arrays(directory))
         )
     arrays = flatten(restored["arrays"])
     entries = []
@@ -162,6 +229,20 @@ def load(directory: str | os.PathLike[str]) -> PyTree:
     return nest(entries)
 
 
+def _restore_arrays(directory: Path) -> ocp.args.StandardRestore:
+    """How orbax restores the arrays. In a single process: as jax Arrays with the saved
+    shardings, or on the first local device where the saved devices are missing (a checkpoint
+    written by several processes). In a multi-process run: as numpy arrays, so that each process
+    reads the whole of every factor (the saved shardings may span several processes' devices)."""
+    if jax.process_count() == 1:
+        first = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return ocp.args.StandardRestore(fallback_sharding=first)
+    handlers = {"arrays": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handlers)) as ckptr:
+        tree = ckptr.metadata(directory).item_metadata["arrays"].tree
+    return ocp.args.StandardRestore(jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree))
+
+
 def _magnitude(m: Any) -> Any:
     """DoRA's magnitude as read, or ``None`` for a plain LoRA adapter."""
     return None if m is None else jax.numpy.asarray(m)
@@ -169,6 +250,8 @@ def _magnitude(m: Any) -> Any:
 
 def load_config(directory: str | os.PathLike[str]) -> LoraConfig | None:
     """The `LoraConfig` stored by `save`, or ``None`` when none was given.
+
+    In a multi-process run every process must call it, as `load`.
 
     Example:
       >>> lora.save("/tmp/run/adapters", adapters, config)
