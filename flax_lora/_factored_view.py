@@ -104,11 +104,6 @@ class KernelView:
 
 def make_view(path: str, kernel: Any, w: LoraWeights) -> KernelView:
     """The view of a kernel that no op has touched yet."""
-    if w.layer_axes and w.m is not None:  # DoRA on a stacked kernel: only `materialize`
-        side = (I_SIDE,) * len(w.kernel_shape)
-        why = "DoRA on a kernel stacked by a scan is not factored"
-        meta = ViewMeta(path, w.replace(a=None, b=None, m=None), (), side, why)
-        return KernelView(kernel, w.a, w.b, kernel, w.a, w.b, meta, root_m=w.m)
     if w.layer_axes:  # stacked by a scan: sliced into per-layer views by the scan rule
         from flax_lora._scan import make_stacked_view
 

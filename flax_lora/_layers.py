@@ -84,10 +84,10 @@ def init_stacked(
     """The adapter of a stacked kernel (and, for PiSSA/OLoRA, its residual base kernel)."""
     from flax_lora._init import _init_one
 
-    if config.dora or config.init == "loftq":
+    if config.init == "loftq":
         raise ValueError(
             f"Kernel {path!r} is stacked by a scan (shape {tuple(kernel.shape)}): "
-            f"{'DoRA' if config.dora else 'init=loftq'} is not supported on stacked kernels yet."
+            "init=loftq is not supported on stacked kernels yet."
         )
     size = kernel.shape[0]
     picked = set(range(size)) if layers is None else set(layers)

@@ -8,6 +8,11 @@ feeding it, for each stacked kernel view, the per-layer slices of ``W0`` and of 
 kernel uses are factored as anywhere else and no per-layer merged kernel is formed. Kernel
 views among the scan's constants (an unstacked kernel used by every iteration) are closed over
 by the body unchanged.
+
+A DoRA adapter (a magnitude ``m`` ``(L, *O)``) gets its per-output-unit factor
+``g = m / ||V||`` for every layer at once (the factored norm of `flax_lora._dora`, mapped over
+the layer axes: no kernel-sized array), and the scan slices ``g`` and ``m`` along with the
+others, so each layer's view is an ordinary DoRA view.
 """
 
 from __future__ import annotations
@@ -38,12 +43,8 @@ def is_stacked(v: KernelView) -> bool:
 
 def make_stacked_view(path: str, kernel: Any, w: LoraWeights) -> KernelView:
     """The view of a stacked kernel: sides ``L...`` then ``I``/``O``; factors
-    ``a`` ``(*L, *I, r)``, ``b`` ``(*L, r, *O)`` (the per-layer mask applied to ``a``)."""
-    if w.m is not None:
-        raise ValueError(
-            f"Adapter for {path!r}: DoRA (a magnitude m) on a kernel stacked by a scan is not "
-            "supported yet."
-        )
+    ``a`` ``(*L, *I, r)``, ``b`` ``(*L, r, *O)`` (the per-layer mask applied to ``a``) and, for
+    DoRA, ``g`` ``(*L, *O)`` (1 on layers not picked)."""
     n = w.layer_axes
     side = tuple(
         L_SIDE if d < n else I_SIDE if d in w.in_axes else O_SIDE
@@ -61,8 +62,36 @@ def make_stacked_view(path: str, kernel: Any, w: LoraWeights) -> KernelView:
     order = sorted(range(len(w.out_axes)), key=lambda k: w.out_axes[k])
     if order != list(range(len(order))):
         b = jnp.transpose(b, (*lead, n, *[n + 1 + k for k in order]))
+    g, root_m = None, None
+    if w.m is not None:  # DoRA: g per layer and output unit, sliced by the scan like b
+        g, root_m = _stacked_dora(kernel, w, root_a, mask)
+        if order != list(range(len(order))):
+            g = jnp.transpose(g, (*lead, *[n + k for k in order]))
     static = w.replace(a=None, b=None, m=None)
-    return KernelView(kernel, root_a, w.b, kernel, a, b, ViewMeta(path, static, (), side, None))
+    meta = ViewMeta(path, static, (), side, None)
+    return KernelView(kernel, root_a, w.b, kernel, a, b, meta, g=g, root_m=root_m)
+
+
+def _stacked_dora(kernel: Any, w: LoraWeights, a: Any, mask: Any) -> tuple[Any, Any]:
+    """DoRA on a stacked kernel: ``g = m / ||V||`` (norm detached) for every layer, shape
+    ``(*L, *O)``, from the factored norm of each layer (``a`` with the layer mask applied); and
+    the magnitude a per-layer view materializes with. On layers not picked ``g`` is 1 and that
+    magnitude is ``||W0||`` (so one layer's merged kernel is ``W0`` there, as `lora.merge`)."""
+    from flax_lora._dora import factored_norm
+
+    inner = w.unstacked(w.layer_axes, a=None, b=None, m=None)
+    norm_of = lambda k, a_, b_: factored_norm(k, inner.replace(a=a_, b=b_))
+    for _ in range(w.layer_axes):
+        norm_of = jax.vmap(norm_of)
+    norm = norm_of(kernel, a, w.b)
+    m = w.m.astype(jnp.promote_types(w.m.dtype, jnp.float32))
+    g = m / norm.astype(m.dtype)
+    root_m = w.m
+    if mask is not None:  # layers not picked stay W0
+        keep = jnp.asarray(mask > 0).reshape(mask.shape + (1,) * (g.ndim - 1))
+        g = jnp.where(keep, g, jnp.ones((), g.dtype))
+        root_m = jnp.where(keep, w.m, norm.astype(w.m.dtype))
+    return g, root_m
 
 
 def _sliceable(v: KernelView) -> str | None:
@@ -71,8 +100,6 @@ def _sliceable(v: KernelView) -> str | None:
         return v.meta.why
     if not v.meta.side or v.meta.side[0] != L_SIDE:
         return "the scan slices an axis of the kernel that is not its layer axis"
-    if getattr(v, "g", None) is not None:
-        return "DoRA on a stacked kernel is not supported"
     if any(prim.name not in VALUE_OPS for prim, _ in v.meta.ops):
         return "the stacked kernel is reshaped before the scan"
     return None
@@ -104,7 +131,9 @@ def scan_rule(interp: Any, eqn: Any, invals: list[Any]) -> list[Any] | str:
     closed = p["jaxpr"]
     slots = [_layer_meta(x.meta) if isinstance(x, KernelView) else None for x in xs]
     xs_in: list[Any] = [
-        (x.root, x.root_a, x.root_b, x.base, x.a, x.b) if isinstance(x, KernelView) else x
+        (x.root, x.root_a, x.root_b, x.base, x.a, x.b, x.g, x.root_m)
+        if isinstance(x, KernelView)
+        else x
         for x in xs
     ]
     with_key = interp.key is not None
@@ -113,7 +142,10 @@ def scan_rule(interp: Any, eqn: Any, invals: list[Any]) -> list[Any] | str:
     passthrough: dict[int, int] = {}  # ys output -> xs operand: a kernel view returned as is
 
     def body(c: list[Any], sl: list[Any]) -> tuple[list[Any], list[Any]]:
-        layer = [KernelView(*s, m) if m is not None else s for s, m in zip(sl, slots, strict=False)]
+        layer = [
+            KernelView(*s[:6], m, g=s[6], root_m=s[7]) if m is not None else s
+            for s, m in zip(sl, slots, strict=False)
+        ]
         outer = interp.key
         if with_key:
             interp.key = jax.random.fold_in(outer, sl[-1])

@@ -18,6 +18,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
+from jax.extend import core as jex_core
 from jax.tree_util import DictKey, GetAttrKey, SequenceKey
 
 BF16 = ml_dtypes.bfloat16
@@ -147,6 +148,20 @@ class Built:
         return self.apply(p, self.x)
 
 
+def jaxpr_shapes(jaxpr: Any, out: list[tuple[int, ...]] | None = None) -> list[tuple[int, ...]]:
+    """The shapes of all equation outputs of ``jaxpr``, nested jaxprs included."""
+    out = [] if out is None else out
+    for eqn in jaxpr.eqns:
+        out.extend(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, tuple | list) else (p,):
+                if isinstance(sub, jex_core.ClosedJaxpr):
+                    jaxpr_shapes(sub.jaxpr, out)
+                elif isinstance(sub, jex_core.Jaxpr):
+                    jaxpr_shapes(sub, out)
+    return out
+
+
 def _key(i: int = 0) -> jax.Array:
     return jax.random.key(i)
 
@@ -197,6 +212,40 @@ def _nnx(
         return m(inp) if method is None else getattr(m, method)(inp)
 
     return Built(state, apply, x, kernels, xs)
+
+
+class _ScanLeaf(nn.Module):
+    width: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _: Any) -> tuple[jax.Array, None]:
+        return jnp.tanh(nn.Dense(self.width, name="fc")(x)), None
+
+
+class _ScanInner(nn.Module):
+    width: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _: Any) -> tuple[jax.Array, None]:
+        scan = nn.scan(
+            _ScanLeaf, variable_axes={"params": 0}, split_rngs={"params": True}, length=2
+        )
+        return scan(self.width, name="inner")(x, None)[0], None
+
+
+class NestedStack(nn.Module):
+    """A scan of scans: kernel ``params/outer/inner/fc/kernel`` of shape
+    ``(layers, 2, width, width)``."""
+
+    width: int
+    layers: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scan = nn.scan(
+            _ScanInner, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.layers
+        )
+        return scan(self.width, name="outer")(x, None)[0]
 
 
 class LinenTiedEmbed(nn.Module):

@@ -18,8 +18,10 @@ import numpy as np
 import optax
 import pytest
 from conftest import (
+    NestedStack,
     adapter_entries,
     fill_abstract,
+    jaxpr_shapes,
     leaves_by_path,
     ref_delta64,
     replace_leaves,
@@ -207,19 +209,6 @@ def test_factored_gradients_equal_merged(name: str, mode: str) -> None:
         _close(x, y, 5e-5)
 
 
-def _shapes(jaxpr: Any, out: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
-    """The shapes of all equation outputs, nested jaxprs included."""
-    for eqn in jaxpr.eqns:
-        out.extend(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
-        for p in eqn.params.values():
-            for sub in p if isinstance(p, tuple | list) else (p,):
-                if isinstance(sub, jex_core.ClosedJaxpr):
-                    _shapes(sub.jaxpr, out)
-                elif isinstance(sub, jex_core.Jaxpr):
-                    _shapes(sub, out)
-    return out
-
-
 @pytest.mark.parametrize("name", ["linen", "nnx"])
 def test_factored_scan_forms_no_layer_kernel(name: str) -> None:
     """Factored mode computes no array of a (per-layer or stacked) adapted kernel's shape that
@@ -233,7 +222,7 @@ def test_factored_scan_forms_no_layer_kernel(name: str) -> None:
             kernel_shapes.add(tuple(w.kernel_shape[1:]))
 
     def count(fn: Callable, *args: Any) -> int:
-        shapes = _shapes(jax.make_jaxpr(fn)(*args).jaxpr, [])
+        shapes = jaxpr_shapes(jax.make_jaxpr(fn)(*args).jaxpr)
         return sum(s in kernel_shapes for s in shapes)
 
     base_fwd = count(apply, params, X)
@@ -376,30 +365,10 @@ def test_pissa_olora_on_stacked_kernels(init: str) -> None:
     _close(y, jax.jit(apply)(params, X), 5e-5)
 
 
-class _Leaf(nn.Module):
-    @nn.compact
-    def __call__(self, x: jax.Array, _: Any) -> tuple[jax.Array, None]:
-        return jnp.tanh(nn.Dense(D, name="fc")(x)), None
-
-
-class _Inner(nn.Module):
-    @nn.compact
-    def __call__(self, x: jax.Array, _: Any) -> tuple[jax.Array, None]:
-        stack = nn.scan(_Leaf, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
-        return stack(name="inner")(x, None)[0], None
-
-
-class NestedStack(nn.Module):
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        stack = nn.scan(_Inner, variable_axes={"params": 0}, split_rngs={"params": True}, length=L)
-        return stack(name="outer")(x, None)[0]
-
-
 def test_nested_scans_stack_two_layer_axes() -> None:
     """A scan of scans: kernels (L, 2, in, out), adapters with both leading axes; ``layers``
     picks entries of the outer axis."""
-    model = NestedStack()
+    model = NestedStack(width=D, layers=L)
     params = _fill(jax.eval_shape(model.init, jax.random.key(0), X), 4)
     adapters = _init(model.apply, params, _cfg((1,)))
     w = adapter_entries(adapters)["params/outer/inner/fc/kernel"]
