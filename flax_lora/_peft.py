@@ -31,7 +31,8 @@ kernel with the placeholder ``{layer}`` (``"layers.{layer}.attn.query"``); layer
 is that name with ``{layer}`` replaced by ``i`` (plain replacement, not ``str.format``). Each
 layer's module holds exactly what an unstacked adapter of the layer's kernel ``rest`` would. A
 stacked adapter of some layers only (`LoraWeights.layers`) writes those layers' modules; loading
-a file without some layers' modules gives those layers zero factors and ``layers=`` the others.
+a file without some layers' modules gives those layers zero factors (and, for DoRA, the
+magnitudes ``||W0||`` of their base kernels, so they stay the base) and ``layers=`` the others.
 One stacked adapter has one rank, one scale and one DoRA-ness for all its layers.
 """
 
@@ -437,7 +438,9 @@ def load_peft(
     with ``{layer}`` replaced by ``0 ... L-1``), each read as for the unstacked layer kernel
     ``kernel.shape[1:]``, into one stacked `LoraWeights` (``layer_axes=1``). Layers without a
     module get zero factors and ``layers=`` the others (a kernel with none is not adapted);
-    all its layers must have one rank, one scale and the same DoRA-ness.
+    all its layers must have one rank, one scale and the same DoRA-ness. A DoRA adapter's
+    absent layers (PEFT's ``layers_to_transform``) get the magnitudes ``||W0||`` (the base
+    kernel's norms per output unit, computed from ``params``), which leave them the base kernel.
 
     How each kernel's input axes are found:
 
@@ -479,7 +482,8 @@ def load_peft(
         names kernels not in ``params`` (both listed); a tensor does not fit its kernel (the path
         is named); the input axes of a kernel are ambiguous without ``probe``; the layers of a
         stacked kernel differ in rank, scale or DoRA-ness, or the probe's view of a kernel
-        (stacked or not) disagrees with ``{layer}`` in its name.
+        (stacked or not) disagrees with ``{layer}`` in its name; a stacked DoRA adapter lacks
+        layers but ``params`` holds no values (``jax.ShapeDtypeStruct``) for their norms.
     """
     directory = Path(directory)
     cfg = _read_config(directory)
@@ -576,7 +580,7 @@ def load_peft(
     entries = [
         (
             path,
-            _stack(path, templates[path], tuple(kernels[path].shape), pieces)
+            _stack(path, templates[path], kernels[path], pieces)
             if path in templates
             else pieces[None],
         )
@@ -629,12 +633,12 @@ def _module_weights(
     )
 
 
-def _stack(
-    path: str, template: str, shape: tuple[int, ...], pieces: dict[Any, LoraWeights]
-) -> LoraWeights:
-    """One scan-stacked adapter (``layer_axes=1``) of the kernel of ``shape`` from the adapters
-    of its layers' modules; layers without a module get zero factors, and ``layers`` lists the
-    others when there are such."""
+def _stack(path: str, template: str, kernel: Any, pieces: dict[Any, LoraWeights]) -> LoraWeights:
+    """One scan-stacked adapter (``layer_axes=1``) of ``kernel`` (the stacked base kernel) from
+    the adapters of its layers' modules; layers without a module get zero factors, DoRA
+    magnitudes ``||W0||`` (which leave them the base kernel), and ``layers`` lists the others
+    when there are such."""
+    shape = tuple(int(s) for s in kernel.shape)
     present = sorted(pieces)
     how = {i: (w.rank, float(w.scale), w.m is not None) for i, w in pieces.items()}
     if len(set(how.values())) > 1:
@@ -650,16 +654,16 @@ def _stack(
         )
     first = pieces[present[0]]
     missing = [i for i in range(shape[0]) if i not in pieces]
-    if missing and first.m is not None:
-        raise ValueError(
-            f"load_peft: the DoRA adapter of the scan-stacked kernel {path!r} (modules "
-            f"{template!r}) lacks layers {missing}; their magnitudes are unknown."
-        )
+    fill = {"a": {}, "b": {}, "m": {}}  # field -> {absent layer: its value}
+    for i in missing:
+        fill["a"][i], fill["b"][i] = jnp.zeros_like(first.a), jnp.zeros_like(first.b)
+    if missing and first.m is not None:  # DoRA: zero factors (V = W0) and m = ||W0||
+        norms = _base_norms(path, template, kernel, first.in_axes, missing)
+        fill["m"] = {i: jnp.asarray(norms[i], first.m.dtype) for i in missing}
 
     def stacked(field: str) -> jax.Array:
-        zero = jnp.zeros_like(getattr(first, field))
         return jnp.stack(
-            [getattr(pieces[i], field) if i in pieces else zero for i in range(shape[0])]
+            [getattr(pieces[i], field) if i in pieces else fill[field][i] for i in range(shape[0])]
         )
 
     return first.replace(
@@ -671,6 +675,26 @@ def _stack(
         layer_axes=1,
         layers=tuple(present) if missing else None,
     )
+
+
+def _base_norms(
+    path: str, template: str, kernel: Any, in_axes: tuple[int, ...], layers: list[int]
+) -> dict[int, np.ndarray]:
+    """``||W0[i]||`` over each layer's input axes ``in_axes`` (one value per output unit, as
+    `flax_lora._dora.weight_norm`), float32 or wider, for the given layers of a stacked kernel."""
+    if isinstance(kernel, jax.ShapeDtypeStruct) or not hasattr(kernel, "dtype"):
+        raise ValueError(
+            f"load_peft: the DoRA adapter of the scan-stacked kernel {path!r} (modules "
+            f"{template!r}) lacks layers {layers}, whose magnitudes are the base kernel's norms, "
+            f"but params holds no values at {path!r} ({type(kernel).__name__}); pass the real "
+            "params."
+        )
+    acc = jnp.promote_types(kernel.dtype, jnp.float32)
+    axes = tuple(sorted(d + 1 for d in in_axes))
+    norms = np.asarray(
+        jax.device_get(jnp.sqrt(jnp.sum(jnp.square(jnp.asarray(kernel, acc)), axis=axes)))
+    )
+    return {i: norms[i] for i in layers}
 
 
 def _read_config(directory: Path) -> dict[str, Any]:

@@ -510,7 +510,12 @@ def test_twins_agree_and_init_magnitudes_match_peft() -> None:
 
 def _perturbed_peft_model(tm: Any, seed: int) -> Any:
     """A PEFT DoRA model on ``tm`` with random nonzero A, B and magnitudes, in eval mode."""
-    pm = _peft_model(tm)
+    return perturb_peft_dora(_peft_model(tm), seed)
+
+
+def perturb_peft_dora(pm: Any, seed: int) -> Any:
+    """Gives the PEFT DoRA model ``pm`` random nonzero A and B, scales its magnitudes by
+    ``1 + 0.3 N(0, 1)`` and puts it in eval mode (returned)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in pm.named_parameters():

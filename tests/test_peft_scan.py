@@ -119,11 +119,19 @@ def peft_written(directory: Path, seed: int, **config: Any) -> np.ndarray:
 
 
 @functools.cache
-def our_adapters(layers: tuple[int, ...] | None = None) -> tuple[Any, lora.LoraConfig]:
+def our_adapters(
+    layers: tuple[int, ...] | None = None, dora: bool = False
+) -> tuple[Any, lora.LoraConfig]:
     """Stacked adapters from `lora.init` on the scan model, with random nonzero factors on the
-    adapted layers (zeros elsewhere, as `lora.init` leaves them)."""
+    adapted layers (zeros elsewhere, as `lora.init` leaves them); with ``dora``, DoRA adapters
+    whose magnitudes on the adapted layers are also scaled by ``1 + 0.3 N(0, 1)``."""
     config = lora.LoraConfig(
-        rank=2, alpha=3.0, rank_pattern={"fc": 3}, targets=r".*/(q|fc|head)/kernel", layers=layers
+        rank=2,
+        alpha=3.0,
+        rank_pattern={"fc": 3},
+        targets=r".*/(q|fc|head)/kernel",
+        layers=layers,
+        dora=dora,
     )
     params = stack_params(TorchStack())
     adapters = lora.init(jax.random.key(0), params, config, probe=probe)
@@ -133,7 +141,11 @@ def our_adapters(layers: tuple[int, ...] | None = None) -> tuple[Any, lora.LoraC
         mask = np.ones(L) if w.layers is None else np.isin(np.arange(L), w.layers)
         mask = mask.reshape((L,) + (1,) * (w.b.ndim - 1)) if w.layer_axes else 1.0
         b = w.b + jnp.asarray(rng.normal(size=w.b.shape) * 0.5 * mask, w.b.dtype)
-        return w.replace(b=b)
+        if w.m is None:
+            return w.replace(b=b)
+        mask = mask.reshape(mask.shape[: w.m.ndim]) if w.layer_axes else 1.0
+        m = w.m * jnp.asarray(1.0 + 0.3 * rng.normal(size=w.m.shape) * mask, w.m.dtype)
+        return w.replace(b=b, m=m)
 
     adapters = jax.tree.map(perturb, adapters, is_leaf=lambda x: isinstance(x, lora.LoraWeights))
     return adapters, config
