@@ -170,7 +170,7 @@ class Interpreter:
                 return per_example(
                     eqn, invals, self.batch, self._next_key(), self.rule, self._with_key
                 )
-            if not (name in _INLINE | _REMAT and _sub(eqn) is not None):
+            if name != "scan" and not (name in _INLINE | _REMAT and _sub(eqn) is not None):
                 raise RoutingFallback(f"kernel {views[0].path!r} is used by `{name}`")
         if name in LAYOUT_OPS and len(invals) == 1:
             return [_layout(first, eqn)]
@@ -437,7 +437,12 @@ def call_factored(
         stacked = stacked_table(adapters)
         table = {
             p: LoraWeights(
-                a=w.a[0], b=w.b[0], scale=1.0, in_axes=w.in_axes, kernel_shape=w.kernel_shape
+                a=w.a[0],
+                b=w.b[0],
+                scale=1.0,
+                in_axes=w.in_axes,
+                kernel_shape=w.kernel_shape,
+                layer_axes=w.layer_axes,
             )
             for p, w in stacked.items()
         }

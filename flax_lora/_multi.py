@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_lora._adapters import LoraWeights, adapter_table
+from flax_lora._adapters import LoraWeights, adapter_table, layer_mask
 from flax_lora._paths import describe, flatten, nest
 
 PyTree = Any
@@ -51,13 +51,6 @@ def _tables(adapter_list: Any, fn: str) -> list[dict[str, LoraWeights]]:
             f"{describe(dora)}: a DoRA kernel m * V / ||V|| is not linear in the adapters. "
             "Merge each DoRA adapter into its own params (lora.merge) instead."
         )
-    stacked = [f"set {i}: {p}" for i, t in enumerate(tables) for p, w in t.items() if w.layer_axes]
-    if stacked and fn == "stack":  # routing has no rule inside a scan yet
-        raise ValueError(
-            f"lora.{fn} does not support adapters of scan-stacked kernels (with a leading layer "
-            f"axis) yet, found at {describe(stacked)}. Merge each adapter set into its own "
-            "params (lora.merge), or lora.combine them, instead."
-        )
     first = tables[0]
     if not first:
         raise ValueError(f"lora.{fn}: adapter set 0 holds no adapters.")
@@ -71,7 +64,7 @@ def _tables(adapter_list: Any, fn: str) -> list[dict[str, LoraWeights]]:
             )
         for path, w in table.items():
             w0 = first[path]
-            for field in ("kernel_shape", "in_axes", "kind", "layer_axes"):
+            for field in ("kernel_shape", "layer_axes", "in_axes", "kind"):
                 if getattr(w, field) != getattr(w0, field):
                     raise ValueError(
                         f"lora.{fn}: adapters for {path!r} disagree on {field}: set 0 has "
@@ -463,14 +456,23 @@ class StackedLoraWeights:
     ``(B, *I, R)`` and ``b[ids]`` shape ``(B, R, *O)``; ``ids == -1`` (the base model) needs a zero
     update, which `gather` gives (it maps ``-1`` out of range and fills with zeros).
 
+    For a kernel stacked by ``nn.scan`` / ``nnx.scan`` (``layer_axes > 0``, kernel
+    ``(*L, *rest)``) the adapter axis comes first and the layer axes next: ``a`` has shape
+    ``(N, *L, *I, R)`` and ``b`` shape ``(N, *L, R, *O)``, adapter ``k``'s delta at layer ``l``
+    being ``a[k, l] @ b[k, l]``. Layers an adapter does not adapt (``LoraConfig(layers=...)``)
+    hold zero factors for it.
+
     Attributes:
-      a: shape ``(N, *I, R)``.
-      b: shape ``(N, R, *O)``, each ``b[k]`` multiplied by adapter ``k``'s scale.
+      a: shape ``(N, *I, R)`` (``(N, *L, *I, R)`` for a scan-stacked kernel).
+      b: shape ``(N, R, *O)`` (``(N, *L, R, *O)``), each ``b[k]`` multiplied by adapter ``k``'s
+        scale.
       ranks: the original rank of each adapter (static), so ``a[k, ..., :ranks[k]]`` is its own.
       in_axes: the kernel's input axes, in order.
-      kernel_shape: the shape of the adapted kernel.
+      kernel_shape: the shape of the adapted kernel (the whole stack for a scan-stacked one).
       kind: ``"dense"``, ``"conv"`` or ``"embed"``.
       dropout: the dropout rate of the LoRA branch (of adapter 0).
+      layer_axes: the number of leading layer axes of a scan-stacked kernel (0 otherwise), as
+        `LoraWeights.layer_axes`.
     """
 
     a: Any
@@ -480,6 +482,7 @@ class StackedLoraWeights:
     kernel_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     kind: str = dataclasses.field(default="dense", metadata=dict(static=True))
     dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+    layer_axes: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     stacked = True  # class attribute: an unmistakable marker for code that dispatches on it
 
@@ -495,8 +498,15 @@ class StackedLoraWeights:
 
     @property
     def out_axes(self) -> tuple[int, ...]:
-        """The kernel's output axes (those not in ``in_axes``), in order."""
-        return tuple(i for i in range(len(self.kernel_shape)) if i not in self.in_axes)
+        """The kernel's output axes (neither input nor layer axes), in order."""
+        return tuple(
+            i for i in range(self.layer_axes, len(self.kernel_shape)) if i not in self.in_axes
+        )
+
+    @property
+    def layer_shape(self) -> tuple[int, ...]:
+        """The sizes of the leading layer axes of a scan-stacked kernel (``()`` otherwise)."""
+        return tuple(self.kernel_shape[: self.layer_axes])
 
     @property
     def in_shape(self) -> tuple[int, ...]:
@@ -542,6 +552,12 @@ def stack(adapter_list: Sequence[PyTree]) -> PyTree:
     padded with zeros, and each adapter's scale is folded into its ``b``, so adapter ``k``'s
     delta is exactly ``a[k] @ b[k]`` whatever the ranks and scales (rsLoRA included).
 
+    Adapters of kernels stacked by ``nn.scan`` / ``nnx.scan`` (`LoraWeights.layer_axes`) stack
+    with the adapter axis first and the layer axes next: ``a`` ``(N, *L, *I, R)``, ``b``
+    ``(N, *L, R, *O)``; layers an adapter does not adapt (``LoraConfig(layers=...)``) get zero
+    factors for it. A routed call slices them per layer inside the scan, keeping the per-example
+    axis, so each layer's uses are routed as in an unstacked model.
+
     Example:
       >>> stacked = lora.stack([adapters_a, adapters_b, adapters_c])
       >>> y = lora.wrap(model.apply)(params, stacked, x, lora_ids=jnp.array([0, 2, -1, 1]))
@@ -557,7 +573,7 @@ def stack(adapter_list: Sequence[PyTree]) -> PyTree:
 
     Raises:
       ValueError: the adapter sets adapt different kernels or disagree on a kernel's shape,
-        input axes, kind or dropout rate (naming the path); DoRA or scan-stacked adapters.
+        input axes, kind, layer axes or dropout rate (naming the path); DoRA adapters.
       TypeError: ``adapter_list`` is not a list of adapter sets.
     """
     tables = _tables(adapter_list, "stack")
@@ -580,11 +596,16 @@ def _stack_tables(tables: list[dict[str, LoraWeights]]) -> dict[str, StackedLora
         dtype = _dtype(ws)
         r_max = max(x.rank for x in ws)
         a_list, b_list = [], []
+        n = w0.layer_axes  # scan-stacked: (*L, *I, r) and (*L, r, *O)
         for x in ws:
             pad = r_max - x.rank
             a = jnp.pad(x.a, [(0, 0)] * (x.a.ndim - 1) + [(0, pad)])
             b = x.b.astype(jnp.promote_types(x.b.dtype, jnp.float32)) * x.scale
-            b = jnp.pad(b, [(0, pad)] + [(0, 0)] * (x.b.ndim - 1))
+            b = jnp.pad(b, [(0, 0)] * n + [(0, pad)] + [(0, 0)] * (x.b.ndim - n - 1))
+            mask = layer_mask(x)
+            if mask is not None:  # layers this adapter does not adapt: zero factors
+                a = a * jnp.asarray(mask, a.dtype).reshape(mask.shape + (1,) * (a.ndim - 1))
+                b = b * jnp.asarray(mask, b.dtype).reshape(mask.shape + (1,) * (b.ndim - 1))
             a_list.append(a.astype(dtype))
             b_list.append(b.astype(dtype))
         out[path] = StackedLoraWeights(
@@ -595,6 +616,7 @@ def _stack_tables(tables: list[dict[str, LoraWeights]]) -> dict[str, StackedLora
             kernel_shape=w0.kernel_shape,
             kind=w0.kind,
             dropout=w0.dropout,
+            layer_axes=n,
         )
     return out
 
@@ -604,7 +626,8 @@ def unstack(stacked: PyTree, index: int) -> PyTree:
 
     The padding is cut off (each kernel gets its original rank back) and the scale stays folded
     into ``b``: the result has scale 1 and the same delta as the original adapter (to one
-    rounding of ``b * scale`` in the factors' dtype).
+    rounding of ``b * scale`` in the factors' dtype). A scan-stacked adapter comes back with its
+    layer axes and ``layers=None``: layers the original did not adapt hold zero factors.
 
     Example:
       >>> adapters_b = lora.unstack(lora.stack([adapters_a, adapters_b]), 1)
@@ -628,21 +651,23 @@ def unstack(stacked: PyTree, index: int) -> PyTree:
     out = []
     for path, w in table.items():
         r = w.ranks[i]
-        out.append(
-            (
-                path,
-                LoraWeights(
-                    a=w.a[i, ..., :r],
-                    b=w.b[i, :r],
-                    scale=1.0,
-                    in_axes=w.in_axes,
-                    kernel_shape=w.kernel_shape,
-                    kind=w.kind,
-                    dropout=w.dropout,
-                ),
-            )
-        )
+        lead = (slice(None),) * w.layer_axes
+        out.append((path, _one(w, w.a[i, ..., :r], w.b[(i, *lead, slice(None, r))])))
     return nest(out)
+
+
+def _one(w: StackedLoraWeights, a: Any, b: Any) -> LoraWeights:
+    """One adapter's `LoraWeights` (scale 1) of kernel ``w`` with factors ``a``, ``b``."""
+    return LoraWeights(
+        a=a,
+        b=b,
+        scale=1.0,
+        in_axes=w.in_axes,
+        kernel_shape=w.kernel_shape,
+        kind=w.kind,
+        dropout=w.dropout,
+        layer_axes=w.layer_axes,
+    )
 
 
 def check_ids(ids: Any, num_adapters: int, batch: int | None = None) -> jax.Array:
@@ -679,7 +704,8 @@ def gather(w: StackedLoraWeights, ids: jax.Array) -> tuple[jax.Array, jax.Array]
     """Per-example factors: ``(a[ids], b[ids])`` with zeros where ``ids == -1``.
 
     For ``ids`` of shape ``(B,)`` returns ``a`` of shape ``(B, *I, R)`` and ``b`` of shape
-    ``(B, R, *O)``; example ``j``'s delta is ``a[j] @ b[j]`` (the scale is already in ``b``).
+    ``(B, R, *O)`` (``(B, *L, *I, R)`` and ``(B, *L, R, *O)`` for a scan-stacked kernel);
+    example ``j``'s delta is ``a[j] @ b[j]`` (the scale is already in ``b``).
     Ids outside ``[0, N)`` (``-1``, or out-of-range traced ids) give zero factors. A scalar id
     gives ``(*I, R)`` and ``(R, *O)``.
     """
@@ -697,19 +723,5 @@ def select(stacked: PyTree, index: jax.Array) -> PyTree:
     """
     out = []
     for path, w in stacked_table(stacked).items():
-        a, b = gather(w, index)
-        out.append(
-            (
-                path,
-                LoraWeights(
-                    a=a,
-                    b=b,
-                    scale=1.0,
-                    in_axes=w.in_axes,
-                    kernel_shape=w.kernel_shape,
-                    kind=w.kind,
-                    dropout=w.dropout,
-                ),
-            )
-        )
+        out.append((path, _one(w, *gather(w, index))))
     return nest(out)

@@ -9,6 +9,10 @@ of the model's inputs) is matched with the factors' example axis: the rule for o
 only the low-rank branch uses per-example factors. Everything else in the model (batch
 statistics, masks passed as keywords) sees the whole batch, as without routing.
 
+A kernel stacked by ``nn.scan`` / ``nnx.scan`` enters as a routed *stacked* view (factors
+``(B, *L, *I, R)`` and ``(B, *L, R, *O)``); the scan rule (`flax_lora._scan`) slices its layer
+axis, keeping the example axis first, so each layer's view is an ordinary routed view.
+
 A use that does not fit (an activation whose axis 0 is not the batch, a kernel used by another
 operation) raises `RoutingFallback`; `lora.wrap` then runs the model per example instead
 (mode ``"auto"``) or reports it (mode ``"factored"``).
@@ -24,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_lora._adapters import LoraWeights
-from flax_lora._factored_view import I_SIDE, KernelView, make_view
+from flax_lora._factored_view import KernelView, make_view
 
 ROUTED_OPS = ("dot_general", "gather", "conv_general_dilated")
 
@@ -50,6 +54,7 @@ def make_routed_view(path: str, kernel: Any, w: Any, ids: jax.Array) -> KernelVi
         kernel_shape=tuple(w.kernel_shape),
         kind=w.kind,
         dropout=float(w.dropout),
+        layer_axes=int(w.layer_axes),
     )
     one = lambda ra, rb, a, b: make_view(path, kernel, static.replace(a=a, b=b))
     return _mapped_factors(one, a_sel, b_sel, a_sel, b_sel)
@@ -63,8 +68,15 @@ def view_axes(v: KernelView) -> KernelView:
 
 
 def is_routed(v: Any) -> bool:
-    """Whether ``v`` is a routed view (its ``a`` has the extra leading example axis)."""
-    return isinstance(v, KernelView) and v.a.ndim == len(v.axes(I_SIDE)) + 2
+    """Whether ``v`` is a routed view (its ``a`` has the extra leading example axis).
+
+    Decided on ``root_a``, which keeps the kernel's layout (``(*L, *I, r)`` unrouted) whatever
+    layout ops the view went through.
+    """
+    if not isinstance(v, KernelView):
+        return False
+    w = v.meta.weights
+    return v.root_a.ndim == w.layer_axes + len(w.in_axes) + 2
 
 
 def routed_layout(v: KernelView, layout: Callable[[KernelView], KernelView]) -> KernelView:

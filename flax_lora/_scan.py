@@ -13,6 +13,10 @@ A DoRA adapter (a magnitude ``m`` ``(L, *O)``) gets its per-output-unit factor
 ``g = m / ||V||`` for every layer at once (the factored norm of `flax_lora._dora`, mapped over
 the layer axes: no kernel-sized array), and the scan slices ``g`` and ``m`` along with the
 others, so each layer's view is an ordinary DoRA view.
+
+Under routing (``lora_ids``) a stacked view is routed: its factors carry the example axis first,
+``(B, *L, *I, r)``. The scan slices them on their layer axis (axis 1) instead, so each layer's
+view keeps the example axis and is an ordinary routed view (`flax_lora._routing`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from flax_lora._factored_view import (
     KernelView,
     ViewMeta,
 )
+from flax_lora._routing import is_routed
 
 # ops that commute with slicing a layer off (they act on values only, with no shape in their
 # parameters); a sharding op on the stack is dropped for the per-layer view's `materialize`
@@ -130,12 +135,7 @@ def scan_rule(interp: Any, eqn: Any, invals: list[Any]) -> list[Any] | str:
                 return why
     closed = p["jaxpr"]
     slots = [_layer_meta(x.meta) if isinstance(x, KernelView) else None for x in xs]
-    xs_in: list[Any] = [
-        (x.root, x.root_a, x.root_b, x.base, x.a, x.b, x.g, x.root_m)
-        if isinstance(x, KernelView)
-        else x
-        for x in xs
-    ]
+    xs_in: list[Any] = [_layer_slices(x) if isinstance(x, KernelView) else x for x in xs]
     with_key = interp.key is not None
     if with_key:  # a different dropout mask in every layer
         xs_in.append(jnp.arange(p["length"], dtype=jnp.uint32))
@@ -177,6 +177,16 @@ def scan_rule(interp: Any, eqn: Any, invals: list[Any]) -> list[Any] | str:
     )
     ys = [xs[passthrough[j]] if j in passthrough else y for j, y in enumerate(ys)]
     return [*carry_out, *ys]
+
+
+def _layer_slices(v: KernelView) -> tuple[Any, ...]:
+    """The arrays of a stacked view, each with the layer axis the scan slices first: a routed
+    view's factors have the example axis first, so their layer axis (1) is moved before it."""
+    factors = (v.root_a, v.root_b, v.a, v.b)
+    if is_routed(v):
+        factors = tuple(jnp.moveaxis(f, 1, 0) for f in factors)
+    ra, rb, a, b = factors
+    return (v.root, ra, rb, v.base, a, b, v.g, v.root_m)
 
 
 def _plain(interp: Any, o: Any) -> Any:

@@ -213,5 +213,5 @@ def test_stacked_and_unstacked_sets_do_not_combine() -> None:
     flat = {p: _layer_view(w, 0) if _stacked(p) else w for p, w in adapter_entries(sets[1]).items()}
     with pytest.raises(ValueError, match="disagree on kernel_shape"):
         lora.combine([sets[0], flat], WEIGHTS, "cat")
-    with pytest.raises(ValueError, match="scan-stacked kernels"):
-        lora.stack(sets)
+    with pytest.raises(ValueError, match="disagree on kernel_shape"):
+        lora.stack([sets[0], flat])

@@ -387,10 +387,3 @@ def test_nested_scans_stack_two_layer_axes() -> None:
     for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
         _close(x, y, 5e-5)
         assert not np.any(np.asarray(x)[[0, 2]])
-
-
-def test_unsupported_uses_of_stacked_adapters_are_clear_errors() -> None:
-    apply, params = build("linen")
-    adapters = _init(apply, params)
-    with pytest.raises(ValueError, match="scan-stacked kernels"):
-        lora.stack([adapters, adapters])
