@@ -49,7 +49,7 @@ def dora_kernel(kernel: jax.Array, w: LoraWeights, dtype: Any = jnp.float32) -> 
     v = kernel.astype(dtype) + delta(w, dtype)
     norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(sorted(w.in_axes)), keepdims=True))
     m = jnp.expand_dims(w.m.astype(dtype), tuple(sorted(w.in_axes)))
-    factor = m / jax.lax.stop_gradient(norm)
+    factor = magnitude_ratio(m, jax.lax.stop_gradient(norm))
     mask = layer_mask(w)
     if mask is not None:  # a stacked kernel adapted on some layers only: the others stay W0
         keep = jnp.asarray(mask > 0).reshape(mask.shape + (1,) * (factor.ndim - 1))
@@ -90,4 +90,11 @@ def dora_factor(kernel: jax.Array, w: LoraWeights) -> jax.Array:
     """``m / stop_gradient(||V||)`` per output unit (shape ``w.out_shape``), factored."""
     norm = factored_norm(kernel, w)
     m = w.m.astype(jnp.promote_types(w.m.dtype, jnp.float32))
-    return m / norm.astype(m.dtype)
+    return magnitude_ratio(m, norm.astype(m.dtype))
+
+
+def magnitude_ratio(m: jax.Array, norm: jax.Array) -> jax.Array:
+    """``m / norm``, and 1 where ``norm`` is 0: a zero column of ``V`` stays zero (rather than
+    NaN, and with no NaN in the gradient either)."""
+    nonzero = norm > 0
+    return jnp.where(nonzero, m / jnp.where(nonzero, norm, jnp.ones((), norm.dtype)), 1.0)

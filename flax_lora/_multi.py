@@ -34,8 +34,9 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # --------------------------------------------------------------------------------------------
 # Shared checks
 # --------------------------------------------------------------------------------------------
-def _tables(adapter_list: Any, fn: str) -> list[dict[str, LoraWeights]]:
-    """The `adapter_table` of each adapter set, checked to share paths and kernel layouts."""
+def _tables(adapter_list: Any, fn: str, dora_ok: bool = False) -> list[dict[str, LoraWeights]]:
+    """The `adapter_table` of each adapter set, checked to share paths and kernel layouts
+    (DoRA adapters refused unless ``dora_ok``)."""
     if isinstance(adapter_list, Mapping) or not isinstance(adapter_list, Sequence):
         raise TypeError(
             f"lora.{fn} takes a list of adapter sets (e.g. [adapters_a, adapters_b]); got "
@@ -45,7 +46,7 @@ def _tables(adapter_list: Any, fn: str) -> list[dict[str, LoraWeights]]:
         raise ValueError(f"lora.{fn}: adapter_list is empty; pass at least one adapter set.")
     tables = [adapter_table(ad) for ad in adapter_list]
     dora = [f"set {i}: {p}" for i, t in enumerate(tables) for p, w in t.items() if w.m is not None]
-    if dora:  # m / ||W0 + delta|| does not combine linearly, and routing has no place for m
+    if dora and not dora_ok:  # m / ||W0 + delta|| does not combine linearly
         raise ValueError(
             f"lora.{fn} does not support DoRA adapters (with a magnitude m), found at "
             f"{describe(dora)}: a DoRA kernel m * V / ||V|| is not linear in the adapters. "
@@ -462,6 +463,13 @@ class StackedLoraWeights:
     being ``a[k, l] @ b[k, l]``. Layers an adapter does not adapt (``LoraConfig(layers=...)``)
     hold zero factors for it.
 
+    DoRA: when some adapters carry a magnitude, ``m`` stacks them, shape ``(N, *O)``
+    (``(N, *L, *O)``), and the static ``dora`` says per adapter which entries are DoRA. A plain
+    adapter in the stack (``dora[k] is False``) behaves as a DoRA adapter whose magnitude is
+    ``||W0 + a[k] @ b[k]||`` (its factor ``g = m / ||V||`` is 1): its ``m[k]`` holds zeros and
+    is not read. A routed call computes ``g`` per adapter from ``W0`` (the detached factored norm;
+    zero-padded ranks leave the norm unchanged) and gathers it per example (``g = 1`` for ``-1``).
+
     Attributes:
       a: shape ``(N, *I, R)`` (``(N, *L, *I, R)`` for a scan-stacked kernel).
       b: shape ``(N, R, *O)`` (``(N, *L, R, *O)``), each ``b[k]`` multiplied by adapter ``k``'s
@@ -473,6 +481,11 @@ class StackedLoraWeights:
       dropout: the dropout rate of the LoRA branch (of adapter 0).
       layer_axes: the number of leading layer axes of a scan-stacked kernel (0 otherwise), as
         `LoraWeights.layer_axes`.
+      m: DoRA magnitudes ``(N, *O)`` (``(N, *L, *O)``), zeros for plain adapters; ``None`` (no
+        leaf) when no stacked adapter is DoRA.
+      dora: static, with ``m``: per adapter ``False`` (plain LoRA), ``True`` (DoRA) or, for a
+        scan-stacked DoRA adapter adapted on some layers only, the tuple of its ``layers``
+        (the other layers behave as plain: ``g = 1``); ``None`` without ``m``.
     """
 
     a: Any
@@ -483,8 +496,24 @@ class StackedLoraWeights:
     kind: str = dataclasses.field(default="dense", metadata=dict(static=True))
     dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
     layer_axes: int = dataclasses.field(default=0, metadata=dict(static=True))
+    m: Any = None
+    dora: tuple[bool | tuple[int, ...], ...] | None = dataclasses.field(
+        default=None, metadata=dict(static=True)
+    )
 
     stacked = True  # class attribute: an unmistakable marker for code that dispatches on it
+
+    def dora_keep(self) -> np.ndarray:
+        """Where ``m`` is read: a boolean array ``(N, *L)``, True for DoRA adapters (on the
+        layers they adapt), False for plain ones (their ``g`` is 1)."""
+        n, lead = self.num_adapters, self.layer_shape
+        keep = np.zeros((n, *lead), bool)
+        for k, d in enumerate(self.dora or (False,) * n):
+            if d is True:
+                keep[k] = True
+            elif d is not False:  # picked positions on the first layer axis
+                keep[k, np.asarray(d, int)] = True
+        return keep
 
     @property
     def num_adapters(self) -> int:
@@ -558,6 +587,11 @@ def stack(adapter_list: Sequence[PyTree]) -> PyTree:
     factors for it. A routed call slices them per layer inside the scan, keeping the per-example
     axis, so each layer's uses are routed as in an unstacked model.
 
+    DoRA adapters (with a magnitude ``m``) stack too, mixed with plain ones in any order: the
+    magnitudes go to `StackedLoraWeights.m` (zeros for plain adapters, flagged by
+    `StackedLoraWeights.dora`), and a routed call scales example ``j``'s output at each DoRA
+    kernel by ``g = m / ||W0 + a @ b||`` of its adapter (1 for plain adapters and ``-1``).
+
     Example:
       >>> stacked = lora.stack([adapters_a, adapters_b, adapters_c])
       >>> y = lora.wrap(model.apply)(params, stacked, x, lora_ids=jnp.array([0, 2, -1, 1]))
@@ -573,10 +607,10 @@ def stack(adapter_list: Sequence[PyTree]) -> PyTree:
 
     Raises:
       ValueError: the adapter sets adapt different kernels or disagree on a kernel's shape,
-        input axes, kind, layer axes or dropout rate (naming the path); DoRA adapters.
+        input axes, kind, layer axes or dropout rate (naming the path).
       TypeError: ``adapter_list`` is not a list of adapter sets.
     """
-    tables = _tables(adapter_list, "stack")
+    tables = _tables(adapter_list, "stack", dora_ok=True)
     for path in tables[0]:
         rates = [float(t[path].dropout) for t in tables]
         if len(set(rates)) > 1:
@@ -608,6 +642,16 @@ def _stack_tables(tables: list[dict[str, LoraWeights]]) -> dict[str, StackedLora
                 b = b * jnp.asarray(mask, b.dtype).reshape(mask.shape + (1,) * (b.ndim - 1))
             a_list.append(a.astype(dtype))
             b_list.append(b.astype(dtype))
+        m, dora = None, None
+        if any(x.m is not None for x in ws):  # DoRA: plain adapters get zeros, flagged False
+            m_dtype = jnp.result_type(*[x.m.dtype for x in ws if x.m is not None])
+            m_shape = (*w0.layer_shape, *w0.out_shape)
+            m = jnp.stack(
+                [jnp.zeros(m_shape, m_dtype) if x.m is None else x.m.astype(m_dtype) for x in ws]
+            )
+            dora = tuple(
+                x.m is not None and (x.layers is None or not n or tuple(x.layers)) for x in ws
+            )
         out[path] = StackedLoraWeights(
             a=jnp.stack(a_list),
             b=jnp.stack(b_list),
@@ -617,6 +661,8 @@ def _stack_tables(tables: list[dict[str, LoraWeights]]) -> dict[str, StackedLora
             kind=w0.kind,
             dropout=w0.dropout,
             layer_axes=n,
+            m=m,
+            dora=dora,
         )
     return out
 
@@ -627,7 +673,8 @@ def unstack(stacked: PyTree, index: int) -> PyTree:
     The padding is cut off (each kernel gets its original rank back) and the scale stays folded
     into ``b``: the result has scale 1 and the same delta as the original adapter (to one
     rounding of ``b * scale`` in the factors' dtype). A scan-stacked adapter comes back with its
-    layer axes and ``layers=None``: layers the original did not adapt hold zero factors.
+    layer axes and ``layers=None``: layers the original did not adapt hold zero factors. A DoRA
+    adapter comes back with its ``m`` (and, scan-stacked, its ``layers``, which DoRA needs).
 
     Example:
       >>> adapters_b = lora.unstack(lora.stack([adapters_a, adapters_b]), 1)
@@ -652,11 +699,15 @@ def unstack(stacked: PyTree, index: int) -> PyTree:
     for path, w in table.items():
         r = w.ranks[i]
         lead = (slice(None),) * w.layer_axes
-        out.append((path, _one(w, w.a[i, ..., :r], w.b[(i, *lead, slice(None, r))])))
+        one = _one(w, w.a[i, ..., :r], w.b[(i, *lead, slice(None, r))])
+        d = False if w.dora is None else w.dora[i]
+        if d is not False:
+            one = one.replace(m=w.m[i], layers=None if d is True else d)
+        out.append((path, one))
     return nest(out)
 
 
-def _one(w: StackedLoraWeights, a: Any, b: Any) -> LoraWeights:
+def _one(w: StackedLoraWeights, a: Any, b: Any, m: Any = None) -> LoraWeights:
     """One adapter's `LoraWeights` (scale 1) of kernel ``w`` with factors ``a``, ``b``."""
     return LoraWeights(
         a=a,
@@ -666,6 +717,7 @@ def _one(w: StackedLoraWeights, a: Any, b: Any) -> LoraWeights:
         kernel_shape=w.kernel_shape,
         kind=w.kind,
         dropout=w.dropout,
+        m=m,
         layer_axes=w.layer_axes,
     )
 
@@ -716,12 +768,30 @@ def gather(w: StackedLoraWeights, ids: jax.Array) -> tuple[jax.Array, jax.Array]
     return a, b
 
 
-def select(stacked: PyTree, index: jax.Array) -> PyTree:
+def select(stacked: PyTree, index: jax.Array, params: PyTree = None) -> PyTree:
     """The adapters of one (possibly traced) index as ordinary adapters; ``-1`` gives zeros.
 
     Unlike `unstack`, the padded rank ``R`` is kept, so this works with a traced ``index``.
+    A kernel whose stack holds DoRA adapters comes back as a DoRA adapter whatever ``index``
+    is, with the magnitude that gives the indexed adapter's kernel (``||W0 + a @ b||``, so
+    ``g = 1``, for a plain adapter or ``-1``): that needs the base ``params``.
+
+    Raises:
+      ValueError: a DoRA stack without ``params``, or a DoRA kernel missing from them.
     """
+    from flax_lora._stack_dora import gather_dora
+
+    kernels = None if params is None else flatten(params)
     out = []
     for path, w in stacked_table(stacked).items():
-        out.append((path, _one(w, *gather(w, index))))
+        a, b = gather(w, index)
+        m = None
+        if w.m is not None:
+            if kernels is None or path not in kernels:
+                raise ValueError(
+                    f"select: the stacked adapters for {path!r} include DoRA ones, whose "
+                    "magnitude depends on the base kernel; pass params holding that kernel."
+                )
+            m = gather_dora(w, kernels[path], jnp.asarray(index, jnp.int32))[1]
+        out.append((path, _one(w, a, b, m)))
     return nest(out)

@@ -41,9 +41,13 @@ def make_routed_view(path: str, kernel: Any, w: Any, ids: jax.Array) -> KernelVi
     """The view of kernel ``path`` whose factors are adapter ``ids[j]``'s for example ``j``.
 
     ``w`` is a `StackedLoraWeights` (scales folded into ``b``); the view's ``a`` / ``b`` (and
-    ``root_a`` / ``root_b``) carry a leading example axis of length ``len(ids)``.
+    ``root_a`` / ``root_b``) carry a leading example axis of length ``len(ids)``. With DoRA
+    adapters in the stack so do ``g`` (``m / ||V||`` of example ``j``'s adapter, 1 for plain
+    adapters and ``-1``; `flax_lora._stack_dora`) and ``root_m`` (the magnitude giving that
+    ``g``, for `materialize`).
     """
     from flax_lora._multi import gather
+    from flax_lora._stack_dora import gather_dora
 
     a_sel, b_sel = gather(w, ids)
     static = LoraWeights(
@@ -56,14 +60,20 @@ def make_routed_view(path: str, kernel: Any, w: Any, ids: jax.Array) -> KernelVi
         dropout=float(w.dropout),
         layer_axes=int(w.layer_axes),
     )
-    one = lambda ra, rb, a, b: make_view(path, kernel, static.replace(a=a, b=b))
-    return _mapped_factors(one, a_sel, b_sel, a_sel, b_sel)
+    one = lambda ra, rb, a, b, g: make_view(path, kernel, static.replace(a=a, b=b))
+    view = _mapped_factors(one, a_sel, b_sel, a_sel, b_sel)
+    if w.m is None:
+        return view
+    g, m_eff = gather_dora(w, kernel, ids)  # (B, *L, *O): the view's O axes are in kernel order
+    return dataclasses.replace(view, g=g, root_m=m_eff)
 
 
 def view_axes(v: KernelView) -> KernelView:
-    """The `jax.vmap` axes of a routed view: its factors are mapped on axis 0, ``W0`` is not."""
+    """The `jax.vmap` axes of a routed view: its factors (and DoRA's ``g``, ``root_m``) are
+    mapped on axis 0, ``W0`` is not."""
+    dora = None if v.g is None else 0
     return dataclasses.replace(
-        v, root=None, root_a=0, root_b=0, base=None, a=0, b=0, g=None, root_m=None
+        v, root=None, root_a=0, root_b=0, base=None, a=0, b=0, g=dora, root_m=dora
     )
 
 
@@ -81,22 +91,28 @@ def is_routed(v: Any) -> bool:
 
 def routed_layout(v: KernelView, layout: Callable[[KernelView], KernelView]) -> KernelView:
     """A layout op (transpose, reshape, ...) on a routed view, example by example."""
-    one = lambda ra, rb, a, b: layout(dataclasses.replace(v, root_a=ra, root_b=rb, a=a, b=b))
-    return _mapped_factors(one, v.root_a, v.root_b, v.a, v.b)
+    one = lambda ra, rb, a, b, g: layout(
+        dataclasses.replace(v, root_a=ra, root_b=rb, a=a, b=b, g=g)
+    )
+    return _mapped_factors(one, v.root_a, v.root_b, v.a, v.b, v.g)
 
 
 def _mapped_factors(
-    one: Callable[..., KernelView], root_a: Any, root_b: Any, a: Any, b: Any
+    one: Callable[..., KernelView], root_a: Any, root_b: Any, a: Any, b: Any, g: Any = None
 ) -> KernelView:
-    """``one(root_a[j], root_b[j], a[j], b[j])`` for every example ``j``, as one routed view.
+    """``one(root_a[j], root_b[j], a[j], b[j], g[j])`` for every example ``j``, as one routed
+    view (``g``: DoRA's per-example factor, or ``None``).
 
     ``one`` builds a view of one example's factors; its factors are `jax.vmap`-ed over the
-    examples, and the rest of the view (``W0`` and the static metadata) is example 0's.
+    examples, and the rest of the view (``W0``, ``root_m`` and the static metadata) is example
+    0's view's.
     """
-    factors = lambda *xs: (lambda v: (v.root_a, v.root_b, v.a, v.b))(one(*xs))
-    root_a, root_b, a, b = jax.vmap(factors)(root_a, root_b, a, b)
-    first = one(root_a[0], root_b[0], a[0], b[0])
-    return dataclasses.replace(first, root_a=root_a, root_b=root_b, a=a, b=b)
+    factors = lambda *xs: (lambda v: (v.root_a, v.root_b, v.a, v.b, v.g))(one(*xs))
+    outs = jax.vmap(factors)(root_a, root_b, a, b, g)
+    first = one(root_a[0], root_b[0], a[0], b[0], None if g is None else g[0])
+    return dataclasses.replace(
+        first, root_a=outs[0], root_b=outs[1], a=outs[2], b=outs[3], g=outs[4]
+    )
 
 
 def per_example(

@@ -82,7 +82,7 @@ def _stacked_dora(kernel: Any, w: LoraWeights, a: Any, mask: Any) -> tuple[Any, 
     ``(*L, *O)``, from the factored norm of each layer (``a`` with the layer mask applied); and
     the magnitude a per-layer view materializes with. On layers not picked ``g`` is 1 and that
     magnitude is ``||W0||`` (so one layer's merged kernel is ``W0`` there, as `lora.merge`)."""
-    from flax_lora._dora import factored_norm
+    from flax_lora._dora import factored_norm, magnitude_ratio
 
     inner = w.unstacked(w.layer_axes, a=None, b=None, m=None)
     norm_of = lambda k, a_, b_: factored_norm(k, inner.replace(a=a_, b=b_))
@@ -90,7 +90,7 @@ def _stacked_dora(kernel: Any, w: LoraWeights, a: Any, mask: Any) -> tuple[Any, 
         norm_of = jax.vmap(norm_of)
     norm = norm_of(kernel, a, w.b)
     m = w.m.astype(jnp.promote_types(w.m.dtype, jnp.float32))
-    g = m / norm.astype(m.dtype)
+    g = magnitude_ratio(m, norm.astype(m.dtype))
     root_m = w.m
     if mask is not None:  # layers not picked stay W0
         keep = jnp.asarray(mask > 0).reshape(mask.shape + (1,) * (g.ndim - 1))
@@ -182,11 +182,11 @@ def scan_rule(interp: Any, eqn: Any, invals: list[Any]) -> list[Any] | str:
 def _layer_slices(v: KernelView) -> tuple[Any, ...]:
     """The arrays of a stacked view, each with the layer axis the scan slices first: a routed
     view's factors have the example axis first, so their layer axis (1) is moved before it."""
-    factors = (v.root_a, v.root_b, v.a, v.b)
-    if is_routed(v):
-        factors = tuple(jnp.moveaxis(f, 1, 0) for f in factors)
-    ra, rb, a, b = factors
-    return (v.root, ra, rb, v.base, a, b, v.g, v.root_m)
+    factors = (v.root_a, v.root_b, v.a, v.b, v.g, v.root_m)
+    if is_routed(v):  # DoRA's g and root_m too: (B, *L, *O)
+        factors = tuple(None if f is None else jnp.moveaxis(f, 1, 0) for f in factors)
+    ra, rb, a, b, g, root_m = factors
+    return (v.root, ra, rb, v.base, a, b, g, root_m)
 
 
 def _plain(interp: Any, o: Any) -> Any:

@@ -185,7 +185,7 @@ def _routed(
 
     def one(index: jax.Array, key: Any, example: tuple[Any, ...]) -> Any:
         single = jax.tree.map(lambda x: x[None], example)
-        out = run(params, select(stacked, index), single, kwargs, key)
+        out = run(params, select(stacked, index, params), single, kwargs, key)
         flat, _ = jax.tree_util.tree_flatten_with_path(out)
         bad = [(jax.tree_util.keystr(kp), np.shape(y)) for kp, y in flat if np.shape(y)[:1] != (1,)]
         if bad:  # e.g. a per-example keyword input broadcast against the batch of one

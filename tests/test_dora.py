@@ -401,15 +401,14 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     assert jax.tree.structure(lora.load(tmp_path / "plain")) == jax.tree.structure(plain)
 
 
-def test_unmerge_combine_stack_refuse_dora() -> None:
+def test_unmerge_combine_refuse_dora() -> None:
     params, adapters = _tiny()
     merged = lora.merge(params, adapters)
     with pytest.raises(ValueError, match=r"lora.unmerge: .*params/Embed_0/embedding.*DoRA"):
         lora.unmerge(merged, adapters)
     with pytest.raises(ValueError, match="DoRA"):
         lora.combine([adapters, adapters], [0.5, 0.5])
-    with pytest.raises(ValueError, match="DoRA"):
-        lora.stack([adapters, adapters])
+    # lora.stack takes DoRA adapters: tests/test_routing_dora.py
 
 
 def test_wrong_magnitude_shape_names_the_path() -> None:
@@ -686,3 +685,36 @@ def test_magnitude_takes_the_sharding_of_the_output_axes() -> None:
     w = lora.init(jax.random.key(0), {"w": kernel}, config)["w"]
     assert w.m.sharding.is_equivalent_to(NamedSharding(mesh, P("x")), 1)
     np.testing.assert_allclose(np.asarray(w.m), 2.0)  # ||ones(4)|| per output unit
+
+
+def test_zero_column_stays_zero_without_nan() -> None:
+    """A column of ``V = W0 + s a@b`` that is all zeros (a zero-initialised head) has no
+    direction: it stays zero in every mode and in a routed stack that mixes DoRA with plain
+    LoRA, and nothing is NaN (``m / ||V||`` would be 0/0)."""
+    model = nn.Dense(3)
+    x = jnp.asarray(_rng(0).normal(size=(4, 5)), jnp.float32)
+    params = model.init(jax.random.key(0), x)
+    kernel = np.asarray(params["params"]["kernel"]).copy()
+    kernel[:, 1] = 0.0
+    params = {"params": {"kernel": jnp.asarray(kernel), "bias": jnp.zeros(3)}}
+    dora = lora.init(jax.random.key(1), params, lora.LoraConfig(rank=2, dora=True))
+    plain = lora.init(jax.random.key(2), params, lora.LoraConfig(rank=2))
+    w = _entry(dora)
+    b = np.asarray(_rng(3).normal(size=w.b.shape), np.float32)
+    b[:, 1] = 0.0
+    assert _paths(dora) == ["params/kernel"]
+    dora = {"params": {"kernel": w.replace(b=jnp.asarray(b), m=w.m * 1.5)}}
+    v = kernel + w.scale * np.asarray(w.a, np.float64) @ b
+    norm = np.linalg.norm(v, axis=0)
+    merged = np.where(norm > 0, v * (1.5 * np.asarray(w.m)) / np.where(norm > 0, norm, 1), 0)
+    want = np.asarray(x, np.float64) @ merged
+    for mode in ("auto", "factored", "merged"):
+        fn = jax.jit(lora.wrap(model.apply, mode=mode))
+        y = np.asarray(fn(params, dora, x))
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+        g = jax.grad(lambda ad, fn=fn: jnp.sum(fn(params, ad, x) ** 2))(dora)
+        assert all(np.all(np.isfinite(np.asarray(t))) for t in jax.tree.leaves(g))
+        stacked = lora.stack([dora, plain])
+        y = np.asarray(fn(params, stacked, x, lora_ids=jnp.array([0, 1, -1, 0])))
+        assert np.all(np.isfinite(y)) and np.all(y[:, 1] == 0.0), mode
+        np.testing.assert_allclose(y[[0, 3]], want[[0, 3]], rtol=1e-5, atol=1e-6)

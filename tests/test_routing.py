@@ -81,9 +81,12 @@ def _adapter_sets(apply_fn: Callable[..., Any], params: Any) -> list[Any]:
     ]
 
 
-def _reference(apply_fn: Callable[..., Any], params: Any, sets: list[Any], x: Any) -> np.ndarray:
+def _reference(
+    apply_fn: Callable[..., Any], params: Any, sets: list[Any], x: Any, ids: Any = IDS
+) -> np.ndarray:
+    """Example ``j`` run alone through ``merge(params, sets[ids[j]])`` (the base for -1)."""
     rows = []
-    for j, k in enumerate(IDS):
+    for j, k in enumerate(ids):
         p = params if k < 0 else lora.merge(params, sets[k])
         rows.append(np.asarray(apply_fn(p, x[j : j + 1]))[0])
     return np.stack(rows)
