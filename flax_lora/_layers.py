@@ -10,6 +10,7 @@ those factors also get zero gradients.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -81,14 +82,12 @@ def init_stacked(
     n_layer_axes: int,
     layers: tuple[int, ...] | None,
 ) -> tuple[LoraWeights, jax.Array | None]:
-    """The adapter of a stacked kernel (and, for PiSSA/OLoRA, its residual base kernel)."""
+    """The adapter of a stacked kernel (and, for PiSSA/OLoRA, its residual base kernel; for
+    LoftQ, its quantized base)."""
     from flax_lora._init import _init_one
 
     if config.init == "loftq":
-        raise ValueError(
-            f"Kernel {path!r} is stacked by a scan (shape {tuple(kernel.shape)}): "
-            "init=loftq is not supported on stacked kernels yet."
-        )
+        return _loftq_stacked(path, kernel, kind, in_axes, config, n_layer_axes, layers)
     size = kernel.shape[0]
     picked = set(range(size)) if layers is None else set(layers)
     needs_values = config.init not in _VALUE_FREE_INITS
@@ -126,6 +125,57 @@ def init_stacked(
     )
     residual = jnp.stack(residuals).astype(kernel.dtype) if needs_values else None
     return w, residual
+
+
+def _loftq_stacked(
+    path: str,
+    kernel: Any,
+    kind: str,
+    in_axes: tuple[int, ...],
+    config: LoraConfig,
+    n: int,
+    layers: tuple[int, ...] | None,
+) -> tuple[LoraWeights, Any]:
+    """LoftQ of a stacked kernel: the adapter and the quantized stacked base (see
+    `flax_lora._quant.loftq_factors`)."""
+    from flax_lora._quant import loftq_factors
+
+    shape = tuple(kernel.shape)
+    lead = tuple(range(n))
+    out_axes = tuple(d for d in range(n, len(shape)) if d not in in_axes)
+    in_shape = tuple(shape[i] for i in in_axes)
+    out_shape = tuple(shape[i] for i in out_axes)
+    r, scale = config.rank_for(path), config.scale_for(path)
+    if r > min(math.prod(in_shape), math.prod(out_shape)):
+        raise ValueError(
+            f"init='loftq' needs rank <= min(fan_in, fan_out) = "
+            f"{min(math.prod(in_shape), math.prod(out_shape))} for {path!r} (stacked kernel "
+            f"{shape}, {n} layer axis(es), input axes {tuple(in_axes)}); got rank {r}."
+        )
+    a, b, q = loftq_factors(
+        kernel,
+        in_axes,
+        r,
+        scale,
+        config.loftq_iter,
+        config.loftq_dtype,
+        layer_axes=n,
+        layers=layers,
+    )
+    a = a.astype(config.dtype).reshape((*shape[:n], *in_shape, r))
+    b = b.astype(config.dtype).reshape((*shape[:n], r, *out_shape))
+    w = LoraWeights(
+        a=place(a, kernel, (*lead, *in_axes), -1),
+        b=place(b, kernel, (*lead, *out_axes), n),
+        scale=scale,
+        in_axes=tuple(in_axes),
+        kernel_shape=shape,
+        kind=kind,
+        dropout=float(config.dropout),
+        layer_axes=n,
+        layers=layers,
+    )
+    return w, q
 
 
 def place(x: jax.Array, kernel: Any, axes: tuple[int, ...], rank_pos: int) -> jax.Array:
