@@ -93,6 +93,35 @@ def dora_factor(kernel: jax.Array, w: LoraWeights) -> jax.Array:
     return magnitude_ratio(m, norm.astype(m.dtype))
 
 
+def layered_factor(
+    kernel: jax.Array,
+    inner: LoraWeights,
+    a: jax.Array,
+    b: jax.Array,
+    m: jax.Array,
+    layer_axes: int,
+    keep: Any = None,
+) -> tuple[jax.Array, jax.Array]:
+    """DoRA's ``g = m / ||V||`` (norm detached, factored) per layer of a kernel stacked by a
+    scan, shape ``(*L, *O)``, and the magnitude that gives it.
+
+    ``inner`` holds one layer's metadata (input axes and kernel shape past the ``layer_axes``
+    leading axes); ``a``, ``b``, ``m`` carry the layer axes. Where ``keep`` (broadcast from the
+    leading axes) is False, the layer is not DoRA: ``g = 1`` and the magnitude is ``||V||``.
+    """
+    norm_of = lambda k, a_, b_: factored_norm(k, inner.replace(a=a_, b=b_))
+    for _ in range(layer_axes):
+        norm_of = jax.vmap(norm_of)
+    acc = jnp.promote_types(m.dtype, jnp.float32)
+    norm = norm_of(kernel, a, b).astype(acc)
+    g = magnitude_ratio(m.astype(acc), norm)
+    if keep is None:
+        return g, m
+    keep = jnp.reshape(keep, jnp.shape(keep) + (1,) * (g.ndim - jnp.ndim(keep)))
+    m_eff = jnp.where(keep, m.astype(acc), norm).astype(m.dtype)
+    return jnp.where(keep, g, jnp.ones((), acc)), m_eff
+
+
 def magnitude_ratio(m: jax.Array, norm: jax.Array) -> jax.Array:
     """``m / norm``, and 1 where ``norm`` is 0: a zero column of ``V`` stays zero (rather than
     NaN, and with no NaN in the gradient either)."""

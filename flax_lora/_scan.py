@@ -82,21 +82,11 @@ def _stacked_dora(kernel: Any, w: LoraWeights, a: Any, mask: Any) -> tuple[Any, 
     ``(*L, *O)``, from the factored norm of each layer (``a`` with the layer mask applied); and
     the magnitude a per-layer view materializes with. On layers not picked ``g`` is 1 and that
     magnitude is ``||W0||`` (so one layer's merged kernel is ``W0`` there, as `lora.merge`)."""
-    from flax_lora._dora import factored_norm, magnitude_ratio
+    from flax_lora._dora import layered_factor
 
     inner = w.unstacked(w.layer_axes, a=None, b=None, m=None)
-    norm_of = lambda k, a_, b_: factored_norm(k, inner.replace(a=a_, b=b_))
-    for _ in range(w.layer_axes):
-        norm_of = jax.vmap(norm_of)
-    norm = norm_of(kernel, a, w.b)
-    m = w.m.astype(jnp.promote_types(w.m.dtype, jnp.float32))
-    g = magnitude_ratio(m, norm.astype(m.dtype))
-    root_m = w.m
-    if mask is not None:  # layers not picked stay W0
-        keep = jnp.asarray(mask > 0).reshape(mask.shape + (1,) * (g.ndim - 1))
-        g = jnp.where(keep, g, jnp.ones((), g.dtype))
-        root_m = jnp.where(keep, w.m, norm.astype(w.m.dtype))
-    return g, root_m
+    keep = None if mask is None else jnp.asarray(mask > 0)  # layers not picked stay W0
+    return layered_factor(kernel, inner, a, w.b, w.m, w.layer_axes, keep)
 
 
 def _sliceable(v: KernelView) -> str | None:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_lora._adapters import LoraWeights
-from flax_lora._dora import factored_norm, magnitude_ratio
+from flax_lora._dora import layered_factor
 
 
 def stacked_dora(w: Any, kernel: Any) -> tuple[jax.Array, jax.Array]:
@@ -36,21 +36,11 @@ def stacked_dora(w: Any, kernel: Any) -> tuple[jax.Array, jax.Array]:
         kernel_shape=tuple(w.kernel_shape[n_layer:]),
         kind=w.kind,
     )
-    norm_of = lambda k, a, b: factored_norm(k, inner.replace(a=a, b=b))
-    for _ in range(n_layer):
-        norm_of = jax.vmap(norm_of)
-    a = jnp.concatenate([w.a, jnp.zeros_like(w.a[:1])])
-    b = jnp.concatenate([w.b, jnp.zeros_like(w.b[:1])])
-    norm = jax.vmap(norm_of, in_axes=(None, 0, 0))(kernel, a, b)  # (N + 1, *L, *O)
-    keep = jnp.asarray(w.dora_keep())
-    keep = jnp.concatenate([keep, jnp.zeros_like(keep[:1])])
-    keep = keep.reshape(keep.shape + (1,) * (norm.ndim - keep.ndim))
-    acc = jnp.promote_types(w.m.dtype, jnp.float32)
-    m = jnp.concatenate([w.m, jnp.zeros_like(w.m[:1])]).astype(acc)
-    norm = norm.astype(acc)
-    g = jnp.where(keep, magnitude_ratio(m, norm), 1.0)
-    m_eff = jnp.where(keep, m, norm).astype(w.m.dtype)
-    return g, m_eff
+    with_base = lambda x: jnp.concatenate([x, jnp.zeros_like(x[:1])])  # row N: the base
+    keep = with_base(jnp.asarray(w.dora_keep()))
+    one = lambda a, b, m, k: layered_factor(kernel, inner, a, b, m, n_layer, k)
+    g, m_eff = jax.vmap(one)(with_base(w.a), with_base(w.b), with_base(w.m), keep)
+    return g, m_eff  # (N + 1, *L, *O)
 
 
 def gather_dora(w: Any, kernel: Any, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
