@@ -15,7 +15,6 @@ kernel itself, ...) merges that kernel in mode ``"auto"`` and raises in mode ``"
 from __future__ import annotations
 
 import collections
-import contextlib
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,8 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as jex_core
 
+from flax_lora import _jaxpr as jx
 from flax_lora._adapters import LoraWeights, adapter_table, check_fits
 from flax_lora._factored_rules import (
     DensePlan,
@@ -42,7 +41,6 @@ from flax_lora._factored_view import (
     materialize,
 )
 from flax_lora._paths import describe, path_str
-from flax_lora._probe import inner_jaxpr
 from flax_lora._routing import (
     ROUTED_OPS,
     RoutingFallback,
@@ -54,8 +52,6 @@ from flax_lora._routing import (
 from flax_lora._scan import is_stacked, scan_rule
 
 PyTree = Any
-_INLINE = {"jit", "pjit", "closed_call", "core_call"}
-_REMAT = {"remat2", "checkpoint", "remat"}
 _CACHE_SIZE = 8
 
 
@@ -82,7 +78,7 @@ class _Frame:
             for i, e in enumerate(self.jaxpr.eqns):
                 if e.primitive.name == "dot_general":
                     for v in e.invars:
-                        if not isinstance(v, jex_core.Literal):
+                        if not jx.is_literal(v):
                             self._dots.setdefault(v, []).append((i, e))
         return self._dots.get(var, [])
 
@@ -136,7 +132,7 @@ class Interpreter:
         env: dict[Any, Any] = {}
 
         def read(var: Any) -> Any:
-            return var.val if isinstance(var, jex_core.Literal) else env[var]
+            return var.val if jx.is_literal(var) else env[var]
 
         env.update(zip(jaxpr.constvars, consts, strict=True))
         env.update(zip(jaxpr.invars, args, strict=True))
@@ -148,11 +144,11 @@ class Interpreter:
                 if id(eqn) in frame.early:
                     continue
                 invals = [read(v) for v in eqn.invars]
-                with _eqn_context(eqn):
+                with jx.eqn_context(eqn):
                     if any(isinstance(x, KernelView) for x in invals):
                         outs = self.rule(eqn, invals)
                     else:
-                        outs = bind(eqn, invals)
+                        outs = jx.bind(eqn, invals)
                 env.update(zip(eqn.outvars, outs, strict=True))
         finally:
             self.frames.pop()
@@ -170,14 +166,14 @@ class Interpreter:
                 return per_example(
                     eqn, invals, self.batch, self._next_key(), self.rule, self._with_key
                 )
-            if name != "scan" and not (name in _INLINE | _REMAT and _sub(eqn) is not None):
+            if name != "scan" and name not in jx.CALLS | jx.REMATS:
                 raise RoutingFallback(f"kernel {views[0].path!r} is used by `{name}`")
         if name in LAYOUT_OPS and len(invals) == 1:
             return [_layout(first, eqn)]
         result: list[Any] | str | None = None
         if name == "scan":  # stacked layers, or kernels closed over by a loop
             result = scan_rule(self, eqn, invals)
-        elif any(is_stacked(v) for v in views) and name not in _INLINE | _REMAT:
+        elif any(is_stacked(v) for v in views) and name not in jx.CALLS | jx.REMATS:
             result = "the stacked kernel is used whole, not sliced by a scan over its layers"
         elif name == "dot_general":
             result = self._dense(eqn, invals)
@@ -187,17 +183,17 @@ class Interpreter:
             if invals[1].meta.why is None:
                 x = self._plain(first, name, "both operands are kernels")
                 result = conv_rule(eqn, x, invals[1], self.dropout)
-        elif name in _INLINE and _sub(eqn) is not None:
-            jaxpr, consts = _sub(eqn)
-            return self.eval(jaxpr, consts, invals)
-        elif name in _REMAT and _sub(eqn) is not None:
+        elif name in jx.CALLS:
+            body = jx.call(eqn).body
+            return self.eval(body.jaxpr, body.consts, invals)
+        elif name in jx.REMATS:
             return self._remat(eqn, invals)
         if isinstance(result, list):
             return result
         reason = result or next((v.meta.why for v in views if v.meta.why), None)
         reason = reason or "no factored rule for this operation"
         plain = [self.fallback(x, name, reason) if isinstance(x, KernelView) else x for x in invals]
-        return bind(eqn, plain)
+        return jx.bind(eqn, plain)
 
     def _dense(self, eqn: Any, invals: list[Any]) -> list[Any] | str | None:
         """``dot_general`` with a kernel view, its branch shared with siblings where possible."""
@@ -206,6 +202,7 @@ class Interpreter:
         if v.meta.why is not None:
             return None
         x = self._plain(invals[x_pos], "dot_general", "both operands are kernels")
+        dims = jx.dot(eqn)
         plan = plan_dense(eqn, tuple(jnp.shape(x)), v, x_pos == 0)
         if isinstance(plan, str):
             return plan
@@ -221,8 +218,8 @@ class Interpreter:
                 plan.prepare(dropped),
                 [plan.first],
                 [plan.second],
-                eqn.params.get("precision"),
-                eqn.params.get("preferred_element_type"),
+                dims.precision,
+                dims.preferred_element_type,
             )[0]
         if low is None:
             group = self._siblings(eqn, x_pos, plan, v)
@@ -231,8 +228,8 @@ class Interpreter:
                 self.dropout(plan.prepare(x), v),
                 [p.first for p in plans],
                 [p.second for p in plans],
-                eqn.params.get("precision"),
-                eqn.params.get("preferred_element_type"),
+                dims.precision,
+                dims.preferred_element_type,
             )
             low = lows[0]
             self.stash.update((id(e), lw) for (e, _), lw in zip(group, lows[1:], strict=True))
@@ -248,15 +245,19 @@ class Interpreter:
         are drawn per adapter.
         """
         xvar = eqn.invars[x_pos]
-        if self.key is not None or self.batch is not None or isinstance(xvar, jex_core.Literal):
+        if self.key is not None or self.batch is not None or jx.is_literal(xvar):
             return []
         frame = self.frames[-1]
-        same = lambda e, k: e.params.get(k) == eqn.params.get(k)
+        dims = jx.dot(eqn)
         group = []
         for i, e in frame.dots_using(xvar):
             if i <= frame.index or e.invars[x_pos] is not xvar or id(e) in self.stash:
                 continue
-            if not (same(e, "precision") and same(e, "preferred_element_type")):
+            other = jx.dot(e)
+            if (other.precision, other.preferred_element_type) != (
+                dims.precision,
+                dims.preferred_element_type,
+            ):
                 continue
             kv = self._resolve(e.invars[1 - x_pos], frame)
             if kv is None or kv.meta.why is not None or kv.dtype != v.dtype:
@@ -268,7 +269,7 @@ class Interpreter:
 
     def _resolve(self, var: Any, frame: _Frame) -> KernelView | None:
         """The kernel view ``var`` will hold, evaluating its layout ops ahead if needed."""
-        if isinstance(var, jex_core.Literal):
+        if jx.is_literal(var):
             return None
         if var in frame.env:
             val = frame.env[var]
@@ -279,7 +280,7 @@ class Interpreter:
         src = self._resolve(eqn.invars[0], frame)
         if src is None:
             return None
-        with _eqn_context(eqn):
+        with jx.eqn_context(eqn):
             out = _layout(src, eqn)
         frame.env[eqn.outvars[0]] = out
         frame.early.add(id(eqn))
@@ -305,13 +306,13 @@ class Interpreter:
 
     def _remat(self, eqn: Any, invals: list[Any]) -> list[Any]:
         """Re-wraps a remat region in `jax.checkpoint` with its policy, evaluating it inside."""
-        jaxpr, consts = _sub(eqn)
+        region = jx.remat(eqn)
         name = eqn.primitive.name
 
         def body(key: Any, *vals: Any) -> list[Any]:
             outer, self.key = self.key, key
             try:
-                outs = self.eval(jaxpr, consts, vals)
+                outs = self.eval(region.body.jaxpr, region.body.consts, vals)
             finally:
                 self.key = outer
             return [
@@ -321,54 +322,12 @@ class Interpreter:
                 for o in outs
             ]
 
-        checkpointed = jax.checkpoint(
-            body,
-            prevent_cse=eqn.params.get("prevent_cse", True),
-            policy=eqn.params.get("policy"),
-        )
+        checkpointed = jax.checkpoint(body, prevent_cse=region.prevent_cse, policy=region.policy)
         return list(checkpointed(self.key, *invals))
 
 
 def _layout(v: KernelView, eqn: Any) -> KernelView:
-    return apply_layout(v, eqn.primitive, bind_params(eqn), eqn.outvars[0].aval)
-
-
-def bind_params(eqn: Any) -> dict[str, Any]:
-    params = eqn.primitive.get_bind_params(eqn.params)
-    if isinstance(params, tuple):  # older JAX: (subfuns, params)
-        subfuns, params = params
-        if subfuns:
-            raise NotImplementedError(f"flax_lora: cannot rebind `{eqn.primitive.name}` here.")
-    return params
-
-
-def bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
-    """Binds an equation's primitive unchanged to new inputs (JAX's `eval_jaxpr` step)."""
-    params = eqn.primitive.get_bind_params(eqn.params)
-    subfuns: Sequence[Any] = ()
-    if isinstance(params, tuple):  # older JAX: (subfuns, params)
-        subfuns, params = params
-    out = eqn.primitive.bind(*subfuns, *invals, **params)
-    return list(out) if eqn.primitive.multiple_results else [out]
-
-
-def _sub(eqn: Any) -> tuple[Any, list[Any]] | None:
-    sub = inner_jaxpr(eqn)
-    if sub is None or len(sub[0].invars) != len(eqn.invars):
-        return None
-    return sub
-
-
-def _eqn_context(eqn: Any) -> Any:
-    """The equation's own context (compute type, metadata) and its name scope, if available."""
-    stack = contextlib.ExitStack()
-    manager = getattr(getattr(eqn, "ctx", None), "manager", None)
-    if manager is not None:
-        stack.enter_context(manager)
-    name = str(getattr(getattr(eqn, "source_info", None), "name_stack", "") or "")
-    if name:
-        stack.enter_context(jax.named_scope(name))
-    return stack
+    return apply_layout(v, eqn.primitive, jx.bind_params(eqn), eqn.outvars[0].aval)
 
 
 # -- entry point -----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flax_lora import _jaxpr as jx
 from flax_lora._factored_view import I_SIDE, O_SIDE, KernelView, cast_like, dora_scale
 
 Rejected = str  # the reason a use cannot be factored
@@ -223,7 +224,8 @@ def plan_dense(
     eqn: Any, x_shape: tuple[int, ...], v: KernelView, x_first: bool
 ) -> DensePlan | Rejected:
     """The factored form of ``dot_general`` of an activation with a kernel view ``v``."""
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    d = jx.dot(eqn)
+    lc, rc, lb, rb = d.lhs_contract, d.rhs_contract, d.lhs_batch, d.rhs_batch
     xc, vc, vb = (lc, rc, rb) if x_first else (rc, lc, lb)
     if vb:
         return "it is contracted with batch dimensions"
@@ -273,7 +275,7 @@ def finish_dense(
     scaled by ``g`` before, see `DensePlan`.)
     """
     operands = (x, v.base) if plan.x_first else (v.base, x)
-    base_out = eqn.primitive.bind(*operands, **eqn.params)
+    base_out = jx.bind(eqn, operands)[0]
     low = jnp.reshape(low, (*plan.lead, *plan.tail))
     if not plan.x_first:  # dot_general(W, x): the kernel's free axes come first
         k = len(plan.lead)
@@ -285,7 +287,7 @@ def finish_dense(
     drop_out = None
     if x_drop is not None:
         operands = (x_drop, v.base) if plan.x_first else (v.base, x_drop)
-        drop_out = eqn.primitive.bind(*operands, **eqn.params)
+        drop_out = jx.bind(eqn, operands)[0]
     return [_dora_out(base_out, low, v, o_pos, drop_out)]
 
 
@@ -305,9 +307,8 @@ def _dora_out(
 
 def gather_rule(eqn: Any, v: KernelView, indices: Any) -> list[Any] | Rejected:
     """``gather`` of rows of a kernel view (an Embed lookup)."""
-    params = eqn.params
-    dn = params["dimension_numbers"]
-    sizes = tuple(params["slice_sizes"])
+    dn = jx.param(eqn, "dimension_numbers")
+    sizes = tuple(jx.param(eqn, "slice_sizes"))
     ins, outs = v.axes(I_SIDE), v.axes(O_SIDE)
     if getattr(dn, "operand_batching_dims", ()):
         return "it is gathered with batching dimensions"
@@ -315,7 +316,7 @@ def gather_rule(eqn: Any, v: KernelView, indices: Any) -> list[Any] | Rejected:
         return "the gather does not pick whole rows along the kernel's input axes"
     if any(sizes[d] != v.shape[d] for d in outs):
         return "the gather takes partial slices of the output axes"
-    base_out = eqn.primitive.bind(v.base, indices, **params)
+    base_out = jx.bind(eqn, (v.base, indices))[0]
     pos = {d: k for k, d in enumerate(ins)}
     n_batch = indices.ndim - 1
     a_dn = dn._replace(
@@ -324,9 +325,7 @@ def gather_rule(eqn: Any, v: KernelView, indices: Any) -> list[Any] | Rejected:
         start_index_map=tuple(pos[d] for d in dn.start_index_map),
     )
     a_sizes = (*[1] * len(ins), v.a.shape[-1])
-    rows = eqn.primitive.bind(
-        v.a, indices, **{**params, "dimension_numbers": a_dn, "slice_sizes": a_sizes}
-    )
+    rows = jx.rebind(eqn, (v.a, indices), dimension_numbers=a_dn, slice_sizes=a_sizes)
     b = _scaled(jnp.reshape(v.b, (v.b.shape[0], -1)), v.scale, v.dtype)
     low = embed_branch(rows, b)
     low = jnp.reshape(low, (*low.shape[:-1], *[v.shape[d] for d in outs]))
@@ -349,23 +348,21 @@ def conv_rule(
     eqn: Any, x: Any, v: KernelView, dropout: Callable[[Any, KernelView], Any]
 ) -> list[Any] | Rejected:
     """``conv_general_dilated`` of an input ``x`` with a kernel view ``v``."""
-    params = eqn.params
-    if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
+    if jx.param(eqn, "feature_group_count") != 1 or jx.param(eqn, "batch_group_count") != 1:
         return "it is a grouped convolution"
-    dn = params["dimension_numbers"]
+    dn = jx.param(eqn, "dimension_numbers")
     out_feat, *in_axes = dn.rhs_spec
     if v.axes(O_SIDE) != [out_feat] or sorted(v.axes(I_SIDE)) != sorted(in_axes):
         return "its input and output axes are not the convolution's (in, spatial) and out axes"
-    base_out = eqn.primitive.bind(x, v.base, **params)
+    base_out = jx.bind(eqn, (x, v.base))[0]
     pos = {d: k for k, d in enumerate(v.axes(I_SIDE))}
     r_axis = v.a.ndim - 1
     a_dn = dn._replace(rhs_spec=(r_axis, *[pos[d] for d in in_axes]))
-    a_params = {**params, "dimension_numbers": a_dn}
-    conv = lambda lhs, a: eqn.primitive.bind(lhs, a, **a_params)
+    conv = lambda lhs, a: jx.rebind(eqn, (lhs, a), dimension_numbers=a_dn)
     b = _scaled(v.b, v.scale, v.dtype)
     x_drop = dropout(x, v)
     low = conv_branch(x_drop, cast_like(v.a, v.dtype), b, conv, dn.out_spec[1])
     if v.g is not None:  # DoRA, with PEFT's dropout form when dropout is on
-        drop_out = None if x_drop is x else eqn.primitive.bind(x_drop, v.base, **params)
+        drop_out = None if x_drop is x else jx.bind(eqn, (x_drop, v.base))[0]
         return [_dora_out(base_out, low, v, [dn.out_spec[1]], drop_out)]
     return [base_out + cast_like(low, base_out.dtype)]

@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-from jax.extend import core as jex_core
 
+from flax_lora import _jaxpr as jx
 from flax_lora._paths import path_str
 
 AxisMap = tuple[tuple[int, ...], ...]  # for each axis of a var: the kernel axes it stems from
@@ -38,19 +38,6 @@ _SAME_LAYOUT = {
     "mesh_cast",
     "reshard",
 }
-_CALLS = {
-    "pjit",
-    "jit",
-    "closed_call",
-    "core_call",
-    "remat",
-    "checkpoint",
-    "custom_jvp_call",
-    "custom_vjp_call",
-    "custom_vjp_call_jaxpr",
-    "custom_lin",
-}
-_SUB_JAXPR_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 
 
 @dataclasses.dataclass
@@ -58,19 +45,6 @@ class Use:
     kind: str  # "embed" | "conv" | "dense"
     in_axes: tuple[int, ...]
     layer_axes: tuple[int, ...] = ()  # kernel axes sliced off by enclosing scans (stacked layers)
-
-
-def inner_jaxpr(eqn: Any) -> tuple[Any, list[Any]] | None:
-    """The sub-jaxpr of a call-like equation and its consts, if it has exactly one."""
-    for key in _SUB_JAXPR_KEYS:
-        sub = eqn.params.get(key)
-        if sub is None:
-            continue
-        if isinstance(sub, jex_core.ClosedJaxpr):
-            return sub.jaxpr, list(sub.consts)
-        if isinstance(sub, jex_core.Jaxpr):
-            return sub, []
-    return None
 
 
 def reshape_axis_map(old_shape: Sequence[int], new_shape: Sequence[int], amap: AxisMap) -> AxisMap:
@@ -118,9 +92,7 @@ def _walk(jaxpr: Any, tracked: dict[Any, tuple[str, AxisMap]], uses: dict[str, l
     env = dict(tracked)
 
     def get(v: Any) -> tuple[str, AxisMap] | None:
-        if isinstance(v, jex_core.Literal):
-            return None
-        return env.get(v)
+        return None if jx.is_literal(v) else env.get(v)
 
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
@@ -132,7 +104,7 @@ def _walk(jaxpr: Any, tracked: dict[Any, tuple[str, AxisMap]], uses: dict[str, l
                 env[o] = ins[0]
         elif name == "transpose":
             path, amap = ins[0]
-            env[eqn.outvars[0]] = (path, tuple(amap[p] for p in eqn.params["permutation"]))
+            env[eqn.outvars[0]] = (path, tuple(amap[p] for p in jx.param(eqn, "permutation")))
         elif name == "reshape" and ins[0] is not None:
             path, amap = ins[0]
             old = eqn.invars[0].aval.shape
@@ -140,54 +112,66 @@ def _walk(jaxpr: Any, tracked: dict[Any, tuple[str, AxisMap]], uses: dict[str, l
             env[eqn.outvars[0]] = (path, reshape_axis_map(old, new, amap))
         elif name == "squeeze":
             path, amap = ins[0]
-            drop = {d % len(amap) for d in eqn.params["dimensions"]}
+            drop = {d % len(amap) for d in jx.param(eqn, "dimensions")}
             env[eqn.outvars[0]] = (path, tuple(m for i, m in enumerate(amap) if i not in drop))
         elif name == "dot_general":
-            (lc, rc), _ = eqn.params["dimension_numbers"]
-            for operand, contract in ((ins[0], lc), (ins[1], rc)):
+            d = jx.dot(eqn)
+            for operand, contract in ((ins[0], d.lhs_contract), (ins[1], d.rhs_contract)):
                 if operand is not None:
                     path, amap = operand
                     uses.setdefault(path, []).append(Use("dense", _axes(amap, contract)))
         elif name == "conv_general_dilated" and ins[1] is not None:
             path, amap = ins[1]
-            rhs_spec = eqn.params["dimension_numbers"].rhs_spec
+            rhs_spec = jx.param(eqn, "dimension_numbers").rhs_spec
             uses.setdefault(path, []).append(Use("conv", _axes(amap, rhs_spec[1:])))
         elif name == "gather" and ins[0] is not None:
             path, amap = ins[0]
-            dn = eqn.params["dimension_numbers"]
+            dn = jx.param(eqn, "dimension_numbers")
             uses.setdefault(path, []).append(Use("embed", _axes(amap, dn.start_index_map)))
         elif name == "scan":
-            sub = eqn.params["jaxpr"]
-            n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
-            inner: dict[Any, tuple[str, AxisMap]] = {}
-            sliced: dict[str, tuple[int, ...]] = {}  # path -> the kernel axes the scan slices
-            for k, (iv, t) in enumerate(zip(sub.jaxpr.invars, ins, strict=True)):
-                if t is None:
-                    continue
-                path, amap = t
-                if k >= n_consts + n_carry:
-                    sliced[path] = amap[0]
-                inner[iv] = (path, amap[1:] if k >= n_consts + n_carry else amap)
-            inner_uses: dict[str, list[Use]] = {}
-            _walk(sub.jaxpr, inner, inner_uses)
-            for path, found in inner_uses.items():
-                for u in found:
-                    if path in sliced:
-                        u.layer_axes = tuple(sorted({*sliced[path], *u.layer_axes}))
-                uses.setdefault(path, []).extend(found)
+            _walk_scan(jx.scan(eqn), ins, uses)
         elif name == "cond":
-            for branch in eqn.params["branches"]:
+            for branch in jx.cond(eqn).branches:
                 inner = {iv: t for iv, t in zip(branch.jaxpr.invars, ins[1:], strict=True) if t}
                 _walk(branch.jaxpr, inner, uses)
+        elif name == "while":
+            loop = jx.while_loop(eqn)
+            n_skip = loop.cond_nconsts
+            body_ins = ins[n_skip:]
+            inner = {iv: t for iv, t in zip(loop.body.jaxpr.invars, body_ins, strict=True) if t}
+            _walk(loop.body.jaxpr, inner, uses)
         else:
-            sub = inner_jaxpr(eqn)
-            if sub is not None and len(sub[0].invars) == len(eqn.invars):
-                inner = {iv: t for iv, t in zip(sub[0].invars, ins, strict=True) if t}
-                out = _walk(sub[0], inner, uses)
-                for o, io in zip(eqn.outvars, sub[0].outvars, strict=True):
+            sub = jx.sub_body(eqn)
+            if sub is not None:
+                inner = {iv: t for iv, t in zip(sub.jaxpr.invars, ins, strict=True) if t}
+                out = _walk(sub.jaxpr, inner, uses)
+                for o, io in zip(eqn.outvars, sub.jaxpr.outvars, strict=True):
                     if io in out:
                         env[o] = out[io]
-    return {v: env[v] for v in jaxpr.outvars if not isinstance(v, jex_core.Literal) and v in env}
+    return {v: env[v] for v in jaxpr.outvars if not jx.is_literal(v) and v in env}
+
+
+def _walk_scan(
+    loop: jx.Scan, ins: list[tuple[str, AxisMap] | None], uses: dict[str, list[Use]]
+) -> None:
+    """A scan's body: its xs are sliced on axis 0 (for a stacked kernel: the layer axis)."""
+    first_x = loop.num_consts + loop.num_carry
+    inner: dict[Any, tuple[str, AxisMap]] = {}
+    sliced: dict[str, tuple[int, ...]] = {}  # path -> the kernel axes the scan slices
+    for k, (iv, t) in enumerate(zip(loop.body.jaxpr.invars, ins, strict=True)):
+        if t is None:
+            continue
+        path, amap = t
+        if k >= first_x:
+            sliced[path] = amap[0]
+        inner[iv] = (path, amap[1:] if k >= first_x else amap)
+    inner_uses: dict[str, list[Use]] = {}
+    _walk(loop.body.jaxpr, inner, inner_uses)
+    for path, found in inner_uses.items():
+        for u in found:
+            if path in sliced:
+                u.layer_axes = tuple(sorted({*sliced[path], *u.layer_axes}))
+        uses.setdefault(path, []).extend(found)
 
 
 def kernel_uses(probe: Callable[[Any], Any], params: Any) -> dict[str, Use]:

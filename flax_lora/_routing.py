@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from flax_lora import _jaxpr as jx
 from flax_lora._adapters import LoraWeights
 from flax_lora._factored_view import KernelView, make_view
 
@@ -168,23 +169,23 @@ def _batch_axes(eqn: Any, invals: list[Any]) -> tuple[dict[int, int], int]:
       RoutingFallback: no operand is an activation with the batch on a free axis.
     """
     name = eqn.primitive.name
-    p = eqn.params
     if name == "conv_general_dilated":
         if isinstance(invals[0], KernelView):
             raise RoutingFallback("the kernel is the convolution's input")
-        dn = p["dimension_numbers"]
+        dn = jx.param(eqn, "dimension_numbers")
         return {0: dn.lhs_spec[0]}, dn.out_spec[0]
     if name == "gather":
         if not isinstance(invals[0], KernelView) or isinstance(invals[1], KernelView):
             raise RoutingFallback("the kernel is gathered as indices")
-        dn = p["dimension_numbers"]
+        dn = jx.param(eqn, "dimension_numbers")
         out_ndim = len(eqn.outvars[0].aval.shape)
         batch_dims = [d for d in range(out_ndim) if d not in dn.offset_dims]
         if not batch_dims or jnp.ndim(invals[1]) < 2:
             raise RoutingFallback("the lookup has no batch axis")
         return {1: 0}, batch_dims[0]
     # dot_general: the activation's axis 0 must be a free (not contracted, not batch) axis
-    (lc, rc), (lb, rb) = p["dimension_numbers"]
+    d = jx.dot(eqn)
+    lc, rc, lb, rb = d.lhs_contract, d.rhs_contract, d.lhs_batch, d.rhs_batch
     if all(isinstance(x, KernelView) for x in invals[:2]):
         raise RoutingFallback("both operands are kernels")
     x_pos = 0 if not isinstance(invals[0], KernelView) else 1

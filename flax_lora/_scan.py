@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from flax_lora import _jaxpr as jx
 from flax_lora._adapters import LoraWeights, layer_mask
 from flax_lora._factored_view import (
     I_SIDE,
@@ -111,8 +112,8 @@ def _layer_meta(meta: ViewMeta) -> ViewMeta:
 def scan_rule(interp: Any, eqn: Any, invals: list[Any]) -> list[Any] | str:
     """``scan`` with kernel views among its operands, evaluated by ``interp`` inside a real
     `jax.lax.scan`; a reason string when it does not fit (a view as loop carry, ...)."""
-    p = eqn.params
-    n_consts, n_carry = p["num_consts"], p["num_carry"]
+    loop = jx.scan(eqn)
+    n_consts, n_carry = loop.num_consts, loop.num_carry
     consts = invals[:n_consts]
     carry = invals[n_consts : n_consts + n_carry]
     xs = invals[n_consts + n_carry :]
@@ -123,12 +124,11 @@ def scan_rule(interp: Any, eqn: Any, invals: list[Any]) -> list[Any] | str:
             why = _sliceable(x)
             if why is not None:
                 return why
-    closed = p["jaxpr"]
     slots = [_layer_meta(x.meta) if isinstance(x, KernelView) else None for x in xs]
     xs_in: list[Any] = [_layer_slices(x) if isinstance(x, KernelView) else x for x in xs]
     with_key = interp.key is not None
     if with_key:  # a different dropout mask in every layer
-        xs_in.append(jnp.arange(p["length"], dtype=jnp.uint32))
+        xs_in.append(jnp.arange(loop.length, dtype=jnp.uint32))
     passthrough: dict[int, int] = {}  # ys output -> xs operand: a kernel view returned as is
 
     def body(c: list[Any], sl: list[Any]) -> tuple[list[Any], list[Any]]:
@@ -140,7 +140,7 @@ def scan_rule(interp: Any, eqn: Any, invals: list[Any]) -> list[Any] | str:
         if with_key:
             interp.key = jax.random.fold_in(outer, sl[-1])
         try:
-            outs = interp.eval(closed.jaxpr, closed.consts, [*consts, *c, *layer])
+            outs = interp.eval(loop.body.jaxpr, loop.body.consts, [*consts, *c, *layer])
         finally:
             interp.key = outer
         new_c = [_plain(interp, o) for o in outs[:n_carry]]
@@ -161,9 +161,9 @@ def scan_rule(interp: Any, eqn: Any, invals: list[Any]) -> list[Any] | str:
         body,
         list(carry),
         xs_in,
-        length=p["length"],
-        reverse=p["reverse"],
-        unroll=p["unroll"],
+        length=loop.length,
+        reverse=loop.reverse,
+        unroll=loop.unroll,
     )
     ys = [xs[passthrough[j]] if j in passthrough else y for j, y in enumerate(ys)]
     return [*carry_out, *ys]
