@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support import INTEROP
 
 import flax_lora as lora
 from flax_lora import LoraWeights
@@ -314,8 +315,8 @@ def test_svd_dense_general_output_axes():
     ],
 )
 def test_matches_peft_add_weighted_adapter(method, density):
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
+    torch = pytest.importorskip("torch", reason=INTEROP)
+    peft = pytest.importorskip("peft", reason=INTEROP)
     n_in, n_out, r = 6, 5, 4
     params = {"params": {"lin": {"kernel": jnp.zeros((n_in, n_out))}}}
     alphas, weights = (8.0, 3.0), (0.8, -0.6)

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import adapter_entries, leaves_by_path, ref_delta64
-from test_scan import CONFIG, MODELS, X, _close, _in_axes, _init, _stacked, build
+from support.scan_models import CONFIG, MODELS, X, _close, _in_axes, _init, _stacked, build
 
 import flax_lora as lora
 

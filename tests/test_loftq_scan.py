@@ -3,7 +3,7 @@ base quantized in `lora.quantize`'s format.
 
 References: the unstacked LoftQ of each layer's kernel (``lora.init`` on a tree holding that
 layer alone), `lora.quantize` of the float params (plain QLoRA), and float64 numpy: the test's
-own decoding of the codes (`test_quant.ref_decode_nf4`, ``codes * absmax / 127``), per-layer
+own decoding of the codes (`support.refs.ref_decode_nf4`, ``codes * absmax / 127``), per-layer
 SVDs (Eckart-Young) and errors.
 """
 
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import NestedStack, ref_delta64
-from test_quant import ref_decode_nf4
+from support.refs import ref_decode_nf4
 
 import flax_lora as lora
 

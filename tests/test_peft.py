@@ -19,40 +19,29 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import peft  # the `interop` extra (torch==2.13.0 CPU, peft, transformers)
 import pytest
-import torch
 from flax import nnx
+from support import INTEROP
+
+pytest.importorskip("torch", reason=INTEROP)
+pytest.importorskip("peft", reason=INTEROP)
+pytest.importorskip("transformers", reason=INTEROP)
+import peft  # the `interop` extra (torch==2.13.0 CPU, peft, transformers)
+import torch
+from support.peft_models import (
+    _entries,
+    assert_same_adapters,
+    get_peft_model,
+    peft_from_pretrained,
+    randomize_lora,
+    t2n,
+    torch_out,
+)
 from transformers.pytorch_utils import Conv1D  # GPT-2's fan_in_fan_out layer
 
 import flax_lora as lora
 
 TOL = 1e-4
-
-
-def t2n(x: Any) -> np.ndarray:
-    return x.detach().cpu().numpy()
-
-
-def randomize_lora(model: Any, seed: int, std: float = 0.3) -> None:
-    """Gives every PEFT LoRA factor random nonzero values (PEFT initialises B to zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
-def peft_from_pretrained(torch_model: Any, directory: Path) -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT flips fan_in_fan_out for Conv1D, with a warning
-        return peft.PeftModel.from_pretrained(torch_model, str(directory)).eval()
-
-
-def get_peft_model(torch_model: Any, **config: Any) -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.get_peft_model(torch_model, peft.LoraConfig(**config))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,11 +138,6 @@ def net_adapters(variant: str) -> tuple[Any, lora.LoraConfig]:
     config = lora.LoraConfig(init="random", dropout=0.1, **VARIANTS[variant]["ours"])
     params = net_params(TorchNet())
     return lora.init(jax.random.key(3), params, config, probe=net_probe), config
-
-
-def torch_out(model: Any, ids: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return t2n(model(torch.as_tensor(ids)))
 
 
 def flax_out(model: nn.Module, params: Any, adapters: Any, x: Any) -> np.ndarray:
@@ -442,19 +426,6 @@ def test_nnx_state_default_key_map(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # round trips
 # ---------------------------------------------------------------------------------------------
-def _entries(adapters: Any) -> dict[str, Any]:
-    return lora._adapters.adapter_table(adapters)
-
-
-def assert_same_adapters(x: Any, y: Any) -> None:
-    """Same tree (paths and every static field: scale, in_axes, kernel_shape, kind, dropout) and
-    bit-identical factors of the same dtype."""
-    assert jax.tree.structure(x) == jax.tree.structure(y)
-    for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
-        assert u.dtype == v.dtype and u.shape == v.shape
-        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
-
-
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_round_trip_is_exact(tmp_path: Path, variant: str) -> None:
     params = net_params(TorchNet())

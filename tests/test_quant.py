@@ -14,59 +14,52 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
 from conftest import build, leaves_by_path, mlp, ref_delta64, replace_leaves
-from scipy.stats import norm
+from support.refs import NF4_BNB, pack, ref_decode_nf4, unpack
 
 import flax_lora as lora
 
-# bitsandbytes' get_4bit_type("nf4"), copied from its source (functional.py / the CUDA kernels)
-NF4_BNB = np.array(
-    [
-        -1.0,
-        -0.6961928009986877,
-        -0.5250730514526367,
-        -0.39491748809814453,
-        -0.28444138169288635,
-        -0.18477343022823334,
-        -0.09105003625154495,
-        0.0,
-        0.07958029955625534,
-        0.16093020141124725,
-        0.24611230194568634,
-        0.33791524171829224,
-        0.44070982933044434,
-        0.5626170039176941,
-        0.7229568362236023,
-        1.0,
-    ],
-    dtype=np.float32,
-)
 NF4_HALF_GAP = float(np.diff(NF4_BNB.astype(np.float64)).max() / 2)  # 0.1519...
+
+
+def linspace32(start: float, end: float, steps: int) -> np.ndarray:
+    """``torch.linspace(start, end, steps)`` (float32, torch's default dtype) as torch computes
+    it on CPU: ``step = (end - start) / (steps - 1)`` in float32, then ``start + i * step`` for
+    the first half and ``end - (steps - 1 - i) * step`` for the rest, each rounded once to
+    float32 (a fused multiply-add). Exact here in float64 (the products and sums need fewer than
+    53 bits), so the one rounding is the final cast."""
+    start32, end32 = np.float32(start), np.float32(end)
+    step = np.float64((end32 - start32) / np.float32(steps - 1))
+    i = np.arange(steps, dtype=np.float64)
+    first = np.float64(start32) + step * i
+    second = np.float64(end32) - step * (steps - 1 - i)
+    return np.where(i < steps // 2, first, second).astype(np.float32)
 
 
 def nf4_from_normal_quantiles() -> np.ndarray:
     """QLoRA's NormalFloat as bitsandbytes' ``create_normal_map(offset=0.9677083)`` computes it:
-    8 positive and 7 negative quantiles of N(0, 1), and 0, normalised by the largest."""
+    8 positive and 7 negative quantiles of N(0, 1), and 0, normalised by the largest (in float32,
+    as bitsandbytes does in torch)."""
+    norm = pytest.importorskip("scipy.stats", reason="the NF4 table's quantiles need scipy").norm
     offset = 0.9677083
-    v1 = norm.ppf(torch.linspace(offset, 0.5, 9)[:-1]).tolist()
-    v3 = (-norm.ppf(torch.linspace(offset, 0.5, 8)[:-1])).tolist()
-    values = torch.Tensor([*v1, 0.0, *v3]).sort().values
-    return (values / values.max()).numpy()
+    v1 = norm.ppf(linspace32(offset, 0.5, 9)[:-1]).tolist()
+    v3 = (-norm.ppf(linspace32(offset, 0.5, 8)[:-1])).tolist()
+    values = np.sort(np.array([*v1, 0.0, *v3], np.float32))
+    return values / values.max()
 
 
 def dynamic_map_bnb() -> np.ndarray:
     """bitsandbytes' ``create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8)``,
-    with torch as bitsandbytes writes it."""
+    as bitsandbytes writes it in torch (float32 tensors; here numpy float32)."""
     data: list[float] = []
     for i in range(7):
-        boundaries = torch.linspace(0.1, 1, 2**i + 1)
+        boundaries = linspace32(0.1, 1, 2**i + 1)
         means = (boundaries[:-1] + boundaries[1:]) / 2.0
         data += ((10 ** (-6 + i)) * means).tolist()
         data += (-(10 ** (-6 + i)) * means).tolist()
     data += [0.0, 1.0]
     data.sort()
-    return torch.Tensor(data).numpy()
+    return np.array(data, np.float32)
 
 
 DYN = dynamic_map_bnb()
@@ -113,26 +106,9 @@ def ref_double(absmax: np.ndarray) -> dict[str, np.ndarray]:
     return dict(t=t.reshape(-1)[: centred.size], codes=codes.reshape(-1)[: centred.size], deq=deq)
 
 
-def pack(codes: np.ndarray) -> np.ndarray:
-    return ((codes[0::2] << 4) | codes[1::2]).astype(np.uint8)
-
-
-def unpack(packed: np.ndarray) -> np.ndarray:
-    packed = np.asarray(packed).astype(np.int64)
-    return np.stack([packed >> 4, packed & 15], axis=-1).reshape(-1)
-
-
 def near_tie(t: np.ndarray, levels: np.ndarray, tol: float = 1e-5) -> np.ndarray:
     mids = (levels[:-1].astype(np.float64) + levels[1:]) / 2
     return np.abs(np.clip(t, -1, 1)[..., None] - mids).min(axis=-1) < tol
-
-
-def ref_decode_nf4(q: lora.QuantizedKernel) -> np.ndarray:
-    """A QuantizedKernel (no double quant) decoded by the test's own unpacking, in float64."""
-    codes = unpack(np.asarray(q.codes))
-    vals = NF4_BNB[codes].astype(np.float64).reshape(-1, q.block_size)
-    vals = vals * np.asarray(q.absmax, np.float64)[:, None]
-    return vals.reshape(-1)[: math.prod(q.shape)].reshape(q.shape)
 
 
 def normal(shape: tuple[int, ...], seed: int = 0, outliers: bool = True) -> np.ndarray:

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_routing import VOCAB, _linen, _nnx
-from test_routing import _reference as _reference_with
+from support.routing_models import VOCAB, _linen, _nnx
+from support.routing_models import _reference as _reference_with
 
 import flax_lora as lora
 from flax_lora._adapters import adapter_table

@@ -24,7 +24,7 @@ from conftest import (
     leaves_by_path,
     ref_delta64,
 )
-from test_scan import D, L, X, _close, build
+from support.scan_models import D, L, X, _close, build
 
 import flax_lora as lora
 from flax_lora._adapters import LoraWeights

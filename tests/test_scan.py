@@ -3,7 +3,8 @@
 References are independent of the code under test: the merged kernels are built here in
 float64 numpy, layer by layer, as ``W0[l] + scale * a[l] @ b[l]`` with each kernel's input axes
 written by hand, and the model is run on them; gradients of the factored form are compared with
-those of ``apply(lora.merge(...))`` (plain JAX autodiff, no factored code).
+those of ``apply(lora.merge(...))`` (plain JAX autodiff, no factored code). The models are in
+tests/support/scan_models.py (shared with the other scan tests).
 """
 
 from __future__ import annotations
@@ -20,104 +21,15 @@ import pytest
 from conftest import (
     NestedStack,
     adapter_entries,
-    fill_abstract,
     jaxpr_shapes,
     leaves_by_path,
     ref_delta64,
     replace_leaves,
 )
-from flax import nnx
 from jax.extend import core as jex_core
+from support.scan_models import MODELS, D, L, X, _close, _fill, _in_axes, _init, _stacked, build
 
 import flax_lora as lora
-
-L, D, H, HD, F = 3, 8, 2, 4, 16  # layers, model width, heads, head size, MLP width
-# input axes of each kernel of one layer (Flax's layouts), by hand
-IN_AXES = {"query": (0,), "key": (0,), "value": (0,), "out": (0, 1), "fc1": (0,), "fc2": (0,)}
-CONFIG = lora.LoraConfig(rank=2, alpha=3.0, init="random")
-
-
-# -- models ---------------------------------------------------------------------------------
-class Block(nn.Module):
-    @nn.compact
-    def __call__(self, x: jax.Array, _: Any) -> tuple[jax.Array, None]:
-        h = nn.LayerNorm(name="ln")(x)
-        x = x + nn.MultiHeadDotProductAttention(H, deterministic=True, name="attn")(h, h)
-        h = nn.Dense(F, name="fc1")(x)
-        return x + nn.Dense(D, name="fc2")(jnp.tanh(h)), None
-
-
-class LinenStack(nn.Module):
-    remat: bool = False
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        block = nn.remat(Block) if self.remat else Block
-        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=L)
-        x, _ = stack(name="layers")(x, None)
-        return nn.Dense(3, name="head")(x)  # an ordinary kernel after the stack
-
-
-class NnxBlock(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs) -> None:
-        self.attn = nnx.MultiHeadAttention(H, D, qkv_features=D, decode=False, rngs=rngs)
-        self.fc1 = nnx.Linear(D, F, rngs=rngs)
-        self.fc2 = nnx.Linear(F, D, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.attn(x)
-        return x + self.fc2(jnp.tanh(self.fc1(x)))
-
-
-class NnxStack(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs) -> None:
-        @nnx.split_rngs(splits=L)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make(rngs: nnx.Rngs) -> NnxBlock:
-            return NnxBlock(rngs)
-
-        self.layers = make(rngs)
-        self.head = nnx.Linear(D, 3, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def step(x: jax.Array, block: NnxBlock) -> jax.Array:
-            return block(x)
-
-        return self.head(step(x, self.layers))
-
-
-def _fill(tree: Any, seed: int, std: float = 0.4) -> Any:
-    return fill_abstract(tree, seed, std)
-
-
-X = np.random.default_rng(0).normal(size=(5, 7, D)).astype(np.float32)
-
-
-def build(name: str) -> tuple[Callable, Any]:
-    if name.startswith("linen"):
-        model = LinenStack(remat=name == "linen_remat")
-        return model.apply, _fill(jax.eval_shape(model.init, jax.random.key(0), X), 1)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: NnxStack(nnx.Rngs(0))))
-    return (lambda s, x: nnx.merge(graphdef, s)(x)), _fill(state, 1)
-
-
-MODELS = ["linen", "linen_remat", "nnx"]
-
-
-def _init(apply: Callable, params: Any, config: lora.LoraConfig = CONFIG) -> Any:
-    return lora.init(jax.random.key(2), params, config, probe=lambda p: apply(p, X))
-
-
-def _stacked(path: str) -> bool:
-    return "layers/" in path
-
-
-def _in_axes(path: str) -> tuple[int, ...]:
-    """The stacked kernel's input axes (the per-layer ones shifted past the layer axis)."""
-    if not _stacked(path):
-        return (0,)
-    return tuple(1 + i for i in IN_AXES[path.split("/")[-2]])
 
 
 def ref_params(params: Any, adapters: Any, layers: tuple[int, ...] | None = None) -> Any:
@@ -137,12 +49,6 @@ def ref_params(params: Any, adapters: Any, layers: tuple[int, ...] | None = None
             out = w0 + ref_delta64(a, b, (0,), w.scale)
         new[path] = out.astype(np.float32)
     return replace_leaves(params, new)
-
-
-def _close(x: Any, y: Any, tol: float = 2e-5) -> None:
-    x, y = np.asarray(x), np.asarray(y)
-    scale = max(1.0, float(np.max(np.abs(y))))
-    assert np.max(np.abs(x - y)) <= tol * scale, np.max(np.abs(x - y))
 
 
 # -- tests ----------------------------------------------------------------------------------
