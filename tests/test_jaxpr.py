@@ -148,7 +148,7 @@ def test_changed_equation_names_the_primitive(name: str) -> None:
 
 def test_missing_first_order_parameter_names_it() -> None:
     eqn = next(e for e in traced() if e.primitive.name == "dot_general")
-    with pytest.raises(jx.UnsupportedJaxError, match="`dot_general`.*dimension_numbers"):
+    with pytest.raises(jx.UnsupportedJaxError, match=r"`dot_general`.*dimension_numbers"):
         jx.dot(eqn.replace(params={}))
 
 

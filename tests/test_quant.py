@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from conftest import build, leaves_by_path, mlp, ref_delta64, replace_leaves
+from scipy.stats import norm
 from support.refs import NF4_BNB, pack, ref_decode_nf4, unpack
 
 import flax_lora as lora
@@ -40,7 +41,6 @@ def nf4_from_normal_quantiles() -> np.ndarray:
     """QLoRA's NormalFloat as bitsandbytes' ``create_normal_map(offset=0.9677083)`` computes it:
     8 positive and 7 negative quantiles of N(0, 1), and 0, normalised by the largest (in float32,
     as bitsandbytes does in torch)."""
-    norm = pytest.importorskip("scipy.stats", reason="the NF4 table's quantiles need scipy").norm
     offset = 0.9677083
     v1 = norm.ppf(linspace32(offset, 0.5, 9)[:-1]).tolist()
     v3 = (-norm.ppf(linspace32(offset, 0.5, 8)[:-1])).tolist()
