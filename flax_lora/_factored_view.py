@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flax_lora import _jaxpr as jx
 from flax_lora._adapters import LoraWeights, delta
 
 I_SIDE, O_SIDE = "I", "O"
@@ -169,15 +170,15 @@ def apply_layout(v: KernelView, prim: Any, params: dict[str, Any], out_aval: Any
             return new(v.a, v.b, meta.side)
         return new(v.a, v.b, [I_SIDE] * len(out_aval.shape))  # sides no longer mean anything
     if name == "transpose":
-        perm = tuple(params["permutation"])
+        perm = tuple(jx.bound_param(prim, params, "permutation"))
         return _permute(v, perm, new)
     if name == "squeeze":
-        drop = {d % len(meta.side) for d in params["dimensions"]}
+        drop = {d % len(meta.side) for d in jx.bound_param(prim, params, "dimensions")}
         side = [s for d, s in enumerate(meta.side) if d not in drop]
         return new(*_refactor(v, side, base.shape), side, g=_refactor_g(v, side, base.shape))
     if name == "broadcast_in_dim":
-        kept = tuple(params["broadcast_dimensions"])
-        shape = tuple(params["shape"])
+        kept = tuple(jx.bound_param(prim, params, "broadcast_dimensions"))
+        shape = tuple(jx.bound_param(prim, params, "shape"))
         added = [d for d in range(len(shape)) if d not in kept]
         if (
             list(kept) != sorted(kept)

@@ -47,9 +47,13 @@ class UnsupportedJaxError(NotImplementedError):
 
 def unsupported(eqn: Eqn, expected: str) -> UnsupportedJaxError:
     """The error for an equation whose parameters are not the ones flax_lora knows."""
-    found = ", ".join(sorted(eqn.params)) or "none"
+    return _unknown(eqn.primitive.name, eqn.params, expected)
+
+
+def _unknown(name: str, params: dict[str, Any], expected: str) -> UnsupportedJaxError:
+    found = ", ".join(sorted(params)) or "none"
     return UnsupportedJaxError(
-        f"flax_lora does not know the `{eqn.primitive.name}` equation of jax {jax.__version__}: "
+        f"flax_lora does not know the `{name}` equation of jax {jax.__version__}: "
         f"expected {expected}; found the parameters ({found}). flax_lora supports jax 0.7.1 to "
         "0.12.x; please report this with your JAX version."
     )
@@ -61,10 +65,19 @@ def param(eqn: Eqn, key: str) -> Any:
     Raises:
       UnsupportedJaxError: the equation has no such parameter.
     """
+    return bound_param(eqn.primitive, eqn.params, key)
+
+
+def bound_param(prim: Any, params: dict[str, Any], key: str) -> Any:
+    """The parameter ``key`` of bind parameters ``params`` (from `bind_params`) of ``prim``.
+
+    Raises:
+      UnsupportedJaxError: there is no such parameter.
+    """
     try:
-        return eqn.params[key]
+        return params[key]
     except KeyError:
-        raise unsupported(eqn, f"a parameter `{key}`") from None
+        raise _unknown(prim.name, params, f"a parameter `{key}`") from None
 
 
 class Body(NamedTuple):
