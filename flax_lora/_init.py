@@ -50,15 +50,20 @@ def init(
 
     Returns:
       The adapters: nested dicts that mirror the paths of the adapted kernels, each ending in a
-      `LoraWeights` with factors ``a`` and ``b``. With ``init="pissa"`` or ``"olora"``, the pair
+      `LoraWeights` with factors ``a`` and ``b``; with ``modules_to_save``, ``bias`` or
+      ``trainable_token_indices``, also a `TrainedCopy` or `TokenDelta` at the path of each
+      leaf they train. With ``init="pissa"`` or ``"olora"``, the pair
       ``(adapters, new_params)``, where ``new_params`` holds the residual base kernels; with
       ``init="loftq"``, ``(adapters, qparams)``, where each adapted kernel of ``qparams`` is a
       `QuantizedKernel` (``config.loftq_dtype``) and ``deQ(Q) + scale * a @ b`` approximates it
       (see `lora.quantize`; the other leaves are unchanged).
 
     Raises:
-      ValueError: no kernel matches; a rank is below 1 or (PiSSA/OLoRA/LoftQ) above the kernel's
-        smaller side; a kernel of 3 or more dimensions has no probe.
+      ValueError: no kernel matches; ``modules_to_save`` patterns match no module; token ids
+        are out of range for a table, or a table also gets LoRA factors; ``bias="lora_only"``
+        finds no bias beside the adapted kernels (all naming the paths); a rank is below 1 or
+        (PiSSA/OLoRA/LoftQ) above the kernel's smaller side; a kernel of 3 or more dimensions
+        has no probe.
       TypeError: a targeted leaf is not floating.
     """
     if not isinstance(config, LoraConfig):

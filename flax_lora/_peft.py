@@ -180,6 +180,8 @@ def save_peft(
       >>> # nn.scan-stacked blocks (params/layers/q/kernel (L, d, d)) -> layers.0.q, layers.1.q, ...
       >>> key_map = lambda p: p.removeprefix("params/").replace("layers/", "layers.{layer}.")[:-7]
       >>> lora.save_peft("/tmp/adapter", adapters, config, key_map=key_map)
+      >>> # a classifier head (modules_to_save) for BertForSequenceClassification
+      >>> lora.save_peft("/tmp/cls", adapters, config, key_map=cls_map, task_type="SEQ_CLS")
 
     Args:
       directory: the output directory (created; the two files in it are replaced).
@@ -521,7 +523,8 @@ def load_peft(
       dtype: the dtype of the factors; ``None`` keeps the file's (float32 as PEFT saves).
 
     Returns:
-      The adapters: nested dicts mirroring the adapted kernels' paths, each a `LoraWeights`.
+      The adapters: nested dicts mirroring the adapted kernels' paths, each a `LoraWeights`,
+      and the paths of trained leaves (`TrainedCopy`) and token tables (`TokenDelta`), if any.
 
     Warns:
       UserWarning: the adapter was made with a PEFT init that rewrites the base weights
