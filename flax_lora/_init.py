@@ -145,9 +145,19 @@ def _extras(
     from flax_lora._extras import TokenDelta, TrainedCopy
 
     values = flatten(original)  # the real values (a quantized base stands in as shapes above)
+
+    def copy_of(path: str) -> jax.Array:
+        if path not in values or not hasattr(values[path], "dtype"):
+            raise TypeError(
+                f"lora.init: {path!r} is to be trained whole (modules_to_save / bias), but params "
+                f"hold no plain array there ({type(leaves[path]).__name__}); pass the float "
+                "params (e.g. lora.dequantize(params))."
+            )
+        return jnp.array(values[path], copy=True)
+
     out: dict[str, Any] = {}
     for path in saved:
-        out[path] = TrainedCopy(value=jnp.array(values[path], copy=True), role="module")
+        out[path] = TrainedCopy(value=copy_of(path), role="module")
     if config.bias != "none":
         floating = lambda p: jnp.issubdtype(getattr(leaves[p], "dtype", jnp.int32), jnp.floating)
         if config.bias == "all":
@@ -169,7 +179,7 @@ def _extras(
                 )
         for path in biases:
             if path not in out:  # a bias of a module in modules_to_save is trained there
-                out[path] = TrainedCopy(value=jnp.array(values[path], copy=True), role="bias")
+                out[path] = TrainedCopy(value=copy_of(path), role="bias")
     if config.trainable_token_indices is not None:
         for path, ids in _token_tables(leaves, config, uses).items():
             table = leaves[path]

@@ -271,7 +271,7 @@ def load_extras(
         path = names.get((module, param))
         if path is None:
             raise ValueError(
-                f"load_peft: {file!r} holds {PREFIX}{key!r} ("
+                f"load_peft: {file!r} holds {PREFIX + key!r} ("
                 f"{'modules_to_save' if is_saved else 'a trained bias'}), which matches no leaf "
                 f"of params: the key map names no leaf {module!r} with a PyTorch {param!r}."
             )

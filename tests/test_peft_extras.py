@@ -302,3 +302,13 @@ def test_token_ids_out_of_range_in_a_file_are_refused(tmp_path: Path) -> None:
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"\[400\].*out of range.*word_embeddings"):
         lora.load_peft(tmp_path, params, key_map=bert.bert_cls_key_map)
+
+
+def test_modules_to_save_matching_no_leaf_is_refused(tmp_path: Path) -> None:
+    _, params = flax_twin()
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query"])
+    peft.get_peft_model(torch_model(), config).save_pretrained(str(tmp_path))
+    no_head = lambda p: None if "classifier" in p else bert.bert_cls_key_map(p)
+    match = r"'base_model\.model\.classifier\.(weight|bias)'.*matches no leaf"
+    with pytest.raises(ValueError, match=match):
+        lora.load_peft(tmp_path, params, key_map=no_head)
