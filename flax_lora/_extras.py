@@ -211,6 +211,10 @@ def check_token_delta(path: str, node: TokenDelta, shape: tuple[int, ...], where
 
 def unmerge_extras(params: PyTree, extras: dict[str, Any]) -> PyTree:
     """`lora.unmerge` of the extra nodes: token deltas are subtracted; a trained copy raises."""
+    if not extras:
+        return params
+    from flax_lora._quant import is_quantized
+
     copies = [p for p, v in extras.items() if isinstance(v, TrainedCopy)]
     if copies:
         raise ValueError(
@@ -225,9 +229,13 @@ def unmerge_extras(params: PyTree, extras: dict[str, Any]) -> PyTree:
         if path not in extras:
             return leaf
         seen.add(path)
+        if is_quantized(leaf):
+            from flax_lora._quant import dequantize_kernel
+
+            leaf = dequantize_kernel(leaf)
         return apply_one(path, leaf, extras[path], "lora.unmerge", sign=-1.0)
 
-    out = jax.tree_util.tree_map_with_path(apply, params)
+    out = jax.tree_util.tree_map_with_path(apply, params, is_leaf=is_quantized)
     missing = [p for p in extras if p not in seen]
     if missing:
         raise ValueError(f"lora.unmerge: no leaf of params at {describe(missing)}.")
