@@ -154,8 +154,9 @@ def save_peft(
 
     Trained copies and token deltas (``LoraConfig(modules_to_save=..., bias=...,
     trainable_token_indices=...)``) are written in PEFT's names: a ``modules_to_save`` module's
-    leaves as ``<module>.weight`` / ``.bias`` (a Dense kernel transposed, a conv kernel as
-    ``(out, in, *window)``) with the module names in ``modules_to_save``; trained biases as
+    leaves as ``<module>.weight`` / ``.bias`` (a 2-D Dense kernel transposed; kernels of 3 or
+    more dimensions are refused, their PyTorch layout being ambiguous) with the module names
+    in ``modules_to_save``; trained biases as
     ``<module>.bias`` (``<module>.base_layer.bias`` for a module with LoRA factors) with
     ``bias`` set to ``config.bias`` (without a config: ``"lora_only"`` when every trained bias
     belongs to a module with LoRA factors, else ``"all"``); token deltas as

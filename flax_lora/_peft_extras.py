@@ -13,9 +13,11 @@ PEFT's names (checked against ``peft`` 0.21's ``save_pretrained``):
   delta`` in our terms (`TokenDelta` holds the additive delta), so writing needs the base table
   and reading subtracts it.
 
-Flax leaf -> PyTorch parameter: ``kernel`` -> ``weight`` (a 2-D Dense kernel transposed, a conv
-kernel ``(*window, in, out)`` as ``(out, in, *window)``), ``embedding`` and ``scale`` ->
-``weight``, ``bias`` -> ``bias`` (flattened), any other leaf name as itself.
+Flax leaf -> PyTorch parameter: ``kernel`` -> ``weight`` (a 2-D Dense kernel transposed; a
+kernel of 3+ dimensions is refused on save, since a conv and a multi-axis Dense kernel need
+different layouts; on load a conv weight ``(out, in, *window)`` is read into Flax's
+``(*window, in, out)``), ``embedding`` and ``scale`` -> ``weight``, ``bias`` -> ``bias``
+(flattened), any other leaf name as itself.
 """
 
 from __future__ import annotations
@@ -152,10 +154,14 @@ def save_extras(
             tokens[name] = list(node.indices)
             continue
         param = torch_param(path)
-        if path.rsplit("/", 1)[-1] == "kernel" and node.value.ndim > 5:
+        if path.rsplit("/", 1)[-1] == "kernel" and node.value.ndim > 2:
+            # a conv (*window, in, out) and a multi-axis Dense kernel need different PyTorch
+            # layouts, and a trained copy does not say which it is: never guess
             raise ValueError(
-                f"save_peft: the {node.value.ndim}-D kernel at {path!r} has no PyTorch layout "
-                "(a conv kernel (*window, in, out) of 1 to 3 spatial axes is expected)."
+                f"save_peft: the trained copy of the {node.value.ndim}-D kernel at {path!r} "
+                "(modules_to_save) has no unambiguous PyTorch layout (a conv weight, or a "
+                "Linear weight of a multi-axis Dense kernel?); only 2-D kernels (Linear), "
+                "embeddings, biases and norm scales are written."
             )
         if node.role == "module":
             saved_modules.append(name)

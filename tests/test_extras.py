@@ -320,3 +320,17 @@ def test_peft_files_round_trip(tmp_path: Path) -> None:
     close(back, adapters, 1e-6)
     with pytest.raises(ValueError, match="task_type must be one of"):
         lora.save_peft(tmp_path, adapters, config, params=params, task_type="seq_cls")
+
+
+def test_save_peft_refuses_copies_of_kernels_with_ambiguous_layouts(tmp_path: Path) -> None:
+    class Heads(nn.Module):
+        @nn.compact
+        def __call__(self, x: jax.Array) -> jax.Array:
+            h = nn.DenseGeneral((2, 3), name="head")(nn.Dense(4, name="q")(x))
+            return h.sum(-1)
+
+    params = Heads().init(jax.random.key(0), jnp.ones((1, 5)))
+    config = lora.LoraConfig(targets=r".*/q/kernel", modules_to_save=["params/head"])
+    adapters = lora.init(jax.random.key(1), params, config)
+    with pytest.raises(ValueError, match=r"3-D kernel at 'params/head/kernel'.*ambiguous"):
+        lora.save_peft(tmp_path, adapters, config)
