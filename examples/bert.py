@@ -169,6 +169,34 @@ class BertModel(nn.Module):
         return x, pooled
 
 
+class BertForSequenceClassification(nn.Module):
+    """BERT with a linear classifier on the pooled output, the twin of HuggingFace's
+    ``BertForSequenceClassification`` (parameters ``params/bert/...`` and
+    ``params/classifier/{kernel,bias}``; names through `bert_cls_key_map`).
+
+    ``__call__(input_ids, attention_mask, token_type_ids=None, deterministic=True)`` returns the
+    logits ``(B, num_labels)``.
+    """
+
+    config: BertConfig
+    num_labels: int = 2
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        token_type_ids: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        _, pooled = BertModel(self.config, self.dtype, name="bert")(
+            input_ids, attention_mask, token_type_ids, deterministic
+        )
+        pooled = nn.Dropout(self.config.hidden_dropout_prob, deterministic=deterministic)(pooled)
+        return nn.Dense(self.num_labels, dtype=self.dtype, name="classifier")(pooled)
+
+
 # -- pooling ---------------------------------------------------------------------------------
 
 
@@ -258,30 +286,69 @@ def bert_key_map(path: str, prefix: str = "") -> str | None:
     return None
 
 
+def bert_cls_key_map(path: str) -> str | None:
+    """The HuggingFace ``BertForSequenceClassification`` module of a parameter path of
+    `BertForSequenceClassification` (``params/bert/...`` -> ``bert....``, ``params/classifier``
+    -> ``classifier``): a ``key_map`` for `lora.load_peft` / `lora.save_peft`.
+
+    Example:
+      >>> bert_cls_key_map("params/classifier/kernel")
+      'classifier'
+      >>> bert_cls_key_map("params/bert/encoder/layer_0/query/kernel")
+      'bert.encoder.layer.0.attention.self.query'
+
+    Args:
+      path: a "/"-joined parameter path (``params/`` first).
+
+    Returns:
+      The module name, or ``None`` for a path outside the model.
+    """
+    parts = path.split("/")
+    if parts and parts[0] == "params":
+        parts = parts[1:]
+    if parts[:1] == ["classifier"] and len(parts) == 2:
+        return "classifier"
+    if parts[:1] == ["bert"]:
+        return bert_key_map("/".join(parts[1:]), prefix="bert.")
+    return None
+
+
 _LEAF_TO_TORCH = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 
 
 def params_from_hf(
-    state: Mapping[str, np.ndarray], config: BertConfig, prefix: str = "", dtype: Any = None
+    state: Mapping[str, np.ndarray],
+    config: BertConfig,
+    prefix: str = "",
+    dtype: Any = None,
+    num_labels: int | None = None,
 ) -> dict[str, Any]:
     """A HuggingFace BERT state dict (numpy) as this model's variables dict.
 
     Dense kernels are the transposed ``Linear`` weights; everything else is copied as is.
+    With ``num_labels``, the state dict is a ``BertForSequenceClassification``'s and the result
+    the variables of `BertForSequenceClassification` (``prefix`` is then ignored).
 
     Raises:
       ValueError: the state dict lacks a tensor or has one of another shape.
     """
+    model = (
+        BertModel(config)
+        if num_labels is None
+        else BertForSequenceClassification(config, num_labels)
+    )
     shapes = jax.eval_shape(
-        BertModel(config).init,
+        model.init,
         jax.random.key(0),
         jnp.zeros((1, 2), jnp.int32),
         jnp.ones((1, 2), jnp.int32),
     )
+    name_of = (lambda p: bert_key_map(p, prefix)) if num_labels is None else bert_cls_key_map
 
     def load(keypath: Any, spec: Any) -> jax.Array:
         path = "/".join(str(getattr(k, "key", k)) for k in keypath)
         leaf = path.rsplit("/", 1)[-1]
-        key = f"{bert_key_map(path, prefix)}.{_LEAF_TO_TORCH[leaf]}"
+        key = f"{name_of(path)}.{_LEAF_TO_TORCH[leaf]}"
         if key not in state:
             raise ValueError(f"params_from_hf: the state dict has no {key!r} (for {path!r}).")
         x = np.asarray(state[key])

@@ -8,6 +8,7 @@ freeze the base; `merge` / `unmerge` are pure functions; checkpoints go through 
 from flax_lora._adapters import LoraWeights, delta
 from flax_lora._checkpoint import load, load_config, save
 from flax_lora._config import LoraConfig
+from flax_lora._extras import TokenDelta, TrainedCopy
 from flax_lora._init import init
 from flax_lora._merge import merge, unmerge
 from flax_lora._multi import StackedLoraWeights, combine, stack, unstack
@@ -32,6 +33,8 @@ __all__ = [
     "QuantizedKernel",
     "StackedLoraWeights",
     "Summary",
+    "TokenDelta",
+    "TrainedCopy",
     "combine",
     "delta",
     "dequantize",

@@ -125,19 +125,22 @@ def is_lora(x: Any) -> bool:
 
 
 def adapter_table(adapters: Any) -> dict[str, LoraWeights]:
-    """Maps each adapted kernel's path to its `LoraWeights`.
+    """Maps each adapted kernel's path to its `LoraWeights` (trained copies and token deltas,
+    `flax_lora._extras`, are left out: see `flax_lora._extras.split`).
 
     Raises:
-      TypeError: when ``adapters`` holds anything besides `LoraWeights` entries.
+      TypeError: when ``adapters`` holds anything besides adapter entries.
     """
-    table = flatten(adapters, is_leaf=is_lora)
-    stray = [p for p, v in table.items() if not is_lora(v) and v is not None]
+    from flax_lora._extras import is_extra
+
+    table = flatten(adapters, is_leaf=lambda x: is_lora(x) or is_extra(x))
+    stray = [p for p, v in table.items() if not (is_lora(v) or is_extra(v)) and v is not None]
     if stray:
         raise TypeError(
-            "Expected an adapter tree as returned by lora.init (LoraWeights entries only); "
-            f"found other leaves at {describe(stray)}."
+            "Expected an adapter tree as returned by lora.init (LoraWeights, TrainedCopy and "
+            f"TokenDelta entries only); found other leaves at {describe(stray)}."
         )
-    return {p: v for p, v in table.items() if v is not None}
+    return {p: v for p, v in table.items() if is_lora(v)}
 
 
 def check_fits(path: str, w: LoraWeights, shape: tuple[int, ...]) -> None:

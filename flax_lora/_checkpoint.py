@@ -16,8 +16,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from flax_lora._adapters import LoraWeights, adapter_table
+from flax_lora._adapters import LoraWeights, adapter_table, is_lora
 from flax_lora._config import LoraConfig
+from flax_lora._extras import arrays_of, from_meta, split
 from flax_lora._paths import flatten, nest
 
 PyTree = Any
@@ -44,7 +45,9 @@ def save(
 
     Args:
       directory: where the checkpoint goes; replaced if it holds an earlier one.
-      adapters: adapters from `lora.init` (or any function returning adapters).
+      adapters: adapters from `lora.init` (or any function returning adapters), with their
+        trained copies and token deltas (``modules_to_save``, ``bias``,
+        ``trainable_token_indices``), if any.
       config: the `LoraConfig` they were made with, stored as metadata.
 
     Returns:
@@ -52,20 +55,28 @@ def save(
 
     Raises:
       ValueError: the adapter tree is empty.
-      TypeError: ``adapters`` holds leaves other than `LoraWeights`.
+      TypeError: ``adapters`` holds leaves other than adapter entries (`LoraWeights`,
+        `TrainedCopy`, `TokenDelta`).
     """
     directory = Path(directory).absolute()
     table = adapter_table(adapters)
-    if not table:
+    extras = split(adapters, is_lora)[1]
+    if not table and not extras:
         raise ValueError("lora.save: the adapter tree is empty.")
     arrays = nest(
-        (p, {"a": w.a, "b": w.b} if w.m is None else {"a": w.a, "b": w.b, "m": w.m})
-        for p, w in table.items()
+        [
+            *(
+                (p, {"a": w.a, "b": w.b} if w.m is None else {"a": w.a, "b": w.b, "m": w.m})
+                for p, w in table.items()
+            ),
+            *((p, arrays_of(node)) for p, node in extras.items()),
+        ]
     )
     meta = {
         "format": FORMAT,
         "version": VERSION,
         "adapters": {p: w.meta() for p, w in table.items()},
+        "extras": {p: node.meta() for p, node in extras.items()},
         "config": config.to_dict() if config is not None else None,
     }
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -226,6 +237,8 @@ def load(directory: str | os.PathLike[str]) -> PyTree:
                 ),
             )
         )
+    for path, m in (meta.get("extras") or {}).items():
+        entries.append((path, from_meta(m, arrays, path)))
     return nest(entries)
 
 

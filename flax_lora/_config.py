@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 INITS = ("lora", "gaussian", "random", "pissa", "olora", "loftq")
+BIASES = ("none", "all", "lora_only")
 
 Patterns = str | Sequence[str] | None
 
@@ -95,6 +96,20 @@ class LoraConfig:
         path; the index is the number in that component (``h3``, ``block_3``) or, if it has
         none, the next component (``layers/3``). Paths with no such component are not adapted.
         ``None``: the first number in the path. For paths like ``stage_2/block_3``.
+      modules_to_save: module paths (regexes that must ``re.fullmatch`` a module's path, the
+        path of its leaves without the leaf name, e.g. ``"params/classifier"``) whose floating
+        leaves (those of submodules included) are trained whole (PEFT ``modules_to_save``):
+        `lora.init` puts a trainable copy of each (`TrainedCopy`) in the adapters, and `wrap` /
+        `merge` use it in place of the base leaf. Kernels of these modules get no LoRA factors.
+        ``None``: none.
+      trainable_token_indices: rows (token ids) of Embed tables to train (PEFT
+        ``trainable_token_indices``): a list of ids for every Embed table (2-D leaves named
+        ``embedding``), or ``{regex: [ids]}``, the regex ``re.fullmatch``-ing a table's path or
+        its module's path. `lora.init` adds a `TokenDelta` (zeros) per table: the table used is
+        ``W0.at[ids].add(delta)``, for lookups and a tied ``attend`` alike. ``None``: none.
+      bias: ``"none"`` (default), ``"all"`` (every floating leaf named ``bias`` is trained, as a
+        `TrainedCopy`) or ``"lora_only"`` (the biases of the modules whose kernels get LoRA
+        factors) (PEFT ``bias``).
     """
 
     rank: int = 8
@@ -112,6 +127,9 @@ class LoraConfig:
     loftq_dtype: str = "nf4"
     dora: bool = False
     layers_pattern: Patterns = None
+    modules_to_save: Patterns = None
+    trainable_token_indices: Sequence[int] | Mapping[str, Sequence[int]] | None = None
+    bias: str = "none"
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -153,6 +171,10 @@ class LoraConfig:
             raise TypeError(f"LoraConfig.dtype must be a floating dtype; got {dtype}.")
         set_("layers", _check_layers(self.layers))
         set_("layers_pattern", _as_patterns(self.layers_pattern, "layers_pattern"))
+        set_("modules_to_save", _as_patterns(self.modules_to_save, "modules_to_save"))
+        set_("trainable_token_indices", _check_tokens(self.trainable_token_indices))
+        if not isinstance(self.bias, str) or self.bias not in BIASES:
+            raise ValueError(f"LoraConfig.bias must be one of {BIASES}; got {self.bias!r}.")
         if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int | np.integer):
             raise TypeError(
                 f"LoraConfig.loftq_iter must be an int; got {self.loftq_iter!r} "
@@ -229,8 +251,13 @@ class LoraConfig:
         """A JSON-ready dict of the fields (dtype by name)."""
         d = dataclasses.asdict(self)
         d["dtype"] = np.dtype(self.dtype).name
-        for k in ("targets", "exclude", "layers", "layers_pattern"):
+        for k in ("targets", "exclude", "layers", "layers_pattern", "modules_to_save"):
             d[k] = list(d[k]) if d[k] is not None else None
+        tokens = d["trainable_token_indices"]
+        if isinstance(tokens, Mapping):
+            d["trainable_token_indices"] = {k: list(v) for k, v in tokens.items()}
+        elif tokens is not None:
+            d["trainable_token_indices"] = list(tokens)
         return d
 
     @classmethod
@@ -329,3 +356,40 @@ def _check_layers(layers: Any) -> tuple[int, ...] | None:
                 f"position on a stacked layer axis); got {int(i)} in {layers!r}."
             )
     return tuple(int(i) for i in items)
+
+
+def _token_ids(value: Any, name: str) -> tuple[int, ...]:
+    """A sequence of distinct token ids >= 0 as a tuple of ints."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a sequence of int token ids; got {value!r}.")
+    ids = tuple(value)
+    for i in ids:
+        if isinstance(i, bool | np.bool_) or not isinstance(i, int | np.integer):
+            raise TypeError(f"{name} takes int token ids; got {i!r} ({type(i).__name__}).")
+        if i < 0:
+            raise ValueError(f"{name} takes token ids >= 0; got {int(i)}.")
+    if not ids:
+        raise ValueError(f"{name} is empty; give at least one token id.")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{name} repeats token ids: {list(ids)}.")
+    return tuple(int(i) for i in ids)
+
+
+def _check_tokens(value: Any) -> tuple[int, ...] | dict[str, tuple[int, ...]] | None:
+    """``LoraConfig.trainable_token_indices`` as a tuple of ids or ``{regex: ids}``."""
+    name = "LoraConfig.trainable_token_indices"
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{name} keys must be regex strings; got {k!r}.")
+            _as_patterns(k, "trainable_token_indices")
+            out[k] = _token_ids(v, f"{name}[{k!r}]")
+        if not out:
+            raise ValueError(f"{name} is an empty mapping; use None for no trainable tokens.")
+        return out
+    return _token_ids(value, name)

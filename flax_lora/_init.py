@@ -50,15 +50,20 @@ def init(
 
     Returns:
       The adapters: nested dicts that mirror the paths of the adapted kernels, each ending in a
-      `LoraWeights` with factors ``a`` and ``b``. With ``init="pissa"`` or ``"olora"``, the pair
+      `LoraWeights` with factors ``a`` and ``b``; with ``modules_to_save``, ``bias`` or
+      ``trainable_token_indices``, also a `TrainedCopy` or `TokenDelta` at the path of each
+      leaf they train. With ``init="pissa"`` or ``"olora"``, the pair
       ``(adapters, new_params)``, where ``new_params`` holds the residual base kernels; with
       ``init="loftq"``, ``(adapters, qparams)``, where each adapted kernel of ``qparams`` is a
       `QuantizedKernel` (``config.loftq_dtype``) and ``deQ(Q) + scale * a @ b`` approximates it
       (see `lora.quantize`; the other leaves are unchanged).
 
     Raises:
-      ValueError: no kernel matches; a rank is below 1 or (PiSSA/OLoRA/LoftQ) above the kernel's
-        smaller side; a kernel of 3 or more dimensions has no probe.
+      ValueError: no kernel matches; ``modules_to_save`` patterns match no module; token ids
+        are out of range for a table, or a table also gets LoRA factors; ``bias="lora_only"``
+        finds no bias beside the adapted kernels (all naming the paths); a rank is below 1 or
+        (PiSSA/OLoRA/LoftQ) above the kernel's smaller side; a kernel of 3 or more dimensions
+        has no probe.
       TypeError: a targeted leaf is not floating.
     """
     if not isinstance(config, LoraConfig):
@@ -72,7 +77,8 @@ def init(
 
         uses = kernel_uses(probe, params)
 
-    selected = _select(leaves, config, uses)
+    saved = _saved_leaves(leaves, config)  # modules_to_save: trained whole, never factored
+    selected = _select({p: x for p, x in leaves.items() if p not in saved}, config, uses)
     stacked = stacked_kernels(selected, uses, leaves, config)  # scan-stacked layers
     keys = jax.random.split(key, max(len(selected), 1))
     adapters: list[tuple[str, LoraWeights]] = []
@@ -88,7 +94,8 @@ def init(
         adapters.append((path, w))
         if residual is not None:
             new_kernels[path] = residual
-    tree = nest(adapters)
+    extras = _extras(original, leaves, saved, selected, config, uses)
+    tree = nest(adapters + list(extras.items()))
     if config.init in ("pissa", "olora", "loftq"):
         from flax_lora._paths import path_str
 
@@ -97,6 +104,147 @@ def init(
         )
         return tree, new_params
     return tree
+
+
+def _saved_leaves(leaves: dict[str, Any], config: LoraConfig) -> list[str]:
+    """The floating leaves of the modules in ``config.modules_to_save`` (a module's path, or
+    that of a module it is inside, fullmatches a pattern)."""
+    if not config.modules_to_save:
+        return []
+    out, used = [], set()
+    for path, leaf in leaves.items():
+        parts = path.split("/")
+        for k in range(1, len(parts)):
+            module = "/".join(parts[:k])
+            hit = [p for p in config.modules_to_save if re.fullmatch(p, module)]
+            if hit:
+                used.update(hit)
+                if jnp.issubdtype(getattr(leaf, "dtype", jnp.int32), jnp.floating):
+                    out.append(path)
+                break
+    unused = [p for p in config.modules_to_save if p not in used]
+    if unused:
+        modules = list(dict.fromkeys(p.rsplit("/", 1)[0] for p in leaves if "/" in p))
+        raise ValueError(
+            f"LoraConfig.modules_to_save: {unused} match no module of params (a pattern must "
+            f"re.fullmatch a module's path, the path of its leaves without the leaf name). "
+            f"Modules seen: {describe(modules, limit=40)}."
+        )
+    return out
+
+
+def _extras(
+    original: PyTree,
+    leaves: dict[str, Any],
+    saved: list[str],
+    selected: dict[str, Any],
+    config: LoraConfig,
+    uses: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Path -> `TrainedCopy` / `TokenDelta` for modules_to_save, trained biases and tokens."""
+    from flax_lora._extras import TokenDelta, TrainedCopy
+
+    values = flatten(original)  # the real values (a quantized base stands in as shapes above)
+
+    def copy_of(path: str) -> jax.Array:
+        if path not in values or not hasattr(values[path], "dtype"):
+            raise TypeError(
+                f"lora.init: {path!r} is to be trained whole (modules_to_save / bias), but params "
+                f"hold no plain array there ({type(leaves[path]).__name__}); pass the float "
+                "params (e.g. lora.dequantize(params))."
+            )
+        return jnp.array(values[path], copy=True)
+
+    out: dict[str, Any] = {}
+    for path in saved:
+        out[path] = TrainedCopy(value=copy_of(path), role="module")
+    if config.bias != "none":
+        floating = lambda p: jnp.issubdtype(getattr(leaves[p], "dtype", jnp.int32), jnp.floating)
+        if config.bias == "all":
+            biases = [p for p in leaves if p.rsplit("/", 1)[-1] == "bias" and floating(p)]
+            if not biases:
+                raise ValueError(
+                    "LoraConfig(bias='all'): params hold no floating leaf named 'bias'. Leaves: "
+                    f"{describe(leaves, limit=20)}."
+                )
+        else:
+            modules = [p.rsplit("/", 1)[0] for p in selected if "/" in p]
+            biases = [f"{m}/bias" for m in modules if f"{m}/bias" in leaves]
+            if not biases:
+                raise ValueError(
+                    "LoraConfig(bias='lora_only') trains the biases of the adapted modules, but "
+                    f"none of them has a leaf named 'bias': looked for "
+                    f"{describe([f'{m}/bias' for m in modules])}. Use bias='none' for modules "
+                    "without biases."
+                )
+        for path in biases:
+            if path not in out:  # a bias of a module in modules_to_save is trained there
+                out[path] = TrainedCopy(value=copy_of(path), role="bias")
+    if config.trainable_token_indices is not None:
+        for path, ids in _token_tables(leaves, config, uses).items():
+            table = leaves[path]
+            if path in selected or path in out:
+                raise ValueError(
+                    f"LoraConfig.trainable_token_indices: the table {path!r} also gets "
+                    f"{'LoRA factors' if path in selected else 'a trained copy'}; a table can "
+                    "have one of the two. Exclude it from targets (exclude=...) or from "
+                    "modules_to_save."
+                )
+            bad = [i for i in ids if i >= table.shape[0]]
+            if bad:
+                raise ValueError(
+                    f"LoraConfig.trainable_token_indices: token ids {bad} are out of range for "
+                    f"the table {path!r} of shape {tuple(table.shape)} (ids must be below "
+                    f"{table.shape[0]})."
+                )
+            delta = jnp.zeros((len(ids), *table.shape[1:]), config.dtype)
+            out[path] = TokenDelta(delta=delta, indices=tuple(ids), num_rows=int(table.shape[0]))
+    return out
+
+
+def _token_tables(
+    leaves: dict[str, Any], config: LoraConfig, uses: dict[str, Any] | None
+) -> dict[str, tuple[int, ...]]:
+    """Table path -> token ids, for ``config.trainable_token_indices``."""
+    spec = config.trainable_token_indices
+    embed = lambda p: uses is not None and p in uses and uses[p].kind == "embed"
+    is_table = lambda p: (
+        getattr(leaves[p], "ndim", 0) == 2 and (p.rsplit("/", 1)[-1] == "embedding" or embed(p))
+    )
+    tables = [p for p in leaves if is_table(p)]
+    if not isinstance(spec, dict):
+        if not tables:
+            raise ValueError(
+                "LoraConfig.trainable_token_indices: params hold no Embed table (a 2-D leaf named "
+                "'embedding'); pass {regex: ids} to name the table."
+            )
+        return {p: spec for p in tables}
+    out: dict[str, tuple[int, ...]] = {}
+    for pattern, ids in spec.items():
+        hits = [
+            p
+            for p in leaves
+            if getattr(leaves[p], "ndim", 0) >= 2
+            and (re.fullmatch(pattern, p) or re.fullmatch(pattern, p.rsplit("/", 1)[0]))
+        ]
+        if not hits:
+            raise ValueError(
+                f"LoraConfig.trainable_token_indices: {pattern!r} matches no table of params (it "
+                "must re.fullmatch a 2-D table's path or its module's path). Embed tables seen: "
+                f"{describe(tables)}."
+            )
+        for p in hits:
+            if leaves[p].ndim != 2:
+                raise ValueError(
+                    f"LoraConfig.trainable_token_indices: {pattern!r} matches {p!r} of shape "
+                    f"{tuple(leaves[p].shape)}; token rows need a 2-D (num, features) table."
+                )
+            if p in out:
+                raise ValueError(
+                    f"LoraConfig.trainable_token_indices: {p!r} is matched by several patterns."
+                )
+            out[p] = ids
+    return out
 
 
 def _shapes_of_quantized(params: PyTree, config: LoraConfig) -> PyTree:

@@ -27,6 +27,8 @@ def merge(params: PyTree, adapters: PyTree, requantize: bool = False) -> PyTree:
 
     A DoRA adapter (``LoraConfig(dora=True)``, with a magnitude ``m``) gives
     ``W = m * V / ||V||`` with ``V = W0 + scale * a @ b`` (the norm over the input axes).
+    A `TrainedCopy` (``modules_to_save``, trained biases) replaces its leaf (cast to the leaf's
+    dtype); a `TokenDelta` gives ``W0.at[indices].add(delta)``.
 
     The sum is computed in float32 (or the kernel's dtype, if wider) and cast once to the
     kernel's dtype; every other leaf is returned untouched, and the tree keeps its type (a Linen
@@ -54,7 +56,12 @@ def merge(params: PyTree, adapters: PyTree, requantize: bool = False) -> PyTree:
     Raises:
       ValueError: an adapter's path is not in ``params``, or its kernel shape does not fit.
     """
+    from flax_lora._adapters import is_lora
+    from flax_lora._extras import split, substitute
+
+    adapters, extras = split(adapters, is_lora)
     merged, dequantized = _fold(params, adapters, +1.0)
+    merged = substitute(merged, extras, "lora.merge")
     if not requantize:
         return merged
     has_quantized = any(is_quantized(x) for x in jax.tree.leaves(params, is_leaf=is_quantized))
@@ -72,6 +79,8 @@ def unmerge(params: PyTree, adapters: PyTree) -> PyTree:
 
     DoRA adapters cannot be unmerged (``W`` does not determine ``||V||``, so ``W0`` is lost):
     they raise ``ValueError``; keep the base params instead (`merge` does not change them).
+    Nor can trained copies (``modules_to_save``, trained biases: `TrainedCopy`), which replaced
+    their leaves: ``ValueError`` naming the paths. Token deltas are subtracted again.
 
     Example:
       >>> base = lora.unmerge(lora.merge(params, adapters), adapters)
@@ -85,9 +94,13 @@ def unmerge(params: PyTree, adapters: PyTree) -> PyTree:
 
     Raises:
       ValueError: an adapter's path is not in ``params``, or its kernel shape does not fit; an
-        adapter is a DoRA adapter.
+        adapter is a DoRA adapter; the adapters hold trained copies (naming their paths).
     """
-    return _fold(params, adapters, -1.0)[0]
+    from flax_lora._adapters import is_lora
+    from flax_lora._extras import split, unmerge_extras
+
+    adapters, extras = split(adapters, is_lora)
+    return unmerge_extras(_fold(params, adapters, -1.0)[0], extras)
 
 
 def _fold(params: PyTree, adapters: PyTree, sign: float) -> tuple[PyTree, bool]:

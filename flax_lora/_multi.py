@@ -231,6 +231,11 @@ def combine(
     differ per kernel (PEFT's ``rank_pattern``), only ``linear``-family methods need equal ranks
     at each kernel. All adapter sets must adapt the same kernels (PEFT skips missing ones).
 
+    Trained copies (``modules_to_save``, trained biases: `TrainedCopy`) and token deltas
+    (`TokenDelta`) are combined, whatever the method, as the weighted sums ``Σᵢ wᵢ vᵢ`` of the
+    copies (weights summing to 1 average the heads) and of the deltas (on the union of their
+    rows); every set must hold them at the same paths.
+
     Adapters of kernels stacked by ``nn.scan`` / ``nnx.scan`` (`LoraWeights.layer_axes`) are
     combined layer by layer, each layer exactly as an unstacked adapter of that layer's kernel
     (the SVD per layer; dare draws a mask per layer); the result adapts the union of the inputs'
@@ -322,7 +327,11 @@ def combine(
                     "Use 'cat' or 'svd' for adapters of different ranks."
                 )
     out = _combine_tables(tables, w, key, method, rank, density, majority_sign_method)
-    return nest(out.items())
+    from flax_lora._extras import combine_extras
+
+    extra_tables = _extra_tables(adapter_list)
+    extras = combine_extras(extra_tables, w) if any(extra_tables) else {}
+    return nest([*out.items(), *extras.items()])
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
@@ -562,15 +571,39 @@ def stacked_table(stacked: PyTree) -> dict[str, StackedLoraWeights]:
     Raises:
       TypeError: ``stacked`` holds anything besides `StackedLoraWeights` (e.g. plain adapters).
     """
-    table = flatten(stacked, is_leaf=lambda x: is_stacked(x) or isinstance(x, LoraWeights))
+    from flax_lora._extras import STACKED_TYPES, is_extra
+
+    table = flatten(
+        stacked, is_leaf=lambda x: is_stacked(x) or isinstance(x, LoraWeights) or is_extra(x)
+    )
+    extras = [p for p, v in table.items() if isinstance(v, STACKED_TYPES)]
+    table = {p: v for p, v in table.items() if p not in extras}
     stray = [p for p, v in table.items() if not is_stacked(v) and v is not None]
-    if stray or not table:
+    if stray or not (table or extras):
         raise TypeError(
             "Expected a stacked adapter tree as returned by lora.stack (StackedLoraWeights "
             f"entries only); found other entries at {describe(stray)}. Stack adapter sets with "
             "lora.stack([adapters_0, adapters_1, ...])."
         )
     return {p: v for p, v in table.items() if v is not None}
+
+
+def num_stacked(stacked: PyTree) -> int:
+    """``N``, the number of adapters of a stacked tree (from its factors or trained copies)."""
+    from flax_lora._extras import StackedCopy, split
+
+    table = stacked_table(stacked)
+    if table:
+        return next(iter(table.values())).num_adapters
+    node = next(iter(split(stacked, is_stacked)[1].values()))
+    return int((node.values if isinstance(node, StackedCopy) else node.delta).shape[0])
+
+
+def _extra_tables(adapter_list: Sequence[PyTree]) -> list[dict[str, Any]]:
+    """The trained copies / token deltas (`flax_lora._extras`) of each adapter set."""
+    from flax_lora._extras import split
+
+    return [split(ad, lambda x: isinstance(x, LoraWeights))[1] for ad in adapter_list]
 
 
 def stack(adapter_list: Sequence[PyTree]) -> PyTree:
@@ -580,6 +613,11 @@ def stack(adapter_list: Sequence[PyTree]) -> PyTree:
     ``(N, *I, R)`` and ``b`` of shape ``(N, R, *O)``, ``R`` the largest rank: smaller ranks are
     padded with zeros, and each adapter's scale is folded into its ``b``, so adapter ``k``'s
     delta is exactly ``a[k] @ b[k]`` whatever the ranks and scales (rsLoRA included).
+
+    Trained copies (``modules_to_save``, trained biases) and token deltas stack too (each
+    adapter its own head: `flax_lora._extras.StackedCopy`, `StackedTokenDelta` on the union of
+    the token rows); every set must hold them at the same paths. A routed call with them runs
+    each example as a batch of one (see `lora.wrap`).
 
     Adapters of kernels stacked by ``nn.scan`` / ``nnx.scan`` (`LoraWeights.layer_axes`) stack
     with the adapter axis first and the layer axes next: ``a`` ``(N, *L, *I, R)``, ``b``
@@ -619,7 +657,10 @@ def stack(adapter_list: Sequence[PyTree]) -> PyTree:
                 "a routed call applies one rate per kernel. Give them one rate (e.g. "
                 "w.replace(dropout=...)) before stacking."
             )
-    return nest(_stack_tables(tables).items())
+    from flax_lora._extras import stack_extras
+
+    extras = stack_extras(_extra_tables(adapter_list), "stack")
+    return nest([*_stack_tables(tables).items(), *extras.items()])
 
 
 @jax.jit
@@ -689,8 +730,10 @@ def unstack(stacked: PyTree, index: int) -> PyTree:
     Raises:
       ValueError: ``index`` is out of range.
     """
+    from flax_lora._extras import split, unstack_extras
+
     table = stacked_table(stacked)
-    n = next(iter(table.values())).num_adapters
+    n = num_stacked(stacked)
     i = int(index)
     if not -n <= i < n:
         raise ValueError(f"lora.unstack: index {index} is out of range for {n} stacked adapters.")
@@ -704,6 +747,7 @@ def unstack(stacked: PyTree, index: int) -> PyTree:
         if d is not False:
             one = one.replace(m=w.m[i], layers=None if d is True else d)
         out.append((path, one))
+    out += list(unstack_extras(split(stacked, is_stacked)[1], i).items())
     return nest(out)
 
 
@@ -794,4 +838,7 @@ def select(stacked: PyTree, index: jax.Array, params: PyTree = None) -> PyTree:
                 )
             m = gather_dora(w, kernels[path], jnp.asarray(index, jnp.int32))[1]
         out.append((path, _one(w, a, b, m)))
+    from flax_lora._extras import select_extras, split
+
+    out += list(select_extras(split(stacked, is_stacked)[1], index, params).items())
     return nest(out)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from flax_lora._adapters import is_lora
+from flax_lora._extras import is_extra
 from flax_lora._paths import path_str
 
 PyTree = Any
@@ -17,6 +18,9 @@ PyTree = Any
 
 def trainable(tree: PyTree, also: str | None = None) -> PyTree:
     """A bool pytree: True exactly on adapter leaves and on leaves whose path matches ``also``.
+
+    Adapter leaves include trained copies (``modules_to_save``, trained biases) and token
+    deltas, so a head trained through ``LoraConfig(modules_to_save=...)`` needs no ``also``.
 
     Example:
       >>> tree = {"params": params, "lora": adapters}
@@ -32,11 +36,13 @@ def trainable(tree: PyTree, also: str | None = None) -> PyTree:
     pattern = re.compile(also) if also is not None else None
 
     def label(keypath: Any, x: Any) -> Any:
-        if is_lora(x):
+        if is_lora(x) or is_extra(x):
             return jax.tree.map(lambda _: True, x)
         return bool(pattern and pattern.search(path_str(keypath)))
 
-    return jax.tree_util.tree_map_with_path(label, tree, is_leaf=is_lora)
+    return jax.tree_util.tree_map_with_path(
+        label, tree, is_leaf=lambda x: is_lora(x) or is_extra(x)
+    )
 
 
 def freeze_base(

@@ -77,8 +77,6 @@ _SUFFIXES = {
 # adapter_config.json fields that change the adapted model in ways these adapters cannot express.
 _UNSUPPORTED = {
     "lora_bias": "a bias on lora_B",
-    "modules_to_save": "fully trained extra modules",
-    "trainable_token_indices": "trainable token embeddings",
     "target_parameters": "LoRA on bare nn.Parameters",
     "layer_replication": "layer replication",
     "alora_invocation_tokens": "Activated LoRA",
@@ -138,6 +136,8 @@ def save_peft(
     key_map: KeyMap = None,
     *,
     base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+    params: PyTree = None,
 ) -> Path:
     """Writes adapters as a HuggingFace PEFT LoRA adapter (``adapter_config.json`` +
     ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained`` loads onto the
@@ -151,6 +151,19 @@ def save_peft(
     (``config.alpha_for``) when it reproduces the adapter's scale, else derived from the scale
     (``scale * r``, or ``scale * sqrt(r)`` with rsLoRA), so adapters from ``lora.combine`` save
     correctly too.
+
+    Trained copies and token deltas (``LoraConfig(modules_to_save=..., bias=...,
+    trainable_token_indices=...)``) are written in PEFT's names: a ``modules_to_save`` module's
+    leaves as ``<module>.weight`` / ``.bias`` (a 2-D Dense kernel transposed; kernels of 3 or
+    more dimensions are refused, their PyTorch layout being ambiguous) with the module names
+    in ``modules_to_save``; trained biases as
+    ``<module>.bias`` (``<module>.base_layer.bias`` for a module with LoRA factors) with
+    ``bias`` set to ``config.bias`` (without a config: ``"lora_only"`` when every trained bias
+    belongs to a module with LoRA factors, else ``"all"``); token deltas as
+    ``<embedding>.token_adapter.trainable_tokens_delta``, which in PEFT holds the trained rows
+    ``W0[ids] + delta`` (so ``params`` is needed), with ``trainable_token_indices`` ``{module:
+    ids}``. A leaf's module name is the key map's name of the leaf's path, or else of its
+    module's ``kernel`` / ``embedding``.
 
     A scan-stacked adapter (`LoraWeights.layer_axes` ``== 1``) is written as one module per
     adapted layer (all ``L``, or its ``layers``), each as the unstacked adapter of that layer's
@@ -168,6 +181,8 @@ def save_peft(
       >>> # nn.scan-stacked blocks (params/layers/q/kernel (L, d, d)) -> layers.0.q, layers.1.q, ...
       >>> key_map = lambda p: p.removeprefix("params/").replace("layers/", "layers.{layer}.")[:-7]
       >>> lora.save_peft("/tmp/adapter", adapters, config, key_map=key_map)
+      >>> # a classifier head (modules_to_save) for BertForSequenceClassification
+      >>> lora.save_peft("/tmp/cls", adapters, config, key_map=cls_map, task_type="SEQ_CLS")
 
     Args:
       directory: the output directory (created; the two files in it are replaced).
@@ -182,13 +197,19 @@ def save_peft(
         The name of a scan-stacked kernel must contain ``{layer}`` (so the default key map
         cannot name one), that of an unstacked kernel must not.
       base_model_name_or_path: written to the config (e.g. the Hub id of the base model).
+      task_type: PEFT's ``task_type`` (``"SEQ_CLS"``, ``"CAUSAL_LM"``, ``"SEQ_2_SEQ_LM"``,
+        ``"TOKEN_CLS"``, ``"QUESTION_ANS"``, ``"FEATURE_EXTRACTION"``), so that
+        ``PeftModel.from_pretrained`` builds the matching model class (``"SEQ_CLS"`` adds
+        PEFT's ``classifier`` / ``score`` to ``modules_to_save``); ``None``: none.
+      params: the base params, needed only for token deltas (PEFT stores the trained rows).
 
     Returns:
       The directory's absolute path.
 
     Raises:
       ValueError: the tree is empty; the key map names no module (or one module twice) for
-        some paths, which are listed; a stacked kernel's name lacks ``{layer}`` (or an
+        some paths, which are listed; an unknown ``task_type``; token deltas without
+        ``params``; a stacked kernel's name lacks ``{layer}`` (or an
         unstacked one's has it), or a kernel has more than one layer axis (nested scans); an
         adapter has a layout PEFT cannot express.
 
@@ -196,10 +217,22 @@ def save_peft(
       UserWarning: ``config.init`` is ``"pissa"``, ``"olora"`` or ``"loftq"`` (the adapters
         belong to the changed base `lora.init` returned, not to the original one PEFT loads).
     """
+    from flax_lora._adapters import is_lora
+    from flax_lora._extras import split
+    from flax_lora._peft_extras import TASK_TYPES, save_extras
+
     directory = Path(directory).absolute()
     table = adapter_table(adapters)
+    extras = split(adapters, is_lora)[1]
     if not table:
-        raise ValueError("lora.save_peft: the adapter tree is empty.")
+        raise ValueError(
+            "lora.save_peft: the adapter tree holds no LoRA factors"
+            + (" (only trained copies / token deltas)." if extras else " (it is empty).")
+        )
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise ValueError(
+            f"save_peft: task_type must be one of {TASK_TYPES} or None; got {task_type!r}."
+        )
     if config is not None and not isinstance(config, LoraConfig):
         raise TypeError(f"save_peft: config must be a LoraConfig; got {type(config).__name__}.")
     if config is not None and config.init.startswith(_BASE_CHANGING_INITS):
@@ -267,6 +300,17 @@ def save_peft(
         ranks[name] = w.rank
         alphas[name] = _alpha(path, w, config, rslora)
 
+    extra_tensors, fields = save_extras(
+        extras, fn, _module_name, {name for _, name, _ in modules}, params
+    )
+    tensors.update(extra_tensors)
+    bias = "none"
+    if fields["biases"]:
+        lora_paths = {p.rsplit("/", 1)[0] for p in table}
+        only = all(b.rsplit("/", 1)[0] in lora_paths for b in fields["biases"])
+        inferred = "lora_only" if only else "all"
+        bias = config.bias if config is not None and config.bias != "none" else inferred
+
     if config is not None:
         r0, alpha0 = int(config.rank), float(config.alpha)
         dropout = float(config.dropout)
@@ -283,7 +327,7 @@ def save_peft(
     )
     peft_config = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": task_type,
         "auto_mapping": None,
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
@@ -297,10 +341,11 @@ def save_peft(
         "alpha_pattern": alpha_pattern,
         "use_rslora": rslora,
         "fan_in_fan_out": False,
-        "bias": "none",
+        "bias": bias,
         "lora_bias": False,
         "use_dora": bool(dora),
-        "modules_to_save": None,
+        "modules_to_save": fields["modules_to_save"],
+        "trainable_token_indices": fields["trainable_token_indices"],
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -433,6 +478,15 @@ def load_peft(
     ``use_rslora``), with ``rank_pattern`` / ``alpha_pattern`` resolved as PEFT resolves them.
     A DoRA adapter (``use_dora``) loads with its magnitudes as `LoraWeights.m`.
 
+    ``modules_to_save`` tensors (``<module>.weight`` / ``.bias``) load as `TrainedCopy` entries
+    of the leaves the key map names so (a Linear weight transposed to a kernel); trained biases
+    (``bias="all"`` / ``"lora_only"``: ``<module>.bias``, ``<module>.base_layer.bias``) as
+    `TrainedCopy` entries with ``role="bias"``; trainable tokens
+    (``<embedding>.token_adapter.trainable_tokens_delta``, PEFT's trained rows) as a
+    `TokenDelta` holding ``rows - W0[ids]`` (so ``params`` must hold the table's values), the
+    ids from ``trainable_token_indices``. A tensor the config does not account for is an error,
+    never dropped.
+
     Scan-stacked kernels: a kernel whose key-map name contains ``{layer}`` is taken as stacked
     on its leading axis (``L = kernel.shape[0]``) and gathers the modules of its layers (the name
     with ``{layer}`` replaced by ``0 ... L-1``), each read as for the unstacked layer kernel
@@ -470,7 +524,8 @@ def load_peft(
       dtype: the dtype of the factors; ``None`` keeps the file's (float32 as PEFT saves).
 
     Returns:
-      The adapters: nested dicts mirroring the adapted kernels' paths, each a `LoraWeights`.
+      The adapters: nested dicts mirroring the adapted kernels' paths, each a `LoraWeights`,
+      and the paths of trained leaves (`TrainedCopy`) and token tables (`TokenDelta`), if any.
 
     Warns:
       UserWarning: the adapter was made with a PEFT init that rewrites the base weights
@@ -478,7 +533,9 @@ def load_peft(
 
     Raises:
       ValueError: the adapter uses options these adapters cannot honour (``lora_bias``,
-        ``bias != "none"``, ``modules_to_save``, ...); tensors match no kernel, or the key map
+        ``target_parameters``, ``layer_replication``, ...); tensors besides the LoRA factors
+        that the config does not account for, or that match no leaf or do not fit it, token
+        ids out of range (each named); tensors match no kernel, or the key map
         names kernels not in ``params`` (both listed); a tensor does not fit its kernel (the path
         is named); the input axes of a kernel are ambiguous without ``probe``; the layers of a
         stacked kernel differ in rank, scale or DoRA-ness, or the probe's view of a kernel
@@ -493,7 +550,7 @@ def load_peft(
     rank_pattern = dict(cfg.get("rank_pattern") or {})
     alpha_pattern = dict(cfg.get("alpha_pattern") or {})
     dropout = float(cfg.get("lora_dropout") or 0.0)
-    modules = _read_tensors(directory)
+    modules, raw_extras = _read_tensors(directory)
     use_dora = bool(cfg.get("use_dora", False))
     wrong = [n for n, t in modules.items() if ("M" in t) != use_dora]
     if wrong:
@@ -586,7 +643,12 @@ def load_peft(
         )
         for path, pieces in per_kernel.items()
     ]
-    return nest(entries)
+    from flax_lora._peft_extras import load_extras
+
+    extras = load_extras(
+        raw_extras, cfg, params, fn, _module_name, str(directory / WEIGHTS_NAME), dtype
+    )
+    return nest(entries + list(extras.items()))
 
 
 def _module_weights(
@@ -709,13 +771,14 @@ def _read_config(directory: Path) -> dict[str, Any]:
     problems = [
         f"{key}={cfg[key]!r} ({what})" for key, what in _UNSUPPORTED.items() if cfg.get(key)
     ]
-    if (cfg.get("bias") or "none") != "none":
-        problems.append(f"bias={cfg['bias']!r} (trained base biases)")
+    if (cfg.get("bias") or "none") not in ("none", "all", "lora_only"):
+        problems.append(f"bias={cfg['bias']!r} (an unknown bias mode)")
     if problems:
         raise ValueError(
             f"load_peft: {str(file)!r} uses PEFT options that flax_lora adapters cannot honour: "
             f"{', '.join(problems)}. Only LoRA (optionally rsLoRA, rank/alpha patterns) "
-            "and DoRA are supported; loading part of it would silently change the model."
+            "DoRA, modules_to_save, trainable_token_indices and bias are supported; loading part "
+            "of it would silently change the model."
         )
     for key in ("r", "lora_alpha"):
         if key not in cfg:
@@ -732,8 +795,12 @@ def _read_config(directory: Path) -> dict[str, Any]:
     return cfg
 
 
-def _read_tensors(directory: Path) -> dict[str, dict[str, np.ndarray]]:
-    """Module name -> {"A"/"B"/"EA"/"EB": tensor}; unknown or incomplete entries are errors."""
+def _read_tensors(
+    directory: Path,
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """Module name -> {"A"/"B"/"EA"/"EB"/"M": tensor}, and the other tensors by name (prefix
+    removed: modules_to_save, biases, trainable tokens, checked by `load_extras`); incomplete
+    LoRA entries are errors."""
     file = directory / WEIGHTS_NAME
     if not file.is_file():
         other = [p.name for p in directory.glob("adapter_model.*")]
@@ -744,7 +811,7 @@ def _read_tensors(directory: Path) -> dict[str, dict[str, np.ndarray]]:
     from safetensors.numpy import load_file
 
     modules: dict[str, dict[str, np.ndarray]] = {}
-    unknown = []
+    others: dict[str, np.ndarray] = {}
     for key, value in load_file(str(file)).items():
         name = key.removeprefix(PREFIX)
         for suffix, role in _SUFFIXES.items():
@@ -752,13 +819,7 @@ def _read_tensors(directory: Path) -> dict[str, dict[str, np.ndarray]]:
                 modules.setdefault(name[: -len(suffix)], {})[role] = value
                 break
         else:
-            unknown.append(key)
-    if unknown:
-        raise ValueError(
-            f"load_peft: {str(file)!r} holds tensors that are not plain LoRA factors: "
-            f"{describe(unknown)} (LoRA biases, modules_to_save or trainable tokens cannot be "
-            "honoured)."
-        )
+            others[name] = value
     incomplete = [n for n, t in modules.items() if set(t) - {"M"} not in ({"A", "B"}, {"EA", "EB"})]
     if incomplete:
         raise ValueError(
@@ -767,7 +828,7 @@ def _read_tensors(directory: Path) -> dict[str, dict[str, np.ndarray]]:
         )
     if not modules:
         raise ValueError(f"load_peft: {str(file)!r} holds no LoRA tensors.")
-    return modules
+    return modules, others
 
 
 def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:

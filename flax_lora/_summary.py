@@ -26,6 +26,7 @@ class Row:
     params: int  # trainable parameters of this adapter
     bytes: int
     kernel_params: int
+    kind: str = "lora"  # or "module" / "bias" (a trained copy), "tokens" (a token delta)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,8 @@ class Summary:
 
     Attributes:
       rows: one row per adapted kernel (path, kernel shape, rank, scale, adapter parameters
-        and bytes, kernel parameters).
+        and bytes, kernel parameters), then one per trained copy (``kind`` ``"module"`` or
+        ``"bias"``) and token delta (``kind`` ``"tokens"``, its number of rows as ``rank``).
       trainable_params: parameters in the adapters.
       trainable_bytes: their bytes.
       base_params: parameters of the base params tree (a `QuantizedKernel` counts as the
@@ -75,9 +77,13 @@ class Summary:
         width = max([len(r.path) for r in self.rows] + [4])
         lines = [f"{'path':<{width}}  {'kernel':>16}  {'rank':>4}  {'scale':>7}  {'params':>10}"]
         for r in self.rows:
+            rank, scale = (f"{r.rank:>4}", f"{r.scale:>7.4g}") if r.kind == "lora" else ("", "")
+            if r.kind != "lora":
+                rank = {"module": "copy", "bias": "bias", "tokens": "rows"}.get(r.kind, r.kind)
+                scale = f"{r.rank:>7}" if r.kind == "tokens" else ""
             lines.append(
-                f"{r.path:<{width}}  {'x'.join(map(str, r.kernel_shape)):>16}  {r.rank:>4}  "
-                f"{r.scale:>7.4g}  {r.params:>10,}"
+                f"{r.path:<{width}}  {'x'.join(map(str, r.kernel_shape)):>16}  {rank:>4}  "
+                f"{scale:>7}  {r.params:>10,}"
             )
         lines.append(
             f"trainable params: {self.trainable_params:,} || all params: {self.total_params:,} "
@@ -160,6 +166,17 @@ def summary(params: PyTree, adapters: PyTree, show: bool = True) -> Summary:
                 _size(kernels[path])[0] if path in kernels else 0,
             )
         )
+    from flax_lora._adapters import is_lora
+    from flax_lora._extras import TrainedCopy, split
+
+    for path, node in split(adapters, is_lora)[1].items():
+        x = node.value if isinstance(node, TrainedCopy) else node.delta
+        n, nbytes = _size(x)
+        kind = node.role if isinstance(node, TrainedCopy) else "tokens"
+        rows_ = len(node.indices) if kind == "tokens" else 0
+        shape = tuple(getattr(kernels.get(path), "shape", x.shape))
+        total = _size(kernels[path])[0] if path in kernels else 0
+        rows.append(Row(path, shape, rows_, 0.0, n, nbytes, total, kind))
     base = [_size(x) for x in _parameters(params)]
     result = Summary(
         rows=tuple(rows),

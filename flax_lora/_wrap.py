@@ -10,9 +10,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from flax_lora._adapters import is_lora
+from flax_lora._extras import split, substitute
 from flax_lora._factored import Tracer, call_factored
 from flax_lora._merge import merge
-from flax_lora._multi import check_ids, select, stacked_table
+from flax_lora._multi import check_ids, is_stacked, num_stacked, select, stacked_table
 from flax_lora._quant import dequantize
 from flax_lora._routing import RoutingFallback
 
@@ -45,6 +47,14 @@ def wrap(apply_fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]
     DoRA adapters (``LoraConfig(dora=True)``) are factored too: the layer output is scaled per
     output unit by ``m / ||W0 + scale * a @ b||``, the norm computed from ``W0``'s column norms
     and low-rank terms (detached from the gradient, as PEFT), never from a formed kernel.
+
+    Trained copies (``LoraConfig(modules_to_save=..., bias=...)``, `TrainedCopy`) and token
+    deltas (``trainable_token_indices``, `TokenDelta`) are applied to the params first, in every
+    mode: a copy replaces its base leaf, a token delta gives the table
+    ``W0.at[indices].add(delta)`` (a scatter of a few rows, so an Embed lookup and a tied
+    ``attend`` both see it); the factored machinery then runs on those params. With
+    ``lora_ids``, a stacked tree holding them runs each example as a batch of one (below), with
+    its own adapter's copies (the base leaves for ``-1``).
 
     Sharp edge: the factored Dense branch has a hand-written backward pass (a
     ``jax.custom_vjp``), so forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``,
@@ -111,6 +121,9 @@ def wrap(apply_fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]
     tracer = Tracer(apply_fn)
 
     def run(params: PyTree, adapters: PyTree, args: Any, kwargs: Any, rng: Any) -> Any:
+        # trained copies and token deltas replace / change base leaves before anything runs
+        adapters, extras = split(adapters, is_lora)
+        params = substitute(params, extras)
         if adapters is None:
             return apply_fn(params, *args, **kwargs)
         if mode == "merged":
@@ -135,7 +148,7 @@ def wrap(apply_fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]
             )
         if lora_ids is None:
             return run(params, adapters, args, kwargs, lora_rng)
-        if mode != "merged":
+        if mode != "merged" and not split(adapters, is_stacked)[1]:
             table = stacked_table(adapters)
             ids = check_ids(lora_ids, next(iter(table.values())).num_adapters)
             try:
@@ -169,8 +182,7 @@ def _routed(
     op over the whole batch, and only the low-rank branches (and, for uses that cannot be
     factored, the merged kernels) are per example.
     """
-    table = stacked_table(stacked)
-    n = next(iter(table.values())).num_adapters
+    n = num_stacked(stacked)
     leaves = jax.tree.leaves(args)
     sizes = {int(np.shape(x)[0]) if np.ndim(x) else None for x in leaves}
     if len(sizes) != 1 or None in sizes:

@@ -510,7 +510,8 @@ def test_dora_flag_and_magnitudes_must_agree(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "change",
-    [{"lora_bias": True}, {"bias": "all"}, {"bias": "lora_only"}, {"modules_to_save": ["head"]}],
+    # modules_to_save, trainable_token_indices and bias load now (tests/test_peft_extras.py)
+    [{"lora_bias": True}, {"layer_replication": [[0, 1]]}, {"target_parameters": ["w"]}],
 )
 def test_unsupported_options_are_refused(saved: tuple[Path, Any], change: dict) -> None:
     directory, params = saved

@@ -1,0 +1,369 @@
+"""Adapter leaves beyond the LoRA factors: trained copies of base leaves and token-row deltas.
+
+PEFT trains three things besides the LoRA factors, all of them here as adapter leaves in their
+own pytree node types, keyed (like `LoraWeights`) by the path of the base leaf they stand for:
+
+- `TrainedCopy` (``role="module"``): a leaf of a module in ``LoraConfig.modules_to_save`` (a new
+  classifier head), trained whole; it *replaces* the base leaf.
+- `TrainedCopy` (``role="bias"``): a bias trained whole (``LoraConfig.bias="all"`` /
+  ``"lora_only"``); it replaces the base bias.
+- `TokenDelta`: ``LoraConfig.trainable_token_indices``: an additive delta for a few rows of an
+  Embed table: the table used is ``W0.at[indices].add(delta)``.
+
+`lora.wrap` and `lora.merge` substitute these into the params before anything else runs (a
+copy replaces its leaf; a token delta is a scatter-add of ``k`` rows, not a kernel-sized
+product), so a lookup and a tied ``attend`` of the table both see the new rows, and the factored
+machinery never needs to know about them. Their static metadata travels in the tree structure,
+so ``jax.tree.leaves(adapters)`` stays exactly the trainable arrays.
+
+For routing (`lora.stack`) they stack as `StackedCopy` / `StackedTokenDelta` with a leading
+adapter axis; `select` picks one adapter's (the base leaf, or a zero delta, for ``-1``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_lora._paths import describe, flatten, nest, path_str
+
+PyTree = Any
+ROLES = ("module", "bias")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainedCopy:
+    """A trainable copy of one base leaf that replaces it (PEFT's ``modules_to_save`` / ``bias``).
+
+    Example:
+      >>> config = lora.LoraConfig(targets=".*/query/kernel", modules_to_save=["params/head"])
+      >>> adapters = lora.init(jax.random.key(0), params, config)
+      >>> adapters["params"]["head"]["kernel"].value.shape  # a copy of the head's kernel
+      (384, 2)
+
+    Attributes:
+      value: the trained leaf, the shape of the base leaf (its only pytree leaf).
+      role: ``"module"`` (a leaf of a module in ``modules_to_save``) or ``"bias"`` (a bias
+        trained by ``LoraConfig.bias``); static.
+    """
+
+    value: Any
+    role: str = dataclasses.field(default="module", metadata=dict(static=True))
+
+    def replace(self, **changes: Any) -> TrainedCopy:
+        """A copy with the given fields changed (`dataclasses.replace`)."""
+        return dataclasses.replace(self, **changes)
+
+    def meta(self) -> dict[str, Any]:
+        """The static fields as a JSON-ready dict."""
+        return dict(type="copy", role=self.role)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TokenDelta:
+    """A trainable additive delta for some rows of an Embed table (PEFT's trainable tokens).
+
+    The table in use is ``W0.at[indices].add(delta)``: a lookup of a token in ``indices`` gets
+    its row plus its delta, every other row is ``W0``'s; a tied ``attend`` sees the same table.
+
+    Example:
+      >>> config = lora.LoraConfig(targets=".*/query/kernel", trainable_token_indices=[5, 7])
+      >>> adapters = lora.init(jax.random.key(0), params, config)
+      >>> adapters["params"]["embed"]["embedding"].delta.shape  # (2, features), zeros at init
+      (2, 384)
+
+    Attributes:
+      delta: shape ``(len(indices), *table.shape[1:])``, the only pytree leaf.
+      indices: the table rows (token ids) it adds to, distinct; static.
+      num_rows: the number of rows of the table it was made for; static.
+    """
+
+    delta: Any
+    indices: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    num_rows: int = dataclasses.field(metadata=dict(static=True))
+
+    def replace(self, **changes: Any) -> TokenDelta:
+        """A copy with the given fields changed (`dataclasses.replace`)."""
+        return dataclasses.replace(self, **changes)
+
+    def meta(self) -> dict[str, Any]:
+        """The static fields as a JSON-ready dict."""
+        return dict(type="tokens", indices=list(self.indices), num_rows=self.num_rows)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StackedCopy:
+    """``N`` `TrainedCopy` of one leaf stacked for routing (`lora.stack`): ``values``
+    ``(N, *shape)``."""
+
+    values: Any
+    role: str = dataclasses.field(default="module", metadata=dict(static=True))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StackedTokenDelta:
+    """``N`` `TokenDelta` of one table stacked for routing: ``delta (N, k, *row)`` on the union
+    ``indices`` of the stacked adapters' rows (zeros where an adapter has no delta)."""
+
+    delta: Any
+    indices: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    num_rows: int = dataclasses.field(metadata=dict(static=True))
+
+
+EXTRA_TYPES = (TrainedCopy, TokenDelta)
+STACKED_TYPES = (StackedCopy, StackedTokenDelta)
+
+
+def is_extra(x: Any) -> bool:
+    """Whether ``x`` is one of the non-factor adapter nodes (plain or stacked)."""
+    return isinstance(x, EXTRA_TYPES + STACKED_TYPES)
+
+
+def split(adapters: PyTree, is_entry: Any) -> tuple[PyTree, dict[str, Any]]:
+    """``(the tree without the extra nodes, {path: extra node})``; ``is_entry`` says what the
+    other entries are (`LoraWeights`, `StackedLoraWeights`). The first is ``None`` when only
+    extra nodes were there."""
+    if adapters is None:
+        return None, {}
+    table = flatten(adapters, is_leaf=lambda x: is_extra(x) or is_entry(x))
+    extras = {p: v for p, v in table.items() if is_extra(v)}
+    if not extras:
+        return adapters, {}
+    rest = [(p, v) for p, v in table.items() if not is_extra(v) and v is not None]
+    return (nest(rest) if rest else None), extras
+
+
+def substitute(params: PyTree, extras: dict[str, Any], where: str = "lora.wrap") -> PyTree:
+    """``params`` with each extra node applied to the leaf at its path: a `TrainedCopy` replaces
+    the leaf (cast to its dtype), a `TokenDelta` scatter-adds its rows (computed in float32 or
+    the table's dtype, if wider, and cast once).
+
+    Raises:
+      ValueError: a path is not a leaf of ``params``, or a shape does not fit (naming it).
+    """
+    if not extras:
+        return params
+    from flax_lora._quant import dequantize_kernel, is_quantized
+
+    seen: set[str] = set()
+
+    def apply(keypath: Any, leaf: Any) -> Any:
+        path = path_str(keypath)
+        node = extras.get(path)
+        if node is None:
+            return leaf
+        seen.add(path)
+        if is_quantized(leaf):
+            leaf = dequantize_kernel(leaf)
+        return apply_one(path, leaf, node, where)
+
+    out = jax.tree_util.tree_map_with_path(apply, params, is_leaf=is_quantized)
+    missing = [p for p in extras if p not in seen]
+    if missing:
+        raise ValueError(
+            f"{where}: adapters hold trained copies or token deltas for {describe(missing)}, "
+            "which are not leaves of params. Were these adapters made for another model?"
+        )
+    return out
+
+
+def apply_one(path: str, leaf: Any, node: Any, where: str, sign: float = 1.0) -> Any:
+    """One leaf with its extra node applied (``sign=-1``: a token delta taken out again)."""
+    shape = tuple(np.shape(leaf))
+    if isinstance(node, TrainedCopy):
+        if tuple(np.shape(node.value)) != shape:
+            raise ValueError(
+                f"{where}: the trained copy for {path!r} has shape "
+                f"{tuple(np.shape(node.value))}, but the leaf at that path has shape {shape}."
+            )
+        return jnp.asarray(node.value).astype(leaf.dtype)
+    if isinstance(node, TokenDelta):
+        check_token_delta(path, node, shape, where)
+        compute = jnp.promote_types(leaf.dtype, jnp.float32)
+        idx = jnp.asarray(node.indices, jnp.int32)
+        d = jnp.asarray(node.delta).astype(compute) * sign
+        return jnp.asarray(leaf).astype(compute).at[idx].add(d).astype(leaf.dtype)
+    raise TypeError(
+        f"{where}: the adapter entry at {path!r} is a {type(node).__name__}; a stacked adapter "
+        "tree (lora.stack) needs lora_ids."
+    )
+
+
+def check_token_delta(path: str, node: TokenDelta, shape: tuple[int, ...], where: str) -> None:
+    """Raises ``ValueError`` naming ``path`` unless ``node`` fits a table of ``shape``."""
+    expected = (len(node.indices), *shape[1:])
+    if len(shape) < 2 or shape[0] != node.num_rows or tuple(np.shape(node.delta)) != expected:
+        raise ValueError(
+            f"{where}: the token delta for {path!r} (rows {list(node.indices)} of a table with "
+            f"{node.num_rows} rows) has shape {tuple(np.shape(node.delta))}; the table at that "
+            f"path has shape {shape}, so a delta of shape {expected} and {node.num_rows} rows "
+            "were expected."
+        )
+
+
+def unmerge_extras(params: PyTree, extras: dict[str, Any]) -> PyTree:
+    """`lora.unmerge` of the extra nodes: token deltas are subtracted; a trained copy raises."""
+    if not extras:
+        return params
+    from flax_lora._quant import is_quantized
+
+    copies = [p for p, v in extras.items() if isinstance(v, TrainedCopy)]
+    if copies:
+        raise ValueError(
+            f"lora.unmerge: the adapters hold trained copies (modules_to_save or trained biases) "
+            f"of {describe(copies)}; merge replaced those leaves, so their base values are lost. "
+            "Keep the base params instead (merge is pure and does not change them)."
+        )
+    seen: set[str] = set()
+
+    def apply(keypath: Any, leaf: Any) -> Any:
+        path = path_str(keypath)
+        if path not in extras:
+            return leaf
+        seen.add(path)
+        if is_quantized(leaf):
+            from flax_lora._quant import dequantize_kernel
+
+            leaf = dequantize_kernel(leaf)
+        return apply_one(path, leaf, extras[path], "lora.unmerge", sign=-1.0)
+
+    out = jax.tree_util.tree_map_with_path(apply, params, is_leaf=is_quantized)
+    missing = [p for p in extras if p not in seen]
+    if missing:
+        raise ValueError(f"lora.unmerge: no leaf of params at {describe(missing)}.")
+    return out
+
+
+# -- stacking for routing ---------------------------------------------------------------------
+def stack_extras(tables: list[dict[str, Any]], fn: str) -> dict[str, Any]:
+    """One stacked node per path from the extra nodes of ``N`` adapter sets (same paths).
+
+    Raises:
+      ValueError: the sets hold extra nodes at different paths, or of different kinds, shapes
+        or tables (naming the path).
+    """
+    first = tables[0]
+    for i, t in enumerate(tables[1:], start=1):
+        if set(t) != set(first):
+            raise ValueError(
+                f"lora.{fn}: all adapter sets must hold trained copies / token deltas at the "
+                f"same paths; set {i} lacks {describe([p for p in first if p not in t])} and has "
+                f"extra {describe([p for p in t if p not in first])} compared with set 0."
+            )
+    out: dict[str, Any] = {}
+    for path, n0 in first.items():
+        nodes = [t[path] for t in tables]
+        if any(type(n) is not type(n0) for n in nodes):
+            raise ValueError(
+                f"lora.{fn}: the adapter sets hold different kinds of entries at {path!r}: "
+                f"{[type(n).__name__ for n in nodes]}."
+            )
+        if isinstance(n0, TrainedCopy):
+            shapes = {tuple(np.shape(n.value)) for n in nodes}
+            if len(shapes) > 1:
+                raise ValueError(f"lora.{fn}: the trained copies of {path!r} differ in shape.")
+            dtype = jnp.result_type(*[n.value.dtype for n in nodes])
+            out[path] = StackedCopy(
+                values=jnp.stack([jnp.asarray(n.value, dtype) for n in nodes]), role=n0.role
+            )
+        elif isinstance(n0, TokenDelta):
+            if len({n.num_rows for n in nodes}) > 1:
+                raise ValueError(f"lora.{fn}: the token deltas of {path!r} are for other tables.")
+            union = tuple(sorted({i for n in nodes for i in n.indices}))
+            pos = {t: k for k, t in enumerate(union)}
+            dtype = jnp.result_type(*[n.delta.dtype for n in nodes])
+            rows = (len(union), *np.shape(n0.delta)[1:])
+            deltas = [
+                jnp.zeros(rows, dtype)
+                .at[jnp.asarray([pos[t] for t in n.indices], jnp.int32)]
+                .set(jnp.asarray(n.delta, dtype))
+                for n in nodes
+            ]
+            out[path] = StackedTokenDelta(
+                delta=jnp.stack(deltas), indices=union, num_rows=n0.num_rows
+            )
+        else:
+            raise TypeError(f"lora.{fn}: {path!r} holds an already stacked entry.")
+    return out
+
+
+def select_extras(stacked: dict[str, Any], index: Any, params: PyTree) -> dict[str, Any]:
+    """Adapter ``index``'s extra nodes (possibly traced); for ``-1`` (or out of range) the base
+    leaf (from ``params``) and a zero delta."""
+    leaves = flatten(params) if params is not None else {}
+    index = jnp.asarray(index, jnp.int32)
+    out: dict[str, Any] = {}
+    for path, node in stacked.items():
+        n = node.values.shape[0] if isinstance(node, StackedCopy) else node.delta.shape[0]
+        valid = (index >= 0) & (index < n)
+        safe = jnp.clip(index, 0, n - 1)
+        if isinstance(node, StackedCopy):
+            if path not in leaves:
+                raise ValueError(
+                    f"select: the stacked trained copies of {path!r} need the base leaf (for "
+                    "id -1) from params; it is not there."
+                )
+            base = jnp.asarray(leaves[path]).astype(node.values.dtype)
+            out[path] = TrainedCopy(value=jnp.where(valid, node.values[safe], base), role=node.role)
+        else:
+            d = jnp.where(valid, node.delta[safe], jnp.zeros_like(node.delta[0]))
+            out[path] = TokenDelta(delta=d, indices=node.indices, num_rows=node.num_rows)
+    return out
+
+
+def unstack_extras(stacked: dict[str, Any], i: int) -> dict[str, Any]:
+    """Adapter ``i``'s extra nodes of a stacked tree (token deltas on the union rows)."""
+    out: dict[str, Any] = {}
+    for path, node in stacked.items():
+        if isinstance(node, StackedCopy):
+            out[path] = TrainedCopy(value=node.values[i], role=node.role)
+        else:
+            out[path] = TokenDelta(
+                delta=node.delta[i], indices=node.indices, num_rows=node.num_rows
+            )
+    return out
+
+
+def combine_extras(tables: list[dict[str, Any]], weights: jax.Array) -> dict[str, Any]:
+    """`lora.combine` of the extra nodes: the weighted sums ``Σᵢ wᵢ vᵢ`` of the trained copies
+    (so weights summing to 1 average the heads) and of the token deltas (on the union of rows).
+
+    Raises:
+      ValueError: the sets hold extra nodes at different paths or of different kinds or shapes.
+    """
+    stacked = stack_extras(tables, "combine")
+    out: dict[str, Any] = {}
+    for path, node in stacked.items():
+        if isinstance(node, StackedCopy):
+            v = jnp.tensordot(weights, node.values.astype(jnp.float32), axes=1)
+            out[path] = TrainedCopy(value=v.astype(node.values.dtype), role=node.role)
+        else:
+            d = jnp.tensordot(weights, node.delta.astype(jnp.float32), axes=1)
+            out[path] = TokenDelta(
+                delta=d.astype(node.delta.dtype), indices=node.indices, num_rows=node.num_rows
+            )
+    return out
+
+
+def from_meta(meta: dict[str, Any], arrays: dict[str, Any], path: str) -> Any:
+    """The extra node of ``path`` from checkpoint metadata and its arrays (`lora.load`)."""
+    if meta["type"] == "copy":
+        return TrainedCopy(value=jnp.asarray(arrays[f"{path}/value"]), role=meta["role"])
+    return TokenDelta(
+        delta=jnp.asarray(arrays[f"{path}/delta"]),
+        indices=tuple(int(i) for i in meta["indices"]),
+        num_rows=int(meta["num_rows"]),
+    )
+
+
+def arrays_of(node: Any) -> dict[str, Any]:
+    """The arrays of an extra node by field name (for checkpoints)."""
+    return {"value": node.value} if isinstance(node, TrainedCopy) else {"delta": node.delta}
