@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from support import INTEROP
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch", reason=INTEROP)
+peft = pytest.importorskip("peft", reason=INTEROP)
+transformers = pytest.importorskip("transformers", reason=INTEROP)
 
 import jax  # noqa: E402
 
