@@ -23,7 +23,7 @@ pytest.importorskip("peft", reason=INTEROP)
 pytest.importorskip("transformers", reason=INTEROP)
 import peft
 import torch
-from support.peft_models import perturb_peft_dora
+from support.peft_models import perturb_peft_dora, t2n
 from transformers.pytorch_utils import Conv1D
 
 import flax_lora as lora
@@ -33,10 +33,6 @@ torch.set_num_threads(1)
 
 
 # -- PEFT, both ways -------------------------------------------------------------------------
-def _t2n(x: Any) -> np.ndarray:
-    return x.detach().cpu().numpy()
-
-
 class TorchNet(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -65,10 +61,10 @@ class FlaxNet(nn.Module):
 
 def _net_params(tm: TorchNet) -> dict[str, Any]:
     p = {
-        "emb": {"embedding": _t2n(tm.emb.weight)},
-        "conv": {"kernel": _t2n(tm.conv.weight).transpose(2, 3, 1, 0), "bias": _t2n(tm.conv.bias)},
-        "g": {"kernel": _t2n(tm.g.weight), "bias": _t2n(tm.g.bias)},
-        "lin": {"kernel": _t2n(tm.lin.weight).T, "bias": _t2n(tm.lin.bias)},
+        "emb": {"embedding": t2n(tm.emb.weight)},
+        "conv": {"kernel": t2n(tm.conv.weight).transpose(2, 3, 1, 0), "bias": t2n(tm.conv.bias)},
+        "g": {"kernel": t2n(tm.g.weight), "bias": t2n(tm.g.bias)},
+        "lin": {"kernel": t2n(tm.lin.weight).T, "bias": t2n(tm.lin.bias)},
     }
     return {"params": jax.tree.map(jnp.asarray, p)}
 
@@ -86,7 +82,7 @@ def _peft_model(tm: TorchNet, **kw: Any) -> Any:
 
 def _torch_out(model: Any) -> np.ndarray:
     with torch.no_grad():
-        return _t2n(model(torch.as_tensor(IDS)))
+        return t2n(model(torch.as_tensor(IDS)))
 
 
 def test_twins_agree_and_init_magnitudes_match_peft() -> None:
@@ -106,7 +102,7 @@ def test_twins_agree_and_init_magnitudes_match_peft() -> None:
         leaf = "embedding" if name == "emb" else "kernel"
         m = ours["params"][name][leaf].m
         theirs = pm.base_model.model.get_submodule(name).lora_magnitude_vector["default"].weight
-        np.testing.assert_allclose(np.asarray(m).reshape(-1), _t2n(theirs).reshape(-1), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(m).reshape(-1), t2n(theirs).reshape(-1), rtol=1e-5)
 
 
 def _perturbed_peft_model(tm: Any, seed: int) -> Any:
@@ -140,7 +136,7 @@ def test_gradients_match_peft_autograd(tmp_path: Path) -> None:
     out = pm(torch.as_tensor(IDS))
     c = _rng(80).normal(size=tuple(out.shape)).astype(np.float32)
     (out * torch.as_tensor(c)).sum().backward()
-    theirs = {n: _t2n(p.grad) for n, p in pm.named_parameters() if p.grad is not None}
+    theirs = {n: t2n(p.grad) for n, p in pm.named_parameters() if p.grad is not None}
 
     adapters = lora.load_peft(tmp_path, params)
     fn = lora.wrap(FlaxNet().apply)
