@@ -74,8 +74,14 @@ def wrap(apply_fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]
     Returns:
       ``fn(params, adapters, *args, lora_rng=None, lora_ids=None, **kwargs)``.
 
-      ``params`` may hold `QuantizedKernel` nodes (`lora.quantize`, QLoRA): they are
-      dequantized inside the traced computation, so only the codes live between steps.
+      ``params`` may hold `QuantizedKernel` nodes (`lora.quantize`, QLoRA): only the codes
+      live between steps. In modes ``"auto"`` and ``"factored"`` each is dequantized at its
+      use, not before the model runs: a base product dequantizes the kernel and its backward
+      pass dequantizes it again (its residuals are the codes, not the float kernel); a kernel
+      stacked by a scan and quantized per layer (``lora.quantize(..., probe=...)``) is sliced
+      by the scan and dequantized in the body, one layer's float kernels at a time (with
+      remat on the body, again in that layer's backward step). Mode ``"merged"``, ``lora_ids``
+      and ``adapters=None`` dequantize the whole tree first.
 
       ``lora_rng``, a PRNG key, turns on dropout on the LoRA branch inputs at each adapter's
       ``dropout`` rate (PEFT's ``lora_dropout``; inverted dropout, none for Embed lookups, as
@@ -112,9 +118,10 @@ def wrap(apply_fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]
 
     def run(params: PyTree, adapters: PyTree, args: Any, kwargs: Any, rng: Any) -> Any:
         if adapters is None:
-            return apply_fn(params, *args, **kwargs)
+            return apply_fn(dequantize(params), *args, **kwargs)
         if mode == "merged":
-            return apply_fn(merge(params, adapters), *args, **kwargs)
+            return apply_fn(merge(dequantize(params), adapters), *args, **kwargs)
+        # quantized kernels are dequantized at their uses (`flax_lora._quant_view`)
         return call_factored(tracer, mode, params, adapters, args, kwargs, rng)
 
     @functools.wraps(apply_fn)
@@ -126,7 +133,6 @@ def wrap(apply_fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]
         lora_ids: Any = None,
         **kwargs: Any,
     ) -> Any:
-        params = dequantize(params)
         if mode == "merged" and lora_rng is not None:
             warnings.warn(
                 "lora.wrap(mode='merged') applies no LoRA dropout, so lora_rng is ignored; use "
@@ -135,6 +141,7 @@ def wrap(apply_fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]
             )
         if lora_ids is None:
             return run(params, adapters, args, kwargs, lora_rng)
+        params = dequantize(params)
         if mode != "merged":
             table = stacked_table(adapters)
             ids = check_ids(lora_ids, next(iter(table.values())).num_adapters)

@@ -15,9 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_quant import ref_double, ref_int8, ref_nf4, unpack
+from conftest import adapter_entries
+from flax import nnx
+from jax.extend import core as jex_core
+from test_quant import ref_decode_nf4, ref_double, ref_int8, ref_nf4, unpack
 
 import flax_lora as lora
+from flax_lora._paths import flatten
 
 L = 3
 
@@ -155,3 +159,200 @@ def test_quantize_kernel_layer_axes_and_bad_input() -> None:
             np.testing.assert_allclose(deq[i, j], ref_nf4(w[i, j], 8)["deq"], rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="layer_axes"):
         lora.quantize_kernel(jnp.asarray(w), "int8", layer_axes=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the factored wrap on a quantized stack: against float64 numpy on the dequantized base
+# ---------------------------------------------------------------------------------------------
+class NnxBlock(nnx.Module):
+    def __init__(self, d: int, f: int, rngs: nnx.Rngs) -> None:
+        self.fc1 = nnx.Linear(d, f, rngs=rngs)
+        self.fc2 = nnx.Linear(f, d, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x + self.fc2(jnp.tanh(self.fc1(x)))
+
+
+class NnxStack(nnx.Module):
+    def __init__(self, d: int, f: int, remat: bool, rngs: nnx.Rngs) -> None:
+        @nnx.split_rngs(splits=L)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs: nnx.Rngs) -> NnxBlock:
+            return NnxBlock(d, f, rngs)
+
+        self.layers = make(rngs)
+        self.head = nnx.Linear(d, 4, rngs=rngs)
+        self.remat = remat
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        def body(x: jax.Array, block: NnxBlock) -> jax.Array:
+            return block(x)
+
+        if self.remat:
+            body = nnx.remat(body)
+        step = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        return self.head(step(x, self.layers))
+
+
+def build(kind: str, dims: tuple[int, int]) -> tuple[Any, Any, np.ndarray, dict[str, str]]:
+    """(apply, params, x, {name: path}) of a 3-layer residual tanh MLP stack and a head."""
+    x = np.random.default_rng(0).normal(size=(6, dims[0])).astype(np.float32)
+    if kind.startswith("linen"):
+        m, params, x = linen(dims, remat=kind == "linen_remat")
+        paths = {n: f"params/layers/{n}/kernel" for n in ("fc1", "fc2")}
+        paths |= {"b1": "params/layers/fc1/bias", "b2": "params/layers/fc2/bias"}
+        paths |= {"head": "params/head/kernel", "bh": "params/head/bias"}
+        return m.apply, params, x, paths
+    model = NnxStack(*dims, remat=kind == "nnx_remat", rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    paths = {n: f"layers/{n}/kernel" for n in ("fc1", "fc2")}
+    paths |= {"b1": "layers/fc1/bias", "b2": "layers/fc2/bias"}
+    paths |= {"head": "head/kernel", "bh": "head/bias"}
+    return (lambda s, x: nnx.merge(graphdef, s)(x)), state, x, paths
+
+
+def decode64(q: lora.QuantizedKernel) -> np.ndarray:
+    """A quantized kernel decoded in float64 numpy by the test's own decoders, layer by layer."""
+    if q.layer_axes:
+        one = lambda i: decode64(jax.tree.map(lambda t: t[i], q.layer()))
+        return np.stack([one(i) for i in range(q.shape[0])])
+    if q.format == "int8":
+        return np.asarray(q.codes, np.float64) * np.asarray(q.absmax, np.float64) / 127.0
+    return ref_decode_nf4(q)
+
+
+def numpy_stack(p: dict, ad: dict, x: np.ndarray, c: np.ndarray, s: float) -> tuple:
+    """Output of the stack and the gradients of ``sum(c * y)`` w.r.t. the fc1/fc2 factors,
+    float64, backpropagated by hand through ``x + tanh(x @ W1 + b1) @ W2 + b2`` per layer."""
+    w = {n: p[n] + s * np.einsum("lir,lro->lio", ad[n][0], ad[n][1]) for n in ("fc1", "fc2")}
+    xs, hs = [x.astype(np.float64)], []
+    for i in range(L):
+        h = np.tanh(xs[-1] @ w["fc1"][i] + p["b1"][i])
+        hs.append(h)
+        xs.append(xs[-1] + h @ w["fc2"][i] + p["b2"][i])
+    y = xs[-1] @ p["head"] + p["bh"]
+    g = c @ p["head"].T
+    grads = {n: (np.zeros_like(ad[n][0]), np.zeros_like(ad[n][1])) for n in ("fc1", "fc2")}
+    for i in reversed(range(L)):
+        a2, b2 = ad["fc2"][0][i], ad["fc2"][1][i]
+        grads["fc2"][0][i] = s * hs[i].T @ (g @ b2.T)
+        grads["fc2"][1][i] = s * (hs[i] @ a2).T @ g
+        gpre = (g @ w["fc2"][i].T) * (1 - hs[i] ** 2)
+        a1, b1 = ad["fc1"][0][i], ad["fc1"][1][i]
+        grads["fc1"][0][i] = s * xs[i].T @ (gpre @ b1.T)
+        grads["fc1"][1][i] = s * (xs[i] @ a1).T @ gpre
+        g = g + gpre @ w["fc1"][i].T
+    return y, grads
+
+
+SCALE = 2.0
+QUANT = {"int8": dict(dtype="int8"), "nf4": dict(dtype="nf4", block_size=16)}
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+@pytest.mark.parametrize("kind", ["linen", "linen_remat", "nnx", "nnx_remat"])
+def test_outputs_and_gradients_equal_the_dequantized_base_model(kind: str, fmt: str) -> None:
+    apply, params, x, paths = build(kind, STRADDLING)
+    probe = lambda p: apply(p, x)
+    q = lora.quantize(params, targets=r".*(fc1|fc2|head)/kernel", probe=probe, **QUANT[fmt])
+    config = lora.LoraConfig(rank=2, alpha=2 * SCALE, init="random", targets=r".*(fc1|fc2)/kernel")
+    adapters = lora.init(jax.random.key(3), q, config, probe=probe)
+    qleaves = flatten(q, is_leaf=lambda t: isinstance(t, lora.QuantizedKernel))
+    assert qleaves[paths["fc1"]].layer_axes == 1 and qleaves[paths["head"]].layer_axes == 0
+    p64 = {
+        n: decode64(qleaves[path]) if n in ("fc1", "fc2", "head") else np.asarray(qleaves[path])
+        for n, path in paths.items()
+    }
+    entries = adapter_entries(adapters)
+    ad64 = {
+        n: tuple(np.asarray(getattr(entries[paths[n]], f), np.float64) for f in "ab")
+        for n in ("fc1", "fc2")
+    }
+    c = np.random.default_rng(5).normal(size=(x.shape[0], 4))
+    y_ref, g_ref = numpy_stack(p64, ad64, x, c, SCALE)
+
+    fn = lora.wrap(apply, mode="factored")
+    loss = lambda ad: jnp.sum(jnp.asarray(c, jnp.float32) * fn(q, ad, x))
+    y = jax.jit(fn)(q, adapters, x)
+    np.testing.assert_allclose(np.asarray(y, np.float64), y_ref, rtol=2e-5, atol=2e-5)
+    grads = adapter_entries(jax.jit(jax.grad(loss))(adapters))
+    for n in ("fc1", "fc2"):
+        for got, ref in zip((grads[paths[n]].a, grads[paths[n]].b), g_ref[n], strict=True):
+            scale = np.abs(ref).max()
+            np.testing.assert_allclose(np.asarray(got, np.float64), ref, atol=3e-5 * scale)
+
+
+def _dequantizations(jaxpr: Any, inside: bool, found: list[tuple[bool, str]]) -> None:
+    """Appends (inside a scan body?, what) for each dequantization of a stored kernel: a
+    conversion of int8 codes to float, or an unpacking of nf4 codes (``shift_right_logical``)."""
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "convert_element_type" and eqn.invars[0].aval.dtype == jnp.int8:
+            found.append((inside, f"convert {eqn.invars[0].aval.shape}"))
+        if name == "shift_right_logical" and eqn.invars[0].aval.dtype == jnp.uint8:
+            found.append((inside, f"unpack {eqn.invars[0].aval.shape}"))
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, tuple | list) else (v,):
+                if isinstance(sub, jex_core.ClosedJaxpr):
+                    _dequantizations(sub.jaxpr, inside or name == "scan", found)
+                elif isinstance(sub, jex_core.Jaxpr):
+                    _dequantizations(sub, inside or name == "scan", found)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+@pytest.mark.parametrize("kind", ["linen_remat", "nnx_remat"])
+def test_the_stacked_step_dequantizes_inside_the_scan_body_only(kind: str, fmt: str) -> None:
+    apply, params, x, _ = build(kind, ALIGNED)
+    probe = lambda p: apply(p, x)
+    q = lora.quantize(params, targets=r".*(fc1|fc2)/kernel", probe=probe, **QUANT[fmt])
+    config = lora.LoraConfig(rank=2, init="random", targets=r".*fc1/kernel")  # fc2: no adapter
+    adapters = lora.init(jax.random.key(3), q, config, probe=probe)
+    fn = lora.wrap(apply, mode="auto")
+    grad = jax.grad(lambda ad, q: jnp.sum(fn(q, ad, x) ** 2))
+    closed = jax.make_jaxpr(grad)(adapters, q)
+    found: list[tuple[bool, str]] = []
+    _dequantizations(closed.jaxpr, False, found)
+    assert found and all(inside for inside, _ in found), found
+    # each one layer's codes: (d, f) or (f, d) int8, or one layer's packed nf4 bytes
+    per_layer = ALIGNED[0] * ALIGNED[1]
+    sizes = {int(np.prod(eval(w.split(" ", 1)[1]))) for _, w in found}
+    assert sizes <= {per_layer, per_layer // 2}, found
+
+
+# ---------------------------------------------------------------------------------------------
+# Embed tables: a lookup dequantizes the rows it gathers
+# ---------------------------------------------------------------------------------------------
+class Tied(nn.Module):
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        embed = nn.Embed(32, 16, name="embed")
+        return embed.attend(jnp.tanh(nn.Dense(16, name="fc")(embed(tokens))))
+
+
+@pytest.mark.parametrize("kw", [dict(dtype="int8"), dict(dtype="nf4", block_size=8)])
+@pytest.mark.parametrize("adapted", [False, True])
+def test_embed_lookup_dequantizes_the_gathered_rows(kw: dict, adapted: bool) -> None:
+    m = Tied()
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 32, (3, 5)))
+    params = m.init(jax.random.key(0), tokens)
+    q = lora.quantize(params, targets=r".*/(embedding|kernel)", **kw)
+    targets = r".*/(embedding|kernel)" if adapted else r".*/kernel"
+    cfg = lora.LoraConfig(rank=2, alpha=2.0, init="random", targets=targets)  # scale 1
+    adapters = lora.init(jax.random.key(1), q, cfg, probe=lambda p: m.apply(p, tokens))
+    entries = adapter_entries(adapters)
+    leaves = flatten(q, is_leaf=lambda t: isinstance(t, lora.QuantizedKernel))
+    table = decode64(leaves["params/embed/embedding"])
+    w = decode64(leaves["params/fc/kernel"]) + np.asarray(
+        entries["params/fc/kernel"].a, np.float64
+    ) @ np.asarray(entries["params/fc/kernel"].b, np.float64)
+    if adapted:
+        e = entries["params/embed/embedding"]
+        table = table + np.asarray(e.a, np.float64) @ np.asarray(e.b, np.float64)
+    h = np.tanh(table[np.asarray(tokens)] @ w + np.asarray(params["params"]["fc"]["bias"]))
+    ref = h @ table.T
+    fn = jax.jit(lora.wrap(m.apply, mode="factored"))
+    np.testing.assert_allclose(np.asarray(fn(q, adapters, tokens), np.float64), ref, atol=2e-5)
+    # the lookup gathers from the codes: no dequantization of the whole table before it
+    closed = jax.make_jaxpr(lambda q: lora.wrap(m.apply)(q, adapters, tokens))(q)
+    gathers = [e for e in closed.jaxpr.eqns if e.primitive.name == "gather"]
+    assert any(e.invars[0].aval.dtype in (jnp.int8, jnp.uint8) for e in gathers)
