@@ -183,6 +183,8 @@ class Interpreter:
             result = scan_rule(self, eqn, invals)
         elif any(is_stacked(v) for v in views) and name not in _INLINE | _REMAT:
             result = "the stacked kernel is used whole, not sliced by a scan over its layers"
+        elif self.mode == "merged" and name not in _INLINE | _REMAT:
+            result = "mode 'merged'"  # a quantized base: each use merges (`lora.wrap`)
         elif name == "dot_general":
             result = self._dense(eqn, invals)
         elif name == "gather" and isinstance(first, KernelView) and first.meta.why is None:

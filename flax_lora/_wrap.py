@@ -13,7 +13,7 @@ import numpy as np
 from flax_lora._factored import Tracer, call_factored
 from flax_lora._merge import merge
 from flax_lora._multi import check_ids, select, stacked_table
-from flax_lora._quant import dequantize
+from flax_lora._quant import dequantize, is_quantized
 from flax_lora._routing import RoutingFallback
 
 PyTree = Any
@@ -80,8 +80,10 @@ def wrap(apply_fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]
       pass dequantizes it again (its residuals are the codes, not the float kernel); a kernel
       stacked by a scan and quantized per layer (``lora.quantize(..., probe=...)``) is sliced
       by the scan and dequantized in the body, one layer's float kernels at a time (with
-      remat on the body, again in that layer's backward step). Mode ``"merged"``, ``lora_ids``
-      and ``adapters=None`` dequantize the whole tree first.
+      remat on the body, again in that layer's backward step). Mode ``"merged"`` on a
+      quantized base forms each adapted kernel at its use from the dequantized base (inside
+      a scan, one layer at a time); ``lora_ids`` and ``adapters=None`` dequantize the whole
+      tree first.
 
       ``lora_rng``, a PRNG key, turns on dropout on the LoRA branch inputs at each adapter's
       ``dropout`` rate (PEFT's ``lora_dropout``; inverted dropout, none for Embed lookups, as
@@ -120,7 +122,9 @@ def wrap(apply_fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]
         if adapters is None:
             return apply_fn(dequantize(params), *args, **kwargs)
         if mode == "merged":
-            return apply_fn(merge(dequantize(params), adapters), *args, **kwargs)
+            if _has_quantized(params):  # merged at each use: per layer inside a scan
+                return call_factored(tracer, mode, params, adapters, args, kwargs, None)
+            return apply_fn(merge(params, adapters), *args, **kwargs)
         # quantized kernels are dequantized at their uses (`flax_lora._quant_view`)
         return call_factored(tracer, mode, params, adapters, args, kwargs, rng)
 
@@ -158,6 +162,10 @@ def wrap(apply_fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]
 
     del wrapped.__wrapped__  # so that inspect.signature / help() show the wrapped signature
     return wrapped
+
+
+def _has_quantized(params: PyTree) -> bool:
+    return any(is_quantized(x) for x in jax.tree.leaves(params, is_leaf=is_quantized))
 
 
 def _routed(

@@ -356,3 +356,31 @@ def test_embed_lookup_dequantizes_the_gathered_rows(kw: dict, adapted: bool) -> 
     closed = jax.make_jaxpr(lambda q: lora.wrap(m.apply)(q, adapters, tokens))(q)
     gathers = [e for e in closed.jaxpr.eqns if e.primitive.name == "gather"]
     assert any(e.invars[0].aval.dtype in (jnp.int8, jnp.uint8) for e in gathers)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+@pytest.mark.parametrize("kind", ["linen_remat", "nnx"])
+def test_merged_mode_merges_each_layer_inside_the_scan(kind: str, fmt: str) -> None:
+    apply, params, x, paths = build(kind, STRADDLING)
+    probe = lambda p: apply(p, x)
+    q = lora.quantize(params, targets=r".*(fc1|fc2|head)/kernel", probe=probe, **QUANT[fmt])
+    config = lora.LoraConfig(rank=2, alpha=2 * SCALE, init="random", targets=r".*(fc1|fc2)/kernel")
+    adapters = lora.init(jax.random.key(3), q, config, probe=probe)
+    qleaves = flatten(q, is_leaf=lambda t: isinstance(t, lora.QuantizedKernel))
+    p64 = {
+        n: decode64(qleaves[path]) if n in ("fc1", "fc2", "head") else np.asarray(qleaves[path])
+        for n, path in paths.items()
+    }
+    entries = adapter_entries(adapters)
+    ad64 = {
+        n: tuple(np.asarray(getattr(entries[paths[n]], f), np.float64) for f in "ab")
+        for n in ("fc1", "fc2")
+    }
+    y_ref, _ = numpy_stack(p64, ad64, x, np.zeros((x.shape[0], 4)), SCALE)
+    fn = lora.wrap(apply, mode="merged")
+    y = jax.jit(fn)(q, adapters, x)
+    np.testing.assert_allclose(np.asarray(y, np.float64), y_ref, rtol=2e-5, atol=2e-5)
+    found: list[tuple[bool, str]] = []
+    _dequantizations(jax.make_jaxpr(lambda q: fn(q, adapters, x))(q).jaxpr, False, found)
+    stacked = [w for inside, w in found if not inside]
+    assert all(f"({L}," not in w for w in stacked), found  # only the head's, outside the scan
