@@ -529,6 +529,12 @@ def requantize(params: PyTree, like: PyTree) -> PyTree:
       ValueError: a quantized path of ``like`` is not in ``params`` or has another shape.
       TypeError: such a leaf is not a floating array.
     """
+    return _requantize(params, like, {})
+
+
+def _requantize(params: PyTree, like: PyTree, done: dict[str, Any]) -> PyTree:
+    """`requantize`; ``done``: path -> the relative error (or ``None`` under a trace) of the
+    kernels of ``params`` already quantized again by the caller (`lora.merge`, per layer)."""
     table = {p: q for p, q in flatten(like, is_leaf=is_quantized).items() if is_quantized(q)}
     if not table:
         raise ValueError("lora.requantize: `like` holds no QuantizedKernel.")
@@ -539,7 +545,7 @@ def requantize(params: PyTree, like: PyTree) -> PyTree:
             f"lora.requantize: {describe(missing)} are quantized in `like` but not in params. "
             f"Paths in params: {describe(list(leaves), limit=20)}."
         )
-    errors: dict[str, Any] = {}
+    errors: dict[str, Any] = {p: e for p, e in done.items() if e is not None}
 
     def f(kp: Any, x: Any) -> Any:
         path = path_str(kp)
@@ -572,14 +578,43 @@ def requantize(params: PyTree, like: PyTree) -> PyTree:
         )
     else:
         detail = "a rounding error (not measured under a trace)"
-    warnings.warn(
+    warnings.warn(  # stacklevel: the caller of lora.requantize / lora.merge
         f"lora.requantize: rounding the merged kernels to {'/'.join(fmt)} introduces {detail}; "
         "a LoRA update smaller than the quantization step is mostly lost. Keep the dequantized "
         "merge (lora.merge(lora.dequantize(qparams), adapters)) to avoid it.",
         UserWarning,
-        stacklevel=2,
+        stacklevel=3,
     )
     return out
+
+
+def requantize_layers(q: QuantizedKernel, add: Any) -> tuple[QuantizedKernel, Any]:
+    """``quantize(dequantize(q) + add(i))`` layer by layer for a kernel quantized per layer
+    (``q.layer_axes``), in a `jax.lax.map` over the layers, so one layer's float kernel is
+    alive at a time; and the relative error ``||W - deQ(Q(W))|| / ||W||`` over the stack
+    (``None`` under a trace). ``add(i)``: layer ``i``'s float32 update."""
+    n = q.layer_axes
+    inner = dataclasses.replace(q, shape=q.shape[n:], layer_axes=0)
+    leaves, treedef = jax.tree.flatten(inner)
+    flat = [x.reshape(-1, *x.shape[n:]) for x in leaves]
+    fmt = (q.format, q.block_size, q.double_quant, jnp.dtype(q.dtype))
+
+    def one(args: tuple[Any, Any]) -> tuple[QuantizedKernel, Any, Any]:
+        i, ls = args
+        w = dequantize_kernel(jax.tree.unflatten(treedef, ls)).astype(jnp.float32) + add(i)
+        out = _quantize(w.astype(q.dtype).astype(jnp.float32), *fmt)
+        back = dequantize_kernel(out).astype(jnp.float32)
+        return out, jnp.sum((w - back) ** 2), jnp.sum(w**2)
+
+    size = flat[0].shape[0]
+    out, err2, norm2 = jax.lax.map(one, (jnp.arange(size), flat))
+    lead = tuple(q.shape[:n])
+    out = jax.tree.map(lambda x: x.reshape(*lead, *x.shape[1:]), out)
+    out = dataclasses.replace(out, shape=q.shape, layer_axes=n)
+    err = None
+    if not isinstance(err2, jax.core.Tracer):
+        err = float(jnp.sqrt(jnp.sum(err2)) / jnp.maximum(jnp.sqrt(jnp.sum(norm2)), 1e-30))
+    return out, err
 
 
 # ---------------------------------------------------------------------------------------------

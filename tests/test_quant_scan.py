@@ -384,3 +384,29 @@ def test_merged_mode_merges_each_layer_inside_the_scan(kind: str, fmt: str) -> N
     _dequantizations(jax.make_jaxpr(lambda q: fn(q, adapters, x))(q).jaxpr, False, found)
     stacked = [w for inside, w in found if not inside]
     assert all(f"({L}," not in w for w in stacked), found  # only the head's, outside the scan
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_merge_requantize_works_layer_by_layer(fmt: str) -> None:
+    m, params, x = linen(STRADDLING)
+    probe = lambda p: m.apply(p, x)
+    q = lora.quantize(params, targets=r".*(fc1|fc2)/kernel", probe=probe, **QUANT[fmt])
+    config = lora.LoraConfig(rank=2, init="random", targets=r".*fc1/kernel", layers=(0, 2))
+    adapters = lora.init(jax.random.key(3), q, config, probe=probe)
+    with pytest.warns(UserWarning, match="relative error"):
+        merged = lora.merge(q, adapters, requantize=True)
+    got = stacked_kernels(merged)
+    assert got["fc2"] is stacked_kernels(q)["fc2"]  # no adapter: untouched
+    e = adapter_entries(adapters)["params/layers/fc1/kernel"]
+    w0 = decode64(stacked_kernels(q)["fc1"])
+    a, b = np.asarray(e.a, np.float64), np.asarray(e.b, np.float64)
+    assert got["fc1"].layer_axes == 1
+    for i in range(L):
+        w = w0[i] + (e.scale * a[i] @ b[i] if i in (0, 2) else 0.0)  # layer 1 not picked
+        ref = lora.quantize_kernel(jnp.asarray(w, jnp.float32), **QUANT[fmt])
+        layer = jax.tree.map(lambda t, i=i: t[i], got["fc1"].layer())
+        np.testing.assert_allclose(np.asarray(layer.absmax), np.asarray(ref.absmax), rtol=1e-5)
+        g, r = np.asarray(layer.codes, np.int64), np.asarray(ref.codes, np.int64)
+        if fmt == "nf4":
+            g, r = unpack(g), unpack(r)
+        assert np.mean(g == r) > 0.98 and np.abs(g - r).max() <= 1  # float32 rounding ties
