@@ -7,9 +7,10 @@ the kernel:
 
 - ``dot_general`` (Dense, DenseGeneral, Einsum, ``Embed.attend``): `base_product`, a
   `jax.custom_vjp` that dequantizes the kernel at the product and again in the backward pass,
-  whose residuals are the codes (never the float kernel); optimization barriers tie each
-  dequantization to the product's input (forward) or incoming gradient (backward), so XLA can
-  neither hoist it to the start of the step nor share one float copy between the passes;
+  whose residuals are the codes (never the float kernel); each dequantization is made
+  data-dependent on the product's input (forward) or incoming gradient (backward) by adding
+  ``0 * x[0]`` to its scales and NF4 levels, so XLA can neither hoist it to the start of the
+  step nor share one float copy between the passes;
 - ``gather`` (an Embed lookup of a 2-D table): the rows are gathered from the codes and only
   they are dequantized (nf4: when each row is whole blocks; otherwise the table is
   dequantized at the lookup);
@@ -74,16 +75,39 @@ class QuantBase:
     def ndim(self) -> int:
         return len(self.meta.shape)
 
-    def value(self) -> jax.Array:
+    def value(self, tie: Any = None) -> jax.Array:
         """The float kernel: dequantized, then the recorded ops applied.
 
-        The codes pass an optimization barrier first: XLA would otherwise rewrite
-        ``convert(slice(codes))`` inside a scan into a slice of the whole stack converted
-        before the loop (every layer's float kernel alive at once)."""
-        out = dequantize_kernel(lax.optimization_barrier(self.q))
+        ``tie``: a float32 zero computed from data (an activation, a gradient). It is added
+        to the scales and to the NF4 level table, so that XLA can compute the float kernel
+        only once that data exists: not hoisted to the start of the step, not shared between
+        the forward and backward passes. (XLA:CPU drops optimization barriers before it
+        schedules, so they cannot do this.)"""
+        out = dequantize_kernel(self.q) if tie is None else _dequantize_tied(self.q, tie)
         for prim, params in self.meta.ops:
             out = prim.bind(out, **params)
         return out
+
+
+def _dequantize_tied(q: QuantizedKernel, tie: Any) -> jax.Array:
+    """`dequantize_kernel` with ``tie`` (a traced zero) added to the scales and NF4 levels."""
+    from flax_lora._quant import NF4_LEVELS
+
+    if q.layer_axes:
+        return dequantize_kernel(q)
+    if q.format == "int8":
+        scale = (q.absmax.astype(jnp.float32) + tie) / 127.0
+        return (q.codes.astype(jnp.float32) * scale).astype(q.dtype)
+    absmax = _block_absmax(q) if q.double_quant else q.absmax
+    levels = jnp.asarray(NF4_LEVELS) + tie
+    idx = jnp.stack([q.codes >> 4, q.codes & 0xF], axis=-1).reshape(-1)
+    vals = levels[idx].reshape(-1, q.block_size) * absmax[:, None]
+    return vals.reshape(-1)[: q.size].reshape(q.shape).astype(q.dtype)
+
+
+def _zero_of(x: Any) -> jax.Array:
+    """A float32 zero that XLA cannot compute before ``x`` (``0 * x[0]``; NaN if that is)."""
+    return jnp.float32(0.0) * lax.stop_gradient(jnp.reshape(x, (-1,))[0]).astype(jnp.float32)
 
 
 def quant_base(q: QuantizedKernel) -> QuantBase:
@@ -192,21 +216,22 @@ def base_product(
     def product(xv: Any, w: Any) -> Any:
         return prim.bind(*((xv, w) if x_first else (w, xv)), **params)
 
-    def kernel(ls: Any) -> Any:
-        return jax.tree.unflatten(treedef, ls).value()
+    def kernel(ls: Any, tie: Any) -> Any:
+        return jax.tree.unflatten(treedef, ls).value(tie)
 
     @jax.custom_vjp
     def f(xv: Any, ls: list[Any]) -> Any:
-        return product(xv, kernel(ls))
+        return product(xv, kernel(ls, _zero_of(xv)))
 
-    def fwd(xv: Any, ls: list[Any]) -> tuple[Any, Any]:
-        xv, ls = lax.optimization_barrier((xv, ls))  # dequantize here, not earlier
-        return product(xv, kernel(ls)), (ls, jax.ShapeDtypeStruct(xv.shape, xv.dtype))
+    def fwd(xv: Any, ls: list[Any]) -> tuple[Any, Any]:  # dequantized here, not earlier
+        xv, ls = lax.optimization_barrier((xv, ls))
+        out = product(xv, kernel(ls, _zero_of(xv)))
+        return out, (ls, jax.ShapeDtypeStruct(xv.shape, xv.dtype))
 
     def bwd(res: Any, g: Any) -> tuple[Any, Any]:
         ls, x_aval = res
-        g, ls = lax.optimization_barrier((g, ls))  # dequantize again, once g is there
-        w = kernel(ls)
+        g, ls = lax.optimization_barrier((g, ls))
+        w = kernel(ls, _zero_of(g))  # dequantized again, once g is there
         (g_x,) = jax.linear_transpose(lambda xv: product(xv, w), x_aval)(g)
         return g_x, [_zero_cotangent(leaf) for leaf in ls]
 

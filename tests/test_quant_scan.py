@@ -410,3 +410,50 @@ def test_merge_requantize_works_layer_by_layer(fmt: str) -> None:
         if fmt == "nf4":
             g, r = unpack(g), unpack(r)
         assert np.mean(g == r) > 0.98 and np.abs(g - r).max() <= 1  # float32 rounding ties
+
+
+# ---------------------------------------------------------------------------------------------
+# unstacked kernels: the base product dequantizes at its use and again in its backward pass
+# ---------------------------------------------------------------------------------------------
+class Mlp(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jnp.tanh(nn.Dense(24, name="fc1")(x))
+        return nn.Dense(16, name="fc2")(h)
+
+
+@pytest.mark.parametrize("kw", [dict(dtype="int8"), dict(dtype="nf4", block_size=16)])
+def test_unstacked_gradients_through_quantized_products(kw: dict) -> None:
+    m = Mlp()
+    x = np.random.default_rng(0).normal(size=(5, 16)).astype(np.float32)
+    params = m.init(jax.random.key(0), x)
+    q = lora.quantize(params, **kw)
+    cfg = lora.LoraConfig(rank=2, alpha=2.0, init="random", targets=r".*fc1/kernel")  # scale 1
+    adapters = lora.init(jax.random.key(1), q, cfg)
+    e = adapter_entries(adapters)["params/fc1/kernel"]
+    a, b = np.asarray(e.a, np.float64), np.asarray(e.b, np.float64)
+    leaves = flatten(q, is_leaf=lambda t: isinstance(t, lora.QuantizedKernel))
+    w1, w2 = decode64(leaves["params/fc1/kernel"]), decode64(leaves["params/fc2/kernel"])
+    b1, b2 = (np.asarray(params["params"][n]["bias"], np.float64) for n in ("fc1", "fc2"))
+    c = np.random.default_rng(1).normal(size=(5, 16))
+    # float64 reference, backpropagated by hand: loss = sum(c * y), also w.r.t. the input
+    x64 = x.astype(np.float64)
+    h = np.tanh(x64 @ (w1 + a @ b) + b1)
+    y = h @ w2 + b2
+    gpre = (c @ w2.T) * (1 - h**2)
+    ref = dict(a=x64.T @ (gpre @ b.T), b=(x64 @ a).T @ gpre, x=gpre @ (w1 + a @ b).T)
+    fn = lora.wrap(m.apply, mode="factored")
+    cj = jnp.asarray(c, jnp.float32)
+    np.testing.assert_allclose(np.asarray(jax.jit(fn)(q, adapters, x), np.float64), y, atol=2e-5)
+    ga, gx = jax.jit(jax.grad(lambda ad, x: jnp.sum(cj * fn(q, ad, x)), argnums=(0, 1)))(
+        adapters, x
+    )
+    ge = adapter_entries(ga)["params/fc1/kernel"]
+    for name, got in (("a", ge.a), ("b", ge.b), ("x", gx)):
+        tol = 3e-5 * np.abs(ref[name]).max()
+        np.testing.assert_allclose(np.asarray(got, np.float64), ref[name], atol=tol)
+    # its residuals are codes: no float kernel crosses from the forward to the backward pass
+    _, pullback = jax.vjp(lambda x: fn(q, adapters, x), x)
+    kept = [t for t in jax.tree.leaves(pullback) if hasattr(t, "dtype")]
+    floats = [t.shape for t in kept if jnp.issubdtype(t.dtype, jnp.floating)]
+    assert (24, 16) not in floats and (16, 24) not in floats, floats
