@@ -37,7 +37,9 @@ def merge(params: PyTree, adapters: PyTree, requantize: bool = False) -> PyTree:
     without an adapter is returned untouched (the same `QuantizedKernel`). ``requantize=True``
     stores the merged kernels quantized again in their base's format (`lora.requantize`, which
     warns with the rounding error it introduces: a small LoRA update is mostly lost to the
-    quantization grid).
+    quantization grid); a stacked kernel quantized per layer (``lora.quantize(...,
+    probe=...)``) is then merged and quantized again one layer at a time, so that only one
+    layer's float kernel exists at once.
 
     Example:
       >>> merged = jax.jit(lora.merge)(params, adapters)
