@@ -7,9 +7,17 @@ On the GPT-style decoder of `benchmarks.decoder` (6 blocks, d_model 512, MLP 204
   as float32, int8 (per channel), nf4 (blocks of 64) and nf4 with double quantization, and the
   ratios to float32;
 - a jitted LoRA training step (r=8, alpha=16 on q, k, v, out, fc1, fc2 of every block; grads
-  w.r.t. the adapters, adamw on them) of ``lora.wrap(model.apply)(lora.dequantize(qparams),
-  adapters, tokens)``: the base is kept quantized between steps and expanded inside the jitted
-  step; median ms over interleaved rounds, and XLA's compiled memory (arguments, temporaries);
+  w.r.t. the adapters, adamw on them) of ``lora.wrap(model.apply)(qparams, adapters, tokens)``:
+  the base is kept quantized between steps and each kernel is dequantized at its use inside
+  the jitted step; median ms over interleaved rounds, and XLA's compiled memory (arguments,
+  temporaries);
+- the step's memory, one process per base (float32, int8, nf4 kernels with a float32
+  embedding as in issue 17, and nf4 with the embedding quantized too), on the issue's
+  scan-stacked decoder (8 ``nn.remat`` blocks in one ``nn.scan``, d=1024, MLP 4096, vocab
+  8192, batch 2x128; kernels quantized per layer via ``lora.quantize(..., probe=...)``) and on
+  the unstacked decoder: XLA's compiled memory analysis (arguments, temporaries, their peak),
+  the process's peak RSS over the timed steps (``VmHWM``, reset after compiling and a warm-up
+  step), and the median step time;
 - LoftQ (nf4, r=8, 1 and 5 iterations) against plain init on the quantized base: the
   Frobenius error ``||W0 - (deQ(Q) + s a@b)||`` over the 36 adapted kernels, relative to
   ``||W0||``. The decoder's weights are random (Flax's initialisers), so the quantization
@@ -20,6 +28,8 @@ Timings on a small shared CPU are noisy (other processes share the cores): compa
 of one run, not absolute numbers across runs.
 
 Run:  python benchmarks/quant.py [--rounds 5] [--batch 4] [--seq 64] [--plot quant.png]
+      [--memory stacked,unstacked] [--only-memory] [--d-model 1024] [--steps 5]
+(the memory runs take about 8 minutes on 2 CPU cores; ``--memory ""`` skips them)
 """
 
 from __future__ import annotations
@@ -52,6 +62,17 @@ FORMATS = {  # name -> quantize kwargs (None: the float32 base)
     "int8": dict(dtype="int8"),
     "nf4": dict(dtype="nf4", block_size=64),
     "nf4+dq": dict(dtype="nf4", block_size=64, double_quant=True),
+}
+
+
+#: the memory runs: as in issue 17, the kernels quantized and the embedding table kept float32;
+#: "nf4+embed" quantizes the table too (its lookups dequantize the rows they gather, `attend`
+#: the whole table at the logits)
+MEMORY_FORMATS = {
+    "f32": None,
+    "int8": dict(dtype="int8", targets=r".*/kernel"),
+    "nf4": dict(dtype="nf4", block_size=64, targets=r".*/kernel"),
+    "nf4+embed": dict(dtype="nf4", block_size=64),
 }
 
 
@@ -173,6 +194,8 @@ def child(model_name: str, fmt: str, args: Any) -> None:
     """One base format on one model in this process: compiled memory, peak RSS, step time."""
     import json
 
+    jax.block_until_ready(jnp.zeros(()))  # the runtime up, before any model array exists
+    runtime = _rss_mib("VmRSS")
     if model_name == "stacked":
         model = StackedDecoder(
             d_model=args.d_model,
@@ -186,7 +209,7 @@ def child(model_name: str, fmt: str, args: Any) -> None:
         batch = make_batch(jax.random.key(0), batch=args.batch, seq=args.seq)
     tokens = batch["tokens"]
     probe = lambda p: model.apply(p, tokens)
-    kw = FORMATS[fmt]
+    kw = MEMORY_FORMATS[fmt]
     params = jax.jit(model.init)(jax.random.key(1), tokens)
     config = lora.LoraConfig(rank=8, alpha=16.0, targets=TARGETS)
     adapters = lora.init(jax.random.key(2), params, config, probe=probe)
@@ -223,6 +246,7 @@ def child(model_name: str, fmt: str, args: Any) -> None:
                 peak=arg + temp + out - alias,
                 rss_before=before,
                 rss_peak=peak_rss,
+                rss_runtime=runtime,
                 ms=1e3 * statistics.median(times),
                 loss=float(out_state[-1]),
                 base_bytes=nbytes(base),
@@ -250,7 +274,7 @@ def step_memory(args: Any, models: list[str], formats: list[str]) -> dict:
             results[model_name, fmt] = json.loads(lines[-1][7:])
             r = results[model_name, fmt]
             print(
-                f"  measured {model_name:8s} {fmt:6s}: peak {r['peak'] / 2**20:7.1f} MiB, "
+                f"  measured {model_name:9s} {fmt:9s}: peak {r['peak'] / 2**20:7.1f} MiB, "
                 f"RSS {r['rss_peak']:7.1f} MiB, {r['ms']:8.1f} ms",
                 flush=True,
             )
@@ -272,6 +296,7 @@ _PASS = (
 
 def print_memory(results: dict, models: list[str], formats: list[str], args: Any) -> None:
     mib = lambda b: b / 2**20
+    net = lambda r: r["rss_peak"] - r["rss_runtime"]
     for model_name in models:
         f32 = results[model_name, "f32"]
         if model_name == "stacked":
@@ -286,21 +311,25 @@ def print_memory(results: dict, models: list[str], formats: list[str], args: Any
             )
         print(f"\nLoRA adamw step (r=8 on q, k, v, out, fc1, fc2), {what}:")
         print(
-            f"{'base':8s} {'args MiB':>9s} {'temp MiB':>9s} {'peak MiB':>9s} {'x f32':>6s} "
-            f"{'RSS peak':>9s} {'x f32':>6s} {'RSS idle':>9s} {'ms':>8s} {'x f32':>6s} {'loss':>8s}"
+            f"{'base':9s} {'args MiB':>9s} {'temp MiB':>9s} {'peak MiB':>9s} {'x f32':>6s} "
+            f"{'RSS peak':>9s} {'x f32':>6s} {'RSS-rt':>7s} {'x f32':>6s} {'ms':>8s} {'x f32':>6s} "
+            f"{'loss':>8s}"
         )
         for fmt in formats:
             r = results[model_name, fmt]
             print(
-                f"{fmt:8s} {mib(r['arg']):9.1f} {mib(r['temp']):9.1f} {mib(r['peak']):9.1f} "
+                f"{fmt:9s} {mib(r['arg']):9.1f} {mib(r['temp']):9.1f} {mib(r['peak']):9.1f} "
                 f"{r['peak'] / f32['peak']:6.3f} {r['rss_peak']:9.1f} "
-                f"{r['rss_peak'] / f32['rss_peak']:6.3f} {r['rss_before']:9.1f} {r['ms']:8.1f} "
+                f"{r['rss_peak'] / f32['rss_peak']:6.3f} {net(r):7.1f} {net(r) / net(f32):6.3f} "
+                f"{r['ms']:8.1f} "
                 f"{r['ms'] / f32['ms']:6.3f} {r['loss']:8.4f}"
             )
     print(
         "(peak: XLA's compiled memory analysis, arguments + temporaries + outputs not aliased; "
         "RSS peak: the process's VmHWM over the timed steps, after compiling and one warm-up "
-        "step, including the runtime's own ~0.3-0.5 GiB; RSS idle: VmRSS just before them; ms: "
+        "step, including the runtime's own ~0.3-0.5 GiB; RSS-rt: that peak less the process's "
+        "RSS once the JAX runtime was up, before any model array existed (compiled code "
+        "included); ms: "
         "median step time, one process per base, so compare ratios of one run)"
     )
 
@@ -331,9 +360,9 @@ def main() -> None:
         return
     models = [m for m in args.memory.split(",") if m]
     if models:
-        print("step memory, one process per model and base (f32, int8, nf4):", flush=True)
-        results = step_memory(args, models, ["f32", "int8", "nf4"])
-        print_memory(results, models, ["f32", "int8", "nf4"], args)
+        print(f"step memory, one process per model and base {list(MEMORY_FORMATS)}:", flush=True)
+        results = step_memory(args, models, list(MEMORY_FORMATS))
+        print_memory(results, models, list(MEMORY_FORMATS), args)
     if args.only_memory:
         return
     t0 = time.perf_counter()
@@ -406,9 +435,9 @@ def main() -> None:
         )
     print(
         f"({args.rounds} rounds x {args.reps} calls, interleaved. 'args': what stays resident "
-        "between steps (base + adapters + optimizer state + batch). 'temp': XLA's scratch; on "
-        "CPU it holds every dequantized kernel at once, so the peak of one step is not lower "
-        "than with the f32 base: measure GPU/TPU peaks on the device.)"
+        "between steps (base + adapters + optimizer state + batch). 'temp': XLA's scratch, "
+        "where each kernel is dequantized at its use (in this table the embedding is "
+        "quantized too: `attend` dequantizes the whole table for the logits).)"
     )
     if args.plot:
         plot(args.plot, {k: nbytes(v) for k, v in bases.items()}, med, mem)
