@@ -35,7 +35,7 @@ from flax_lora._factored_view import (
     KernelView,
     ViewMeta,
 )
-from flax_lora._quant_view import as_array, layer_base
+from flax_lora._quant_view import as_array, is_base, layer_base
 from flax_lora._routing import is_routed
 
 # ops that commute with slicing a layer off (they act on values only, with no shape in their
@@ -154,7 +154,7 @@ def scan_rule(interp: Any, eqn: Any, invals: list[Any]) -> list[Any] | str:
         ys = []
         for j, o in enumerate(outs[n_carry:]):
             k = next((k for k, v in enumerate(layer) if o is v), None)
-            if isinstance(o, KernelView) and k is not None:
+            if (isinstance(o, KernelView) or is_base(o)) and k is not None:
                 passthrough[j] = k
                 ys.append(jnp.zeros((), jnp.float32))
             else:
