@@ -41,6 +41,8 @@ from flax_lora._factored_view import (
     materialize,
 )
 from flax_lora._paths import describe, path_str
+from flax_lora._quant import dequantize, is_quantized
+from flax_lora._quant_view import as_array, input_aval, is_base, quant_base, quant_rule
 from flax_lora._routing import (
     ROUTED_OPS,
     RoutingFallback,
@@ -145,7 +147,7 @@ class Interpreter:
                     continue
                 invals = [read(v) for v in eqn.invars]
                 with jx.eqn_context(eqn):
-                    if any(isinstance(x, KernelView) for x in invals):
+                    if any(isinstance(x, KernelView) or is_base(x) for x in invals):
                         outs = self.rule(eqn, invals)
                     else:
                         outs = jx.bind(eqn, invals)
@@ -158,6 +160,8 @@ class Interpreter:
         """Evaluates one equation that has a kernel view among its inputs."""
         name = eqn.primitive.name
         views = [x for x in invals if isinstance(x, KernelView)]
+        if not views:  # quantized kernels without an adapter (QLoRA): `_quant_view`
+            return quant_rule(self, eqn, invals)
         first = invals[0]
         if self.batch is not None and any(is_routed(v) for v in views):
             if name in LAYOUT_OPS and len(invals) == 1:
@@ -175,6 +179,8 @@ class Interpreter:
             result = scan_rule(self, eqn, invals)
         elif any(is_stacked(v) for v in views) and name not in jx.CALLS | jx.REMATS:
             result = "the stacked kernel is used whole, not sliced by a scan over its layers"
+        elif self.mode == "merged" and name not in jx.CALLS | jx.REMATS:
+            result = "mode 'merged'"  # a quantized base: each use merges (`lora.wrap`)
         elif name == "dot_general":
             result = self._dense(eqn, invals)
         elif name == "gather" and isinstance(first, KernelView) and first.meta.why is None:
@@ -192,7 +198,10 @@ class Interpreter:
             return result
         reason = result or next((v.meta.why for v in views if v.meta.why), None)
         reason = reason or "no factored rule for this operation"
-        plain = [self.fallback(x, name, reason) if isinstance(x, KernelView) else x for x in invals]
+        plain = [
+            self.fallback(x, name, reason) if isinstance(x, KernelView) else as_array(x)
+            for x in invals
+        ]
         return jx.bind(eqn, plain)
 
     def _dense(self, eqn: Any, invals: list[Any]) -> list[Any] | str | None:
@@ -308,6 +317,15 @@ class Interpreter:
         """Re-wraps a remat region in `jax.checkpoint` with its policy, evaluating it inside."""
         region = jx.remat(eqn)
         name = eqn.primitive.name
+        # a kernel returned as it came in (NNX's remat returns the module state): passed by
+        # outside the region instead of leaving it as an array
+        where = {v: k for k, v in enumerate(region.body.jaxpr.invars)}
+        passthrough = {
+            j: where[o]
+            for j, o in enumerate(region.body.jaxpr.outvars)
+            if o in where
+            and (isinstance(invals[where[o]], KernelView) or is_base(invals[where[o]]))
+        }
 
         def body(key: Any, *vals: Any) -> list[Any]:
             outer, self.key = self.key, key
@@ -316,14 +334,17 @@ class Interpreter:
             finally:
                 self.key = outer
             return [
-                self.fallback(o, name, "the kernel leaves the remat region")
+                jnp.zeros((), jnp.float32)
+                if j in passthrough
+                else self.fallback(o, name, "the kernel leaves the remat region")
                 if isinstance(o, KernelView)
-                else o
-                for o in outs
+                else as_array(o)
+                for j, o in enumerate(outs)
             ]
 
         checkpointed = jax.checkpoint(body, prevent_cse=region.prevent_cse, policy=region.policy)
-        return list(checkpointed(self.key, *invals))
+        outs = checkpointed(self.key, *invals)
+        return [invals[passthrough[j]] if j in passthrough else o for j, o in enumerate(outs)]
 
 
 def _layout(v: KernelView, eqn: Any) -> KernelView:
@@ -343,8 +364,8 @@ class Tracer:
         self.cache: collections.OrderedDict[Any, tuple[Any, Any]] = collections.OrderedDict()
 
     def __call__(self, leaves: list[Any], treedef: Any) -> tuple[Any, Any]:
-        dynamic = [_is_array(x) for x in leaves]
-        avals = [jax.typeof(x) for x, d in zip(leaves, dynamic, strict=True) if d]
+        dynamic = [_is_array(x) or is_quantized(x) for x in leaves]
+        avals = [input_aval(x) for x, d in zip(leaves, dynamic, strict=True) if d]
         specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in avals]
         statics = tuple((type(x), x) for x, d in zip(leaves, dynamic, strict=True) if not d)
         key = (treedef, tuple((a.shape, a.dtype, a.weak_type) for a in avals), statics)
@@ -407,27 +428,34 @@ def call_factored(
         }
     else:
         table = adapter_table(adapters)
+    if not table or ids is not None:  # QLoRA under routing: dequantized up front
+        params = dequantize(params)
     if not table:
         return tracer.apply_fn(params, *args, **kwargs)
-    flat, treedef = jax.tree_util.tree_flatten_with_path((params, args, kwargs))
+    flat, treedef = jax.tree_util.tree_flatten_with_path((params, args, kwargs), is_quantized)
     leaves = [x for _, x in flat]
-    n_params = len(jax.tree_util.tree_leaves(params))
+    n_params = len(jax.tree_util.tree_leaves(params, is_quantized))
     paths = [path_str(kp[1:]) for kp, _ in flat[:n_params]]
     _check(table, paths, leaves[:n_params])
 
     closed, out_def = tracer(leaves, treedef)
     where = dict(zip(paths, range(n_params), strict=True))
+    # a quantized kernel (QLoRA) enters as a `QuantBase`, dequantized at its uses
+    base = lambda x: quant_base(x) if is_quantized(x) else x
     if ids is None:
-        views = {where[p]: make_view(p, leaves[where[p]], w) for p, w in table.items()}
+        views = {where[p]: make_view(p, base(leaves[where[p]]), w) for p, w in table.items()}
     else:
         views = {
             where[p]: make_routed_view(p, leaves[where[p]], w, ids) for p, w in stacked.items()
         }
-    invals = [views.get(i, x) for i, x in enumerate(leaves) if _is_array(x)]
+    used = [i for i, x in enumerate(leaves) if _is_array(x) or is_quantized(x)]
+    invals = [views.get(i, base(leaves[i])) for i in used]
     interp = Interpreter(mode, lora_rng, None if ids is None else int(ids.shape[0]))
     outs = interp.eval(closed.jaxpr, closed.consts, invals)
     outs = [
-        interp.fallback(o, "output", "the kernel is returned") if isinstance(o, KernelView) else o
+        interp.fallback(o, "output", "the kernel is returned")
+        if isinstance(o, KernelView)
+        else as_array(o)
         for o in outs
     ]
     return jax.tree_util.tree_unflatten(out_def, outs)
@@ -444,7 +472,7 @@ def _check(table: dict[str, Any], paths: list[str], leaves: list[Any]) -> None:
         )
     for path, w in table.items():
         leaf = index[path]
-        if not _is_array(leaf):
+        if not (_is_array(leaf) or is_quantized(leaf)):
             raise TypeError(f"Kernel {path!r} is a {type(leaf).__name__}; expected an array.")
         check_fits(path, w, tuple(leaf.shape))
         if not jnp.issubdtype(leaf.dtype, jnp.floating):

@@ -27,6 +27,7 @@ from jax import lax
 
 from flax_lora import _jaxpr as jx
 from flax_lora._factored_view import I_SIDE, O_SIDE, KernelView, cast_like, dora_scale
+from flax_lora._quant_view import as_array, base_product, quant_gather
 
 Rejected = str  # the reason a use cannot be factored
 
@@ -274,8 +275,7 @@ def finish_dense(
     ``x @ W0 + (g - 1) * (x_drop @ W0) + g * low``. (With ``plan.on_out`` the activation was
     scaled by ``g`` before, see `DensePlan`.)
     """
-    operands = (x, v.base) if plan.x_first else (v.base, x)
-    base_out = jx.bind(eqn, operands)[0]
+    base_out = base_product(eqn, x, v.base, plan.x_first)  # a quantized W0 dequantized here
     low = jnp.reshape(low, (*plan.lead, *plan.tail))
     if not plan.x_first:  # dot_general(W, x): the kernel's free axes come first
         k = len(plan.lead)
@@ -286,8 +286,7 @@ def finish_dense(
     o_pos = list(range(k, k + n)) if plan.x_first else list(range(n))
     drop_out = None
     if x_drop is not None:
-        operands = (x_drop, v.base) if plan.x_first else (v.base, x_drop)
-        drop_out = jx.bind(eqn, operands)[0]
+        drop_out = base_product(eqn, x_drop, v.base, plan.x_first)
     return [_dora_out(base_out, low, v, o_pos, drop_out)]
 
 
@@ -316,7 +315,7 @@ def gather_rule(eqn: Any, v: KernelView, indices: Any) -> list[Any] | Rejected:
         return "the gather does not pick whole rows along the kernel's input axes"
     if any(sizes[d] != v.shape[d] for d in outs):
         return "the gather takes partial slices of the output axes"
-    base_out = jx.bind(eqn, (v.base, indices))[0]
+    base_out = quant_gather(eqn, v.base, indices)  # a quantized table: rows dequantized
     pos = {d: k for k, d in enumerate(ins)}
     n_batch = indices.ndim - 1
     a_dn = dn._replace(
@@ -354,7 +353,8 @@ def conv_rule(
     out_feat, *in_axes = dn.rhs_spec
     if v.axes(O_SIDE) != [out_feat] or sorted(v.axes(I_SIDE)) != sorted(in_axes):
         return "its input and output axes are not the convolution's (in, spatial) and out axes"
-    base_out = jx.bind(eqn, (x, v.base))[0]
+    w0 = as_array(v.base)  # a quantized base is dequantized at the convolution
+    base_out = jx.bind(eqn, (x, w0))[0]
     pos = {d: k for k, d in enumerate(v.axes(I_SIDE))}
     r_axis = v.a.ndim - 1
     a_dn = dn._replace(rhs_spec=(r_axis, *[pos[d] for d in in_axes]))
@@ -363,6 +363,6 @@ def conv_rule(
     x_drop = dropout(x, v)
     low = conv_branch(x_drop, cast_like(v.a, v.dtype), b, conv, dn.out_spec[1])
     if v.g is not None:  # DoRA, with PEFT's dropout form when dropout is on
-        drop_out = None if x_drop is x else jx.bind(eqn, (x_drop, v.base))[0]
+        drop_out = None if x_drop is x else jx.bind(eqn, (x_drop, w0))[0]
         return [_dora_out(base_out, low, v, [dn.out_spec[1]], drop_out)]
     return [base_out + cast_like(low, base_out.dtype)]

@@ -25,6 +25,7 @@ from jax import lax
 
 from flax_lora import _jaxpr as jx
 from flax_lora._adapters import LoraWeights, delta
+from flax_lora._quant_view import as_array, layout
 
 I_SIDE, O_SIDE = "I", "O"
 L_SIDE = "L"  # a layer axis of a kernel stacked by a scan (see `flax_lora._scan`)
@@ -121,7 +122,7 @@ def make_view(path: str, kernel: Any, w: LoraWeights) -> KernelView:
     if w.m is not None:  # DoRA: the factor per output unit, from W0's norms and low-rank terms
         from flax_lora._dora import dora_factor
 
-        g = dora_factor(kernel, w)
+        g = dora_factor(as_array(kernel), w)
         if order != list(range(len(order))):
             g = jnp.transpose(g, order)
     static = w.replace(a=None, b=None, m=None)
@@ -133,7 +134,7 @@ def make_view(path: str, kernel: Any, w: LoraWeights) -> KernelView:
 def materialize(v: KernelView) -> jax.Array:
     """``W0 + scale * a @ b`` in the kernel's dtype (as `lora.merge`), then the view's ops."""
     w = v.meta.weights.replace(a=v.root_a, b=v.root_b, m=v.root_m)
-    root = v.root
+    root = as_array(v.root)  # a quantized base (`_quant_view`) is dequantized here
     compute = jnp.promote_types(root.dtype, jnp.float32)
     if w.m is not None:  # DoRA, as `lora.merge`
         from flax_lora._dora import dora_kernel
@@ -149,7 +150,7 @@ def materialize(v: KernelView) -> jax.Array:
 def apply_layout(v: KernelView, prim: Any, params: dict[str, Any], out_aval: Any) -> KernelView:
     """Applies one layout op (``prim.name in LAYOUT_OPS``) to the view."""
     name = prim.name
-    base = prim.bind(v.base, **params)
+    base = layout(v.base, prim, params, out_aval)  # recorded, for a quantized base
     meta = v.meta
     ops = (*meta.ops, (prim, params))
     new = lambda a, b, side, why=meta.why, g=v.g: KernelView(

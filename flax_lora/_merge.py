@@ -6,12 +6,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from flax_lora._adapters import adapter_table, check_fits, delta
+from flax_lora._adapters import adapter_table, check_fits, delta, layer_mask
 from flax_lora._dora import dora_kernel
 from flax_lora._paths import describe, path_str
-from flax_lora._quant import dequantize_kernel, is_quantized
-from flax_lora._quant import requantize as requantize_like
+from flax_lora._quant import _requantize, dequantize_kernel, is_quantized, requantize_layers
 
 PyTree = Any
 _DORA_UNMERGE = (
@@ -39,7 +39,9 @@ def merge(params: PyTree, adapters: PyTree, requantize: bool = False) -> PyTree:
     without an adapter is returned untouched (the same `QuantizedKernel`). ``requantize=True``
     stores the merged kernels quantized again in their base's format (`lora.requantize`, which
     warns with the rounding error it introduces: a small LoRA update is mostly lost to the
-    quantization grid).
+    quantization grid); a stacked kernel quantized per layer (``lora.quantize(...,
+    probe=...)``) is then merged and quantized again one layer at a time, so that only one
+    layer's float kernel exists at once.
 
     Example:
       >>> merged = jax.jit(lora.merge)(params, adapters)
@@ -60,15 +62,56 @@ def merge(params: PyTree, adapters: PyTree, requantize: bool = False) -> PyTree:
     from flax_lora._extras import split, substitute
 
     adapters, extras = split(adapters, is_lora)
-    merged, dequantized = _fold(params, adapters, +1.0)
+    layered: dict[str, Any] = {}
+    base = params
+    if requantize:  # stacked kernels quantized per layer: merged and quantized layer by layer
+        params, layered = _requantize_layers(params, adapters)
+    merged, dequantized = _fold(params, adapters, +1.0, skip=set(layered))
     merged = substitute(merged, extras, "lora.merge")
     if not requantize:
         return merged
     has_quantized = any(is_quantized(x) for x in jax.tree.leaves(params, is_leaf=is_quantized))
-    if has_quantized and not dequantized:
+    if has_quantized and not dequantized and not layered:
         return merged  # no quantized kernel was merged: nothing to quantize again
     # raises on a base without QuantizedKernels; the unadapted ones pass through untouched
-    return requantize_like(merged, params)
+    return _requantize(merged, base, layered)
+
+
+def _requantize_layers(params: PyTree, adapters: PyTree) -> tuple[PyTree, dict[str, Any]]:
+    """Each adapted kernel quantized per layer (``layer_axes``, a plain LoRA adapter of the
+    same layer axes) replaced by its merged kernel quantized again, one layer at a time
+    (`flax_lora._quant.requantize_layers`); and path -> relative rounding error of each."""
+    if adapters is None:
+        return params, {}
+    table = adapter_table(adapters)
+    errors: dict[str, Any] = {}
+
+    def f(keypath: Any, leaf: Any) -> Any:
+        path = path_str(keypath)
+        w = table.get(path)
+        if w is None or not is_quantized(leaf) or not leaf.layer_axes or w.m is not None:
+            return leaf
+        if w.layer_axes != leaf.layer_axes:
+            return leaf
+        check_fits(path, w, tuple(leaf.shape))
+        n = w.layer_axes
+        lead = tuple(leaf.shape[:n])
+        a = w.a.reshape(-1, *w.a.shape[n:])
+        b = w.b.reshape(-1, *w.b.shape[n:])
+        mask = layer_mask(w)
+        keep = None if mask is None else jnp.repeat(jnp.asarray(mask), int(np.prod(lead[1:])))
+        inner = w.unstacked(n, a=None, b=None, m=None)
+
+        def add(i: Any) -> Any:
+            d = delta(inner.replace(a=a[i], b=b[i]), jnp.float32)
+            return d if keep is None else d * keep[i]
+
+        out, err = requantize_layers(leaf, add)
+        errors[path] = err
+        return out
+
+    out = jax.tree_util.tree_map_with_path(f, params, is_leaf=is_quantized)
+    return out, errors
 
 
 def unmerge(params: PyTree, adapters: PyTree) -> PyTree:
@@ -103,7 +146,9 @@ def unmerge(params: PyTree, adapters: PyTree) -> PyTree:
     return unmerge_extras(_fold(params, adapters, -1.0)[0], extras)
 
 
-def _fold(params: PyTree, adapters: PyTree, sign: float) -> tuple[PyTree, bool]:
+def _fold(
+    params: PyTree, adapters: PyTree, sign: float, skip: set[str] | None = None
+) -> tuple[PyTree, bool]:
     """The folded tree, and whether an adapted kernel was a `QuantizedKernel` (dequantized
     here; quantized kernels without an adapter are passed through untouched)."""
     if adapters is None:
@@ -121,6 +166,8 @@ def _fold(params: PyTree, adapters: PyTree, sign: float) -> tuple[PyTree, bool]:
         if w is None:
             return leaf
         seen.add(path)
+        if skip and path in skip:  # merged already (per layer, requantized)
+            return leaf
         check_fits(path, w, tuple(leaf.shape))
         if is_quantized(leaf):  # only adapted kernels are dequantized
             dequantized.append(path)

@@ -20,6 +20,12 @@ Formats:
   the high nibble. A last, partial block is padded with zeros (its absmax is that of its real
   values, as bitsandbytes'); the padding is dropped again on dequantisation. Error per value at
   most half the widest gap between adjacent levels (0.1519) times the block's absmax.
+- A kernel stacked by ``nn.scan`` / ``nnx.scan`` (``layer_axes`` leading layer axes, found by
+  `quantize`'s ``probe``) is quantized layer by layer: each layer is stored exactly as the
+  unstacked quantization of that layer's kernel, its leaves stacked on the layer axes (int8
+  absmax ``(*L, out)``; nf4 blocks, padding and double-quantization groups per layer), so no
+  scale is shared across layers and the factored `lora.wrap` dequantizes one layer at a time
+  inside the scan.
 - ``double_quant=True`` (nf4 only; QLoRA's double quantisation, bitsandbytes'
   ``compress_statistics=True``): the float32 block absmaxes are made zero-mean (``offset`` = their
   mean) and quantised again, block-wise over 256 of them, to 8-bit codes of bitsandbytes'
@@ -34,7 +40,7 @@ import functools
 import math
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -129,6 +135,11 @@ class QuantizedKernel:
       dtype: the kernel's dtype (what `dequantize_kernel` returns).
       format: ``"int8"`` or ``"nf4"``.
       block_size: values per absmax block (``"nf4"``; 0 for ``"int8"``).
+      layer_axes: leading layer axes of a kernel stacked by a scan (0: none). Each leaf then
+        has these axes first and holds, per layer, that layer's unstacked quantization (int8
+        ``absmax`` ``(*L, out)``; nf4 ``codes`` ``(*L, bytes per layer)``, ``absmax``
+        ``(*L, blocks per layer)``, double quantization's ``absmax_scale`` ``(*L, groups)``
+        and ``absmax_offset`` ``(*L,)``).
     """
 
     codes: Any
@@ -139,6 +150,7 @@ class QuantizedKernel:
     dtype: Any = dataclasses.field(metadata=dict(static=True))
     format: str = dataclasses.field(metadata=dict(static=True))
     block_size: int = dataclasses.field(default=0, metadata=dict(static=True))
+    layer_axes: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     @property
     def double_quant(self) -> bool:
@@ -163,10 +175,21 @@ class QuantizedKernel:
     def __repr__(self) -> str:
         extra = f", block_size={self.block_size}" if self.format == "nf4" else ""
         dq = ", double_quant" if self.double_quant else ""
+        lay = f", layer_axes={self.layer_axes}" if self.layer_axes else ""
         return (
             f"QuantizedKernel({self.format}, shape={self.shape}, dtype={jnp.dtype(self.dtype)}"
-            f"{extra}{dq})"
+            f"{extra}{dq}{lay})"
         )
+
+    def layer(self) -> QuantizedKernel:
+        """The same leaves, with the static metadata of one layer (``layer_axes`` one less).
+
+        Slicing every leaf on its first axis (as `jax.lax.scan` does with its ``xs``) then gives
+        one layer's `QuantizedKernel`, exactly the unstacked quantization of that layer.
+        """
+        if not self.layer_axes:
+            raise ValueError(f"{self!r} has no layer axis.")
+        return dataclasses.replace(self, shape=self.shape[1:], layer_axes=self.layer_axes - 1)
 
 
 def is_quantized(x: Any) -> bool:
@@ -193,7 +216,11 @@ def _check_format(dtype: Any, block_size: Any, double_quant: Any) -> None:
 
 
 def quantize_kernel(
-    w: jax.Array, dtype: str = "nf4", block_size: int = 64, double_quant: bool = False
+    w: jax.Array,
+    dtype: str = "nf4",
+    block_size: int = 64,
+    double_quant: bool = False,
+    layer_axes: int = 0,
 ) -> QuantizedKernel:
     """Quantizes one floating array (see `quantize` for the formats).
 
@@ -207,24 +234,46 @@ def quantize_kernel(
       dtype: ``"int8"`` or ``"nf4"``.
       block_size: values per absmax block for ``"nf4"`` (a positive even number).
       double_quant: also quantize the NF4 block absmaxes (QLoRA's double quantization).
+      layer_axes: leading layer axes of a stacked kernel (``nn.scan``): each layer is then
+        quantized on its own, exactly as ``quantize_kernel(w[i])``, and the leaves are stacked.
 
     Returns:
       A `QuantizedKernel` that remembers ``w``'s shape and dtype.
 
     Raises:
-      ValueError: an unknown ``dtype``, a bad ``block_size``, or ``double_quant`` with int8.
+      ValueError: an unknown ``dtype``, a bad ``block_size``, ``double_quant`` with int8, or
+        ``layer_axes`` that leave fewer than one axis per layer.
       TypeError: ``w`` is not floating.
     """
     _check_format(dtype, block_size, double_quant)
     if not jnp.issubdtype(w.dtype, jnp.floating):
         raise TypeError(f"lora.quantize_kernel: expected a floating array; got {w.dtype}.")
-    return _quantize_jit(w, dtype, int(block_size), bool(double_quant), jnp.dtype(w.dtype))
+    if isinstance(layer_axes, bool) or not 0 <= int(layer_axes) < w.ndim:
+        raise ValueError(
+            f"lora.quantize_kernel: layer_axes must be in [0, {w.ndim}) for shape "
+            f"{tuple(w.shape)}; got {layer_axes!r}."
+        )
+    return _quantize_jit(
+        w, dtype, int(block_size), bool(double_quant), jnp.dtype(w.dtype), int(layer_axes)
+    )
 
 
 def _quantize(
-    w: jax.Array, fmt: str, block_size: int, double_quant: bool, orig_dtype: Any
+    w: jax.Array,
+    fmt: str,
+    block_size: int,
+    double_quant: bool,
+    orig_dtype: Any,
+    layer_axes: int = 0,
 ) -> QuantizedKernel:
-    """``w`` (float32) -> codes; ``orig_dtype`` is what dequantisation returns."""
+    """``w`` (float32) -> codes; ``orig_dtype`` is what dequantisation returns. With
+    ``layer_axes``, each layer (an entry of the leading axes) is quantized on its own."""
+    if layer_axes:
+        lead = tuple(int(d) for d in w.shape[:layer_axes])
+        one = lambda x: _quantize(x, fmt, block_size, double_quant, orig_dtype)
+        flat = jax.vmap(one)(w.reshape(-1, *w.shape[layer_axes:]))
+        flat = jax.tree.map(lambda x: x.reshape(*lead, *x.shape[1:]), flat)
+        return dataclasses.replace(flat, shape=tuple(w.shape), layer_axes=layer_axes)
     shape = tuple(int(d) for d in w.shape)
     meta = dict(shape=shape, dtype=jnp.dtype(orig_dtype), format=fmt)
     if fmt == "int8":
@@ -248,7 +297,7 @@ def _quantize(
 
 #: one compiled program per kernel shape and format (eager calls would dispatch op by op)
 _quantize_jit = jax.jit(
-    lambda w, *static: _quantize(w.astype(jnp.float32), *static), static_argnums=(1, 2, 3, 4)
+    lambda w, *static: _quantize(w.astype(jnp.float32), *static), static_argnums=(1, 2, 3, 4, 5)
 )
 
 
@@ -283,6 +332,13 @@ def dequantize_kernel(q: QuantizedKernel) -> jax.Array:
     """
     if not is_quantized(q):
         raise TypeError(f"dequantize_kernel expects a QuantizedKernel; got {type(q).__name__}.")
+    if q.layer_axes:  # layer by layer, each as an unstacked kernel
+        n = q.layer_axes
+        inner = dataclasses.replace(q, shape=q.shape[n:], layer_axes=0)
+        leaves, treedef = jax.tree.flatten(inner)
+        flat = [x.reshape(-1, *x.shape[n:]) for x in leaves]
+        w = jax.vmap(lambda *xs: dequantize_kernel(jax.tree.unflatten(treedef, xs)))(*flat)
+        return w.reshape(q.shape)
     if q.format == "int8":
         w = q.codes.astype(jnp.float32) * (q.absmax.astype(jnp.float32) / 127.0)
         return w.astype(q.dtype)
@@ -340,6 +396,7 @@ def quantize(
     dtype: str = "nf4",
     block_size: int = 64,
     double_quant: bool = False,
+    probe: Callable[[PyTree], Any] | None = None,
 ) -> PyTree:
     """Stores the frozen kernels of ``params`` quantized (QLoRA's base), as `QuantizedKernel`\\s.
 
@@ -353,8 +410,16 @@ def quantize(
     double quantisation ~0.52 (4.13 bits). Jit-able with ``targets``/``dtype``/``block_size``/
     ``double_quant`` static.
 
+    A kernel stacked by ``nn.scan`` / ``nnx.scan`` (found by ``probe``, as `lora.init` finds
+    them) is quantized layer by layer: int8 gets one absmax per layer and channel ``(L, out)``,
+    nf4 blocks never straddle two layers, so every layer is stored exactly as the unstacked
+    quantization of its kernel, and the factored `lora.wrap` dequantizes it inside the scan, one
+    layer at a time. Without a probe a stacked kernel is quantized as one array (scales shared
+    across layers).
+
     Example:
       >>> qparams = lora.quantize(params, dtype="nf4")
+      >>> qparams = lora.quantize(params, dtype="int8", probe=lambda p: model.apply(p, x))
       >>> fn = jax.jit(lambda q, ad, x: lora.wrap(model.apply)(lora.dequantize(q), ad, x))
 
     Args:
@@ -367,6 +432,8 @@ def quantize(
       block_size: NF4 values per absmax block (a positive even number; bitsandbytes' default 64).
         Unused by int8.
       double_quant: quantize the NF4 block absmaxes too (QLoRA's double quantization).
+      probe: an optional function of the params alone (e.g. ``lambda p: model.apply(p, x)``),
+        traced abstractly to find the kernels stacked by a scan and their layer axes.
 
     Returns:
       ``params`` with each selected kernel replaced by a `QuantizedKernel`; every other leaf is
@@ -380,13 +447,35 @@ def quantize(
     _check_format(dtype, block_size, double_quant)
     leaves = flatten(params, is_leaf=is_quantized)
     chosen = set(_select(leaves, regex_tuple(targets, "lora.quantize: targets")))
+    layers = _layer_axes(params, probe, chosen)
 
     def f(kp: Any, x: Any) -> Any:
-        if is_quantized(x) or path_str(kp) not in chosen:
+        path = path_str(kp)
+        if is_quantized(x) or path not in chosen:
             return x
-        return _quantize_jit(x, dtype, int(block_size), bool(double_quant), jnp.dtype(x.dtype))
+        n = layers.get(path, 0)
+        return _quantize_jit(x, dtype, int(block_size), bool(double_quant), jnp.dtype(x.dtype), n)
 
     return jax.tree_util.tree_map_with_path(f, params, is_leaf=is_quantized)
+
+
+def _layer_axes(params: PyTree, probe: Any, chosen: set[str]) -> dict[str, int]:
+    """Path -> number of leading layer axes of each chosen kernel a scan of ``probe`` slices."""
+    if probe is None:
+        return {}
+    from flax_lora._probe import kernel_uses
+
+    shapes = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if is_quantized(x) else x,
+        params,
+        is_leaf=is_quantized,
+    )
+    out = {}
+    for path, use in kernel_uses(probe, shapes).items():
+        axes = tuple(use.layer_axes)
+        if path in chosen and axes and axes == tuple(range(len(axes))):
+            out[path] = len(axes)
+    return out
 
 
 def dequantize(params: PyTree) -> PyTree:
@@ -440,6 +529,12 @@ def requantize(params: PyTree, like: PyTree) -> PyTree:
       ValueError: a quantized path of ``like`` is not in ``params`` or has another shape.
       TypeError: such a leaf is not a floating array.
     """
+    return _requantize(params, like, {})
+
+
+def _requantize(params: PyTree, like: PyTree, done: dict[str, Any]) -> PyTree:
+    """`requantize`; ``done``: path -> the relative error (or ``None`` under a trace) of the
+    kernels of ``params`` already quantized again by the caller (`lora.merge`, per layer)."""
     table = {p: q for p, q in flatten(like, is_leaf=is_quantized).items() if is_quantized(q)}
     if not table:
         raise ValueError("lora.requantize: `like` holds no QuantizedKernel.")
@@ -450,7 +545,7 @@ def requantize(params: PyTree, like: PyTree) -> PyTree:
             f"lora.requantize: {describe(missing)} are quantized in `like` but not in params. "
             f"Paths in params: {describe(list(leaves), limit=20)}."
         )
-    errors: dict[str, Any] = {}
+    errors: dict[str, Any] = {p: e for p, e in done.items() if e is not None}
 
     def f(kp: Any, x: Any) -> Any:
         path = path_str(kp)
@@ -465,7 +560,9 @@ def requantize(params: PyTree, like: PyTree) -> PyTree:
                 f"kernel of shape {tuple(q.shape)} there."
             )
         w = x.astype(jnp.float32)
-        out = _quantize_jit(x, q.format, q.block_size, q.double_quant, jnp.dtype(x.dtype))
+        out = _quantize_jit(
+            x, q.format, q.block_size, q.double_quant, jnp.dtype(x.dtype), q.layer_axes
+        )
         if not isinstance(w, jax.core.Tracer):
             back = dequantize_kernel(out).astype(jnp.float32)
             errors[path] = float(jnp.linalg.norm(w - back) / jnp.maximum(jnp.linalg.norm(w), 1e-30))
@@ -481,14 +578,43 @@ def requantize(params: PyTree, like: PyTree) -> PyTree:
         )
     else:
         detail = "a rounding error (not measured under a trace)"
-    warnings.warn(
+    warnings.warn(  # stacklevel: the caller of lora.requantize / lora.merge
         f"lora.requantize: rounding the merged kernels to {'/'.join(fmt)} introduces {detail}; "
         "a LoRA update smaller than the quantization step is mostly lost. Keep the dequantized "
         "merge (lora.merge(lora.dequantize(qparams), adapters)) to avoid it.",
         UserWarning,
-        stacklevel=2,
+        stacklevel=3,
     )
     return out
+
+
+def requantize_layers(q: QuantizedKernel, add: Any) -> tuple[QuantizedKernel, Any]:
+    """``quantize(dequantize(q) + add(i))`` layer by layer for a kernel quantized per layer
+    (``q.layer_axes``), in a `jax.lax.map` over the layers, so one layer's float kernel is
+    alive at a time; and the relative error ``||W - deQ(Q(W))|| / ||W||`` over the stack
+    (``None`` under a trace). ``add(i)``: layer ``i``'s float32 update."""
+    n = q.layer_axes
+    inner = dataclasses.replace(q, shape=q.shape[n:], layer_axes=0)
+    leaves, treedef = jax.tree.flatten(inner)
+    flat = [x.reshape(-1, *x.shape[n:]) for x in leaves]
+    fmt = (q.format, q.block_size, q.double_quant, jnp.dtype(q.dtype))
+
+    def one(args: tuple[Any, Any]) -> tuple[QuantizedKernel, Any, Any]:
+        i, ls = args
+        w = dequantize_kernel(jax.tree.unflatten(treedef, ls)).astype(jnp.float32) + add(i)
+        out = _quantize(w.astype(q.dtype).astype(jnp.float32), *fmt)
+        back = dequantize_kernel(out).astype(jnp.float32)
+        return out, jnp.sum((w - back) ** 2), jnp.sum(w**2)
+
+    size = flat[0].shape[0]
+    out, err2, norm2 = jax.lax.map(one, (jnp.arange(size), flat))
+    lead = tuple(q.shape[:n])
+    out = jax.tree.map(lambda x: x.reshape(*lead, *x.shape[1:]), out)
+    out = dataclasses.replace(out, shape=q.shape, layer_axes=n)
+    err = None
+    if not isinstance(err2, jax.core.Tracer):
+        err = float(jnp.sqrt(jnp.sum(err2)) / jnp.maximum(jnp.sqrt(jnp.sum(norm2)), 1e-30))
+    return out, err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from flax_lora._factored_view import (
     KernelView,
     ViewMeta,
 )
+from flax_lora._quant_view import as_array, is_base, layer_base
 from flax_lora._routing import is_routed
 
 # ops that commute with slicing a layer off (they act on values only, with no shape in their
@@ -87,7 +88,7 @@ def _stacked_dora(kernel: Any, w: LoraWeights, a: Any, mask: Any) -> tuple[Any, 
 
     inner = w.unstacked(w.layer_axes, a=None, b=None, m=None)
     keep = None if mask is None else jnp.asarray(mask > 0)  # layers not picked stay W0
-    return layered_factor(kernel, inner, a, w.b, w.m, w.layer_axes, keep)
+    return layered_factor(as_array(kernel), inner, a, w.b, w.m, w.layer_axes, keep)
 
 
 def _sliceable(v: KernelView) -> str | None:
@@ -115,7 +116,7 @@ def scan_rule(interp: Any, eqn: Any, invals: list[Any]) -> list[Any] | str:
     loop = jx.scan(eqn)
     n_consts, n_carry = loop.num_consts, loop.num_carry
     consts = invals[:n_consts]
-    carry = invals[n_consts : n_consts + n_carry]
+    carry = [as_array(c) for c in invals[n_consts : n_consts + n_carry]]
     xs = invals[n_consts + n_carry :]
     if any(isinstance(c, KernelView) for c in carry):
         return "the kernel is a loop carry of the scan"
@@ -125,7 +126,10 @@ def scan_rule(interp: Any, eqn: Any, invals: list[Any]) -> list[Any] | str:
             if why is not None:
                 return why
     slots = [_layer_meta(x.meta) if isinstance(x, KernelView) else None for x in xs]
-    xs_in: list[Any] = [_layer_slices(x) if isinstance(x, KernelView) else x for x in xs]
+    # a quantized stack (QLoRA) is sliced per layer and dequantized in the body (`_quant_view`)
+    xs_in: list[Any] = [
+        _layer_slices(x) if isinstance(x, KernelView) else layer_base(x) for x in xs
+    ]
     with_key = interp.key is not None
     if with_key:  # a different dropout mask in every layer
         xs_in.append(jnp.arange(loop.length, dtype=jnp.uint32))
@@ -150,7 +154,7 @@ def scan_rule(interp: Any, eqn: Any, invals: list[Any]) -> list[Any] | str:
         ys = []
         for j, o in enumerate(outs[n_carry:]):
             k = next((k for k, v in enumerate(layer) if o is v), None)
-            if isinstance(o, KernelView) and k is not None:
+            if (isinstance(o, KernelView) or is_base(o)) and k is not None:
                 passthrough[j] = k
                 ys.append(jnp.zeros((), jnp.float32))
             else:
@@ -176,10 +180,10 @@ def _layer_slices(v: KernelView) -> tuple[Any, ...]:
     if is_routed(v):  # DoRA's g and root_m too: (B, *L, *O)
         factors = tuple(None if f is None else jnp.moveaxis(f, 1, 0) for f in factors)
     ra, rb, a, b, g, root_m = factors
-    return (v.root, ra, rb, v.base, a, b, g, root_m)
+    return (layer_base(v.root), ra, rb, layer_base(v.base), a, b, g, root_m)
 
 
 def _plain(interp: Any, o: Any) -> Any:
     if isinstance(o, KernelView):
         return interp.fallback(o, "scan", "the kernel leaves the scan body")
-    return o
+    return as_array(o)

@@ -15,7 +15,7 @@ from flax_lora._extras import split, substitute
 from flax_lora._factored import Tracer, call_factored
 from flax_lora._merge import merge
 from flax_lora._multi import check_ids, is_stacked, num_stacked, select, stacked_table
-from flax_lora._quant import dequantize
+from flax_lora._quant import dequantize, is_quantized
 from flax_lora._routing import RoutingFallback
 
 PyTree = Any
@@ -84,8 +84,16 @@ def wrap(apply_fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]
     Returns:
       ``fn(params, adapters, *args, lora_rng=None, lora_ids=None, **kwargs)``.
 
-      ``params`` may hold `QuantizedKernel` nodes (`lora.quantize`, QLoRA): they are
-      dequantized inside the traced computation, so only the codes live between steps.
+      ``params`` may hold `QuantizedKernel` nodes (`lora.quantize`, QLoRA): only the codes
+      live between steps. In modes ``"auto"`` and ``"factored"`` each is dequantized at its
+      use, not before the model runs: a base product dequantizes the kernel and its backward
+      pass dequantizes it again (its residuals are the codes, not the float kernel); a kernel
+      stacked by a scan and quantized per layer (``lora.quantize(..., probe=...)``) is sliced
+      by the scan and dequantized in the body, one layer's float kernels at a time (with
+      remat on the body, again in that layer's backward step). Mode ``"merged"`` on a
+      quantized base forms each adapted kernel at its use from the dequantized base (inside
+      a scan, one layer at a time); ``lora_ids`` and ``adapters=None`` dequantize the whole
+      tree first.
 
       ``lora_rng``, a PRNG key, turns on dropout on the LoRA branch inputs at each adapter's
       ``dropout`` rate (PEFT's ``lora_dropout``; inverted dropout, none for Embed lookups, as
@@ -125,9 +133,12 @@ def wrap(apply_fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]
         adapters, extras = split(adapters, is_lora)
         params = substitute(params, extras)
         if adapters is None:
-            return apply_fn(params, *args, **kwargs)
+            return apply_fn(dequantize(params), *args, **kwargs)
         if mode == "merged":
+            if _has_quantized(params):  # merged at each use: per layer inside a scan
+                return call_factored(tracer, mode, params, adapters, args, kwargs, None)
             return apply_fn(merge(params, adapters), *args, **kwargs)
+        # quantized kernels are dequantized at their uses (`flax_lora._quant_view`)
         return call_factored(tracer, mode, params, adapters, args, kwargs, rng)
 
     @functools.wraps(apply_fn)
@@ -139,7 +150,6 @@ def wrap(apply_fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]
         lora_ids: Any = None,
         **kwargs: Any,
     ) -> Any:
-        params = dequantize(params)
         if mode == "merged" and lora_rng is not None:
             warnings.warn(
                 "lora.wrap(mode='merged') applies no LoRA dropout, so lora_rng is ignored; use "
@@ -148,6 +158,7 @@ def wrap(apply_fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]
             )
         if lora_ids is None:
             return run(params, adapters, args, kwargs, lora_rng)
+        params = dequantize(params)
         if mode != "merged" and not split(adapters, is_stacked)[1]:
             table = stacked_table(adapters)
             ids = check_ids(lora_ids, next(iter(table.values())).num_adapters)
@@ -164,6 +175,10 @@ def wrap(apply_fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]
 
     del wrapped.__wrapped__  # so that inspect.signature / help() show the wrapped signature
     return wrapped
+
+
+def _has_quantized(params: PyTree) -> bool:
+    return any(is_quantized(x) for x in jax.tree.leaves(params, is_leaf=is_quantized))
 
 
 def _routed(

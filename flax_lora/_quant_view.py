@@ -1,0 +1,318 @@
+"""Quantized kernels inside the factored interpreter: dequantized at their use, layer by layer.
+
+A `QuantizedKernel` (QLoRA's base, `lora.quantize`) enters the interpreted model as a `QuantBase`:
+the codes and scales, plus the layout ops the model applies to the kernel (dtype promotion,
+transposes, reshapes), recorded instead of applied. Nothing is dequantized until an op uses
+the kernel:
+
+- ``dot_general`` (Dense, DenseGeneral, Einsum, ``Embed.attend``): `base_product`, a
+  `jax.custom_vjp` that dequantizes the kernel at the product and again in the backward pass,
+  whose residuals are the codes (never the float kernel); each dequantization is made
+  data-dependent on the product's input (forward) or incoming gradient (backward) by adding
+  ``0 * x[0]`` to its scales and NF4 levels, so XLA can neither hoist it to the start of the
+  step nor share one float copy between the passes;
+- ``gather`` (an Embed lookup of a 2-D table): the rows are gathered from the codes and only
+  they are dequantized (nf4: when each row is whole blocks; otherwise the table is
+  dequantized at the lookup);
+- ``scan`` over a stacked kernel (``nn.scan`` / ``nnx.scan``): the scan slices the codes and
+  scales per layer (`layer_base`), so the body dequantizes one layer's kernel; with remat on
+  the body it is dequantized again in that layer's backward step;
+- any other use: the kernel is dequantized there (``dequantize_kernel`` then the recorded ops).
+
+A `QuantBase` stands in for ``W0`` in an adapted kernel's `KernelView` (its ``root`` and
+``base``) and, for a quantized kernel without adapter, on its own. The numbers are those of
+``apply_fn(lora.dequantize(params))``: the same dequantization, only placed elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from flax_lora import _jaxpr as jx
+from flax_lora._quant import QuantizedKernel, dequantize_kernel, is_quantized
+
+# ops that commute with slicing a layer off (as `flax_lora._scan._ELEMENTWISE`)
+_ELEMENTWISE = {"convert_element_type", "copy", "copy_p", "reduce_precision"}
+
+
+@dataclasses.dataclass(eq=False)
+class _Meta:
+    """The static part of a `QuantBase` (compared by identity, so it can sit in a treedef)."""
+
+    ops: tuple[tuple[Any, dict[str, Any]], ...]  # layout ops recorded, in order
+    shape: tuple[int, ...]  # after the ops
+    dtype: Any  # after the ops
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantBase:
+    """A quantized kernel as the interpreted model sees it: codes plus pending layout ops.
+
+    Attributes:
+      q: the `QuantizedKernel` (its arrays are this node's leaves).
+      meta: the recorded layout ops and the shape and dtype of the kernel after them.
+    """
+
+    q: QuantizedKernel
+    meta: _Meta = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.meta.shape
+
+    @property
+    def dtype(self) -> Any:
+        return self.meta.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.meta.shape)
+
+    def value(self, tie: Any = None) -> jax.Array:
+        """The float kernel: dequantized, then the recorded ops applied.
+
+        ``tie``: a float32 zero computed from data (an activation, a gradient). It is added
+        to the scales and to the NF4 level table, so that XLA can compute the float kernel
+        only once that data exists: not hoisted to the start of the step, not shared between
+        the forward and backward passes. (XLA:CPU drops optimization barriers before it
+        schedules, so they cannot do this.)"""
+        out = dequantize_kernel(self.q) if tie is None else _dequantize_tied(self.q, tie)
+        for prim, params in self.meta.ops:
+            out = prim.bind(out, **params)
+        return out
+
+
+def _dequantize_tied(q: QuantizedKernel, tie: Any) -> jax.Array:
+    """`dequantize_kernel` with ``tie`` (a traced zero) added to the scales and NF4 levels."""
+    from flax_lora._quant import NF4_LEVELS
+
+    if q.layer_axes:
+        return dequantize_kernel(q)
+    if q.format == "int8":
+        scale = (q.absmax.astype(jnp.float32) + tie) / 127.0
+        return (q.codes.astype(jnp.float32) * scale).astype(q.dtype)
+    absmax = _block_absmax(q) if q.double_quant else q.absmax
+    levels = jnp.asarray(NF4_LEVELS) + tie
+    idx = jnp.stack([q.codes >> 4, q.codes & 0xF], axis=-1).reshape(-1)
+    vals = levels[idx].reshape(-1, q.block_size) * absmax[:, None]
+    return vals.reshape(-1)[: q.size].reshape(q.shape).astype(q.dtype)
+
+
+def _zero_of(x: Any) -> jax.Array:
+    """A float32 zero that XLA cannot compute before ``x`` (``0 * x[0]``; NaN if that is)."""
+    return jnp.float32(0.0) * lax.stop_gradient(jnp.reshape(x, (-1,))[0]).astype(jnp.float32)
+
+
+def quant_base(q: QuantizedKernel) -> QuantBase:
+    """The `QuantBase` of a kernel that no op has touched yet."""
+    return QuantBase(q, _Meta((), tuple(q.shape), jnp.dtype(q.dtype)))
+
+
+def is_base(x: Any) -> bool:
+    return isinstance(x, QuantBase)
+
+
+def as_array(x: Any) -> Any:
+    """``x`` itself, or for a `QuantBase` the dequantized kernel (at this use)."""
+    return x.value() if isinstance(x, QuantBase) else x
+
+
+def input_aval(x: Any) -> Any:
+    """The abstract value the model is traced with for an input leaf (a `QuantizedKernel`
+    stands for its float kernel)."""
+    if is_quantized(x):
+        return jax.core.ShapedArray(tuple(x.shape), jnp.dtype(x.dtype))
+    return jax.typeof(x)
+
+
+def layout(x: Any, prim: Any, params: dict[str, Any], out_aval: Any) -> Any:
+    """A layout op (transpose, reshape, dtype cast, ...) on an array or a `QuantBase`."""
+    if not isinstance(x, QuantBase):
+        return prim.bind(x, **params)
+    meta = _Meta((*x.meta.ops, (prim, params)), tuple(out_aval.shape), jnp.dtype(out_aval.dtype))
+    return QuantBase(x.q, meta)
+
+
+# -- scan: one layer at a time ---------------------------------------------------------------
+def _per_layer(q: QuantizedKernel) -> QuantizedKernel | None:
+    """``q`` with at least one leading layer axis in its leaves, or ``None`` when a flat
+    (``layer_axes == 0``) quantization cannot be cut per layer exactly."""
+    if q.layer_axes:
+        return q
+    size = q.shape[0]
+    if q.format == "int8":  # channel scales shared by the layers: repeat them per layer
+        absmax = jnp.broadcast_to(q.absmax, (size, *q.absmax.shape))
+        return dataclasses.replace(q, absmax=absmax, layer_axes=1)
+    per_layer = int(np.prod(q.shape[1:]))
+    if per_layer % q.block_size:
+        return None  # a block straddles two layers
+    absmax = q.absmax
+    if q.double_quant:  # the block absmaxes in float (one per block: small)
+        absmax = _block_absmax(q)
+    return QuantizedKernel(
+        q.codes.reshape(size, -1),
+        absmax.reshape(size, -1),
+        None,
+        None,
+        shape=q.shape,
+        dtype=q.dtype,
+        format=q.format,
+        block_size=q.block_size,
+        layer_axes=1,
+    )
+
+
+def _block_absmax(q: QuantizedKernel) -> jax.Array:
+    """The float32 block absmaxes of a double-quantized nf4 kernel."""
+    from flax_lora._quant import DOUBLE_QUANT_BLOCK, DYNAMIC_MAP, _blocks
+
+    n_blocks = q.absmax.shape[0]
+    vals = _blocks(jnp.asarray(DYNAMIC_MAP)[q.absmax.astype(jnp.int32)], DOUBLE_QUANT_BLOCK)
+    return (vals * q.absmax_scale[:, None]).reshape(-1)[:n_blocks] + q.absmax_offset
+
+
+def layer_base(x: Any) -> Any:
+    """What a ``scan`` over the leading axis of ``x`` slices: a `QuantBase` whose leaves keep
+    the layer axis first and whose static part is one layer's, so that `jax.lax.scan` hands
+    the body one layer's quantized kernel; an array is returned as is. A quantized stack that
+    cannot be cut per layer (an nf4 block straddling layers, a reshape before the scan) is
+    dequantized whole."""
+    if not isinstance(x, QuantBase):
+        return x
+    from flax_lora._factored_view import VALUE_OPS
+
+    q = _per_layer(x.q)
+    if q is None or any(p.name not in VALUE_OPS for p, _ in x.meta.ops):
+        return x.value()
+    ops = tuple((p, k) for p, k in x.meta.ops if p.name in _ELEMENTWISE)
+    return QuantBase(q.layer(), _Meta(ops, tuple(x.shape[1:]), x.dtype))
+
+
+# -- the base product ------------------------------------------------------------------------
+def _zero_cotangent(x: Any) -> Any:
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, jax.dtypes.float0)
+
+
+def base_product(eqn: Any, x: Any, base: Any, x_first: bool) -> jax.Array:
+    """``dot_general(x, W0)`` (or ``(W0, x)``) with the equation's params; for a `QuantBase`
+    ``W0`` is dequantized at the product and again in its backward pass (residuals: the
+    codes), never kept between them."""
+    if not isinstance(base, QuantBase):
+        return jx.bind(eqn, (x, base) if x_first else (base, x))[0]
+    leaves, treedef = jax.tree.flatten(base)
+
+    def product(xv: Any, w: Any) -> Any:
+        return jx.bind(eqn, (xv, w) if x_first else (w, xv))[0]
+
+    def kernel(ls: Any, tie: Any) -> Any:
+        return jax.tree.unflatten(treedef, ls).value(tie)
+
+    @jax.custom_vjp
+    def f(xv: Any, ls: list[Any]) -> Any:
+        return product(xv, kernel(ls, _zero_of(xv)))
+
+    def fwd(xv: Any, ls: list[Any]) -> tuple[Any, Any]:  # dequantized here, not earlier
+        xv, ls = lax.optimization_barrier((xv, ls))
+        out = product(xv, kernel(ls, _zero_of(xv)))
+        return out, (ls, jax.ShapeDtypeStruct(xv.shape, xv.dtype))
+
+    def bwd(res: Any, g: Any) -> tuple[Any, Any]:
+        ls, x_aval = res
+        g, ls = lax.optimization_barrier((g, ls))
+        w = kernel(ls, _zero_of(g))  # dequantized again, once g is there
+        (g_x,) = jax.linear_transpose(lambda xv: product(xv, w), x_aval)(g)
+        return g_x, [_zero_cotangent(leaf) for leaf in ls]
+
+    f.defvjp(fwd, bwd)
+    return f(x, leaves)
+
+
+def _rows(q: QuantizedKernel) -> QuantizedKernel | None:
+    """A 2-D table's quantization with one leading "layer" per row (so rows can be gathered
+    from the codes), or ``None`` when its nf4 blocks straddle rows."""
+    if q.format == "int8":
+        return q  # codes have the table's shape; the channel scales apply to every row
+    rows = dataclasses.replace(q, shape=(q.shape[0], q.shape[1]), layer_axes=0)
+    return _per_layer(rows)
+
+
+def quant_gather(eqn: Any, base: Any, indices: Any) -> jax.Array:
+    """``gather`` of rows of a kernel (an Embed lookup). From a `QuantBase` of a 2-D table
+    the rows are gathered from the codes and only they are dequantized; any other gather
+    dequantizes the kernel at the lookup."""
+    if not isinstance(base, QuantBase):
+        return jx.bind(eqn, (base, indices))[0]
+    from flax_lora._factored_view import VALUE_OPS
+
+    dn, sizes = jx.param(eqn, "dimension_numbers"), tuple(jx.param(eqn, "slice_sizes"))
+    q = base.q
+    simple = (
+        q.ndim == 2
+        and not q.layer_axes
+        and all(p.name in VALUE_OPS for p, _ in base.meta.ops)
+        and tuple(dn.collapsed_slice_dims) == (0,)
+        and tuple(dn.start_index_map) == (0,)
+        and not getattr(dn, "operand_batching_dims", ())
+        and sizes == (1, q.shape[1])
+        and tuple(dn.offset_dims) == (indices.ndim - 1,)
+    )
+    table = _rows(q) if simple else None
+    if table is None:
+        return jx.bind(eqn, (base.value(), indices))[0]
+
+    def take(x: Any) -> Any:  # an out-of-range row of integer codes reads as code 0
+        fill = jx.param(eqn, "fill_value") if jnp.issubdtype(x.dtype, jnp.floating) else 0
+        return jx.rebind(eqn, (x, indices), slice_sizes=(1, *x.shape[1:]), fill_value=fill)
+
+    if q.format == "int8":
+        rows = take(q.codes).astype(jnp.float32) * (q.absmax.astype(jnp.float32) / 127.0)
+    else:
+        from flax_lora._quant import NF4_LEVELS
+
+        codes, absmax = take(table.codes), take(table.absmax)
+        idx = jnp.stack([codes >> 4, codes & 0xF], axis=-1).astype(jnp.int32)
+        vals = jnp.asarray(NF4_LEVELS)[idx].reshape(*absmax.shape, q.block_size)
+        rows = (vals * absmax[..., None]).reshape(*absmax.shape[:-1], q.shape[1])
+    out = rows.astype(q.dtype)
+    for prim_op, op_params in base.meta.ops:
+        out = prim_op.bind(out, **op_params)
+    return out
+
+
+def quant_rule(interp: Any, eqn: Any, invals: list[Any]) -> list[Any]:
+    """An equation whose inputs hold `QuantBase`\\s but no adapted kernel view."""
+    from flax_lora._factored_view import LAYOUT_OPS
+    from flax_lora._scan import scan_rule
+
+    name = eqn.primitive.name
+    if name in LAYOUT_OPS and len(invals) == 1:
+        return [layout(invals[0], eqn.primitive, jx.bind_params(eqn), eqn.outvars[0].aval)]
+    if name == "scan":
+        result = scan_rule(interp, eqn, invals)
+        if isinstance(result, list):
+            return result
+    elif name in jx.CALLS:
+        body = jx.call(eqn).body
+        return interp.eval(body.jaxpr, body.consts, invals)
+    elif name in jx.REMATS:
+        return interp._remat(eqn, invals)
+    elif name == "gather" and isinstance(invals[0], QuantBase) and not is_base(invals[1]):
+        return [quant_gather(eqn, invals[0], invals[1])]
+    elif name == "dot_general" and sum(isinstance(v, QuantBase) for v in invals) == 1:
+        dims = jx.dot(eqn)
+        x_first = isinstance(invals[1], QuantBase)
+        if not (
+            dims.rhs_batch if x_first else dims.lhs_batch
+        ):  # no batch axis of the kernel (an expert axis)
+            x, w = (invals[0], invals[1]) if x_first else (invals[1], invals[0])
+            return [base_product(eqn, x, w, x_first)]
+    return jx.bind(eqn, [as_array(v) for v in invals])

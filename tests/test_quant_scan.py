@@ -1,0 +1,459 @@
+"""QLoRA on kernels stacked by ``nn.scan`` / ``nnx.scan``: per-layer quantization, and the
+factored `lora.wrap` dequantizing each layer inside the scan body.
+
+References: float64 numpy (the formats re-implemented in `test_quant`: ``ref_int8``,
+``ref_nf4``, ``ref_double`` applied to each layer alone; the model re-implemented in numpy on
+the dequantized base, LoRA added as ``x @ W0 + s * (x @ a) @ b``), and the jaxpr of the step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import adapter_entries
+from flax import nnx
+from jax.extend import core as jex_core
+from test_quant import ref_decode_nf4, ref_double, ref_int8, ref_nf4, unpack
+
+import flax_lora as lora
+from flax_lora._paths import flatten
+
+L = 3
+
+
+class Block(nn.Module):
+    d: int
+    f: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _: Any) -> tuple[jax.Array, None]:
+        h = jnp.tanh(nn.Dense(self.f, name="fc1")(x))
+        return x + nn.Dense(self.d, name="fc2")(h), None
+
+
+class Stack(nn.Module):
+    d: int
+    f: int
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        block = nn.remat(Block) if self.remat else Block
+        scan = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=L)
+        x, _ = scan(self.d, self.f, name="layers")(x, None)
+        return nn.Dense(4, name="head")(x)
+
+
+#: (d, f): per-layer kernels of 512 values (whole NF4 blocks of 64) or of 120 (a flat stack's
+#: blocks would straddle layers)
+ALIGNED, STRADDLING = (16, 32), (10, 12)
+
+
+def linen(dims: tuple[int, int], remat: bool = False, seed: int = 0) -> tuple[Any, Any, Any]:
+    m = Stack(*dims, remat=remat)
+    x = np.random.default_rng(seed).normal(size=(6, dims[0])).astype(np.float32)
+    params = m.init(jax.random.key(seed), x)
+    return m, params, x
+
+
+def stacked_kernels(tree: Any) -> dict[str, Any]:
+    layers = tree["params"]["layers"]
+    return {name: layers[name]["kernel"] for name in ("fc1", "fc2")}
+
+
+# ---------------------------------------------------------------------------------------------
+# per-layer quantization
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dims", [ALIGNED, STRADDLING])
+def test_int8_scales_per_layer_are_the_unstacked_quantization(dims: tuple[int, int]) -> None:
+    m, params, x = linen(dims)
+    q = lora.quantize(params, dtype="int8", probe=lambda p: m.apply(p, x))
+    for name, w in stacked_kernels(params).items():
+        qk = stacked_kernels(q)[name]
+        w = np.asarray(w)
+        assert qk.layer_axes == 1 and qk.shape == w.shape
+        assert qk.absmax.shape == (L, w.shape[-1])  # (L, out): no scale shared across layers
+        for i in range(L):
+            codes, absmax, deq = ref_int8(w[i])  # the layer alone, float64 numpy
+            np.testing.assert_allclose(np.asarray(qk.absmax[i], np.float64), absmax, rtol=1e-7)
+            got = np.asarray(qk.codes[i], np.float64)
+            assert np.abs(got - codes).max() <= 1  # float32 may round a tie the other way
+            assert np.mean(got == codes) > 0.999
+            one = lora.quantize_kernel(jnp.asarray(w[i]), "int8")
+            np.testing.assert_array_equal(np.asarray(qk.codes[i]), np.asarray(one.codes))
+            np.testing.assert_array_equal(np.asarray(qk.absmax[i]), np.asarray(one.absmax))
+        deq = np.asarray(lora.dequantize_kernel(qk), np.float64)
+        for i in range(L):
+            ref = ref_int8(w[i])[2]
+            np.testing.assert_allclose(deq[i], ref, rtol=0, atol=1e-6 * np.abs(w[i]).max())
+    # the head is not stacked: one quantization as before
+    head = q["params"]["head"]["kernel"]
+    assert head.layer_axes == 0 and head.absmax.shape == (4,)
+
+
+@pytest.mark.parametrize("dims", [ALIGNED, STRADDLING])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_blocks_never_straddle_layers(dims: tuple[int, int], double_quant: bool) -> None:
+    m, params, x = linen(dims)
+    q = lora.quantize(
+        params, dtype="nf4", block_size=64, double_quant=double_quant, probe=lambda p: m.apply(p, x)
+    )
+    for name, w in stacked_kernels(params).items():
+        qk = stacked_kernels(q)[name]
+        w = np.asarray(w)
+        per_layer = w[0].size
+        blocks = -(-per_layer // 64)
+        assert qk.layer_axes == 1 and qk.codes.shape == (L, blocks * 32)
+        assert qk.absmax.shape == (L, blocks)
+        for i in range(L):
+            ref = ref_nf4(w[i], 64)  # the layer alone: its own blocks and padding
+            got = unpack(np.asarray(qk.codes[i]))
+            assert np.mean(got == ref["codes"]) > 0.999 and np.abs(got - ref["codes"]).max() <= 1
+            assert (got[per_layer:] == 7).all()  # each layer's own padding (the code of 0.0)
+            if double_quant:
+                dq = ref_double(ref["absmax"])
+                assert np.asarray(qk.absmax_offset[i]).shape == ()
+                np.testing.assert_allclose(float(qk.absmax_offset[i]), dq["deq"].mean(), rtol=0.1)
+                gotc = np.asarray(qk.absmax[i], np.int64)
+                assert np.abs(gotc - dq["codes"]).max() <= 1
+            else:
+                np.testing.assert_allclose(np.asarray(qk.absmax[i]), ref["absmax"], rtol=1e-7)
+            one = lora.quantize_kernel(
+                jnp.asarray(w[i]), "nf4", block_size=64, double_quant=double_quant
+            )
+            for got_leaf, ref_leaf in zip(
+                jax.tree.leaves(jax.tree.map(lambda t, i=i: t[i], qk.layer())),
+                jax.tree.leaves(one),
+                strict=True,
+            ):
+                np.testing.assert_array_equal(np.asarray(got_leaf), np.asarray(ref_leaf))
+        deq = np.asarray(lora.dequantize_kernel(qk))
+        for i in range(L):
+            one = lora.quantize_kernel(
+                jnp.asarray(w[i]), "nf4", block_size=64, double_quant=double_quant
+            )
+            np.testing.assert_array_equal(deq[i], np.asarray(lora.dequantize_kernel(one)))
+            if not double_quant:
+                np.testing.assert_allclose(deq[i], ref_nf4(w[i], 64)["deq"], rtol=1e-6, atol=1e-7)
+
+
+def test_without_probe_a_stack_is_one_array() -> None:
+    _, params, _ = linen(STRADDLING)
+    q = lora.quantize(params, dtype="int8")
+    qk = stacked_kernels(q)["fc1"]
+    assert qk.layer_axes == 0 and qk.absmax.shape == (12,)
+
+
+def test_quantize_kernel_layer_axes_and_bad_input() -> None:
+    w = np.random.default_rng(1).normal(size=(2, 3, 5, 7)).astype(np.float32)
+    q = lora.quantize_kernel(jnp.asarray(w), "nf4", block_size=8, layer_axes=2)
+    assert q.codes.shape == (2, 3, 20) and q.absmax.shape == (2, 3, 5)
+    deq = np.asarray(lora.dequantize_kernel(q))
+    for i in range(2):
+        for j in range(3):
+            np.testing.assert_allclose(deq[i, j], ref_nf4(w[i, j], 8)["deq"], rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="layer_axes"):
+        lora.quantize_kernel(jnp.asarray(w), "int8", layer_axes=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the factored wrap on a quantized stack: against float64 numpy on the dequantized base
+# ---------------------------------------------------------------------------------------------
+class NnxBlock(nnx.Module):
+    def __init__(self, d: int, f: int, rngs: nnx.Rngs) -> None:
+        self.fc1 = nnx.Linear(d, f, rngs=rngs)
+        self.fc2 = nnx.Linear(f, d, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x + self.fc2(jnp.tanh(self.fc1(x)))
+
+
+class NnxStack(nnx.Module):
+    def __init__(self, d: int, f: int, remat: bool, rngs: nnx.Rngs) -> None:
+        @nnx.split_rngs(splits=L)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs: nnx.Rngs) -> NnxBlock:
+            return NnxBlock(d, f, rngs)
+
+        self.layers = make(rngs)
+        self.head = nnx.Linear(d, 4, rngs=rngs)
+        self.remat = remat
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        def body(x: jax.Array, block: NnxBlock) -> jax.Array:
+            return block(x)
+
+        if self.remat:
+            body = nnx.remat(body)
+        step = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        return self.head(step(x, self.layers))
+
+
+def build(kind: str, dims: tuple[int, int]) -> tuple[Any, Any, np.ndarray, dict[str, str]]:
+    """(apply, params, x, {name: path}) of a 3-layer residual tanh MLP stack and a head."""
+    x = np.random.default_rng(0).normal(size=(6, dims[0])).astype(np.float32)
+    if kind.startswith("linen"):
+        m, params, x = linen(dims, remat=kind == "linen_remat")
+        paths = {n: f"params/layers/{n}/kernel" for n in ("fc1", "fc2")}
+        paths |= {"b1": "params/layers/fc1/bias", "b2": "params/layers/fc2/bias"}
+        paths |= {"head": "params/head/kernel", "bh": "params/head/bias"}
+        return m.apply, params, x, paths
+    model = NnxStack(*dims, remat=kind == "nnx_remat", rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    paths = {n: f"layers/{n}/kernel" for n in ("fc1", "fc2")}
+    paths |= {"b1": "layers/fc1/bias", "b2": "layers/fc2/bias"}
+    paths |= {"head": "head/kernel", "bh": "head/bias"}
+    return (lambda s, x: nnx.merge(graphdef, s)(x)), state, x, paths
+
+
+def decode64(q: lora.QuantizedKernel) -> np.ndarray:
+    """A quantized kernel decoded in float64 numpy by the test's own decoders, layer by layer."""
+    if q.layer_axes:
+        one = lambda i: decode64(jax.tree.map(lambda t: t[i], q.layer()))
+        return np.stack([one(i) for i in range(q.shape[0])])
+    if q.format == "int8":
+        return np.asarray(q.codes, np.float64) * np.asarray(q.absmax, np.float64) / 127.0
+    return ref_decode_nf4(q)
+
+
+def numpy_stack(p: dict, ad: dict, x: np.ndarray, c: np.ndarray, s: float) -> tuple:
+    """Output of the stack and the gradients of ``sum(c * y)`` w.r.t. the fc1/fc2 factors,
+    float64, backpropagated by hand through ``x + tanh(x @ W1 + b1) @ W2 + b2`` per layer."""
+    w = {n: p[n] + s * np.einsum("lir,lro->lio", ad[n][0], ad[n][1]) for n in ("fc1", "fc2")}
+    xs, hs = [x.astype(np.float64)], []
+    for i in range(L):
+        h = np.tanh(xs[-1] @ w["fc1"][i] + p["b1"][i])
+        hs.append(h)
+        xs.append(xs[-1] + h @ w["fc2"][i] + p["b2"][i])
+    y = xs[-1] @ p["head"] + p["bh"]
+    g = c @ p["head"].T
+    grads = {n: (np.zeros_like(ad[n][0]), np.zeros_like(ad[n][1])) for n in ("fc1", "fc2")}
+    for i in reversed(range(L)):
+        a2, b2 = ad["fc2"][0][i], ad["fc2"][1][i]
+        grads["fc2"][0][i] = s * hs[i].T @ (g @ b2.T)
+        grads["fc2"][1][i] = s * (hs[i] @ a2).T @ g
+        gpre = (g @ w["fc2"][i].T) * (1 - hs[i] ** 2)
+        a1, b1 = ad["fc1"][0][i], ad["fc1"][1][i]
+        grads["fc1"][0][i] = s * xs[i].T @ (gpre @ b1.T)
+        grads["fc1"][1][i] = s * (xs[i] @ a1).T @ gpre
+        g = g + gpre @ w["fc1"][i].T
+    return y, grads
+
+
+SCALE = 2.0
+QUANT = {"int8": dict(dtype="int8"), "nf4": dict(dtype="nf4", block_size=16)}
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+@pytest.mark.parametrize("kind", ["linen", "linen_remat", "nnx", "nnx_remat"])
+def test_outputs_and_gradients_equal_the_dequantized_base_model(kind: str, fmt: str) -> None:
+    apply, params, x, paths = build(kind, STRADDLING)
+    probe = lambda p: apply(p, x)
+    q = lora.quantize(params, targets=r".*(fc1|fc2|head)/kernel", probe=probe, **QUANT[fmt])
+    config = lora.LoraConfig(rank=2, alpha=2 * SCALE, init="random", targets=r".*(fc1|fc2)/kernel")
+    adapters = lora.init(jax.random.key(3), q, config, probe=probe)
+    qleaves = flatten(q, is_leaf=lambda t: isinstance(t, lora.QuantizedKernel))
+    assert qleaves[paths["fc1"]].layer_axes == 1 and qleaves[paths["head"]].layer_axes == 0
+    p64 = {
+        n: decode64(qleaves[path]) if n in ("fc1", "fc2", "head") else np.asarray(qleaves[path])
+        for n, path in paths.items()
+    }
+    entries = adapter_entries(adapters)
+    ad64 = {
+        n: tuple(np.asarray(getattr(entries[paths[n]], f), np.float64) for f in "ab")
+        for n in ("fc1", "fc2")
+    }
+    c = np.random.default_rng(5).normal(size=(x.shape[0], 4))
+    y_ref, g_ref = numpy_stack(p64, ad64, x, c, SCALE)
+
+    fn = lora.wrap(apply, mode="factored")
+    loss = lambda ad: jnp.sum(jnp.asarray(c, jnp.float32) * fn(q, ad, x))
+    y = jax.jit(fn)(q, adapters, x)
+    np.testing.assert_allclose(np.asarray(y, np.float64), y_ref, rtol=2e-5, atol=2e-5)
+    grads = adapter_entries(jax.jit(jax.grad(loss))(adapters))
+    for n in ("fc1", "fc2"):
+        for got, ref in zip((grads[paths[n]].a, grads[paths[n]].b), g_ref[n], strict=True):
+            scale = np.abs(ref).max()
+            np.testing.assert_allclose(np.asarray(got, np.float64), ref, atol=3e-5 * scale)
+
+
+def _dequantizations(jaxpr: Any, inside: bool, found: list[tuple[bool, str]]) -> None:
+    """Appends (inside a scan body?, what) for each dequantization of a stored kernel: a
+    conversion of int8 codes to float, or an unpacking of nf4 codes (``shift_right_logical``)."""
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "convert_element_type" and eqn.invars[0].aval.dtype == jnp.int8:
+            found.append((inside, f"convert {eqn.invars[0].aval.shape}"))
+        if name == "shift_right_logical" and eqn.invars[0].aval.dtype == jnp.uint8:
+            found.append((inside, f"unpack {eqn.invars[0].aval.shape}"))
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, tuple | list) else (v,):
+                if isinstance(sub, jex_core.ClosedJaxpr):
+                    _dequantizations(sub.jaxpr, inside or name == "scan", found)
+                elif isinstance(sub, jex_core.Jaxpr):
+                    _dequantizations(sub, inside or name == "scan", found)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+@pytest.mark.parametrize("kind", ["linen_remat", "nnx_remat"])
+def test_the_stacked_step_dequantizes_inside_the_scan_body_only(kind: str, fmt: str) -> None:
+    apply, params, x, _ = build(kind, ALIGNED)
+    probe = lambda p: apply(p, x)
+    q = lora.quantize(params, targets=r".*(fc1|fc2)/kernel", probe=probe, **QUANT[fmt])
+    config = lora.LoraConfig(rank=2, init="random", targets=r".*fc1/kernel")  # fc2: no adapter
+    adapters = lora.init(jax.random.key(3), q, config, probe=probe)
+    fn = lora.wrap(apply, mode="auto")
+    grad = jax.grad(lambda ad, q: jnp.sum(fn(q, ad, x) ** 2))
+    closed = jax.make_jaxpr(grad)(adapters, q)
+    found: list[tuple[bool, str]] = []
+    _dequantizations(closed.jaxpr, False, found)
+    assert found and all(inside for inside, _ in found), found
+    # each one layer's codes: (d, f) or (f, d) int8, or one layer's packed nf4 bytes
+    per_layer = ALIGNED[0] * ALIGNED[1]
+    sizes = {int(np.prod(eval(w.split(" ", 1)[1]))) for _, w in found}
+    assert sizes <= {per_layer, per_layer // 2}, found
+
+
+# ---------------------------------------------------------------------------------------------
+# Embed tables: a lookup dequantizes the rows it gathers
+# ---------------------------------------------------------------------------------------------
+class Tied(nn.Module):
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        embed = nn.Embed(32, 16, name="embed")
+        return embed.attend(jnp.tanh(nn.Dense(16, name="fc")(embed(tokens))))
+
+
+@pytest.mark.parametrize("kw", [dict(dtype="int8"), dict(dtype="nf4", block_size=8)])
+@pytest.mark.parametrize("adapted", [False, True])
+def test_embed_lookup_dequantizes_the_gathered_rows(kw: dict, adapted: bool) -> None:
+    m = Tied()
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 32, (3, 5)))
+    params = m.init(jax.random.key(0), tokens)
+    q = lora.quantize(params, targets=r".*/(embedding|kernel)", **kw)
+    targets = r".*/(embedding|kernel)" if adapted else r".*/kernel"
+    cfg = lora.LoraConfig(rank=2, alpha=2.0, init="random", targets=targets)  # scale 1
+    adapters = lora.init(jax.random.key(1), q, cfg, probe=lambda p: m.apply(p, tokens))
+    entries = adapter_entries(adapters)
+    leaves = flatten(q, is_leaf=lambda t: isinstance(t, lora.QuantizedKernel))
+    table = decode64(leaves["params/embed/embedding"])
+    w = decode64(leaves["params/fc/kernel"]) + np.asarray(
+        entries["params/fc/kernel"].a, np.float64
+    ) @ np.asarray(entries["params/fc/kernel"].b, np.float64)
+    if adapted:
+        e = entries["params/embed/embedding"]
+        table = table + np.asarray(e.a, np.float64) @ np.asarray(e.b, np.float64)
+    h = np.tanh(table[np.asarray(tokens)] @ w + np.asarray(params["params"]["fc"]["bias"]))
+    ref = h @ table.T
+    fn = jax.jit(lora.wrap(m.apply, mode="factored"))
+    np.testing.assert_allclose(np.asarray(fn(q, adapters, tokens), np.float64), ref, atol=2e-5)
+    # the lookup gathers from the codes: no dequantization of the whole table before it
+    closed = jax.make_jaxpr(lambda q: lora.wrap(m.apply)(q, adapters, tokens))(q)
+    gathers = [e for e in closed.jaxpr.eqns if e.primitive.name == "gather"]
+    assert any(e.invars[0].aval.dtype in (jnp.int8, jnp.uint8) for e in gathers)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+@pytest.mark.parametrize("kind", ["linen_remat", "nnx"])
+def test_merged_mode_merges_each_layer_inside_the_scan(kind: str, fmt: str) -> None:
+    apply, params, x, paths = build(kind, STRADDLING)
+    probe = lambda p: apply(p, x)
+    q = lora.quantize(params, targets=r".*(fc1|fc2|head)/kernel", probe=probe, **QUANT[fmt])
+    config = lora.LoraConfig(rank=2, alpha=2 * SCALE, init="random", targets=r".*(fc1|fc2)/kernel")
+    adapters = lora.init(jax.random.key(3), q, config, probe=probe)
+    qleaves = flatten(q, is_leaf=lambda t: isinstance(t, lora.QuantizedKernel))
+    p64 = {
+        n: decode64(qleaves[path]) if n in ("fc1", "fc2", "head") else np.asarray(qleaves[path])
+        for n, path in paths.items()
+    }
+    entries = adapter_entries(adapters)
+    ad64 = {
+        n: tuple(np.asarray(getattr(entries[paths[n]], f), np.float64) for f in "ab")
+        for n in ("fc1", "fc2")
+    }
+    y_ref, _ = numpy_stack(p64, ad64, x, np.zeros((x.shape[0], 4)), SCALE)
+    fn = lora.wrap(apply, mode="merged")
+    y = jax.jit(fn)(q, adapters, x)
+    np.testing.assert_allclose(np.asarray(y, np.float64), y_ref, rtol=2e-5, atol=2e-5)
+    found: list[tuple[bool, str]] = []
+    _dequantizations(jax.make_jaxpr(lambda q: fn(q, adapters, x))(q).jaxpr, False, found)
+    stacked = [w for inside, w in found if not inside]
+    assert all(f"({L}," not in w for w in stacked), found  # only the head's, outside the scan
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_merge_requantize_works_layer_by_layer(fmt: str) -> None:
+    m, params, x = linen(STRADDLING)
+    probe = lambda p: m.apply(p, x)
+    q = lora.quantize(params, targets=r".*(fc1|fc2)/kernel", probe=probe, **QUANT[fmt])
+    config = lora.LoraConfig(rank=2, init="random", targets=r".*fc1/kernel", layers=(0, 2))
+    adapters = lora.init(jax.random.key(3), q, config, probe=probe)
+    with pytest.warns(UserWarning, match="relative error"):
+        merged = lora.merge(q, adapters, requantize=True)
+    got = stacked_kernels(merged)
+    assert got["fc2"] is stacked_kernels(q)["fc2"]  # no adapter: untouched
+    e = adapter_entries(adapters)["params/layers/fc1/kernel"]
+    w0 = decode64(stacked_kernels(q)["fc1"])
+    a, b = np.asarray(e.a, np.float64), np.asarray(e.b, np.float64)
+    assert got["fc1"].layer_axes == 1
+    for i in range(L):
+        w = w0[i] + (e.scale * a[i] @ b[i] if i in (0, 2) else 0.0)  # layer 1 not picked
+        ref = lora.quantize_kernel(jnp.asarray(w, jnp.float32), **QUANT[fmt])
+        layer = jax.tree.map(lambda t, i=i: t[i], got["fc1"].layer())
+        np.testing.assert_allclose(np.asarray(layer.absmax), np.asarray(ref.absmax), rtol=1e-5)
+        g, r = np.asarray(layer.codes, np.int64), np.asarray(ref.codes, np.int64)
+        if fmt == "nf4":
+            g, r = unpack(g), unpack(r)
+        assert np.mean(g == r) > 0.98 and np.abs(g - r).max() <= 1  # float32 rounding ties
+
+
+# ---------------------------------------------------------------------------------------------
+# unstacked kernels: the base product dequantizes at its use and again in its backward pass
+# ---------------------------------------------------------------------------------------------
+class Mlp(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jnp.tanh(nn.Dense(24, name="fc1")(x))
+        return nn.Dense(16, name="fc2")(h)
+
+
+@pytest.mark.parametrize("kw", [dict(dtype="int8"), dict(dtype="nf4", block_size=16)])
+def test_unstacked_gradients_through_quantized_products(kw: dict) -> None:
+    m = Mlp()
+    x = np.random.default_rng(0).normal(size=(5, 16)).astype(np.float32)
+    params = m.init(jax.random.key(0), x)
+    q = lora.quantize(params, **kw)
+    cfg = lora.LoraConfig(rank=2, alpha=2.0, init="random", targets=r".*fc1/kernel")  # scale 1
+    adapters = lora.init(jax.random.key(1), q, cfg)
+    e = adapter_entries(adapters)["params/fc1/kernel"]
+    a, b = np.asarray(e.a, np.float64), np.asarray(e.b, np.float64)
+    leaves = flatten(q, is_leaf=lambda t: isinstance(t, lora.QuantizedKernel))
+    w1, w2 = decode64(leaves["params/fc1/kernel"]), decode64(leaves["params/fc2/kernel"])
+    b1, b2 = (np.asarray(params["params"][n]["bias"], np.float64) for n in ("fc1", "fc2"))
+    c = np.random.default_rng(1).normal(size=(5, 16))
+    # float64 reference, backpropagated by hand: loss = sum(c * y), also w.r.t. the input
+    x64 = x.astype(np.float64)
+    h = np.tanh(x64 @ (w1 + a @ b) + b1)
+    y = h @ w2 + b2
+    gpre = (c @ w2.T) * (1 - h**2)
+    ref = dict(a=x64.T @ (gpre @ b.T), b=(x64 @ a).T @ gpre, x=gpre @ (w1 + a @ b).T)
+    fn = lora.wrap(m.apply, mode="factored")
+    cj = jnp.asarray(c, jnp.float32)
+    np.testing.assert_allclose(np.asarray(jax.jit(fn)(q, adapters, x), np.float64), y, atol=2e-5)
+    ga, gx = jax.jit(jax.grad(lambda ad, x: jnp.sum(cj * fn(q, ad, x)), argnums=(0, 1)))(
+        adapters, x
+    )
+    ge = adapter_entries(ga)["params/fc1/kernel"]
+    for name, got in (("a", ge.a), ("b", ge.b), ("x", gx)):
+        tol = 3e-5 * np.abs(ref[name]).max()
+        np.testing.assert_allclose(np.asarray(got, np.float64), ref[name], atol=tol)
+    # its residuals are codes: no float kernel crosses from the forward to the backward pass
+    _, pullback = jax.vjp(lambda x: fn(q, adapters, x), x)
+    kept = [t for t in jax.tree.leaves(pullback) if hasattr(t, "dtype")]
+    floats = [t.shape for t in kept if jnp.issubdtype(t.dtype, jnp.floating)]
+    assert (24, 16) not in floats and (16, 24) not in floats, floats
