@@ -91,3 +91,45 @@ def loss_fn(apply: Callable[..., jax.Array], params: Any, batch: dict, *extra: A
     """Mean next-token cross entropy of ``apply(params, *extra, tokens)``."""
     logits = apply(params, *extra, batch["tokens"])
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+
+
+class ScanBlock(nn.Module):
+    """One `Block` as an ``nn.scan`` body: ``(x, mask) -> (x, None)``."""
+
+    heads: int
+    hidden: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, None]:
+        return Block(self.heads, self.hidden, name="block")(x, mask), None
+
+
+class ScanDecoder(nn.Module):
+    """The benchmark decoder with its blocks stacked by ``nn.scan`` (kernel paths
+    ``params/h/block/...`` with a leading layer axis); ``remat=True`` wraps each block in
+    ``nn.remat``. ``offset`` is added to the embedded tokens (the floor's activation input)."""
+
+    vocab: int = 8192
+    d_model: int = 512
+    heads: int = 8
+    hidden: int = 2048
+    layers: int = 6
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, offset: jax.Array | None = None) -> jax.Array:
+        embed = nn.Embed(self.vocab, self.d_model, name="embed")
+        x = embed(tokens)
+        if offset is not None:
+            x = x + offset
+        mask = nn.make_causal_mask(tokens)
+        stack = nn.scan(
+            nn.remat(ScanBlock) if self.remat else ScanBlock,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=nn.broadcast,
+            length=self.layers,
+        )
+        x, _ = stack(self.heads, self.hidden, name="h")(x, mask)
+        x = nn.LayerNorm(name="ln_f")(x)
+        return embed.attend(x)

@@ -45,15 +45,13 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 import flax_lora as lora
-from benchmarks.decoder import TARGETS, Decoder, loss_fn, make_batch
-from benchmarks.scan_step import ScanBlock
+from benchmarks.decoder import TARGETS, Decoder, ScanDecoder, loss_fn, make_batch
 from flax_lora._adapters import adapter_table
 from flax_lora._paths import flatten
 
@@ -144,32 +142,6 @@ def plot(path: str, sizes: dict, med: dict, mem: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # step memory, one base format per process (for its peak RSS)
 # ---------------------------------------------------------------------------------------------
-class StackedDecoder(nn.Module):
-    """The issue's decoder: ``layers`` blocks stacked by ``nn.scan``, each ``nn.remat``'d."""
-
-    vocab: int = 8192
-    d_model: int = 1024
-    heads: int = 16
-    hidden: int = 4096
-    layers: int = 8
-
-    @nn.compact
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        embed = nn.Embed(self.vocab, self.d_model, name="embed")
-        x = embed(tokens)
-        mask = nn.make_causal_mask(tokens)
-        stack = nn.scan(
-            nn.remat(ScanBlock),
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=nn.broadcast,
-            length=self.layers,
-        )
-        x, _ = stack(self.heads, self.hidden, name="h")(x, mask)
-        x = nn.LayerNorm(name="ln_f")(x)
-        return embed.attend(x).astype(jnp.float32)
-
-
 def _rss_mib(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -197,11 +169,12 @@ def child(model_name: str, fmt: str, args: Any) -> None:
     jax.block_until_ready(jnp.zeros(()))  # the runtime up, before any model array exists
     runtime = _rss_mib("VmRSS")
     if model_name == "stacked":
-        model = StackedDecoder(
+        model = ScanDecoder(  # the issue's decoder: blocks stacked by nn.scan, each remat'd
             d_model=args.d_model,
             heads=args.d_model // 64,
             hidden=4 * args.d_model,
             layers=args.stacked_layers,
+            remat=True,
         )
         batch = make_batch(jax.random.key(0), batch=args.stacked_batch, seq=args.stacked_seq)
     else:

@@ -22,52 +22,14 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 import flax_lora as lora
-from benchmarks.decoder import Block, loss_fn, make_batch
+from benchmarks.decoder import ScanDecoder, loss_fn, make_batch
 
 TARGETS = r".*/(query|key|value|out|fc1|fc2)/kernel"
-
-
-class ScanBlock(nn.Module):
-    heads: int
-    hidden: int
-
-    @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, None]:
-        return Block(self.heads, self.hidden, name="block")(x, mask), None
-
-
-class ScanDecoder(nn.Module):
-    """The benchmark decoder with its blocks stacked by ``nn.scan``."""
-
-    vocab: int = 8192
-    d_model: int = 512
-    heads: int = 8
-    hidden: int = 2048
-    layers: int = 6
-
-    @nn.compact
-    def __call__(self, tokens: jax.Array, offset: jax.Array | None = None) -> jax.Array:
-        embed = nn.Embed(self.vocab, self.d_model, name="embed")
-        x = embed(tokens)
-        if offset is not None:
-            x = x + offset
-        mask = nn.make_causal_mask(tokens)
-        stack = nn.scan(
-            ScanBlock,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=nn.broadcast,
-            length=self.layers,
-        )
-        x, _ = stack(self.heads, self.hidden, name="h")(x, mask)
-        x = nn.LayerNorm(name="ln_f")(x)
-        return embed.attend(x)
 
 
 def main() -> None:
