@@ -282,7 +282,8 @@ def construct(eqn: Eqn) -> Call | Remat | CustomCall | Scan | Cond | While | Dot
 
 def sub_body(eqn: Eqn) -> Body | None:
     """The one sub-jaxpr taking exactly the operands of a call-like equation (jit, remat,
-    custom derivatives), or ``None`` for other equations."""
+    custom derivatives; and any other primitive with a ``jaxpr`` / ``call_jaxpr`` parameter
+    taking its operands, such as ``shard_map``), or ``None``."""
     name = eqn.primitive.name
     if name in CALLS:
         return call(eqn).body
@@ -290,6 +291,12 @@ def sub_body(eqn: Eqn) -> Body | None:
         return remat(eqn).body
     if name in CUSTOMS:
         return custom_call(eqn).body
+    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        value = eqn.params.get(key)
+        if isinstance(value, jex_core.ClosedJaxpr | jex_core.Jaxpr):
+            body = _body(eqn, value)
+            if len(body.jaxpr.invars) == len(eqn.invars):
+                return body
     return None
 
 

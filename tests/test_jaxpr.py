@@ -186,3 +186,24 @@ def test_model_with_every_construct_adapts(mode: str) -> None:
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
     base = model(params, x)
     assert float(jnp.max(jnp.abs(got - base))) > 1e-3  # the adapters do change the output
+
+
+def test_probe_sees_through_shard_map() -> None:
+    """A kernel used inside ``jax.shard_map`` (any primitive whose ``jaxpr`` takes its operands)
+    is found by the probe, and mode "auto" merges it there (no factored rule for shard_map)."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",))
+    spec = jax.sharding.PartitionSpec()
+
+    def f(params: dict[str, Any], x: jax.Array) -> jax.Array:
+        body = lambda w, h: jnp.tanh(h @ w)
+        return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec), out_specs=spec)(params["w"], x)
+
+    rng = np.random.default_rng(2)
+    params = {"w": jnp.asarray(rng.normal(0, 0.3, (4, 6)), jnp.float32)}
+    x = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+    cfg = lora.LoraConfig(rank=2, init="random")
+    adapters = lora.init(jax.random.key(0), params, cfg, probe=lambda p: f(p, x))
+    assert adapter_entries(adapters)["w"].a.shape == (4, 2)  # rows are the input axis
+    got = jax.jit(lora.wrap(f))(params, adapters, x)
+    want = f(merged64(params, adapters), x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
