@@ -17,40 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import NestedStack, ref_delta64
+from support.mlp_stack import ALIGNED, STRADDLING, L, Stack
 from support.refs import ref_decode_nf4
 
 import flax_lora as lora
 
-L = 3
 RANK, ALPHA = 4, 8.0  # scale 2: the factors carry 1 / scale
 SCALE = ALPHA / RANK
 STACKED = ("fc1", "fc2")
 
 
-class Block(nn.Module):
-    d: int
-    f: int
-
-    @nn.compact
-    def __call__(self, x: jax.Array, _: Any) -> tuple[jax.Array, None]:
-        h = jnp.tanh(nn.Dense(self.f, name="fc1")(x))
-        return x + nn.Dense(self.d, name="fc2")(h), None
-
-
-class Stack(nn.Module):
-    d: int
-    f: int
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        scan = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=L)
-        x, _ = scan(self.d, self.f, name="layers")(x, None)
-        return nn.Dense(4, name="head")(x)
-
-
-#: (d, f): per-layer kernels of 512 values (whole NF4 blocks of 64) or of 120 (blocks that
-#: straddle layers)
-ALIGNED, STRADDLING = (16, 32), (10, 12)
 _MODELS: dict[tuple[int, int], tuple[Stack, Any, np.ndarray]] = {}
 
 

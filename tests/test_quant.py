@@ -16,25 +16,21 @@ import numpy as np
 import pytest
 from conftest import build, leaves_by_path, mlp, ref_delta64, replace_leaves
 from scipy.stats import norm
-from support.refs import NF4_BNB, pack, ref_decode_nf4, unpack
+from support.refs import (
+    DYN,
+    NF4_BNB,
+    linspace32,
+    pack,
+    ref_decode_nf4,
+    ref_double,
+    ref_int8,
+    ref_nf4,
+    unpack,
+)
 
 import flax_lora as lora
 
 NF4_HALF_GAP = float(np.diff(NF4_BNB.astype(np.float64)).max() / 2)  # 0.1519...
-
-
-def linspace32(start: float, end: float, steps: int) -> np.ndarray:
-    """``torch.linspace(start, end, steps)`` (float32, torch's default dtype) as torch computes
-    it on CPU: ``step = (end - start) / (steps - 1)`` in float32, then ``start + i * step`` for
-    the first half and ``end - (steps - 1 - i) * step`` for the rest, each rounded once to
-    float32 (a fused multiply-add). Exact here in float64 (the products and sums need fewer than
-    53 bits), so the one rounding is the final cast."""
-    start32, end32 = np.float32(start), np.float32(end)
-    step = np.float64((end32 - start32) / np.float32(steps - 1))
-    i = np.arange(steps, dtype=np.float64)
-    first = np.float64(start32) + step * i
-    second = np.float64(end32) - step * (steps - 1 - i)
-    return np.where(i < steps // 2, first, second).astype(np.float32)
 
 
 def nf4_from_normal_quantiles() -> np.ndarray:
@@ -48,64 +44,9 @@ def nf4_from_normal_quantiles() -> np.ndarray:
     return values / values.max()
 
 
-def dynamic_map_bnb() -> np.ndarray:
-    """bitsandbytes' ``create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8)``,
-    as bitsandbytes writes it in torch (float32 tensors; here numpy float32)."""
-    data: list[float] = []
-    for i in range(7):
-        boundaries = linspace32(0.1, 1, 2**i + 1)
-        means = (boundaries[:-1] + boundaries[1:]) / 2.0
-        data += ((10 ** (-6 + i)) * means).tolist()
-        data += (-(10 ** (-6 + i)) * means).tolist()
-    data += [0.0, 1.0]
-    data.sort()
-    return np.array(data, np.float32)
-
-
-DYN = dynamic_map_bnb()
-
-
 # ---------------------------------------------------------------------------------------------
 # numpy float64 references
 # ---------------------------------------------------------------------------------------------
-def ref_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(codes, absmax per last-axis channel, dequantized) in float64."""
-    w = np.asarray(w, np.float64)
-    absmax = np.abs(w).reshape(-1, w.shape[-1]).max(axis=0)
-    codes = np.clip(np.round(w * 127.0 / absmax), -127, 127)
-    return codes, absmax, codes * absmax / 127.0
-
-
-def nearest(t: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    """Index of the nearest level (ties to the lower one), by brute force."""
-    t = np.clip(t, -1.0, 1.0)
-    return np.argmin(np.abs(t[..., None] - levels.astype(np.float64)), axis=-1)
-
-
-def ref_nf4(w: np.ndarray, block: int) -> dict[str, np.ndarray]:
-    flat = np.asarray(w, np.float64).reshape(-1)
-    pad = (-flat.size) % block
-    blocks = np.concatenate([flat, np.zeros(pad)]).reshape(-1, block)
-    absmax = np.abs(blocks).max(axis=1)
-    t = blocks / np.where(absmax > 0, absmax, 1.0)[:, None]
-    codes = nearest(t, NF4_BNB)
-    deq = (NF4_BNB[codes].astype(np.float64) * absmax[:, None]).reshape(-1)[: flat.size]
-    return dict(t=t.reshape(-1), codes=codes.reshape(-1), absmax=absmax, deq=deq.reshape(w.shape))
-
-
-def ref_double(absmax: np.ndarray) -> dict[str, np.ndarray]:
-    """Double quantization of block absmaxes: mean-subtracted, blocks of 256, dynamic map."""
-    offset = absmax.astype(np.float64).mean()
-    centred = absmax.astype(np.float64) - offset
-    pad = (-centred.size) % 256
-    blocks = np.concatenate([centred, np.zeros(pad)]).reshape(-1, 256)
-    a2 = np.abs(blocks).max(axis=1)
-    t = blocks / np.where(a2 > 0, a2, 1.0)[:, None]
-    codes = nearest(t, DYN)
-    deq = (DYN[codes].astype(np.float64) * a2[:, None]).reshape(-1)[: centred.size] + offset
-    return dict(t=t.reshape(-1)[: centred.size], codes=codes.reshape(-1)[: centred.size], deq=deq)
-
-
 def near_tie(t: np.ndarray, levels: np.ndarray, tol: float = 1e-5) -> np.ndarray:
     mids = (levels[:-1].astype(np.float64) + levels[1:]) / 2
     return np.abs(np.clip(t, -1, 1)[..., None] - mids).min(axis=-1) < tol

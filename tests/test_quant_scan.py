@@ -18,40 +18,11 @@ import pytest
 from conftest import adapter_entries
 from flax import nnx
 from jax.extend import core as jex_core
-from test_quant import ref_decode_nf4, ref_double, ref_int8, ref_nf4, unpack
+from support.mlp_stack import ALIGNED, STRADDLING, L, Stack
+from support.refs import ref_decode_nf4, ref_double, ref_int8, ref_nf4, unpack
 
 import flax_lora as lora
 from flax_lora._paths import flatten
-
-L = 3
-
-
-class Block(nn.Module):
-    d: int
-    f: int
-
-    @nn.compact
-    def __call__(self, x: jax.Array, _: Any) -> tuple[jax.Array, None]:
-        h = jnp.tanh(nn.Dense(self.f, name="fc1")(x))
-        return x + nn.Dense(self.d, name="fc2")(h), None
-
-
-class Stack(nn.Module):
-    d: int
-    f: int
-    remat: bool = False
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        block = nn.remat(Block) if self.remat else Block
-        scan = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=L)
-        x, _ = scan(self.d, self.f, name="layers")(x, None)
-        return nn.Dense(4, name="head")(x)
-
-
-#: (d, f): per-layer kernels of 512 values (whole NF4 blocks of 64) or of 120 (a flat stack's
-#: blocks would straddle layers)
-ALIGNED, STRADDLING = (16, 32), (10, 12)
 
 
 def linen(dims: tuple[int, int], remat: bool = False, seed: int = 0) -> tuple[Any, Any, Any]:
