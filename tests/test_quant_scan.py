@@ -220,16 +220,20 @@ SCALE = 2.0
 QUANT = {"int8": dict(dtype="int8"), "nf4": dict(dtype="nf4", block_size=16)}
 
 
-@pytest.mark.parametrize("fmt", ["int8", "nf4"])
-@pytest.mark.parametrize("kind", ["linen", "linen_remat", "nnx", "nnx_remat"])
-def test_outputs_and_gradients_equal_the_dequantized_base_model(kind: str, fmt: str) -> None:
+def quantized_case(kind: str, fmt: str) -> tuple[Any, ...]:
+    """The model ``kind`` with fc1, fc2 and head quantized per layer in ``fmt`` and random
+    adapters on fc1 and fc2; with the float64 references: each kernel decoded from its codes
+    (``p64``) and the factors (``ad64``).
+
+    Returns:
+      ``(apply, qparams, adapters, x, quantized leaves by path, paths, p64, ad64)``.
+    """
     apply, params, x, paths = build(kind, STRADDLING)
     probe = lambda p: apply(p, x)
     q = lora.quantize(params, targets=r".*(fc1|fc2|head)/kernel", probe=probe, **QUANT[fmt])
     config = lora.LoraConfig(rank=2, alpha=2 * SCALE, init="random", targets=r".*(fc1|fc2)/kernel")
     adapters = lora.init(jax.random.key(3), q, config, probe=probe)
     qleaves = flatten(q, is_leaf=lambda t: isinstance(t, lora.QuantizedKernel))
-    assert qleaves[paths["fc1"]].layer_axes == 1 and qleaves[paths["head"]].layer_axes == 0
     p64 = {
         n: decode64(qleaves[path]) if n in ("fc1", "fc2", "head") else np.asarray(qleaves[path])
         for n, path in paths.items()
@@ -239,6 +243,14 @@ def test_outputs_and_gradients_equal_the_dequantized_base_model(kind: str, fmt: 
         n: tuple(np.asarray(getattr(entries[paths[n]], f), np.float64) for f in "ab")
         for n in ("fc1", "fc2")
     }
+    return apply, q, adapters, x, qleaves, paths, p64, ad64
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+@pytest.mark.parametrize("kind", ["linen", "linen_remat", "nnx", "nnx_remat"])
+def test_outputs_and_gradients_equal_the_dequantized_base_model(kind: str, fmt: str) -> None:
+    apply, q, adapters, x, qleaves, paths, p64, ad64 = quantized_case(kind, fmt)
+    assert qleaves[paths["fc1"]].layer_axes == 1 and qleaves[paths["head"]].layer_axes == 0
     c = np.random.default_rng(5).normal(size=(x.shape[0], 4))
     y_ref, g_ref = numpy_stack(p64, ad64, x, c, SCALE)
 
@@ -332,21 +344,7 @@ def test_embed_lookup_dequantizes_the_gathered_rows(kw: dict, adapted: bool) -> 
 @pytest.mark.parametrize("fmt", ["int8", "nf4"])
 @pytest.mark.parametrize("kind", ["linen_remat", "nnx"])
 def test_merged_mode_merges_each_layer_inside_the_scan(kind: str, fmt: str) -> None:
-    apply, params, x, paths = build(kind, STRADDLING)
-    probe = lambda p: apply(p, x)
-    q = lora.quantize(params, targets=r".*(fc1|fc2|head)/kernel", probe=probe, **QUANT[fmt])
-    config = lora.LoraConfig(rank=2, alpha=2 * SCALE, init="random", targets=r".*(fc1|fc2)/kernel")
-    adapters = lora.init(jax.random.key(3), q, config, probe=probe)
-    qleaves = flatten(q, is_leaf=lambda t: isinstance(t, lora.QuantizedKernel))
-    p64 = {
-        n: decode64(qleaves[path]) if n in ("fc1", "fc2", "head") else np.asarray(qleaves[path])
-        for n, path in paths.items()
-    }
-    entries = adapter_entries(adapters)
-    ad64 = {
-        n: tuple(np.asarray(getattr(entries[paths[n]], f), np.float64) for f in "ab")
-        for n in ("fc1", "fc2")
-    }
+    apply, q, adapters, x, _, _, p64, ad64 = quantized_case(kind, fmt)
     y_ref, _ = numpy_stack(p64, ad64, x, np.zeros((x.shape[0], 4)), SCALE)
     fn = lora.wrap(apply, mode="merged")
     y = jax.jit(fn)(q, adapters, x)
