@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_lora._paths import describe, flatten
-
-KINDS = ("dense", "conv", "embed")
+from flax_lora._typing import Kind
 
 
 @jax.tree_util.register_dataclass
@@ -55,7 +54,7 @@ class LoraWeights:
     scale: float = dataclasses.field(metadata=dict(static=True))
     in_axes: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     kernel_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-    kind: str = dataclasses.field(default="dense", metadata=dict(static=True))
+    kind: Kind = dataclasses.field(default="dense", metadata=dict(static=True))
     dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
     m: Any = None
     layer_axes: int = dataclasses.field(default=0, metadata=dict(static=True))

@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-INITS = ("lora", "gaussian", "random", "pissa", "olora", "loftq")
-BIASES = ("none", "all", "lora_only")
+from flax_lora._typing import BIASES, INITS, Bias, Init
 
 Patterns = str | Sequence[str] | None
 
@@ -118,7 +117,7 @@ class LoraConfig:
     exclude: Patterns = ()
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
-    init: str = "lora"
+    init: Init = "lora"
     dropout: float = 0.0
     rslora: bool = False
     dtype: Any = jnp.float32
@@ -129,7 +128,7 @@ class LoraConfig:
     layers_pattern: Patterns = None
     modules_to_save: Patterns = None
     trainable_token_indices: Sequence[int] | Mapping[str, Sequence[int]] | None = None
-    bias: str = "none"
+    bias: Bias = "none"
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)

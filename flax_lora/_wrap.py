@@ -17,12 +17,10 @@ from flax_lora._merge import merge
 from flax_lora._multi import check_ids, is_stacked, num_stacked, select, stacked_table
 from flax_lora._quant import dequantize, is_quantized
 from flax_lora._routing import RoutingFallback
-
-PyTree = Any
-MODES = ("auto", "merged", "factored")
+from flax_lora._typing import MODES, Mode, PyTree
 
 
-def wrap(apply_fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]:
+def wrap(apply_fn: Callable[..., Any], mode: Mode = "auto") -> Callable[..., Any]:
     """Transforms ``apply_fn(params, *args)`` into ``fn(params, adapters, *args)``.
 
     The wrapped function computes ``apply_fn(lora.merge(params, adapters), *args, **kwargs)``
