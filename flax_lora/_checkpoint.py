@@ -20,8 +20,8 @@ from flax_lora._adapters import LoraWeights, adapter_table, is_lora
 from flax_lora._config import LoraConfig
 from flax_lora._extras import arrays_of, from_meta, split
 from flax_lora._paths import flatten, nest
+from flax_lora._typing import PyTree
 
-PyTree = Any
 FORMAT = "flax_lora.adapters"
 VERSION = 1
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_lora._typing import BIASES, INITS, Bias, Init
+from flax_lora._typing import BIASES, INITS, Bias, Init, QuantFormat
 
 Patterns = str | Sequence[str] | None
 
@@ -123,7 +123,7 @@ class LoraConfig:
     dtype: Any = jnp.float32
     layers: Sequence[int] | int | None = None
     loftq_iter: int = 1
-    loftq_dtype: str = "nf4"
+    loftq_dtype: QuantFormat = "nf4"
     dora: bool = False
     layers_pattern: Patterns = None
     modules_to_save: Patterns = None

@@ -8,12 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_lora._adapters import adapter_table, check_fits, delta, layer_mask
+from flax_lora._adapters import adapter_table, check_fits, delta, is_lora, layer_mask
 from flax_lora._dora import dora_kernel
+from flax_lora._extras import split, substitute, unmerge_extras
 from flax_lora._paths import describe, path_str
 from flax_lora._quant import _requantize, dequantize_kernel, is_quantized, requantize_layers
+from flax_lora._typing import PyTree
 
-PyTree = Any
 _DORA_UNMERGE = (
     "lora.unmerge: the adapter for {path!r} is a DoRA adapter (it has a magnitude m). A DoRA "
     "merge W = m * V / ||V|| cannot be undone from W, m, a and b: W determines V only up to a "
@@ -58,8 +59,6 @@ def merge(params: PyTree, adapters: PyTree, requantize: bool = False) -> PyTree:
     Raises:
       ValueError: an adapter's path is not in ``params``, or its kernel shape does not fit.
     """
-    from flax_lora._adapters import is_lora
-    from flax_lora._extras import split, substitute
 
     adapters, extras = split(adapters, is_lora)
     layered: dict[str, Any] = {}
@@ -139,8 +138,6 @@ def unmerge(params: PyTree, adapters: PyTree) -> PyTree:
       ValueError: an adapter's path is not in ``params``, or its kernel shape does not fit; an
         adapter is a DoRA adapter; the adapters hold trained copies (naming their paths).
     """
-    from flax_lora._adapters import is_lora
-    from flax_lora._extras import split, unmerge_extras
 
     adapters, extras = split(adapters, is_lora)
     return unmerge_extras(_fold(params, adapters, -1.0)[0], extras)

@@ -12,8 +12,7 @@ import optax
 from flax_lora._adapters import is_lora
 from flax_lora._extras import is_extra
 from flax_lora._paths import path_str
-
-PyTree = Any
+from flax_lora._typing import PyTree
 
 
 def trainable(tree: PyTree, also: str | None = None) -> PyTree:

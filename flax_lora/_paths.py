@@ -8,7 +8,8 @@ from typing import Any
 import jax
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
-PyTree = Any
+from flax_lora._typing import PyTree
+
 KeyPath = tuple[Any, ...]
 
 

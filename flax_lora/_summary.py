@@ -5,14 +5,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import jax
+from flax import nnx
 
-from flax_lora._adapters import adapter_table
+from flax_lora._adapters import adapter_table, is_lora
+from flax_lora._extras import TrainedCopy, split
+from flax_lora._paths import flatten
 from flax_lora._quant import is_quantized
-
-PyTree = Any
+from flax_lora._typing import PyTree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +28,7 @@ class Row:
     params: int  # trainable parameters of this adapter
     bytes: int
     kernel_params: int
-    kind: str = "lora"  # or "module" / "bias" (a trained copy), "tokens" (a token delta)
+    kind: Literal["lora", "module", "bias", "tokens"] = "lora"  # module/bias: a trained copy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,14 +114,9 @@ def _size(x: Any) -> tuple[int, int]:
 
 def _parameters(params: PyTree) -> list[Any]:
     """The parameter arrays of ``params`` (see `summary`)."""
-    try:
-        from flax import nnx
-
-        variables = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
-        if any(isinstance(v, nnx.Variable) for v in variables):
-            params = [v for v in variables if isinstance(v, nnx.Param)]
-    except ImportError:  # pragma: no cover - flax is a dependency
-        pass
+    variables = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    if any(isinstance(v, nnx.Variable) for v in variables):
+        params = [v for v in variables if isinstance(v, nnx.Param)]
     if isinstance(params, Mapping) and "params" in params:
         params = params["params"]
     leaves = jax.tree.leaves(params, is_leaf=is_quantized)
@@ -148,7 +145,6 @@ def summary(params: PyTree, adapters: PyTree, show: bool = True) -> Summary:
     Returns:
       A `Summary` whose ``str`` is the printed table.
     """
-    from flax_lora._paths import flatten
 
     kernels = flatten(params, is_leaf=is_quantized)
     rows = []
@@ -166,8 +162,6 @@ def summary(params: PyTree, adapters: PyTree, show: bool = True) -> Summary:
                 _size(kernels[path])[0] if path in kernels else 0,
             )
         )
-    from flax_lora._adapters import is_lora
-    from flax_lora._extras import TrainedCopy, split
 
     for path, node in split(adapters, is_lora)[1].items():
         x = node.value if isinstance(node, TrainedCopy) else node.delta
