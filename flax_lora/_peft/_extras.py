@@ -172,7 +172,27 @@ def load_extras(
         matches no leaf of ``params`` or does not fit it, token ids out of range or missing
         from the config; each names the tensor or path.
     """
-    out = _read_extras(raw, cfg, params, name_of, file, dtype) if raw else {}
+    leaves = flatten(params) if raw else {}
+    names: dict[tuple[str, str], str] = {}  # (module name, torch param) -> leaf path
+    for path in leaves:
+        name = module_of(name_of, path)
+        if name is not None:
+            names.setdefault((name, torch_param(path)), path)
+    out: dict[str, Extra] = {}
+    unknown = []
+    for key, tensor in raw.items():
+        read = _read_extra(key, tensor, cfg, leaves, names, file, dtype)
+        if read is None:
+            unknown.append(key)
+        else:
+            out[read[0]] = read[1]
+    if unknown:
+        raise ValueError(
+            f"load_peft: {file!r} holds tensors that its adapter_config.json does not account "
+            f"for (modules_to_save={list(cfg.get('modules_to_save') or [])}, "
+            f"bias={cfg.get('bias') or 'none'!r}): {describe([PREFIX + k for k in unknown])}; "
+            "loading part of the adapter would silently change the model."
+        )
     if cfg.get("trainable_token_indices") and not any(
         isinstance(v, TokenDelta) for v in out.values()
     ):
@@ -182,59 +202,47 @@ def load_extras(
     return out
 
 
-def _read_extras(
-    raw: Mapping[str, np.ndarray],
+def _read_extra(
+    key: str,
+    tensor: np.ndarray,
     cfg: Mapping[str, Any],
-    params: PyTree,
-    name_of: Namer,
+    leaves: dict[str, Any],
+    names: dict[tuple[str, str], str],
     file: str,
     dtype: DTypeLike | None,
-) -> dict[str, Extra]:
-    leaves = flatten(params)
-    names: dict[tuple[str, str], str] = {}  # (module name, torch param) -> leaf path
-    for path in leaves:
-        name = module_of(name_of, path)
-        if name is not None:
-            names.setdefault((name, torch_param(path)), path)
-    saved = list(cfg.get("modules_to_save") or [])
-    bias = cfg.get("bias") or "none"
-    out: dict[str, Extra] = {}
-    unknown = []
-    for key, tensor in raw.items():
-        kind, module, param = split_tensor_key(key) or ("?", "", "")
-        if kind == "tokens":
-            ids = _token_ids(cfg.get("trainable_token_indices"), module, file)
-            path = names.get((module, "weight"))
-            if path is None:
-                raise ValueError(
-                    f"load_peft: the trainable tokens of {module!r} in {file!r} match no Embed "
-                    "table of params (the key map names none so)."
-                )
-            out[path] = _token_delta(key, tensor, module, ids, path, leaves[path], dtype)
-            continue
-        is_saved = kind == "plain" and any(module.endswith(m) for m in saved)
-        if kind == "?" or not (is_saved or (param == "bias" and bias != "none")):
-            unknown.append(key)
-            continue
-        path = names.get((module, param))
+) -> tuple[str, Extra] | None:
+    """The path and node of the tensor named ``key`` (prefix removed); ``None`` for a tensor
+    the config does not account for. ``names``: (module name, torch param) -> leaf path.
+
+    Raises:
+      ValueError: the tensor matches no leaf of ``params``, or does not fit it.
+    """
+    kind, module, param = split_tensor_key(key) or ("?", "", "")
+    if kind == "tokens":
+        ids = _token_ids(cfg.get("trainable_token_indices"), module, file)
+        path = names.get((module, "weight"))
         if path is None:
             raise ValueError(
-                f"load_peft: {file!r} holds {PREFIX + key!r} ("
-                f"{'modules_to_save' if is_saved else 'a trained bias'}), which matches no leaf "
-                f"of params: the key map names no leaf {module!r} with a PyTorch {param!r}."
+                f"load_peft: the trainable tokens of {module!r} in {file!r} match no Embed "
+                "table of params (the key map names none so)."
             )
-        leaf = leaves[path]
-        value = from_torch(path, tensor, tuple(np.shape(leaf)), "load_peft")
-        value = jnp.asarray(value, dtype or getattr(leaf, "dtype", jnp.float32))
-        out[path] = TrainedCopy(value=value, role="module" if is_saved else "bias")
-    if unknown:
+        return path, _token_delta(key, tensor, module, ids, path, leaves[path], dtype)
+    saved = cfg.get("modules_to_save") or []
+    is_saved = kind == "plain" and any(module.endswith(m) for m in saved)
+    is_bias = param == "bias" and (cfg.get("bias") or "none") != "none"
+    if kind == "?" or not (is_saved or is_bias):
+        return None
+    path = names.get((module, param))
+    if path is None:
         raise ValueError(
-            f"load_peft: {file!r} holds tensors that its adapter_config.json does not account "
-            f"for (modules_to_save={saved}, bias={bias!r}): "
-            f"{describe([PREFIX + k for k in unknown])}; loading part of the adapter would "
-            "silently change the model."
+            f"load_peft: {file!r} holds {PREFIX + key!r} ("
+            f"{'modules_to_save' if is_saved else 'a trained bias'}), which matches no leaf "
+            f"of params: the key map names no leaf {module!r} with a PyTorch {param!r}."
         )
-    return out
+    leaf = leaves[path]
+    value = from_torch(path, tensor, tuple(np.shape(leaf)), "load_peft")
+    value = jnp.asarray(value, dtype or getattr(leaf, "dtype", jnp.float32))
+    return path, TrainedCopy(value=value, role="module" if is_saved else "bias")
 
 
 def _token_delta(

@@ -22,7 +22,7 @@ PyTorch module that PEFT's LoRA adapts, each a pair of functions (``write``: our
 
 To add a layout (e.g. PEFT's ``target_parameters``, ParamWrapper tensors of expert kernels):
 write its ``write`` / ``read`` pair, make a `Layout`, add it to `LAYOUTS` and teach
-`layout_of_adapter` (save) and `layout_of_tensors` (load) when to pick it.
+`layout_of_adapter` (save) and `layout_of_target` (load) when to pick it.
 
 Whole leaves (``modules_to_save``, biases) are written by `to_torch` and read by `from_torch`.
 """
@@ -220,12 +220,12 @@ def layout_of_adapter(w: LoraWeights) -> Layout:
     return {"dense": LINEAR, "conv": CONV, "embed": EMBEDDING}[w.kind]
 
 
-def layout_of_tensors(tensors: Mapping[str, np.ndarray]) -> Layout:
+def layout_of_target(t: Target) -> Layout:
     """The layout of a module's tensors in a file: by their names, then (Conv and Linear share
     names) by the rank of ``lora_A``, a conv weight for a Conv."""
-    if EMBEDDING.keys[0] in tensors:
+    if EMBEDDING.keys[0] in t.tensors:
         return EMBEDDING
-    return CONV if tensors[CONV.keys[0]].ndim > 2 else LINEAR
+    return CONV if t.tensors[CONV.keys[0]].ndim > 2 else LINEAR
 
 
 def to_peft(path: str, w: LoraWeights) -> dict[str, np.ndarray]:
@@ -249,7 +249,7 @@ def from_peft(t: Target) -> Factors:
     Raises:
       ValueError: the tensors do not fit the kernel, or the probe's view of it (naming both).
     """
-    layout = layout_of_tensors(t.tensors)
+    layout = layout_of_target(t)
     return layout.read(t, t.tensors[layout.keys[0]], t.tensors[layout.keys[1]])
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 from flax_lora._adapters import LoraWeights
@@ -47,7 +48,7 @@ def load_peft(
     key_map: KeyMap = None,
     *,
     probe: Callable[[PyTree], Any] | None = None,
-    dtype: Any = None,
+    dtype: DTypeLike | None = None,
 ) -> PyTree:
     """Reads a HuggingFace PEFT LoRA adapter (written by PEFT or by `save_peft`) onto ``params``.
 
@@ -132,7 +133,9 @@ def load_peft(
     per_kernel: dict[str, dict[int | None, LoraWeights]] = {}
     for name, tensors in modules.items():
         path, layer = site_of[name]
-        shape = tuple(int(s) for s in kernels[path].shape)[0 if layer is None else 1 :]
+        shape = tuple(int(s) for s in kernels[path].shape)
+        if layer is not None:  # the module is one layer of a layered kernel
+            shape = shape[1:]
         use = layer_use(_use(uses, path, name), path, name, layer)
         target = Target(path, name, shape, use, tensors)
         per_kernel.setdefault(path, {})[layer] = _module_weights(target, cfg, dtype)
@@ -146,7 +149,7 @@ def load_peft(
     return nest(entries + list(extras.items()))
 
 
-def _check_dora(cfg: Mapping[str, Any], modules: Mapping[str, Mapping[str, Any]]) -> None:
+def _check_dora(cfg: Mapping[str, Any], modules: Mapping[str, Mapping[str, np.ndarray]]) -> None:
     """Raises unless the modules have magnitudes exactly when the config says ``use_dora``."""
     use_dora = bool(cfg.get("use_dora", False))
     wrong = [n for n, t in modules.items() if (MAGNITUDE in t) != use_dora]
@@ -195,7 +198,7 @@ def _sites(
 
 
 def _match(
-    modules: Mapping[str, object], sites: dict[str, list[Site]], directory: Path
+    modules: Mapping[str, Mapping[str, np.ndarray]], sites: dict[str, list[Site]], directory: Path
 ) -> dict[str, Site]:
     """The kernel (and layer) of each module of the file: of several with its name, the one
     whose leaf is a ``kernel`` / ``embedding`` (not, say, a multi-axis bias beside it).
