@@ -1,0 +1,179 @@
+"""PEFT's ``adapter_config.json`` both ways: the fields `save_peft` writes, the checks
+`load_peft` makes, and each module's rank and scale from ``r`` / ``lora_alpha`` and the patterns.
+
+PEFT resolves a module's rank and alpha by ``rank_pattern`` / ``alpha_pattern`` (the first key
+``k`` with ``re.match(rf"(.*\\.)?({k})$", name)``), else ``r`` / ``lora_alpha``; its scale is
+``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``. `save_peft` writes ranks and
+alphas that differ between modules resolved, one pattern entry per module.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flax_lora._adapters import LoraWeights
+from flax_lora._config import LoraConfig
+from flax_lora._peft._names import CONFIG_NAME
+from flax_lora._typing import BIASES
+
+TASK_TYPES = (
+    "SEQ_CLS",
+    "SEQ_2_SEQ_LM",
+    "CAUSAL_LM",
+    "TOKEN_CLS",
+    "QUESTION_ANS",
+    "FEATURE_EXTRACTION",
+)
+# init_lora_weights values with which PEFT rewrites the base weights when it makes the adapter
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# adapter_config.json fields that change the adapted model in ways these adapters cannot express.
+_UNSUPPORTED = {
+    "lora_bias": "a bias on lora_B",
+    "target_parameters": "LoRA on bare nn.Parameters",
+    "layer_replication": "layer replication",
+    "alora_invocation_tokens": "Activated LoRA",
+    "use_qalora": "QA-LoRA",
+    "use_bdlora": "block-diagonal LoRA",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA",
+}
+_DEFAULTS = {  # the fields save_peft writes as PEFT's defaults
+    "peft_type": "LORA",
+    "auto_mapping": None,
+    "revision": None,
+    "inference_mode": True,
+    "exclude_modules": None,
+    "fan_in_fan_out": False,
+    "lora_bias": False,
+    "init_lora_weights": True,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "layer_replication": None,
+    "loftq_config": {},
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+}
+
+
+# -- write ---------------------------------------------------------------------------------------
+def alpha_for(path: str, w: LoraWeights, config: LoraConfig | None, rslora: bool) -> float:
+    """The alpha giving ``w.scale`` at rank ``w.rank`` by PEFT's formula, exactly if possible:
+    the config's (``config.alpha_for``) when it reproduces the scale, else derived from it."""
+    denom = math.sqrt(w.rank) if rslora else w.rank
+    scale = float(w.scale)
+    if config is not None:
+        alpha = config.alpha_for(path)
+        if alpha / denom == scale:
+            return alpha
+    alpha = scale * denom
+    for candidate in (alpha, math.nextafter(alpha, math.inf), math.nextafter(alpha, -math.inf)):
+        if candidate / denom == scale:
+            return candidate
+    return alpha
+
+
+def config_json(
+    ranks: Mapping[str, int],
+    alphas: Mapping[str, float],
+    config: LoraConfig | None,
+    dropout: float,
+    **fields: Any,
+) -> dict[str, Any]:
+    """The ``adapter_config.json`` of modules with these ranks and alphas (by module name):
+    ``r`` / ``lora_alpha`` the config's (without one: the most common), the others as one
+    ``rank_pattern`` / ``alpha_pattern`` entry per module (longest names first, so PEFT's
+    suffix matching picks each module's own entry); ``dropout`` is used without a config;
+    ``fields`` are written as given."""
+    if config is not None:
+        r0, alpha0, dropout = int(config.rank), float(config.alpha), float(config.dropout)
+    else:
+        r0 = collections.Counter(ranks.values()).most_common(1)[0][0]
+        alpha0 = collections.Counter(alphas.values()).most_common(1)[0][0]
+    order = sorted(ranks, key=lambda n: (-len(n), n))  # longest first: each finds its own entry
+    differ = any(r != r0 for r in ranks.values())
+    rank_pattern = {n: ranks[n] for n in order} if differ else {}
+    differ = any(a != alpha0 for a in alphas.values())
+    alpha_pattern = {n: _json_number(alphas[n]) for n in order} if differ else {}
+    return _DEFAULTS | {
+        "r": r0,
+        "lora_alpha": _json_number(alpha0),
+        "lora_dropout": dropout,
+        "target_modules": sorted(ranks),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": bool(config.rslora) if config is not None else False,
+        **fields,
+    }
+
+
+def _json_number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+# -- read ----------------------------------------------------------------------------------------
+def read_config(directory: Path) -> dict[str, Any]:
+    """The directory's ``adapter_config.json``, checked.
+
+    Raises:
+      ValueError: no such file; not a LoRA adapter; options these adapters cannot honour
+        (loading part of it would silently change the model); no ``r`` or ``lora_alpha``.
+
+    Warns:
+      UserWarning: a PEFT init that rewrites the base weights (the adapter fits that base only).
+    """
+    file = directory / CONFIG_NAME
+    if not file.is_file():
+        raise ValueError(f"load_peft: {str(directory)!r} has no {CONFIG_NAME}.")
+    cfg = json.loads(file.read_text())
+    if str(cfg.get("peft_type", "")).upper() != "LORA":
+        raise ValueError(
+            f"load_peft: {str(file)!r} is a {cfg.get('peft_type')!r} adapter; only LORA is read."
+        )
+    problems = [
+        f"{key}={cfg[key]!r} ({what})" for key, what in _UNSUPPORTED.items() if cfg.get(key)
+    ]
+    if (cfg.get("bias") or "none") not in BIASES:
+        problems.append(f"bias={cfg['bias']!r} (an unknown bias mode)")
+    if problems:
+        raise ValueError(
+            f"load_peft: {str(file)!r} uses PEFT options that flax_lora adapters cannot honour: "
+            f"{', '.join(problems)}. Only LoRA (optionally rsLoRA, rank/alpha patterns) "
+            "DoRA, modules_to_save, trainable_token_indices and bias are supported; loading part "
+            "of it would silently change the model."
+        )
+    for key in ("r", "lora_alpha"):
+        if key not in cfg:
+            raise ValueError(f"load_peft: {str(file)!r} has no {key!r}.")
+    init = str(cfg.get("init_lora_weights", True)).lower()
+    if init.startswith(BASE_CHANGING_INITS):
+        warnings.warn(
+            f"load_peft: {str(file)!r} was initialised with init_lora_weights="
+            f"{cfg['init_lora_weights']!r}, which changes the base weights: pass the params of "
+            "that changed base, or convert the adapter in PEFT first (save_pretrained with "
+            "path_initial_model_for_weight_conversion) to use it on the original base.",
+            stacklevel=3,  # read_config <- load_peft <- the caller
+        )
+    return cfg
+
+
+def rank_and_scale(cfg: Mapping[str, Any], name: str) -> tuple[int, float]:
+    """The rank and scale PEFT gives the module ``name``."""
+    r = int(_pattern_value(cfg.get("rank_pattern") or {}, name, cfg["r"]))
+    alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, name, cfg["lora_alpha"]))
+    return r, alpha / (math.sqrt(r) if cfg.get("use_rslora", False) else r)
+
+
+def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+    """PEFT's ``get_pattern_key``: the first ``k`` with ``re.match(rf"(.*\\.)?({k})$", name)``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default

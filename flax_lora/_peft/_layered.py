@@ -1,0 +1,177 @@
+"""Layered kernels in PEFT files: one PyTorch module per layer of a kernel stacked by a scan.
+
+A kernel ``(L, *rest)`` stacked by ``nn.scan`` / ``nnx.scan`` (`LoraWeights.layer_axes` ``== 1``)
+with factors ``a (L, *I, r)``, ``b (L, r, *O)`` is ``L`` PyTorch modules, one per layer
+(``model.layers.0.q_proj``, ``model.layers.1.q_proj``, ...). The key map names such a kernel
+with the placeholder ``{layer}`` (``"layers.{layer}.attn.query"``); layer ``i``'s module is that
+name with ``{layer}`` replaced by ``i``. Each layer's module holds exactly what an unlayered
+adapter of the layer's kernel ``rest`` would.
+
+An adapter of some layers only (`LoraWeights.layers`) writes those layers' modules; reading a
+file without some layers' modules gives those layers zero factors (and, for DoRA, the magnitudes
+``||W0||`` of their base kernels, so they stay the base) and ``layers=`` the others. One layered
+adapter has one rank, one scale and one DoRA-ness for all its layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from flax_lora._adapters import LoraWeights
+from flax_lora._peft._names import LAYER, layer_name
+from flax_lora._probe import Use
+
+
+class Module(NamedTuple):
+    """One PEFT module to write: the kernel's path, the module's name, its (unlayered) adapter."""
+
+    path: str
+    name: str
+    w: LoraWeights
+
+
+# -- save ----------------------------------------------------------------------------------------
+def layer_modules(path: str, name: str, w: LoraWeights) -> list[Module]:
+    """The PEFT modules ``w`` stands for: itself, or for a layered kernel one per adapted layer,
+    as the adapter of that layer's kernel.
+
+    Raises:
+      ValueError: ``{layer}`` in the name of an unlayered kernel or missing from a layered one's;
+        more than one layer axis (nested scans).
+    """
+    if not w.layer_axes:
+        if LAYER in name:
+            raise ValueError(
+                f"save_peft: key_map names the unstacked kernel {path!r} {name!r}, with the "
+                f"placeholder {LAYER!r}; only kernels stacked by a scan have layers."
+            )
+        return [Module(path, name, w)]
+    if w.layer_axes > 1:
+        raise ValueError(
+            f"save_peft: the kernel {path!r} of shape {tuple(w.kernel_shape)} has "
+            f"{w.layer_axes} layer axes (nested scans); PEFT modules can be named by one layer "
+            "index only, so one layer axis is expected."
+        )
+    if LAYER not in name:
+        raise ValueError(
+            f"save_peft: key_map names the scan-stacked kernel {path!r} (shape "
+            f"{tuple(w.kernel_shape)}) {name!r}; a stacked kernel's name must contain "
+            f"{LAYER!r}, replaced by each layer index (one PEFT module per layer)."
+        )
+    layers = range(w.kernel_shape[0]) if w.layers is None else w.layers
+    return [
+        Module(
+            path,
+            layer_name(name, i),
+            w.unstacked(a=w.a[i], b=w.b[i], m=None if w.m is None else w.m[i]),
+        )
+        for i in layers
+    ]
+
+
+# -- load ----------------------------------------------------------------------------------------
+def layer_use(use: Use | None, path: str, name: str, layer: int | None) -> Use | None:
+    """What the probe saw of the kernel that module ``name`` is read onto: the kernel at ``path``,
+    or its layer ``layer`` (then without the layer axis).
+
+    Raises:
+      ValueError: the probe sees the kernel layered but the name has no ``{layer}``, or the
+        other way round.
+    """
+    if use is None:
+        return None
+    if len(use.layer_axes) != (layer is not None):
+        seen = f"stacked by {len(use.layer_axes)} scan(s)" if use.layer_axes else "unstacked"
+        raise ValueError(
+            f"load_peft: the probe sees the kernel {path!r} (module {name!r}) {seen}"
+            f", but the key map's name for it {'has' if layer is not None else 'lacks'} the "
+            f"placeholder {LAYER!r}; expected one scan-stacked layer axis named by "
+            f"{LAYER!r}, or an unstacked kernel without it."
+        )
+    if layer is None:
+        return use
+    return dataclasses.replace(use, in_axes=tuple(d - 1 for d in use.in_axes), layer_axes=())
+
+
+def join_layers(
+    path: str,
+    template: str,
+    kernel: ArrayLike | jax.ShapeDtypeStruct,
+    pieces: dict[int, LoraWeights],
+) -> LoraWeights:
+    """One layered adapter (``layer_axes=1``) of ``kernel`` (the layered base kernel) from the
+    adapters of its layers' modules (``template`` with ``{layer}`` replaced); layers without a
+    module get zero factors, DoRA magnitudes ``||W0||`` (which leave them the base kernel), and
+    ``layers`` lists the others when there are such.
+
+    Raises:
+      ValueError: the layers differ in rank, scale or DoRA-ness; a DoRA adapter lacks layers
+        but ``kernel`` holds no values for their norms.
+    """
+    shape = tuple(int(s) for s in kernel.shape)
+    how = {i: (w.rank, float(w.scale), w.m is not None) for i, w in pieces.items()}
+    if len(set(how.values())) > 1:
+        raise ValueError(
+            f"load_peft: the layers of the scan-stacked kernel {path!r} (modules {template!r}) "
+            "must share one rank, one scale and DoRA-ness (one stacked adapter holds them); the "
+            "file gives, by layer: "
+            + ", ".join(
+                f"{i}: rank {r}, scale {scale}{', DoRA' if dora else ''}"
+                for i, (r, scale, dora) in sorted(how.items())
+            )
+            + "."
+        )
+    present = sorted(pieces)
+    first = pieces[present[0]]
+    missing = [i for i in range(shape[0]) if i not in pieces]
+    fill = {"a": {}, "b": {}, "m": {}}  # field -> {absent layer: its value}
+    for i in missing:
+        fill["a"][i], fill["b"][i] = jnp.zeros_like(first.a), jnp.zeros_like(first.b)
+    if missing and first.m is not None:  # DoRA: zero factors (V = W0) and m = ||W0||
+        norms = _base_norms(path, template, kernel, first.in_axes, missing)
+        fill["m"] = {i: jnp.asarray(norms[i], first.m.dtype) for i in missing}
+
+    def layered(field: str) -> jax.Array:
+        return jnp.stack(
+            [getattr(pieces[i], field) if i in pieces else fill[field][i] for i in range(shape[0])]
+        )
+
+    return first.replace(
+        a=layered("a"),
+        b=layered("b"),
+        m=None if first.m is None else layered("m"),
+        in_axes=tuple(d + 1 for d in first.in_axes),
+        kernel_shape=shape,
+        layer_axes=1,
+        layers=tuple(present) if missing else None,
+    )
+
+
+def _base_norms(
+    path: str,
+    template: str,
+    kernel: ArrayLike | jax.ShapeDtypeStruct,
+    in_axes: tuple[int, ...],
+    layers: list[int],
+) -> dict[int, np.ndarray]:
+    """``||W0[i]||`` over each layer's input axes ``in_axes`` (one value per output unit, as
+    `flax_lora._dora.weight_norm`), float32 or wider, for the given layers of a layered kernel."""
+    if isinstance(kernel, jax.ShapeDtypeStruct) or not hasattr(kernel, "dtype"):
+        raise ValueError(
+            f"load_peft: the DoRA adapter of the scan-stacked kernel {path!r} (modules "
+            f"{template!r}) lacks layers {layers}, whose magnitudes are the base kernel's norms, "
+            f"but params holds no values at {path!r} ({type(kernel).__name__}); pass the real "
+            "params."
+        )
+    acc = jnp.promote_types(kernel.dtype, jnp.float32)
+    axes = tuple(sorted(d + 1 for d in in_axes))
+    norms = np.asarray(
+        jax.device_get(jnp.sqrt(jnp.sum(jnp.square(jnp.asarray(kernel, acc)), axis=axes)))
+    )
+    return {i: norms[i] for i in layers}
