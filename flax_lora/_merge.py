@@ -11,7 +11,8 @@ import numpy as np
 from flax_lora._adapters import adapter_table, check_fits, delta, layer_mask
 from flax_lora._dora import dora_kernel
 from flax_lora._paths import describe, path_str
-from flax_lora._quant import _requantize, dequantize_kernel, is_quantized, requantize_layers
+from flax_lora._quant import dequantize_kernel, is_quantized
+from flax_lora._quantize import requantize_layers, requantize_tree
 
 PyTree = Any
 _DORA_UNMERGE = (
@@ -74,7 +75,7 @@ def merge(params: PyTree, adapters: PyTree, requantize: bool = False) -> PyTree:
     if has_quantized and not dequantized and not layered:
         return merged  # no quantized kernel was merged: nothing to quantize again
     # raises on a base without QuantizedKernels; the unadapted ones pass through untouched
-    return _requantize(merged, base, layered)
+    return requantize_tree(merged, base, layered)
 
 
 def _requantize_layers(params: PyTree, adapters: PyTree) -> tuple[PyTree, dict[str, Any]]:
