@@ -41,8 +41,9 @@ from flax_lora._factored_view import (
     materialize,
 )
 from flax_lora._paths import describe, path_str
-from flax_lora._quant import dequantize, is_quantized
+from flax_lora._quant import is_quantized
 from flax_lora._quant_view import as_array, input_aval, is_base, quant_base, quant_rule
+from flax_lora._quantize import dequantize
 from flax_lora._routing import (
     ROUTED_OPS,
     RoutingFallback,

@@ -171,10 +171,10 @@ def _per_layer(q: QuantizedKernel) -> QuantizedKernel | None:
 
 def _block_absmax(q: QuantizedKernel) -> jax.Array:
     """The float32 block absmaxes of a double-quantized nf4 kernel."""
-    from flax_lora._quant import DOUBLE_QUANT_BLOCK, DYNAMIC_MAP, _blocks
+    from flax_lora._quant import DOUBLE_QUANT_BLOCK, DYNAMIC_MAP, blocks
 
     n_blocks = q.absmax.shape[0]
-    vals = _blocks(jnp.asarray(DYNAMIC_MAP)[q.absmax.astype(jnp.int32)], DOUBLE_QUANT_BLOCK)
+    vals = blocks(jnp.asarray(DYNAMIC_MAP)[q.absmax.astype(jnp.int32)], DOUBLE_QUANT_BLOCK)
     return (vals * q.absmax_scale[:, None]).reshape(-1)[:n_blocks] + q.absmax_offset
 
 

@@ -1,0 +1,211 @@
+"""One kernel's starting factors: the random inits (lora, gaussian, random), the inits that
+factor the base kernel (PiSSA, OLoRA), and DoRA's magnitude.
+
+A kernel's axes are its input axes ``I``, its output axes ``O`` and its carried axes ``C``:
+the axes on which the adapter has an independent factor pair per index (the layer axes of a
+layered kernel, stacked by ``nn.scan`` / ``nnx.scan``; expert axes next). `init_factors` makes
+the factors of one slice of the carried axes at a time, in one loop over the slices, and stacks
+them; a kernel without carried axes is a single slice. LoftQ, which quantizes the base while it
+fits the factors, is in `flax_lora._loftq`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import DTypeLike
+
+from flax_lora._adapters import LoraWeights
+from flax_lora._dora import weight_norm
+from flax_lora._quant import QuantizedKernel, dequantize_kernel, is_quantized
+from flax_lora._sharding import place
+from flax_lora._typing import Init, Kind
+
+RANDOM_INITS: tuple[Init, ...] = ("lora", "gaussian", "random")
+"""The inits that need the kernel's shape only (``b = 0``, or ``a = 0`` for an Embed table,
+except ``"random"``)."""
+
+FACTORING_INITS: tuple[Init, ...] = ("pissa", "olora", "loftq")
+"""The inits that factor the base kernel: they need its values, and `lora.init` returns the new
+base (the residual, or LoftQ's quantized kernel) with the adapters."""
+
+
+def init_factors(
+    key: jax.Array,
+    kernel: jax.Array | jax.ShapeDtypeStruct,
+    init: Init,
+    kind: Kind,
+    in_axes: tuple[int, ...],
+    rank: int,
+    scale: float,
+    dtype: DTypeLike,
+    carried: int = 0,
+    picked: np.ndarray | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """The factors of one kernel, made slice by slice over its leading carried axes.
+
+    Each slice (an index of the carried axes) gets its own key, split from ``key`` one carried
+    axis at a time (``jax.random.split(key, C[0])``, then each of those into ``C[1]``, ...), and
+    its own factors, as if it were a kernel of its own.
+
+    Args:
+      key: a PRNG key (used by the random inits only).
+      kernel: the base kernel; a `jax.ShapeDtypeStruct` is enough for `RANDOM_INITS`.
+      init: one of `RANDOM_INITS`, ``"pissa"`` or ``"olora"``.
+      kind: the kernel's kind (an Embed table starts with ``a = 0`` instead of ``b = 0``).
+      in_axes: the kernel's input axes (counted in the whole kernel; none of them carried).
+      rank: ``r``.
+      scale: the adapter's ``scale`` (PiSSA's factors and every residual depend on it).
+      dtype: the factors' dtype.
+      carried: the number of the kernel's carried axes, its leading ones.
+      picked: a boolean mask of the carried axes' shape: the slices to adapt (``None``: all);
+        the others get zero factors and keep their base unchanged.
+
+    Returns:
+      ``a`` ``(*C, prod(I), r)`` and ``b`` ``(*C, r, prod(O))`` in ``dtype``, and for PiSSA and
+      OLoRA the residual base kernel (``W0 - scale * a @ b``, in the kernel's layout and dtype),
+      else ``None``.
+    """
+    shape = tuple(kernel.shape)
+    sizes = shape[:carried]
+    slice_in_axes = tuple(d - carried for d in in_axes)
+    n_in = math.prod(shape[d] for d in in_axes)
+    n_out = math.prod(shape[d] for d in range(carried, len(shape)) if d not in in_axes)
+    needs_values = init not in RANDOM_INITS
+    keys = [key]
+    for size in sizes:
+        keys = [k for parent in keys for k in jax.random.split(parent, size)]
+    a_s, b_s, residuals = [], [], []
+    for k, index in zip(keys, np.ndindex(*sizes), strict=True):
+        piece, residual = None, None
+        if needs_values:
+            piece = kernel[index] if carried else kernel
+            a, b, residual = _factor(piece, init, slice_in_axes, rank, scale, dtype)
+        else:  # random inits need the shape only: no slice of a (sharded) kernel is made
+            a, b = _random_factors(k, init, kind == "embed", n_in, n_out, rank, jnp.dtype(dtype))
+        if picked is not None and not picked[index]:  # not adapted: zero factors, base unchanged
+            a, b, residual = jnp.zeros_like(a), jnp.zeros_like(b), piece
+        a_s.append(a)
+        b_s.append(b)
+        residuals.append(residual)
+    if not carried:
+        return a_s[0], b_s[0], residuals[0]
+    a = jnp.stack(a_s).reshape(*sizes, *a_s[0].shape)
+    b = jnp.stack(b_s).reshape(*sizes, *b_s[0].shape)
+    if not needs_values:
+        return a, b, None
+    return a, b, jnp.stack(residuals).astype(kernel.dtype).reshape(shape)
+
+
+def with_magnitude(w: LoraWeights, base: jax.Array | QuantizedKernel) -> LoraWeights:
+    """DoRA: ``w`` with ``m = ||W0 + scale * a @ b||`` over the input axes (PEFT), in the
+    factors' dtype, sharded as the kernel's output (and layer) axes.
+
+    ``base`` is the base kernel the adapter will run on (a PiSSA/OLoRA residual, a LoftQ
+    `QuantizedKernel`, or the params' kernel). With the default inits (``b = 0``, or ``a = 0``
+    for an Embed) this makes DoRA the identity at init.
+    """
+    if is_quantized(base):
+        base = dequantize_kernel(base)
+    m = weight_norm(base, w, jnp.promote_types(base.dtype, jnp.float32)).astype(w.b.dtype)
+    return w.replace(m=place(m, base, (*range(w.layer_axes), *w.out_axes)))
+
+
+def _factor(
+    piece: jax.Array,
+    init: Init,
+    in_axes: tuple[int, ...],
+    rank: int,
+    scale: float,
+    dtype: DTypeLike,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """PiSSA / OLoRA of a kernel without carried axes: ``a`` ``(n_in, r)`` and ``b``
+    ``(r, n_out)`` in ``dtype`` from ``W0`` in float32, and the residual base kernel."""
+    shape = tuple(piece.shape)
+    out_axes = tuple(i for i in range(len(shape)) if i not in in_axes)
+    in_shape = tuple(shape[i] for i in in_axes)
+    out_shape = tuple(shape[i] for i in out_axes)
+    n_in, n_out = math.prod(in_shape), math.prod(out_shape)
+    w = piece.astype(jnp.float32).transpose(in_axes + out_axes).reshape(n_in, n_out)
+    a32, b32 = _FACTORIZATIONS[init](w, rank, scale)
+    # the residual is taken against the factors as stored (in ``dtype``), so that
+    # residual + scale * a @ b is W0 to float32 rounding also for bfloat16 adapters
+    a, b = a32.astype(dtype), b32.astype(dtype)
+    ab = jnp.matmul(
+        a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
+    res = w - scale * ab
+    inverse = tuple((in_axes + out_axes).index(i) for i in range(len(shape)))
+    return a, b, res.reshape(in_shape + out_shape).transpose(inverse).astype(piece.dtype)
+
+
+def _pissa(w: jax.Array, r: int, scale: float) -> tuple[jax.Array, jax.Array]:
+    """PiSSA: the top-``r`` singular triplets of ``W0``, ``a = U sqrt(S / scale)``,
+    ``b = sqrt(S / scale) Vh``."""
+    u, s, vt = jnp.linalg.svd(w, full_matrices=False)
+    root = jnp.sqrt(s[:r] / scale)
+    return u[:, :r] * root, root[:, None] * vt[:r]
+
+
+def _olora(w: jax.Array, r: int, scale: float) -> tuple[jax.Array, jax.Array]:
+    """OLoRA: QR of ``W0`` in PyTorch's (out, in) layout: ``lora_A = R[:r]``,
+    ``lora_B = Q[:, :r]`` (``scale`` enters through the residual only)."""
+    del scale
+    q, rr = jnp.linalg.qr(w.T)
+    return rr[:r].T, q[:, :r].T
+
+
+_FACTORIZATIONS: dict[str, Callable[[jax.Array, int, float], tuple[jax.Array, jax.Array]]] = {
+    "pissa": _pissa,
+    "olora": _olora,
+}
+
+
+def _random_factors(
+    key: jax.Array, init: Init, embed: bool, n_in: int, n_out: int, r: int, dtype: DTypeLike
+) -> tuple[jax.Array, jax.Array]:
+    """``a`` (n_in, r) and ``b`` (r, n_out) for the random inits.
+
+    The random numbers are drawn by one compiled call per power-of-two size (threefry takes
+    long to compile on CPU, and a model has many kernel shapes); slicing and scaling them to
+    each shape is a second, cheap compiled call.
+    """
+    na, nb = n_in * r, r * n_out
+    normal = init == "gaussian" or (embed and init == "lora")
+    flat = _draw(key, _bucket(na + nb), normal)
+    return _shape_factors(flat, init, embed, n_in, n_out, r, dtype)
+
+
+def _bucket(n: int) -> int:
+    return max(256, 1 << (n - 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _draw(key: jax.Array, n: int, normal: bool) -> jax.Array:
+    if normal:
+        return jax.random.normal(key, (n,), jnp.float32)
+    return jax.random.uniform(key, (n,), jnp.float32, -1.0, 1.0)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
+def _shape_factors(
+    flat: jax.Array, init: Init, embed: bool, n_in: int, n_out: int, r: int, dtype: DTypeLike
+) -> tuple[jax.Array, jax.Array]:
+    na, nb = n_in * r, r * n_out
+    u_a = flat[:na].reshape(n_in, r)
+    u_b = flat[na : na + nb].reshape(r, n_out)
+    bound = 1.0 / math.sqrt(n_in)  # PyTorch kaiming_uniform_(a=sqrt(5)) on fan_in = prod(I)
+    if init == "random":  # both uniform: a as kaiming, b in +-1/sqrt(r)
+        a, b = u_a * bound, u_b / math.sqrt(r)
+    elif embed:  # PEFT: A zeros, B standard normal, for both "lora" and "gaussian"
+        a, b = jnp.zeros_like(u_a), u_b
+    elif init == "lora":  # a kaiming-uniform, b zeros
+        a, b = u_a * bound, jnp.zeros_like(u_b)
+    else:  # gaussian: a normal with std 1/r, b zeros
+        a, b = u_a / r, jnp.zeros_like(u_b)
+    return a.astype(dtype), b.astype(dtype)

@@ -1,0 +1,295 @@
+"""QLoRA's tree functions: `lora.quantize`, `lora.dequantize` and `lora.requantize` over a params
+tree, and the layer-wise requantization `lora.merge` uses for a kernel quantized per layer.
+
+`quantize` replaces the selected kernels of a params tree with `QuantizedKernel` nodes that hold
+the integer codes and their scales; `dequantize` turns them back into arrays of the original
+dtype. It is pure and jit-able, so a training step calls it on the quantized tree *inside* the
+jitted function: only the codes live in memory between steps, and each kernel is expanded
+transiently for its use (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs",
+https://arxiv.org/abs/2305.14314). The formats themselves are in `flax_lora._quant`.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_lora._config import regex_tuple
+from flax_lora._paths import describe, flatten, path_str
+from flax_lora._probe import kernel_uses
+from flax_lora._quant import (
+    QuantizedKernel,
+    as_shapes,
+    check_format,
+    dequantize_kernel,
+    is_quantized,
+    join_layers,
+    quantize_f32,
+    quantize_jit,
+    split_layers,
+)
+from flax_lora._typing import PyTree, QuantFormat
+
+_KERNEL_NAMES = ("kernel", "embedding")
+
+
+def _select(leaves: dict[str, Any], patterns: tuple[str, ...] | None) -> list[str]:
+    """The paths to quantize: the rule of `lora.init` without a probe."""
+    candidates = [
+        p
+        for p, x in leaves.items()
+        if not is_quantized(x)
+        and getattr(x, "ndim", 0) >= 2
+        and (patterns is not None or p.rsplit("/", 1)[-1] in _KERNEL_NAMES)
+    ]
+    if patterns is None:
+        chosen = candidates
+    else:
+        chosen = [p for p in candidates if any(re.fullmatch(t, p) for t in patterns)]
+        again = [p for p, x in leaves.items() if is_quantized(x) and p not in chosen]
+        again = [p for p in again if any(re.fullmatch(t, p) for t in patterns)]
+        if again:
+            raise ValueError(f"lora.quantize: {describe(again)} are already quantized.")
+    if not chosen:
+        done = [p for p, x in leaves.items() if is_quantized(x)]
+        raise ValueError(
+            f"lora.quantize: targets={patterns!r} match no unquantized kernel (a floating leaf "
+            f"of 2 or more dimensions{'' if patterns else ' named kernel or embedding'}). Paths "
+            f"seen: {describe(candidates or [p for p in leaves if p not in done], limit=40)}"
+            + (f"; already quantized: {describe(done)}." if done else ".")
+        )
+    for p in chosen:
+        if not jnp.issubdtype(leaves[p].dtype, jnp.floating):
+            raise TypeError(
+                f"lora.quantize: kernel {p!r} has dtype {leaves[p].dtype}; only floating "
+                "kernels are quantized."
+            )
+    return chosen
+
+
+def quantize(
+    params: PyTree,
+    targets: str | Sequence[str] | None = None,
+    dtype: QuantFormat = "nf4",
+    block_size: int = 64,
+    double_quant: bool = False,
+    probe: Callable[[PyTree], Any] | None = None,
+) -> PyTree:
+    """Stores the frozen kernels of ``params`` quantized (QLoRA's base), as `QuantizedKernel`\\s.
+
+    ``"int8"``: symmetric per-channel absmax, the channel being the kernel's last axis (codes
+    ``round(w * 127 / absmax)``; bitsandbytes' LLM.int8 weight format). ``"nf4"``: bitsandbytes'
+    NF4: the flattened kernel in blocks of ``block_size`` values, each scaled by its absmax and
+    rounded to the nearest of 16 NormalFloat levels, two codes per byte; a partial last block is
+    zero-padded. ``double_quant`` (QLoRA) also stores the block absmaxes as 8-bit dynamic-map
+    codes of their mean-subtracted values in blocks of 256 (bitsandbytes'
+    ``compress_statistics``). Bytes per weight: f32 4, int8 ~1, nf4 ~0.56 (4.5 bits), nf4 with
+    double quantisation ~0.52 (4.13 bits). Jit-able with ``targets``/``dtype``/``block_size``/
+    ``double_quant`` static.
+
+    A kernel stacked by ``nn.scan`` / ``nnx.scan`` (found by ``probe``, as `lora.init` finds
+    them) is quantized layer by layer: int8 gets one absmax per layer and channel ``(L, out)``,
+    nf4 blocks never straddle two layers, so every layer is stored exactly as the unstacked
+    quantization of its kernel, and the factored `lora.wrap` dequantizes it inside the scan, one
+    layer at a time. Without a probe a stacked kernel is quantized as one array (scales shared
+    across layers).
+
+    Example:
+      >>> qparams = lora.quantize(params, dtype="nf4")
+      >>> qparams = lora.quantize(params, dtype="int8", probe=lambda p: model.apply(p, x))
+      >>> fn = jax.jit(lambda q, ad, x: lora.wrap(model.apply)(lora.dequantize(q), ad, x))
+
+    Args:
+      params: a Linen variables dict, an NNX state, or any pytree.
+      targets: which leaves to quantize: a regex that must ``re.fullmatch`` the path, or a
+        sequence of them (any matches); the leaves of 2 or more dimensions they match. ``None``:
+        every leaf of 2 or more dimensions named ``kernel`` or ``embedding`` (Flax's names).
+        Leaves already quantized are left as they are.
+      dtype: the format, ``"nf4"`` (default) or ``"int8"``.
+      block_size: NF4 values per absmax block (a positive even number; bitsandbytes' default 64).
+        Unused by int8.
+      double_quant: quantize the NF4 block absmaxes too (QLoRA's double quantization).
+      probe: an optional function of the params alone (e.g. ``lambda p: model.apply(p, x)``),
+        traced abstractly to find the kernels stacked by a scan and their layer axes.
+
+    Returns:
+      ``params`` with each selected kernel replaced by a `QuantizedKernel`; every other leaf is
+      the same object.
+
+    Raises:
+      ValueError: unknown ``dtype``, bad ``block_size``, ``double_quant`` with int8, or
+        ``targets`` that match no kernel (the message lists the paths seen).
+      TypeError: a selected kernel is not floating.
+    """
+    check_format(dtype, block_size, double_quant)
+    leaves = flatten(params, is_leaf=is_quantized)
+    chosen = set(_select(leaves, regex_tuple(targets, "lora.quantize: targets")))
+    layers = _layer_axes(params, probe, chosen)
+
+    def f(kp: Any, x: Any) -> Any:
+        path = path_str(kp)
+        if is_quantized(x) or path not in chosen:
+            return x
+        n = layers.get(path, 0)
+        return quantize_jit(x, dtype, int(block_size), bool(double_quant), jnp.dtype(x.dtype), n)
+
+    return jax.tree_util.tree_map_with_path(f, params, is_leaf=is_quantized)
+
+
+def _layer_axes(
+    params: PyTree, probe: Callable[[PyTree], Any] | None, chosen: set[str]
+) -> dict[str, int]:
+    """Path -> number of leading layer axes of each chosen kernel a scan of ``probe`` slices."""
+    if probe is None:
+        return {}
+    out = {}
+    for path, use in kernel_uses(probe, as_shapes(params)).items():
+        axes = tuple(use.layer_axes)
+        if path in chosen and axes and axes == tuple(range(len(axes))):
+            out[path] = len(axes)
+    return out
+
+
+def dequantize(params: PyTree) -> PyTree:
+    """Replaces every `QuantizedKernel` of ``params`` by its dequantized array (jit-able).
+
+    Call it inside the jitted function, so that only the codes are kept between steps; a tree
+    without quantized kernels is returned unchanged.
+
+    Example:
+      >>> @jax.jit
+      ... def step(adapters, qparams, x):
+      ...     return jax.grad(lambda ad: loss(lora.wrap(model.apply)(lora.dequantize(qparams),
+      ...                                                          ad, x)))(adapters)
+
+    Args:
+      params: a params tree, possibly holding `QuantizedKernel` nodes.
+
+    Returns:
+      The same tree with each `QuantizedKernel` replaced by an array of its original shape and
+      dtype.
+    """
+    if not any(is_quantized(x) for x in jax.tree.leaves(params, is_leaf=is_quantized)):
+        return params  # nothing to do: the very same tree
+    return jax.tree.map(
+        lambda x: dequantize_kernel(x) if is_quantized(x) else x, params, is_leaf=is_quantized
+    )
+
+
+def requantize(params: PyTree, like: PyTree) -> PyTree:
+    """Quantizes the kernels of ``params`` where ``like`` holds a `QuantizedKernel`, in its format.
+
+    For a merged model on a quantized base (``lora.merge(lora.dequantize(qparams), adapters)``)
+    this stores the merged kernels quantized again. Rounding the merged kernel to the base's grid
+    loses most of a small LoRA update: a ``UserWarning`` gives the relative error
+    ``‖W - deQ(Q(W))‖ / ‖W‖`` it introduces (measured, largest over the kernels; not measured
+    under a trace). Keep the dequantized merge when that matters.
+
+    Example:
+      >>> merged = lora.merge(lora.dequantize(qparams), adapters)
+      >>> qmerged = lora.requantize(merged, like=qparams)  # warns with the measured error
+
+    Args:
+      params: a params tree with float kernels at the paths that are quantized in ``like``.
+      like: a quantized params tree (from `quantize`, or `lora.init` with ``init="loftq"``).
+
+    Returns:
+      ``params`` with those kernels replaced by `QuantizedKernel`\\s of the same format, block size
+      and double quantization as in ``like``.
+
+    Raises:
+      ValueError: a quantized path of ``like`` is not in ``params`` or has another shape.
+      TypeError: such a leaf is not a floating array.
+    """
+    return requantize_tree(params, like, {})
+
+
+def requantize_tree(params: PyTree, like: PyTree, done: dict[str, float | None]) -> PyTree:
+    """`requantize`, with ``done``: path -> the relative error (or ``None`` under a trace) of
+    the kernels of ``params`` the caller already quantized again (`lora.merge`, layer by layer
+    with `requantize_layers`), so that one warning reports every kernel."""
+    table = {p: q for p, q in flatten(like, is_leaf=is_quantized).items() if is_quantized(q)}
+    if not table:
+        raise ValueError("lora.requantize: `like` holds no QuantizedKernel.")
+    leaves = flatten(params, is_leaf=is_quantized)
+    missing = [p for p in table if p not in leaves]
+    if missing:
+        raise ValueError(
+            f"lora.requantize: {describe(missing)} are quantized in `like` but not in params. "
+            f"Paths in params: {describe(list(leaves), limit=20)}."
+        )
+    errors: dict[str, float] = {p: e for p, e in done.items() if e is not None}
+
+    def f(kp: Any, x: Any) -> Any:
+        path = path_str(kp)
+        q = table.get(path)
+        if q is None or is_quantized(x):
+            return x
+        if not jnp.issubdtype(getattr(x, "dtype", np.dtype(object)), jnp.floating):
+            raise TypeError(f"lora.requantize: {path!r} is not a floating array ({type(x)}).")
+        if tuple(x.shape) != tuple(q.shape):
+            raise ValueError(
+                f"lora.requantize: {path!r} has shape {tuple(x.shape)}, but `like` quantized a "
+                f"kernel of shape {tuple(q.shape)} there."
+            )
+        w = x.astype(jnp.float32)
+        out = quantize_jit(
+            x, q.format, q.block_size, q.double_quant, jnp.dtype(x.dtype), q.layer_axes
+        )
+        if not isinstance(w, jax.core.Tracer):
+            back = dequantize_kernel(out).astype(jnp.float32)
+            errors[path] = float(jnp.linalg.norm(w - back) / jnp.maximum(jnp.linalg.norm(w), 1e-30))
+        return out
+
+    out = jax.tree_util.tree_map_with_path(f, params, is_leaf=is_quantized)
+    fmt = sorted({q.format for q in table.values()})
+    if errors:
+        worst = max(errors, key=errors.get)
+        detail = (
+            f"a relative error ||W - deQ(Q(W))|| / ||W|| of up to {errors[worst]:.3g} (at "
+            f"{worst!r}; mean {np.mean(list(errors.values())):.3g} over {len(errors)} kernels)"
+        )
+    else:
+        detail = "a rounding error (not measured under a trace)"
+    warnings.warn(  # stacklevel: the caller of lora.requantize / lora.merge
+        f"lora.requantize: rounding the merged kernels to {'/'.join(fmt)} introduces {detail}; "
+        "a LoRA update smaller than the quantization step is mostly lost. Keep the dequantized "
+        "merge (lora.merge(lora.dequantize(qparams), adapters)) to avoid it.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return out
+
+
+def requantize_layers(
+    q: QuantizedKernel, add: Callable[[jax.Array], jax.Array]
+) -> tuple[QuantizedKernel, float | None]:
+    """``quantize(dequantize(q) + add(i))`` layer by layer for a kernel quantized per layer
+    (``q.layer_axes``), in a `jax.lax.map` over the layers, so one layer's float kernel is
+    alive at a time; and the relative error ``||W - deQ(Q(W))|| / ||W||`` over the stack
+    (``None`` under a trace). ``add(i)``: layer ``i``'s float32 update."""
+    treedef, flat = split_layers(q)
+    fmt = (q.format, q.block_size, q.double_quant, jnp.dtype(q.dtype))
+
+    def one(
+        args: tuple[jax.Array, list[jax.Array]],
+    ) -> tuple[QuantizedKernel, jax.Array, jax.Array]:
+        i, ls = args
+        w = dequantize_kernel(jax.tree.unflatten(treedef, ls)).astype(jnp.float32) + add(i)
+        out = quantize_f32(w.astype(q.dtype).astype(jnp.float32), *fmt)
+        back = dequantize_kernel(out).astype(jnp.float32)
+        return out, jnp.sum((w - back) ** 2), jnp.sum(w**2)
+
+    size = flat[0].shape[0]
+    out, err2, norm2 = jax.lax.map(one, (jnp.arange(size), flat))
+    out = join_layers(out, q.shape)
+    err = None
+    if not isinstance(err2, jax.core.Tracer):
+        err = float(jnp.sqrt(jnp.sum(err2)) / jnp.maximum(jnp.sqrt(jnp.sum(norm2)), 1e-30))
+    return out, err
