@@ -37,6 +37,7 @@ class AdapterLayout:
     a: Any
     in_axes: tuple[int, ...]
     kernel_shape: tuple[int, ...]
+    kind: Kind
     layer_axes: int
 
     LAYOUT_FIELDS = ("kernel_shape", "layer_axes", "in_axes", "kind")
