@@ -5,17 +5,18 @@ any ``apply_fn(params, *args)`` with ``W0 + scale * a @ b`` for every adapted ke
 freeze the base; `merge` / `unmerge` are pure functions; checkpoints go through orbax.
 """
 
-from flax_lora._adapters import LoraWeights, delta
+from flax_lora._adapters import LoraWeights, StackedLoraWeights, delta
 from flax_lora._checkpoint import load, load_config, save
+from flax_lora._combine import combine
 from flax_lora._config import LoraConfig
 from flax_lora._extras import TokenDelta, TrainedCopy
 from flax_lora._init import init
 from flax_lora._merge import merge, unmerge
-from flax_lora._multi import StackedLoraWeights, combine, stack, unstack
 from flax_lora._optim import freeze_base, trainable
 from flax_lora._peft import load_peft, save_peft
 from flax_lora._quant import QuantizedKernel, dequantize_kernel, quantize_kernel
 from flax_lora._quantize import dequantize, quantize, requantize
+from flax_lora._stack import stack, unstack
 from flax_lora._summary import Summary, summary
 from flax_lora._wrap import wrap
 

@@ -23,16 +23,19 @@ adapter axis; `select` picks one adapter's (the base leaf, or a zero delta, for 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flax_lora._paths import describe, flatten, nest, path_str
+from flax_lora._quant import dequantize_kernel, is_quantized
+from flax_lora._typing import PyTree
 
-PyTree = Any
-ROLES = ("module", "bias")
+Role = Literal["module", "bias"]
+"""What a `TrainedCopy` stands for: a leaf of a module in ``modules_to_save``, or a bias."""
 
 
 @jax.tree_util.register_dataclass
@@ -53,7 +56,7 @@ class TrainedCopy:
     """
 
     value: Any
-    role: str = dataclasses.field(default="module", metadata=dict(static=True))
+    role: Role = dataclasses.field(default="module", metadata=dict(static=True))
 
     def replace(self, **changes: Any) -> TrainedCopy:
         """A copy with the given fields changed (`dataclasses.replace`)."""
@@ -104,7 +107,12 @@ class StackedCopy:
     ``(N, *shape)``."""
 
     values: Any
-    role: str = dataclasses.field(default="module", metadata=dict(static=True))
+    role: Role = dataclasses.field(default="module", metadata=dict(static=True))
+
+    @property
+    def num_adapters(self) -> int:
+        """``N``, the number of stacked copies."""
+        return int(self.values.shape[0])
 
 
 @jax.tree_util.register_dataclass
@@ -117,7 +125,16 @@ class StackedTokenDelta:
     indices: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     num_rows: int = dataclasses.field(metadata=dict(static=True))
 
+    @property
+    def num_adapters(self) -> int:
+        """``N``, the number of stacked deltas."""
+        return int(self.delta.shape[0])
 
+
+Extra = TrainedCopy | TokenDelta
+"""An adapter node beside the factors, for one adapter set."""
+StackedExtra = StackedCopy | StackedTokenDelta
+"""An adapter node beside the factors, stacked for routing."""
 EXTRA_TYPES = (TrainedCopy, TokenDelta)
 STACKED_TYPES = (StackedCopy, StackedTokenDelta)
 
@@ -127,7 +144,9 @@ def is_extra(x: Any) -> bool:
     return isinstance(x, EXTRA_TYPES + STACKED_TYPES)
 
 
-def split(adapters: PyTree, is_entry: Any) -> tuple[PyTree, dict[str, Any]]:
+def split(
+    adapters: PyTree, is_entry: Callable[[Any], bool]
+) -> tuple[PyTree, dict[str, Extra | StackedExtra]]:
     """``(the tree without the extra nodes, {path: extra node})``; ``is_entry`` says what the
     other entries are (`LoraWeights`, `StackedLoraWeights`). The first is ``None`` when only
     extra nodes were there."""
@@ -141,7 +160,7 @@ def split(adapters: PyTree, is_entry: Any) -> tuple[PyTree, dict[str, Any]]:
     return (nest(rest) if rest else None), extras
 
 
-def substitute(params: PyTree, extras: dict[str, Any], where: str = "lora.wrap") -> PyTree:
+def substitute(params: PyTree, extras: dict[str, Extra], where: str = "lora.wrap") -> PyTree:
     """``params`` with each extra node applied to the leaf at its path: a `TrainedCopy` replaces
     the leaf (cast to its dtype), a `TokenDelta` scatter-adds its rows (computed in float32 or
     the table's dtype, if wider, and cast once).
@@ -151,22 +170,7 @@ def substitute(params: PyTree, extras: dict[str, Any], where: str = "lora.wrap")
     """
     if not extras:
         return params
-    from flax_lora._quant import dequantize_kernel, is_quantized
-
-    seen: set[str] = set()
-
-    def apply(keypath: Any, leaf: Any) -> Any:
-        path = path_str(keypath)
-        node = extras.get(path)
-        if node is None:
-            return leaf
-        seen.add(path)
-        if is_quantized(leaf):
-            leaf = dequantize_kernel(leaf)
-        return apply_one(path, leaf, node, where)
-
-    out = jax.tree_util.tree_map_with_path(apply, params, is_leaf=is_quantized)
-    missing = [p for p in extras if p not in seen]
+    out, missing = _apply_all(params, extras, where)
     if missing:
         raise ValueError(
             f"{where}: adapters hold trained copies or token deltas for {describe(missing)}, "
@@ -175,7 +179,29 @@ def substitute(params: PyTree, extras: dict[str, Any], where: str = "lora.wrap")
     return out
 
 
-def apply_one(path: str, leaf: Any, node: Any, where: str, sign: float = 1.0) -> Any:
+def _apply_all(
+    params: PyTree, extras: dict[str, Extra], where: str, sign: float = 1.0
+) -> tuple[PyTree, list[str]]:
+    """``params`` with `apply_one` at each path of ``extras`` (a quantized leaf dequantized
+    first), and the paths of ``extras`` that are not leaves of ``params``."""
+    seen: set[str] = set()
+
+    def apply(keypath: Any, leaf: Any) -> Any:
+        path = path_str(keypath)
+        if path not in extras:
+            return leaf
+        seen.add(path)
+        if is_quantized(leaf):
+            leaf = dequantize_kernel(leaf)
+        return apply_one(path, leaf, extras[path], where, sign)
+
+    out = jax.tree_util.tree_map_with_path(apply, params, is_leaf=is_quantized)
+    return out, [p for p in extras if p not in seen]
+
+
+def apply_one(
+    path: str, leaf: Any, node: Extra | StackedExtra, where: str, sign: float = 1.0
+) -> Any:
     """One leaf with its extra node applied (``sign=-1``: a token delta taken out again)."""
     shape = tuple(np.shape(leaf))
     if isinstance(node, TrainedCopy):
@@ -209,12 +235,10 @@ def check_token_delta(path: str, node: TokenDelta, shape: tuple[int, ...], where
         )
 
 
-def unmerge_extras(params: PyTree, extras: dict[str, Any]) -> PyTree:
+def unmerge_extras(params: PyTree, extras: dict[str, Extra]) -> PyTree:
     """`lora.unmerge` of the extra nodes: token deltas are subtracted; a trained copy raises."""
     if not extras:
         return params
-    from flax_lora._quant import is_quantized
-
     copies = [p for p, v in extras.items() if isinstance(v, TrainedCopy)]
     if copies:
         raise ValueError(
@@ -222,28 +246,14 @@ def unmerge_extras(params: PyTree, extras: dict[str, Any]) -> PyTree:
             f"of {describe(copies)}; merge replaced those leaves, so their base values are lost. "
             "Keep the base params instead (merge is pure and does not change them)."
         )
-    seen: set[str] = set()
-
-    def apply(keypath: Any, leaf: Any) -> Any:
-        path = path_str(keypath)
-        if path not in extras:
-            return leaf
-        seen.add(path)
-        if is_quantized(leaf):
-            from flax_lora._quant import dequantize_kernel
-
-            leaf = dequantize_kernel(leaf)
-        return apply_one(path, leaf, extras[path], "lora.unmerge", sign=-1.0)
-
-    out = jax.tree_util.tree_map_with_path(apply, params, is_leaf=is_quantized)
-    missing = [p for p in extras if p not in seen]
+    out, missing = _apply_all(params, extras, "lora.unmerge", sign=-1.0)
     if missing:
         raise ValueError(f"lora.unmerge: no leaf of params at {describe(missing)}.")
     return out
 
 
 # -- stacking for routing ---------------------------------------------------------------------
-def stack_extras(tables: list[dict[str, Any]], fn: str) -> dict[str, Any]:
+def stack_extras(tables: list[dict[str, Extra]], fn: str) -> dict[str, StackedExtra]:
     """One stacked node per path from the extra nodes of ``N`` adapter sets (same paths).
 
     Raises:
@@ -258,7 +268,7 @@ def stack_extras(tables: list[dict[str, Any]], fn: str) -> dict[str, Any]:
                 f"same paths; set {i} lacks {describe([p for p in first if p not in t])} and has "
                 f"extra {describe([p for p in t if p not in first])} compared with set 0."
             )
-    out: dict[str, Any] = {}
+    out: dict[str, StackedExtra] = {}
     for path, n0 in first.items():
         nodes = [t[path] for t in tables]
         if any(type(n) is not type(n0) for n in nodes):
@@ -295,14 +305,14 @@ def stack_extras(tables: list[dict[str, Any]], fn: str) -> dict[str, Any]:
     return out
 
 
-def select_extras(stacked: dict[str, Any], index: Any, params: PyTree) -> dict[str, Any]:
+def select_extras(stacked: dict[str, StackedExtra], index: Any, params: PyTree) -> dict[str, Extra]:
     """Adapter ``index``'s extra nodes (possibly traced); for ``-1`` (or out of range) the base
     leaf (from ``params``) and a zero delta."""
     leaves = flatten(params) if params is not None else {}
     index = jnp.asarray(index, jnp.int32)
-    out: dict[str, Any] = {}
+    out: dict[str, Extra] = {}
     for path, node in stacked.items():
-        n = node.values.shape[0] if isinstance(node, StackedCopy) else node.delta.shape[0]
+        n = node.num_adapters
         valid = (index >= 0) & (index < n)
         safe = jnp.clip(index, 0, n - 1)
         if isinstance(node, StackedCopy):
@@ -319,9 +329,9 @@ def select_extras(stacked: dict[str, Any], index: Any, params: PyTree) -> dict[s
     return out
 
 
-def unstack_extras(stacked: dict[str, Any], i: int) -> dict[str, Any]:
+def unstack_extras(stacked: dict[str, StackedExtra], i: int) -> dict[str, Extra]:
     """Adapter ``i``'s extra nodes of a stacked tree (token deltas on the union rows)."""
-    out: dict[str, Any] = {}
+    out: dict[str, Extra] = {}
     for path, node in stacked.items():
         if isinstance(node, StackedCopy):
             out[path] = TrainedCopy(value=node.values[i], role=node.role)
@@ -332,7 +342,7 @@ def unstack_extras(stacked: dict[str, Any], i: int) -> dict[str, Any]:
     return out
 
 
-def combine_extras(tables: list[dict[str, Any]], weights: jax.Array) -> dict[str, Any]:
+def combine_extras(tables: list[dict[str, Extra]], weights: jax.Array) -> dict[str, Extra]:
     """`lora.combine` of the extra nodes: the weighted sums ``Σᵢ wᵢ vᵢ`` of the trained copies
     (so weights summing to 1 average the heads) and of the token deltas (on the union of rows).
 
@@ -340,7 +350,7 @@ def combine_extras(tables: list[dict[str, Any]], weights: jax.Array) -> dict[str
       ValueError: the sets hold extra nodes at different paths or of different kinds or shapes.
     """
     stacked = stack_extras(tables, "combine")
-    out: dict[str, Any] = {}
+    out: dict[str, Extra] = {}
     for path, node in stacked.items():
         if isinstance(node, StackedCopy):
             v = jnp.tensordot(weights, node.values.astype(jnp.float32), axes=1)
@@ -353,7 +363,7 @@ def combine_extras(tables: list[dict[str, Any]], weights: jax.Array) -> dict[str
     return out
 
 
-def from_meta(meta: dict[str, Any], arrays: dict[str, Any], path: str) -> Any:
+def from_meta(meta: dict[str, Any], arrays: dict[str, Any], path: str) -> Extra:
     """The extra node of ``path`` from checkpoint metadata and its arrays (`lora.load`)."""
     if meta["type"] == "copy":
         return TrainedCopy(value=jnp.asarray(arrays[f"{path}/value"]), role=meta["role"])
@@ -364,6 +374,6 @@ def from_meta(meta: dict[str, Any], arrays: dict[str, Any], path: str) -> Any:
     )
 
 
-def arrays_of(node: Any) -> dict[str, Any]:
+def arrays_of(node: Extra) -> dict[str, Any]:
     """The arrays of an extra node by field name (for checkpoints)."""
     return {"value": node.value} if isinstance(node, TrainedCopy) else {"delta": node.delta}

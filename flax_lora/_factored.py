@@ -413,7 +413,7 @@ def call_factored(
         whole batch cannot serve.
     """
     if ids is not None:
-        from flax_lora._multi import stacked_table
+        from flax_lora._stack import stacked_table
 
         stacked = stacked_table(adapters)
         table = {

@@ -47,8 +47,7 @@ def make_routed_view(path: str, kernel: Any, w: Any, ids: jax.Array) -> KernelVi
     adapters and ``-1``; `flax_lora._stack_dora`) and ``root_m`` (the magnitude giving that
     ``g``, for `materialize`).
     """
-    from flax_lora._multi import gather
-    from flax_lora._stack_dora import gather_dora
+    from flax_lora._stack import gather, gather_dora
 
     a_sel, b_sel = gather(w, ids)
     static = LoraWeights(

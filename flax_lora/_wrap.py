@@ -14,10 +14,10 @@ from flax_lora._adapters import is_lora
 from flax_lora._extras import split, substitute
 from flax_lora._factored import Tracer, call_factored
 from flax_lora._merge import merge
-from flax_lora._multi import check_ids, is_stacked, num_stacked, select, stacked_table
 from flax_lora._quant import is_quantized
 from flax_lora._quantize import dequantize
 from flax_lora._routing import RoutingFallback
+from flax_lora._stack import check_ids, is_stacked, num_stacked, select, stacked_table
 from flax_lora._typing import MODES, Mode, PyTree
 
 

@@ -22,7 +22,7 @@ from support.routing_models import _reference as _reference_with
 
 import flax_lora as lora
 from flax_lora._adapters import adapter_table
-from flax_lora._multi import stacked_table
+from flax_lora._stack import stacked_table
 
 SEQ, BATCH = 6, 5
 IDS = [0, 2, -1, 1, 0]

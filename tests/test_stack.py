@@ -14,7 +14,7 @@ from flax import nnx
 
 import flax_lora as lora
 from flax_lora import LoraWeights, StackedLoraWeights
-from flax_lora._multi import gather
+from flax_lora._stack import gather
 
 VOCAB, T, B = 11, 5, 6
 IDS = [0, 1, -1, 2, 1, 0]
