@@ -12,11 +12,10 @@ import numpy as np
 
 from flax_lora._adapters import is_lora
 from flax_lora._extras import split, substitute
-from flax_lora._factored import Tracer, call_factored
+from flax_lora._factored import RoutingFallback, Tracer, call_factored
 from flax_lora._merge import merge
 from flax_lora._multi import check_ids, is_stacked, num_stacked, select, stacked_table
 from flax_lora._quant import dequantize, is_quantized
-from flax_lora._routing import RoutingFallback
 from flax_lora._typing import MODES, Mode, PyTree
 
 
@@ -136,7 +135,7 @@ def wrap(apply_fn: Callable[..., Any], mode: Mode = "auto") -> Callable[..., Any
             if _has_quantized(params):  # merged at each use: per layer inside a scan
                 return call_factored(tracer, mode, params, adapters, args, kwargs, None)
             return apply_fn(merge(params, adapters), *args, **kwargs)
-        # quantized kernels are dequantized at their uses (`flax_lora._quant_view`)
+        # quantized kernels are dequantized at their uses (`flax_lora._factored._quant`)
         return call_factored(tracer, mode, params, adapters, args, kwargs, rng)
 
     @functools.wraps(apply_fn)

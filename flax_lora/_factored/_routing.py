@@ -10,8 +10,8 @@ only the low-rank branch uses per-example factors. Everything else in the model 
 statistics, masks passed as keywords) sees the whole batch, as without routing.
 
 A kernel stacked by ``nn.scan`` / ``nnx.scan`` enters as a routed *stacked* view (factors
-``(B, *L, *I, R)`` and ``(B, *L, R, *O)``); the scan rule (`flax_lora._scan`) slices its layer
-axis, keeping the example axis first, so each layer's view is an ordinary routed view.
+``(B, *L, *I, R)`` and ``(B, *L, R, *O)``); the scan rule (`flax_lora._factored._scan`) slices
+its layer axis, keeping the example axis first, so each layer's view is an ordinary routed view.
 
 A use that does not fit (an activation whose axis 0 is not the batch, a kernel used by another
 operation) raises `RoutingFallback`; `lora.wrap` then runs the model per example instead
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
 from flax_lora._adapters import LoraWeights
-from flax_lora._factored_view import KernelView, make_view
+from flax_lora._factored._view import KernelView, make_view
 
 ROUTED_OPS = ("dot_general", "gather", "conv_general_dilated")
 

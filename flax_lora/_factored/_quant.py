@@ -37,7 +37,7 @@ from jax import lax
 from flax_lora import _jaxpr as jx
 from flax_lora._quant import QuantizedKernel, dequantize_kernel, is_quantized
 
-# ops that commute with slicing a layer off (as `flax_lora._scan._ELEMENTWISE`)
+# ops that commute with slicing a layer off (as `flax_lora._factored._scan._ELEMENTWISE`)
 _ELEMENTWISE = {"convert_element_type", "copy", "copy_p", "reduce_precision"}
 
 
@@ -186,7 +186,7 @@ def layer_base(x: Any) -> Any:
     dequantized whole."""
     if not isinstance(x, QuantBase):
         return x
-    from flax_lora._factored_view import VALUE_OPS
+    from flax_lora._factored._view import VALUE_OPS
 
     q = _per_layer(x.q)
     if q is None or any(p.name not in VALUE_OPS for p, _ in x.meta.ops):
@@ -251,7 +251,7 @@ def quant_gather(eqn: Any, base: Any, indices: Any) -> jax.Array:
     dequantizes the kernel at the lookup."""
     if not isinstance(base, QuantBase):
         return jx.bind(eqn, (base, indices))[0]
-    from flax_lora._factored_view import VALUE_OPS
+    from flax_lora._factored._view import VALUE_OPS
 
     dn, sizes = jx.param(eqn, "dimension_numbers"), tuple(jx.param(eqn, "slice_sizes"))
     q = base.q
@@ -290,8 +290,8 @@ def quant_gather(eqn: Any, base: Any, indices: Any) -> jax.Array:
 
 def quant_rule(interp: Any, eqn: Any, invals: list[Any]) -> list[Any]:
     """An equation whose inputs hold `QuantBase`\\s but no adapted kernel view."""
-    from flax_lora._factored_view import LAYOUT_OPS
-    from flax_lora._scan import scan_rule
+    from flax_lora._factored._scan import scan_rule
+    from flax_lora._factored._view import LAYOUT_OPS
 
     name = eqn.primitive.name
     if name in LAYOUT_OPS and len(invals) == 1:

@@ -16,7 +16,7 @@ others, so each layer's view is an ordinary DoRA view.
 
 Under routing (``lora_ids``) a stacked view is routed: its factors carry the example axis first,
 ``(B, *L, *I, r)``. The scan slices them on their layer axis (axis 1) instead, so each layer's
-view keeps the example axis and is an ordinary routed view (`flax_lora._routing`).
+view keeps the example axis and is an ordinary routed view (`flax_lora._factored._routing`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
 from flax_lora._adapters import LoraWeights, layer_mask
-from flax_lora._factored_view import (
+from flax_lora._factored._quant import as_array, is_base, layer_base
+from flax_lora._factored._routing import is_routed
+from flax_lora._factored._view import (
     I_SIDE,
     L_SIDE,
     O_SIDE,
@@ -36,8 +38,6 @@ from flax_lora._factored_view import (
     KernelView,
     ViewMeta,
 )
-from flax_lora._quant_view import as_array, is_base, layer_base
-from flax_lora._routing import is_routed
 
 # ops that commute with slicing a layer off (they act on values only, with no shape in their
 # parameters); a sharding op on the stack is dropped for the per-layer view's `materialize`

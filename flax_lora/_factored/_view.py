@@ -25,10 +25,10 @@ from jax import lax
 
 from flax_lora import _jaxpr as jx
 from flax_lora._adapters import LoraWeights, delta
-from flax_lora._quant_view import as_array, layout
+from flax_lora._factored._quant import as_array, layout
 
 I_SIDE, O_SIDE = "I", "O"
-L_SIDE = "L"  # a layer axis of a kernel stacked by a scan (see `flax_lora._scan`)
+L_SIDE = "L"  # a layer axis of a kernel stacked by a scan (see `flax_lora._factored._scan`)
 
 # ops that change neither the layout nor the meaning of the kernel (applied to the base only)
 VALUE_OPS = {
@@ -107,7 +107,7 @@ class KernelView:
 def make_view(path: str, kernel: Any, w: LoraWeights) -> KernelView:
     """The view of a kernel that no op has touched yet."""
     if w.layer_axes:  # stacked by a scan: sliced into per-layer views by the scan rule
-        from flax_lora._scan import make_stacked_view
+        from flax_lora._factored._scan import make_stacked_view
 
         return make_stacked_view(path, kernel, w)
     side = tuple(I_SIDE if d in w.in_axes else O_SIDE for d in range(len(w.kernel_shape)))
