@@ -1,4 +1,14 @@
-"""The low-rank branches of the factored rules, and the Dense branch's hand-written VJP."""
+"""The low-rank branches of the factored rules, and the Dense branch's hand-written VJP.
+
+Each branch is one small function of the layer input and the two factors:
+
+- `dense_branches`: ``(x @ a) @ (scale * b)`` on 2-D ``(tokens, features)`` operands, for
+  ``dot_general`` (Dense, DenseGeneral, Einsum; also a kernel contracted on its output axes, as
+  ``Embed.attend`` does: then ``a`` and ``b`` swap roles), for several adapters sharing one
+  input at once;
+- `embed_branch`: the gathered rows of ``a`` times ``scale * b``, for an Embed lookup;
+- `conv_branch`: ``conv(x, a)`` contracted with ``scale * b``, for ``conv_general_dilated``.
+"""
 
 from __future__ import annotations
 
@@ -11,22 +21,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_lora._factored._view import cast_like
 
-
-def dense_branch(
-    x: jax.Array, a: jax.Array, b: jax.Array, precision: Any = None, out_type: Any = None
-) -> jax.Array:
-    """``(x @ a) @ b`` for ``x`` of shape ``(..., K)``, ``a`` ``(K, r)``, ``b`` ``(r, M)``.
-
-    The leading axes are flattened to one token axis (a free reshape): on XLA:CPU the
-    gradients of ``a`` and ``b`` then need no transposed copy of the activations. The product
-    with ``b`` is written as an elementwise rank-``r`` expansion, which XLA fuses into whatever
-    consumes it (the base matmul's epilogue, an activation), instead of a rank-``r`` matmul
-    that writes and re-reads a (tokens, M) array; `_lowrank` gives it a hand-written backward
-    pass made of matmuls only, each shaped so that no large operand is transposed.
-    """
-    return dense_branches(x, (a,), (b,), precision, out_type)[0]
+def cast_like(x: jax.Array, dtype: Any) -> jax.Array:
+    """``x`` in ``dtype`` (no op when it already is)."""
+    return x if x.dtype == dtype else lax.convert_element_type(x, dtype)
 
 
 def dense_branches(
@@ -36,10 +34,17 @@ def dense_branches(
     precision: Any = None,
     out_type: Any = None,
 ) -> tuple[jax.Array, ...]:
-    """`dense_branch` for several adapters that share the input ``x`` (q, k, v of attention).
+    """``(x @ a_k) @ b_k`` for each adapter ``k`` sharing the input ``x`` (q, k, v of attention):
+    ``x`` of shape ``(..., K)``, ``a_k`` ``(K, r_k)``, ``b_k`` ``(r_k, M_k)``.
 
     One product ``x @ [a_1 | a_2 | ...]`` replaces one per adapter, and in the backward pass
-    one ``x``-sized read and one expansion serve them all.
+    one ``x``-sized read and one expansion serve them all. The leading axes are flattened to one
+    token axis (a free reshape): on XLA:CPU the gradients of ``a`` and ``b`` then need no
+    transposed copy of the activations. The product with ``b`` is written as an elementwise
+    rank-``r`` expansion, which XLA fuses into whatever consumes it (the base matmul's
+    epilogue, an activation), instead of a rank-``r`` matmul that writes and re-reads a
+    (tokens, M) array; `_lowrank` gives it a hand-written backward pass made of matmuls only,
+    each shaped so that no large operand is transposed.
     """
     lead = x.shape[:-1]
     x2 = jnp.reshape(x, (math.prod(lead), x.shape[-1]))

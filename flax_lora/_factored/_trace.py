@@ -1,8 +1,15 @@
-"""The entry point of factored execution: the trace cache and `call_factored`."""
+"""The entry points of factored execution (`call_factored`, `call_routed`) and the trace cache.
+
+``apply_fn`` is traced to a jaxpr (`jax.make_jaxpr`) on the abstract values of its inputs,
+once per input structure, shapes and static arguments (`Tracer`), then evaluated by the
+interpreter (`flax_lora._factored._interpreter`) with each adapted kernel entering as a
+`KernelView` and each quantized kernel as a `QuantBase`.
+"""
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -11,13 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_lora._adapters import LoraWeights, adapter_table, check_fits
+from flax_lora._factored._base import as_array, as_base, input_aval
 from flax_lora._factored._interpreter import Interpreter
-from flax_lora._factored._quant import as_array, input_aval, quant_base
-from flax_lora._factored._routing import make_routed_view
-from flax_lora._factored._view import KernelView, make_view
+from flax_lora._factored._view import KernelView, make_routed_view, make_view, stacked_entry
+from flax_lora._multi import StackedLoraWeights, stacked_table
 from flax_lora._paths import describe, path_str
 from flax_lora._quant import dequantize, is_quantized
-from flax_lora._typing import PyTree
+from flax_lora._typing import Mode, PyTree
 
 _CACHE_SIZE = 8
 
@@ -62,68 +69,89 @@ class Tracer:
         return found
 
 
+@dataclasses.dataclass(frozen=True)
+class RoutingFallback:
+    """What `call_routed` returns when the batch cannot be routed kernel by kernel: a use of a
+    routed kernel that the per-example rules cannot serve on the whole batch (an activation
+    without the batch on axis 0, a kernel used by another operation), and why. `lora.wrap`
+    then runs the model per example (mode ``"auto"``) or says why not (mode ``"factored"``)."""
+
+    reason: str
+
+
 def call_factored(
     tracer: Tracer,
-    mode: str,
+    mode: Mode,
     params: PyTree,
     adapters: PyTree,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    lora_rng: Any,
-    ids: Any = None,
-) -> Any:
+    lora_rng: jax.Array | None,
+) -> PyTree:
     """``apply_fn(merge(params, adapters), *args, **kwargs)`` computed in factored form.
 
-    With ``ids`` (routing), ``adapters`` is a stacked tree (`lora.stack`) and example ``j``
-    of the batch (axis 0 of the activations at each adapted kernel) uses adapter ``ids[j]``.
-
-    Raises:
-      RoutingFallback: with ``ids``, a use of an adapted kernel that per-example rules on the
-        whole batch cannot serve.
+    Quantized kernels in ``params`` (QLoRA) are dequantized at their uses.
     """
-    if ids is not None:
-        from flax_lora._multi import stacked_table
+    table = adapter_table(adapters)
+    if not table:
+        return tracer.apply_fn(dequantize(params), *args, **kwargs)
+    interp = Interpreter(mode, dropout=lora_rng is not None)
+    view = lambda path, leaf: make_view(path, leaf, table[path])
+    return _interpret(tracer, interp, table, view, params, args, kwargs, lora_rng)
 
-        stacked = stacked_table(adapters)
-        table = {
-            p: LoraWeights(
-                a=w.a[0],
-                b=w.b[0],
-                scale=1.0,
-                in_axes=w.in_axes,
-                kernel_shape=w.kernel_shape,
-                layer_axes=w.layer_axes,
-            )
-            for p, w in stacked.items()
-        }
-    else:
-        table = adapter_table(adapters)
-    if not table or ids is not None:  # QLoRA under routing: dequantized up front
-        params = dequantize(params)
+
+def call_routed(
+    tracer: Tracer,
+    mode: Mode,
+    params: PyTree,
+    stacked: PyTree,
+    ids: jax.Array,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    lora_rng: jax.Array | None,
+) -> PyTree | RoutingFallback:
+    """`call_factored` with a stacked tree (`lora.stack`) whose adapter ``ids[j]`` is applied
+    to example ``j`` of the batch (axis 0 of the activations at each adapted kernel), or a
+    `RoutingFallback` when the model's uses of the kernels do not allow that on the whole
+    batch. Quantized kernels are dequantized up front."""
+    table: dict[str, StackedLoraWeights] = stacked_table(stacked)
+    params = dequantize(params)
     if not table:
         return tracer.apply_fn(params, *args, **kwargs)
+    shapes = {p: stacked_entry(w, w.a[0], w.b[0]) for p, w in table.items()}
+    interp = Interpreter(mode, dropout=lora_rng is not None, routing=True)
+    view = lambda path, leaf: make_routed_view(path, leaf, table[path], ids)
+    out = _interpret(tracer, interp, shapes, view, params, args, kwargs, lora_rng)
+    if interp.routing_fallback is not None:
+        return RoutingFallback(interp.routing_fallback)
+    return out
+
+
+def _interpret(
+    tracer: Tracer,
+    interp: Interpreter,
+    table: dict[str, LoraWeights],
+    view: Callable[[str, Any], KernelView],
+    params: PyTree,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    key: jax.Array | None,
+) -> PyTree:
+    """Traces ``apply_fn`` and evaluates it with ``interp``, the kernel at each path of
+    ``table`` (the adapters, checked against the kernels) entering as ``view(path, kernel)``."""
     flat, treedef = jax.tree_util.tree_flatten_with_path((params, args, kwargs), is_quantized)
     leaves = [x for _, x in flat]
     n_params = len(jax.tree_util.tree_leaves(params, is_quantized))
     paths = [path_str(kp[1:]) for kp, _ in flat[:n_params]]
     _check(table, paths, leaves[:n_params])
-
     closed, out_def = tracer(leaves, treedef)
     where = dict(zip(paths, range(n_params), strict=True))
-    # a quantized kernel (QLoRA) enters as a `QuantBase`, dequantized at its uses
-    base = lambda x: quant_base(x) if is_quantized(x) else x
-    if ids is None:
-        views = {where[p]: make_view(p, base(leaves[where[p]]), w) for p, w in table.items()}
-    else:
-        views = {
-            where[p]: make_routed_view(p, leaves[where[p]], w, ids) for p, w in stacked.items()
-        }
+    views = {where[p]: view(p, leaves[where[p]]) for p in table}
     used = [i for i, x in enumerate(leaves) if _is_array(x) or is_quantized(x)]
-    invals = [views.get(i, base(leaves[i])) for i in used]
-    interp = Interpreter(mode, lora_rng, None if ids is None else int(ids.shape[0]))
-    outs = interp.eval(closed.jaxpr, closed.consts, invals)
+    invals = [views[i] if i in views else as_base(leaves[i]) for i in used]
+    outs = interp.eval(closed.jaxpr, closed.consts, invals, key)
     outs = [
-        interp.fallback(o, "output", "the kernel is returned")
+        interp.merged(o, "output", "the kernel is returned")
         if isinstance(o, KernelView)
         else as_array(o)
         for o in outs
@@ -131,7 +159,7 @@ def call_factored(
     return jax.tree_util.tree_unflatten(out_def, outs)
 
 
-def _check(table: dict[str, Any], paths: list[str], leaves: list[Any]) -> None:
+def _check(table: dict[str, LoraWeights], paths: list[str], leaves: list[Any]) -> None:
     index = dict(zip(paths, leaves, strict=True))
     missing = [p for p in table if p not in index]
     if missing:

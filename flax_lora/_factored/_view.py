@@ -1,58 +1,71 @@
-"""`KernelView`: an adapted kernel seen through the layout ops a model applies to it.
+"""`KernelView`: an adapted kernel as the interpreted model sees it, and every way to make one.
 
 Factored execution never forms ``W = W0 + scale * a @ b``. Instead each adapted kernel enters
 the traced model as a `KernelView`: the base kernel ``W0`` with the model's layout ops applied
-to it (dtype promotion, transposes, reshapes), together with the factors ``a`` and ``b`` carried
-through the same ops. Each axis of the view belongs to the input side ``I`` or the output side
-``O`` of the kernel, and the factors keep the invariant
+to it (dtype promotion, transposes, reshapes: `flax_lora._factored._layout`), together with the
+factors ``a`` and ``b`` carried through the same ops. Each axis of the view's base is an input
+axis ``I``, an output axis ``O`` or a carried axis, and the factors keep the invariant
 
     view == base + scale * contract_r(a, b),  with
-    a: (the I-axes of the view, in view order..., r),  b: (r, the O-axes of the view, in order...)
+    a: (*C, the I-axes of the view, in view order..., r),  b: (*C, r, the O-axes, in order...)
 
-so a layout op that moves or regroups axes within one side is applied to the factor of that
-side. A reshape that merges an input axis with an output axis breaks the factorisation; the view
-then records why, and can only be materialised (`materialize`).
+**Carried axes** ``C`` lead the factors: axes on which the adapter has an independent factor
+pair per index. The view says which kind each is (`ViewMeta.carried`), and this module lays
+them out (`make_view`, `make_routed_view`), slices them (`per_layer`) and maps them
+(`per_example`):
+
+- ``"layer"``: the layer axis of a kernel stacked by ``nn.scan`` / ``nnx.scan``. ``W0`` has it
+  too (its side is ``"layer"``); the scan rule slices it together with ``W0``, so the scan's
+  body sees an ordinary view of one layer.
+- ``"example"``: the adapter axis of a routing stack (`lora.stack`), gathered per example by
+  ``lora_ids``, so its length is the batch; ``W0`` has no such axis. The routing rules map it
+  with `jax.vmap` against the batch axis of the activation.
+
+A DoRA view also carries ``g = m / ||V||`` (norm detached) per output unit, ``(*C, *O-axes)``;
+it then stands for ``g * (base + scale * a @ b)``. The base may be a quantized kernel
+(`flax_lora._factored._base.QuantBase`, QLoRA), dequantized only where an op uses it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from flax_lora import _jaxpr as jx
-from flax_lora._adapters import LoraWeights, delta
-from flax_lora._factored._quant import as_array, layout
+from flax_lora._adapters import LoraWeights, delta, layer_mask
+from flax_lora._dora import dora_factor, dora_kernel, layered_factor
+from flax_lora._factored._base import Base, as_array, as_base, layer_base
+from flax_lora._multi import StackedLoraWeights, gather
+from flax_lora._stack_dora import gather_dora
 
+Carried = Literal["layer", "example"]
+LAYER: Carried = "layer"
+EXAMPLE: Carried = "example"
 I_SIDE, O_SIDE = "I", "O"
-L_SIDE = "L"  # a layer axis of a kernel stacked by a scan (see `flax_lora._factored._scan`)
-
-# ops that change neither the layout nor the meaning of the kernel (applied to the base only)
-VALUE_OPS = {
-    "convert_element_type",
-    "copy",
-    "copy_p",
-    "reduce_precision",
-    "sharding_constraint",
-    "device_put",
-    "mesh_cast",
-    "reshard",
-}
-LAYOUT_OPS = VALUE_OPS | {"transpose", "reshape", "squeeze", "broadcast_in_dim"}
 
 
 @dataclasses.dataclass(eq=False)
 class ViewMeta:
-    """The static part of a view (compared by identity, so it can sit in a pytree treedef)."""
+    """The static part of a view (compared by identity, so it can sit in a pytree treedef).
+
+    Attributes:
+      path: the kernel's path, for messages.
+      weights: the adapter's static fields (its arrays are ``None``), for `materialize`.
+      ops: the layout ops applied so far, for `materialize`.
+      side: for each axis of the view's base, ``"I"``, ``"O"`` or ``"layer"``.
+      carried: the kind of each leading carried axis of the factors, in order.
+      why: why the view can no longer be factored, if it cannot.
+    """
 
     path: str
-    weights: LoraWeights  # static fields only (a and b are None)
-    ops: tuple[tuple[Any, dict[str, Any]], ...]  # layout ops applied so far, for `materialize`
-    side: tuple[str, ...]  # I / O for each axis of the view
-    why: str | None  # why the view can no longer be factored, if it cannot
+    weights: LoraWeights
+    ops: tuple[tuple[Any, dict[str, Any]], ...]
+    side: tuple[str, ...]
+    carried: tuple[Carried, ...]
+    why: str | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -62,26 +75,27 @@ class KernelView:
 
     Attributes:
       root: the base kernel ``W0`` as it entered the model.
-      root_a: the adapter's ``a`` as given (kernel layout), for `materialize`.
-      root_b: the adapter's ``b`` as given (kernel layout), for `materialize`.
+      root_a: the adapter's ``a`` in the kernel's layout (the layer mask applied), after the
+        carried axes, for `materialize`.
+      root_b: the adapter's ``b`` likewise.
       base: ``W0`` with the view's layout ops applied.
-      a: the input-side factor in view layout, ``(*I-axes of the view, r)``.
-      b: the output-side factor in view layout, ``(r, *O-axes of the view)``.
-      meta: path, adapter metadata, the op history and the axis sides.
+      a: the input-side factor in view layout, ``(*C, *I-axes of the view, r)``.
+      b: the output-side factor in view layout, ``(*C, r, *O-axes of the view)``.
+      meta: path, adapter metadata, the op history, the axis sides and the carried axes.
       g: DoRA only: the per-output-unit factor ``m / ||V||`` (norm detached) in view layout,
-        ``(*O-axes of the view)``; the view then stands for ``g * (base + scale * a @ b)``
-        (``g`` broadcast over the I-axes). ``None`` for plain LoRA.
+        ``(*C, *O-axes of the view)``, broadcast over the I-axes. ``None`` for plain LoRA.
+      root_m: DoRA only: the magnitude giving ``g``, for `materialize`.
     """
 
-    root: Any
-    root_a: Any
-    root_b: Any
-    base: Any
-    a: Any
-    b: Any
+    root: Base
+    root_a: jax.Array
+    root_b: jax.Array
+    base: Base
+    a: jax.Array
+    b: jax.Array
     meta: ViewMeta = dataclasses.field(metadata=dict(static=True))
-    g: Any = None
-    root_m: Any = None  # DoRA: the magnitude as given, for `materialize`
+    g: jax.Array | None = None
+    root_m: jax.Array | None = None
 
     @property
     def path(self) -> str:
@@ -99,46 +113,118 @@ class KernelView:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.base.shape)
 
+    @property
+    def routed(self) -> bool:
+        """Whether the factors carry an example axis (one adapter per example)."""
+        return EXAMPLE in self.meta.carried
+
+    @property
+    def layered(self) -> bool:
+        """Whether the factors carry a layer axis (a kernel stacked by a scan, used whole)."""
+        return LAYER in self.meta.carried
+
     def axes(self, side: str) -> list[int]:
         """The view's axes on ``side``, in view order (= the factor's axis order)."""
         return [d for d, s in enumerate(self.meta.side) if s == side]
 
 
-def make_view(path: str, kernel: Any, w: LoraWeights) -> KernelView:
-    """The view of a kernel that no op has touched yet."""
-    if w.layer_axes:  # stacked by a scan: sliced into per-layer views by the scan rule
-        from flax_lora._factored._scan import make_stacked_view
+def transposed(x: jax.Array, perm: tuple[int, ...]) -> jax.Array:
+    """``x`` transposed by ``perm`` (no op for the identity)."""
+    return x if perm == tuple(range(x.ndim)) else jnp.transpose(x, perm)
 
-        return make_stacked_view(path, kernel, w)
-    side = tuple(I_SIDE if d in w.in_axes else O_SIDE for d in range(len(w.kernel_shape)))
-    a, b = w.a, w.b
-    order = sorted(range(len(w.in_axes)), key=lambda k: w.in_axes[k])
-    if order != list(range(len(order))):  # factor axes must follow the kernel's axis order
-        a = jnp.transpose(a, (*order, len(order)))
-    order = sorted(range(len(w.out_axes)), key=lambda k: w.out_axes[k])
-    if order != list(range(len(order))):
-        b = jnp.transpose(b, (0, *[1 + k for k in order]))
-    g = None
-    if w.m is not None:  # DoRA: the factor per output unit, from W0's norms and low-rank terms
-        from flax_lora._dora import dora_factor
 
+# -- making views ------------------------------------------------------------------------------
+def make_view(path: str, leaf: Any, w: LoraWeights) -> KernelView:
+    """The view of an adapted kernel that no op has touched yet (a quantized kernel's base is a
+    `QuantBase`, dequantized at its uses).
+
+    A kernel stacked by a scan carries its layer axes: the layer mask (``LoraConfig(layers=...)``)
+    is applied to ``a`` here, and DoRA's ``g`` is computed for every layer at once (the factored
+    norm of `flax_lora._dora` mapped over the layers: no kernel-sized array; 1 on layers not
+    picked, whose magnitude for `materialize` is then ``||W0||``).
+    """
+    kernel = as_base(leaf)
+    a, g, root_m = w.a, None, w.m
+    mask = layer_mask(w)
+    if mask is not None:  # layers not picked: zero update, zero gradient
+        a = a * jnp.asarray(mask, a.dtype).reshape(mask.shape + (1,) * (a.ndim - 1))
+    if w.m is not None and w.layer_axes:
+        inner = w.unstacked(w.layer_axes, a=None, b=None, m=None)
+        keep = None if mask is None else jnp.asarray(mask > 0)
+        g, root_m = layered_factor(as_array(kernel), inner, a, w.b, w.m, w.layer_axes, keep)
+    elif w.m is not None:  # DoRA: the factor per output unit, from W0's norms and low-rank terms
         g = dora_factor(as_array(kernel), w)
-        if order != list(range(len(order))):
-            g = jnp.transpose(g, order)
-    static = w.replace(a=None, b=None, m=None)
-    return KernelView(
-        kernel, w.a, w.b, kernel, a, b, ViewMeta(path, static, (), side, None), g=g, root_m=w.m
+    return _assemble(path, kernel, w, a, w.b, g, root_m, (LAYER,) * w.layer_axes)
+
+
+def make_routed_view(
+    path: str, kernel: jax.Array, w: StackedLoraWeights, ids: jax.Array
+) -> KernelView:
+    """The view of kernel ``path`` whose factors are adapter ``ids[j]``'s for example ``j``.
+
+    ``w`` is a `StackedLoraWeights` (scales folded into ``b``); its adapter axis is gathered by
+    ``ids`` into the view's leading ``"example"`` axis, zeros where ``ids == -1``. With DoRA
+    adapters in the stack so are ``g`` (``m / ||V||`` of example ``j``'s adapter, 1 for plain
+    adapters and ``-1``; `flax_lora._stack_dora`) and ``root_m`` (the magnitude giving it).
+    """
+    a, b = gather(w, ids)
+    g, root_m = (None, None) if w.m is None else gather_dora(w, kernel, ids)
+    carried = (EXAMPLE,) + (LAYER,) * w.layer_axes
+    return _assemble(path, kernel, stacked_entry(w), a, b, g, root_m, carried)
+
+
+def stacked_entry(
+    w: StackedLoraWeights, a: jax.Array | None = None, b: jax.Array | None = None
+) -> LoraWeights:
+    """One adapter of a stack, with factors ``a`` and ``b`` (``None``: the metadata alone), as
+    `LoraWeights` of scale 1 (each stacked adapter's scale is folded into its ``b``)."""
+    return LoraWeights(
+        a=a,
+        b=b,
+        scale=1.0,
+        in_axes=tuple(w.in_axes),
+        kernel_shape=tuple(w.kernel_shape),
+        kind=w.kind,
+        dropout=float(w.dropout),
+        layer_axes=int(w.layer_axes),
     )
 
 
+def _assemble(
+    path: str,
+    kernel: Base,
+    w: LoraWeights,
+    a: jax.Array,
+    b: jax.Array,
+    g: jax.Array | None,
+    root_m: jax.Array | None,
+    carried: tuple[Carried, ...],
+) -> KernelView:
+    """The view of ``kernel`` before any op: the factors' input and output axes put in the
+    kernel's axis order, after the ``carried`` axes that lead them."""
+    n = len(carried)
+    lead = tuple(range(n))
+    side = tuple(
+        LAYER if d < w.layer_axes else I_SIDE if d in w.in_axes else O_SIDE
+        for d in range(len(w.kernel_shape))
+    )
+    in_order = sorted(range(len(w.in_axes)), key=lambda k: w.in_axes[k])
+    out_order = sorted(range(len(w.out_axes)), key=lambda k: w.out_axes[k])
+    view_a = transposed(a, (*lead, *[n + k for k in in_order], a.ndim - 1))
+    view_b = transposed(b, (*lead, n, *[n + 1 + k for k in out_order]))
+    view_g = None if g is None else transposed(g, (*lead, *[n + k for k in out_order]))
+    meta = ViewMeta(path, w.replace(a=None, b=None, m=None), (), side, carried)
+    return KernelView(kernel, a, b, kernel, view_a, view_b, meta, g=view_g, root_m=root_m)
+
+
 def materialize(v: KernelView) -> jax.Array:
-    """``W0 + scale * a @ b`` in the kernel's dtype (as `lora.merge`), then the view's ops."""
+    """``W0 + scale * a @ b`` in the kernel's dtype (as `lora.merge`; DoRA's kernel for a DoRA
+    view), then the view's layout ops. Not for a routed view, which stands for one kernel per
+    example: its uses run per example (`per_example`)."""
     w = v.meta.weights.replace(a=v.root_a, b=v.root_b, m=v.root_m)
-    root = as_array(v.root)  # a quantized base (`_quant_view`) is dequantized here
+    root = as_array(v.root)  # a quantized base is dequantized here
     compute = jnp.promote_types(root.dtype, jnp.float32)
     if w.m is not None:  # DoRA, as `lora.merge`
-        from flax_lora._dora import dora_kernel
-
         out = dora_kernel(root, w, compute).astype(root.dtype)
     else:
         out = (root.astype(compute) + delta(w, compute)).astype(root.dtype)
@@ -147,146 +233,43 @@ def materialize(v: KernelView) -> jax.Array:
     return out
 
 
-def apply_layout(v: KernelView, prim: Any, params: dict[str, Any], out_aval: Any) -> KernelView:
-    """Applies one layout op (``prim.name in LAYOUT_OPS``) to the view."""
-    name = prim.name
-    base = layout(v.base, prim, params, out_aval)  # recorded, for a quantized base
-    meta = v.meta
-    ops = (*meta.ops, (prim, params))
-    new = lambda a, b, side, why=meta.why, g=v.g: KernelView(
-        v.root,
-        v.root_a,
-        v.root_b,
-        base,
-        a,
-        b,
-        ViewMeta(meta.path, meta.weights, ops, tuple(side), why),
-        g=g,
-        root_m=v.root_m,
-    )
-    if name not in VALUE_OPS and meta.why is None and L_SIDE in meta.side:
-        return new(v.a, v.b, [I_SIDE] * len(out_aval.shape), f"`{name}` of a stacked kernel")
-    if name in VALUE_OPS or meta.why is not None:
-        if name in VALUE_OPS:
-            return new(v.a, v.b, meta.side)
-        return new(v.a, v.b, [I_SIDE] * len(out_aval.shape))  # sides no longer mean anything
-    if name == "transpose":
-        perm = tuple(jx.bound_param(prim, params, "permutation"))
-        return _permute(v, perm, new)
-    if name == "squeeze":
-        drop = {d % len(meta.side) for d in jx.bound_param(prim, params, "dimensions")}
-        side = [s for d, s in enumerate(meta.side) if d not in drop]
-        return new(*_refactor(v, side, base.shape), side, g=_refactor_g(v, side, base.shape))
-    if name == "broadcast_in_dim":
-        kept = tuple(jx.bound_param(prim, params, "broadcast_dimensions"))
-        shape = tuple(jx.bound_param(prim, params, "shape"))
-        added = [d for d in range(len(shape)) if d not in kept]
-        if (
-            list(kept) != sorted(kept)
-            or any(shape[d] != 1 for d in added)
-            or any(shape[d] != v.shape[k] for k, d in enumerate(kept))
-        ):
-            return new(v.a, v.b, [I_SIDE] * len(shape), f"`{name}` (a broadcast)")
-        side = [I_SIDE] * len(shape)
-        for k, d in enumerate(kept):
-            side[d] = meta.side[k]
-        return new(*_refactor(v, side, shape), side, g=_refactor_g(v, side, shape))
-    # reshape
-    if params.get("dimensions") is not None:
-        return new(v.a, v.b, [I_SIDE] * len(base.shape), f"`{name}` with dimensions")
-    side, why = _reshape_sides(v.shape, tuple(base.shape), meta.side)
-    if why is not None:
-        return new(v.a, v.b, [I_SIDE] * len(base.shape), why)
-    return new(*_refactor(v, side, base.shape), side, g=_refactor_g(v, side, base.shape))
+# -- slicing and mapping the carried axes ------------------------------------------------------
+_FACTORS = ("root_a", "root_b", "a", "b", "g", "root_m")  # the arrays that carry the axes C
 
 
-def _permute(v: KernelView, perm: tuple[int, ...], new: Any) -> KernelView:
-    side = [v.meta.side[p] for p in perm]
-    old_i, old_o = v.axes(I_SIDE), v.axes(O_SIDE)
-    pa = [old_i.index(p) for p in perm if v.meta.side[p] == I_SIDE]
-    pb = [old_o.index(p) for p in perm if v.meta.side[p] == O_SIDE]
-    a = v.a if pa == sorted(pa) else jnp.transpose(v.a, (*pa, len(pa)))
-    b = v.b if pb == sorted(pb) else jnp.transpose(v.b, (0, *[1 + k for k in pb]))
-    g = v.g if v.g is None or pb == sorted(pb) else jnp.transpose(v.g, pb)
-    return new(a, b, side, g=g)
+def per_layer(v: KernelView) -> KernelView:
+    """What a scan over the view's first layer axis slices: the view's arrays with that axis
+    first (``W0`` cut by `layer_base`: a quantized stack is sliced per layer) and the metadata
+    of one layer, so that `jax.lax.scan` hands its body an ordinary view of one layer.
 
-
-def _refactor(v: KernelView, side: list[str], shape: tuple[int, ...]) -> tuple[Any, Any]:
-    """Reshapes the factors to the sizes of the new view's I and O axes (order is kept)."""
-    r = v.a.shape[-1]
-    a_shape = (*[shape[d] for d, s in enumerate(side) if s == I_SIDE], r)
-    b_shape = (r, *[shape[d] for d, s in enumerate(side) if s == O_SIDE])
-    a = v.a if tuple(v.a.shape) == a_shape else jnp.reshape(v.a, a_shape)
-    b = v.b if tuple(v.b.shape) == b_shape else jnp.reshape(v.b, b_shape)
-    return a, b
-
-
-def _refactor_g(v: KernelView, side: list[str], shape: tuple[int, ...]) -> Any:
-    """DoRA's factor ``g`` reshaped to the sizes of the new view's O axes, like ``b``."""
-    if v.g is None:
-        return None
-    g_shape = tuple(shape[d] for d, s in enumerate(side) if s == O_SIDE)
-    return v.g if tuple(v.g.shape) == g_shape else jnp.reshape(v.g, g_shape)
-
-
-def dora_scale(v: KernelView, out_ndim: int, o_pos: list[int], dtype: Any) -> Any:
-    """DoRA's ``g`` broadcastable against an array of ``out_ndim`` axes whose axes ``o_pos``
-    are the view's O axes, in view order; ``None`` without DoRA."""
-    if v.g is None:
-        return None
-    order = sorted(range(len(o_pos)), key=lambda k: o_pos[k])
-    g = v.g if order == list(range(len(order))) else jnp.transpose(v.g, order)
-    g = jnp.expand_dims(g, tuple(d for d in range(out_ndim) if d not in o_pos))
-    return cast_like(g, dtype)
-
-
-def reshape_groups(old: tuple[int, ...], new: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
-    """Splits a reshape into the smallest groups of old and new axes with equal products.
-
-    Size-1 axes form groups of their own (``([i], [])`` or ``([], [j])``) where they can.
+    The scan rule has checked that this axis is the base's first and that only value ops (dtype
+    casts, sharding) were applied (`flax_lora._factored._scan`); of those, the ones that
+    commute with slicing stay in the layer's op history.
     """
-    groups: list[tuple[list[int], list[int]]] = []
-    i = j = 0
-    while i < len(old) or j < len(new):
-        if i < len(old) and old[i] == 1:
-            groups.append(([i], []))
-            i += 1
-            continue
-        if j < len(new) and new[j] == 1:
-            groups.append(([], [j]))
-            j += 1
-            continue
-        gi, gj = [i], [j]
-        pi, pj = old[i], new[j]
-        i, j = i + 1, j + 1
-        while pi != pj:
-            if pi < pj:
-                pi *= old[i]
-                gi.append(i)
-                i += 1
-            else:
-                pj *= new[j]
-                gj.append(j)
-                j += 1
-        groups.append((gi, gj))
-    return groups
+    meta = v.meta
+    k = meta.carried.index(LAYER)
+    one = ViewMeta(
+        meta.path,
+        meta.weights.unstacked(1),  # layers cleared: the mask is already in a and root_a
+        tuple((p, q) for p, q in meta.ops if p.name in jx.ELEMENTWISE),
+        meta.side[1:],
+        meta.carried[:k] + meta.carried[k + 1 :],
+    )
+    first = lambda x: x if x is None or k == 0 else jnp.moveaxis(x, k, 0)
+    moved = {f: first(getattr(v, f)) for f in _FACTORS}
+    return dataclasses.replace(
+        v, root=layer_base(v.root), base=layer_base(v.base), meta=one, **moved
+    )
 
 
-def _reshape_sides(
-    old: tuple[int, ...], new: tuple[int, ...], side: tuple[str, ...]
-) -> tuple[list[str], str | None]:
-    out = [I_SIDE] * len(new)
-    for gi, gj in reshape_groups(old, new):
-        sides = {side[i] for i in gi if old[i] != 1}
-        if len(sides) > 1:
-            return out, (
-                f"`reshape` {old} -> {new} merges input axes with output axes of the kernel"
-            )
-        s = sides.pop() if sides else I_SIDE
-        for j in gj:
-            out[j] = s
-    return out, None
-
-
-def cast_like(x: Any, dtype: Any) -> Any:
-    return x if x.dtype == dtype else lax.convert_element_type(x, dtype)
+def per_example(v: KernelView) -> tuple[KernelView, KernelView]:
+    """A routed view for `jax.vmap` over its example axis: the view with the metadata of one
+    example (its arrays still whole) and its ``in_axes`` (the factors mapped on their example
+    axis, ``W0`` not), sharing one treedef."""
+    meta = v.meta
+    k = meta.carried.index(EXAMPLE)
+    inner = dataclasses.replace(
+        v, meta=dataclasses.replace(meta, carried=meta.carried[:k] + meta.carried[k + 1 :])
+    )
+    mapped = {f: None if getattr(v, f) is None else k for f in _FACTORS}
+    return inner, dataclasses.replace(inner, root=None, base=None, **mapped)
