@@ -125,16 +125,16 @@ class Interpreter:
     Attributes:
       mode: ``"factored"`` (an unfactorable use raises), ``"auto"`` (it merges the kernel) or
         ``"merged"`` (every use merges; used for a quantized base, dequantized per use).
-      dropout: whether the call has a dropout key (`lora_rng`), for the warning of a merge.
+      with_key: whether the call has a dropout key (``lora_rng``), for the warning of a merge.
       routing: whether the call routes examples (``lora_ids``).
       stash: low-rank branches computed ahead of their equation (with a sibling's), by id.
       routing_fallback: why the call must run per example instead, once a routed kernel met a
         use the per-example rules cannot serve; ``None`` until then.
     """
 
-    def __init__(self, mode: Mode, dropout: bool = False, routing: bool = False) -> None:
+    def __init__(self, mode: Mode, with_key: bool = False, routing: bool = False) -> None:
         self.mode = mode
-        self.dropout = dropout
+        self.with_key = with_key
         self.routing = routing
         self.stash: dict[int, jax.Array] = {}
         self.routing_fallback: str | None = None
@@ -193,7 +193,7 @@ class Interpreter:
                 f"be factored ({reason}). Use mode='auto' to merge this kernel and factor the "
                 "others, or mode='merged'."
             )
-        if self.dropout and float(v.meta.weights.dropout) > 0:
+        if self.with_key and float(v.meta.weights.dropout) > 0:
             warnings.warn(
                 f"lora.wrap(mode='auto'): kernel {v.path!r} is merged for `{op}` ({reason}), so "
                 "its LoRA dropout is not applied; the other kernels' is.",

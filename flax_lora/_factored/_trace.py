@@ -95,7 +95,7 @@ def call_factored(
     table = adapter_table(adapters)
     if not table:
         return tracer.apply_fn(dequantize(params), *args, **kwargs)
-    interp = Interpreter(mode, dropout=lora_rng is not None)
+    interp = Interpreter(mode, with_key=lora_rng is not None)
     view = lambda path, leaf: make_view(path, leaf, table[path])
     return _interpret(tracer, interp, table, view, params, args, kwargs, lora_rng)
 
@@ -119,7 +119,7 @@ def call_routed(
     if not table:
         return tracer.apply_fn(params, *args, **kwargs)
     shapes = {p: stacked_entry(w, w.a[0], w.b[0]) for p, w in table.items()}
-    interp = Interpreter(mode, dropout=lora_rng is not None, routing=True)
+    interp = Interpreter(mode, with_key=lora_rng is not None, routing=True)
     view = lambda path, leaf: make_routed_view(path, leaf, table[path], ids)
     out = _interpret(tracer, interp, shapes, view, params, args, kwargs, lora_rng)
     if interp.routing_fallback is not None:
