@@ -30,11 +30,6 @@ from flax_lora._adapters import LoraWeights, delta, layer_mask
 _HI = jax.lax.Precision.HIGHEST
 
 
-def is_dora(w: Any) -> bool:
-    """Whether an adapter (`LoraWeights`) carries a DoRA magnitude."""
-    return getattr(w, "m", None) is not None
-
-
 def weight_norm(kernel: jax.Array, w: LoraWeights, dtype: Any = jnp.float32) -> jax.Array:
     """``||W0 + scale * a @ b||`` over the input axes, shape ``w.out_shape``, in ``dtype``.
 
@@ -100,7 +95,7 @@ def layered_factor(
     b: jax.Array,
     m: jax.Array,
     layer_axes: int,
-    keep: Any = None,
+    keep: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """DoRA's ``g = m / ||V||`` (norm detached, factored) per layer of a kernel stacked by a
     scan, shape ``(*L, *O)``, and the magnitude that gives it.

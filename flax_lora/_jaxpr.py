@@ -165,6 +165,23 @@ CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
 REMATS = frozenset({"remat2", "checkpoint", "remat"})
 CUSTOMS = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
 
+# -- the primitives a kernel goes through on its way to a use ---------------------------------
+ELEMENTWISE = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision"})
+"""Ops on values only, with no shape among their parameters: they commute with slicing a
+leading axis off (a scan's layer axis)."""
+
+VALUE_OPS = ELEMENTWISE | {"sharding_constraint", "device_put", "mesh_cast", "reshard"}
+"""Ops that change neither the layout nor the meaning of a kernel (dtype casts, copies,
+sharding placements)."""
+
+LAYOUT_OPS = VALUE_OPS | {"transpose", "reshape", "squeeze", "broadcast_in_dim"}
+"""The ops a model applies to a kernel before using it that factored execution follows."""
+
+KEEPS_AXES = VALUE_OPS | {"optimization_barrier", "stop_gradient"}
+"""Ops whose output has the axes of their (first) operand. The probe follows a kernel's axes
+through all of them; factored execution stops at the last two (an adapter's gradient must not
+pass a ``stop_gradient``)."""
+
 
 def call(eqn: Eqn) -> Call:
     """The body of a ``jit`` / ``pjit`` / ``closed_call`` equation."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -11,6 +11,10 @@ from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 from flax_lora._typing import PyTree
 
 KeyPath = tuple[Any, ...]
+
+KERNEL_LEAVES = ("kernel", "embedding")
+"""The leaf names Flax gives kernels: ``kernel`` (Dense, DenseGeneral, Einsum, Conv) and
+``embedding`` (Embed), Linen and NNX alike."""
 
 
 def key_str(key: Any) -> str:
@@ -67,7 +71,3 @@ def describe(paths: Iterable[str], limit: int = 12) -> str:
     shown = ", ".join(repr(p) for p in paths[:limit])
     more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
     return f"[{shown}{more}]" if paths else "[] (none)"
-
-
-def is_mapping(x: Any) -> bool:
-    return isinstance(x, Mapping)

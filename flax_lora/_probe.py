@@ -22,33 +22,30 @@ import jax
 
 from flax_lora import _jaxpr as jx
 from flax_lora._paths import path_str
+from flax_lora._typing import Kind
 
 AxisMap = tuple[tuple[int, ...], ...]  # for each axis of a var: the kernel axes it stems from
-
-# primitives that keep a value's layout (elementwise on one operand, no change of meaning)
-_SAME_LAYOUT = {
-    "convert_element_type",
-    "copy",
-    "copy_p",
-    "reduce_precision",
-    "sharding_constraint",
-    "device_put",
-    "optimization_barrier",
-    "stop_gradient",
-    "mesh_cast",
-    "reshard",
-}
 
 
 @dataclasses.dataclass
 class Use:
-    kind: str  # "embed" | "conv" | "dense"
+    """How a kernel is used: its kind, its input axes, and the layer axes enclosing scans slice."""
+
+    kind: Kind
     in_axes: tuple[int, ...]
     layer_axes: tuple[int, ...] = ()  # kernel axes sliced off by enclosing scans (stacked layers)
 
 
-def reshape_axis_map(old_shape: Sequence[int], new_shape: Sequence[int], amap: AxisMap) -> AxisMap:
-    """Maps each new axis to the kernel axes of the old axes it was formed from."""
+def reshape_groups(
+    old_shape: Sequence[int], new_shape: Sequence[int]
+) -> list[tuple[list[int], list[int]]]:
+    """Splits a reshape into the smallest groups of old and new axes with equal products.
+
+    A size-1 axis joins the group before it (the first group, for leading ones), so every axis,
+    of either shape, is in exactly one group. The probe maps each new axis to the kernel axes of
+    its group's old axes (`reshape_axis_map`); a kernel view gives each new axis the side of its
+    group's old axes (`flax_lora._factored._layout`).
+    """
     groups: list[tuple[list[int], list[int]]] = []
     i = j = 0
     while i < len(old_shape) or j < len(new_shape):
@@ -75,8 +72,13 @@ def reshape_axis_map(old_shape: Sequence[int], new_shape: Sequence[int], amap: A
             else:
                 break
         groups.append((gi, gj))
+    return groups
+
+
+def reshape_axis_map(old_shape: Sequence[int], new_shape: Sequence[int], amap: AxisMap) -> AxisMap:
+    """Maps each new axis to the kernel axes of the old axes it was formed from."""
     out: list[tuple[int, ...]] = [()] * len(new_shape)
-    for gi, gj in groups:
+    for gi, gj in reshape_groups(old_shape, new_shape):
         src = tuple(sorted({k for i in gi for k in amap[i]}))
         for j in gj:
             out[j] = src
@@ -99,7 +101,7 @@ def _walk(jaxpr: Any, tracked: dict[Any, tuple[str, AxisMap]], uses: dict[str, l
         ins = [get(v) for v in eqn.invars]
         if not any(ins):
             continue
-        if name in _SAME_LAYOUT and ins[0] is not None:
+        if name in jx.KEEPS_AXES and ins[0] is not None:
             for o in eqn.outvars:
                 env[o] = ins[0]
         elif name == "transpose":
@@ -188,5 +190,5 @@ def kernel_uses(probe: Callable[[Any], Any], params: Any) -> dict[str, Use]:
             tracked[var] = (path_str(kp), tuple((i,) for i in range(leaf.ndim)))
     uses: dict[str, list[Use]] = {}
     _walk(closed.jaxpr, tracked, uses)
-    rank = {"embed": 0, "conv": 1, "dense": 2}
+    rank: dict[Kind, int] = {"embed": 0, "conv": 1, "dense": 2}
     return {p: min(us, key=lambda u: rank[u.kind]) for p, us in uses.items()}

@@ -12,11 +12,10 @@ import numpy as np
 
 from flax_lora._adapters import is_lora
 from flax_lora._extras import split, substitute
-from flax_lora._factored import Tracer, call_factored
+from flax_lora._factored import RoutingFallback, Tracer, call_factored, call_routed
 from flax_lora._merge import merge
 from flax_lora._quant import is_quantized
 from flax_lora._quantize import dequantize
-from flax_lora._routing import RoutingFallback
 from flax_lora._stack import check_ids, is_stacked, num_stacked, select, stacked_table
 from flax_lora._typing import MODES, Mode, PyTree
 
@@ -137,7 +136,7 @@ def wrap(apply_fn: Callable[..., Any], mode: Mode = "auto") -> Callable[..., Any
             if _has_quantized(params):  # merged at each use: per layer inside a scan
                 return call_factored(tracer, mode, params, adapters, args, kwargs, None)
             return apply_fn(merge(params, adapters), *args, **kwargs)
-        # quantized kernels are dequantized at their uses (`flax_lora._quant_view`)
+        # quantized kernels are dequantized at their uses (`flax_lora._factored._quant`)
         return call_factored(tracer, mode, params, adapters, args, kwargs, rng)
 
     @functools.wraps(apply_fn)
@@ -161,15 +160,15 @@ def wrap(apply_fn: Callable[..., Any], mode: Mode = "auto") -> Callable[..., Any
         if mode != "merged" and not split(adapters, is_stacked)[1]:
             table = stacked_table(adapters)
             ids = check_ids(lora_ids, next(iter(table.values())).num_adapters)
-            try:
-                return call_factored(tracer, mode, params, adapters, args, kwargs, lora_rng, ids)
-            except RoutingFallback as e:
-                if mode == "factored":
-                    raise ValueError(
-                        f"lora.wrap(mode='factored') with lora_ids: {e}, so the batch cannot be "
-                        "routed kernel by kernel. Use mode='auto' (it then runs each example "
-                        "as a batch of one) or mode='merged'."
-                    ) from e
+            out = call_routed(tracer, mode, params, adapters, ids, args, kwargs, lora_rng)
+            if not isinstance(out, RoutingFallback):
+                return out
+            if mode == "factored":
+                raise ValueError(
+                    f"lora.wrap(mode='factored') with lora_ids: {out.reason}, so the batch cannot "
+                    "be routed kernel by kernel. Use mode='auto' (it then runs each example as a "
+                    "batch of one) or mode='merged'."
+                )
         return _routed(run, params, adapters, args, kwargs, lora_rng, lora_ids)
 
     del wrapped.__wrapped__  # so that inspect.signature / help() show the wrapped signature

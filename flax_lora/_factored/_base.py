@@ -1,4 +1,4 @@
-"""Quantized kernels inside the factored interpreter: dequantized at their use, layer by layer.
+"""The base kernel ``W0`` of a view: an array, or a quantized kernel dequantized at its use.
 
 A `QuantizedKernel` (QLoRA's base, `lora.quantize`) enters the interpreted model as a `QuantBase`:
 the codes and scales, plus the layout ops the model applies to the kernel (dtype promotion,
@@ -11,16 +11,18 @@ the kernel:
   data-dependent on the product's input (forward) or incoming gradient (backward) by adding
   ``0 * x[0]`` to its scales and NF4 levels, so XLA can neither hoist it to the start of the
   step nor share one float copy between the passes;
-- ``gather`` (an Embed lookup of a 2-D table): the rows are gathered from the codes and only
-  they are dequantized (nf4: when each row is whole blocks; otherwise the table is
-  dequantized at the lookup);
+- ``gather`` (an Embed lookup of a 2-D table): `base_gather`, the rows are gathered from the
+  codes and only they are dequantized (nf4: when each row is whole blocks; otherwise the table
+  is dequantized at the lookup);
 - ``scan`` over a stacked kernel (``nn.scan`` / ``nnx.scan``): the scan slices the codes and
   scales per layer (`layer_base`), so the body dequantizes one layer's kernel; with remat on
   the body it is dequantized again in that layer's backward step;
-- any other use: the kernel is dequantized there (``dequantize_kernel`` then the recorded ops).
+- any other use: the kernel is dequantized there (`as_array`: ``dequantize_kernel`` then the
+  recorded ops).
 
 A `QuantBase` stands in for ``W0`` in an adapted kernel's `KernelView` (its ``root`` and
-``base``) and, for a quantized kernel without adapter, on its own. The numbers are those of
+``base``) and, for a quantized kernel without adapter, on its own; the rules of the ops above
+(`flax_lora._factored._rules`) serve both. The numbers are those of
 ``apply_fn(lora.dequantize(params))``: the same dequantization, only placed elsewhere.
 """
 
@@ -35,10 +37,13 @@ import numpy as np
 from jax import lax
 
 from flax_lora import _jaxpr as jx
-from flax_lora._quant import QuantizedKernel, dequantize_kernel, is_quantized
-
-# ops that commute with slicing a layer off (as `flax_lora._scan._ELEMENTWISE`)
-_ELEMENTWISE = {"convert_element_type", "copy", "copy_p", "reduce_precision"}
+from flax_lora._quant import (
+    NF4_LEVELS,
+    QuantizedKernel,
+    block_absmax,
+    dequantize_kernel,
+    is_quantized,
+)
 
 
 @dataclasses.dataclass(eq=False)
@@ -91,14 +96,12 @@ class QuantBase:
 
 def _dequantize_tied(q: QuantizedKernel, tie: Any) -> jax.Array:
     """`dequantize_kernel` with ``tie`` (a traced zero) added to the scales and NF4 levels."""
-    from flax_lora._quant import NF4_LEVELS
-
     if q.layer_axes:
         return dequantize_kernel(q)
     if q.format == "int8":
         scale = (q.absmax.astype(jnp.float32) + tie) / 127.0
         return (q.codes.astype(jnp.float32) * scale).astype(q.dtype)
-    absmax = _block_absmax(q) if q.double_quant else q.absmax
+    absmax = block_absmax(q) if q.double_quant else q.absmax
     levels = jnp.asarray(NF4_LEVELS) + tie
     idx = jnp.stack([q.codes >> 4, q.codes & 0xF], axis=-1).reshape(-1)
     vals = levels[idx].reshape(-1, q.block_size) * absmax[:, None]
@@ -110,12 +113,19 @@ def _zero_of(x: Any) -> jax.Array:
     return jnp.float32(0.0) * lax.stop_gradient(jnp.reshape(x, (-1,))[0]).astype(jnp.float32)
 
 
-def quant_base(q: QuantizedKernel) -> QuantBase:
-    """The `QuantBase` of a kernel that no op has touched yet."""
-    return QuantBase(q, _Meta((), tuple(q.shape), jnp.dtype(q.dtype)))
+Base = jax.Array | QuantBase
+"""The base kernel ``W0`` of a view, or a kernel without adapter: an array or a `QuantBase`."""
 
 
-def is_base(x: Any) -> bool:
+def as_base(leaf: Any) -> Any:
+    """How an input leaf enters the interpreted model: a quantized kernel as the `QuantBase`
+    that no op has touched yet, anything else as it is."""
+    if not is_quantized(leaf):
+        return leaf
+    return QuantBase(leaf, _Meta((), tuple(leaf.shape), jnp.dtype(leaf.dtype)))
+
+
+def is_quant_base(x: Any) -> bool:
     return isinstance(x, QuantBase)
 
 
@@ -132,7 +142,7 @@ def input_aval(x: Any) -> Any:
     return jax.typeof(x)
 
 
-def layout(x: Any, prim: Any, params: dict[str, Any], out_aval: Any) -> Any:
+def layout(x: Base, prim: Any, params: dict[str, Any], out_aval: Any) -> Base:
     """A layout op (transpose, reshape, dtype cast, ...) on an array or a `QuantBase`."""
     if not isinstance(x, QuantBase):
         return prim.bind(x, **params)
@@ -155,7 +165,7 @@ def _per_layer(q: QuantizedKernel) -> QuantizedKernel | None:
         return None  # a block straddles two layers
     absmax = q.absmax
     if q.double_quant:  # the block absmaxes in float (one per block: small)
-        absmax = _block_absmax(q)
+        absmax = block_absmax(q)
     return QuantizedKernel(
         q.codes.reshape(size, -1),
         absmax.reshape(size, -1),
@@ -169,16 +179,7 @@ def _per_layer(q: QuantizedKernel) -> QuantizedKernel | None:
     )
 
 
-def _block_absmax(q: QuantizedKernel) -> jax.Array:
-    """The float32 block absmaxes of a double-quantized nf4 kernel."""
-    from flax_lora._quant import DOUBLE_QUANT_BLOCK, DYNAMIC_MAP, blocks
-
-    n_blocks = q.absmax.shape[0]
-    vals = blocks(jnp.asarray(DYNAMIC_MAP)[q.absmax.astype(jnp.int32)], DOUBLE_QUANT_BLOCK)
-    return (vals * q.absmax_scale[:, None]).reshape(-1)[:n_blocks] + q.absmax_offset
-
-
-def layer_base(x: Any) -> Any:
+def layer_base(x: Base) -> Base:
     """What a ``scan`` over the leading axis of ``x`` slices: a `QuantBase` whose leaves keep
     the layer axis first and whose static part is one layer's, so that `jax.lax.scan` hands
     the body one layer's quantized kernel; an array is returned as is. A quantized stack that
@@ -186,12 +187,10 @@ def layer_base(x: Any) -> Any:
     dequantized whole."""
     if not isinstance(x, QuantBase):
         return x
-    from flax_lora._factored_view import VALUE_OPS
-
     q = _per_layer(x.q)
-    if q is None or any(p.name not in VALUE_OPS for p, _ in x.meta.ops):
+    if q is None or any(p.name not in jx.VALUE_OPS for p, _ in x.meta.ops):
         return x.value()
-    ops = tuple((p, k) for p, k in x.meta.ops if p.name in _ELEMENTWISE)
+    ops = tuple((p, k) for p, k in x.meta.ops if p.name in jx.ELEMENTWISE)
     return QuantBase(q.layer(), _Meta(ops, tuple(x.shape[1:]), x.dtype))
 
 
@@ -202,7 +201,7 @@ def _zero_cotangent(x: Any) -> Any:
     return np.zeros(x.shape, jax.dtypes.float0)
 
 
-def base_product(eqn: Any, x: Any, base: Any, x_first: bool) -> jax.Array:
+def base_product(eqn: jx.Eqn, x: jax.Array, base: Base, x_first: bool) -> jax.Array:
     """``dot_general(x, W0)`` (or ``(W0, x)``) with the equation's params; for a `QuantBase`
     ``W0`` is dequantized at the product and again in its backward pass (residuals: the
     codes), never kept between them."""
@@ -245,20 +244,18 @@ def _rows(q: QuantizedKernel) -> QuantizedKernel | None:
     return _per_layer(rows)
 
 
-def quant_gather(eqn: Any, base: Any, indices: Any) -> jax.Array:
+def base_gather(eqn: jx.Eqn, base: Base, indices: jax.Array) -> jax.Array:
     """``gather`` of rows of a kernel (an Embed lookup). From a `QuantBase` of a 2-D table
     the rows are gathered from the codes and only they are dequantized; any other gather
     dequantizes the kernel at the lookup."""
     if not isinstance(base, QuantBase):
         return jx.bind(eqn, (base, indices))[0]
-    from flax_lora._factored_view import VALUE_OPS
-
     dn, sizes = jx.param(eqn, "dimension_numbers"), tuple(jx.param(eqn, "slice_sizes"))
     q = base.q
     simple = (
         q.ndim == 2
         and not q.layer_axes
-        and all(p.name in VALUE_OPS for p, _ in base.meta.ops)
+        and all(p.name in jx.VALUE_OPS for p, _ in base.meta.ops)
         and tuple(dn.collapsed_slice_dims) == (0,)
         and tuple(dn.start_index_map) == (0,)
         and not getattr(dn, "operand_batching_dims", ())
@@ -276,8 +273,6 @@ def quant_gather(eqn: Any, base: Any, indices: Any) -> jax.Array:
     if q.format == "int8":
         rows = take(q.codes).astype(jnp.float32) * (q.absmax.astype(jnp.float32) / 127.0)
     else:
-        from flax_lora._quant import NF4_LEVELS
-
         codes, absmax = take(table.codes), take(table.absmax)
         idx = jnp.stack([codes >> 4, codes & 0xF], axis=-1).astype(jnp.int32)
         vals = jnp.asarray(NF4_LEVELS)[idx].reshape(*absmax.shape, q.block_size)
@@ -286,33 +281,3 @@ def quant_gather(eqn: Any, base: Any, indices: Any) -> jax.Array:
     for prim_op, op_params in base.meta.ops:
         out = prim_op.bind(out, **op_params)
     return out
-
-
-def quant_rule(interp: Any, eqn: Any, invals: list[Any]) -> list[Any]:
-    """An equation whose inputs hold `QuantBase`\\s but no adapted kernel view."""
-    from flax_lora._factored_view import LAYOUT_OPS
-    from flax_lora._scan import scan_rule
-
-    name = eqn.primitive.name
-    if name in LAYOUT_OPS and len(invals) == 1:
-        return [layout(invals[0], eqn.primitive, jx.bind_params(eqn), eqn.outvars[0].aval)]
-    if name == "scan":
-        result = scan_rule(interp, eqn, invals)
-        if isinstance(result, list):
-            return result
-    elif name in jx.CALLS:
-        body = jx.call(eqn).body
-        return interp.eval(body.jaxpr, body.consts, invals)
-    elif name in jx.REMATS:
-        return interp._remat(eqn, invals)
-    elif name == "gather" and isinstance(invals[0], QuantBase) and not is_base(invals[1]):
-        return [quant_gather(eqn, invals[0], invals[1])]
-    elif name == "dot_general" and sum(isinstance(v, QuantBase) for v in invals) == 1:
-        dims = jx.dot(eqn)
-        x_first = isinstance(invals[1], QuantBase)
-        if not (
-            dims.rhs_batch if x_first else dims.lhs_batch
-        ):  # no batch axis of the kernel (an expert axis)
-            x, w = (invals[0], invals[1]) if x_first else (invals[1], invals[0])
-            return [base_product(eqn, x, w, x_first)]
-    return jx.bind(eqn, [as_array(v) for v in invals])

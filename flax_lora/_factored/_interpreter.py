@@ -1,0 +1,258 @@
+"""The interpreter of factored execution: evaluates a jaxpr whose inputs may be kernel views.
+
+JAX's documented custom-interpreter technique: each equation is bound unchanged unless an
+adapted kernel (a `KernelView`) or a quantized kernel (a `QuantBase`) is among its inputs; such
+an equation goes to the rule of its primitive in `RULES`, as JAX's own interpreters keep one
+rule per primitive in a table. A rule returns the equation's outputs, or `Unfactored` with the
+reason it cannot factor this use; the kernels involved are then merged (mode ``"auto"``; a
+warning when their LoRA dropout is thereby lost), or the call raises (mode ``"factored"``), or,
+for a kernel routed per example, the interpreter records that the call must fall back to
+running example by example (`Interpreter.routing_fallback`) and evaluates nothing further.
+
+Nested ``jit`` calls are inlined, remat regions are re-wrapped in `jax.checkpoint` with their
+policy, and a ``scan`` runs as a real `jax.lax.scan` whose body this interpreter evaluates on
+per-layer views (`flax_lora._factored._scan`).
+
+Dropout keys are explicit: each equation's key is its jaxpr's key folded with the equation's
+position (a nested body's key is its equation's; a scan folds the layer index in too), so the
+masks depend on where a branch is in the model, not on the order the interpreter meets them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from flax_lora import _jaxpr as jx
+from flax_lora._factored._base import as_array, is_quant_base
+from flax_lora._factored._contract import Evaluator, Rule, Unfactored, no_rule
+from flax_lora._factored._layout import layout_of, layout_rule
+from flax_lora._factored._rules import conv_rule, dense_rule, gather_rule
+from flax_lora._factored._scan import scan_rule
+from flax_lora._factored._view import KernelView, materialize
+from flax_lora._typing import Mode
+
+Key = jax.Array | None
+
+
+def call_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> list[Any]:
+    """A nested ``jit``: its body is evaluated inline, with the equation's key."""
+    body = jx.call(eqn).body
+    return interp.eval(body.jaxpr, body.consts, invals, key)
+
+
+def remat_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> list[Any]:
+    """A remat region, re-wrapped in `jax.checkpoint` with its policy and evaluated inside."""
+    region = jx.remat(eqn)
+    name = eqn.primitive.name
+    # a kernel returned as it came in (NNX's remat returns the module state): passed by
+    # outside the region instead of leaving it as an array
+    where = {v: k for k, v in enumerate(region.body.jaxpr.invars)}
+    passthrough = {
+        j: where[o]
+        for j, o in enumerate(region.body.jaxpr.outvars)
+        if o in where and _is_kernel(invals[where[o]])
+    }
+
+    def body(body_key: Key, *vals: Any) -> list[Any]:
+        outs = interp.eval(region.body.jaxpr, region.body.consts, vals, body_key)
+        return [
+            jnp.zeros((), jnp.float32)
+            if j in passthrough
+            else interp.merged(o, name, "the kernel leaves the remat region")
+            if isinstance(o, KernelView)
+            else as_array(o)
+            for j, o in enumerate(outs)
+        ]
+
+    checkpointed = jax.checkpoint(body, prevent_cse=region.prevent_cse, policy=region.policy)
+    outs = checkpointed(key, *invals)
+    return [invals[passthrough[j]] if j in passthrough else o for j, o in enumerate(outs)]
+
+
+RULES: dict[str, Rule] = {
+    **dict.fromkeys(jx.LAYOUT_OPS, layout_rule),
+    **dict.fromkeys(jx.CALLS, call_rule),
+    **dict.fromkeys(jx.REMATS, remat_rule),
+    "scan": scan_rule,
+    "dot_general": dense_rule,
+    "gather": gather_rule,
+    "conv_general_dilated": conv_rule,
+}
+"""The rule of each primitive that factored execution sees through or factors; any other
+primitive with a kernel among its inputs is `Unfactored`."""
+
+
+def _is_kernel(x: Any) -> bool:
+    return isinstance(x, KernelView) or is_quant_base(x)
+
+
+class _Frame:
+    """The state of one jaxpr being evaluated: its environment and where the loop is."""
+
+    def __init__(self, jaxpr: Any, env: dict[Any, Any]) -> None:
+        self.jaxpr = jaxpr
+        self.env = env
+        self.index = 0
+        self.early: set[int] = set()  # ids of layout equations evaluated ahead of the loop
+        self._producers: dict[Any, jx.Eqn] | None = None
+        self._dots: dict[Any, list[tuple[int, jx.Eqn]]] | None = None
+
+    def producer(self, var: Any) -> jx.Eqn | None:
+        if self._producers is None:
+            self._producers = {o: e for e in self.jaxpr.eqns for o in e.outvars}
+        return self._producers.get(var)
+
+    def dots_using(self, var: Any) -> list[tuple[int, jx.Eqn]]:
+        """The ``dot_general`` equations (with their index) that take ``var`` as an operand."""
+        if self._dots is None:
+            self._dots = {}
+            for i, e in enumerate(self.jaxpr.eqns):
+                if e.primitive.name == "dot_general":
+                    for v in e.invars:
+                        if not jx.is_literal(v):
+                            self._dots.setdefault(v, []).append((i, e))
+        return self._dots.get(var, [])
+
+
+class Interpreter:
+    """Evaluates a jaxpr whose inputs may be `KernelView`\\s (the `Evaluator` of the rules).
+
+    Attributes:
+      mode: ``"factored"`` (an unfactorable use raises), ``"auto"`` (it merges the kernel) or
+        ``"merged"`` (every use merges; used for a quantized base, dequantized per use).
+      with_key: whether the call has a dropout key (``lora_rng``), for the warning of a merge.
+      routing: whether the call routes examples (``lora_ids``).
+      stash: low-rank branches computed ahead of their equation (with a sibling's), by id.
+      routing_fallback: why the call must run per example instead, once a routed kernel met a
+        use the per-example rules cannot serve; ``None`` until then.
+    """
+
+    def __init__(self, mode: Mode, with_key: bool = False, routing: bool = False) -> None:
+        self.mode = mode
+        self.with_key = with_key
+        self.routing = routing
+        self.stash: dict[int, jax.Array] = {}
+        self.routing_fallback: str | None = None
+        self._frames: list[_Frame] = []
+
+    def eval(self, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], key: Key) -> list[Any]:
+        """Evaluates ``jaxpr``; ``key`` is its dropout key (``None``: no dropout)."""
+        env: dict[Any, Any] = {}
+        env.update(zip(jaxpr.constvars, consts, strict=True))
+        env.update(zip(jaxpr.invars, args, strict=True))
+        frame = _Frame(jaxpr, env)
+        self._frames.append(frame)
+        try:
+            for i, eqn in enumerate(jaxpr.eqns):
+                if self.routing_fallback is not None:
+                    break  # the call's outputs will not be used
+                frame.index = i
+                if id(eqn) in frame.early:
+                    continue
+                invals = [v.val if jx.is_literal(v) else env[v] for v in eqn.invars]
+                with jx.eqn_context(eqn):
+                    if any(_is_kernel(x) for x in invals):
+                        outs = self.apply(eqn, invals, _eqn_key(key, eqn, i))
+                    else:
+                        outs = jx.bind(eqn, invals)
+                env.update(zip(eqn.outvars, outs, strict=True))
+        finally:
+            self._frames.pop()
+        return [_read(env, v) for v in jaxpr.outvars]
+
+    def apply(self, eqn: jx.Eqn, invals: list[Any], key: Key) -> list[Any]:
+        """Evaluates one equation with kernels among ``invals`` by the rule of its primitive;
+        a use the rule cannot factor falls back (`merged`)."""
+        name = eqn.primitive.name
+        rule = RULES.get(name, _no_rule)
+        out = rule(self, eqn, invals, key)
+        if not isinstance(out, Unfactored):
+            return out
+        plain = [
+            self.merged(x, name, out.reason) if isinstance(x, KernelView) else as_array(x)
+            for x in invals
+        ]
+        return jx.bind(eqn, plain)
+
+    def merged(self, v: KernelView, op: str, reason: str) -> jax.Array:
+        """The kernel of view ``v`` for a use ``op`` that cannot be factored: merged (mode
+        ``"auto"``), an error (mode ``"factored"``), or for a routed view a placeholder, the
+        call being recorded as one to run per example."""
+        if v.routed:
+            if self.routing_fallback is None:
+                self.routing_fallback = f"kernel {v.path!r} is used by `{op}` ({reason})"
+            return jnp.zeros(v.shape, v.dtype)
+        if self.mode == "factored":
+            raise ValueError(
+                f"lora.wrap(mode='factored'): kernel {v.path!r} is used by `{op}`, which cannot "
+                f"be factored ({reason}). Use mode='auto' to merge this kernel and factor the "
+                "others, or mode='merged'."
+            )
+        if self.with_key and float(v.meta.weights.dropout) > 0:
+            warnings.warn(
+                f"lora.wrap(mode='auto'): kernel {v.path!r} is merged for `{op}` ({reason}), so "
+                "its LoRA dropout is not applied; the other kernels' is.",
+                stacklevel=2,
+            )
+        return materialize(v)
+
+    def later_uses(self, eqn: jx.Eqn, x_pos: int) -> list[tuple[jx.Eqn, KernelView]]:
+        """The later ``dot_general`` equations of the current jaxpr whose operand ``x_pos`` is
+        ``eqn``'s and whose other operand is a kernel view (its layout ops evaluated ahead)."""
+        xvar = eqn.invars[x_pos]
+        if jx.is_literal(xvar):
+            return []
+        frame = self._frames[-1]
+        found = []
+        for i, e in frame.dots_using(xvar):
+            if i > frame.index and e.invars[x_pos] is xvar:
+                v = self._resolve(e.invars[1 - x_pos], frame)
+                if v is not None:
+                    found.append((e, v))
+        return found
+
+    def _resolve(self, var: Any, frame: _Frame) -> KernelView | None:
+        """The kernel view ``var`` will hold, evaluating its layout ops ahead if needed."""
+        if jx.is_literal(var):
+            return None
+        if var in frame.env:
+            val = frame.env[var]
+            return val if isinstance(val, KernelView) else None
+        eqn = frame.producer(var)
+        if eqn is None or eqn.primitive.name not in jx.LAYOUT_OPS or len(eqn.invars) != 1:
+            return None
+        src = self._resolve(eqn.invars[0], frame)
+        if src is None:
+            return None
+        with jx.eqn_context(eqn):
+            out = layout_of(src, eqn)
+        frame.env[eqn.outvars[0]] = out
+        frame.early.add(id(eqn))
+        return out
+
+
+def _eqn_key(key: Key, eqn: jx.Eqn, index: int) -> Key:
+    """The dropout key of the equation at ``index`` of a jaxpr whose key is ``key`` (``None``
+    for a layout op, which draws no mask)."""
+    if key is None or eqn.primitive.name in jx.LAYOUT_OPS:
+        return None
+    return jax.random.fold_in(key, index)
+
+
+def _no_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Unfactored:
+    del interp, eqn, key
+    return no_rule(invals)
+
+
+def _read(env: dict[Any, Any], var: Any) -> Any:
+    """A jaxpr atom's value; after a routing fallback, a placeholder for one never computed."""
+    if jx.is_literal(var):
+        return var.val
+    if var in env:
+        return env[var]
+    return jnp.zeros(var.aval.shape, var.aval.dtype)

@@ -1,0 +1,138 @@
+"""Layout ops on kernel views: dtype casts, sharding, transposes, reshapes, squeezes, broadcasts.
+
+A layout op is applied to the view's base ``W0`` as it is (recorded, for a quantized base) and
+to the factor of the side whose axes it moves or regroups, after the factor's carried axes: a
+transpose permutes the I-axes of ``a`` and the O-axes of ``b`` (and DoRA's ``g``); a reshape,
+squeeze or size-1 broadcast reshapes them. A reshape that merges an input axis with an output
+axis, a broadcast that repeats the kernel, or any such op on a kernel stacked by a scan breaks
+the factorisation; the view then records why (`ViewMeta.why`), and can only be materialised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from flax_lora import _jaxpr as jx
+from flax_lora._factored._base import Base, layout
+from flax_lora._factored._contract import Evaluator, Result, no_rule
+from flax_lora._factored._view import I_SIDE, LAYER, O_SIDE, KernelView, ViewMeta, transposed
+from flax_lora._probe import reshape_groups
+
+_New = Callable[..., KernelView]  # the view after the op, from its factors and sides
+
+
+def layout_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: jax.Array | None) -> Result:
+    """The rule of the ops in `flax_lora._jaxpr.LAYOUT_OPS`: the view (or quantized base)
+    follows the op."""
+    del interp, key
+    if len(invals) != 1:
+        return no_rule(invals)
+    return [layout_of(invals[0], eqn)]
+
+
+def layout_of(x: KernelView | Base, eqn: jx.Eqn) -> KernelView | Base:
+    """A view or a base after the layout equation ``eqn``."""
+    params, out_aval = jx.bind_params(eqn), eqn.outvars[0].aval
+    if isinstance(x, KernelView):
+        return apply_layout(x, eqn.primitive, params, out_aval)
+    return layout(x, eqn.primitive, params, out_aval)
+
+
+def apply_layout(v: KernelView, prim: Any, params: dict[str, Any], out_aval: Any) -> KernelView:
+    """Applies one layout op (``prim.name in LAYOUT_OPS``) to the view."""
+    name = prim.name
+    base = layout(v.base, prim, params, out_aval)  # recorded, for a quantized base
+    meta = v.meta
+    ops = (*meta.ops, (prim, params))
+
+    def new(a: Any, b: Any, side: Any, why: str | None = meta.why, g: Any = v.g) -> KernelView:
+        changed = ViewMeta(meta.path, meta.weights, ops, tuple(side), meta.carried, why)
+        return dataclasses.replace(v, base=base, a=a, b=b, g=g, meta=changed)
+
+    if name in jx.VALUE_OPS:
+        return new(v.a, v.b, meta.side)
+    unknown = [I_SIDE] * len(out_aval.shape)  # sides no longer mean anything
+    if meta.why is not None:
+        return new(v.a, v.b, unknown)
+    if LAYER in meta.side:
+        return new(v.a, v.b, unknown, f"`{name}` of a stacked kernel")
+    if name == "transpose":
+        return _permute(v, tuple(jx.bound_param(prim, params, "permutation")), new)
+    if name == "squeeze":
+        drop = {d % len(meta.side) for d in jx.bound_param(prim, params, "dimensions")}
+        side = [s for d, s in enumerate(meta.side) if d not in drop]
+        return _refactor(v, side, base.shape, new)
+    if name == "broadcast_in_dim":
+        kept = tuple(jx.bound_param(prim, params, "broadcast_dimensions"))
+        shape = tuple(jx.bound_param(prim, params, "shape"))
+        added = [d for d in range(len(shape)) if d not in kept]
+        if (
+            list(kept) != sorted(kept)
+            or any(shape[d] != 1 for d in added)
+            or any(shape[d] != v.shape[k] for k, d in enumerate(kept))
+        ):
+            return new(v.a, v.b, unknown, f"`{name}` (a broadcast)")
+        side = [I_SIDE] * len(shape)
+        for k, d in enumerate(kept):
+            side[d] = meta.side[k]
+        return _refactor(v, side, shape, new)
+    # reshape
+    if params.get("dimensions") is not None:
+        return new(v.a, v.b, unknown, f"`{name}` with dimensions")
+    side, why = _reshape_sides(v.shape, tuple(base.shape), meta.side)
+    if why is not None:
+        return new(v.a, v.b, unknown, why)
+    return _refactor(v, side, base.shape, new)
+
+
+def _permute(v: KernelView, perm: tuple[int, ...], new: _New) -> KernelView:
+    side = [v.meta.side[p] for p in perm]
+    old_i, old_o = v.axes(I_SIDE), v.axes(O_SIDE)
+    pa = [old_i.index(p) for p in perm if v.meta.side[p] == I_SIDE]
+    pb = [old_o.index(p) for p in perm if v.meta.side[p] == O_SIDE]
+    n = len(v.meta.carried)
+    lead = tuple(range(n))
+    a = transposed(v.a, (*lead, *[n + k for k in pa], v.a.ndim - 1))
+    b = transposed(v.b, (*lead, n, *[n + 1 + k for k in pb]))
+    g = None if v.g is None else transposed(v.g, (*lead, *[n + k for k in pb]))
+    return new(a, b, side, g=g)
+
+
+def _refactor(v: KernelView, side: list[str], shape: tuple[int, ...], new: _New) -> KernelView:
+    """The view with factors (and DoRA's ``g``) reshaped to the sizes of the new view's I and O
+    axes, after the carried axes (the order is kept)."""
+    n = len(v.meta.carried)
+    ins = [shape[d] for d, s in enumerate(side) if s == I_SIDE]
+    outs = [shape[d] for d, s in enumerate(side) if s == O_SIDE]
+    r = v.a.shape[-1]
+    a = _reshaped(v.a, (*v.a.shape[:n], *ins, r))
+    b = _reshaped(v.b, (*v.b.shape[:n], r, *outs))
+    g = None if v.g is None else _reshaped(v.g, (*v.g.shape[:n], *outs))
+    return new(a, b, side, g=g)
+
+
+def _reshaped(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return x if tuple(x.shape) == shape else jnp.reshape(x, shape)
+
+
+def _reshape_sides(
+    old: tuple[int, ...], new: tuple[int, ...], side: tuple[str, ...]
+) -> tuple[list[str], str | None]:
+    """The sides of a reshape's new axes: those of the old axes in their group (size-1 old
+    axes belong to either side), or why there are none."""
+    out = [I_SIDE] * len(new)
+    for gi, gj in reshape_groups(old, new):
+        sides = {side[i] for i in gi if old[i] != 1}
+        if len(sides) > 1:
+            return out, (
+                f"`reshape` {old} -> {new} merges input axes with output axes of the kernel"
+            )
+        s = sides.pop() if sides else I_SIDE
+        for j in gj:
+            out[j] = s
+    return out, None

@@ -1,0 +1,155 @@
+"""The low-rank branches of the factored rules, and the Dense branch's hand-written VJP.
+
+Each branch is one small function of the layer input and the two factors:
+
+- `dense_branches`: ``(x @ a) @ (scale * b)`` on 2-D ``(tokens, features)`` operands, for
+  ``dot_general`` (Dense, DenseGeneral, Einsum; also a kernel contracted on its output axes, as
+  ``Embed.attend`` does: then ``a`` and ``b`` swap roles), for several adapters sharing one
+  input at once;
+- `embed_branch`: the gathered rows of ``a`` times ``scale * b``, for an Embed lookup;
+- `conv_branch`: ``conv(x, a)`` contracted with ``scale * b``, for ``conv_general_dilated``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def cast_like(x: jax.Array, dtype: Any) -> jax.Array:
+    """``x`` in ``dtype`` (no op when it already is)."""
+    return x if x.dtype == dtype else lax.convert_element_type(x, dtype)
+
+
+def dense_branches(
+    x: jax.Array,
+    a: Sequence[jax.Array],
+    b: Sequence[jax.Array],
+    precision: Any = None,
+    out_type: Any = None,
+) -> tuple[jax.Array, ...]:
+    """``(x @ a_k) @ b_k`` for each adapter ``k`` sharing the input ``x`` (q, k, v of attention):
+    ``x`` of shape ``(..., K)``, ``a_k`` ``(K, r_k)``, ``b_k`` ``(r_k, M_k)``.
+
+    One product ``x @ [a_1 | a_2 | ...]`` replaces one per adapter, and in the backward pass
+    one ``x``-sized read and one expansion serve them all. The leading axes are flattened to one
+    token axis (a free reshape): on XLA:CPU the gradients of ``a`` and ``b`` then need no
+    transposed copy of the activations. The product with ``b`` is written as an elementwise
+    rank-``r`` expansion, which XLA fuses into whatever consumes it (the base matmul's
+    epilogue, an activation), instead of a rank-``r`` matmul that writes and re-reads a
+    (tokens, M) array; `_lowrank` gives it a hand-written backward pass made of matmuls only,
+    each shaped so that no large operand is transposed.
+    """
+    lead = x.shape[:-1]
+    x2 = jnp.reshape(x, (math.prod(lead), x.shape[-1]))
+    try:
+        outs = _lowrank(x2, tuple(a), tuple(b), precision, out_type)
+    except TypeError as e:
+        if "forward-mode" not in str(e):
+            raise
+        raise TypeError(
+            "lora.wrap: forward-mode autodiff (jax.jvp, jax.jacfwd, jax.hessian, jax.linearize) "
+            "is not available in modes 'auto' and 'factored': their Dense branch has a "
+            "hand-written backward pass (a custom_vjp). Use lora.wrap(apply_fn, mode='merged') "
+            "for forward-mode derivatives."
+        ) from e
+    return tuple(jnp.reshape(u, (*lead, u.shape[-1])) for u in outs)
+
+
+def _dot(x: jax.Array, y: jax.Array, cx: int, cy: int, precision: Any, out: Any) -> jax.Array:
+    return lax.dot_general(x, y, (((cx,), (cy,)), ((), ())), precision, preferred_element_type=out)
+
+
+def _expand(t: jax.Array, m: jax.Array, dtype: Any, unrolled: bool = False) -> jax.Array:
+    """``t @ m`` for a small inner dimension ``r``, as elementwise multiply-adds.
+
+    XLA fuses these into the consumer (the base matmul's epilogue, an activation). Two
+    spellings: a broadcast-multiply-sum (used in training, where XLA:CPU fuses it into the
+    matmul epilogue best) or ``r`` unrolled multiply-adds (used for a forward pass alone, where
+    the sum form makes XLA:CPU pull whole MLP blocks, activation and all, into one slower
+    fusion). Both accumulate in at least float32.
+    """
+    acc = jnp.promote_types(dtype, jnp.float32)
+    t, m = t.astype(acc), m.astype(acc)
+    if unrolled:
+        out = t[:, 0:1] * m[0:1, :]
+        for i in range(1, t.shape[1]):
+            out = out + t[:, i : i + 1] * m[i : i + 1, :]
+    else:
+        out = jnp.sum(t[:, :, None] * m[None, :, :], axis=1)
+    return out.astype(dtype)
+
+
+def _splits(parts: Sequence[jax.Array], axis: int) -> list[tuple[int, int]]:
+    bounds, start = [], 0
+    for p in parts:
+        bounds.append((start, start + p.shape[axis]))
+        start += p.shape[axis]
+    return bounds
+
+
+def _lowrank_outs(x2: Any, a: tuple, b: tuple, precision: Any, out: Any, unrolled: bool) -> tuple:
+    a_all = a[0] if len(a) == 1 else jnp.concatenate(a, axis=1)
+    t = _dot(x2, a_all, 1, 0, precision, out)
+    outs = tuple(
+        _expand(t[:, i:j], bk, jnp.result_type(t, bk), unrolled)
+        for (i, j), bk in zip(_splits(a, 1), b, strict=True)
+    )
+    return outs, (x2, a_all, b, t)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _lowrank(x2: Any, a: tuple, b: tuple, precision: Any, out: Any) -> tuple:
+    return _lowrank_outs(x2, a, b, precision, out, unrolled=True)[0]  # not differentiated
+
+
+def _lowrank_fwd(x2: Any, a: tuple, b: tuple, precision: Any, out: Any) -> tuple:
+    return _lowrank_outs(x2, a, b, precision, out, unrolled=False)
+
+
+def _lowrank_bwd(precision: Any, out: Any, res: tuple, gs: tuple) -> tuple:
+    del out
+    x2, a_all, b, t = res
+    bounds = _splits(b, 0)
+    g_ts, g_bs = [], []
+    for (i, j), bk, g in zip(bounds, b, gs, strict=True):
+        g_ts.append(_dot(g, cast_like(bk, g.dtype), 1, 1, precision, None))  # (N, r)
+        g_bs.append(
+            cast_like(_dot(cast_like(t[:, i:j], g.dtype), g, 0, 0, precision, None), bk.dtype)
+        )
+    g_t = g_ts[0] if len(g_ts) == 1 else jnp.concatenate(g_ts, axis=1)
+    # (r, K), then transposed: the barrier stops XLA from folding the transpose into the dot,
+    # which would make it the (K, N) x (N, r) form that XLA:CPU runs ~10x slower
+    g_a = lax.optimization_barrier(_dot(g_t, cast_like(x2, g_t.dtype), 0, 0, precision, None)).T
+    g_x = _expand(g_t, a_all.T, x2.dtype)  # (N, K)
+    g_a = tuple(cast_like(g_a[:, i:j], a_all.dtype) for i, j in bounds)
+    return g_x, g_a, tuple(g_bs)
+
+
+_lowrank.defvjp(_lowrank_fwd, _lowrank_bwd)
+
+
+def embed_branch(rows: jax.Array, b: jax.Array) -> jax.Array:
+    """``rows @ b`` for gathered rows of ``a`` ``(..., r)`` and ``b`` ``(r, M)``."""
+    lead = rows.shape[:-1]
+    r2 = jnp.reshape(rows, (math.prod(lead), rows.shape[-1]))
+    u = lax.dot_general(cast_like(r2, b.dtype), b, (((1,), (0,)), ((), ())))
+    return jnp.reshape(u, (*lead, b.shape[-1]))
+
+
+def conv_branch(
+    x: jax.Array, a: jax.Array, b: jax.Array, conv: Callable[[Any, Any], Any], feature_axis: int
+) -> jax.Array:
+    """``conv(x, a)`` (``r`` output features) contracted with ``b`` ``(r, M)`` on its features."""
+    t = jnp.moveaxis(conv(x, a), feature_axis, -1)
+    lead = t.shape[:-1]
+    t2 = jnp.reshape(t, (math.prod(lead), t.shape[-1]))
+    u = lax.dot_general(cast_like(t2, b.dtype), b, (((1,), (0,)), ((), ())))
+    u = jnp.reshape(u, (*lead, b.shape[-1]))
+    return jnp.moveaxis(u, -1, feature_axis)

@@ -1,0 +1,98 @@
+"""Per-example routing inside the factored interpreter (``lora_ids=`` in modes auto/factored).
+
+The model runs once on the whole batch. Each adapted kernel enters it as a *routed* view
+(`flax_lora._factored._view.make_routed_view`): the base kernel ``W0`` as usual, and factors
+whose leading carried axis is the example axis, ``a[ids]`` and ``b[ids]`` (zeros where
+``ids == -1``). Layout ops and scans treat that axis as any carried axis. At each use of such a
+kernel (``dot_general``, ``gather``, ``conv_general_dilated``) the batch axis of the activation
+(axis 0, the batch axis of the model's inputs) is matched with the example axis: the rule for
+one example is `jax.vmap`-ed over the pair, so the base op is batched back into one op over the
+batch and only the low-rank branch uses per-example factors. Everything else in the model
+(batch statistics, masks passed as keywords) sees the whole batch, as without routing.
+
+A use that does not fit (an activation whose axis 0 is not the batch, a kernel used by another
+operation) is `Unfactored`; the interpreter then records that the call must fall back, and
+`lora.wrap` runs the model per example instead (mode ``"auto"``) or reports it (mode
+``"factored"``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from flax_lora import _jaxpr as jx
+from flax_lora._factored._contract import Evaluator, Result, Unfactored
+from flax_lora._factored._view import EXAMPLE, KernelView, per_example
+
+
+def routed_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: jax.Array | None) -> Result:
+    """Evaluates ``eqn``, a use of routed kernels, for each example: the interpreter's rule
+    for one example (views of one adapter, the activation a batch of one), vmapped. Each
+    example's dropout key is split from the equation's."""
+    axes = _batch_axes(eqn, invals)
+    if isinstance(axes, Unfactored):
+        return axes
+    in_pos, out_pos = axes
+    routed = next(x for x in invals if isinstance(x, KernelView) and x.routed)
+    batch = routed.a.shape[routed.meta.carried.index(EXAMPLE)]
+    for k, d in in_pos.items():
+        x = invals[k]
+        if jnp.ndim(x) <= d or jnp.shape(x)[d] != batch:
+            return Unfactored(
+                f"the activation has shape {jnp.shape(x)}, not the batch ({batch}) on axis {d}"
+            )
+    vals, in_axes = [], []
+    for k, x in enumerate(invals):
+        if isinstance(x, KernelView) and x.routed:
+            x, axis = per_example(x)
+        else:
+            axis = None if isinstance(x, KernelView) else in_pos.get(k)
+        vals.append(x)
+        in_axes.append(axis)
+    keys = None if key is None else jax.random.split(key, batch)
+
+    def one(key_j: jax.Array | None, *ex: Any) -> list[Any]:
+        vals_j = [jnp.expand_dims(x, in_pos[k]) if k in in_pos else x for k, x in enumerate(ex)]
+        outs = interp.apply(eqn, vals_j, key_j)
+        return [jnp.squeeze(o, out_pos) for o in outs]
+
+    key_axis = None if keys is None else 0
+    return jax.vmap(one, in_axes=(key_axis, *in_axes), out_axes=out_pos)(keys, *vals)
+
+
+def _batch_axes(eqn: jx.Eqn, invals: list[Any]) -> tuple[dict[int, int], int] | Unfactored:
+    """``({operand index: its batch axis}, the output's batch axis)`` for a routed use, or why
+    no operand is an activation with the batch on a free axis."""
+    name = eqn.primitive.name
+    if name == "conv_general_dilated":
+        if isinstance(invals[0], KernelView):
+            return Unfactored("the kernel is the convolution's input")
+        dn = jx.param(eqn, "dimension_numbers")
+        return {0: dn.lhs_spec[0]}, dn.out_spec[0]
+    if name == "gather":
+        if not isinstance(invals[0], KernelView) or isinstance(invals[1], KernelView):
+            return Unfactored("the kernel is gathered as indices")
+        dn = jx.param(eqn, "dimension_numbers")
+        out_ndim = len(eqn.outvars[0].aval.shape)
+        batch_dims = [d for d in range(out_ndim) if d not in dn.offset_dims]
+        if not batch_dims or jnp.ndim(invals[1]) < 2:
+            return Unfactored("the lookup has no batch axis")
+        return {1: 0}, batch_dims[0]
+    # dot_general: the activation's axis 0 must be a free (not contracted, not batch) axis
+    d = jx.dot(eqn)
+    lc, rc, lb, rb = d.lhs_contract, d.rhs_contract, d.lhs_batch, d.rhs_batch
+    if all(isinstance(x, KernelView) for x in invals[:2]):
+        return Unfactored("both operands are kernels")
+    x_pos = 0 if not isinstance(invals[0], KernelView) else 1
+    contracted, batched = (lc, lb) if x_pos == 0 else (rc, rb)
+    if 0 in contracted or 0 in batched or lb:
+        return Unfactored("the activation's axis 0 is contracted or a batch dimension")
+    lhs_ndim = len(eqn.invars[0].aval.shape)
+    lhs_free = [d for d in range(lhs_ndim) if d not in lc and d not in lb]
+    rhs_ndim = len(eqn.invars[1].aval.shape)
+    rhs_free = [d for d in range(rhs_ndim) if d not in rc and d not in rb]
+    out = lhs_free.index(0) if x_pos == 0 else len(lhs_free) + rhs_free.index(0)
+    return {x_pos: 0}, out

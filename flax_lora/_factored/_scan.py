@@ -1,0 +1,94 @@
+"""Factored execution through ``scan``: stacked layers (``nn.scan`` / ``nnx.scan``).
+
+A model whose layers are stacked by ``nn.scan`` passes each stacked kernel ``(L, *rest)`` to a
+``scan`` primitive as a per-iteration operand: the body sees one layer's slice. The scan rule
+runs a real `jax.lax.scan` whose body evaluates the scan's body jaxpr with the same interpreter,
+feeding it, for each stacked kernel view, the slices of ``W0`` and of the factors along their
+``"layer"`` carried axis (`flax_lora._factored._view.per_layer`): an ordinary view of one layer.
+So the layer's kernel uses are factored as anywhere else and no per-layer merged kernel is
+formed. A DoRA view's ``g`` (and ``m``) are sliced with the factors; a routed view keeps its
+example axis; a quantized stack is sliced per layer (`flax_lora._factored._base.layer_base`).
+Kernel views among the scan's constants (an unstacked kernel used by every iteration) are
+closed over by the body unchanged.
+
+The body's dropout key is the equation's, folded with the layer index: a different mask in
+every layer, the same for a layer whatever else the model does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from flax_lora import _jaxpr as jx
+from flax_lora._factored._base import as_array, is_quant_base, layer_base
+from flax_lora._factored._contract import Evaluator, Result, Unfactored
+from flax_lora._factored._view import LAYER, KernelView, per_layer
+
+
+def scan_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: jax.Array | None) -> Result:
+    """``scan`` with kernel views (or quantized kernels) among its operands, evaluated by
+    ``interp`` inside a real `jax.lax.scan`; `Unfactored` when it does not fit (a view as loop
+    carry, a view whose sliced axis is not its layer axis, ...)."""
+    loop = jx.scan(eqn)
+    n_consts, n_carry = loop.num_consts, loop.num_carry
+    consts = invals[:n_consts]
+    carry = [as_array(c) for c in invals[n_consts : n_consts + n_carry]]
+    xs = invals[n_consts + n_carry :]
+    if any(isinstance(c, KernelView) for c in carry):
+        return Unfactored("the kernel is a loop carry of the scan")
+    for x in xs:
+        if isinstance(x, KernelView) and (why := _sliceable(x)) is not None:
+            return Unfactored(why)
+    xs_in: list[Any] = [per_layer(x) if isinstance(x, KernelView) else layer_base(x) for x in xs]
+    if key is not None:  # the layer index, for each layer's dropout key
+        xs_in.append(jnp.arange(loop.length, dtype=jnp.uint32))
+    passthrough: dict[int, int] = {}  # ys output -> xs operand: a kernel view returned as is
+
+    def body(c: list[Any], sl: list[Any]) -> tuple[list[Any], list[Any]]:
+        layer = sl[: len(xs)]
+        layer_key = None if key is None else jax.random.fold_in(key, sl[-1])
+        outs = interp.eval(loop.body.jaxpr, loop.body.consts, [*consts, *c, *layer], layer_key)
+        new_c = [_plain(interp, o) for o in outs[:n_carry]]
+        new_c = [
+            o.astype(i.dtype) if o.dtype != i.dtype else o for o, i in zip(new_c, c, strict=True)
+        ]
+        ys = []
+        for j, o in enumerate(outs[n_carry:]):
+            k = next((k for k, v in enumerate(layer) if o is v), None)
+            if (isinstance(o, KernelView) or is_quant_base(o)) and k is not None:
+                passthrough[j] = k
+                ys.append(jnp.zeros((), jnp.float32))
+            else:
+                ys.append(_plain(interp, o))
+        return new_c, ys
+
+    carry_out, ys = jax.lax.scan(
+        body,
+        list(carry),
+        xs_in,
+        length=loop.length,
+        reverse=loop.reverse,
+        unroll=loop.unroll,
+    )
+    ys = [xs[passthrough[j]] if j in passthrough else y for j, y in enumerate(ys)]
+    return [*carry_out, *ys]
+
+
+def _sliceable(v: KernelView) -> str | None:
+    """Why the scan cannot slice the view into per-layer views, or ``None`` if it can."""
+    if v.meta.why is not None:
+        return v.meta.why
+    if not v.meta.side or v.meta.side[0] != LAYER:
+        return "the scan slices an axis of the kernel that is not its layer axis"
+    if any(prim.name not in jx.VALUE_OPS for prim, _ in v.meta.ops):
+        return "the stacked kernel is reshaped before the scan"
+    return None
+
+
+def _plain(interp: Evaluator, o: Any) -> Any:
+    if isinstance(o, KernelView):
+        return interp.merged(o, "scan", "the kernel leaves the scan body")
+    return as_array(o)

@@ -1,0 +1,257 @@
+"""`KernelView`: an adapted kernel as the interpreted model sees it, and every way to make one.
+
+Factored execution never forms ``W = W0 + scale * a @ b``. Instead each adapted kernel enters
+the traced model as a `KernelView`: the base kernel ``W0`` with the model's layout ops applied
+to it (dtype promotion, transposes, reshapes: `flax_lora._factored._layout`), together with the
+factors ``a`` and ``b`` carried through the same ops. Each axis of the view's base is an input
+axis ``I``, an output axis ``O`` or a carried axis, and the factors keep the invariant
+
+    view == base + scale * contract_r(a, b),  with
+    a: (*C, the I-axes of the view, in view order..., r),  b: (*C, r, the O-axes, in order...)
+
+**Carried axes** ``C`` lead the factors: axes on which the adapter has an independent factor
+pair per index. The view says which kind each is (`ViewMeta.carried`), and this module lays
+them out (`make_view`, `make_routed_view`), slices them (`per_layer`) and maps them
+(`per_example`):
+
+- ``"layer"``: the layer axis of a kernel stacked by ``nn.scan`` / ``nnx.scan``. ``W0`` has it
+  too (its side is ``"layer"``); the scan rule slices it together with ``W0``, so the scan's
+  body sees an ordinary view of one layer.
+- ``"example"``: the adapter axis of a routing stack (`lora.stack`), gathered per example by
+  ``lora_ids``, so its length is the batch; ``W0`` has no such axis. The routing rules map it
+  with `jax.vmap` against the batch axis of the activation.
+
+A DoRA view also carries ``g = m / ||V||`` (norm detached) per output unit, ``(*C, *O-axes)``;
+it then stands for ``g * (base + scale * a @ b)``. The base may be a quantized kernel
+(`flax_lora._factored._base.QuantBase`, QLoRA), dequantized only where an op uses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+from flax_lora import _jaxpr as jx
+from flax_lora._adapters import LoraWeights, StackedLoraWeights, delta, layer_mask
+from flax_lora._dora import dora_factor, dora_kernel, layered_factor
+from flax_lora._factored._base import Base, as_array, as_base, layer_base
+from flax_lora._stack import gather, gather_dora
+
+Carried = Literal["layer", "example"]
+LAYER: Carried = "layer"
+EXAMPLE: Carried = "example"
+I_SIDE, O_SIDE = "I", "O"
+
+
+@dataclasses.dataclass(eq=False)
+class ViewMeta:
+    """The static part of a view (compared by identity, so it can sit in a pytree treedef).
+
+    Attributes:
+      path: the kernel's path, for messages.
+      weights: the adapter's static fields (its arrays are ``None``), for `materialize`.
+      ops: the layout ops applied so far, for `materialize`.
+      side: for each axis of the view's base, ``"I"``, ``"O"`` or ``"layer"``.
+      carried: the kind of each leading carried axis of the factors, in order.
+      why: why the view can no longer be factored, if it cannot.
+    """
+
+    path: str
+    weights: LoraWeights
+    ops: tuple[tuple[Any, dict[str, Any]], ...]
+    side: tuple[str, ...]
+    carried: tuple[Carried, ...]
+    why: str | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KernelView:
+    """An adapted kernel inside the interpreted model; its arrays are pytree leaves.
+
+    Attributes:
+      root: the base kernel ``W0`` as it entered the model.
+      root_a: the adapter's ``a`` in the kernel's layout (the layer mask applied), after the
+        carried axes, for `materialize`.
+      root_b: the adapter's ``b`` likewise.
+      base: ``W0`` with the view's layout ops applied.
+      a: the input-side factor in view layout, ``(*C, *I-axes of the view, r)``.
+      b: the output-side factor in view layout, ``(*C, r, *O-axes of the view)``.
+      meta: path, adapter metadata, the op history, the axis sides and the carried axes.
+      g: DoRA only: the per-output-unit factor ``m / ||V||`` (norm detached) in view layout,
+        ``(*C, *O-axes of the view)``, broadcast over the I-axes. ``None`` for plain LoRA.
+      root_m: DoRA only: the magnitude giving ``g``, for `materialize`.
+    """
+
+    root: Base
+    root_a: jax.Array
+    root_b: jax.Array
+    base: Base
+    a: jax.Array
+    b: jax.Array
+    meta: ViewMeta = dataclasses.field(metadata=dict(static=True))
+    g: jax.Array | None = None
+    root_m: jax.Array | None = None
+
+    @property
+    def path(self) -> str:
+        return self.meta.path
+
+    @property
+    def scale(self) -> float:
+        return float(self.meta.weights.scale)
+
+    @property
+    def dtype(self) -> Any:
+        return self.base.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.base.shape)
+
+    @property
+    def routed(self) -> bool:
+        """Whether the factors carry an example axis (one adapter per example)."""
+        return EXAMPLE in self.meta.carried
+
+    @property
+    def layered(self) -> bool:
+        """Whether the factors carry a layer axis (a kernel stacked by a scan, used whole)."""
+        return LAYER in self.meta.carried
+
+    def axes(self, side: str) -> list[int]:
+        """The view's axes on ``side``, in view order (= the factor's axis order)."""
+        return [d for d, s in enumerate(self.meta.side) if s == side]
+
+
+def transposed(x: jax.Array, perm: tuple[int, ...]) -> jax.Array:
+    """``x`` transposed by ``perm`` (no op for the identity)."""
+    return x if perm == tuple(range(x.ndim)) else jnp.transpose(x, perm)
+
+
+# -- making views ------------------------------------------------------------------------------
+def make_view(path: str, leaf: Any, w: LoraWeights) -> KernelView:
+    """The view of an adapted kernel that no op has touched yet (a quantized kernel's base is a
+    `QuantBase`, dequantized at its uses).
+
+    A kernel stacked by a scan carries its layer axes: the layer mask (``LoraConfig(layers=...)``)
+    is applied to ``a`` here, and DoRA's ``g`` is computed for every layer at once (the factored
+    norm of `flax_lora._dora` mapped over the layers: no kernel-sized array; 1 on layers not
+    picked, whose magnitude for `materialize` is then ``||W0||``).
+    """
+    kernel = as_base(leaf)
+    a, g, root_m = w.a, None, w.m
+    mask = layer_mask(w)
+    if mask is not None:  # layers not picked: zero update, zero gradient
+        a = a * jnp.asarray(mask, a.dtype).reshape(mask.shape + (1,) * (a.ndim - 1))
+    if w.m is not None and w.layer_axes:
+        inner = w.unstacked(w.layer_axes, a=None, b=None, m=None)
+        keep = None if mask is None else jnp.asarray(mask > 0)
+        g, root_m = layered_factor(as_array(kernel), inner, a, w.b, w.m, w.layer_axes, keep)
+    elif w.m is not None:  # DoRA: the factor per output unit, from W0's norms and low-rank terms
+        g = dora_factor(as_array(kernel), w)
+    return _assemble(path, kernel, w, a, w.b, g, root_m, (LAYER,) * w.layer_axes)
+
+
+def make_routed_view(
+    path: str, kernel: jax.Array, w: StackedLoraWeights, ids: jax.Array
+) -> KernelView:
+    """The view of kernel ``path`` whose factors are adapter ``ids[j]``'s for example ``j``.
+
+    ``w`` is a `StackedLoraWeights` (scales folded into ``b``); its adapter axis is gathered by
+    ``ids`` into the view's leading ``"example"`` axis, zeros where ``ids == -1``. With DoRA
+    adapters in the stack so are ``g`` (``m / ||V||`` of example ``j``'s adapter, 1 for plain
+    adapters and ``-1``; `flax_lora._stack`) and ``root_m`` (the magnitude giving it).
+    """
+    a, b = gather(w, ids)
+    g, root_m = (None, None) if w.m is None else gather_dora(w, kernel, ids)
+    carried = (EXAMPLE,) + (LAYER,) * w.layer_axes
+    return _assemble(path, kernel, w.entry(), a, b, g, root_m, carried)
+
+
+def _assemble(
+    path: str,
+    kernel: Base,
+    w: LoraWeights,
+    a: jax.Array,
+    b: jax.Array,
+    g: jax.Array | None,
+    root_m: jax.Array | None,
+    carried: tuple[Carried, ...],
+) -> KernelView:
+    """The view of ``kernel`` before any op: the factors' input and output axes put in the
+    kernel's axis order, after the ``carried`` axes that lead them."""
+    n = len(carried)
+    lead = tuple(range(n))
+    side = tuple(
+        LAYER if d < w.layer_axes else I_SIDE if d in w.in_axes else O_SIDE
+        for d in range(len(w.kernel_shape))
+    )
+    in_order = sorted(range(len(w.in_axes)), key=lambda k: w.in_axes[k])
+    out_order = sorted(range(len(w.out_axes)), key=lambda k: w.out_axes[k])
+    view_a = transposed(a, (*lead, *[n + k for k in in_order], a.ndim - 1))
+    view_b = transposed(b, (*lead, n, *[n + 1 + k for k in out_order]))
+    view_g = None if g is None else transposed(g, (*lead, *[n + k for k in out_order]))
+    meta = ViewMeta(path, w.replace(a=None, b=None, m=None), (), side, carried)
+    return KernelView(kernel, a, b, kernel, view_a, view_b, meta, g=view_g, root_m=root_m)
+
+
+def materialize(v: KernelView) -> jax.Array:
+    """``W0 + scale * a @ b`` in the kernel's dtype (as `lora.merge`; DoRA's kernel for a DoRA
+    view), then the view's layout ops. Not for a routed view, which stands for one kernel per
+    example: its uses run per example (`per_example`)."""
+    w = v.meta.weights.replace(a=v.root_a, b=v.root_b, m=v.root_m)
+    root = as_array(v.root)  # a quantized base is dequantized here
+    compute = jnp.promote_types(root.dtype, jnp.float32)
+    if w.m is not None:  # DoRA, as `lora.merge`
+        out = dora_kernel(root, w, compute).astype(root.dtype)
+    else:
+        out = (root.astype(compute) + delta(w, compute)).astype(root.dtype)
+    for prim, params in v.meta.ops:
+        out = prim.bind(out, **params)
+    return out
+
+
+# -- slicing and mapping the carried axes ------------------------------------------------------
+_FACTORS = ("root_a", "root_b", "a", "b", "g", "root_m")  # the arrays that carry the axes C
+
+
+def per_layer(v: KernelView) -> KernelView:
+    """What a scan over the view's first layer axis slices: the view's arrays with that axis
+    first (``W0`` cut by `layer_base`: a quantized stack is sliced per layer) and the metadata
+    of one layer, so that `jax.lax.scan` hands its body an ordinary view of one layer.
+
+    The scan rule has checked that this axis is the base's first and that only value ops (dtype
+    casts, sharding) were applied (`flax_lora._factored._scan`); of those, the ones that
+    commute with slicing stay in the layer's op history.
+    """
+    meta = v.meta
+    k = meta.carried.index(LAYER)
+    one = ViewMeta(
+        meta.path,
+        meta.weights.unstacked(1),  # layers cleared: the mask is already in a and root_a
+        tuple((p, q) for p, q in meta.ops if p.name in jx.ELEMENTWISE),
+        meta.side[1:],
+        meta.carried[:k] + meta.carried[k + 1 :],
+    )
+    first = lambda x: x if x is None or k == 0 else jnp.moveaxis(x, k, 0)
+    moved = {f: first(getattr(v, f)) for f in _FACTORS}
+    return dataclasses.replace(
+        v, root=layer_base(v.root), base=layer_base(v.base), meta=one, **moved
+    )
+
+
+def per_example(v: KernelView) -> tuple[KernelView, KernelView]:
+    """A routed view for `jax.vmap` over its example axis: the view with the metadata of one
+    example (its arrays still whole) and its ``in_axes`` (the factors mapped on their example
+    axis, ``W0`` not), sharing one treedef."""
+    meta = v.meta
+    k = meta.carried.index(EXAMPLE)
+    inner = dataclasses.replace(
+        v, meta=dataclasses.replace(meta, carried=meta.carried[:k] + meta.carried[k + 1 :])
+    )
+    mapped = {f: None if getattr(v, f) is None else k for f in _FACTORS}
+    return inner, dataclasses.replace(inner, root=None, base=None, **mapped)
