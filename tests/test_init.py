@@ -10,16 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import (
-    adapter_entries,
-    build,
-    fill,
-    leaves_by_path,
-    mlp,
-    ref_delta64,
-    replace_leaves,
-)
 from flax import nnx
+from support.models import build, fill, mlp
+from support.refs import ref_delta64
+from support.trees import adapter_entries, leaves_by_path, replace_leaves
 
 import flax_lora as lora
 
