@@ -91,6 +91,17 @@ def randomize(pm: Any, seed: int) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
+def peft_saved(directory: Path, seed: int, **config: Any) -> tuple[Any, np.ndarray]:
+    """PEFT's model of `torch_model` with the adapter ``peft.LoraConfig(**config)``, every trained
+    tensor randomized, saved to ``directory``: the model (eval mode) and its logits."""
+    pm = peft.get_peft_model(torch_model(), peft.LoraConfig(**config))
+    randomize(pm, seed)
+    pm.eval()
+    expected = torch_logits(pm)
+    pm.save_pretrained(str(directory))
+    return pm, expected
+
+
 def assert_flax_matches(model: Any, params: Any, adapters: Any, expected: np.ndarray) -> None:
     base = np.asarray(flax_fn(model)(params, None))
     assert np.abs(expected - base).max() > 1e-2  # the adapter changes the output
@@ -123,14 +134,11 @@ def test_flax_twin_is_the_torch_model() -> None:
 
 def test_seq_cls_adapter_from_peft(tmp_path: Path) -> None:
     model, params = flax_twin()
-    config = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query"])
-    pm = peft.get_peft_model(torch_model(), config)
-    randomize(pm, 1)
-    pm.eval()
+    pm, expected = peft_saved(
+        tmp_path, 1, task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query"]
+    )
     head = pm.base_model.model.classifier
     assert not torch.equal(head.modules_to_save["default"].weight, head.original_module.weight)
-    expected = torch_logits(pm)
-    pm.save_pretrained(str(tmp_path))
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["task_type"] == "SEQ_CLS" and "classifier" in saved["modules_to_save"]
 
@@ -145,17 +153,14 @@ def test_seq_cls_adapter_from_peft(tmp_path: Path) -> None:
 
 def test_trainable_tokens_from_peft(tmp_path: Path) -> None:
     model, params = flax_twin()
-    config = peft.LoraConfig(
+    _, expected = peft_saved(
+        tmp_path,
+        2,
         r=2,
         lora_alpha=4,
         target_modules=["value"],
         trainable_token_indices={"word_embeddings": TOKENS},
     )
-    pm = peft.get_peft_model(torch_model(), config)
-    randomize(pm, 2)
-    pm.eval()
-    expected = torch_logits(pm)
-    pm.save_pretrained(str(tmp_path))
 
     adapters = lora.load_peft(tmp_path, params, key_map=bert.bert_cls_key_map)
     node = adapters["params"]["bert"]["embeddings"]["word_embeddings"]["embedding"]
@@ -166,12 +171,9 @@ def test_trainable_tokens_from_peft(tmp_path: Path) -> None:
 
 def test_bias_lora_only_from_peft(tmp_path: Path) -> None:
     model, params = flax_twin()
-    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], bias="lora_only")
-    pm = peft.get_peft_model(torch_model(), config)
-    randomize(pm, 3)
-    pm.eval()
-    expected = torch_logits(pm)
-    pm.save_pretrained(str(tmp_path))
+    _, expected = peft_saved(
+        tmp_path, 3, r=2, lora_alpha=4, target_modules=["query", "value"], bias="lora_only"
+    )
 
     adapters = lora.load_peft(tmp_path, params, key_map=bert.bert_cls_key_map)
     layer = adapters["params"]["bert"]["encoder"]["layer_1"]
