@@ -76,11 +76,14 @@ def adapter_entries(adapters: Any) -> dict[str, Any]:
     return out
 
 
+_merge = jax.jit(lora.merge)
+
+
 def kernel_deltas(params: Any, adapters: Any) -> dict[str, np.ndarray]:
     """Path -> each kernel's delta in the kernel's layout (float64), read off `lora.merge` onto
     zero params (independent of `lora.combine` and `lora.stack`); every leaf of two or more
     dimensions is listed (unadapted ones give zeros)."""
-    merged = jax.jit(lora.merge)(jax.tree.map(jnp.zeros_like, params), adapters)
+    merged = _merge(jax.tree.map(jnp.zeros_like, params), adapters)
     return {p: np.asarray(x, np.float64) for p, x in leaves_by_path(merged).items() if x.ndim >= 2}
 
 
