@@ -11,7 +11,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from conftest import adapter_entries, build, mlp
+from support.models import build, mlp
+from support.trees import adapter_entries
 
 import flax_lora as lora
 

@@ -10,32 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from support import INTEROP
+from support.trees import kernel_deltas
 
 import flax_lora as lora
 from flax_lora import LoraWeights
 
+
 # ------------------------------------------------------------------------------------------
 # helpers: deltas via lora.merge onto zeros (independent of combine)
 # ------------------------------------------------------------------------------------------
-_merge = jax.jit(lora.merge)
-
-
-def zeros_like(params):
-    return jax.tree.map(jnp.zeros_like, params)
-
-
-def kernel_deltas(params, adapters) -> dict[str, np.ndarray]:
-    """path -> the adapter's delta in the kernel's layout, float64, via lora.merge."""
-    merged = _merge(zeros_like(params), adapters)
-    flat = jax.tree_util.tree_flatten_with_path(merged)[0]
-    out = {}
-    for kp, leaf in flat:
-        if leaf.ndim >= 2:  # kernels (biases stay zero)
-            path = "/".join(str(getattr(k, "key", k)) for k in kp)
-            out[path] = np.asarray(leaf, np.float64)
-    return out
-
-
 def weighted_sum(params, adapter_list, weights):
     ds = [kernel_deltas(params, ad) for ad in adapter_list]
     return {p: sum(w * d[p] for w, d in zip(weights, ds, strict=True)) for p in ds[0]}

@@ -15,8 +15,10 @@ from typing import Any
 import jax
 import numpy as np
 import pytest
-from conftest import adapter_entries, leaves_by_path, ref_delta64
-from support.scan_models import CONFIG, MODELS, X, _close, _in_axes, _init, _stacked, build
+from support.compare import assert_close
+from support.refs import ref_delta64
+from support.scan_models import CONFIG, MODELS, X, in_axes_of, init_adapters, is_layered, scan_model
+from support.trees import adapter_entries, leaves_by_path
 
 import flax_lora as lora
 
@@ -24,9 +26,9 @@ WEIGHTS = (0.7, -0.4)
 
 
 def _two_sets(name: str, layers: tuple[Any, Any] = (None, None)) -> tuple[Any, Any, list[Any]]:
-    apply, params = build(name)
+    apply, params = scan_model(name)
     sets = [
-        _init(apply, params, dataclasses.replace(CONFIG, layers=layers[0])),
+        init_adapters(apply, params, dataclasses.replace(CONFIG, layers=layers[0])),
         lora.init(
             jax.random.key(7),
             params,
@@ -40,7 +42,7 @@ def _two_sets(name: str, layers: tuple[Any, Any] = (None, None)) -> tuple[Any, A
 def _layer_deltas(w: Any, path: str) -> list[np.ndarray]:
     """float64 ``scale * a[l] @ b[l]`` of each layer in the layer kernel's layout (masked
     layers, outside ``w.layers``, give zero)."""
-    per_layer = tuple(d - 1 for d in _in_axes(path))
+    per_layer = tuple(d - 1 for d in in_axes_of(path))
     a, b = np.asarray(w.a), np.asarray(w.b)
     out = []
     for i in range(a.shape[0]):
@@ -66,17 +68,17 @@ def test_cat_is_the_per_layer_weighted_sum(name: str) -> None:
     tables = [adapter_entries(s) for s in sets]
     for path, w in adapter_entries(both).items():
         assert w.a.shape[-1] == 4 and w.scale == 1.0  # ranks 2 + 2, scales folded in
-        if not _stacked(path):
+        if not is_layered(path):
             continue
-        assert w.layer_axes == 1 and tuple(w.in_axes) == _in_axes(path)
+        assert w.layer_axes == 1 and tuple(w.in_axes) == in_axes_of(path)
         want = sum(
             wt * np.stack(_layer_deltas(t[path], path))
             for wt, t in zip(WEIGHTS, tables, strict=True)
         )
-        _close(got[path], want, 1e-6)
+        assert_close(got[path], want, 1e-6)
     y = jax.jit(lora.wrap(apply))(params, both, X)
     y_merged = jax.jit(apply)(lora.merge(params, both), X)
-    _close(y, y_merged)
+    assert_close(y, y_merged)
 
 
 def test_layer_subsets_combine_to_their_union() -> None:
@@ -85,7 +87,7 @@ def test_layer_subsets_combine_to_their_union() -> None:
     got = _merged_deltas(params, both)
     tables = [adapter_entries(s) for s in sets]
     for path, w in adapter_entries(both).items():
-        if not _stacked(path):
+        if not is_layered(path):
             continue
         assert tuple(w.layers) == (0, 2)
         want = sum(
@@ -93,7 +95,7 @@ def test_layer_subsets_combine_to_their_union() -> None:
             for wt, t in zip(WEIGHTS, tables, strict=True)
         )
         assert not np.any(got[path][1])  # neither set adapts layer 1
-        _close(got[path], want, 1e-6)
+        assert_close(got[path], want, 1e-6)
     all_layers = {p: w.replace(layers=None) for p, w in tables[1].items()}
     one_all = lora.combine([sets[0], all_layers], WEIGHTS, "cat")
     assert all(w.layers is None for w in adapter_entries(one_all).values())
@@ -106,9 +108,9 @@ def test_svd_is_the_per_layer_truncated_svd(rank: int) -> None:
     got = _merged_deltas(params, low)
     tables = [adapter_entries(s) for s in sets]
     for path, w in adapter_entries(low).items():
-        if not _stacked(path):
+        if not is_layered(path):
             continue
-        per_layer = tuple(d - 1 for d in _in_axes(path))
+        per_layer = tuple(d - 1 for d in in_axes_of(path))
         sums = sum(
             wt * np.stack(_layer_deltas(t[path], path))
             for wt, t in zip(WEIGHTS, tables, strict=True)
@@ -124,7 +126,7 @@ def test_svd_is_the_per_layer_truncated_svd(rank: int) -> None:
             ref = (u[:, :k] * s[:k]) @ vt[:k]
             g = got[path][i]
             g_mat = np.transpose(g, (*per_layer, *outs)).reshape(mat.shape)
-            _close(g_mat, ref, 2e-5)
+            assert_close(g_mat, ref, 2e-5)
         assert w.a.shape[-1] <= rank
 
 
@@ -142,8 +144,8 @@ def test_linear_is_peft_formula_per_layer() -> None:
         b_ref = sum(
             np.sqrt(abs(v)) * np.asarray(s.b, np.float64) for v, s in zip(ws, srcs, strict=True)
         )
-        _close(w.a, a_ref, 1e-6)
-        _close(w.b, b_ref, 1e-6)
+        assert_close(w.a, a_ref, 1e-6)
+        assert_close(w.b, b_ref, 1e-6)
 
 
 def _layer_view(w: Any, i: int) -> Any:
@@ -164,7 +166,7 @@ def test_pruning_methods_act_layer_by_layer(method: str) -> None:
     got = adapter_entries(lora.combine(sets, WEIGHTS, method, density=0.5))
     tables = [adapter_entries(s) for s in sets]
     for path, w in got.items():
-        if not _stacked(path):
+        if not is_layered(path):
             continue
         for i in range(w.kernel_shape[0]):
             one = lora.combine(
@@ -174,12 +176,12 @@ def test_pruning_methods_act_layer_by_layer(method: str) -> None:
                 a_i, b_i = np.asarray(w.a[i], np.float64), np.asarray(w.b[i], np.float64)
                 a_1, b_1 = np.asarray(one.a, np.float64), np.asarray(one.b, np.float64)
                 k = a_i.shape[-1]
-                _close(
+                assert_close(
                     a_i.reshape(-1, k) @ b_i.reshape(k, -1), a_1.reshape(-1, k) @ b_1.reshape(k, -1)
                 )
             else:
-                _close(w.a[i], one.a, 1e-6)
-                _close(w.b[i], one.b, 1e-6)
+                assert_close(w.a[i], one.a, 1e-6)
+                assert_close(w.b[i], one.b, 1e-6)
 
 
 def test_dare_draws_a_mask_per_layer() -> None:
@@ -194,7 +196,7 @@ def test_dare_draws_a_mask_per_layer() -> None:
                 p: w.replace(
                     a=np.broadcast_to(w.a[:1], w.a.shape), b=np.broadcast_to(w.b[:1], w.b.shape)
                 )
-                if _stacked(p)
+                if is_layered(p)
                 else w
                 for p, w in entries.items()
             }
@@ -210,7 +212,9 @@ def test_dare_draws_a_mask_per_layer() -> None:
 
 def test_stacked_and_unstacked_sets_do_not_combine() -> None:
     _, _, sets = _two_sets("linen")
-    flat = {p: _layer_view(w, 0) if _stacked(p) else w for p, w in adapter_entries(sets[1]).items()}
+    flat = {
+        p: _layer_view(w, 0) if is_layered(p) else w for p, w in adapter_entries(sets[1]).items()
+    }
     with pytest.raises(ValueError, match="disagree on kernel_shape"):
         lora.combine([sets[0], flat], WEIGHTS, "cat")
     with pytest.raises(ValueError, match="disagree on kernel_shape"):

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import adapter_entries
+from support.trees import adapter_entries
 
 import flax_lora as lora
 

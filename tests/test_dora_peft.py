@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from support import INTEROP
-from support.dora import GRAD_TOL, MODES, _is_weights, _rel, _rng
+from support.compare import rel_err
+from support.trees import is_lora
 
 pytest.importorskip("torch", reason=INTEROP)
 pytest.importorskip("peft", reason=INTEROP)
@@ -29,6 +30,8 @@ from transformers.pytorch_utils import Conv1D
 import flax_lora as lora
 
 PEFT_TOL = 1e-4
+GRAD_TOL = 1e-4  # relative, for float32 gradients against PyTorch's float32
+MODES = ("merged", "factored", "auto")
 torch.set_num_threads(1)
 
 
@@ -69,7 +72,7 @@ def _net_params(tm: TorchNet) -> dict[str, Any]:
     return {"params": jax.tree.map(jnp.asarray, p)}
 
 
-IDS = _rng(50).integers(0, 11, size=(2, 4, 4))
+IDS = np.random.default_rng(50).integers(0, 11, size=(2, 4, 4))
 TARGETS = ["emb", "conv", "g", "lin"]
 
 
@@ -118,7 +121,7 @@ def test_peft_written_dora_adapter_loads(tmp_path: Path) -> None:
     pm.save_pretrained(str(tmp_path))
 
     adapters = lora.load_peft(tmp_path, params)
-    for w in jax.tree.leaves(adapters, is_leaf=_is_weights):
+    for w in jax.tree.leaves(adapters, is_leaf=is_lora):
         assert w.m is not None and w.m.shape == w.out_shape
     base = np.asarray(FlaxNet().apply(params, IDS))
     assert np.abs(expected - base).max() > 0.1  # the adapter really changes the model
@@ -134,7 +137,7 @@ def test_gradients_match_peft_autograd(tmp_path: Path) -> None:
     pm = _perturbed_peft_model(tm, seed=2)
     pm.save_pretrained(str(tmp_path))
     out = pm(torch.as_tensor(IDS))
-    c = _rng(80).normal(size=tuple(out.shape)).astype(np.float32)
+    c = np.random.default_rng(80).normal(size=tuple(out.shape)).astype(np.float32)
     (out * torch.as_tensor(c)).sum().backward()
     theirs = {n: t2n(p.grad) for n, p in pm.named_parameters() if p.grad is not None}
 
@@ -162,7 +165,7 @@ def test_gradients_match_peft_autograd(tmp_path: Path) -> None:
         pairs.append((np.asarray(ours.m).reshape(-1), gm))
         for got, want in pairs:
             assert got.shape == want.shape
-            assert _rel(got, want.astype(np.float64)) < GRAD_TOL, name
+            assert rel_err(got, want.astype(np.float64)) < GRAD_TOL, name
 
 
 def test_save_peft_dora_loads_in_peft(tmp_path: Path) -> None:
@@ -170,11 +173,11 @@ def test_save_peft_dora_loads_in_peft(tmp_path: Path) -> None:
     params = _net_params(tm)
     config = lora.LoraConfig(rank=2, alpha=3.0, init="random", dora=True)
     adapters = lora.init(jax.random.key(4), params, config, probe=lambda p: FlaxNet().apply(p, IDS))
-    rng = _rng(60)
+    rng = np.random.default_rng(60)
     adapters = jax.tree.map(
         lambda w: w.replace(m=w.m * (1.0 + 0.3 * jnp.asarray(rng.normal(size=w.m.shape)))),
         adapters,
-        is_leaf=_is_weights,
+        is_leaf=is_lora,
     )
     expected = np.asarray(jax.jit(lora.wrap(FlaxNet().apply))(params, adapters, IDS))
     lora.save_peft(tmp_path, adapters, config)

@@ -21,16 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import (
-    NestedStack,
-    adapter_entries,
-    fill_abstract,
-    jaxpr_shapes,
-    leaves_by_path,
-    replace_leaves,
-)
 from flax import nnx
 from jax.extend import core as jex_core
+from support.compare import rel_err
+from support.jaxprs import jaxpr_shapes
+from support.models import NestedStack, fill_abstract, nnx_layers, nnx_scan
+from support.trees import adapter_entries, is_lora, leaves_by_path, replace_leaves
 
 import flax_lora as lora
 
@@ -67,19 +63,10 @@ class NnxBlock(nnx.Module):
 
 class NnxStack(nnx.Module):
     def __init__(self, rngs: nnx.Rngs) -> None:
-        @nnx.split_rngs(splits=L)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make(rngs: nnx.Rngs) -> NnxBlock:
-            return NnxBlock(rngs)
-
-        self.layers = make(rngs)
+        self.layers = nnx_layers(NnxBlock, L, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def step(x: jax.Array, block: NnxBlock) -> jax.Array:
-            return block(x)
-
-        return step(x, self.layers)
+        return nnx_scan(x, self.layers)
 
 
 # per-layer input axes of each kernel, by hand (Flax's layouts)
@@ -108,7 +95,7 @@ def make_adapters(apply: Callable, params: Any, layers: Any, seed: int) -> Any:
     return jax.tree.map(
         lambda w: w.replace(a=rand(w.a, -0.5, 0.5), b=rand(w.b, -0.5, 0.5), m=rand(w.m, 0.5, 2.0)),
         adapters,
-        is_leaf=lambda x: isinstance(x, lora.LoraWeights),
+        is_leaf=is_lora,
     )
 
 
@@ -181,11 +168,6 @@ def reference(params: Any, adapters: Any, paths: dict[str, str], name: str) -> d
     return dict(y=y, grads=grads, kernels=kernels)
 
 
-def _rel(x: Any, ref: np.ndarray) -> float:
-    x = np.asarray(x, np.float64)
-    return float(np.abs(x - ref).max() / max(np.abs(ref).max(), 1e-30))
-
-
 def _loss(fn: Callable, params: Any, adapters: Any) -> jax.Array:
     return jnp.sum(jnp.asarray(C, jnp.float32) * fn(params, adapters, X))
 
@@ -208,13 +190,11 @@ def test_init_gives_per_layer_magnitudes(name: str, layers: Any) -> None:
             ref = layer_ref(np.asarray(base[p]), w, i, IN_AXES[name][k])
             if not ref["picked"]:  # zero factors there: the norms of W0
                 assert not np.any(np.asarray(w.a[i])) and not np.any(np.asarray(w.b[i]))
-            assert _rel(np.asarray(w.m[i]).reshape(-1), ref["norm"]) < TOL, (p, i)
-    plain = jax.tree.map(
-        lambda w: w.replace(m=None), adapters, is_leaf=lambda x: isinstance(x, lora.LoraWeights)
-    )
+            assert rel_err(np.asarray(w.m[i]).reshape(-1), ref["norm"]) < TOL, (p, i)
+    plain = jax.tree.map(lambda w: w.replace(m=None), adapters, is_leaf=is_lora)
     y_dora = lora.wrap(apply, mode="factored")(params, adapters, X)
     y_lora = lora.wrap(apply, mode="factored")(params, plain, X)
-    assert _rel(y_dora, np.asarray(y_lora, np.float64)) < TOL
+    assert rel_err(y_dora, np.asarray(y_lora, np.float64)) < TOL
 
 
 @pytest.mark.parametrize("layers", [None, (0, 2)])
@@ -227,13 +207,13 @@ def test_outputs_and_gradients_match_numpy(name: str, mode: str, layers: Any) ->
     y_base = np.asarray(jax.jit(apply)(params, X), np.float64)
     assert np.abs(ref["y"] - y_base).max() > 0.05 * np.abs(y_base).max()  # DoRA changes it
     fn = lora.wrap(apply, mode=mode)
-    assert _rel(jax.jit(fn)(params, adapters, X), ref["y"]) < TOL
+    assert rel_err(jax.jit(fn)(params, adapters, X), ref["y"]) < TOL
     grads = adapter_entries(jax.jit(jax.grad(lambda ad: _loss(fn, params, ad)))(adapters))
     for p, want in ref["grads"].items():
         for leaf in ("a", "b", "m"):
             got = np.asarray(getattr(grads[p], leaf), np.float64)
             assert got.shape == want[leaf].shape
-            assert _rel(got, want[leaf]) < 1e-4, (p, leaf, _rel(got, want[leaf]))
+            assert rel_err(got, want[leaf]) < 1e-4, (p, leaf, rel_err(got, want[leaf]))
             if layers is not None:  # layers not picked get exactly zero gradients
                 assert not np.any(got[[i for i in range(L) if i not in layers]]), (p, leaf)
 
@@ -245,8 +225,8 @@ def test_merge_is_the_per_layer_reference(layers: Any) -> None:
     ref = reference(params, adapters, paths, "linen")
     merged = leaves_by_path(lora.merge(params, adapters))
     for p, want in ref["kernels"].items():
-        assert _rel(merged[p], want) < TOL, p
-    assert _rel(jax.jit(apply)(lora.merge(params, adapters), X), ref["y"]) < TOL
+        assert rel_err(merged[p], want) < TOL, p
+    assert rel_err(jax.jit(apply)(lora.merge(params, adapters), X), ref["y"]) < TOL
     # W0 cannot be recovered from a DoRA kernel (see the README): unmerge refuses, naming it
     with pytest.raises(ValueError, match=r"params/layers/w\d/kernel.*DoRA"):
         lora.unmerge(lora.merge(params, adapters), adapters)
@@ -292,7 +272,7 @@ def test_nested_scans_two_layer_axes() -> None:
     y_ref = jax.jit(model.apply)(replace_leaves(params, {path: ref.astype(np.float32)}), X)
     for mode in ("factored", "auto", "merged"):
         fn = jax.jit(lora.wrap(model.apply, mode=mode))
-        assert _rel(fn(params, adapters, X), np.asarray(y_ref, np.float64)) < TOL, mode
+        assert rel_err(fn(params, adapters, X), np.asarray(y_ref, np.float64)) < TOL, mode
     g = jax.grad(lambda ad: _loss(lora.wrap(model.apply, mode="factored"), params, ad))(adapters)
     g_m = adapter_entries(g)[path].m
     assert np.any(np.asarray(g_m[1])) and not np.any(np.asarray(g_m)[[0, 2]])
@@ -318,6 +298,6 @@ def test_auto_merges_one_layer_for_an_unfactorable_use() -> None:
     h = np.asarray(X, np.float64)
     for i in range(L):
         h = np.tanh(h @ ref[i]) + ref[i].sum()
-    assert _rel(lora.wrap(apply, mode="auto")(params, {"w": w}, X), h) < TOL
+    assert rel_err(lora.wrap(apply, mode="auto")(params, {"w": w}, X), h) < TOL
     with pytest.raises(ValueError, match="kernel 'w' is used by `reduce_sum`"):
         lora.wrap(apply, mode="factored")(params, {"w": w}, X)

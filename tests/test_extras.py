@@ -2,7 +2,7 @@
 
 References are independent of the code under test: the un-adapted model run on params built by
 hand in numpy (each copy put in place of its leaf, the token rows added to the table, each
-LoRA kernel ``W0 + scale * a @ b`` in float64 from ``conftest.ref_merged_kernel``).
+LoRA kernel ``W0 + scale * a @ b`` in float64 from ``support.refs.ref_merged_kernel``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import leaves_by_path, ref_merged_kernel, replace_leaves
+from support.refs import ref_merged_kernel
+from support.trees import leaves_by_path, perturb, replace_leaves
 
 import flax_lora as lora
 
@@ -54,18 +55,6 @@ def setup(**kw: Any) -> tuple[Net, Any, lora.LoraConfig]:
 
 
 FULL = dict(modules_to_save=["params/head"], trainable_token_indices=list(TOKENS), bias="lora_only")
-
-
-def perturb(adapters: Any, seed: int) -> Any:
-    leaves, treedef = jax.tree.flatten(adapters)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(
-        treedef,
-        [
-            x + 0.5 * jax.random.normal(k, x.shape, x.dtype)
-            for x, k in zip(leaves, keys, strict=True)
-        ],
-    )
 
 
 def reference_params(params: Any, adapters: Any) -> Any:
@@ -137,7 +126,7 @@ def test_identity_at_init() -> None:
 @pytest.mark.parametrize("mode", ["auto", "factored", "merged"])
 def test_wrap_and_merge_match_the_reference(mode: str) -> None:
     model, params, config = setup(**FULL)
-    adapters = perturb(lora.init(jax.random.key(1), params, config), 2)
+    adapters = perturb(lora.init(jax.random.key(1), params, config), 2, 0.5)
     expected = model.apply(reference_params(params, adapters), IDS)
     assert np.abs(np.asarray(expected[1] - model.apply(params, IDS)[1])).max() > 1e-2
     close(jax.jit(lora.wrap(model.apply, mode))(params, adapters, IDS), expected)
@@ -146,7 +135,7 @@ def test_wrap_and_merge_match_the_reference(mode: str) -> None:
 
 def test_tied_attend_sees_the_token_rows() -> None:
     model, params, config = setup(trainable_token_indices={r"params/embed": [4]})
-    adapters = perturb(lora.init(jax.random.key(1), params, config), 3)
+    adapters = perturb(lora.init(jax.random.key(1), params, config), 3, 0.5)
     ids = jnp.array([[0, 1, 2, 3]])  # token 4 is never looked up: only attend uses its row
     expected = model.apply(reference_params(params, adapters), ids)
     got = lora.wrap(model.apply, "factored")(params, adapters, ids)
@@ -158,7 +147,7 @@ def test_tied_attend_sees_the_token_rows() -> None:
 
 def test_gradients_reach_copies_and_token_rows() -> None:
     model, params, config = setup(**FULL)
-    adapters = perturb(lora.init(jax.random.key(1), params, config), 4)
+    adapters = perturb(lora.init(jax.random.key(1), params, config), 4, 0.5)
     loss = lambda out: jnp.sum(out[0] ** 2) + jnp.sum(jnp.sin(out[1]))
     grads = jax.grad(lambda ad: loss(lora.wrap(model.apply)(params, ad, IDS)))(adapters)
     ref = jax.grad(lambda p: loss(model.apply(p, IDS)))(reference_params(params, adapters))
@@ -170,12 +159,12 @@ def test_gradients_reach_copies_and_token_rows() -> None:
 
 def test_unmerge_refuses_copies_naming_them_and_undoes_token_rows() -> None:
     _, params, config = setup(**FULL)
-    adapters = perturb(lora.init(jax.random.key(1), params, config), 5)
+    adapters = perturb(lora.init(jax.random.key(1), params, config), 5, 0.5)
     merged = lora.merge(params, adapters)
     with pytest.raises(ValueError, match=r"params/head/bias.*params/head/kernel.*params/q/bias"):
         lora.unmerge(merged, adapters)
     _, params, config = setup(trainable_token_indices=list(TOKENS))
-    adapters = perturb(lora.init(jax.random.key(1), params, config), 5)
+    adapters = perturb(lora.init(jax.random.key(1), params, config), 5, 0.5)
     close(lora.unmerge(lora.merge(params, adapters), adapters), params, 1e-5)
 
 
@@ -247,7 +236,7 @@ def test_trainable_mask_and_freeze_base_train_the_copies() -> None:
 
 def test_orbax_round_trip_is_exact(tmp_path: Path) -> None:
     _, params, config = setup(**FULL)
-    adapters = perturb(lora.init(jax.random.key(1), params, config), 6)
+    adapters = perturb(lora.init(jax.random.key(1), params, config), 6, 0.5)
     lora.save(tmp_path / "ck", adapters, config)
     back = lora.load(tmp_path / "ck")
     assert jax.tree.structure(back) == jax.tree.structure(adapters)
@@ -274,7 +263,7 @@ def test_summary_counts_the_copies_and_rows() -> None:
 # -- several adapters ----------------------------------------------------------------------------
 def test_routing_gives_each_example_its_own_head() -> None:
     model, params, config = setup(**FULL)
-    sets = [perturb(lora.init(jax.random.key(1), params, config), s) for s in (7, 8)]
+    sets = [perturb(lora.init(jax.random.key(1), params, config), s, 0.5) for s in (7, 8)]
     stacked = lora.stack(sets)
     ids = jnp.array([1, -1, 0])
     for mode in ("auto", "merged"):
@@ -297,7 +286,7 @@ def test_stack_refuses_sets_with_different_copies() -> None:
 
 def test_combine_sums_the_copies_with_the_weights() -> None:
     _, params, config = setup(**FULL)
-    a, b = (perturb(lora.init(jax.random.key(1), params, config), s) for s in (9, 10))
+    a, b = (perturb(lora.init(jax.random.key(1), params, config), s, 0.5) for s in (9, 10))
     out = lora.combine([a, b], [0.25, 0.75], method="cat")["params"]
     for leaf in ("kernel", "bias"):
         want = 0.25 * np.asarray(a["params"]["head"][leaf].value, np.float64) + 0.75 * np.asarray(
@@ -313,7 +302,7 @@ def test_combine_sums_the_copies_with_the_weights() -> None:
 # -- PEFT files without torch -------------------------------------------------------------------
 def test_peft_files_round_trip(tmp_path: Path) -> None:
     _, params, config = setup(**FULL)
-    adapters = perturb(lora.init(jax.random.key(1), params, config), 11)
+    adapters = perturb(lora.init(jax.random.key(1), params, config), 11, 0.5)
     lora.save_peft(tmp_path, adapters, config, params=params, task_type="SEQ_CLS")
     back = lora.load_peft(tmp_path, params)
     assert jax.tree.structure(back) == jax.tree.structure(adapters)

@@ -15,9 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import fill_abstract
 from flax import nnx
-from jax.extend import core as jex_core
+from support.compare import rel_err
+from support.jaxprs import all_eqns
+from support.models import LinenTiedEmbed, NnxTiedEmbed, fill_abstract
+from support.trees import is_lora
 
 import flax_lora as lora
 
@@ -36,23 +38,6 @@ def _tokens(*shape: int, vocab: int) -> np.ndarray:
 
 def _fill(tree: Any, seed: int, std: float = 0.5) -> Any:
     return fill_abstract(tree, seed, std)
-
-
-class EmbedAttend(nn.Module):
-    dtype: Any = F32
-
-    @nn.compact
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        embed = nn.Embed(13, 6, dtype=self.dtype)
-        return embed.attend(jnp.tanh(embed(tokens)))
-
-
-class NnxEmbedAttend(nnx.Module):
-    def __init__(self, dtype: Any, rngs: nnx.Rngs) -> None:
-        self.embed = nnx.Embed(13, 6, dtype=dtype, rngs=rngs)
-
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        return self.embed.attend(jnp.tanh(self.embed(tokens)))
 
 
 def _linen(module: nn.Module, *args: Any) -> tuple[Callable, Any, tuple]:
@@ -80,7 +65,7 @@ LAYERS: dict[str, Callable[[Any], tuple[Callable, Any, tuple]]] = {
         _x(2, 5, 6),
     ),
     "linen_einsum": lambda dt: _linen(nn.Einsum((6, 2, 3), "btd,dhk->bthk", dtype=dt), _x(2, 5, 6)),
-    "linen_embed": lambda dt: _linen(EmbedAttend(dt), _tokens(2, 5, vocab=13)),
+    "linen_embed": lambda dt: _linen(LinenTiedEmbed(13, 6, dtype=dt), _tokens(2, 5, vocab=13)),
     "linen_conv1d": lambda dt: _linen(nn.Conv(7, (3,), dtype=dt), _x(2, 9, 4)),
     "linen_conv2d": lambda dt: _linen(
         nn.Conv(7, (3, 2), strides=2, padding="VALID", dtype=dt), _x(2, 8, 7, 4)
@@ -93,7 +78,9 @@ LAYERS: dict[str, Callable[[Any], tuple[Callable, Any, tuple]]] = {
     "nnx_einsum": lambda dt: _nnx(
         lambda r: nnx.Einsum("btd,dhk->bthk", (6, 2, 3), dtype=dt, rngs=r), _x(2, 5, 6)
     ),
-    "nnx_embed": lambda dt: _nnx(lambda r: NnxEmbedAttend(dt, r), _tokens(2, 5, vocab=13)),
+    "nnx_embed": lambda dt: _nnx(
+        lambda r: NnxTiedEmbed(r, 13, 6, dtype=dt), _tokens(2, 5, vocab=13)
+    ),
     "nnx_conv": lambda dt: _nnx(lambda r: nnx.Conv(4, 7, (3, 3), dtype=dt, rngs=r), _x(2, 6, 6, 4)),
     "nnx_mha": lambda dt: _nnx(
         lambda r: nnx.MultiHeadAttention(
@@ -110,11 +97,6 @@ def _setup(name: str, dtype: Any, config: lora.LoraConfig = CONFIG) -> tuple:
 
 
 # -- comparison helpers -----------------------------------------------------------------------
-def _rel(x: Any, ref: Any) -> float:
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return float(np.max(np.abs(x - ref)) / (np.max(np.abs(ref)) + 1e-30))
-
-
 def _both(fn: Callable[[Any], jax.Array], ref_fn: Callable[[Any], jax.Array], adapters: Any):
     """Outputs and adapter gradients (of a fixed random projection) of both, in one jit."""
 
@@ -140,9 +122,9 @@ def _assert_close(pair: tuple, tol: float = F32_TOL) -> None:
     """Outputs within ``tol``, adapter gradients within ``2 * tol`` (relative to their max)."""
     (y, g), (y_ref, g_ref) = pair
     assert y.dtype == y_ref.dtype and y.shape == y_ref.shape
-    assert _rel(y, y_ref) < tol, _rel(y, y_ref)
+    assert rel_err(y, y_ref) < tol, rel_err(y, y_ref)
     assert jax.tree.structure(g) == jax.tree.structure(g_ref)
-    errs = jax.tree.map(_rel, g, g_ref)
+    errs = jax.tree.map(rel_err, g, g_ref)
     assert max(jax.tree.leaves(errs)) < 2 * tol, errs
 
 
@@ -177,7 +159,7 @@ def test_bf16_params() -> None:
     adapters = _adapters(params, CONFIG)
     got = lora.wrap(apply, "factored")(params, adapters, *args)
     ref = apply(lora.merge(params, adapters), *args)
-    assert got.dtype == BF16 and _rel(got, ref) < BF16_TOL
+    assert got.dtype == BF16 and rel_err(got, ref) < BF16_TOL
 
 
 # -- transformations ---------------------------------------------------------------------------
@@ -195,8 +177,8 @@ def test_vmap_over_inputs_and_over_adapters() -> None:
         return over_x, ref_x, over_ad, ref_ad
 
     over_x, ref_x, over_ad, ref_ad = jax.jit(run)(xs, stacked)
-    assert _rel(over_x, ref_x) < F32_TOL
-    assert _rel(over_ad, ref_ad) < F32_TOL
+    assert rel_err(over_x, ref_x) < F32_TOL
+    assert rel_err(over_ad, ref_ad) < F32_TOL
 
 
 class Block(nn.Module):
@@ -230,20 +212,6 @@ def _tiny_decoder() -> tuple:
     return model.apply, params, adapters, (tokens,)
 
 
-def _primitives(jaxpr: Any) -> list[Any]:
-    """Every equation of ``jaxpr`` and of its sub-jaxprs, recursively."""
-    out = []
-    for eqn in jaxpr.eqns:
-        out.append(eqn)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, tuple | list) else (value,):
-                if isinstance(sub, jex_core.ClosedJaxpr):
-                    sub = sub.jaxpr
-                if isinstance(sub, jex_core.Jaxpr):
-                    out.extend(_primitives(sub))
-    return out
-
-
 @pytest.mark.parametrize("mode", ["factored", "auto"])
 def test_linen_remat_decoder(mode: str) -> None:
     apply, params, adapters, args = _tiny_decoder()
@@ -253,7 +221,7 @@ def test_linen_remat_decoder(mode: str) -> None:
     )
     _assert_close(pair)
     # the remat regions are kept (re-wrapped), not inlined
-    eqns = _primitives(jax.make_jaxpr(fn)(params, adapters, *args).jaxpr)
+    eqns = all_eqns(jax.make_jaxpr(fn)(params, adapters, *args).jaxpr)
     assert sum(e.primitive.name in ("remat2", "checkpoint", "remat") for e in eqns) == 2
 
 
@@ -272,7 +240,7 @@ def test_plain_jax_checkpoint_keeps_policy() -> None:
         _both(lambda ad: fn(params, ad, x), lambda ad: mlp(lora.merge(params, ad), x), adapters),
         2e-5,
     )
-    eqns = _primitives(jax.make_jaxpr(fn)(params, adapters, x).jaxpr)
+    eqns = all_eqns(jax.make_jaxpr(fn)(params, adapters, x).jaxpr)
     remats = [e for e in eqns if e.primitive.name in ("remat2", "checkpoint", "remat")]
     assert len(remats) == 1 and remats[0].params["policy"] is policy
 
@@ -281,8 +249,8 @@ def test_eager_call_and_none_adapters() -> None:
     apply, params, adapters, args = _setup("linen_dense", F32)
     fn = lora.wrap(apply)  # auto
     ref = apply(lora.merge(params, adapters), *args)
-    assert _rel(fn(params, adapters, *args), ref) < F32_TOL
-    assert _rel(fn(params, adapters, *args), ref) < F32_TOL  # second call: cached trace
+    assert rel_err(fn(params, adapters, *args), ref) < F32_TOL
+    assert rel_err(fn(params, adapters, *args), ref) < F32_TOL  # second call: cached trace
     np.testing.assert_array_equal(fn(params, None, *args), apply(params, *args))
 
 
@@ -429,7 +397,7 @@ def test_dropout_statistics() -> None:
     assert not np.allclose(np.asarray(other - base), branch)
     # without a key: no dropout, deterministic, equal to the merged model
     ref = apply(lora.merge(params, adapters), x)
-    assert _rel(fn(params, adapters, x), ref) < F32_TOL
+    assert rel_err(fn(params, adapters, x), ref) < F32_TOL
 
 
 # -- nothing is materialised ---------------------------------------------------------------------
@@ -446,7 +414,7 @@ class Structural(nn.Module):
 
 
 def _intermediate_shapes(jaxpr: Any) -> set[tuple[int, ...]]:
-    return {tuple(v.aval.shape) for e in _primitives(jaxpr) for v in e.outvars}
+    return {tuple(v.aval.shape) for e in all_eqns(jaxpr) for v in e.outvars}
 
 
 def test_gradient_jaxpr_materialises_no_adapted_kernel() -> None:
@@ -454,7 +422,7 @@ def test_gradient_jaxpr_materialises_no_adapted_kernel() -> None:
     args = (_tokens(3, 5, vocab=50), _x(2, 7, 7, 4))
     params = _fill(jax.eval_shape(model.init, jax.random.key(1), *args), 1)
     adapters = _adapters(params, CONFIG, lambda p: model.apply(p, *args))
-    kernels = {w.kernel_shape for w in jax.tree.leaves(adapters, is_leaf=lora_is_weights)}
+    kernels = {w.kernel_shape for w in jax.tree.leaves(adapters, is_leaf=is_lora)}
     assert len(kernels) == 6  # embedding, q/k/v (one shape), out, two Dense, conv
 
     def shapes(mode: str) -> set[tuple[int, ...]]:
@@ -464,7 +432,3 @@ def test_gradient_jaxpr_materialises_no_adapted_kernel() -> None:
 
     assert not shapes("factored") & kernels
     assert shapes("merged") & kernels == kernels  # the check does see a materialised kernel
-
-
-def lora_is_weights(x: Any) -> bool:
-    return isinstance(x, lora.LoraWeights)

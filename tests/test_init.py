@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import (
-    adapter_entries,
-    build,
-    fill,
-    leaves_by_path,
-    mlp,
-    ref_delta64,
-    replace_leaves,
-)
 from flax import nnx
+from support.models import build, fill, mlp
+from support.refs import ref_delta64
+from support.trees import adapter_entries, leaves_by_path, replace_leaves
 
 import flax_lora as lora
 
@@ -231,16 +226,24 @@ def _matrix(w0: np.ndarray, in_axes: tuple[int, ...]) -> np.ndarray:
     return np.transpose(w0, (*in_axes, *out_axes)).reshape(n_in, -1)
 
 
-@pytest.mark.parametrize("layer_name", ["linen_dense", "linen_conv2d", "linen_mha"])
-def test_pissa_is_the_best_rank_r_approximation(layer_name: str) -> None:
+def _rank2_adapters(layer_name: str, init: str, alpha: float) -> list[tuple[Any, ...]]:
+    """``(adapter, W0 as its (inputs, outputs) matrix in float64, in_axes)`` of each kernel of
+    the layer case, adapted with rank 2 by ``init``."""
     m = build(layer_name)
-    r = 2
-    config = lora.LoraConfig(rank=r, alpha=5.0, init="pissa")
+    config = lora.LoraConfig(rank=2, alpha=alpha, init=init)
     adapters, _ = lora.init(jax.random.key(0), m.params, config, probe=m.probe)
     kernels = leaves_by_path(m.params)
+    out = []
     for path, w in adapter_entries(adapters).items():
         in_axes, _ = m.kernels[path]
-        w0 = _matrix(np.asarray(kernels[path], np.float64), in_axes)
+        out.append((w, _matrix(np.asarray(kernels[path], np.float64), in_axes), in_axes))
+    return out
+
+
+@pytest.mark.parametrize("layer_name", ["linen_dense", "linen_conv2d", "linen_mha"])
+def test_pissa_is_the_best_rank_r_approximation(layer_name: str) -> None:
+    r = 2
+    for w, w0, in_axes in _rank2_adapters(layer_name, "pissa", 5.0):
         u, s, vt = np.linalg.svd(w0, full_matrices=False)
         best = (u[:, :r] * s[:r]) @ vt[:r]  # Eckart-Young
         got = _matrix(ref_delta64(w.a, w.b, in_axes, 5.0 / r), in_axes)
@@ -255,17 +258,11 @@ def test_pissa_is_the_best_rank_r_approximation(layer_name: str) -> None:
 
 @pytest.mark.parametrize("layer_name", ["linen_dense", "nnx_conv", "linen_mha"])
 def test_olora_b_rows_are_orthonormal(layer_name: str) -> None:
-    m = build(layer_name)
     r = 2
-    config = lora.LoraConfig(rank=r, alpha=2.0, init="olora")
-    adapters, _ = lora.init(jax.random.key(0), m.params, config, probe=m.probe)
-    kernels = leaves_by_path(m.params)
-    for path, w in adapter_entries(adapters).items():
-        in_axes, _ = m.kernels[path]
+    for w, w0, _ in _rank2_adapters(layer_name, "olora", 2.0):
         b = np.asarray(w.b, np.float64).reshape(r, -1)
         np.testing.assert_allclose(b @ b.T, np.eye(r), atol=1e-5)
         # a^T = R[:r] of the QR of W0^T (PyTorch layout): a @ b is W0 projected on b's rows
-        w0 = _matrix(np.asarray(kernels[path], np.float64), in_axes)
         np.testing.assert_allclose(
             np.asarray(w.a, np.float64).reshape(-1, r) @ b, w0 @ b.T @ b, atol=1e-5
         )

@@ -17,9 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support.internal import _jaxpr as jx  # the internal module under test
+from support.jaxprs import all_eqns
+from support.trees import adapter_entries
 
 import flax_lora as lora
-from flax_lora import _jaxpr as jx  # the internal module under test
 
 D, L_OUT, L_IN = 8, 3, 2
 POLICY = jax.checkpoint_policies.dots_saveable
@@ -76,23 +78,8 @@ def make_params(seed: int = 0) -> dict[str, Any]:
     }
 
 
-def all_eqns(jaxpr: Any) -> list[Any]:
-    """Every equation of ``jaxpr`` and of its sub-jaxprs, found without the module under test
-    (any parameter holding a jaxpr, or a tuple of them)."""
-    out = []
-    for eqn in jaxpr.eqns:
-        out.append(eqn)
-        for value in eqn.params.values():
-            for v in value if isinstance(value, tuple) else (value,):
-                inner = getattr(v, "jaxpr", None)
-                if hasattr(v, "eqns"):
-                    out.extend(all_eqns(v))
-                elif inner is not None and hasattr(inner, "eqns"):
-                    out.extend(all_eqns(inner))
-    return out
-
-
 def traced() -> list[Any]:
+    """Every equation of the traced model, found without the module under test."""
     return all_eqns(jax.make_jaxpr(model)(make_params(), jnp.ones((5, 4))).jaxpr)
 
 
@@ -150,12 +137,6 @@ def test_missing_first_order_parameter_names_it() -> None:
     eqn = next(e for e in traced() if e.primitive.name == "dot_general")
     with pytest.raises(jx.UnsupportedJaxError, match=r"`dot_general`.*dimension_numbers"):
         jx.dot(eqn.replace(params={}))
-
-
-def adapter_entries(adapters: Any) -> dict[str, lora.LoraWeights]:
-    is_w = lambda x: isinstance(x, lora.LoraWeights)
-    flat = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=is_w)[0]
-    return {"/".join(k.key for k in kp): w for kp, w in flat}
 
 
 def merged64(params: dict[str, Any], adapters: Any) -> dict[str, Any]:

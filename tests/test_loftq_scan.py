@@ -2,9 +2,9 @@
 base quantized in `lora.quantize`'s format.
 
 References: the unstacked LoftQ of each layer's kernel (``lora.init`` on a tree holding that
-layer alone), `lora.quantize` of the float params (plain QLoRA), and float64 numpy: the test's
-own decoding of the codes (`support.refs.ref_decode_nf4`, ``codes * absmax / 127``), per-layer
-SVDs (Eckart-Young) and errors.
+layer alone), `lora.quantize` of the float params (plain QLoRA), and float64 numpy: the tests'
+own decoding of the codes (`support.refs.ref_decode`: NF4 levels, ``codes * absmax / 127``),
+per-layer SVDs (Eckart-Young) and errors.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import NestedStack, ref_delta64
 from support.mlp_stack import ALIGNED, STRADDLING, L, Stack
-from support.refs import ref_decode_nf4
+from support.models import NestedStack
+from support.refs import ref_decode, ref_delta64
 
 import flax_lora as lora
 
@@ -46,13 +46,6 @@ def config(fmt: str, iters: int, **kw: Any) -> lora.LoraConfig:
 
 def loftq(m: nn.Module, params: Any, x: np.ndarray, cfg: lora.LoraConfig) -> tuple[Any, Any]:
     return lora.init(jax.random.key(1), params, cfg, probe=lambda p: m.apply(p, x))
-
-
-def decode64(q: lora.QuantizedKernel) -> np.ndarray:
-    """The kernel a QuantizedKernel stands for, decoded by the tests (float64)."""
-    if q.format == "nf4":
-        return ref_decode_nf4(q)
-    return np.asarray(q.codes, np.float64) * np.asarray(q.absmax, np.float64) / 127.0
 
 
 def stacked(tree: Any, name: str) -> Any:
@@ -119,7 +112,7 @@ def test_stacked_base_is_lora_quantize_format_and_each_layer_beats_plain_qlora(
         assert q.codes.shape == qp.codes.shape and q.absmax.shape == qp.absmax.shape
         if iters == 1:  # Q = quantize(W0): plain QLoRA's base
             assert_same_codes(q, qp)
-        deq, deq_plain = decode64(q), decode64(qp)
+        deq, deq_plain = ref_decode(q), ref_decode(qp)
         for layer in range(L):
             delta = ref_delta64(ad.a[layer], ad.b[layer], (0,), SCALE)
             e_loftq = np.linalg.norm(w0[layer] - (deq[layer] + delta))
@@ -190,7 +183,7 @@ def test_layers_subset_keeps_the_others_plain(fmt: str) -> None:
         w0 = np.asarray(stacked(params, name), np.float64)
         assert ad.layers == (0, 2)
         assert not np.any(np.asarray(ad.a[1])) and not np.any(np.asarray(ad.b[1]))
-        deq = decode64(q)
+        deq = ref_decode(q)
         if fmt == "nf4":  # layers are whole blocks: the picked ones as LoftQ of all layers,
             for i in (0, 2):  # layer 1 as plain QLoRA
                 np.testing.assert_array_equal(
@@ -199,7 +192,7 @@ def test_layers_subset_keeps_the_others_plain(fmt: str) -> None:
                 np.testing.assert_array_equal(
                     np.asarray(ad.b[i]), np.asarray(stacked(ad_all, name).b[i])
                 )
-            np.testing.assert_array_equal(deq[1], decode64(qp)[1])
+            np.testing.assert_array_equal(deq[1], ref_decode(qp)[1])
         else:  # layer 1 rounded plainly on the channel scales of the stacked residual
             absmax = np.asarray(q.absmax, np.float64)
             assert np.all(np.abs(w0[1] - deq[1]) <= absmax / 127 / 2 * (1 + 1e-5) + 1e-7)
@@ -249,7 +242,7 @@ def test_nested_scan_is_the_unstacked_loftq_of_each_layer() -> None:
     assert not np.any(np.asarray(ad_sub.a[0])) and not np.any(np.asarray(ad_sub.b[0]))
     np.testing.assert_array_equal(np.asarray(ad_sub.a[1]), np.asarray(ad.a[1]))
     plain = lora.quantize_kernel(jnp.asarray(w0), "nf4")
-    np.testing.assert_array_equal(decode64(q_sub)[0], decode64(plain)[0])
+    np.testing.assert_array_equal(ref_decode(q_sub)[0], ref_decode(plain)[0])
 
 
 def test_rank_above_a_layers_side_is_refused() -> None:

@@ -9,19 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import (
-    BF16,
-    adapter_entries,
-    bf16_ulps,
-    build,
-    fill,
-    leaves_by_path,
-    mlp,
-    ref_delta64,
-    ref_merged_kernel,
-)
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.models import build, fill, mlp
+from support.refs import BF16, bf16_ulps, ref_delta64, ref_merged_kernel
+from support.trees import adapter_entries, leaves_by_path
 
 import flax_lora as lora
 

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from conftest import adapter_entries, leaves_by_path, mlp
+from support.models import mlp
+from support.trees import adapter_entries, leaves_by_path
 
 import flax_lora as lora
 

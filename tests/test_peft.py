@@ -29,7 +29,6 @@ pytest.importorskip("transformers", reason=INTEROP)
 import peft  # the `interop` extra (torch==2.13.0 CPU, peft, transformers)
 import torch
 from support.peft_models import (
-    _entries,
     assert_same_adapters,
     get_peft_model,
     peft_from_pretrained,
@@ -37,6 +36,7 @@ from support.peft_models import (
     t2n,
     torch_out,
 )
+from support.trees import adapter_entries, replace_leaves
 from transformers.pytorch_utils import Conv1D  # GPT-2's fan_in_fan_out layer
 
 import flax_lora as lora
@@ -118,16 +118,6 @@ VARIANTS = {
 }
 
 
-def replace_at(tree: Any, new: dict[str, Any]) -> Any:
-    """``tree`` with the leaves at the given paths replaced (NNX's ``.value`` dropped)."""
-
-    def f(kp: Any, v: Any) -> Any:
-        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in kp]
-        return new.get("/".join(parts[:-1] if parts[-1] == "value" else parts), v)
-
-    return jax.tree_util.tree_map_with_path(f, tree)
-
-
 def net_probe(p: Any) -> Any:
     return FlaxNet().apply(p, NET_IDS)
 
@@ -168,7 +158,7 @@ def test_peft_written_adapter_loads(tmp_path: Path, variant: str) -> None:
     assert np.abs(expected - base).max() > 0.1  # the adapter really changes the model
 
     # each module's scale, from PEFT's own layer objects
-    table = {p.split("/")[1]: w for p, w in _entries(adapters).items()}
+    table = {p.split("/")[1]: w for p, w in adapter_entries(adapters).items()}
     for name in NET_TARGETS:
         layer = pm.base_model.model.get_submodule(name)
         assert table[name].scale == pytest.approx(layer.scaling["default"], rel=1e-12)
@@ -187,7 +177,7 @@ def test_save_peft_loads_in_peft(tmp_path: Path, variant: str) -> None:
     np.testing.assert_allclose(torch_out(pm, NET_IDS), expected, atol=TOL)
     base = flax_out(FlaxNet(), params, None, NET_IDS)
     assert np.abs(expected - base).max() > 0.1
-    for path, w in _entries(adapters).items():
+    for path, w in adapter_entries(adapters).items():
         layer = pm.base_model.model.get_submodule(path.split("/")[1])
         assert layer.scaling["default"] == pytest.approx(w.scale, rel=1e-12)
 
@@ -296,7 +286,7 @@ def test_multi_axis_kernels_from_peft(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"params/[qo]/kernel.*ambiguous.*probe="):
         lora.load_peft(tmp_path, params)
     adapters = lora.load_peft(tmp_path, params, probe=attn_probe)
-    table = _entries(adapters)
+    table = adapter_entries(adapters)
     assert table["params/q/kernel"].in_axes == (0,)
     assert table["params/o/kernel"].in_axes == (0, 1)
     assert table["params/e/kernel"].in_axes == (1,)  # not a leading axis: found by the probe
@@ -373,7 +363,7 @@ def test_conv3d_both_ways(tmp_path: Path) -> None:
     expected = torch_out(pm.eval(), x)
     pm.save_pretrained(str(tmp_path / "peft"))
     adapters = lora.load_peft(tmp_path / "peft", params)
-    assert _entries(adapters)["params/conv/kernel"].in_axes == (0, 1, 2, 3)
+    assert adapter_entries(adapters)["params/conv/kernel"].in_axes == (0, 1, 2, 3)
     np.testing.assert_allclose(flax_out(Flax3d(), params, adapters, x), expected, atol=TOL)
     lora.save_peft(tmp_path / "ours", adapters)
     again = peft_from_pretrained(Torch3d(), tmp_path / "ours")
@@ -408,7 +398,7 @@ def test_nnx_state_default_key_map(tmp_path: Path) -> None:
     for i, layer in enumerate(tm.layers):
         new[f"layers/{i}/kernel"] = jnp.asarray(t2n(layer.weight).T)
         new[f"layers/{i}/bias"] = jnp.asarray(t2n(layer.bias))
-    state = replace_at(state, new)
+    state = replace_leaves(state, new)
     apply = lambda s, x: nnx.merge(graphdef, s)(x)
     x = np.random.default_rng(3).normal(size=(2, 4)).astype(np.float32)
     config = lora.LoraConfig(rank=2, alpha=5.0, init="random")
@@ -558,12 +548,12 @@ def test_unmapped_adapters_are_listed_on_save(tmp_path: Path) -> None:
 
 def test_wrong_shapes_name_the_path(saved: tuple[Path, Any]) -> None:
     directory, params = saved
-    bad = replace_at(params, {"params/lin/kernel": jnp.zeros((7, 3))})
+    bad = replace_leaves(params, {"params/lin/kernel": jnp.zeros((7, 3))})
     with pytest.raises(
         ValueError, match=r"module 'lin' -> kernel 'params/lin/kernel' of shape \(7, 3\)"
     ):
         lora.load_peft(directory, bad)
-    bad_conv = replace_at(params, {"params/conv/kernel": jnp.zeros((3, 3, 4, 5))})
+    bad_conv = replace_leaves(params, {"params/conv/kernel": jnp.zeros((3, 3, 4, 5))})
     with pytest.raises(ValueError, match=r"'params/conv/kernel' of shape \(3, 3, 4, 5\)"):
         lora.load_peft(directory, bad_conv)
 

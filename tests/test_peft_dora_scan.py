@@ -23,7 +23,6 @@ from support import INTEROP
 pytest.importorskip("torch", reason=INTEROP)
 pytest.importorskip("peft", reason=INTEROP)
 from support.peft_models import (
-    _entries,
     get_peft_model,
     peft_from_pretrained,
     perturb_peft_dora,
@@ -42,6 +41,7 @@ from support.peft_stack import (
     probe,
     stack_params,
 )
+from support.trees import adapter_entries, leaves_by_path
 
 import flax_lora as lora
 
@@ -55,7 +55,7 @@ def outputs(params: Any, adapters: Any, mode: str) -> np.ndarray:
 
 def base_norms64(params: Any, path: str) -> np.ndarray:
     """``||W0[l]||`` per output unit, ``(L, out)``, float64 (a Dense kernel's rows are inputs)."""
-    kernel = np.asarray(lora._paths.flatten(params)[path], np.float64)
+    kernel = np.asarray(leaves_by_path(params)[path], np.float64)
     return np.sqrt(np.sum(kernel**2, axis=1))
 
 
@@ -76,10 +76,10 @@ def assert_absent_layers_are_base(params: Any, adapters: Any, absent: list[int])
         adapters,
         is_leaf=lambda x: isinstance(x, lora.LoraWeights),
     )
-    merged = lora._paths.flatten(lora.merge(params, unmasked))
-    base = lora._paths.flatten(params)
+    merged = leaves_by_path(lora.merge(params, unmasked))
+    base = leaves_by_path(params)
     for path in STACKED:
-        w = _entries(adapters)[path]
+        w = adapter_entries(adapters)[path]
         assert w.m.shape == (L, w.kernel_shape[-1])
         np.testing.assert_allclose(
             np.asarray(w.m)[absent], base_norms64(params, path)[absent], rtol=1e-6
@@ -110,7 +110,7 @@ def test_save_peft_stacked_dora_loads_in_peft(
     assert magnitudes == {f"{PREFIX}{n}.lora_magnitude_vector" for n in names}
     pm = peft_from_pretrained(TorchStack(), tmp_path)
     for path, n in (("params/layers/q/kernel", "q"), ("params/layers/fc/kernel", "fc")):
-        m = np.asarray(_entries(adapters)[path].m)
+        m = np.asarray(adapter_entries(adapters)[path].m)
         for i in picked:  # layer i's magnitude, PEFT's Linear shape (out_features,)
             key = f"{PREFIX}layers.{i}.{n}.lora_magnitude_vector"
             assert tensors[key].shape == (m.shape[1],) and tensors[key].dtype == np.float32
@@ -123,8 +123,8 @@ def test_save_peft_stacked_dora_loads_in_peft(
         assert not hasattr(pm.base_model.model.layers[1].q, "lora_magnitude_vector")
 
     back = lora.load_peft(tmp_path, params, key_map)
-    for path, w in _entries(adapters).items():
-        v = _entries(back)[path]
+    for path, w in adapter_entries(adapters).items():
+        v = adapter_entries(back)[path]
         static = ("layers", "layer_axes", "scale", "in_axes")
         assert [getattr(v, k) for k in static] == [getattr(w, k) for k in static]
         sel = picked if w.layer_axes else slice(None)  # the file's layers; all of head's
@@ -155,8 +155,8 @@ def test_peft_written_stacked_dora_loads(
     assert np.abs(expected - flax_out(params, None)).max() > 0.1
     for with_probe in (False, True):
         adapters = lora.load_peft(tmp_path, params, key_map, probe=probe if with_probe else None)
-        assert sorted(_entries(adapters)) == sorted(STACKED)
-        for w in _entries(adapters).values():
+        assert sorted(adapter_entries(adapters)) == sorted(STACKED)
+        for w in adapter_entries(adapters).values():
             assert w.layer_axes == 1 and w.m.shape == (L, w.kernel_shape[-1])
             assert w.layers == (None if layers_to_transform is None else (0, 2))
         for mode in MODES:

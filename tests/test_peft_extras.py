@@ -9,9 +9,7 @@ of ``examples/bert.py`` loaded from the same state dict.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,8 @@ peft = pytest.importorskip("peft", reason=INTEROP)
 transformers = pytest.importorskip("transformers", reason=INTEROP)
 
 import jax  # noqa: E402
+from support.examples import load_example  # noqa: E402
+from support.trees import perturb  # noqa: E402
 
 import flax_lora as lora  # noqa: E402
 
@@ -33,16 +33,7 @@ LABELS = 3
 TOKENS = [3, 7, 11]
 
 
-def _load_example() -> Any:
-    path = Path(__file__).resolve().parents[1] / "examples" / "bert.py"
-    spec = importlib.util.spec_from_file_location("flax_lora_example_bert_extras", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bert = _load_example()
+bert = load_example("bert")
 HF_CONFIG = dict(
     vocab_size=40,
     hidden_size=16,
@@ -100,6 +91,17 @@ def randomize(pm: Any, seed: int) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
+def peft_saved(directory: Path, seed: int, **config: Any) -> tuple[Any, np.ndarray]:
+    """PEFT's model of `torch_model` with the adapter ``peft.LoraConfig(**config)``, every trained
+    tensor randomized, saved to ``directory``: the model (eval mode) and its logits."""
+    pm = peft.get_peft_model(torch_model(), peft.LoraConfig(**config))
+    randomize(pm, seed)
+    pm.eval()
+    expected = torch_logits(pm)
+    pm.save_pretrained(str(directory))
+    return pm, expected
+
+
 def assert_flax_matches(model: Any, params: Any, adapters: Any, expected: np.ndarray) -> None:
     base = np.asarray(flax_fn(model)(params, None))
     assert np.abs(expected - base).max() > 1e-2  # the adapter changes the output
@@ -132,14 +134,11 @@ def test_flax_twin_is_the_torch_model() -> None:
 
 def test_seq_cls_adapter_from_peft(tmp_path: Path) -> None:
     model, params = flax_twin()
-    config = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query"])
-    pm = peft.get_peft_model(torch_model(), config)
-    randomize(pm, 1)
-    pm.eval()
+    pm, expected = peft_saved(
+        tmp_path, 1, task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query"]
+    )
     head = pm.base_model.model.classifier
     assert not torch.equal(head.modules_to_save["default"].weight, head.original_module.weight)
-    expected = torch_logits(pm)
-    pm.save_pretrained(str(tmp_path))
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["task_type"] == "SEQ_CLS" and "classifier" in saved["modules_to_save"]
 
@@ -154,17 +153,14 @@ def test_seq_cls_adapter_from_peft(tmp_path: Path) -> None:
 
 def test_trainable_tokens_from_peft(tmp_path: Path) -> None:
     model, params = flax_twin()
-    config = peft.LoraConfig(
+    _, expected = peft_saved(
+        tmp_path,
+        2,
         r=2,
         lora_alpha=4,
         target_modules=["value"],
         trainable_token_indices={"word_embeddings": TOKENS},
     )
-    pm = peft.get_peft_model(torch_model(), config)
-    randomize(pm, 2)
-    pm.eval()
-    expected = torch_logits(pm)
-    pm.save_pretrained(str(tmp_path))
 
     adapters = lora.load_peft(tmp_path, params, key_map=bert.bert_cls_key_map)
     node = adapters["params"]["bert"]["embeddings"]["word_embeddings"]["embedding"]
@@ -175,12 +171,9 @@ def test_trainable_tokens_from_peft(tmp_path: Path) -> None:
 
 def test_bias_lora_only_from_peft(tmp_path: Path) -> None:
     model, params = flax_twin()
-    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], bias="lora_only")
-    pm = peft.get_peft_model(torch_model(), config)
-    randomize(pm, 3)
-    pm.eval()
-    expected = torch_logits(pm)
-    pm.save_pretrained(str(tmp_path))
+    _, expected = peft_saved(
+        tmp_path, 3, r=2, lora_alpha=4, target_modules=["query", "value"], bias="lora_only"
+    )
 
     adapters = lora.load_peft(tmp_path, params, key_map=bert.bert_cls_key_map)
     layer = adapters["params"]["bert"]["encoder"]["layer_1"]
@@ -191,19 +184,6 @@ def test_bias_lora_only_from_peft(tmp_path: Path) -> None:
 
 
 # -- Flax -> PyTorch -----------------------------------------------------------------------------
-def perturb(adapters: Any, seed: int) -> Any:
-    """Every adapter leaf moved away from its value at init (copies away from their base)."""
-    leaves, treedef = jax.tree.flatten(adapters)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(
-        treedef,
-        [
-            x + 0.3 * jax.random.normal(k, x.shape, x.dtype)
-            for x, k in zip(leaves, keys, strict=True)
-        ],
-    )
-
-
 def check_round_trip(tmp_path: Path, adapters: Any, params: Any) -> None:
     back = lora.load_peft(tmp_path, params, key_map=bert.bert_cls_key_map)
     assert jax.tree.structure(back) == jax.tree.structure(adapters)
@@ -220,7 +200,7 @@ def test_seq_cls_adapter_to_peft(tmp_path: Path) -> None:
         targets=r".*/(query|value)/kernel",
         modules_to_save=["params/classifier"],
     )
-    adapters = perturb(lora.init(jax.random.key(0), params, config), 1)
+    adapters = perturb(lora.init(jax.random.key(0), params, config), 1, 0.3)
     expected = np.asarray(flax_fn(model)(params, adapters))
     lora.save_peft(tmp_path, adapters, config, key_map=bert.bert_cls_key_map, task_type="SEQ_CLS")
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -241,7 +221,7 @@ def test_trainable_tokens_to_peft(tmp_path: Path) -> None:
         targets=r".*/query/kernel",
         trainable_token_indices={r".*/word_embeddings": TOKENS},
     )
-    adapters = perturb(lora.init(jax.random.key(0), params, config), 2)
+    adapters = perturb(lora.init(jax.random.key(0), params, config), 2, 0.3)
     expected = np.asarray(flax_fn(model)(params, adapters))
     with pytest.raises(ValueError, match=r"word_embeddings/embedding.*params="):
         lora.save_peft(tmp_path, adapters, config, key_map=bert.bert_cls_key_map)
@@ -259,7 +239,7 @@ def test_trainable_tokens_to_peft(tmp_path: Path) -> None:
 def test_bias_to_peft(tmp_path: Path, bias: str) -> None:
     model, params = flax_twin()
     config = lora.LoraConfig(rank=2, init="random", targets=r".*/(query|value)/kernel", bias=bias)
-    adapters = perturb(lora.init(jax.random.key(0), params, config), 3)
+    adapters = perturb(lora.init(jax.random.key(0), params, config), 3, 0.3)
     copies = [
         x
         for x in jax.tree.leaves(adapters, is_leaf=lambda x: isinstance(x, lora.TrainedCopy))

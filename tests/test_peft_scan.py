@@ -21,7 +21,6 @@ from support import INTEROP
 pytest.importorskip("torch", reason=INTEROP)
 pytest.importorskip("peft", reason=INTEROP)
 from support.peft_models import (
-    _entries,
     assert_same_adapters,
     get_peft_model,
     peft_from_pretrained,
@@ -41,6 +40,7 @@ from support.peft_stack import (
     probe,
     stack_params,
 )
+from support.trees import adapter_entries
 
 import flax_lora as lora
 
@@ -66,7 +66,7 @@ def test_peft_written_adapter_loads_stacked(tmp_path: Path, with_probe: bool) ->
     expected = peft_written(tmp_path, 1, target_modules=["q", "fc", "head"], r=2, lora_alpha=4)
     params = stack_params(TorchStack())
     adapters = lora.load_peft(tmp_path, params, key_map, probe=probe if with_probe else None)
-    table = _entries(adapters)
+    table = adapter_entries(adapters)
     assert sorted(table) == sorted([*STACKED, "params/head/kernel"])
     for path in STACKED:
         w = table[path]
@@ -120,8 +120,8 @@ def test_stacked_round_trip_is_exact(tmp_path: Path, layers: tuple[int, ...] | N
         lora.load_peft(tmp_path, params, dict_map, probe=probe),
     ):
         assert_same_adapters(loaded, adapters)  # factors and every static field
-        for path, w in _entries(adapters).items():
-            v = _entries(loaded)[path]
+        for path, w in adapter_entries(adapters).items():
+            v = adapter_entries(loaded)[path]
             assert (v.scale, v.in_axes, v.layers, v.layer_axes, v.kernel_shape) == (
                 w.scale,
                 w.in_axes,
@@ -146,7 +146,7 @@ def test_peft_file_missing_a_layer(tmp_path: Path) -> None:
     params = stack_params(TorchStack())
     adapters = lora.load_peft(tmp_path / "peft", params, key_map)
     for path in STACKED:
-        w = _entries(adapters)[path]
+        w = adapter_entries(adapters)[path]
         assert w.layers == (0, 2) and w.layer_axes == 1
         assert not np.any(np.asarray(w.a[1])) and not np.any(np.asarray(w.b[1]))
         assert np.all(np.abs(np.asarray(w.b)[[0, 2]]) > 0)

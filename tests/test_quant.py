@@ -14,19 +14,22 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import build, leaves_by_path, mlp, ref_delta64, replace_leaves
 from scipy.stats import norm
+from support.internal import DYNAMIC_MAP, NF4_LEVELS
+from support.models import build, mlp
 from support.refs import (
     DYN,
     NF4_BNB,
     linspace32,
     pack,
     ref_decode_nf4,
+    ref_delta64,
     ref_double,
     ref_int8,
     ref_nf4,
     unpack,
 )
+from support.trees import leaves_by_path, replace_leaves
 
 import flax_lora as lora
 
@@ -67,8 +70,6 @@ SHAPES = [(64, 48), (5, 7, 9), (3, 3, 4, 8)]
 # the tables
 # ---------------------------------------------------------------------------------------------
 def test_nf4_levels_are_bitsandbytes_and_the_papers() -> None:
-    from flax_lora._quant import DYNAMIC_MAP, NF4_LEVELS
-
     np.testing.assert_array_equal(NF4_LEVELS, NF4_BNB)
     np.testing.assert_array_equal(nf4_from_normal_quantiles(), NF4_BNB)
     np.testing.assert_allclose(DYNAMIC_MAP, DYN, rtol=2e-7, atol=0)
@@ -235,12 +236,8 @@ def kernel_paths(tree: object) -> set[str]:
 
 
 def quantized_paths(qtree: object) -> dict[str, lora.QuantizedKernel]:
-    from conftest import keypath_to_str
-
-    flat = jax.tree_util.tree_flatten_with_path(
-        qtree, is_leaf=lambda x: isinstance(x, lora.QuantizedKernel)
-    )[0]
-    return {keypath_to_str(kp): x for kp, x in flat if isinstance(x, lora.QuantizedKernel)}
+    flat = leaves_by_path(qtree, is_leaf=lambda x: isinstance(x, lora.QuantizedKernel))
+    return {p: x for p, x in flat.items() if isinstance(x, lora.QuantizedKernel)}
 
 
 @pytest.mark.parametrize(

@@ -15,14 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import adapter_entries
 from flax import nnx
-from jax.extend import core as jex_core
-from support.mlp_stack import ALIGNED, STRADDLING, L, Stack
-from support.refs import ref_decode_nf4, ref_double, ref_int8, ref_nf4, unpack
+from support.jaxprs import walk
+from support.mlp_stack import ALIGNED, STRADDLING, L, NnxStack, Stack
+from support.refs import ref_decode, ref_double, ref_int8, ref_nf4, unpack
+from support.trees import adapter_entries, leaves_by_path
 
 import flax_lora as lora
-from flax_lora._paths import flatten
 
 
 def linen(dims: tuple[int, int], remat: bool = False, seed: int = 0) -> tuple[Any, Any, Any]:
@@ -135,36 +134,6 @@ def test_quantize_kernel_layer_axes_and_bad_input() -> None:
 # ---------------------------------------------------------------------------------------------
 # the factored wrap on a quantized stack: against float64 numpy on the dequantized base
 # ---------------------------------------------------------------------------------------------
-class NnxBlock(nnx.Module):
-    def __init__(self, d: int, f: int, rngs: nnx.Rngs) -> None:
-        self.fc1 = nnx.Linear(d, f, rngs=rngs)
-        self.fc2 = nnx.Linear(f, d, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return x + self.fc2(jnp.tanh(self.fc1(x)))
-
-
-class NnxStack(nnx.Module):
-    def __init__(self, d: int, f: int, remat: bool, rngs: nnx.Rngs) -> None:
-        @nnx.split_rngs(splits=L)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make(rngs: nnx.Rngs) -> NnxBlock:
-            return NnxBlock(d, f, rngs)
-
-        self.layers = make(rngs)
-        self.head = nnx.Linear(d, 4, rngs=rngs)
-        self.remat = remat
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        def body(x: jax.Array, block: NnxBlock) -> jax.Array:
-            return block(x)
-
-        if self.remat:
-            body = nnx.remat(body)
-        step = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        return self.head(step(x, self.layers))
-
-
 def build(kind: str, dims: tuple[int, int]) -> tuple[Any, Any, np.ndarray, dict[str, str]]:
     """(apply, params, x, {name: path}) of a 3-layer residual tanh MLP stack and a head."""
     x = np.random.default_rng(0).normal(size=(6, dims[0])).astype(np.float32)
@@ -180,16 +149,6 @@ def build(kind: str, dims: tuple[int, int]) -> tuple[Any, Any, np.ndarray, dict[
     paths |= {"b1": "layers/fc1/bias", "b2": "layers/fc2/bias"}
     paths |= {"head": "head/kernel", "bh": "head/bias"}
     return (lambda s, x: nnx.merge(graphdef, s)(x)), state, x, paths
-
-
-def decode64(q: lora.QuantizedKernel) -> np.ndarray:
-    """A quantized kernel decoded in float64 numpy by the test's own decoders, layer by layer."""
-    if q.layer_axes:
-        one = lambda i: decode64(jax.tree.map(lambda t: t[i], q.layer()))
-        return np.stack([one(i) for i in range(q.shape[0])])
-    if q.format == "int8":
-        return np.asarray(q.codes, np.float64) * np.asarray(q.absmax, np.float64) / 127.0
-    return ref_decode_nf4(q)
 
 
 def numpy_stack(p: dict, ad: dict, x: np.ndarray, c: np.ndarray, s: float) -> tuple:
@@ -233,9 +192,9 @@ def quantized_case(kind: str, fmt: str) -> tuple[Any, ...]:
     q = lora.quantize(params, targets=r".*(fc1|fc2|head)/kernel", probe=probe, **QUANT[fmt])
     config = lora.LoraConfig(rank=2, alpha=2 * SCALE, init="random", targets=r".*(fc1|fc2)/kernel")
     adapters = lora.init(jax.random.key(3), q, config, probe=probe)
-    qleaves = flatten(q, is_leaf=lambda t: isinstance(t, lora.QuantizedKernel))
+    qleaves = leaves_by_path(q, is_leaf=lambda t: isinstance(t, lora.QuantizedKernel))
     p64 = {
-        n: decode64(qleaves[path]) if n in ("fc1", "fc2", "head") else np.asarray(qleaves[path])
+        n: ref_decode(qleaves[path]) if n in ("fc1", "fc2", "head") else np.asarray(qleaves[path])
         for n, path in paths.items()
     }
     entries = adapter_entries(adapters)
@@ -265,21 +224,19 @@ def test_outputs_and_gradients_equal_the_dequantized_base_model(kind: str, fmt: 
             np.testing.assert_allclose(np.asarray(got, np.float64), ref, atol=3e-5 * scale)
 
 
-def _dequantizations(jaxpr: Any, inside: bool, found: list[tuple[bool, str]]) -> None:
-    """Appends (inside a scan body?, what) for each dequantization of a stored kernel: a
-    conversion of int8 codes to float, or an unpacking of nf4 codes (``shift_right_logical``)."""
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "convert_element_type" and eqn.invars[0].aval.dtype == jnp.int8:
-            found.append((inside, f"convert {eqn.invars[0].aval.shape}"))
-        if name == "shift_right_logical" and eqn.invars[0].aval.dtype == jnp.uint8:
-            found.append((inside, f"unpack {eqn.invars[0].aval.shape}"))
-        for v in eqn.params.values():
-            for sub in v if isinstance(v, tuple | list) else (v,):
-                if isinstance(sub, jex_core.ClosedJaxpr):
-                    _dequantizations(sub.jaxpr, inside or name == "scan", found)
-                elif isinstance(sub, jex_core.Jaxpr):
-                    _dequantizations(sub, inside or name == "scan", found)
+def dequantizations(jaxpr: Any) -> list[tuple[bool, str]]:
+    """(inside a scan body?, what) for each dequantization of a stored kernel: a conversion of
+    int8 codes to float, or an unpacking of nf4 codes (``shift_right_logical``)."""
+    kinds = {
+        "convert_element_type": (jnp.int8, "convert"),
+        "shift_right_logical": (jnp.uint8, "unpack"),
+    }
+    found = []
+    for eqn, within in walk(jaxpr):
+        dtype, what = kinds.get(eqn.primitive.name, (None, ""))
+        if dtype is not None and eqn.invars[0].aval.dtype == dtype:
+            found.append(("scan" in within, f"{what} {eqn.invars[0].aval.shape}"))
+    return found
 
 
 @pytest.mark.parametrize("fmt", ["int8", "nf4"])
@@ -293,8 +250,7 @@ def test_the_stacked_step_dequantizes_inside_the_scan_body_only(kind: str, fmt: 
     fn = lora.wrap(apply, mode="auto")
     grad = jax.grad(lambda ad, q: jnp.sum(fn(q, ad, x) ** 2))
     closed = jax.make_jaxpr(grad)(adapters, q)
-    found: list[tuple[bool, str]] = []
-    _dequantizations(closed.jaxpr, False, found)
+    found = dequantizations(closed.jaxpr)
     assert found and all(inside for inside, _ in found), found
     # each one layer's codes: (d, f) or (f, d) int8, or one layer's packed nf4 bytes
     per_layer = ALIGNED[0] * ALIGNED[1]
@@ -323,9 +279,9 @@ def test_embed_lookup_dequantizes_the_gathered_rows(kw: dict, adapted: bool) -> 
     cfg = lora.LoraConfig(rank=2, alpha=2.0, init="random", targets=targets)  # scale 1
     adapters = lora.init(jax.random.key(1), q, cfg, probe=lambda p: m.apply(p, tokens))
     entries = adapter_entries(adapters)
-    leaves = flatten(q, is_leaf=lambda t: isinstance(t, lora.QuantizedKernel))
-    table = decode64(leaves["params/embed/embedding"])
-    w = decode64(leaves["params/fc/kernel"]) + np.asarray(
+    leaves = leaves_by_path(q, is_leaf=lambda t: isinstance(t, lora.QuantizedKernel))
+    table = ref_decode(leaves["params/embed/embedding"])
+    w = ref_decode(leaves["params/fc/kernel"]) + np.asarray(
         entries["params/fc/kernel"].a, np.float64
     ) @ np.asarray(entries["params/fc/kernel"].b, np.float64)
     if adapted:
@@ -349,8 +305,7 @@ def test_merged_mode_merges_each_layer_inside_the_scan(kind: str, fmt: str) -> N
     fn = lora.wrap(apply, mode="merged")
     y = jax.jit(fn)(q, adapters, x)
     np.testing.assert_allclose(np.asarray(y, np.float64), y_ref, rtol=2e-5, atol=2e-5)
-    found: list[tuple[bool, str]] = []
-    _dequantizations(jax.make_jaxpr(lambda q: fn(q, adapters, x))(q).jaxpr, False, found)
+    found = dequantizations(jax.make_jaxpr(lambda q: fn(q, adapters, x))(q).jaxpr)
     stacked = [w for inside, w in found if not inside]
     assert all(f"({L}," not in w for w in stacked), found  # only the head's, outside the scan
 
@@ -367,7 +322,7 @@ def test_merge_requantize_works_layer_by_layer(fmt: str) -> None:
     got = stacked_kernels(merged)
     assert got["fc2"] is stacked_kernels(q)["fc2"]  # no adapter: untouched
     e = adapter_entries(adapters)["params/layers/fc1/kernel"]
-    w0 = decode64(stacked_kernels(q)["fc1"])
+    w0 = ref_decode(stacked_kernels(q)["fc1"])
     a, b = np.asarray(e.a, np.float64), np.asarray(e.b, np.float64)
     assert got["fc1"].layer_axes == 1
     for i in range(L):
@@ -401,8 +356,8 @@ def test_unstacked_gradients_through_quantized_products(kw: dict) -> None:
     adapters = lora.init(jax.random.key(1), q, cfg)
     e = adapter_entries(adapters)["params/fc1/kernel"]
     a, b = np.asarray(e.a, np.float64), np.asarray(e.b, np.float64)
-    leaves = flatten(q, is_leaf=lambda t: isinstance(t, lora.QuantizedKernel))
-    w1, w2 = decode64(leaves["params/fc1/kernel"]), decode64(leaves["params/fc2/kernel"])
+    leaves = leaves_by_path(q, is_leaf=lambda t: isinstance(t, lora.QuantizedKernel))
+    w1, w2 = ref_decode(leaves["params/fc1/kernel"]), ref_decode(leaves["params/fc2/kernel"])
     b1, b2 = (np.asarray(params["params"][n]["bias"], np.float64) for n in ("fc1", "fc2"))
     c = np.random.default_rng(1).normal(size=(5, 16))
     # float64 reference, backpropagated by hand: loss = sum(c * y), also w.r.t. the input

@@ -16,16 +16,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from support.routing_models import BATCH, IDS, _linen, _nnx, _reference, _tokens
+from support.routing_models import BATCH, IDS, linen_tiny, nnx_tiny, routed_reference, tiny_tokens
 
 import flax_lora as lora
 
-MODELS = {"linen": _linen, "nnx": _nnx}
+MODELS = {"linen": linen_tiny, "nnx": nnx_tiny}
 
 
 def _adapter_sets(apply_fn: Callable[..., Any], params: Any) -> list[Any]:
     """Three adapter sets of different ranks and scales (one rsLoRA), all nonzero."""
-    probe = lambda p: apply_fn(p, _tokens())
+    probe = lambda p: apply_fn(p, tiny_tokens())
     configs = [
         lora.LoraConfig(rank=2, alpha=4.0, init="random"),
         lora.LoraConfig(rank=4, alpha=2.0, init="random", rslora=True),
@@ -46,8 +46,8 @@ def test_routed_equals_each_example_through_its_own_merged_model(family: str, mo
     apply_fn, params = MODELS[family]()
     sets = _adapter_sets(apply_fn, params)
     assert _kinds(sets[0]) == {"dense", "embed", "conv"}  # Embed, attention/Dense and Conv
-    x = _tokens()
-    want = _reference(apply_fn, params, sets, x)
+    x = tiny_tokens()
+    want = routed_reference(apply_fn, params, sets, x)
     fn = jax.jit(lora.wrap(apply_fn, mode=mode))
     got = fn(params, lora.stack(sets), x, lora_ids=jnp.array(IDS))
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
@@ -57,7 +57,7 @@ def test_routed_equals_each_example_through_its_own_merged_model(family: str, mo
 
 
 def test_one_compilation_serves_any_ids() -> None:
-    apply_fn, params = _linen()
+    apply_fn, params = linen_tiny()
     traces = []
 
     def counted(p: Any, t: Any) -> Any:
@@ -65,7 +65,7 @@ def test_one_compilation_serves_any_ids() -> None:
         return apply_fn(p, t)
 
     sets = _adapter_sets(apply_fn, params)
-    stacked, x = lora.stack(sets), _tokens()
+    stacked, x = lora.stack(sets), tiny_tokens()
     fn = jax.jit(lora.wrap(counted))
     ys = [fn(params, stacked, x, lora_ids=jnp.array(ids)) for ids in (IDS, [-1] * BATCH, IDS[::-1])]
     assert fn._cache_size() == 1
@@ -77,9 +77,9 @@ def test_one_compilation_serves_any_ids() -> None:
 
 
 def test_routed_gradients_reach_only_the_adapters_used() -> None:
-    apply_fn, params = _linen()
+    apply_fn, params = linen_tiny()
     sets = _adapter_sets(apply_fn, params)
-    stacked, x = lora.stack(sets), _tokens()
+    stacked, x = lora.stack(sets), tiny_tokens()
     ids = jnp.array([0, 0, -1, 2, 2, -1])  # adapter 1 unused
     loss = lambda st: jnp.sum(lora.wrap(apply_fn)(params, st, x, lora_ids=ids) ** 2)
     grads = jax.jit(jax.grad(loss))(stacked)
@@ -96,9 +96,9 @@ def test_routed_gradients_reach_only_the_adapters_used() -> None:
 
 
 def test_routing_errors_are_clear() -> None:
-    apply_fn, params = _linen()
+    apply_fn, params = linen_tiny()
     sets = _adapter_sets(apply_fn, params)
-    stacked, x = lora.stack(sets), _tokens()
+    stacked, x = lora.stack(sets), tiny_tokens()
     fn = lora.wrap(apply_fn)
     with pytest.raises(ValueError, match=r"lora_ids must lie in \[-1, 3\).*\[3\]"):
         fn(params, stacked, x, lora_ids=jnp.array([0, 1, 2, 3, 0, 0]))

@@ -17,27 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from support.routing_models import VOCAB, _linen, _nnx
-from support.routing_models import _reference as _reference_with
+from support.routing_models import linen_tiny, nnx_tiny, routed_reference, tiny_tokens
+from support.trees import adapter_entries, is_lora
 
 import flax_lora as lora
-from flax_lora._adapters import adapter_table
-from flax_lora._stack import stacked_table
 
-SEQ, BATCH = 6, 5
+BATCH = 5  # examples (the tiny models' own batch is 6)
 IDS = [0, 2, -1, 1, 0]
-
-
-def _reference(apply_fn: Callable[..., Any], params: Any, sets: list[Any], x: Any) -> np.ndarray:
-    return _reference_with(apply_fn, params, sets, x, IDS)
-
-
-def _is_weights(x: Any) -> bool:
-    return isinstance(x, lora.LoraWeights)
-
-
-def _tokens() -> jax.Array:
-    return jax.random.randint(jax.random.key(7), (BATCH, SEQ), 0, VOCAB)
 
 
 def _perturbed(adapters: Any, seed: int) -> Any:
@@ -46,13 +32,13 @@ def _perturbed(adapters: Any, seed: int) -> Any:
     return jax.tree.map(
         lambda w: w.replace(m=w.m * (1.0 + 0.3 * jnp.asarray(rng.normal(size=w.m.shape)))),
         adapters,
-        is_leaf=_is_weights,
+        is_leaf=is_lora,
     )
 
 
 def _adapter_sets(apply_fn: Callable[..., Any], params: Any) -> list[Any]:
     """DoRA (rank 2), plain LoRA (rank 4, rsLoRA), DoRA (rank 3): nonzero b, perturbed m."""
-    probe = lambda p: apply_fn(p, _tokens())
+    probe = lambda p: apply_fn(p, tiny_tokens(BATCH))
     configs = [
         lora.LoraConfig(rank=2, alpha=4.0, init="random", dora=True),
         lora.LoraConfig(rank=4, alpha=2.0, init="random", rslora=True),
@@ -64,7 +50,7 @@ def _adapter_sets(apply_fn: Callable[..., Any], params: Any) -> list[Any]:
     return [_perturbed(s, 20 + i) if i != 1 else s for i, s in enumerate(sets)]
 
 
-MODELS = {"linen": _linen, "nnx": _nnx}
+MODELS = {"linen": linen_tiny, "nnx": nnx_tiny}
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))
@@ -74,36 +60,36 @@ def test_routed_dora_equals_each_example_through_its_own_merged_model(
 ) -> None:
     apply_fn, params = MODELS[family]()
     sets = _adapter_sets(apply_fn, params)
-    kinds = {w.kind for w in jax.tree.leaves(sets[0], is_leaf=_is_weights)}
+    kinds = {w.kind for w in jax.tree.leaves(sets[0], is_leaf=is_lora)}
     assert kinds == {"dense", "embed", "conv"}
-    x = _tokens()
-    want = _reference(apply_fn, params, sets, x)
+    x = tiny_tokens(BATCH)
+    want = routed_reference(apply_fn, params, sets, x, IDS)
     stacked = lora.stack(sets)
     fn = jax.jit(lora.wrap(apply_fn, mode=mode))
     got = fn(params, stacked, x, lora_ids=jnp.array(IDS))
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
     # DoRA changes the outputs beyond its LoRA part: m matters
     no_m = [
-        jax.tree.map(lambda w: w.replace(m=None), s, is_leaf=_is_weights) if i != 1 else s
+        jax.tree.map(lambda w: w.replace(m=None), s, is_leaf=is_lora) if i != 1 else s
         for i, s in enumerate(sets)
     ]
-    lora_only = _reference(apply_fn, params, no_m, x)
+    lora_only = routed_reference(apply_fn, params, no_m, x, IDS)
     assert np.abs(want - lora_only)[[0, 1, 4]].min() > 1e-3
 
 
 def test_stack_representation_and_unstack_round_trip() -> None:
-    apply_fn, params = _linen()
+    apply_fn, params = linen_tiny()
     sets = _adapter_sets(apply_fn, params)
     stacked = lora.stack(sets)
-    for path, w in adapter_table(sets[0]).items():
-        st = stacked_table(stacked)[path]
+    for path, w in adapter_entries(sets[0]).items():
+        st = adapter_entries(stacked)[path]
         assert st.dora == (True, False, True)
         assert st.m.shape == (3, *w.out_shape)
         np.testing.assert_array_equal(np.asarray(st.m[1]), 0.0)
     for k, s in enumerate(sets):
         back = lora.unstack(stacked, k)
-        x = _tokens()
-        for path, w in adapter_table(back).items():
+        x = tiny_tokens(BATCH)
+        for path, w in adapter_entries(back).items():
             assert (w.m is not None) == (k != 1), path
         np.testing.assert_allclose(
             np.asarray(apply_fn(lora.merge(params, back), x)),
@@ -116,20 +102,20 @@ def test_stack_representation_and_unstack_round_trip() -> None:
 def test_routed_dora_gradients_match_merged_references() -> None:
     """Gradients of the stacked a, b and m against the sum over examples of each example's
     gradient through its own merged model, mapped back into the stack."""
-    apply_fn, params = _linen()
+    apply_fn, params = linen_tiny()
     sets = _adapter_sets(apply_fn, params)
-    stacked, x = lora.stack(sets), _tokens()
+    stacked, x = lora.stack(sets), tiny_tokens(BATCH)
     ids = jnp.array(IDS)
     loss = lambda st: jnp.sum(jnp.sin(lora.wrap(apply_fn)(params, st, x, lora_ids=ids)))
     grads = jax.jit(jax.grad(loss))(stacked)
-    got = stacked_table(grads)
+    got = adapter_entries(grads)
     for k, s in enumerate(sets):
         rows = np.array([j for j, i in enumerate(IDS) if i == k])
         ref = jax.grad(
             lambda ad, rows=rows: jnp.sum(jnp.sin(apply_fn(lora.merge(params, ad), x[rows])))
         )(s)
-        for path, r in adapter_table(ref).items():
-            g, w = got[path], adapter_table(s)[path]
+        for path, r in adapter_entries(ref).items():
+            g, w = got[path], adapter_entries(s)[path]
             rank = w.rank
             # stacked b holds scale * b: d/d(b_stacked) = d/d(b) / scale
             np.testing.assert_allclose(
@@ -148,9 +134,9 @@ def test_routed_dora_gradients_match_merged_references() -> None:
 
 
 def test_all_base_ids_and_dora_only_stack() -> None:
-    apply_fn, params = _linen()
+    apply_fn, params = linen_tiny()
     sets = _adapter_sets(apply_fn, params)
-    x = _tokens()
+    x = tiny_tokens(BATCH)
     fn = jax.jit(lora.wrap(apply_fn, mode="factored"))
     stacked = lora.stack([sets[2], sets[0]])
     got = fn(params, stacked, x, lora_ids=jnp.array([-1] * BATCH))
@@ -193,14 +179,14 @@ def test_scan_stacked_dora_routes_per_layer(mode: str) -> None:
         lora.init(jax.random.key(30 + i), params, c, probe=probe) for i, c in enumerate(configs)
     ]
     sets = [_perturbed(s, 40 + i) if i != 1 else s for i, s in enumerate(sets)]
-    layered = adapter_table(sets[2])["params/layers/fc/kernel"]
+    layered = adapter_entries(sets[2])["params/layers/fc/kernel"]
     assert layered.layer_axes == 1 and layered.layers == (0, 2)
-    want = _reference(model.apply, params, sets, x)
+    want = routed_reference(model.apply, params, sets, x, IDS)
     fn = jax.jit(lora.wrap(model.apply, mode=mode))
     got = fn(params, lora.stack(sets), x, lora_ids=jnp.array(IDS))
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
-    no_m = [jax.tree.map(lambda w: w.replace(m=None), s, is_leaf=_is_weights) for s in sets]
-    lora_only = _reference(model.apply, params, [no_m[0], sets[1], no_m[2]], x)
+    no_m = [jax.tree.map(lambda w: w.replace(m=None), s, is_leaf=is_lora) for s in sets]
+    lora_only = routed_reference(model.apply, params, [no_m[0], sets[1], no_m[2]], x, IDS)
     assert np.abs(want - lora_only)[[0, 1, 4]].min() > 1e-4  # m matters
 
 
@@ -233,7 +219,7 @@ def test_routed_dropout_follows_peft_per_example() -> None:
     w0 = np.asarray(params["params"]["kernel"], np.float64)
     xr = row[0].astype(np.float64)
     for k, s in enumerate(sets):
-        w = adapter_table(s)["params/kernel"]
+        w = adapter_entries(s)["params/kernel"]
         low = w.scale * np.asarray(w.a, np.float64) @ np.asarray(w.b, np.float64)
         v = w0 + low
         g = (

@@ -16,18 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import (
-    NestedStack,
-    adapter_entries,
-    fill_abstract,
-    jaxpr_shapes,
-    leaves_by_path,
-    ref_delta64,
-)
-from support.scan_models import D, L, X, _close, build
+from support.compare import assert_close
+from support.jaxprs import jaxpr_shapes
+from support.models import NestedStack, fill_abstract
+from support.refs import ref_delta64
+from support.scan_models import D, L, X, scan_model
+from support.trees import adapter_entries, leaves_by_path
 
 import flax_lora as lora
-from flax_lora._adapters import LoraWeights
 
 IDS = [0, 2, -1, 1, 0]
 KERNELS = r".*kernel"
@@ -82,7 +78,7 @@ def _changed(want: np.ndarray, base: Any) -> float:
 
 
 def _model(name: str) -> tuple[Callable, Any, list[Any]]:
-    apply, params = build(name)
+    apply, params = scan_model(name)
     return apply, params, _sets(apply, params, X, r".*layers.*kernel")
 
 
@@ -129,7 +125,7 @@ def _weights(layer_axes: int, kernel_shape: tuple[int, ...], in_axes: tuple[int,
     lead = kernel_shape[:layer_axes]
     n_in = [kernel_shape[d] for d in in_axes]
     n_out = [kernel_shape[d] for d in range(layer_axes, len(kernel_shape)) if d not in in_axes]
-    w = LoraWeights(
+    w = lora.LoraWeights(
         a=jnp.ones((*lead, *n_in, 2)),
         b=jnp.ones((*lead, 2, *n_out)),
         scale=1.0,
@@ -161,11 +157,11 @@ def test_routed_scan_equals_each_example_through_its_own_merged_model(name: str,
     fn = jax.jit(lora.wrap(apply, mode=mode))
     stacked = lora.stack(sets)
     got = fn(params, stacked, X, lora_ids=jnp.array(IDS))
-    _close(got, want, 1e-5)
+    assert_close(got, want, 1e-5)
     base = np.asarray(jax.jit(apply)(params, X))
     assert _changed(want, base) > 1e-3  # the adapters matter
     # other ids, same compilation; all -1 is the base model
-    _close(fn(params, stacked, X, lora_ids=jnp.array([-1] * len(IDS))), base, 1e-5)
+    assert_close(fn(params, stacked, X, lora_ids=jnp.array([-1] * len(IDS))), base, 1e-5)
     assert fn._cache_size() == 1
 
 
@@ -222,7 +218,7 @@ def test_routed_nested_scans_equal_a_float64_numpy_forward(mode: str) -> None:
     want = _nested_numpy(params, sets, X, IDS)
     fn = jax.jit(lora.wrap(model.apply, mode=mode))
     got = fn(params, lora.stack(sets), X, lora_ids=jnp.array(IDS))
-    _close(got, want, 1e-5)
+    assert_close(got, want, 1e-5)
     base = _nested_numpy(params, sets, X, [-1] * len(IDS))
     assert _changed(want, base) > 1e-3
 
@@ -247,4 +243,4 @@ def test_routed_scan_gradients_reach_only_the_adapters_used(mode: str) -> None:
         ref = jax.grad(merged_loss)(lora.unstack(stacked, k), X[mine])
         got = lora.unstack(grads, k)
         for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True):
-            _close(g, r, 5e-5)
+            assert_close(g, r, 5e-5)

@@ -1,6 +1,6 @@
 """Sharded adapters on a 2x4 ('data', 'model') mesh of 8 CPU devices.
 
-The checks run in one subprocess (`tests/_mesh_checks.py`), which sets
+The checks run in one subprocess (tests/support/mesh_checks.py), which sets
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before importing jax: this pytest process
 has already imported jax with one device. The subprocess prints computed values as JSON; the
 tests below judge them against references built independently (the kernels' specs and their
@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def mesh_results() -> dict[str, Any]:
     env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "_mesh_checks.py")],
+        [sys.executable, "-m", "support.mesh_checks"],
         capture_output=True,
         text=True,
         env=env,

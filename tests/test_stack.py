@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from support.internal import gather
+from support.trees import adapter_entries, kernel_deltas
 
 import flax_lora as lora
-from flax_lora import LoraWeights, StackedLoraWeights
-from flax_lora._stack import gather
+from flax_lora import LoraWeights
 
 VOCAB, T, B = 11, 5, 6
 IDS = [0, 1, -1, 2, 1, 0]
@@ -79,35 +80,14 @@ def setup(request):
     return apply_fn, params, x, ads
 
 
-def is_stacked(x):
-    return isinstance(x, StackedLoraWeights)
-
-
-def stacked_entries(stacked) -> dict[str, StackedLoraWeights]:
-    flat = jax.tree_util.tree_flatten_with_path(stacked, is_leaf=is_stacked)[0]
-    return {"/".join(str(k.key) for k in kp): w for kp, w in flat}
-
-
-def kernel_deltas(params, adapters) -> dict[str, np.ndarray]:
-    """path -> delta in the kernel's layout (float64), via lora.merge onto zeros."""
-    merged = lora.merge(jax.tree.map(jnp.zeros_like, params), adapters)
-    flat = jax.tree_util.tree_flatten_with_path(merged)[0]
-    out = {}
-    for kp, leaf in flat:
-        if leaf.ndim >= 2:
-            path = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in kp)
-            out[path.removesuffix("/value")] = np.asarray(leaf, np.float64)
-    return out
-
-
 # ------------------------------------------------------------------------------------------
 # stacked representation
 # ------------------------------------------------------------------------------------------
 def test_stack_shapes_padding_and_unstack(setup):
     _, params, _, ads = setup
     stacked = lora.stack(ads)
-    entries = stacked_entries(stacked)
-    originals = [lora._adapters.adapter_table(ad) for ad in ads]
+    entries = adapter_entries(stacked)
+    originals = [adapter_entries(ad) for ad in ads]
     assert entries.keys() == originals[0].keys()
     assert len(entries) == 7  # embed, query, key, value, out, conv, dense
     for path, w in entries.items():
@@ -130,7 +110,7 @@ def test_gather_gives_each_examples_delta(setup):
     stacked = lora.stack(ads)
     ids = jnp.asarray(IDS)
     want = [kernel_deltas(params, ad) for ad in ads]
-    for path, w in stacked_entries(stacked).items():
+    for path, w in adapter_entries(stacked).items():
         a, b = gather(w, ids)
         assert a.shape == (B, *w.a.shape[1:]) and b.shape == (B, *w.b.shape[1:])
         n_in = int(np.prod(w.in_shape))

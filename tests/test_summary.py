@@ -5,8 +5,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from conftest import build, mlp
 from flax import nnx
+from support.models import build, mlp
 
 import flax_lora as lora
 

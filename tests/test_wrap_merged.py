@@ -13,14 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import (
-    adapter_entries,
-    build,
-    leaves_by_path,
-    ref_delta_jnp,
-    ref_merged_kernel,
-    replace_leaves,
-)
+from support.models import build
+from support.refs import ref_delta_jnp, ref_merged_kernel
+from support.trees import adapter_entries, leaves_by_path, replace_leaves
 
 import flax_lora as lora
 

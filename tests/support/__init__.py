@@ -1,8 +1,20 @@
-"""Helpers shared by several test modules (test modules never import one another).
+"""Helpers of the test suite (tests/conftest.py holds the fixtures; test modules never import one
+another, only these):
 
-``refs``, ``dora``, ``scan_models`` and ``routing_models`` need no PyTorch. ``peft_models`` and
-``peft_stack`` build PyTorch twins: only modules that have already skipped without torch
-(``pytest.importorskip``) import them.
+- ``trees``: leaves by "/"-joined path, adapter entries, kernel deltas, perturbations;
+- ``refs``: float64 references (the LoRA delta and merged kernel, bf16 ulps, the quantization
+  formats and bitsandbytes' tables);
+- ``compare``: relative errors and closeness; ``jaxprs``: equations and shapes of traced
+  programs;
+- ``models``: the catalogue of layer cases (``LAYER_CASES``, ``build``), the MLP, a scan of
+  scans, tied embeddings, stacked NNX layers, numpy-filled parameters; ``scan_models``,
+  ``mlp_stack``, ``routing_models``: the models of the scan, quantization and routing tests;
+- ``internal``: the one way to flax_lora's private names, each with the reason it is needed;
+- ``mesh_checks``, ``multihost_worker``: scripts that tests run in subprocesses
+  (``python -m support.<name>``);
+- ``peft_models``, ``peft_stack``, ``examples``: PyTorch twins and the example scripts; they
+  import torch (or what an example imports), so only modules that have already skipped without
+  the `interop` extra (``pytest.importorskip``) import them.
 """
 
 #: the reason given when a PyTorch test skips

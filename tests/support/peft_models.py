@@ -16,8 +16,6 @@ import numpy as np
 import peft
 import torch
 
-import flax_lora as lora
-
 
 def t2n(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy()
@@ -47,10 +45,6 @@ def get_peft_model(torch_model: Any, **config: Any) -> Any:
 def torch_out(model: Any, ids: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return t2n(model(torch.as_tensor(ids)))
-
-
-def _entries(adapters: Any) -> dict[str, Any]:
-    return lora._adapters.adapter_table(adapters)
 
 
 def assert_same_adapters(x: Any, y: Any) -> None:

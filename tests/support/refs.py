@@ -1,12 +1,73 @@
-"""Numpy references shared by several test modules, written independently of flax_lora."""
+"""Float64 references written independently of flax_lora: the LoRA delta ``scale * a @ b`` put
+back into a kernel's layout, the merged kernel, bf16 distances, and the quantization formats
+(bitsandbytes' tables rebuilt as bitsandbytes builds them, int8, NF4, double quantization)."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 import flax_lora as lora
+
+BF16 = ml_dtypes.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA: the delta in the kernel layout we expect
+# ---------------------------------------------------------------------------------------------
+def ref_delta64(a: Any, b: Any, in_axes: tuple[int, ...], scale: float) -> np.ndarray:
+    """``scale * a @ b`` in float64, put back into a kernel layout whose input axes are ``in_axes``.
+
+    ``a`` has shape ``(*I, r)``, ``b`` ``(r, *O)``; the product ``(*I, *O)`` is transposed so
+    that axis ``in_axes[k]`` of the kernel is the k-th input axis and the remaining kernel axes,
+    in order, are the output axes.
+    """
+    a64 = np.asarray(a, dtype=np.float64)
+    b64 = np.asarray(b, dtype=np.float64)
+    prod = np.tensordot(a64, b64, axes=([a64.ndim - 1], [0]))  # (*I, *O)
+    ndim = prod.ndim
+    out_axes = [i for i in range(ndim) if i not in in_axes]
+    order = list(in_axes) + out_axes  # prod axis j holds kernel axis order[j]
+    return scale * np.transpose(prod, np.argsort(order))
+
+
+def ref_delta_jnp(a: jax.Array, b: jax.Array, in_axes: tuple[int, ...], scale: float) -> jax.Array:
+    """The same reference in jnp (differentiable), float32 at the highest precision."""
+    prod = jnp.tensordot(
+        a.astype(jnp.float32),
+        b.astype(jnp.float32),
+        axes=([a.ndim - 1], [0]),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    out_axes = [i for i in range(prod.ndim) if i not in in_axes]
+    order = list(in_axes) + out_axes
+    return scale * jnp.transpose(prod, tuple(int(i) for i in np.argsort(order)))
+
+
+def ref_merged_kernel(w0: Any, a: Any, b: Any, in_axes: tuple[int, ...], scale: float) -> Any:
+    """``W0 + scale * a @ b`` in float64, then float32, then cast once to the kernel's dtype."""
+    ref64 = np.asarray(w0, dtype=np.float64) + ref_delta64(a, b, in_axes, scale)
+    return ref64.astype(np.float32).astype(np.asarray(w0).dtype)
+
+
+def bf16_ulps(x: Any, y: Any) -> np.ndarray:
+    """Distance in bf16 units in the last place between two bf16 arrays (sign-magnitude aware)."""
+
+    def ordered(v: Any) -> np.ndarray:
+        bits = np.asarray(v, dtype=BF16).view(np.uint16).astype(np.int32)
+        return np.where(bits & 0x8000, -(bits & 0x7FFF), bits)
+
+    return np.abs(ordered(x) - ordered(y))
+
+
+# ---------------------------------------------------------------------------------------------
+# quantization: bitsandbytes' tables and the formats
+# ---------------------------------------------------------------------------------------------
 
 # bitsandbytes' get_4bit_type("nf4"), copied from its source (functional.py / the CUDA kernels)
 NF4_BNB = np.array(
@@ -47,6 +108,17 @@ def ref_decode_nf4(q: lora.QuantizedKernel) -> np.ndarray:
     vals = NF4_BNB[codes].astype(np.float64).reshape(-1, q.block_size)
     vals = vals * np.asarray(q.absmax, np.float64)[:, None]
     return vals.reshape(-1)[: math.prod(q.shape)].reshape(q.shape)
+
+
+def ref_decode(q: lora.QuantizedKernel) -> np.ndarray:
+    """The kernel a QuantizedKernel stands for, decoded in float64 by the tests' own decoders
+    (int8: ``codes * absmax / 127``), layer by layer when it has layer axes."""
+    if q.layer_axes:
+        one = lambda i: ref_decode(jax.tree.map(lambda t: t[i], q.layer()))
+        return np.stack([one(i) for i in range(q.shape[0])])
+    if q.format == "int8":
+        return np.asarray(q.codes, np.float64) * np.asarray(q.absmax, np.float64) / 127.0
+    return ref_decode_nf4(q)
 
 
 def linspace32(start: float, end: float, steps: int) -> np.ndarray:

@@ -1,5 +1,5 @@
-"""The tiny Linen and NNX models of tests/test_routing.py (Embed, attention, Conv, Dense) and its
-per-example reference, shared with tests/test_routing_dora.py."""
+"""The tiny Linen and NNX models of tests/test_routing.py (Embed, attention, Conv, Dense) and the
+per-example reference of routing, shared with tests/test_routing_dora.py."""
 
 from __future__ import annotations
 
@@ -44,21 +44,24 @@ class NnxTiny(nnx.Module):
         return self.head(h.mean(axis=1))
 
 
-def _tokens() -> jax.Array:
-    return jax.random.randint(jax.random.key(7), (BATCH, SEQ), 0, VOCAB)
+def tiny_tokens(batch: int = BATCH) -> jax.Array:
+    """A batch of token ids for the tiny models."""
+    return jax.random.randint(jax.random.key(7), (batch, SEQ), 0, VOCAB)
 
 
-def _linen() -> tuple[Callable[..., Any], Any]:
+def linen_tiny() -> tuple[Callable[..., Any], Any]:
+    """``(apply, params)`` of `LinenTiny`."""
     model = LinenTiny()
-    return model.apply, model.init(jax.random.key(0), _tokens())
+    return model.apply, model.init(jax.random.key(0), tiny_tokens())
 
 
-def _nnx() -> tuple[Callable[..., Any], Any]:
+def nnx_tiny() -> tuple[Callable[..., Any], Any]:
+    """``(apply, state)`` of `NnxTiny`."""
     graphdef, state = nnx.split(NnxTiny(nnx.Rngs(0)))
     return (lambda s, t: nnx.merge(graphdef, s)(t)), state
 
 
-def _reference(
+def routed_reference(
     apply_fn: Callable[..., Any], params: Any, sets: list[Any], x: Any, ids: Any = IDS
 ) -> np.ndarray:
     """Example ``j`` run alone through ``merge(params, sets[ids[j]])`` (the base for -1)."""

@@ -1,6 +1,6 @@
-"""The scan-stacked models of tests/test_scan.py (``nn.scan`` / ``nnx.scan`` over ``L`` blocks),
-shared with tests/test_combine_scan.py and tests/test_routing_scan.py; each kernel's input axes
-written by hand."""
+"""The layered models of tests/test_scan.py (``nn.scan`` / ``nnx.scan`` over ``L`` attention + MLP
+blocks, then a head), shared with tests/test_combine_scan.py and tests/test_routing_scan.py;
+each kernel's input axes written by hand."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conftest import fill_abstract
 from flax import nnx
 
 import flax_lora as lora
 
-L, D, H, HD, F = 3, 8, 2, 4, 16  # layers, model width, heads, head size, MLP width
+from .models import fill_abstract, nnx_layers, nnx_scan
+
+L, D, H, F = 3, 8, 2, 16  # layers, model width, heads (of size D / H), MLP width
 # input axes of each kernel of one layer (Flax's layouts), by hand
 IN_AXES = {"query": (0,), "key": (0,), "value": (0,), "out": (0, 1), "fc1": (0,), "fc2": (0,)}
 CONFIG = lora.LoraConfig(rank=2, alpha=3.0, init="random")
@@ -56,56 +57,40 @@ class NnxBlock(nnx.Module):
 
 class NnxStack(nnx.Module):
     def __init__(self, rngs: nnx.Rngs) -> None:
-        @nnx.split_rngs(splits=L)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make(rngs: nnx.Rngs) -> NnxBlock:
-            return NnxBlock(rngs)
-
-        self.layers = make(rngs)
+        self.layers = nnx_layers(NnxBlock, L, rngs)
         self.head = nnx.Linear(D, 3, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def step(x: jax.Array, block: NnxBlock) -> jax.Array:
-            return block(x)
-
-        return self.head(step(x, self.layers))
-
-
-def _fill(tree: Any, seed: int, std: float = 0.4) -> Any:
-    return fill_abstract(tree, seed, std)
+        return self.head(nnx_scan(x, self.layers))
 
 
 X = np.random.default_rng(0).normal(size=(5, 7, D)).astype(np.float32)
 
-
-def build(name: str) -> tuple[Callable, Any]:
-    if name.startswith("linen"):
-        model = LinenStack(remat=name == "linen_remat")
-        return model.apply, _fill(jax.eval_shape(model.init, jax.random.key(0), X), 1)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: NnxStack(nnx.Rngs(0))))
-    return (lambda s, x: nnx.merge(graphdef, s)(x)), _fill(state, 1)
-
-
+#: the models `scan_model` builds
 MODELS = ["linen", "linen_remat", "nnx"]
 
 
-def _init(apply: Callable, params: Any, config: lora.LoraConfig = CONFIG) -> Any:
+def scan_model(name: str) -> tuple[Callable, Any]:
+    """``(apply, params)`` of model ``name`` (one of `MODELS`), params N(0, 0.4^2)."""
+    if name.startswith("linen"):
+        model = LinenStack(remat=name == "linen_remat")
+        return model.apply, fill_abstract(jax.eval_shape(model.init, jax.random.key(0), X), 1, 0.4)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: NnxStack(nnx.Rngs(0))))
+    return (lambda s, x: nnx.merge(graphdef, s)(x)), fill_abstract(state, 1, 0.4)
+
+
+def init_adapters(apply: Callable, params: Any, config: lora.LoraConfig = CONFIG) -> Any:
+    """`lora.init` on a model of `scan_model`, probed with `X`."""
     return lora.init(jax.random.key(2), params, config, probe=lambda p: apply(p, X))
 
 
-def _stacked(path: str) -> bool:
+def is_layered(path: str) -> bool:
+    """Whether the kernel at ``path`` has the leading layer axis (it is in the scanned blocks)."""
     return "layers/" in path
 
 
-def _in_axes(path: str) -> tuple[int, ...]:
-    """The stacked kernel's input axes (the per-layer ones shifted past the layer axis)."""
-    if not _stacked(path):
+def in_axes_of(path: str) -> tuple[int, ...]:
+    """The kernel's input axes (a layered kernel's per-layer ones shifted past its layer axis)."""
+    if not is_layered(path):
         return (0,)
     return tuple(1 + i for i in IN_AXES[path.split("/")[-2]])
-
-
-def _close(x: Any, y: Any, tol: float = 2e-5) -> None:
-    x, y = np.asarray(x), np.asarray(y)
-    scale = max(1.0, float(np.max(np.abs(y))))
-    assert np.max(np.abs(x - y)) <= tol * scale, np.max(np.abs(x - y))

@@ -1,4 +1,5 @@
-"""Checks that need 8 devices, run by `tests/test_sharding.py` in a subprocess.
+"""Checks that need 8 devices, run by tests/test_sharding.py in a subprocess
+(``python -m support.mesh_checks``, with the repository root and tests/ on ``PYTHONPATH``).
 
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` is set here, before jax is imported, so
 the CPU backend has 8 devices. The results (computed values only) are printed as one JSON line.
@@ -14,11 +15,8 @@ os.environ["XLA_FLAGS"] = (
 
 import json
 import re
-import sys
-from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,10 +24,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import flax_lora as lora
 from benchmarks.decoder import TARGETS, Decoder, loss_fn, make_batch
+
+from .mlp_stack import Stack
 
 # the kernels' input axes, by hand (Flax's layouts): q/k/v (d, heads, hd) contract d;
 # out (heads, hd, d) contracts heads and hd; fc1/fc2 (in, out) contract in
@@ -213,22 +211,6 @@ def main() -> None:
     print("RESULT " + json.dumps(res))
 
 
-class ScanBlock(nn.Module):
-    @nn.compact
-    def __call__(self, x: jax.Array, _: Any) -> tuple[jax.Array, None]:
-        h = nn.Dense(32, name="fc1")(x)
-        return x + nn.Dense(16, name="fc2")(jnp.tanh(h)), None
-
-
-class ScanStack(nn.Module):
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        stack = nn.scan(
-            ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
-        )
-        return stack(name="layers")(x, None)[0]
-
-
 SCAN_SPECS = {
     "params/layers/fc1/kernel": P(None, None, "model"),
     "params/layers/fc1/bias": P(None, "model"),
@@ -239,7 +221,7 @@ SCAN_SPECS = {
 
 def scan_checks(mesh: Mesh) -> dict[str, Any]:
     """A scan-stacked MLP (kernels (3, in, out)), model-parallel on the mesh."""
-    model = ScanStack()
+    model = Stack(16, 32, head=None)
     x = np.random.default_rng(0).normal(size=(8, 16)).astype(np.float32)
     params = jax.jit(model.init)(jax.random.key(0), x)
     sharded = jax.tree_util.tree_map_with_path(

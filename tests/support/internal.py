@@ -1,0 +1,24 @@
+"""The one module through which the tests reach flax_lora's private names.
+
+Everything else in the tests goes through the public API (``import flax_lora as lora``) or the
+tests' own helpers (e.g. `support.trees.adapter_entries`, `support.trees.leaves_by_path`). A
+name is here only when no public API does its job; the names are the library's own, so a move
+in the library changes one import line here:
+
+- `gather` (per-example factors of a routing stack): tests/test_stack.py checks the contract the
+  factored routing is built on, ``a[ids] @ b[ids]`` is adapter ``ids[j]``'s delta and ``-1``
+  gives zeros; the public routed forward shows it only through whole model outputs.
+- `DYNAMIC_MAP`, `NF4_LEVELS` (the code tables of the quantization formats): tests/test_quant.py
+  compares them with bitsandbytes' tables rebuilt in the tests; no public API returns a table.
+- `_jaxpr` (the module that reads and re-binds JAX's equation parameters, per JAX version):
+  tests/test_jaxpr.py tests that module itself against the installed JAX.
+- `_checkpoint` (the module behind `lora.save`): the multi-process checkpoint test
+  (support/multihost_worker.py) replaces its ``_replace`` by a failing one, to make the move of
+  a finished checkpoint into place fail on the primary process alone.
+"""
+
+from flax_lora import _checkpoint, _jaxpr
+from flax_lora._quant import DYNAMIC_MAP, NF4_LEVELS
+from flax_lora._stack import gather
+
+__all__ = ["DYNAMIC_MAP", "NF4_LEVELS", "_checkpoint", "_jaxpr", "gather"]
