@@ -5,8 +5,9 @@ tables of an adapter tree and the shape checks.
 Both types lay their factors out over the kernel's axes the same way (`AdapterLayout`): input
 axes ``I``, output axes ``O`` and **carried axes** ``C``, the axes on which the adapter holds an
 independent factor pair per index, so ``a`` has shape ``(*C, *I, r)`` and ``b`` ``(*C, r, *O)``.
-Today the carried axes are the leading layer axes of a kernel stacked by ``nn.scan`` /
-``nnx.scan`` (``layer_axes``); expert axes would join them in `AdapterLayout.carried_axes`.
+The carried axes are the leading layer axes of a kernel stacked by ``nn.scan`` / ``nnx.scan``
+(``layer_axes``) followed by its expert axes (``expert_axes``: a batch dimension of the
+``dot_general`` using the kernel, or the group axis of ``ragged_dot``), in the kernel's order.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ class AdapterLayout:
     kernel_shape: tuple[int, ...]
     kind: Kind
     layer_axes: int
+    expert_axes: tuple[int, ...]
 
-    LAYOUT_FIELDS = ("kernel_shape", "layer_axes", "in_axes", "kind")
+    LAYOUT_FIELDS = ("kernel_shape", "layer_axes", "expert_axes", "in_axes", "kind")
     """The static fields that adapters of one kernel share whatever their ranks and scales."""
 
     @property
@@ -50,9 +52,9 @@ class AdapterLayout:
 
     @property
     def carried_axes(self) -> tuple[int, ...]:
-        """The kernel's carried axes, in order: today the leading layer axes of a scan-stacked
-        kernel (``()`` for an ordinary kernel)."""
-        return tuple(range(self.layer_axes))
+        """The kernel's carried axes, in order: the leading layer axes of a scan-stacked kernel,
+        then its expert axes (``()`` for an ordinary kernel)."""
+        return tuple(range(self.layer_axes)) + tuple(self.expert_axes)
 
     @property
     def carried_shape(self) -> tuple[int, ...]:
@@ -113,6 +115,10 @@ class LoraWeights(AdapterLayout):
       layers: for a stacked kernel adapted on some layers only (``LoraConfig(layers=...)``),
         the adapted indices of its first layer axis; the others' factors are zero and stay zero
         (the update is masked per layer, so their gradients are zero). ``None``: all layers.
+      expert_axes: the kernel's expert axes (a batch dimension of the ``dot_general`` using it,
+        or the group axis of ``ragged_dot``), in order: one adapter per expert. For an expert
+        kernel ``(E, d, f)`` the factors are ``a (E, d, r)`` and ``b (E, r, f)``; with layer
+        axes too, ``a (L, E, d, r)``. ``()`` for an ordinary kernel.
     """
 
     a: Any
@@ -125,6 +131,7 @@ class LoraWeights(AdapterLayout):
     m: Any = None
     layer_axes: int = dataclasses.field(default=0, metadata=dict(static=True))
     layers: tuple[int, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
+    expert_axes: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
 
     def unstacked(self, n: int = 1, **changes: Any) -> LoraWeights:
         """The adapter of one layer's kernel of a scan-stacked adapter: ``n`` leading layer
@@ -135,6 +142,7 @@ class LoraWeights(AdapterLayout):
             kernel_shape=tuple(self.kernel_shape[n:]),
             in_axes=tuple(d - n for d in self.in_axes),
             layer_axes=self.layer_axes - n,
+            expert_axes=tuple(d - n for d in self.expert_axes),
             layers=None,
             **changes,
         )
@@ -151,6 +159,7 @@ class LoraWeights(AdapterLayout):
             dora=self.m is not None,
             layer_axes=self.layer_axes,
             layers=None if self.layers is None else list(self.layers),
+            expert_axes=list(self.expert_axes),
         )
 
 
@@ -210,6 +219,7 @@ class StackedLoraWeights(AdapterLayout):
     dora: tuple[bool | tuple[int, ...], ...] | None = dataclasses.field(
         default=None, metadata=dict(static=True)
     )
+    expert_axes: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
 
     @property
     def num_adapters(self) -> int:
@@ -242,6 +252,7 @@ class StackedLoraWeights(AdapterLayout):
             dropout=self.dropout,
             m=m,
             layer_axes=self.layer_axes,
+            expert_axes=self.expert_axes,
         )
 
 

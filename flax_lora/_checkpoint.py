@@ -233,6 +233,7 @@ def load(directory: str | os.PathLike[str]) -> PyTree:
                     dropout=float(m.get("dropout", 0.0)),
                     layer_axes=int(m.get("layer_axes", 0)),
                     layers=None if m.get("layers") is None else tuple(m["layers"]),
+                    expert_axes=tuple(m.get("expert_axes", ())),
                     m=_magnitude(arrays.get(f"{path}/m")),
                 ),
             )

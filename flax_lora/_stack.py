@@ -170,6 +170,7 @@ def _stack_tables(tables: list[dict[str, LoraWeights]]) -> dict[str, StackedLora
             kind=w0.kind,
             dropout=w0.dropout,
             layer_axes=n,
+            expert_axes=w0.expert_axes,
             m=m,
             dora=dora,
         )
