@@ -133,7 +133,7 @@ class LoraWeights(AdapterLayout):
     layers: tuple[int, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
     expert_axes: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
 
-    def unstacked(self, n: int = 1, **changes: Any) -> LoraWeights:
+    def layer_slice(self, n: int = 1, **changes: Any) -> LoraWeights:
         """The adapter of one layer's kernel of a scan-stacked adapter: ``n`` leading layer
         axes dropped from the metadata (``layers`` cleared), with ``changes`` (e.g. that layer's
         factors ``a``, ``b``) applied."""

@@ -192,7 +192,7 @@ def combine(
     rows); every set must hold them at the same paths.
 
     Adapters of kernels stacked by ``nn.scan`` / ``nnx.scan`` (`LoraWeights.layer_axes`) are
-    combined layer by layer, each layer exactly as an unstacked adapter of that layer's kernel
+    combined layer by layer, each layer exactly as the single-layer adapter of that layer's kernel
     (the SVD per layer; dare draws a mask per layer); the result adapts the union of the inputs'
     ``layers``.
 
@@ -323,14 +323,14 @@ def _per_layer(
     """``one`` (the combination of one kernel's adapters) on each layer of scan-stacked adapters.
 
     Each layer's adapters are those of the layer's own kernel (the ``vmap``-ed function sees an
-    unstacked `LoraWeights`); random pruning draws its own key per layer. The result covers the
+    single-layer `LoraWeights`); random pruning draws its own key per layer. The result covers the
     layers any input adapts (``layers`` is their union, ``None`` if one adapts all).
     """
     w0 = ws[0]
     n = w0.layer_axes
     lead = w0.carried_shape
     views = [  # the layers flattened to one mapped axis
-        x.unstacked(
+        x.layer_slice(
             n,
             a=x.a.reshape((math.prod(lead), *x.a.shape[n:])),
             b=x.b.reshape((math.prod(lead), *x.b.shape[n:])),

@@ -80,7 +80,7 @@ def init(
     uses = None if probe is None else kernel_uses(probe, params)
     saved = saved_leaves(leaves, config)  # modules_to_save: trained whole, never factored
     selected = _select({p: x for p, x in leaves.items() if p not in saved}, config, uses)
-    stacked = stacked_kernels(selected, uses, leaves, config)  # scan-stacked layers
+    stacked = layered_kernels(selected, uses, leaves, config)  # scan-stacked layers
     keys = jax.random.split(key, max(len(selected), 1))
     bases = flatten(original, is_leaf=is_quantized) if config.dora else {}
     adapters: list[tuple[str, LoraWeights]] = []
@@ -133,7 +133,7 @@ def _select(
         elif config.targets is not None or path.rsplit("/", 1)[-1] in _FLAX_KERNEL_NAMES:
             candidates[path] = leaf
     # a scan-stacked kernel's layers are the entries of its leading axis, not a number in its
-    # path: `stacked_kernels` picks them
+    # path: `layered_kernels` picks them
     stacked = lambda p: uses is not None and p in uses and bool(uses[p].layer_axes)
     chosen = [p for p in candidates if config.matches(p, layer_in_path=not stacked(p))]
     if not chosen:
@@ -203,7 +203,7 @@ def _no_probe_hint(
     )
 
 
-def stacked_kernels(
+def layered_kernels(
     selected: dict[str, tuple[Kind, tuple[int, ...]]],
     uses: dict[str, Use] | None,
     leaves: dict[str, PyTree],

@@ -46,7 +46,7 @@ def loftq_factors(
 
     Returns:
       ``a`` ``(*L, n_in, r)`` and ``b`` ``(*L, r, n_out)`` in float32 (``L`` the layer axes, none
-      for an unstacked kernel), and the `QuantizedKernel` of the base.
+      for a single-layer kernel), and the `QuantizedKernel` of the base.
     """
     check_format(fmt, block_size, False)
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
@@ -57,15 +57,15 @@ def loftq_factors(
     out_axes = tuple(i for i in range(n, len(shape)) if i not in in_axes)
     mask = np.ones(shape[:n], np.float32) if picked is None else picked.astype(np.float32)
     static = (n, in_axes, out_axes, int(rank), float(scale), fmt, int(block_size))
-    w = _to_stacked_matrices(kernel, *static[:3])
+    w = _to_layered_matrices(kernel, *static[:3])
     res = w
     for _ in range(iters):
-        a, b, q, res = _loftq_stacked_step(w, res, mask, jnp.dtype(kernel.dtype), shape, *static)
+        a, b, q, res = _loftq_layered_step(w, res, mask, jnp.dtype(kernel.dtype), shape, *static)
     return a, b, q
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _to_stacked_matrices(
+def _to_layered_matrices(
     kernel: jax.Array, n: int, in_axes: tuple[int, ...], out_axes: tuple[int, ...]
 ) -> jax.Array:
     n_in = math.prod(kernel.shape[i] for i in in_axes)
@@ -74,7 +74,7 @@ def _to_stacked_matrices(
 
 
 @functools.partial(jax.jit, static_argnums=tuple(range(3, 12)))
-def _loftq_stacked_step(
+def _loftq_layered_step(
     w: jax.Array,
     res: jax.Array,
     mask: jax.Array,

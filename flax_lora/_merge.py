@@ -100,7 +100,7 @@ def _requantize_layers(params: PyTree, adapters: PyTree) -> tuple[PyTree, dict[s
         b = w.b.reshape(-1, *w.b.shape[n:])
         mask = layer_mask(w)
         keep = None if mask is None else jnp.repeat(jnp.asarray(mask), int(np.prod(lead[1:])))
-        inner = w.unstacked(n, a=None, b=None, m=None)
+        inner = w.layer_slice(n, a=None, b=None, m=None)
 
         def add(i: Any) -> Any:
             d = delta(inner.replace(a=a[i], b=b[i]), jnp.float32)

@@ -19,7 +19,7 @@ Formats:
   values, as bitsandbytes'); the padding is dropped again on dequantisation. Error per value at
   most half the widest gap between adjacent levels (0.1519) times the block's absmax.
 - A kernel stacked by ``nn.scan`` / ``nnx.scan`` (``layer_axes`` leading layer axes) is
-  quantized layer by layer: each layer is stored exactly as the unstacked quantization of that
+  quantized layer by layer: each layer is stored exactly as the single-layer quantization of that
   layer's kernel, its leaves stacked on the layer axes (int8 absmax ``(*L, out)``; nf4 blocks,
   padding and double-quantization groups per layer), so no scale is shared across layers and
   the factored `lora.wrap` dequantizes one layer at a time inside the scan.
@@ -174,7 +174,7 @@ class QuantizedKernel:
         """The same leaves, with the static metadata of one layer (``layer_axes`` one less).
 
         Slicing every leaf on its first axis (as `jax.lax.scan` does with its ``xs``) then gives
-        one layer's `QuantizedKernel`, exactly the unstacked quantization of that layer.
+        one layer's `QuantizedKernel`, exactly the single-layer quantization of that layer.
         """
         if not self.layer_axes:
             raise ValueError(f"{self!r} has no layer axis.")
@@ -199,7 +199,7 @@ def as_shapes(params: PyTree) -> PyTree:
 
 def split_layers(q: QuantizedKernel) -> tuple[jax.tree_util.PyTreeDef, list[jax.Array]]:
     """The leaves of a kernel quantized per layer, its layer axes flattened into one leading
-    axis, and the tree structure of one layer's (unstacked) `QuantizedKernel`."""
+    axis, and the tree structure of one layer's (single-layer) `QuantizedKernel`."""
     n = q.layer_axes
     leaves, treedef = jax.tree.flatten(dataclasses.replace(q, shape=q.shape[n:], layer_axes=0))
     return treedef, [x.reshape(-1, *x.shape[n:]) for x in leaves]
@@ -350,7 +350,7 @@ def dequantize_kernel(q: QuantizedKernel) -> jax.Array:
     """
     if not is_quantized(q):
         raise TypeError(f"dequantize_kernel expects a QuantizedKernel; got {type(q).__name__}.")
-    if q.layer_axes:  # layer by layer, each as an unstacked kernel
+    if q.layer_axes:  # layer by layer, each as a single-layer kernel
         treedef, flat = split_layers(q)
         w = jax.vmap(lambda *xs: dequantize_kernel(jax.tree.unflatten(treedef, xs)))(*flat)
         return w.reshape(q.shape)

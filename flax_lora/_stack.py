@@ -301,7 +301,7 @@ def stacked_dora(w: StackedLoraWeights, kernel: jax.Array) -> tuple[jax.Array, j
     for code that forms the DoRA kernel (`lora.merge`, `materialize`).
     """
     n_layer = w.layer_axes
-    inner = w.entry().unstacked(n_layer)  # one layer's layout
+    inner = w.entry().layer_slice(n_layer)  # one layer's layout
     with_base = lambda x: jnp.concatenate([x, jnp.zeros_like(x[:1])])  # row N: the base
     keep = with_base(jnp.asarray(w.dora_keep()))
     one = lambda a, b, m, k: layered_factor(kernel, inner, a, b, m, n_layer, k)

@@ -8,7 +8,7 @@ feeding it, for each stacked kernel view, the slices of ``W0`` and of the factor
 So the layer's kernel uses are factored as anywhere else and no per-layer merged kernel is
 formed. A DoRA view's ``g`` (and ``m``) are sliced with the factors; a routed view keeps its
 example axis; a quantized stack is sliced per layer (`flax_lora._factored._base.layer_base`).
-Kernel views among the scan's constants (an unstacked kernel used by every iteration) are
+Kernel views among the scan's constants (a single-layer kernel used by every iteration) are
 closed over by the body unchanged.
 
 The body's dropout key is the equation's, folded with the layer index: a different mask in

@@ -148,7 +148,7 @@ def make_view(path: str, leaf: Any, w: LoraWeights) -> KernelView:
     if mask is not None:  # layers not picked: zero update, zero gradient
         a = a * jnp.asarray(mask, a.dtype).reshape(mask.shape + (1,) * (a.ndim - 1))
     if w.m is not None and w.layer_axes:
-        inner = w.unstacked(w.layer_axes, a=None, b=None, m=None)
+        inner = w.layer_slice(w.layer_axes, a=None, b=None, m=None)
         keep = None if mask is None else jnp.asarray(mask > 0)
         g, root_m = layered_factor(as_array(kernel), inner, a, w.b, w.m, w.layer_axes, keep)
     elif w.m is not None:  # DoRA: the factor per output unit, from W0's norms and low-rank terms
@@ -232,7 +232,7 @@ def per_layer(v: KernelView) -> KernelView:
     k = meta.carried.index(LAYER)
     one = ViewMeta(
         meta.path,
-        meta.weights.unstacked(1),  # layers cleared: the mask is already in a and root_a
+        meta.weights.layer_slice(1),  # layers cleared: the mask is already in a and root_a
         tuple((p, q) for p, q in meta.ops if p.name in jx.ELEMENTWISE),
         meta.side[1:],
         meta.carried[:k] + meta.carried[k + 1 :],

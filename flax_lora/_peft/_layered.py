@@ -69,7 +69,7 @@ def layer_modules(path: str, name: str, w: LoraWeights) -> list[Module]:
         Module(
             path,
             layer_name(name, i),
-            w.unstacked(a=w.a[i], b=w.b[i], m=None if w.m is None else w.m[i]),
+            w.layer_slice(a=w.a[i], b=w.b[i], m=None if w.m is None else w.m[i]),
         )
         for i in layers
     ]

@@ -68,7 +68,7 @@ def load_peft(
 
     Scan-stacked kernels: a kernel whose key-map name contains ``{layer}`` is taken as stacked
     on its leading axis (``L = kernel.shape[0]``) and gathers the modules of its layers (the name
-    with ``{layer}`` replaced by ``0 ... L-1``), each read as for the unstacked layer kernel
+    with ``{layer}`` replaced by ``0 ... L-1``), each read as for the single-layer kernel
     ``kernel.shape[1:]``, into one stacked `LoraWeights` (``layer_axes=1``). Layers without a
     module get zero factors and ``layers=`` the others (a kernel with none is not adapted);
     all its layers must have one rank, one scale and the same DoRA-ness. A DoRA adapter's

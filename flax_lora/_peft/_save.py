@@ -69,7 +69,7 @@ def save_peft(
     module's ``kernel`` / ``embedding``.
 
     A scan-stacked adapter (`LoraWeights.layer_axes` ``== 1``) is written as one module per
-    adapted layer (all ``L``, or its ``layers``), each as the unstacked adapter of that layer's
+    adapted layer (all ``L``, or its ``layers``), each as the single-layer adapter of that layer's
     kernel: its key-map name must contain ``{layer}`` (``"layers.{layer}.attn.query"``), replaced
     by the layer index; ``target_modules`` / ``rank_pattern`` / ``alpha_pattern`` list the
     per-layer names.
@@ -98,7 +98,7 @@ def save_peft(
         without a twin) or a dict; ``None`` drops a leading ``params`` and the leaf name and
         joins with ``"."``. A leading ``base_model.model.`` in a returned name is ignored.
         The name of a scan-stacked kernel must contain ``{layer}`` (so the default key map
-        cannot name one), that of an unstacked kernel must not.
+        cannot name one), that of a single-layer kernel must not.
       base_model_name_or_path: written to the config (e.g. the Hub id of the base model).
       task_type: PEFT's ``task_type`` (``"SEQ_CLS"``, ``"CAUSAL_LM"``, ``"SEQ_2_SEQ_LM"``,
         ``"TOKEN_CLS"``, ``"QUESTION_ANS"``, ``"FEATURE_EXTRACTION"``), so that
