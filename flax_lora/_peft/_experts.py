@@ -33,6 +33,7 @@ import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import NamedTuple
 
+import jax
 import numpy as np
 
 from flax_lora._adapters import LoraWeights
@@ -168,8 +169,8 @@ def to_peft_expert(w: LoraWeights, reversed_: bool) -> dict[str, np.ndarray]:
     in)`` and ``lora_B.weight (out, r * E)`` (PEFT's ``in`` the output side when
     ``reversed_``)."""
     (e,), r = w.carried_shape, w.rank
-    a = np.asarray(w.a, np.float32).reshape(e, math.prod(w.in_shape), r)
-    b = np.asarray(w.b, np.float32).reshape(e, r, math.prod(w.out_shape))
+    a = np.asarray(jax.device_get(w.a)).astype(np.float32).reshape(e, math.prod(w.in_shape), r)
+    b = np.asarray(jax.device_get(w.b)).astype(np.float32).reshape(e, r, math.prod(w.out_shape))
     lhs, rhs = (np.swapaxes(b, 1, 2), np.swapaxes(a, 1, 2)) if reversed_ else (a, b)
     lora_a = lhs.transpose(0, 2, 1).reshape(e * r, -1)  # row e * r + k
     lora_b = rhs.transpose(2, 1, 0).reshape(-1, r * e)  # column k * E + e

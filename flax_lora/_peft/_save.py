@@ -262,7 +262,7 @@ def _names(table: dict[str, LoraWeights], name_of: Namer, default: bool) -> dict
             "which PEFT stores as one module per layer; pass a key_map whose names for them "
             f"contain {LAYER!r} (e.g. 'layers.{LAYER}.attn.query'), replaced by each layer index."
         )
-    return names  # type: ignore[return-value]  # None was ruled out above
+    return {path: name for path, name in names.items() if name is not None}
 
 
 def _modules(table: dict[str, LoraWeights], names: dict[str, str]) -> list[Module]:
