@@ -125,6 +125,11 @@ def test_nesting_follows_the_given_registration_order(tmp_path: Path) -> None:
         np.testing.assert_allclose(np.asarray(back[path].b), b, rtol=1e-6)
     with pytest.raises(ValueError, match=r"module 'experts'.*\['w1', 'w2', 'w3'\]"):
         lora.load_peft(tmp_path, params)
+    # a module with one adapted parameter needs no order, even beside an order for others
+    one = _adapters({"params/other/w": kernels["params/experts/w1"]})
+    lora.save_peft(tmp_path / "one", one, param_order=("w3", "w1"))
+    t = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    assert set(t) == {f"{PREFIX}other.lora_A.weight", f"{PREFIX}other.lora_B.weight"}
 
 
 @pytest.mark.parametrize(

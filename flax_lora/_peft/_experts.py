@@ -90,16 +90,17 @@ def registration_order(
     spec: ExpertSpec, module: str, params: Collection[str], where: str
 ) -> list[str]:
     """PyTorch's registration order of the parameters of ``module`` (as the key map spells it)
-    that include ``params``: ``param_order``'s (every name it gives), or ``params`` alone.
+    that include ``params``: ``param_order``'s (every name it gives), or a single parameter
+    that ``param_order`` does not name alone.
 
     Raises:
       ValueError: several parameters and no ``param_order`` for the module, or one that lacks
         some of them (naming the module).
     """
-    if len(params) == 1 and spec.order is None:
-        return list(params)
     order = spec.order.get(module) if isinstance(spec.order, Mapping) else spec.order
     missing = sorted(set(params) - set(order or ()))
+    if len(params) == 1 and (order is None or missing):  # one parameter, not ordered: alone
+        return list(params)
     if order is None or missing:
         raise ValueError(
             f"{where}: module {module!r} has the expert parameters {sorted(params)}, which PEFT "
