@@ -500,8 +500,9 @@ def test_dora_flag_and_magnitudes_must_agree(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "change",
-    # modules_to_save, trainable_token_indices and bias load now (tests/test_peft_extras.py)
-    [{"lora_bias": True}, {"layer_replication": [[0, 1]]}, {"target_parameters": ["w"]}],
+    # modules_to_save, trainable_token_indices and bias load now (tests/test_peft_extras.py),
+    # target_parameters too (tests/test_moe_peft_files.py)
+    [{"lora_bias": True}, {"layer_replication": [[0, 1]]}],
 )
 def test_unsupported_options_are_refused(saved: tuple[Path, Any], change: dict) -> None:
     directory, params = saved

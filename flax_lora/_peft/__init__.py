@@ -9,6 +9,7 @@ modules, from the bottom of the import graph up:
 - `_adapter_config`: ``adapter_config.json``: fields written, checks on read, ranks and scales;
 - `_files`: writing both files, reading the tensors grouped by module;
 - `_layered`: one PyTorch module per layer of a kernel stacked by a scan;
+- `_experts`: expert kernels as PEFT's ``target_parameters`` (ParamWrapper tensors, nesting);
 - `_extras`: ``modules_to_save``, trained biases and trainable tokens;
 - `_save`, `_load`: `save_peft` and `load_peft`.
 """

@@ -14,7 +14,7 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,6 @@ BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # adapter_config.json fields that change the adapted model in ways these adapters cannot express.
 _UNSUPPORTED = {
     "lora_bias": "a bias on lora_B",
-    "target_parameters": "LoRA on bare nn.Parameters",
     "layer_replication": "layer replication",
     "alora_invocation_tokens": "Activated LoRA",
     "use_qalora": "QA-LoRA",
@@ -85,13 +84,15 @@ def config_json(
     alphas: Mapping[str, float],
     config: LoraConfig | None,
     dropout: float,
+    parameters: Collection[str] = (),
     **fields: Any,
 ) -> dict[str, Any]:
     """The ``adapter_config.json`` of modules with these ranks and alphas (by module name):
     ``r`` / ``lora_alpha`` the config's (without one: the most common), the others as one
     ``rank_pattern`` / ``alpha_pattern`` entry per module (longest names first, so PEFT's
     suffix matching picks each module's own entry); ``dropout`` is used without a config;
-    ``fields`` are written as given."""
+    ``parameters`` are the names (``"<module>.<param>"``) that go to ``target_parameters``
+    instead of ``target_modules``; ``fields`` are written as given."""
     if config is not None:
         r0, alpha0, dropout = int(config.rank), float(config.alpha), float(config.dropout)
     else:
@@ -102,16 +103,21 @@ def config_json(
     rank_pattern = {n: ranks[n] for n in order} if differ else {}
     differ = any(a != alpha0 for a in alphas.values())
     alpha_pattern = {n: _json_number(alphas[n]) for n in order} if differ else {}
-    return _DEFAULTS | {
-        "r": r0,
-        "lora_alpha": _json_number(alpha0),
-        "lora_dropout": dropout,
-        "target_modules": sorted(ranks),
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "use_rslora": bool(config.rslora) if config is not None else False,
-        **fields,
-    }
+    targeted = {"target_parameters": sorted(parameters)} if parameters else {}
+    return (
+        _DEFAULTS
+        | targeted
+        | {
+            "r": r0,
+            "lora_alpha": _json_number(alpha0),
+            "lora_dropout": dropout,
+            "target_modules": sorted(n for n in ranks if n not in parameters),
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
+            "use_rslora": bool(config.rslora) if config is not None else False,
+            **fields,
+        }
+    )
 
 
 def _json_number(x: float) -> int | float:

@@ -96,7 +96,10 @@ def layer_use(use: Use | None, path: str, name: str, layer: int | None) -> Use |
         )
     if layer is None:
         return use
-    return dataclasses.replace(use, in_axes=tuple(d - 1 for d in use.in_axes), layer_axes=())
+    changes = {"in_axes": tuple(d - 1 for d in use.in_axes), "layer_axes": ()}
+    if hasattr(use, "expert_axes"):  # a probe that knows expert axes
+        changes["expert_axes"] = tuple(d - 1 for d in use.expert_axes)
+    return dataclasses.replace(use, **changes)
 
 
 def join_layers(
@@ -147,6 +150,7 @@ def join_layers(
         b=layered("b"),
         m=None if first.m is None else layered("m"),
         in_axes=tuple(d + 1 for d in first.in_axes),
+        expert_axes=tuple(d + 1 for d in first.expert_axes),
         kernel_shape=shape,
         layer_axes=1,
         layers=tuple(present) if missing else None,

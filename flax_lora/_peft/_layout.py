@@ -20,9 +20,10 @@ PyTorch module that PEFT's LoRA adapts, each a pair of functions (``write``: our
   ``(1, out, 1, ...)`` for a Conv. PEFT's norms run over the same axes as ours (see
   `flax_lora._dora`).
 
-To add a layout (e.g. PEFT's ``target_parameters``, ParamWrapper tensors of expert kernels):
-write its ``write`` / ``read`` pair, make a `Layout`, add it to `LAYOUTS` and teach
-`layout_of_adapter` (save) and `layout_of_target` (load) when to pick it.
+To add a layout: write its ``write`` / ``read`` pair, make a `Layout`, add it to `LAYOUTS` and
+teach `layout_of_adapter` (save) and `layout_of_target` (load) when to pick it. Expert kernels
+(PEFT's ``target_parameters``) are not a module layout: their tensors' names depend on the
+other parameters of the module, so `flax_lora._peft._experts` holds them.
 
 Whole leaves (``modules_to_save``, biases) are written by `to_torch` and read by `from_torch`.
 """

@@ -9,7 +9,8 @@ other tensors load through `flax_lora._peft._extras`.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,15 @@ from jax.typing import ArrayLike, DTypeLike
 from flax_lora._adapters import LoraWeights
 from flax_lora._paths import describe, flatten, nest
 from flax_lora._peft._adapter_config import rank_and_scale, read_config
+from flax_lora._peft._experts import (
+    KEYS,
+    ExpertSpec,
+    ParamOrder,
+    expert_axes_of,
+    expert_spec,
+    nesting,
+    read_expert,
+)
 from flax_lora._peft._extras import load_extras
 from flax_lora._peft._files import read_tensors
 from flax_lora._peft._layered import join_layers, layer_use
@@ -49,6 +59,8 @@ def load_peft(
     *,
     probe: Callable[[PyTree], Any] | None = None,
     dtype: DTypeLike | None = None,
+    param_order: ParamOrder = None,
+    reversed_params: Collection[str] = (),
 ) -> PyTree:
     """Reads a HuggingFace PEFT LoRA adapter (written by PEFT or by `save_peft`) onto ``params``.
 
@@ -86,6 +98,21 @@ def load_peft(
       features. When several sets fit (a q kernel ``(384, 12, 32)`` is ``384 -> 384`` either
       way), the load stops and asks for ``probe``: it never guesses.
 
+    Expert kernels: a kernel whose key-map name PEFT's ``target_parameters`` match (the
+    ``"<module>.<param>"`` name of a PyTorch parameter, ``"experts.w1"``; the default key map
+    gives ``experts.w_in`` for ``params/experts/w_in`` when so targeted) is read from
+    ParamWrapper's ``lora_A.weight (r * E, in)`` / ``lora_B.weight (out, r * E)`` as one LoRA
+    per expert (`LoraWeights.expert_axes`, see `flax_lora._peft._experts`): under
+    ``<module>.base_layer...`` as PEFT nests several parameters of one module by PyTorch's
+    registration order, which ``param_order`` gives (as for `save_peft`; needed when the
+    config targets several parameters of a module), and read reversed for the names in
+    ``reversed_params``. The expert axis is the probe's (a probe that knows expert axes), else
+    the kernel's first axis (after a layer axis), as in PEFT's parameter ``(E, s1, s2)``. The
+    input axis is the probe's, which checks the orientation; without a probe the kernel must be
+    ``(E, s1, s2)`` and the input axis is the one whose size is PEFT's ``in`` features (its
+    ``out`` ones for a reversed parameter); a wrong ``reversed_params`` then gives the same
+    delta with the other factor called ``a``.
+
     Example:
       >>> adapters = lora.load_peft("/tmp/adapter", params)
       >>> y = lora.wrap(model.apply)(params, adapters, x)
@@ -101,6 +128,11 @@ def load_peft(
       probe: an optional function of the params alone, e.g. ``lambda p: model.apply(p, x)``,
         traced abstractly (no FLOPs) to learn each kernel's input axes.
       dtype: the dtype of the factors; ``None`` keeps the file's (float32 as PEFT saves).
+      param_order: PyTorch's registration order of the parameters of modules with several
+        targeted expert parameters: a sequence for every module or a dict by module name as
+        the key map spells it (see `save_peft`).
+      reversed_params: key-map names of expert parameters PEFT reads reversed (see
+        `save_peft`).
 
     Returns:
       The adapters: nested dicts mirroring the adapted kernels' paths, each a `LoraWeights`,
@@ -112,7 +144,9 @@ def load_peft(
 
     Raises:
       ValueError: the adapter uses options these adapters cannot honour (``lora_bias``,
-        ``target_parameters``, ``layer_replication``, ...); tensors besides the LoRA factors
+        ``layer_replication``, ...); a module has several targeted expert parameters and
+        ``param_order`` does not order them, or ParamWrapper tensors do not fit their kernel
+        (named, with a hint when the other orientation fits); tensors besides the LoRA factors
         that the config does not account for, or that match no leaf or do not fit it, token
         ids out of range (each named); tensors match no kernel, or the key map
         names kernels not in ``params`` (both listed); a tensor does not fit its kernel (the path
@@ -122,12 +156,14 @@ def load_peft(
         layers but ``params`` holds no values (``jax.ShapeDtypeStruct``) for their norms.
     """
     directory = Path(directory)
+    spec = expert_spec(param_order, reversed_params, "load_peft")
     cfg = read_config(directory)
     modules, others = read_tensors(directory)
     _check_dora(cfg, modules)
     kernels = _kernels(params, key_map)
     name_of = namer(key_map)
-    sites, templates = _sites(kernels, name_of)
+    sites, templates = _sites(kernels, _param_namer(name_of, key_map is None, cfg))
+    sites, expert_of = _expert_sites(sites, templates, cfg, spec)
     site_of = _match(modules, sites, directory)
     uses = kernel_uses(probe, params) if probe is not None else None
     per_kernel: dict[str, dict[int | None, LoraWeights]] = {}
@@ -137,8 +173,13 @@ def load_peft(
         if layer is not None:  # the module is one layer of a layered kernel
             shape = shape[1:]
         use = layer_use(_use(uses, path, name), path, name, layer)
-        target = Target(path, name, shape, use, tensors)
-        per_kernel.setdefault(path, {})[layer] = _module_weights(target, cfg, dtype)
+        if name in expert_of:  # an expert kernel: PEFT's target_parameters
+            param, template = expert_of[name]
+            target = Target(path, param, shape, use, tensors)
+            w = _expert_weights(target, cfg, dtype, spec.is_reversed(template))
+        else:
+            w = _module_weights(Target(path, name, shape, use, tensors), cfg, dtype)
+        per_kernel.setdefault(path, {})[layer] = w
     entries = [
         (path, join_layers(path, templates[path], kernels[path], pieces))
         if path in templates
@@ -197,6 +238,79 @@ def _sites(
     return sites, templates
 
 
+def _targeted(cfg: Mapping[str, Any], name: str) -> bool:
+    """Whether PEFT's ``target_parameters`` name the parameter ``name`` (exactly, or as a
+    suffix after a dot, as PEFT matches them)."""
+    return any(name == t or name.endswith(f".{t}") for t in cfg.get("target_parameters") or ())
+
+
+def _param_namer(name_of: Namer, default: bool, cfg: Mapping[str, Any]) -> Namer:
+    """The key map, where it is the default one naming a kernel's module whose parameter (the
+    kernel's leaf name) PEFT targets: that parameter's name (``experts.w_in``)."""
+    if not default:
+        return name_of
+
+    def name(path: str) -> str | None:
+        module = name_of(path)
+        param = f"{module}.{path.rsplit('/', 1)[-1]}"
+        return param if module and _targeted(cfg, param) else module
+
+    return name
+
+
+def _expert_sites(
+    sites: dict[str, list[Site]],
+    templates: Mapping[str, str],
+    cfg: Mapping[str, Any],
+    spec: ExpertSpec,
+) -> tuple[dict[str, list[Site]], dict[str, tuple[str, str]]]:
+    """The sites by the file's module names (a targeted parameter's: its module with its
+    ``.base_layer`` nesting), and for those file modules (parameter name, key-map name).
+
+    Raises:
+      ValueError: a module with several targeted parameters and no order for them.
+    """
+    params = [n for n in sites if _targeted(cfg, n)]
+    key_names = {
+        n: templates.get(sites[n][0][0], n) if sites[n][0][1] is not None else n for n in params
+    }
+
+    def targeted(module: str, param: str) -> bool:
+        return _targeted(cfg, f"{module}.{param}")
+
+    files = nesting(params, key_names, spec, "load_peft", targeted)
+    renamed = {files.get(n, n): s for n, s in sites.items()}
+    return renamed, {files[n]: (n, key_names[n]) for n in params}
+
+
+def _expert_weights(
+    t: Target, cfg: Mapping[str, Any], dtype: DTypeLike | None, reversed_: bool
+) -> LoraWeights:
+    """The expert adapter one ParamWrapper's tensors make for its (unlayered) kernel.
+
+    Raises:
+      ValueError: the tensors do not fit the kernel; a DoRA magnitude (ParamWrapper has none).
+    """
+    if MAGNITUDE in t.tensors or KEYS[0] not in t.tensors:
+        raise ValueError(
+            f"{t.where}: PEFT's target_parameters (ParamWrapper) hold lora_A.weight and "
+            f"lora_B.weight only; the file has {sorted(k[1:] for k in t.tensors)}."
+        )
+    r, scale = rank_and_scale(cfg, t.module)
+    contracted = t.tensors[KEYS[1]].shape[0] if reversed_ else t.tensors[KEYS[0]].shape[1]
+    axis, in_axes = expert_axes_of(t, int(contracted), t.where)
+    f = read_expert(t, axis, in_axes, r, reversed_)
+    return LoraWeights(
+        a=jnp.asarray(f.a, dtype),
+        b=jnp.asarray(f.b, dtype),
+        scale=scale,
+        in_axes=f.in_axes,
+        kernel_shape=t.shape,
+        dropout=float(cfg.get("lora_dropout") or 0.0),
+        expert_axes=(axis,),
+    )
+
+
 def _match(
     modules: Mapping[str, Mapping[str, np.ndarray]], sites: dict[str, list[Site]], directory: Path
 ) -> dict[str, Site]:
@@ -212,7 +326,7 @@ def _match(
             f"load_peft: the adapter in {str(directory)!r} has LoRA tensors for modules that "
             f"match no kernel of params: {describe(unmatched)}. The key map names these "
             f"kernels: {describe(sorted(sites), limit=20)}. Pass key_map= to map kernel "
-            "paths to the PyTorch module names."
+            "paths to the PyTorch module names." + _nesting_hint(unmatched)
         )
     found = {}
     for n in modules:
@@ -266,4 +380,16 @@ def _module_weights(t: Target, cfg: Mapping[str, Any], dtype: DTypeLike | None) 
         kind=kind,
         dropout=float(cfg.get("lora_dropout") or 0.0),
         m=m,
+    )
+
+
+def _nesting_hint(names: Collection[str]) -> str:
+    """A hint for unmatched modules named ``....base_layer``: a targeted parameter's tensors."""
+    nested = sorted(n for n in names if re.search(r"\.base_layer$", n))
+    if not nested:
+        return ""
+    return (
+        f" Modules {nested} hold a target parameter registered before another of the same "
+        "module (PEFT nests them under '.base_layer'): name every targeted parameter of the "
+        "module in key_map and pass param_order= (PyTorch's registration order)."
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import os
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,15 @@ from flax_lora._peft._adapter_config import (
     TASK_TYPES,
     alpha_for,
     config_json,
+)
+from flax_lora._peft._experts import (
+    ExpertSpec,
+    ParamOrder,
+    check_expert,
+    expert_spec,
+    nesting,
+    split_param,
+    to_peft_expert,
 )
 from flax_lora._peft._extras import Extra, save_extras
 from flax_lora._peft._files import write_adapter
@@ -41,6 +51,8 @@ def save_peft(
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
     params: PyTree = None,
+    param_order: ParamOrder = None,
+    reversed_params: Collection[str] = (),
 ) -> Path:
     """Writes adapters as a HuggingFace PEFT LoRA adapter (``adapter_config.json`` +
     ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained`` loads onto the
@@ -74,6 +86,18 @@ def save_peft(
     by the layer index; ``target_modules`` / ``rank_pattern`` / ``alpha_pattern`` list the
     per-layer names.
 
+    Expert kernels (`LoraWeights.expert_axes`: one LoRA per expert) are written as PEFT's
+    ``target_parameters`` (``lora.ParamWrapper``, see `flax_lora._peft._experts`): the key map
+    names the PyTorch parameter, ``"<module>.<param>"`` (``"experts.w1"``; the default key map
+    keeps the leaf name: ``params/experts/w_in`` -> ``experts.w_in``), and the file holds
+    ``<module>.lora_A.weight (r * E, in)`` (rows expert-major) and ``<module>.lora_B.weight
+    (out, r * E)`` (columns rank-major), the names listed in ``target_parameters`` and their
+    ranks / alphas keyed ``"<module>.<param>"``. Two facts of the PyTorch side that the Flax
+    model cannot show are given explicitly: ``param_order`` when one module holds several
+    adapted parameters (PEFT nests them by registration order under ``.base_layer``), and
+    ``reversed_params`` for parameters PEFT reads reversed. ParamWrapper refuses DoRA (an
+    error) and dropout (written as 0.0, with a warning).
+
     Note: PEFT matches a listed name also as a suffix (``lin`` targets ``block.lin`` too); an
     extra module PEFT adapts that way starts with PEFT's no-op initialisation (``B = 0``), so the
     loaded model is unchanged, but PEFT may warn about missing keys.
@@ -105,6 +129,16 @@ def save_peft(
         ``PeftModel.from_pretrained`` builds the matching model class (``"SEQ_CLS"`` adds
         PEFT's ``classifier`` / ``score`` to ``modules_to_save``); ``None``: none.
       params: the base params, needed only for token deltas (PEFT stores the trained rows).
+      param_order: for modules with several adapted expert parameters, PyTorch's registration
+        order of their names (``[n for n, _ in module.named_parameters(recurse=False)]``): a
+        sequence for every module (``("gate_up_proj", "down_proj")``, Mixtral's) or a dict by
+        module name as the key map spells it (``{"layers.{layer}.experts": ("w1", "w2")}``);
+        names beyond the adapted ones are ignored.
+      reversed_params: key-map names of expert parameters that PEFT reads reversed: PEFT takes
+        a parameter ``(E, s1, s2)`` for ``(E, out, in)`` unless its module has ``is_transposed =
+        True`` (then ``(E, in, out)``); a parameter laid out the other way ((E, in, out) without
+        the flag, as ``(E, out, in)`` with it) belongs here. Default: none (Mixtral's
+        ``(E, out, in)``, gpt-oss's ``(E, in, out)`` with the flag).
 
     Returns:
       The directory's absolute path.
@@ -114,23 +148,33 @@ def save_peft(
         some paths, which are listed; an unknown ``task_type``; token deltas without
         ``params``; a stacked kernel's name lacks ``{layer}`` (or an
         unstacked one's has it), or a kernel has more than one layer axis (nested scans); an
-        adapter has a layout PEFT cannot express.
+        adapter has a layout PEFT cannot express (an expert kernel with DoRA or several expert
+        axes); a module holds several expert parameters and ``param_order`` does not order
+        them; a module is adapted both as a module and through its parameters.
 
     Warns:
+      UserWarning: ``lora_dropout`` is not 0 and there are expert kernels (written as 0.0).
       UserWarning: ``config.init`` is ``"pissa"``, ``"olora"`` or ``"loftq"`` (the adapters
         belong to the changed base `lora.init` returned, not to the original one PEFT loads).
     """
     table, extras = _parts(adapters)
     _check_options(config, task_type)
+    spec = expert_spec(param_order, reversed_params, "save_peft")
     name_of = namer(key_map)
-    modules = _modules(table, name_of, default=key_map is None)
+    names = _names(table, name_of, default=key_map is None)
+    modules = _modules(table, names)
     _check_dora(table)
     rslora = bool(config.rslora) if config is not None else False
+    files = _expert_files(modules, names, spec)
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     for path, name, w in modules:
-        tensors |= {f"{PREFIX}{name}{key}": t for key, t in to_peft(path, w).items()}
+        if name in files:  # an expert kernel: PEFT's target_parameters
+            part = to_peft_expert(w, spec.is_reversed(names[path]))
+            tensors |= {f"{PREFIX}{files[name]}{key}": t for key, t in part.items()}
+        else:
+            tensors |= {f"{PREFIX}{name}{key}": t for key, t in to_peft(path, w).items()}
         ranks[name] = w.rank
         alphas[name] = alpha_for(path, w, config, rslora)
     extra_tensors, fields = save_extras(
@@ -144,8 +188,17 @@ def save_peft(
         task_type=task_type,
         base_model_name_or_path=base_model_name_or_path,
         use_dora=any(w.m is not None for w in table.values()),
+        parameters=files,
         **fields,
     )
+    if files and peft_config["lora_dropout"]:
+        warnings.warn(
+            f"save_peft: lora_dropout={peft_config['lora_dropout']} is written as 0.0: PEFT's "
+            "ParamWrapper (target_parameters, the expert kernels) refuses dropout. It is a "
+            "training-time setting; the adapted model is the same.",
+            stacklevel=2,
+        )
+        peft_config["lora_dropout"] = 0.0
     return write_adapter(Path(directory).absolute(), tensors | extra_tensors, peft_config)
 
 
@@ -183,15 +236,19 @@ def _check_options(config: LoraConfig | None, task_type: str | None) -> None:
         )
 
 
-def _modules(table: dict[str, LoraWeights], name_of: Namer, default: bool) -> list[Module]:
-    """The PEFT modules the adapters make, layer by layer for layered kernels; ``default``:
-    the key map is the default one.
+def _names(table: dict[str, LoraWeights], name_of: Namer, default: bool) -> dict[str, str]:
+    """The key map's name of each kernel (an expert kernel's, a parameter's: with the default
+    key map its leaf name is kept, ``experts.w_in``); ``default``: the key map is the default.
 
     Raises:
-      ValueError: kernels without a module name, or several with one module name; layered
-        kernels named by the default key map (or a name that does not fit a kernel).
+      ValueError: kernels without a module name; layered kernels named by the default key map.
     """
     names = {path: name_of(path) for path in table}
+    if default:
+        leaf = lambda p: p.rsplit("/", 1)[-1]
+        names |= {
+            p: f"{names[p]}.{leaf(p)}" for p, w in table.items() if w.expert_axes and names[p]
+        }
     unmapped = [path for path, name in names.items() if name is None]
     if unmapped:
         raise ValueError(
@@ -205,6 +262,15 @@ def _modules(table: dict[str, LoraWeights], name_of: Namer, default: bool) -> li
             "which PEFT stores as one module per layer; pass a key_map whose names for them "
             f"contain {LAYER!r} (e.g. 'layers.{LAYER}.attn.query'), replaced by each layer index."
         )
+    return {path: name for path, name in names.items() if name is not None}
+
+
+def _modules(table: dict[str, LoraWeights], names: dict[str, str]) -> list[Module]:
+    """The PEFT modules (or parameters) the adapters make, layer by layer for layered kernels.
+
+    Raises:
+      ValueError: several kernels with one name; a name that does not fit a kernel.
+    """
     modules = [m for path, w in table.items() for m in layer_modules(path, names[path], w)]
     counts = collections.Counter(m.name for m in modules)
     twice = [n for n, c in counts.items() if c > 1]
@@ -226,3 +292,31 @@ def _check_dora(table: dict[str, LoraWeights]) -> None:
             f"adapters are DoRA adapters (with a magnitude m: {describe(dora)}; without: "
             f"{describe(plain)}). Save them as two adapters."
         )
+
+
+def _expert_files(modules: list[Module], names: dict[str, str], spec: ExpertSpec) -> dict[str, str]:
+    """The parameter name -> its file module name (``.base_layer`` nesting), of each expert
+    kernel's module (``w.expert_axes``), checked.
+
+    Raises:
+      ValueError: an adapter ParamWrapper cannot hold; a parameter name without a module; a
+        module both adapted as a module and holding adapted parameters; several parameters of
+        a module without their order (each names the paths or module).
+    """
+    experts = [m for m in modules if m.w.expert_axes]
+    for m in experts:
+        check_expert(m.path, m.w)
+        if not split_param(m.name)[0]:
+            raise ValueError(
+                f"save_peft: the expert kernel {m.path!r} is named {m.name!r}; PEFT targets a "
+                "parameter of a submodule as '<module>.<param>' (e.g. 'experts.w1')."
+            )
+    owners = {split_param(m.name)[0] for m in experts}
+    both = sorted(owners & {m.name for m in modules if not m.w.expert_axes})
+    if both:
+        raise ValueError(
+            f"save_peft: modules {both} are adapted as modules (target_modules) and hold adapted "
+            "expert parameters (target_parameters); PEFT refuses a module targeted both ways."
+        )
+    templates = {m.name: names[m.path] for m in experts}
+    return nesting([m.name for m in experts], templates, spec, "save_peft")

@@ -90,6 +90,33 @@ class TorchMoe(nn.Module):
         return torch.einsum("etd,te->td", ye, combine).reshape(x.shape)
 
 
+class TorchMoeStack(nn.Module):
+    """The twin of `LinenMoeStack` (einsum dispatch): ``layers.<i>`` a `TorchMoe` of layer
+    ``i``'s kernels, applied as ``x + block(x)``."""
+
+    def __init__(self, params: Mapping[str, Any], is_transposed: bool | None) -> None:
+        super().__init__()
+        p = params["params"]["layers"]["moe"]
+        n = np.shape(p["router"]["kernel"])[0]
+        self.layers = nn.ModuleList(
+            TorchMoe(
+                {
+                    "params": {
+                        "router": {"kernel": np.asarray(p["router"]["kernel"])[i]},
+                        "experts": {k: np.asarray(v)[i] for k, v in p["experts"].items()},
+                    }
+                },
+                is_transposed,
+            )
+            for i in range(n)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
 def same_side(param: str, is_transposed: bool | None) -> bool:
     """Whether PEFT's ``in`` side of `TorchExperts`'s ``param`` is the side the model contracts
     (``w_in`` is laid out (E, in, out), ``w_out`` (E, out, in); PEFT assumes (E, out, in) unless
@@ -106,16 +133,24 @@ def wrapper_prefixes(module: str, params: Sequence[str]) -> dict[str, str]:
 
 
 def get_moe_peft_model(
-    model: TorchMoe, rank: int, alpha: float, seed: int, router: bool = True, std: float = 0.3
+    model: nn.Module,
+    rank: int,
+    alpha: float,
+    seed: int,
+    router: bool = True,
+    std: float = 0.3,
+    **options: Any,
 ) -> Any:
     """``peft.get_peft_model`` with ``target_parameters`` on both expert parameters (and the
     ``router`` as an ordinary ``target_modules`` entry), every LoRA factor set to seeded nonzero
-    values (PEFT initialises B to zero)."""
+    values (PEFT initialises B to zero); ``options`` go to ``peft.LoraConfig`` (e.g.
+    ``rank_pattern``)."""
     config = peft.LoraConfig(
         r=rank,
         lora_alpha=alpha,
         target_modules=["router"] if router else [],
         target_parameters=[f"experts.{p}" for p in EXPERT_PARAMS],
+        **options,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
