@@ -20,7 +20,7 @@ import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 from flax_lora._adapters import LoraWeights
-from flax_lora._paths import describe, flatten, nest
+from flax_lora._paths import KERNEL_LEAVES, describe, flatten, nest
 from flax_lora._peft._adapter_config import rank_and_scale, read_config
 from flax_lora._peft._experts import (
     KEYS,
@@ -36,7 +36,6 @@ from flax_lora._peft._files import read_tensors
 from flax_lora._peft._layered import join_layers, layer_use
 from flax_lora._peft._layout import Target, from_peft, magnitude_from_peft
 from flax_lora._peft._names import (
-    KERNEL_NAMES,
     LAYER,
     MAGNITUDE,
     WEIGHTS_NAME,
@@ -330,7 +329,7 @@ def _match(
         )
     found = {}
     for n in modules:
-        named = [s for s in sites[n] if s[0].rsplit("/", 1)[-1] in KERNEL_NAMES]
+        named = [s for s in sites[n] if s[0].rsplit("/", 1)[-1] in KERNEL_LEAVES]
         found[n] = named if len(sites[n]) > 1 and len(named) == 1 else sites[n]
     twice = {n: [path for path, _ in s] for n, s in found.items() if len(s) > 1}
     if twice:

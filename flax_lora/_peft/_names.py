@@ -18,7 +18,6 @@ MAGNITUDE = ".lora_magnitude_vector"  # DoRA's magnitude, after the module name
 TOKENS = ".token_adapter.trainable_tokens_delta"  # trainable tokens, after the embedding's name
 BASE_LAYER = ".base_layer"  # the wrapped module, in a name of a module that has LoRA factors
 BASE_BIAS = f"{BASE_LAYER}.bias"
-KERNEL_NAMES = ("kernel", "embedding")  # the Flax leaf names of the kernels PEFT adapts
 _TORCH_PARAM = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 
 KeyMap = Callable[[str], str | None] | Mapping[str, str] | None
