@@ -159,7 +159,8 @@ def _stack_tables(tables: list[dict[str, LoraWeights]]) -> dict[str, StackedLora
                 [jnp.zeros(m_shape, m_dtype) if x.m is None else x.m.astype(m_dtype) for x in ws]
             )
             dora = tuple(
-                x.m is not None and (x.layers is None or not n or tuple(x.layers)) for x in ws
+                x.m is not None and (x.layers is None or not x.layer_axes or tuple(x.layers))
+                for x in ws
             )
         out[path] = StackedLoraWeights(
             a=jnp.stack(a_list),
@@ -169,7 +170,7 @@ def _stack_tables(tables: list[dict[str, LoraWeights]]) -> dict[str, StackedLora
             kernel_shape=w0.kernel_shape,
             kind=w0.kind,
             dropout=w0.dropout,
-            layer_axes=n,
+            layer_axes=w0.layer_axes,
             expert_axes=w0.expert_axes,
             m=m,
             dora=dora,
