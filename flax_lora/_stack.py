@@ -11,10 +11,10 @@ forward gathers from it per example (``a[ids]``, ``b[ids]``):
 DoRA in a stack: a `StackedLoraWeights` with DoRA holds the magnitudes ``m`` ``(N, *C, *O)`` and
 the static flags `StackedLoraWeights.dora`. For routing, ``g = m / ||V||`` of every stacked
 adapter is computed once per call from the base kernel and the stacked factors (the factored
-norm of `flax_lora._dora`, mapped over the adapters and layer axes: no kernel-sized array per
-adapter), plus one row for the base model (``ids == -1``: zero factors, ``g = 1``), then
-gathered per example. A plain adapter's ``g`` is 1, i.e. it behaves as a DoRA adapter whose
-magnitude is ``||W0 + a @ b||``.
+norm of `flax_lora._dora`, mapped over the adapters and the carried axes, layers and experts:
+no kernel-sized array per adapter), plus one row for the base model (``ids == -1``: zero
+factors, ``g = 1``), then gathered per example. A plain adapter's ``g`` is 1, i.e. it behaves
+as a DoRA adapter whose magnitude is ``||W0 + a @ b||``.
 """
 
 from __future__ import annotations
@@ -301,11 +301,12 @@ def stacked_dora(w: StackedLoraWeights, kernel: jax.Array) -> tuple[jax.Array, j
     ``m_eff`` is the magnitude that gives that ``g``: ``m`` where DoRA, else ``||V||`` (detached),
     for code that forms the DoRA kernel (`lora.merge`, `materialize`).
     """
-    n_layer = w.layer_axes
-    inner = w.entry().layer_slice(n_layer)  # one layer's layout
+    c = w.carried_axes  # layer and expert axes: one norm per carried index
+    inner = w.entry().carried_slice()  # the layout at one carried index
+    lead = jnp.moveaxis(kernel, c, tuple(range(len(c))))  # the carried axes first, as a's
     with_base = lambda x: jnp.concatenate([x, jnp.zeros_like(x[:1])])  # row N: the base
     keep = with_base(jnp.asarray(w.dora_keep()))
-    one = lambda a, b, m, k: layered_factor(kernel, inner, a, b, m, n_layer, k)
+    one = lambda a, b, m, k: layered_factor(lead, inner, a, b, m, len(c), k)
     g, m_eff = jax.vmap(one)(with_base(w.a), with_base(w.b), with_base(w.m), keep)
     return g, m_eff  # (N + 1, *C, *O)
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from support.compare import assert_close
-from support.moe_adapters import expert_adapters, kernel_shapes
+from support.moe_adapters import expert_adapters, kernel_shapes, nest
 from support.moe_models import E, L, build, carried_delta64, merged64, random_factors, ref_output
 from support.trees import adapter_entries
 
@@ -381,3 +381,42 @@ def test_requantize_a_stacked_expert_kernel_layer_by_layer() -> None:
 
 def _merge_requantize(q: Any, adapters: Any) -> Any:
     return lora.merge(q, adapters, requantize=True)
+
+
+def _dora64(kernel: np.ndarray, d: np.ndarray, m: np.ndarray, ax: Any) -> np.ndarray:
+    """``m * V / ||V||`` in float64, ``V = W0 + delta``, the norm over the input axes per carried
+    index and output unit (``m (*C, *O)`` put back in the kernel's layout)."""
+    v = kernel + d
+    norm = np.sqrt(np.sum(v**2, axis=ax.inputs, keepdims=True))
+    outputs = [i for i in range(v.ndim) if i not in ax.carried and i not in ax.inputs]
+    order = [*ax.carried, *outputs]  # m's axes, in kernel axis numbers
+    m_k = np.expand_dims(np.transpose(m, np.argsort(np.argsort(order))), ax.inputs)
+    return m_k * v / norm
+
+
+@pytest.mark.parametrize(("stacked", "transposed"), LINEN)
+def test_dora_expert_adapters_in_a_stack(stacked: bool, transposed: bool) -> None:
+    case = _case(stacked, transposed)
+    f, f2 = random_factors(case), random_factors(case, seed=5)
+    rng = np.random.default_rng(0)
+    mags = {}
+    for path, (_, b, _) in f.items():
+        nc = len(case.kernels[path].carried)
+        mags[path] = rng.uniform(0.5, 1.5, (*b.shape[:nc], *b.shape[nc + 1 :])).astype(np.float32)
+    dora = {
+        p: w.replace(m=jnp.asarray(mags[p]))
+        for p, w in adapter_entries(expert_adapters(case, f)).items()
+    }
+    st = lora.stack([nest(dora), expert_adapters(case, f2)])
+    base = merged64(case, case.params)
+    for k in (0, 1, -1):
+        got = merged64(case, _merge(case.params, select(st, jnp.int32(k), case.params)))
+        for path, ax in case.kernels.items():
+            if k == 0:
+                d = carried_delta64(*f[path], ax.carried, ax.inputs)
+                ref = _dora64(base[path], d, mags[path].astype(np.float64), ax)
+            elif k == 1:
+                ref = base[path] + carried_delta64(*f2[path], ax.carried, ax.inputs)
+            else:
+                ref = base[path]
+            assert_close(got[path], ref, 2e-6)
