@@ -10,16 +10,11 @@ expected here are written by hand from the kernels' specs.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
+from support.eight_devices import run_on_eight_devices
 
-ROOT = Path(__file__).resolve().parents[1]
 BLOCK = {
     "params/router/kernel": ([None, None], [None, None], [None]),
     "params/experts/w_in": (["model", None, None], ["model", None, "data"], ["model", "data"]),
@@ -29,20 +24,7 @@ BLOCK = {
 
 @pytest.fixture(scope="module")
 def results() -> dict[str, Any]:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-m", "support.moe_mesh_checks"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT / "tests",
-        timeout=600,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    return json.loads(lines[-1][len("RESULT ") :])
+    return run_on_eight_devices("support.moe_mesh_checks", timeout=600)
 
 
 def test_eight_devices(results: dict[str, Any]) -> None:
