@@ -360,22 +360,24 @@ def quantized_kernels(params: Any) -> dict[str, Any]:
     }
 
 
-def test_requantize_a_stacked_expert_kernel_layer_by_layer() -> None:
-    case = _case(True)
+@pytest.mark.parametrize("stacked", [False, True])
+def test_requantize_expert_kernels(stacked: bool) -> None:
+    case = _case(stacked)
     f = random_factors(case, std=0.1)
+    n = int(stacked)  # a stacked kernel is quantized layer by layer (found by the probe)
     q = lora.quantize(case.params, TARGETS, dtype="int8", probe=case.probe)
-    assert {x.layer_axes for x in quantized_kernels(q).values()} == {1}
+    assert {x.layer_axes for x in quantized_kernels(q).values()} == {n}
     with pytest.warns(UserWarning):
         merged = _merge_requantize(q, expert_adapters(case, f))
     qs = quantized_kernels(merged)
-    assert set(qs) == set(quantized_kernels(q)) and {x.layer_axes for x in qs.values()} == {1}
+    assert set(qs) == set(quantized_kernels(q)) and {x.layer_axes for x in qs.values()} == {n}
     base = merged64(case, lora.dequantize(q))
     got = merged64(case, lora.dequantize(merged))
     for path in qs:
         ax = case.kernels[path]
         ref = base[path] + carried_delta64(*f[path], ax.carried, ax.inputs)
-        # int8 per layer and channel: at most half a step of the channel's absmax / 127
-        step = np.max(np.abs(ref), axis=tuple(range(1, ref.ndim - 1)), keepdims=True) / 127
+        # int8 per (layer and) channel: at most half a step of the channel's absmax / 127
+        step = np.max(np.abs(ref), axis=tuple(range(n, ref.ndim - 1)), keepdims=True) / 127
         assert np.all(np.abs(got[path] - ref) <= 0.5 * step + 1e-6)
 
 
