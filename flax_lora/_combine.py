@@ -19,7 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_lora._adapters import LoraWeights, adapter_tables, extra_tables, factor_dtype
+from flax_lora._adapters import (
+    LoraWeights,
+    adapter_tables,
+    extra_tables,
+    factor_dtype,
+    masked_factor,
+)
 from flax_lora._extras import combine_extras
 from flax_lora._paths import nest
 from flax_lora._typing import PyTree
@@ -326,16 +332,17 @@ def _per_carried(
 
     Each index's adapters are those of that index's own kernel (the ``vmap``-ed function sees a
     `LoraWeights` without carried axes, `LoraWeights.carried_slice`); random pruning draws its
-    own key per index. The result covers the layers any input adapts (``layers`` is their union,
-    ``None`` if one adapts all).
+    own key per index. An input's factors on the layers it does not adapt (``layers``) count as
+    zeros, as its delta there is zero. The result covers the layers any input adapts (``layers``
+    is their union, ``None`` if one adapts all).
     """
     w0 = ws[0]
     lead = w0.carried_shape
     n = len(lead)
-    views = [  # the carried axes flattened to one mapped axis
+    views = [  # the carried axes flattened to one mapped axis; layers x does not adapt: zeros
         x.carried_slice(
-            a=x.a.reshape((math.prod(lead), *x.a.shape[n:])),
-            b=x.b.reshape((math.prod(lead), *x.b.shape[n:])),
+            a=masked_factor(x, x.a).reshape((math.prod(lead), *x.a.shape[n:])),
+            b=masked_factor(x, x.b).reshape((math.prod(lead), *x.b.shape[n:])),
         )
         for x in ws
     ]

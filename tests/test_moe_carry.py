@@ -228,7 +228,12 @@ def test_combine_keeps_the_expert_layout(method: str) -> None:
     case = _case(True)
     f = random_factors(case)
     sets = [expert_adapters(case, f, layers=(0,)), expert_adapters(case, f, layers=(1,))]
-    for path, w in adapter_entries(lora.combine(sets, [1.0, 1.0], method)).items():
+    out = lora.combine(sets, [1.0, 1.0], method)
+    if method == "cat":  # layer 0 from set 0, layer 1 from set 1: together, f on every layer
+        ref = merged64(case, case.params, f)
+        for path, kernel in _merged_kernels(case, _merge(case.params, out)).items():
+            assert_close(kernel, ref[path], 2e-6)
+    for path, w in adapter_entries(out).items():
         w0 = adapter_entries(sets[0])[path]
         assert (w.kernel_shape, w.in_axes, w.layer_axes, w.expert_axes) == (
             w0.kernel_shape,
