@@ -96,7 +96,9 @@ def stack(adapter_list: Sequence[PyTree]) -> PyTree:
     with the adapter axis first and the layer axes next: ``a`` ``(N, *L, *I, R)``, ``b``
     ``(N, *L, R, *O)``; layers an adapter does not adapt (``LoraConfig(layers=...)``) get zero
     factors for it. A routed call slices them per layer inside the scan, keeping the per-example
-    axis, so each layer's uses are routed as in an unstacked model.
+    axis, so each layer's uses are routed as in an unstacked model. Expert kernels
+    (`LoraWeights.expert_axes`) stack the same way, their expert axes among the carried axes
+    ``C``: ``a (N, *C, *I, R)``, ``b (N, *C, R, *O)`` (e.g. ``(N, L, E, d, R)``).
 
     DoRA adapters (with a magnitude ``m``) stack too, mixed with plain ones in any order: the
     magnitudes go to `StackedLoraWeights.m` (zeros for plain adapters, flagged by
@@ -253,8 +255,9 @@ def gather(w: StackedLoraWeights, ids: jax.Array) -> tuple[jax.Array, jax.Array]
     """Per-example factors: ``(a[ids], b[ids])`` with zeros where ``ids == -1``.
 
     For ``ids`` of shape ``(B,)`` returns ``a`` of shape ``(B, *I, R)`` and ``b`` of shape
-    ``(B, R, *O)`` (``(B, *L, *I, R)`` and ``(B, *L, R, *O)`` for a scan-stacked kernel);
-    example ``j``'s delta is ``a[j] @ b[j]`` (the scale is already in ``b``).
+    ``(B, R, *O)`` (``(B, *C, *I, R)`` and ``(B, *C, R, *O)`` with carried axes ``C``: layers of
+    a scan-stacked kernel, experts); example ``j``'s delta is ``a[j] @ b[j]`` (the scale is
+    already in ``b``).
     Ids outside ``[0, N)`` (``-1``, or out-of-range traced ids) give zero factors. A scalar id
     gives ``(*I, R)`` and ``(R, *O)``.
     """
