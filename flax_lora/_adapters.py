@@ -147,6 +147,22 @@ class LoraWeights(AdapterLayout):
             **changes,
         )
 
+    def carried_slice(self, **changes: Any) -> LoraWeights:
+        """The adapter of the kernel at one carried index (one layer of a scan stack, one
+        expert): every carried axis dropped from the metadata (``layers`` cleared, input axes
+        renumbered), with ``changes`` (e.g. that index's factors ``a``, ``b``) applied."""
+        carried = set(self.carried_axes)
+        kept = [i for i in range(len(self.kernel_shape)) if i not in carried]
+        return dataclasses.replace(
+            self,
+            kernel_shape=tuple(self.kernel_shape[i] for i in kept),
+            in_axes=tuple(kept.index(d) for d in self.in_axes),
+            layer_axes=0,
+            expert_axes=(),
+            layers=None,
+            **changes,
+        )
+
     def meta(self) -> dict[str, Any]:
         """The static fields as a JSON-ready dict."""
         return dict(

@@ -19,7 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_lora._adapters import LoraWeights, adapter_tables, extra_tables, factor_dtype
+from flax_lora._adapters import (
+    LoraWeights,
+    adapter_tables,
+    extra_tables,
+    factor_dtype,
+    masked_factor,
+)
 from flax_lora._extras import combine_extras
 from flax_lora._paths import nest
 from flax_lora._typing import PyTree
@@ -191,10 +197,11 @@ def combine(
     copies (weights summing to 1 average the heads) and of the deltas (on the union of their
     rows); every set must hold them at the same paths.
 
-    Adapters of kernels stacked by ``nn.scan`` / ``nnx.scan`` (`LoraWeights.layer_axes`) are
-    combined layer by layer, each layer exactly as the single-layer adapter of that layer's kernel
-    (the SVD per layer; dare draws a mask per layer); the result adapts the union of the inputs'
-    ``layers``.
+    Adapters with carried axes (kernels stacked by ``nn.scan`` / ``nnx.scan``,
+    `LoraWeights.layer_axes`; expert kernels, `LoraWeights.expert_axes`; or both) are combined
+    per carried index (each layer, each expert), each exactly as the adapter of that index's own
+    kernel (the SVD per index; dare draws a mask per index; magnitude pruning keeps the largest
+    entries of each index); the result adapts the union of the inputs' ``layers``.
 
     Example:
       >>> both = lora.combine([adapters_a, adapters_b], [0.7, 0.3], method="cat")
@@ -311,29 +318,31 @@ def _combine_tables(
                 return _factors(ws, w, method, density, k, sign_method)
             return _svd(ws, w, base, rank, density, k, sign_method)
 
-        out[path] = _per_layer(one, ws, k) if ws[0].carried_axes else one(ws, k)
+        out[path] = _per_carried(one, ws, k) if ws[0].carried_axes else one(ws, k)
     return out
 
 
-def _per_layer(
+def _per_carried(
     one: Callable[[list[LoraWeights], jax.Array | None], LoraWeights],
     ws: list[LoraWeights],
     key: jax.Array | None,
 ) -> LoraWeights:
-    """``one`` (the combination of one kernel's adapters) on each layer of scan-stacked adapters.
+    """``one`` (the combination of one kernel's adapters) at each carried index of adapters with
+    carried axes (the layers of a scan stack, the experts of an expert kernel, or both).
 
-    Each layer's adapters are those of the layer's own kernel (the ``vmap``-ed function sees an
-    single-layer `LoraWeights`); random pruning draws its own key per layer. The result covers the
-    layers any input adapts (``layers`` is their union, ``None`` if one adapts all).
+    Each index's adapters are those of that index's own kernel (the ``vmap``-ed function sees a
+    `LoraWeights` without carried axes, `LoraWeights.carried_slice`); random pruning draws its
+    own key per index. An input's factors on the layers it does not adapt (``layers``) count as
+    zeros, as its delta there is zero. The result covers the layers any input adapts (``layers``
+    is their union, ``None`` if one adapts all).
     """
     w0 = ws[0]
-    n = w0.layer_axes
     lead = w0.carried_shape
-    views = [  # the layers flattened to one mapped axis
-        x.layer_slice(
-            n,
-            a=x.a.reshape((math.prod(lead), *x.a.shape[n:])),
-            b=x.b.reshape((math.prod(lead), *x.b.shape[n:])),
+    n = len(lead)
+    views = [  # the carried axes flattened to one mapped axis; layers x does not adapt: zeros
+        x.carried_slice(
+            a=masked_factor(x, x.a).reshape((math.prod(lead), *x.a.shape[n:])),
+            b=masked_factor(x, x.b).reshape((math.prod(lead), *x.b.shape[n:])),
         )
         for x in ws
     ]
@@ -347,7 +356,8 @@ def _per_layer(
         b=out.b.reshape((*lead, *out.b.shape[1:])),
         kernel_shape=tuple(w0.kernel_shape),
         in_axes=tuple(w0.in_axes),
-        layer_axes=n,
+        layer_axes=w0.layer_axes,
+        expert_axes=tuple(w0.expert_axes),
         layers=None if picked is None else tuple(picked),
     )
 

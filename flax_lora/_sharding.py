@@ -3,12 +3,36 @@
 An adapter's arrays are laid out on axes of its kernel (the carried axes, then the input or
 the output axes) plus, for ``a`` and ``b``, the rank axis. Giving each such array the mesh axes
 of the kernel axes it is laid out on keeps the low-rank products local where the kernel's own
-product is, and the rank axis (small) is never split.
+product is, and the rank axis (small) is never split. An expert kernel sharded on its expert
+axis (expert parallelism) thus gives factors sharded on their carried expert axis: each device
+holds the LoRA of its own experts. `place_adapter` places all the arrays of one adapter.
 """
 
 from __future__ import annotations
 
+from typing import Any, Protocol, TypeVar
+
 import jax
+
+
+class FactorLayout(Protocol):
+    """What `place_adapter` reads of an adapter (a `flax_lora.LoraWeights`)."""
+
+    a: Any
+    b: Any
+    m: Any
+    in_axes: tuple[int, ...]
+
+    @property
+    def carried_axes(self) -> tuple[int, ...]: ...
+
+    @property
+    def out_axes(self) -> tuple[int, ...]: ...
+
+    def replace(self, **changes: Any) -> Any: ...
+
+
+W = TypeVar("W", bound=FactorLayout)
 
 
 def place(
@@ -39,4 +63,17 @@ def place(
         picked.insert(rank_pos % (len(picked) + 1), None)
     return jax.device_put(
         x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*picked))
+    )
+
+
+def place_adapter(w: W, kernel: jax.Array | jax.ShapeDtypeStruct) -> W:
+    """``w`` with ``a (*C, *I, r)``, ``b (*C, r, *O)`` and a DoRA ``m (*C, *O)`` each given the
+    sharding of the kernel axes it is laid out on (`place`): the carried axes (layer and expert
+    axes) keep the kernel's mesh axes, and so do the input and output axes; the rank axis is
+    not split. ``w`` unchanged when the kernel has no `NamedSharding`."""
+    c = tuple(w.carried_axes)
+    return w.replace(
+        a=place(w.a, kernel, (*c, *w.in_axes), -1),
+        b=place(w.b, kernel, (*c, *w.out_axes), len(c)),
+        m=None if w.m is None else place(w.m, kernel, (*c, *w.out_axes)),
     )

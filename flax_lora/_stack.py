@@ -11,10 +11,10 @@ forward gathers from it per example (``a[ids]``, ``b[ids]``):
 DoRA in a stack: a `StackedLoraWeights` with DoRA holds the magnitudes ``m`` ``(N, *C, *O)`` and
 the static flags `StackedLoraWeights.dora`. For routing, ``g = m / ||V||`` of every stacked
 adapter is computed once per call from the base kernel and the stacked factors (the factored
-norm of `flax_lora._dora`, mapped over the adapters and layer axes: no kernel-sized array per
-adapter), plus one row for the base model (``ids == -1``: zero factors, ``g = 1``), then
-gathered per example. A plain adapter's ``g`` is 1, i.e. it behaves as a DoRA adapter whose
-magnitude is ``||W0 + a @ b||``.
+norm of `flax_lora._dora`, mapped over the adapters and the carried axes, layers and experts:
+no kernel-sized array per adapter), plus one row for the base model (``ids == -1``: zero
+factors, ``g = 1``), then gathered per example. A plain adapter's ``g`` is 1, i.e. it behaves
+as a DoRA adapter whose magnitude is ``||W0 + a @ b||``.
 """
 
 from __future__ import annotations
@@ -96,7 +96,9 @@ def stack(adapter_list: Sequence[PyTree]) -> PyTree:
     with the adapter axis first and the layer axes next: ``a`` ``(N, *L, *I, R)``, ``b``
     ``(N, *L, R, *O)``; layers an adapter does not adapt (``LoraConfig(layers=...)``) get zero
     factors for it. A routed call slices them per layer inside the scan, keeping the per-example
-    axis, so each layer's uses are routed as in an unstacked model.
+    axis, so each layer's uses are routed as in an unstacked model. Expert kernels
+    (`LoraWeights.expert_axes`) stack the same way, their expert axes among the carried axes
+    ``C``: ``a (N, *C, *I, R)``, ``b (N, *C, R, *O)`` (e.g. ``(N, L, E, d, R)``).
 
     DoRA adapters (with a magnitude ``m``) stack too, mixed with plain ones in any order: the
     magnitudes go to `StackedLoraWeights.m` (zeros for plain adapters, flagged by
@@ -159,7 +161,8 @@ def _stack_tables(tables: list[dict[str, LoraWeights]]) -> dict[str, StackedLora
                 [jnp.zeros(m_shape, m_dtype) if x.m is None else x.m.astype(m_dtype) for x in ws]
             )
             dora = tuple(
-                x.m is not None and (x.layers is None or not n or tuple(x.layers)) for x in ws
+                x.m is not None and (x.layers is None or not x.layer_axes or tuple(x.layers))
+                for x in ws
             )
         out[path] = StackedLoraWeights(
             a=jnp.stack(a_list),
@@ -169,7 +172,7 @@ def _stack_tables(tables: list[dict[str, LoraWeights]]) -> dict[str, StackedLora
             kernel_shape=w0.kernel_shape,
             kind=w0.kind,
             dropout=w0.dropout,
-            layer_axes=n,
+            layer_axes=w0.layer_axes,
             expert_axes=w0.expert_axes,
             m=m,
             dora=dora,
@@ -252,8 +255,9 @@ def gather(w: StackedLoraWeights, ids: jax.Array) -> tuple[jax.Array, jax.Array]
     """Per-example factors: ``(a[ids], b[ids])`` with zeros where ``ids == -1``.
 
     For ``ids`` of shape ``(B,)`` returns ``a`` of shape ``(B, *I, R)`` and ``b`` of shape
-    ``(B, R, *O)`` (``(B, *L, *I, R)`` and ``(B, *L, R, *O)`` for a scan-stacked kernel);
-    example ``j``'s delta is ``a[j] @ b[j]`` (the scale is already in ``b``).
+    ``(B, R, *O)`` (``(B, *C, *I, R)`` and ``(B, *C, R, *O)`` with carried axes ``C``: layers of
+    a scan-stacked kernel, experts); example ``j``'s delta is ``a[j] @ b[j]`` (the scale is
+    already in ``b``).
     Ids outside ``[0, N)`` (``-1``, or out-of-range traced ids) give zero factors. A scalar id
     gives ``(*I, R)`` and ``(R, *O)``.
     """
@@ -300,11 +304,12 @@ def stacked_dora(w: StackedLoraWeights, kernel: jax.Array) -> tuple[jax.Array, j
     ``m_eff`` is the magnitude that gives that ``g``: ``m`` where DoRA, else ``||V||`` (detached),
     for code that forms the DoRA kernel (`lora.merge`, `materialize`).
     """
-    n_layer = w.layer_axes
-    inner = w.entry().layer_slice(n_layer)  # one layer's layout
+    c = w.carried_axes  # layer and expert axes: one norm per carried index
+    inner = w.entry().carried_slice()  # the layout at one carried index
+    lead = jnp.moveaxis(kernel, c, tuple(range(len(c))))  # the carried axes first, as a's
     with_base = lambda x: jnp.concatenate([x, jnp.zeros_like(x[:1])])  # row N: the base
     keep = with_base(jnp.asarray(w.dora_keep()))
-    one = lambda a, b, m, k: layered_factor(kernel, inner, a, b, m, n_layer, k)
+    one = lambda a, b, m, k: layered_factor(lead, inner, a, b, m, len(c), k)
     g, m_eff = jax.vmap(one)(with_base(w.a), with_base(w.b), with_base(w.m), keep)
     return g, m_eff  # (N + 1, *C, *O)
 

@@ -10,34 +10,15 @@ input axes written by hand, the same step run on one device, the base model's co
 from __future__ import annotations
 
 import collections
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from support.eight_devices import run_on_eight_devices
 
 
 @pytest.fixture(scope="module")
 def mesh_results() -> dict[str, Any]:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-m", "support.mesh_checks"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=900,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    return json.loads(lines[-1][len("RESULT ") :])
+    return run_on_eight_devices("support.mesh_checks")
 
 
 def test_eight_devices(mesh_results: dict[str, Any]) -> None:
