@@ -17,6 +17,9 @@ them out (`make_view`, `make_routed_view`), slices them (`per_layer`) and maps t
 - ``"layer"``: the layer axis of a kernel stacked by ``nn.scan`` / ``nnx.scan``. ``W0`` has it
   too (its side is ``"layer"``); the scan rule slices it together with ``W0``, so the scan's
   body sees an ordinary view of one layer.
+- ``"expert"``: an expert axis of the kernel (`LoraWeights.expert_axes`; its side is
+  ``"expert"``): ``W0`` has it too, and the expert rules (`flax_lora._factored._experts`) keep
+  it a batch (or group) dimension of the low-rank products.
 - ``"example"``: the adapter axis of a routing stack (`lora.stack`), gathered per example by
   ``lora_ids``, so its length is the batch; ``W0`` has no such axis. The routing rules map it
   with `jax.vmap` against the batch axis of the activation.
@@ -40,9 +43,10 @@ from flax_lora._dora import dora_factor, dora_kernel, layered_factor
 from flax_lora._factored._base import Base, as_array, as_base, layer_base
 from flax_lora._stack import gather, gather_dora
 
-Carried = Literal["layer", "example"]
+Carried = Literal["layer", "example", "expert"]
 LAYER: Carried = "layer"
 EXAMPLE: Carried = "example"
+EXPERT: Carried = "expert"
 I_SIDE, O_SIDE = "I", "O"
 
 
@@ -54,7 +58,7 @@ class ViewMeta:
       path: the kernel's path, for messages.
       weights: the adapter's static fields (its arrays are ``None``), for `materialize`.
       ops: the layout ops applied so far, for `materialize`.
-      side: for each axis of the view's base, ``"I"``, ``"O"`` or ``"layer"``.
+      side: for each axis of the view's base, ``"I"``, ``"O"``, ``"layer"`` or ``"expert"``.
       carried: the kind of each leading carried axis of the factors, in order.
       why: why the view can no longer be factored, if it cannot.
     """
@@ -147,13 +151,18 @@ def make_view(path: str, leaf: Any, w: LoraWeights) -> KernelView:
     mask = layer_mask(w)
     if mask is not None:  # layers not picked: zero update, zero gradient
         a = a * jnp.asarray(mask, a.dtype).reshape(mask.shape + (1,) * (a.ndim - 1))
+    carried = (LAYER,) * w.layer_axes + (EXPERT,) * len(w.expert_axes)
+    if w.m is not None and w.expert_axes:  # DoRA on experts: merged at each use (for now)
+        view = _assemble(path, kernel, w, a, w.b, None, root_m, carried)
+        why = "DoRA on an expert kernel (its norms per expert run merged)"
+        return dataclasses.replace(view, meta=dataclasses.replace(view.meta, why=why))
     if w.m is not None and w.layer_axes:
         inner = w.layer_slice(w.layer_axes, a=None, b=None, m=None)
         keep = None if mask is None else jnp.asarray(mask > 0)
         g, root_m = layered_factor(as_array(kernel), inner, a, w.b, w.m, w.layer_axes, keep)
     elif w.m is not None:  # DoRA: the factor per output unit, from W0's norms and low-rank terms
         g = dora_factor(as_array(kernel), w)
-    return _assemble(path, kernel, w, a, w.b, g, root_m, (LAYER,) * w.layer_axes)
+    return _assemble(path, kernel, w, a, w.b, g, root_m, carried)
 
 
 def make_routed_view(
@@ -168,7 +177,7 @@ def make_routed_view(
     """
     a, b = gather(w, ids)
     g, root_m = (None, None) if w.m is None else gather_dora(w, kernel, ids)
-    carried = (EXAMPLE,) + (LAYER,) * w.layer_axes
+    carried = (EXAMPLE,) + (LAYER,) * w.layer_axes + (EXPERT,) * len(w.expert_axes)
     return _assemble(path, kernel, w.entry(), a, b, g, root_m, carried)
 
 
@@ -187,7 +196,13 @@ def _assemble(
     n = len(carried)
     lead = tuple(range(n))
     side = tuple(
-        LAYER if d < w.layer_axes else I_SIDE if d in w.in_axes else O_SIDE
+        LAYER
+        if d < w.layer_axes
+        else EXPERT
+        if d in w.expert_axes
+        else I_SIDE
+        if d in w.in_axes
+        else O_SIDE
         for d in range(len(w.kernel_shape))
     )
     in_order = sorted(range(len(w.in_axes)), key=lambda k: w.in_axes[k])

@@ -1,0 +1,141 @@
+"""The rules of the products that use an expert kernel (issue 16): one LoRA per expert, no expert
+kernel formed forward or backward.
+
+An expert view carries its expert axes (`flax_lora._factored._view.EXPERT`) before the factors'
+input and output axes: ``a (E, *I, r)``, ``b (E, r, *O)``.
+
+- ``dot_general`` whose kernel batch dimensions are exactly the view's expert axes (the batched
+  einsum ``"etd,edf->etf"``, the kernel on either side):
+  ``dot(x, W0) + scale * dot(dot(x, a), b)``, both low-rank products keeping the expert axes as
+  batch dimensions, laid out as the equation's output (kernel first: the branch is transposed).
+- ``ragged_dot_general`` (``jax.lax.ragged_dot``), the kernel as rhs with its group axis the
+  expert axis: ``rd(x, W0, gs) + scale * rd(rd(x, a, gs), b, gs)``, the same group sizes and
+  ragged dimension. JAX differentiates both into products of the factors' size (the ragged
+  backward contracts the ragged axis: ``da (E, *I, r)``).
+
+LoRA dropout masks the branch input with the equation's key, as for Dense. DoRA on an expert
+kernel is not factored yet: its view says so (`flax_lora._factored._view.make_view`) and mode
+``"auto"`` merges it at its use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from flax_lora import _jaxpr as jx
+from flax_lora._factored._base import as_array
+from flax_lora._factored._contract import Evaluator, Result, Unfactored, no_rule
+from flax_lora._factored._lowrank import cast_like
+from flax_lora._factored._rules import dense_rule, dropout, kernel_use, operand
+from flax_lora._factored._view import EXPERT, I_SIDE, KernelView
+
+Key = jax.Array | None
+
+
+def dot_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
+    """``dot_general``: the expert rule for an (unrouted) expert view, else the Dense rule."""
+    if any(isinstance(x, KernelView) and EXPERT in x.meta.carried for x in invals):
+        return expert_dense_rule(interp, eqn, invals, key)
+    return dense_rule(interp, eqn, invals, key)
+
+
+def _not_quantized(eqn: jx.Eqn, invals: list[Any]) -> Unfactored:
+    del eqn, invals
+    return Unfactored("dequantized at this use")
+
+
+def _branch_inputs(
+    interp: Evaluator, v: KernelView, x: Any, op: str, key: Key
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The branch input (dropout applied) and the two factors in a common compute dtype."""
+    x = operand(interp, x, op, "both operands are kernels")
+    dtype = jnp.promote_types(x.dtype, v.a.dtype)
+    return dropout(x, v, key).astype(dtype), v.a.astype(dtype), v.b.astype(dtype)
+
+
+def _finish(base_out: jax.Array, low: jax.Array, v: KernelView) -> list[Any]:
+    low = low * jnp.asarray(v.scale, low.dtype)
+    acc = jnp.promote_types(base_out.dtype, jnp.float32)
+    return [cast_like(base_out.astype(acc) + low.astype(acc), base_out.dtype)]
+
+
+def _expert_dense(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
+    """``dot_general`` with an expert view: the low-rank products batched over the experts."""
+    x_pos = 0 if isinstance(invals[1], KernelView) else 1
+    v = invals[1 - x_pos]
+    if not isinstance(v, KernelView) or v.meta.why is not None:
+        return no_rule(invals)
+    d = jx.dot(eqn)
+    kc, kb = (d.rhs_contract, d.rhs_batch) if x_pos == 0 else (d.lhs_contract, d.lhs_batch)
+    xc, xb = (d.lhs_contract, d.lhs_batch) if x_pos == 0 else (d.rhs_contract, d.rhs_batch)
+    ins, experts = v.axes(I_SIDE), v.axes(EXPERT)
+    if tuple(kb) != tuple(experts) or sorted(kc) != ins or len(v.meta.carried) != len(experts):
+        return Unfactored(
+            f"the expert kernel's batch dimensions {tuple(kb)} and contracted axes {tuple(kc)} "
+            f"are not its expert axes {tuple(experts)} and input axes {tuple(ins)}"
+        )
+    x, a, b = _branch_inputs(interp, v, invals[x_pos], "dot_general", key)
+    n = len(experts)
+    lead = tuple(range(n))
+    hints = dict(precision=d.precision, preferred_element_type=d.preferred_element_type)
+    t = jax.lax.dot_general(
+        x, a, ((xc, tuple(n + ins.index(k) for k in kc)), (xb, lead)), **hints
+    )  # (E, x free..., r)
+    low = jax.lax.dot_general(t, b, (((t.ndim - 1,), (n,)), (lead, lead)), **hints)
+    n_x = t.ndim - 1 - n
+    if x_pos == 1:  # kernel first: the output is (E, kernel free..., x free...)
+        n_o = low.ndim - n - n_x
+        low = jnp.transpose(low, (*lead, *range(n + n_x, n + n_x + n_o), *range(n, n + n_x)))
+    operands = list(invals)
+    operands[x_pos] = as_array(invals[x_pos])
+    operands[1 - x_pos] = as_array(v.base)
+    return _finish(jx.bind(eqn, operands)[0], low, v)
+
+
+def _ragged(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
+    """``ragged_dot_general`` with an expert view as rhs: two grouped low-rank products."""
+    v = invals[1]
+    if any(isinstance(x, KernelView) for x in (invals[0], invals[2])) or not isinstance(
+        v, KernelView
+    ):
+        return Unfactored("the expert kernel is not the rhs of the grouped product")
+    if v.meta.why is not None:
+        return no_rule(invals)
+    rd = jx.ragged_dot(eqn)
+    d = rd.dot
+    ins, experts = v.axes(I_SIDE), v.axes(EXPERT)
+    if (
+        d.lhs_batch
+        or d.rhs_batch
+        or tuple(rd.rhs_group) != tuple(experts)
+        or len(experts) != 1
+        or sorted(d.rhs_contract) != ins
+        or len(v.meta.carried) != 1
+    ):
+        return Unfactored(
+            f"a grouped product with group axes {rd.rhs_group} and contracted axes "
+            f"{d.rhs_contract} of an expert kernel with expert axes {tuple(experts)} and input "
+            f"axes {tuple(ins)}"
+        )
+    x, a, b = _branch_inputs(interp, v, invals[0], "ragged_dot_general", key)
+    gs = as_array(invals[2])
+    hints = dict(precision=d.precision, preferred_element_type=d.preferred_element_type)
+    first = jx.Dot(
+        d.lhs_contract, tuple(1 + ins.index(k) for k in d.rhs_contract), (), (), *hints.values()
+    )
+    t = jax.lax.ragged_dot_general(
+        x, a, gs, jx.ragged_numbers(first, rd.lhs_ragged, (0,)), **hints
+    )  # (x free..., r)
+    free = [k for k in range(x.ndim) if k not in d.lhs_contract]
+    ragged = tuple(free.index(k) for k in rd.lhs_ragged)
+    second = jx.Dot((t.ndim - 1,), (1,), (), (), *hints.values())
+    low = jax.lax.ragged_dot_general(t, b, gs, jx.ragged_numbers(second, ragged, (0,)), **hints)
+    base_out = jx.bind(eqn, [as_array(invals[0]), as_array(v.base), gs])[0]
+    return _finish(base_out, low, v)
+
+
+expert_dense_rule = kernel_use(_not_quantized)(_expert_dense)
+ragged_rule = kernel_use(_not_quantized)(_ragged)
