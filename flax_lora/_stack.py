@@ -169,7 +169,7 @@ def _stack_tables(tables: list[dict[str, LoraWeights]]) -> dict[str, StackedLora
             kernel_shape=w0.kernel_shape,
             kind=w0.kind,
             dropout=w0.dropout,
-            layer_axes=n,
+            layer_axes=w0.layer_axes,
             expert_axes=w0.expert_axes,
             m=m,
             dora=dora,

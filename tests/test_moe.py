@@ -18,6 +18,7 @@ PyTorch's ``(E, D, F)``). Every reference is float64 numpy written without flax_
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -26,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from support.compare import rel_err
-from support.jaxprs import jaxpr_shapes
+from support.internal import _jaxpr
+from support.jaxprs import all_eqns, jaxpr_shapes
 from support.moe_models import D, E, F, L, build, merged64, ref_block64, ref_output, with_kernels
 from support.trees import adapter_entries, leaves_by_path
 
@@ -260,3 +262,44 @@ def test_reference_block_is_the_model():
         p["params/experts/w_out"],
     )
     assert rel_err(case.apply(case.params, case.x), ref) < 1e-5
+
+
+@pytest.mark.parametrize("dispatch", ["einsum", "ragged"])
+def test_routing_stack_over_experts(dispatch):
+    """``lora.stack`` + ``lora_ids``: auto and merged run example ``j`` with adapter ``ids[j]``
+    (per example: the expert axis is no example axis); factored says why it cannot route."""
+    case = build("linen", dispatch)
+    sets = [_init(case), lora.init(jax.random.key(9), case.params, _config(), probe=case.probe)]
+    stacked = lora.stack(sets)
+    ids = jnp.array([1, 0])
+    refs = []
+    for j, i in enumerate([1, 0]):
+        one = dataclasses.replace(case, x=case.x[j : j + 1])
+        refs.append(ref_output(one, case.params, _factors(sets[i])))
+    ref = np.concatenate(refs)
+    for mode in ("auto", "merged"):
+        out = lora.wrap(case.apply, mode)(case.params, stacked, case.x, lora_ids=ids)
+        assert rel_err(out, ref) < 2e-5, mode
+    with pytest.raises(ValueError, match="cannot be routed"):
+        lora.wrap(case.apply, "factored")(case.params, stacked, case.x, lora_ids=ids)
+
+
+def _config() -> Any:
+    return lora.LoraConfig(rank=2, init="random")
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_ragged_dot_accessor(transposed):
+    """`_jaxpr.ragged_dot` reads the expert (group) axis and the contracted axes of the
+    installed JAX's ``ragged_dot_general``, as the probe and the rule use them."""
+    case = build("linen", "ragged", transposed_out=transposed)
+    closed = jax.make_jaxpr(case.probe)(case.params)
+    found = [
+        _jaxpr.ragged_dot(e)
+        for e in all_eqns(closed.jaxpr)
+        if e.primitive.name == "ragged_dot_general"
+    ]
+    assert [(f.rhs_group, f.dot.rhs_contract, f.lhs_ragged) for f in found] == [
+        ((0,), (1,), (0,)),
+        ((0,), (2 if transposed else 1,), (0,)),
+    ]

@@ -13,6 +13,10 @@ input and output axes: ``a (E, *I, r)``, ``b (E, r, *O)``.
   ragged dimension. JAX differentiates both into products of the factors' size (the ragged
   backward contracts the ragged axis: ``da (E, *I, r)``).
 
+Routing stacks (``lora_ids``): the batched einsum's expert axis is a batch dimension, and a
+ragged product's rows are sorted assignments, so neither is routed kernel by kernel; mode
+``"auto"`` runs each example as a batch of one, ``"factored"`` says so.
+
 LoRA dropout masks the branch input with the equation's key, as for Dense. DoRA on an expert
 kernel is not factored yet: its view says so (`flax_lora._factored._view.make_view`) and mode
 ``"auto"`` merges it at its use.
@@ -126,16 +130,28 @@ def _ragged(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Resu
     first = jx.Dot(
         d.lhs_contract, tuple(1 + ins.index(k) for k in d.rhs_contract), (), (), *hints.values()
     )
-    t = jax.lax.ragged_dot_general(
-        x, a, gs, jx.ragged_numbers(first, rd.lhs_ragged, (0,)), **hints
-    )  # (x free..., r)
     free = [k for k in range(x.ndim) if k not in d.lhs_contract]
     ragged = tuple(free.index(k) for k in rd.lhs_ragged)
-    second = jx.Dot((t.ndim - 1,), (1,), (), (), *hints.values())
-    low = jax.lax.ragged_dot_general(t, b, gs, jx.ragged_numbers(second, ragged, (0,)), **hints)
-    base_out = jx.bind(eqn, [as_array(invals[0]), as_array(v.base), gs])[0]
+    second = jx.Dot((x.ndim - len(d.lhs_contract),), (1,), (), (), *hints.values())
+    try:
+        t = jax.lax.ragged_dot_general(
+            x, a, gs, jx.ragged_numbers(first, rd.lhs_ragged, (0,)), **hints
+        )  # (x free..., r)
+        low = jax.lax.ragged_dot_general(t, b, gs, jx.ragged_numbers(second, ragged, (0,)), **hints)
+        base_out = jx.bind(eqn, [as_array(invals[0]), as_array(v.base), gs])[0]
+    except NotImplementedError:  # under jax.vmap (per-example routing): no batching rule
+        return Unfactored("ragged_dot has no batching rule for the factors (jax.vmap)")
     return _finish(base_out, low, v)
 
 
 expert_dense_rule = kernel_use(_not_quantized)(_expert_dense)
-ragged_rule = kernel_use(_not_quantized)(_ragged)
+_ragged_checked = kernel_use(_not_quantized)(_ragged)
+
+
+def ragged_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
+    """``ragged_dot_general``; a routed expert view (``lora_ids``) cannot be mapped per example
+    here (``ragged_dot`` has no batching rule, and its rows are sorted assignments, not
+    examples): the call then runs each example as a batch of one (mode ``"auto"``)."""
+    if any(isinstance(x, KernelView) and x.routed for x in invals):
+        return Unfactored("routing over a ragged_dot expert kernel runs per example")
+    return _ragged_checked(interp, eqn, invals, key)
