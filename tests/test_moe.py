@@ -209,10 +209,18 @@ def test_loop_dispatch(framework, stacked):
         lora.wrap(case.apply, "factored")(case.params, adapters, case.x)
 
 
-@pytest.mark.parametrize("dispatch", ["einsum", "ragged"])
-def test_dora_experts_auto(dispatch):
-    """DoRA per expert and output unit: merged at the expert uses (auto), float64 reference."""
-    case = build("linen", dispatch)
+@pytest.mark.parametrize(
+    "dispatch,transposed,stacked",
+    [
+        ("einsum", False, False),
+        ("einsum", True, True),
+        ("ragged", True, False),
+        ("ragged", False, True),
+    ],
+)
+def test_dora_experts(dispatch, transposed, stacked):
+    """DoRA per expert and output unit (factored, auto, merged), float64 reference."""
+    case = build("linen", dispatch, transposed_out=transposed, stacked=stacked)
     cfg = lora.LoraConfig(rank=2, init="random", dora=True)
     adapters = lora.init(jax.random.key(0), case.params, cfg, probe=case.probe)
     entries = adapter_entries(adapters)
@@ -228,7 +236,7 @@ def test_dora_experts_auto(dispatch):
         kernels[path] = np.expand_dims(m, axes.inputs) * v / norm
     adapters = _rebuild(adapters, entries)
     ref = ref_output(case, with_kernels(case.params, kernels))
-    for mode in ("auto", "merged"):
+    for mode in ("factored", "auto", "merged"):
         assert rel_err(lora.wrap(case.apply, mode)(case.params, adapters, case.x), ref) < 2e-5
 
 

@@ -17,9 +17,11 @@ Routing stacks (``lora_ids``): the batched einsum's expert axis is a batch dimen
 ragged product's rows are sorted assignments, so neither is routed kernel by kernel; mode
 ``"auto"`` runs each example as a batch of one, ``"factored"`` says so.
 
-LoRA dropout masks the branch input with the equation's key, as for Dense. DoRA on an expert
-kernel is not factored yet: its view says so (`flax_lora._factored._view.make_view`) and mode
-``"auto"`` merges it at its use.
+LoRA dropout masks the branch input with the equation's key, as for Dense. DoRA: the output
+times ``g = m / ||V||`` per expert and output unit (the norms factored, mapped over the carried
+axes in `flax_lora._factored._view.make_view`; for a ragged product each row takes its group's
+``g``). DoRA with LoRA dropout on an expert kernel (PEFT refuses both on ``target_parameters``)
+is merged at its use in mode ``"auto"``.
 """
 
 from __future__ import annotations
@@ -60,10 +62,18 @@ def _branch_inputs(
     return dropout(x, v, key).astype(dtype), v.a.astype(dtype), v.b.astype(dtype)
 
 
-def _finish(base_out: jax.Array, low: jax.Array, v: KernelView) -> list[Any]:
+def _finish(
+    base_out: jax.Array, low: jax.Array, v: KernelView, g: jax.Array | None = None
+) -> list[Any]:
+    """``base_out + scale * low``; DoRA: times ``g`` (broadcast to the output already)."""
     low = low * jnp.asarray(v.scale, low.dtype)
     acc = jnp.promote_types(base_out.dtype, jnp.float32)
-    return [cast_like(base_out.astype(acc) + low.astype(acc), base_out.dtype)]
+    out = base_out.astype(acc) + low.astype(acc)
+    return [cast_like(out if g is None else out * g.astype(acc), base_out.dtype)]
+
+
+def _dora_with_dropout(v: KernelView, key: Key) -> bool:
+    return v.g is not None and key is not None and float(v.meta.weights.dropout) > 0
 
 
 def _expert_dense(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
@@ -76,6 +86,8 @@ def _expert_dense(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -
     kc, kb = (d.rhs_contract, d.rhs_batch) if x_pos == 0 else (d.lhs_contract, d.lhs_batch)
     xc, xb = (d.lhs_contract, d.lhs_batch) if x_pos == 0 else (d.rhs_contract, d.rhs_batch)
     ins, experts = v.axes(I_SIDE), v.axes(EXPERT)
+    if _dora_with_dropout(v, key):
+        return Unfactored("DoRA with LoRA dropout on an expert kernel")
     if tuple(kb) != tuple(experts) or sorted(kc) != ins or len(v.meta.carried) != len(experts):
         return Unfactored(
             f"the expert kernel's batch dimensions {tuple(kb)} and contracted axes {tuple(kc)} "
@@ -96,7 +108,12 @@ def _expert_dense(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -
     operands = list(invals)
     operands[x_pos] = as_array(invals[x_pos])
     operands[1 - x_pos] = as_array(v.base)
-    return _finish(jx.bind(eqn, operands)[0], low, v)
+    g = None
+    if v.g is not None:  # (E, *O) -> against (E, x free..., *O), or (E, *O, x free...)
+        ones = (1,) * n_x
+        o_shape = v.g.shape[n:]
+        g = v.g.reshape(*v.g.shape[:n], *(ones + o_shape if x_pos == 0 else o_shape + ones))
+    return _finish(jx.bind(eqn, operands)[0], low, v, g)
 
 
 def _ragged(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
@@ -108,6 +125,8 @@ def _ragged(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Resu
         return Unfactored("the expert kernel is not the rhs of the grouped product")
     if v.meta.why is not None:
         return no_rule(invals)
+    if _dora_with_dropout(v, key):
+        return Unfactored("DoRA with LoRA dropout on an expert kernel")
     rd = jx.ragged_dot(eqn)
     d = rd.dot
     ins, experts = v.axes(I_SIDE), v.axes(EXPERT)
@@ -141,7 +160,14 @@ def _ragged(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Resu
         base_out = jx.bind(eqn, [as_array(invals[0]), as_array(v.base), gs])[0]
     except NotImplementedError:  # under jax.vmap (per-example routing): no batching rule
         return Unfactored("ragged_dot has no batching rule for the factors (jax.vmap)")
-    return _finish(base_out, low, v)
+    g = None
+    if v.g is not None:  # each row's expert's g: (E, *O) -> rows on the ragged axis
+        rows = x.shape[rd.lhs_ragged[0]]
+        expert_of_row = jnp.repeat(jnp.arange(v.g.shape[0]), gs, total_repeat_length=rows)
+        shape = [1] * len(free)
+        shape[ragged[0]] = rows
+        g = v.g[expert_of_row].reshape(*shape, *v.g.shape[1:])
+    return _finish(base_out, low, v, g)
 
 
 expert_dense_rule = kernel_use(_not_quantized)(_expert_dense)

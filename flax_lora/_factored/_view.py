@@ -152,10 +152,25 @@ def make_view(path: str, leaf: Any, w: LoraWeights) -> KernelView:
     if mask is not None:  # layers not picked: zero update, zero gradient
         a = a * jnp.asarray(mask, a.dtype).reshape(mask.shape + (1,) * (a.ndim - 1))
     carried = (LAYER,) * w.layer_axes + (EXPERT,) * len(w.expert_axes)
-    if w.m is not None and w.expert_axes:  # DoRA on experts: merged at each use (for now)
+    n = len(w.carried_axes)
+    if w.m is not None and w.expert_axes and w.carried_axes != tuple(range(n)):
         view = _assemble(path, kernel, w, a, w.b, None, root_m, carried)
-        why = "DoRA on an expert kernel (its norms per expert run merged)"
+        why = "DoRA on an expert kernel whose expert axes do not lead"
         return dataclasses.replace(view, meta=dataclasses.replace(view.meta, why=why))
+    if w.m is not None and w.expert_axes:  # DoRA per expert (and layer): norms mapped over C
+        inner = w.replace(
+            a=None,
+            b=None,
+            m=None,
+            kernel_shape=w.kernel_shape[n:],
+            in_axes=tuple(d - n for d in w.in_axes),
+            layer_axes=0,
+            expert_axes=(),
+            layers=None,
+        )
+        keep = None if mask is None else jnp.asarray(mask > 0)
+        g, root_m = layered_factor(as_array(kernel), inner, a, w.b, w.m, n, keep)
+        return _assemble(path, kernel, w, a, w.b, g, root_m, carried)
     if w.m is not None and w.layer_axes:
         inner = w.layer_slice(w.layer_axes, a=None, b=None, m=None)
         keep = None if mask is None else jnp.asarray(mask > 0)
