@@ -136,7 +136,9 @@ def _chain_rule(g: np.ndarray, a: Any, b: Any, scale: float, axes: Any) -> tuple
     return da.reshape(a64.shape), db.reshape(b64.shape)
 
 
-@pytest.mark.parametrize("framework,dispatch,stacked", CASES)
+@pytest.mark.parametrize(
+    "framework,dispatch,stacked", [*CASES, ("linen", "loop", False), ("nnx", "loop", True)]
+)
 def test_gradients_match_chain_rule(framework, dispatch, stacked):
     case = build(framework, dispatch, stacked=stacked)
     adapters = _init(case)
@@ -196,17 +198,36 @@ def test_stacked_layers_rank_pattern_remat(dispatch):
 @pytest.mark.parametrize("stacked", [False, True])
 @pytest.mark.parametrize("framework", ["linen", "nnx"])
 def test_loop_dispatch(framework, stacked):
-    """A Python loop over experts: ``w[e]`` is taken as an expert axis by the probe; each slice
-    merges the kernel in auto mode; factored mode names the slice."""
+    """A Python loop over experts: the probe takes the axis of ``w[e]`` (``slice`` + ``squeeze``)
+    for an expert axis; each slice cuts the factors with the kernel, so every mode runs."""
     case = build(framework, "loop", stacked=stacked)
     adapters = _init(case)
     for path, w in adapter_entries(adapters).items():
         assert w.carried_axes == case.kernels[path].carried, path
     ref = ref_output(case, case.params, _factors(adapters))
-    for mode in ("auto", "merged"):
+    for mode in ("factored", "auto", "merged"):
         assert rel_err(lora.wrap(case.apply, mode)(case.params, adapters, case.x), ref) < 2e-5
-    with pytest.raises(ValueError, match="slice"):
-        lora.wrap(case.apply, "factored")(case.params, adapters, case.x)
+
+
+def test_traced_expert_index():
+    """``w[i]`` with a traced ``i`` (``dynamic_slice``): factored, vs float64 numpy."""
+    rng = np.random.default_rng(11)
+    params = {"w": jnp.asarray(rng.normal(size=(E, D, F)), jnp.float32)}
+    x = jnp.asarray(rng.normal(size=(3, D)), jnp.float32)
+    order = jnp.array([2, 0, 3])
+
+    def apply(p: Any, x: Any) -> Any:
+        return sum(x[j] @ p["w"][order[j]] for j in range(3))
+
+    adapters = lora.init(jax.random.key(0), params, _config(), probe=lambda p: apply(p, x))
+    w = adapter_entries(adapters)["w"]
+    assert w.a.shape == (E, D, 2) and w.expert_axes == (0,)
+    wm = np.asarray(params["w"], np.float64) + w.scale * np.einsum(
+        "edr,erf->edf", np.asarray(w.a, np.float64), np.asarray(w.b, np.float64)
+    )
+    ref = sum(np.asarray(x[j], np.float64) @ wm[int(order[j])] for j in range(3))
+    out = jax.jit(lora.wrap(apply, "factored"))(params, adapters, x)
+    assert rel_err(out, ref) < 2e-5
 
 
 @pytest.mark.parametrize(

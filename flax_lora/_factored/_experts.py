@@ -34,9 +34,10 @@ import jax.numpy as jnp
 from flax_lora import _jaxpr as jx
 from flax_lora._factored._base import as_array
 from flax_lora._factored._contract import Evaluator, Result, Unfactored, no_rule
+from flax_lora._factored._layout import value_ops_only
 from flax_lora._factored._lowrank import cast_like
 from flax_lora._factored._rules import dense_rule, dropout, kernel_use, operand
-from flax_lora._factored._view import EXPERT, I_SIDE, KernelView
+from flax_lora._factored._view import EXPERT, I_SIDE, KernelView, expert_slice
 
 Key = jax.Array | None
 
@@ -181,3 +182,27 @@ def ragged_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> 
     if any(isinstance(x, KernelView) and x.routed for x in invals):
         return Unfactored("routing over a ragged_dot expert kernel runs per example")
     return _ragged_checked(interp, eqn, invals, key)
+
+
+def slice_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
+    """``slice`` / ``dynamic_slice`` of an expert view to one expert (``w[e]`` in a loop over
+    the experts; the ``squeeze`` that follows is a layout op): the factors are sliced with
+    ``W0``, so each expert's uses are factored by the ordinary rules."""
+    del interp, key
+    v = invals[0]
+    if not isinstance(v, KernelView) or any(isinstance(x, KernelView) for x in invals[1:]):
+        return no_rule(invals)
+    if v.meta.why is not None or v.routed or v.layered or not value_ops_only(v):
+        return Unfactored("a slice of an expert kernel after a layout op")
+    old, new = v.shape, tuple(eqn.outvars[0].aval.shape)
+    changed = [d for d in range(len(old)) if old[d] != new[d]]
+    if len(changed) != 1 or v.meta.side[changed[0]] != EXPERT or new[changed[0]] != 1:
+        return Unfactored("a slice of an expert kernel other than one expert")
+    d = changed[0]
+    if eqn.primitive.name == "slice":
+        start: Any = int(jx.param(eqn, "start_indices")[d])
+    else:  # dynamic_slice(operand, *start_indices)
+        start = as_array(invals[1 + d])
+    take = lambda x, k: jax.lax.dynamic_slice_in_dim(x, start, 1, axis=k)
+    base = jx.bind(eqn, [as_array(v.base), *(as_array(x) for x in invals[1:])])[0]
+    return [expert_slice(v, d, take, base)]

@@ -27,6 +27,7 @@ from flax_lora._factored._view import (
     O_SIDE,
     KernelView,
     ViewMeta,
+    drop_experts,
     transposed,
 )
 from flax_lora._probe import reshape_groups
@@ -75,6 +76,10 @@ def apply_layout(v: KernelView, prim: Any, params: dict[str, Any], out_aval: Any
         return _permute(v, tuple(jx.bound_param(prim, params, "permutation")), new)
     if name == "squeeze":
         drop = {d % len(meta.side) for d in jx.bound_param(prim, params, "dimensions")}
+        if any(meta.side[d] == EXPERT for d in drop):  # ``w[e]``: one expert's kernel
+            if any(meta.side[d] != EXPERT for d in drop) or not value_ops_only(v):
+                return new(v.a, v.b, unknown, "`squeeze` of an expert axis after a layout op")
+            return drop_experts(v, drop, base)
         side = [s for d, s in enumerate(meta.side) if d not in drop]
         return _refactor(v, side, base.shape, new)
     if name == "broadcast_in_dim":
@@ -98,6 +103,12 @@ def apply_layout(v: KernelView, prim: Any, params: dict[str, Any], out_aval: Any
     if why is not None:
         return new(v.a, v.b, unknown, why)
     return _refactor(v, side, base.shape, new)
+
+
+def value_ops_only(v: KernelView) -> bool:
+    """Whether only value ops (casts, sharding) were applied: the view's layout is the
+    kernel's."""
+    return all(p.name in jx.VALUE_OPS for p, _ in v.meta.ops)
 
 
 def _experts_of(side: Any, shape: Any) -> list[int]:

@@ -285,3 +285,36 @@ def per_example(v: KernelView) -> tuple[KernelView, KernelView]:
     )
     mapped = {f: None if getattr(v, f) is None else k for f in _FACTORS}
     return inner, dataclasses.replace(inner, root=None, base=None, **mapped)
+
+
+def expert_slice(v: KernelView, axis: int, take: Any, base: Base) -> KernelView:
+    """The view sliced to one index on its expert axis ``axis`` (``w[e]`` of a loop over the
+    experts): ``take(x, k)`` slices an array on its carried axis ``k``; ``base`` is ``W0``
+    sliced. The view's ops so far must be value ops (its layout is the kernel's): the sliced
+    view starts afresh, ``W0``'s slice as its root."""
+    k = v.axes(EXPERT).index(axis) + v.meta.carried.index(EXPERT)
+    cut = {f: None if getattr(v, f) is None else take(getattr(v, f), k) for f in _FACTORS}
+    w = v.meta.weights.replace(kernel_shape=tuple(base.shape))
+    meta = ViewMeta(v.meta.path, w, (), v.meta.side, v.meta.carried)
+    return dataclasses.replace(v, root=base, base=base, meta=meta, **cut)
+
+
+def drop_experts(v: KernelView, drop: set[int], base: Base) -> KernelView:
+    """The view with its size-1 expert axes ``drop`` squeezed away (the other half of ``w[e]``):
+    an ordinary view of one expert's kernel, ``base`` (``W0`` squeezed) its root."""
+    meta, w = v.meta, v.meta.weights
+    lost = [v.axes(EXPERT).index(d) + meta.carried.index(EXPERT) for d in sorted(drop)]
+    cut = {
+        f: None if getattr(v, f) is None else jnp.squeeze(getattr(v, f), tuple(lost))
+        for f in _FACTORS
+    }
+    shift = lambda d: d - sum(1 for x in drop if x < d)
+    one = w.replace(
+        kernel_shape=tuple(base.shape),
+        in_axes=tuple(shift(d) for d in w.in_axes),
+        expert_axes=tuple(shift(d) for d in w.expert_axes if d not in drop),
+    )
+    side = tuple(s for d, s in enumerate(meta.side) if d not in drop)
+    carried = tuple(c for k, c in enumerate(meta.carried) if k not in lost)
+    meta = ViewMeta(meta.path, one, (), side, carried)
+    return dataclasses.replace(v, root=base, base=base, meta=meta, **cut)
