@@ -47,6 +47,14 @@ def init(
     with explicit ``targets``, every 2-D floating leaf they match. Rows of a 2-D kernel are its
     input axis; kernels of 3 or more dimensions need the probe.
 
+    Expert kernels (mixture of experts): an axis the probe sees as a batch dimension of the
+    ``dot_general`` using the kernel (``jnp.einsum("etd,edf->etf", x, w)``), as the group axis
+    of ``jax.lax.ragged_dot``, or indexed one expert at a time (``w[e]`` in a Python loop) is an
+    expert axis: the adapter holds one LoRA per expert, ``a (*L, *E, *I, r)`` and
+    ``b (*L, *E, r, *O)`` (`LoraWeights.expert_axes`; ``L`` the layer axes of a scan stack),
+    each expert's factors drawn as for a kernel of its own (``init="lora"``: kaiming-uniform
+    ``a`` with ``fan_in = prod(I)``; PiSSA / OLoRA factor each expert's ``W0_e``).
+
     Args:
       key: a PRNG key.
       params: a Linen variables dict (``{"params": ...}``), an NNX state, or any pytree.

@@ -273,8 +273,13 @@ def while_loop(eqn: Eqn) -> While:
 
 def dot(eqn: Eqn) -> Dot:
     """The dimension numbers and precision settings of a ``dot_general`` equation."""
+    return _dot_of(eqn, param(eqn, "dimension_numbers"))
+
+
+def _dot_of(eqn: Eqn, numbers: Any) -> Dot:
+    """A `Dot` from ``((lc, rc), (lb, rb))`` and ``eqn``'s precision settings."""
     try:
-        (lc, rc), (lb, rb) = param(eqn, "dimension_numbers")
+        (lc, rc), (lb, rb) = numbers
     except (TypeError, ValueError):
         raise unsupported(eqn, "dimension_numbers ((lc, rc), (lb, rb))") from None
     return Dot(
@@ -291,18 +296,11 @@ def ragged_dot(eqn: Eqn) -> RaggedDot:
     """The dimension numbers of a ``ragged_dot_general`` equation (jax 0.7.1 to 0.12 alike)."""
     rd = param(eqn, "ragged_dot_dimension_numbers")
     try:
-        (lc, rc), (lb, rb) = rd.dot_dimension_numbers
+        numbers = rd.dot_dimension_numbers
         ragged, group = tuple(rd.lhs_ragged_dimensions), tuple(rd.rhs_group_dimensions)
-    except (AttributeError, TypeError, ValueError):
+    except (AttributeError, TypeError):
         raise unsupported(eqn, "RaggedDotDimensionNumbers(dot_dimension_numbers, ...)") from None
-    dims = Dot(
-        tuple(lc),
-        tuple(rc),
-        tuple(lb),
-        tuple(rb),
-        eqn.params.get("precision"),
-        eqn.params.get("preferred_element_type"),
-    )
+    dims = _dot_of(eqn, numbers)
     return RaggedDot(dims, ragged, group)
 
 

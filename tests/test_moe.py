@@ -332,3 +332,33 @@ def test_ragged_dot_accessor(transposed):
         ((0,), (1,), (0,)),
         ((0,), (2 if transposed else 1,), (0,)),
     ]
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_pissa_per_expert(transposed):
+    """PiSSA factors each expert's ``W0_e`` (the expert axis need not be the SVD's): the
+    residual plus ``scale * a_e @ b_e`` is the kernel, and ``a_e @ b_e`` has rank ``r``."""
+    case = build("nnx", "einsum", transposed_out=transposed)
+    cfg = lora.LoraConfig(rank=2, init="pissa", targets=".*w_out")
+    adapters, residual = lora.init(jax.random.key(0), case.params, cfg, probe=case.probe)
+    ((path, w),) = adapter_entries(adapters).items()
+    axes = case.kernels[path]
+    back = merged64(case, residual, {path: (w.a, w.b, w.scale)})[path]
+    w0 = np.asarray(leaves_by_path(case.params)[path], np.float64)
+    assert rel_err(back, w0) < 1e-5
+    for e in range(E):  # the top-2 singular values of each expert's matrix
+        mat = w0[e].T if axes.inputs == (2,) else w0[e]
+        s = np.linalg.svd(mat, compute_uv=False)[:2]
+        ab = np.asarray(w.a[e], np.float64) @ np.asarray(w.b[e], np.float64) * w.scale
+        assert np.allclose(np.linalg.svd(ab, compute_uv=False)[:2], s, rtol=1e-4)
+
+
+def test_lora_init_per_expert_kaiming():
+    """``init="lora"``: ``b = 0``; each expert's ``a`` kaiming-uniform with fan-in ``D`` (bound
+    ``1/sqrt(D)``), the experts drawn independently."""
+    case = build("linen", "ragged")
+    w = adapter_entries(_init(case, init="lora", rank=4))["params/experts/w_in"]
+    a = np.asarray(w.a)
+    assert np.all(np.asarray(w.b) == 0)
+    assert np.abs(a).max() <= 1 / math.sqrt(D) and np.abs(a).max() > 0.5 / math.sqrt(D)
+    assert not np.allclose(a[0], a[1])

@@ -192,7 +192,9 @@ def slice_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> R
     v = invals[0]
     if not isinstance(v, KernelView) or any(isinstance(x, KernelView) for x in invals[1:]):
         return no_rule(invals)
-    if v.meta.why is not None or v.routed or v.layered or not value_ops_only(v):
+    if v.meta.why is not None or EXPERT not in v.meta.carried:
+        return no_rule(invals)
+    if v.routed or v.layered or not value_ops_only(v):
         return Unfactored("a slice of an expert kernel after a layout op")
     old, new = v.shape, tuple(eqn.outvars[0].aval.shape)
     changed = [d for d in range(len(old)) if old[d] != new[d]]
