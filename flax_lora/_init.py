@@ -47,6 +47,14 @@ def init(
     with explicit ``targets``, every 2-D floating leaf they match. Rows of a 2-D kernel are its
     input axis; kernels of 3 or more dimensions need the probe.
 
+    Expert kernels (mixture of experts): an axis the probe sees as a batch dimension of the
+    ``dot_general`` using the kernel (``jnp.einsum("etd,edf->etf", x, w)``), as the group axis
+    of ``jax.lax.ragged_dot``, or indexed one expert at a time (``w[e]`` in a Python loop) is an
+    expert axis: the adapter holds one LoRA per expert, ``a (*L, *E, *I, r)`` and
+    ``b (*L, *E, r, *O)`` (`LoraWeights.expert_axes`; ``L`` the layer axes of a scan stack),
+    each expert's factors drawn as for a kernel of its own (``init="lora"``: kaiming-uniform
+    ``a`` with ``fan_in = prod(I)``; PiSSA / OLoRA factor each expert's ``W0_e``).
+
     Args:
       key: a PRNG key.
       params: a Linen variables dict (``{"params": ...}``), an NNX state, or any pytree.
@@ -87,7 +95,10 @@ def init(
     new_kernels: dict[str, PyTree] = {}
     for k, (path, (kind, in_axes)) in zip(keys, selected.items(), strict=False):
         n, layers = stacked.get(path, (0, None))
-        w, residual = _adapter(k, path, leaves[path], kind, in_axes, config, n, layers)
+        experts = uses[path].expert_axes if uses is not None and path in uses else ()
+        w, residual = _adapter(
+            k, path, leaves[path], kind, in_axes, config, n, layers, tuple(experts)
+        )
         if config.dora:
             w = with_magnitude(w, residual if residual is not None else bases[path])
         adapters.append((path, w))
@@ -168,7 +179,8 @@ def _select(
                 "probe=lambda p: model.apply(p, x) to lora.init so that its input axes can be "
                 "learned (2-D kernels need no probe)."
             )
-        if not in_axes or len(in_axes) == leaf.ndim:
+        n_experts = len(uses[path].expert_axes) if uses is not None and path in uses else 0
+        if not in_axes or len(in_axes) + n_experts >= leaf.ndim:
             raise ValueError(
                 f"Kernel {path!r} of shape {tuple(leaf.shape)}: the probe contracts axes "
                 f"{in_axes}, which leaves no input or no output axis to factor."
@@ -232,7 +244,10 @@ def layered_kernels(
                 "layers must be its leading axes."
             )
         in_axes = selected[path][1]
-        if any(i < n for i in in_axes) or len(in_axes) + n >= len(shape):
+        experts = tuple(getattr(use, "expert_axes", ()) or ())
+        if any(i < n for i in (*in_axes, *experts)) or len(in_axes) + len(experts) + n >= len(
+            shape
+        ):
             raise ValueError(
                 f"Kernel {path!r} of shape {shape} with {n} layer axis(es): the probe contracts "
                 f"axes {in_axes}, which leaves no input or no output axis to factor."
@@ -261,15 +276,17 @@ def _adapter(
     config: LoraConfig,
     n_layer_axes: int,
     layers: tuple[int, ...] | None,
+    experts: tuple[int, ...] = (),
 ) -> tuple[LoraWeights, PyTree]:
     """The adapter of one kernel (``n_layer_axes`` leading layer axes of a scan-stacked kernel,
-    adapted on ``layers`` of the first one, ``None``: all), and the base it runs on when the
-    init replaces it (PiSSA/OLoRA: the residual kernel; LoftQ: its `QuantizedKernel`), else
-    ``None``."""
+    adapted on ``layers`` of the first one, ``None``: all; ``experts``: its expert axes, one
+    adapter per expert), and the base it runs on when the init replaces it (PiSSA/OLoRA: the
+    residual kernel; LoftQ: its `QuantizedKernel`), else ``None``."""
     shape = tuple(kernel.shape)
     n = n_layer_axes
     lead = tuple(range(n))
-    out_axes = tuple(d for d in range(n, len(shape)) if d not in in_axes)
+    carried = (*lead, *experts)
+    out_axes = tuple(d for d in range(n, len(shape)) if d not in in_axes and d not in experts)
     in_shape = tuple(shape[i] for i in in_axes)
     out_shape = tuple(shape[i] for i in out_axes)
     r, scale = config.rank_for(path), config.scale_for(path)
@@ -280,10 +297,16 @@ def _adapter(
             f"init={config.init!r} needs rank <= min(fan_in, fan_out) = {fan} for {path!r} "
             f"({where}, input axes {tuple(in_axes)}); got rank {r}."
         )
+    c_shape = tuple(shape[d] for d in carried)
     picked = None
-    if layers is not None:  # the layers picked on the first layer axis
+    if layers is not None:  # the layers picked on the first layer axis (every expert)
         picked = np.zeros(shape[:n], bool)
         picked[list(layers)] = True
+        picked = np.broadcast_to(picked.reshape(shape[:n] + (1,) * len(experts)), c_shape)
+    if experts and config.init == "loftq":
+        raise ValueError(
+            f"init='loftq' does not support expert kernels yet ({path!r}, expert axes {experts})."
+        )
     if config.init == "loftq":  # the base becomes Q, quantized
         a, b, base = loftq_factors(
             kernel,
@@ -296,14 +319,19 @@ def _adapter(
             picked=picked,
         )
     else:
-        a, b, base = init_factors(
-            key, kernel, config.init, kind, in_axes, r, scale, config.dtype, n, picked
+        a, b, base = _carried_first(
+            lambda k_t, in_t: init_factors(
+                key, k_t, config.init, kind, in_t, r, scale, config.dtype, len(carried), picked
+            ),
+            kernel,
+            carried,
+            in_axes,
         )
-    a = a.astype(config.dtype).reshape((*shape[:n], *in_shape, r))
-    b = b.astype(config.dtype).reshape((*shape[:n], r, *out_shape))
+    a = a.astype(config.dtype).reshape((*c_shape, *in_shape, r))
+    b = b.astype(config.dtype).reshape((*c_shape, r, *out_shape))
     w = LoraWeights(
-        a=place(a, kernel, (*lead, *in_axes), -1),
-        b=place(b, kernel, (*lead, *out_axes), n),
+        a=place(a, kernel, (*carried, *in_axes), -1),
+        b=place(b, kernel, (*carried, *out_axes), len(carried)),
         scale=scale,
         in_axes=tuple(in_axes),
         kernel_shape=shape,
@@ -311,5 +339,28 @@ def _adapter(
         dropout=float(config.dropout),
         layer_axes=n,
         layers=layers,
+        expert_axes=experts,
     )
     return w, base
+
+
+def _carried_first(
+    make: Callable[[Any, tuple[int, ...]], tuple[Any, Any, Any]],
+    kernel: jax.Array | jax.ShapeDtypeStruct,
+    carried: tuple[int, ...],
+    in_axes: tuple[int, ...],
+) -> tuple[Any, Any, Any]:
+    """``make(kernel, in_axes)`` on the kernel with its carried axes moved first (an expert
+    axis need not lead), its residual base (if any) put back in the kernel's layout."""
+    rest = tuple(d for d in range(len(kernel.shape)) if d not in carried)
+    perm = (*carried, *rest)
+    if perm == tuple(range(len(perm))):
+        return make(kernel, in_axes)
+    if isinstance(kernel, jax.ShapeDtypeStruct):
+        moved: Any = jax.ShapeDtypeStruct(tuple(kernel.shape[d] for d in perm), kernel.dtype)
+    else:
+        moved = jnp.transpose(kernel, perm)
+    a, b, base = make(moved, tuple(perm.index(d) for d in in_axes))
+    if base is not None:
+        base = jnp.transpose(base, tuple(perm.index(d) for d in range(len(perm))))
+    return a, b, base

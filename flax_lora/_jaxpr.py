@@ -23,6 +23,7 @@ primitive                          view
 ``cond``                            `Cond`: the branches
 ``while``                           `While`: cond and body, their numbers of consts
 ``dot_general``                     `Dot`: contracting and batch dimensions, precision, ...
+``ragged_dot_general``              `RaggedDot`: `Dot`'s fields, ragged and group dimensions
 =================================  ==================================================
 
 First-order primitives (``transpose``, ``gather``, ``conv_general_dilated``, ...) are read with
@@ -161,6 +162,16 @@ class Dot(NamedTuple):
     preferred_element_type: Any
 
 
+class RaggedDot(NamedTuple):
+    """``ragged_dot_general`` (``jax.lax.ragged_dot``; operands ``lhs, rhs, group_sizes``):
+    the `Dot` of its dimension numbers, the lhs ragged dimensions and the rhs group (expert)
+    dimensions (``()`` in the backward mode that contracts the ragged axis)."""
+
+    dot: Dot
+    lhs_ragged: tuple[int, ...]
+    rhs_group: tuple[int, ...]
+
+
 CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
 REMATS = frozenset({"remat2", "checkpoint", "remat"})
 CUSTOMS = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
@@ -262,8 +273,13 @@ def while_loop(eqn: Eqn) -> While:
 
 def dot(eqn: Eqn) -> Dot:
     """The dimension numbers and precision settings of a ``dot_general`` equation."""
+    return _dot_of(eqn, param(eqn, "dimension_numbers"))
+
+
+def _dot_of(eqn: Eqn, numbers: Any) -> Dot:
+    """A `Dot` from ``((lc, rc), (lb, rb))`` and ``eqn``'s precision settings."""
     try:
-        (lc, rc), (lb, rb) = param(eqn, "dimension_numbers")
+        (lc, rc), (lb, rb) = numbers
     except (TypeError, ValueError):
         raise unsupported(eqn, "dimension_numbers ((lc, rc), (lb, rb))") from None
     return Dot(
@@ -276,6 +292,31 @@ def dot(eqn: Eqn) -> Dot:
     )
 
 
+def ragged_dot(eqn: Eqn) -> RaggedDot:
+    """The dimension numbers of a ``ragged_dot_general`` equation (jax 0.7.1 to 0.12 alike)."""
+    rd = param(eqn, "ragged_dot_dimension_numbers")
+    try:
+        numbers = rd.dot_dimension_numbers
+        ragged, group = tuple(rd.lhs_ragged_dimensions), tuple(rd.rhs_group_dimensions)
+    except (AttributeError, TypeError):
+        raise unsupported(eqn, "RaggedDotDimensionNumbers(dot_dimension_numbers, ...)") from None
+    dims = _dot_of(eqn, numbers)
+    return RaggedDot(dims, ragged, group)
+
+
+def ragged_numbers(dims: Dot, lhs_ragged: Sequence[int], rhs_group: Sequence[int]) -> Any:
+    """``jax.lax.RaggedDotDimensionNumbers`` from a `Dot`'s dimensions and the ragged and group
+    dimensions (to bind ``ragged_dot_general`` with new operands)."""
+    return jax.lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(
+            (tuple(dims.lhs_contract), tuple(dims.rhs_contract)),
+            (tuple(dims.lhs_batch), tuple(dims.rhs_batch)),
+        ),
+        lhs_ragged_dimensions=tuple(lhs_ragged),
+        rhs_group_dimensions=tuple(rhs_group),
+    )
+
+
 _VIEWS = {
     **dict.fromkeys(CALLS, call),
     **dict.fromkeys(REMATS, remat),
@@ -284,10 +325,13 @@ _VIEWS = {
     "cond": cond,
     "while": while_loop,
     "dot_general": dot,
+    "ragged_dot_general": ragged_dot,
 }
 
 
-def construct(eqn: Eqn) -> Call | Remat | CustomCall | Scan | Cond | While | Dot | None:
+def construct(
+    eqn: Eqn,
+) -> Call | Remat | CustomCall | Scan | Cond | While | Dot | RaggedDot | None:
     """The typed view of ``eqn`` when it is one of the constructs above, else ``None``.
 
     Raises:

@@ -113,7 +113,7 @@ def with_magnitude(w: LoraWeights, base: jax.Array | QuantizedKernel) -> LoraWei
     if is_quantized(base):
         base = dequantize_kernel(base)
     m = weight_norm(base, w, jnp.promote_types(base.dtype, jnp.float32)).astype(w.b.dtype)
-    return w.replace(m=place(m, base, (*range(w.layer_axes), *w.out_axes)))
+    return w.replace(m=place(m, base, (*w.carried_axes, *w.out_axes)))
 
 
 def _factor(

@@ -7,7 +7,12 @@ uses it:
 
 - ``gather`` (an Embed lookup): the gathered axis is the input axis -> ``"embed"``;
 - ``conv_general_dilated``: the input-feature and spatial axes -> ``"conv"``;
-- ``dot_general``: the contracted axes -> ``"dense"``.
+- ``dot_general``: the contracted axes -> ``"dense"``; the kernel's batch dimensions are its
+  **expert axes** (``jnp.einsum("etd,edf->etf", x, w)``);
+- ``ragged_dot_general`` (``jax.lax.ragged_dot``), the kernel as rhs: the contracted axes ->
+  ``"dense"``, the group axis an expert axis;
+- a Python loop over experts (``w[e]``: ``slice`` / ``dynamic_slice`` to size 1, then
+  ``squeeze``): the axis sliced to one index and squeezed is an expert axis too.
 
 An Embed table is classified by its lookup also when the same table is contracted by ``attend``.
 """
@@ -34,6 +39,7 @@ class Use:
     kind: Kind
     in_axes: tuple[int, ...]
     layer_axes: tuple[int, ...] = ()  # kernel axes sliced off by enclosing scans (stacked layers)
+    expert_axes: tuple[int, ...] = ()  # batch / group axes of the product, or sliced per expert
 
 
 def reshape_groups(
@@ -92,6 +98,7 @@ def _axes(amap: AxisMap, dims: Sequence[int]) -> tuple[int, ...]:
 def _walk(jaxpr: Any, tracked: dict[Any, tuple[str, AxisMap]], uses: dict[str, list[Use]]) -> dict:
     """Follows tracked vars through ``jaxpr``; returns the tracked outvars."""
     env = dict(tracked)
+    pinned: dict[Any, tuple[int, ...]] = {}  # var -> kernel axes taken at one index (``w[e]``)
 
     def get(v: Any) -> tuple[str, AxisMap] | None:
         return None if jx.is_literal(v) else env.get(v)
@@ -101,9 +108,19 @@ def _walk(jaxpr: Any, tracked: dict[Any, tuple[str, AxisMap]], uses: dict[str, l
         ins = [get(v) for v in eqn.invars]
         if not any(ins):
             continue
+        first = eqn.invars[0]
+        carry = pinned.get(first, ()) if not jx.is_literal(first) else ()
+        if carry and name in jx.LAYOUT_OPS | jx.KEEPS_AXES | {"slice", "dynamic_slice"}:
+            pinned[eqn.outvars[0]] = carry
         if name in jx.KEEPS_AXES and ins[0] is not None:
             for o in eqn.outvars:
                 env[o] = ins[0]
+        elif name in ("slice", "dynamic_slice") and ins[0] is not None:
+            path, amap = ins[0]
+            env[eqn.outvars[0]] = ins[0]
+            old, new = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+            one = {k for d in range(len(old)) if new[d] == 1 < old[d] for k in amap[d]}
+            pinned[eqn.outvars[0]] = tuple(sorted({*carry, *one}))
         elif name == "transpose":
             path, amap = ins[0]
             env[eqn.outvars[0]] = (path, tuple(amap[p] for p in jx.param(eqn, "permutation")))
@@ -118,10 +135,22 @@ def _walk(jaxpr: Any, tracked: dict[Any, tuple[str, AxisMap]], uses: dict[str, l
             env[eqn.outvars[0]] = (path, tuple(m for i, m in enumerate(amap) if i not in drop))
         elif name == "dot_general":
             d = jx.dot(eqn)
-            for operand, contract in ((ins[0], d.lhs_contract), (ins[1], d.rhs_contract)):
-                if operand is not None:
-                    path, amap = operand
-                    uses.setdefault(path, []).append(Use("dense", _axes(amap, contract)))
+            for k, contract, batch in (
+                (0, d.lhs_contract, d.lhs_batch),
+                (1, d.rhs_contract, d.rhs_batch),
+            ):
+                if ins[k] is not None:
+                    path, amap = ins[k]
+                    experts = tuple(sorted({*_axes(amap, batch), *pinned.get(eqn.invars[k], ())}))
+                    use = Use("dense", _axes(amap, contract), expert_axes=experts)
+                    uses.setdefault(path, []).append(use)
+        elif name == "ragged_dot_general" and ins[1] is not None:
+            rd = jx.ragged_dot(eqn)
+            path, amap = ins[1]
+            experts = _axes(amap, rd.rhs_group)
+            uses.setdefault(path, []).append(
+                Use("dense", _axes(amap, rd.dot.rhs_contract), (), experts)
+            )
         elif name == "conv_general_dilated" and ins[1] is not None:
             path, amap = ins[1]
             rhs_spec = jx.param(eqn, "dimension_numbers").rhs_spec

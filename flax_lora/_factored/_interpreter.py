@@ -30,8 +30,9 @@ import jax.numpy as jnp
 from flax_lora import _jaxpr as jx
 from flax_lora._factored._base import as_array, is_quant_base
 from flax_lora._factored._contract import Evaluator, Rule, Unfactored, no_rule
+from flax_lora._factored._experts import dot_rule, ragged_rule, slice_rule
 from flax_lora._factored._layout import layout_of, layout_rule
-from flax_lora._factored._rules import conv_rule, dense_rule, gather_rule
+from flax_lora._factored._rules import conv_rule, gather_rule
 from flax_lora._factored._scan import scan_rule
 from flax_lora._factored._view import KernelView, materialize
 from flax_lora._typing import Mode
@@ -79,7 +80,10 @@ RULES: dict[str, Rule] = {
     **dict.fromkeys(jx.CALLS, call_rule),
     **dict.fromkeys(jx.REMATS, remat_rule),
     "scan": scan_rule,
-    "dot_general": dense_rule,
+    "dot_general": dot_rule,
+    "ragged_dot_general": ragged_rule,
+    "slice": slice_rule,
+    "dynamic_slice": slice_rule,
     "gather": gather_rule,
     "conv_general_dilated": conv_rule,
 }

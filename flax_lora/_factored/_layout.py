@@ -20,7 +20,16 @@ import jax.numpy as jnp
 from flax_lora import _jaxpr as jx
 from flax_lora._factored._base import Base, layout
 from flax_lora._factored._contract import Evaluator, Result, no_rule
-from flax_lora._factored._view import I_SIDE, LAYER, O_SIDE, KernelView, ViewMeta, transposed
+from flax_lora._factored._view import (
+    EXPERT,
+    I_SIDE,
+    LAYER,
+    O_SIDE,
+    KernelView,
+    ViewMeta,
+    drop_experts,
+    transposed,
+)
 from flax_lora._probe import reshape_groups
 
 _New = Callable[..., KernelView]  # the view after the op, from its factors and sides
@@ -51,6 +60,8 @@ def apply_layout(v: KernelView, prim: Any, params: dict[str, Any], out_aval: Any
     ops = (*meta.ops, (prim, params))
 
     def new(a: Any, b: Any, side: Any, why: str | None = meta.why, g: Any = v.g) -> KernelView:
+        if why is None and _experts_of(side, base.shape) != _experts_of(meta.side, v.shape):
+            why = f"`{name}` moves, merges or drops an expert axis"
         changed = ViewMeta(meta.path, meta.weights, ops, tuple(side), meta.carried, why)
         return dataclasses.replace(v, base=base, a=a, b=b, g=g, meta=changed)
 
@@ -65,6 +76,10 @@ def apply_layout(v: KernelView, prim: Any, params: dict[str, Any], out_aval: Any
         return _permute(v, tuple(jx.bound_param(prim, params, "permutation")), new)
     if name == "squeeze":
         drop = {d % len(meta.side) for d in jx.bound_param(prim, params, "dimensions")}
+        if any(meta.side[d] == EXPERT for d in drop):  # ``w[e]``: one expert's kernel
+            if any(meta.side[d] != EXPERT for d in drop) or not value_ops_only(v):
+                return new(v.a, v.b, unknown, "`squeeze` of an expert axis after a layout op")
+            return drop_experts(v, drop, base)
         side = [s for d, s in enumerate(meta.side) if d not in drop]
         return _refactor(v, side, base.shape, new)
     if name == "broadcast_in_dim":
@@ -88,6 +103,17 @@ def apply_layout(v: KernelView, prim: Any, params: dict[str, Any], out_aval: Any
     if why is not None:
         return new(v.a, v.b, unknown, why)
     return _refactor(v, side, base.shape, new)
+
+
+def value_ops_only(v: KernelView) -> bool:
+    """Whether only value ops (casts, sharding) were applied: the view's layout is the
+    kernel's."""
+    return all(p.name in jx.VALUE_OPS for p, _ in v.meta.ops)
+
+
+def _experts_of(side: Any, shape: Any) -> list[int]:
+    """The sizes of the expert axes, in order (they must pass a layout op unchanged)."""
+    return [shape[d] for d, s in enumerate(side) if s == EXPERT]
 
 
 def _permute(v: KernelView, perm: tuple[int, ...], new: _New) -> KernelView:

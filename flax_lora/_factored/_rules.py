@@ -9,7 +9,7 @@ being one small function of the layer input and the two factors (`flax_lora._fac
 - ``gather`` (an Embed lookup): the gathered rows of ``a`` times ``scale * b``;
 - ``conv_general_dilated``: ``conv(x, a)`` contracted with ``scale * b``.
 
-What every such rule checks first is in `_kernel_use`: a routed kernel runs per example
+What every such rule checks first is in `kernel_use`: a routed kernel runs per example
 (`flax_lora._factored._routing`), a layer-stacked kernel used whole and mode ``"merged"`` are
 `Unfactored`; and an op on quantized kernels without adapter (QLoRA) dequantizes them at the
 product or the lookup (`flax_lora._factored._base`). LoRA dropout masks the branch input with
@@ -39,7 +39,7 @@ BaseRule = Callable[[jx.Eqn, list[Any]], Result]
 
 
 # -- what every use of a kernel checks first ----------------------------------------------------
-def _kernel_use(base_rule: BaseRule) -> Callable[[Rule], Rule]:
+def kernel_use(base_rule: BaseRule) -> Callable[[Rule], Rule]:
     """Completes the rule of an op that uses a kernel with what every such rule does first.
 
     ``base_rule(eqn, invals)`` serves the op when no adapted kernel is among its inputs, only
@@ -92,7 +92,7 @@ def _base_gather(eqn: jx.Eqn, invals: list[Any]) -> Result:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def _operand(interp: Evaluator, x: Any, op: str, reason: str) -> jax.Array:
+def operand(interp: Evaluator, x: Any, op: str, reason: str) -> jax.Array:
     """An operand the rule needs as an array: a view is merged, a quantized base dequantized."""
     return interp.merged(x, op, reason) if isinstance(x, KernelView) else as_array(x)
 
@@ -259,14 +259,14 @@ def _dora_out(
     return cast_like(out, base_out.dtype)
 
 
-@_kernel_use(_base_dense)
+@kernel_use(_base_dense)
 def dense_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
     """``dot_general`` with a kernel view, its branch shared with later siblings where it can."""
     x_pos = 0 if isinstance(invals[1], KernelView) else 1
     v = invals[1 - x_pos]
     if v.meta.why is not None:
         return no_rule(invals)
-    x = _operand(interp, invals[x_pos], "dot_general", "both operands are kernels")
+    x = operand(interp, invals[x_pos], "dot_general", "both operands are kernels")
     dims = jx.dot(eqn)
     plan = plan_dense(eqn, tuple(jnp.shape(x)), v, x_pos == 0)
     if isinstance(plan, Unfactored):
@@ -319,14 +319,14 @@ def _siblings(
     return group
 
 
-@_kernel_use(_base_gather)
+@kernel_use(_base_gather)
 def gather_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
     """``gather`` of rows of a kernel view (an Embed lookup; no dropout there, as PEFT)."""
     del key
     v = invals[0]
     if not isinstance(v, KernelView) or v.meta.why is not None:
         return no_rule(invals)
-    indices = _operand(interp, invals[1], "gather", "kernel as indices")
+    indices = operand(interp, invals[1], "gather", "kernel as indices")
     dn = jx.param(eqn, "dimension_numbers")
     sizes = tuple(jx.param(eqn, "slice_sizes"))
     ins, outs = v.axes(I_SIDE), v.axes(O_SIDE)
@@ -364,13 +364,13 @@ def gather_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> 
     return [base_out + cast_like(low, base_out.dtype)]
 
 
-@_kernel_use(_dequantized)
+@kernel_use(_dequantized)
 def conv_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
     """``conv_general_dilated`` of an input with a kernel view (not a grouped convolution)."""
     v = invals[1]
     if not isinstance(v, KernelView) or v.meta.why is not None:
         return no_rule(invals)
-    x = _operand(interp, invals[0], "conv_general_dilated", "both operands are kernels")
+    x = operand(interp, invals[0], "conv_general_dilated", "both operands are kernels")
     if jx.param(eqn, "feature_group_count") != 1 or jx.param(eqn, "batch_group_count") != 1:
         return Unfactored("it is a grouped convolution")
     dn = jx.param(eqn, "dimension_numbers")

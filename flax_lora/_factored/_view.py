@@ -17,6 +17,9 @@ them out (`make_view`, `make_routed_view`), slices them (`per_layer`) and maps t
 - ``"layer"``: the layer axis of a kernel stacked by ``nn.scan`` / ``nnx.scan``. ``W0`` has it
   too (its side is ``"layer"``); the scan rule slices it together with ``W0``, so the scan's
   body sees an ordinary view of one layer.
+- ``"expert"``: an expert axis of the kernel (`LoraWeights.expert_axes`; its side is
+  ``"expert"``): ``W0`` has it too, and the expert rules (`flax_lora._factored._experts`) keep
+  it a batch (or group) dimension of the low-rank products.
 - ``"example"``: the adapter axis of a routing stack (`lora.stack`), gathered per example by
   ``lora_ids``, so its length is the batch; ``W0`` has no such axis. The routing rules map it
   with `jax.vmap` against the batch axis of the activation.
@@ -40,9 +43,10 @@ from flax_lora._dora import dora_factor, dora_kernel, layered_factor
 from flax_lora._factored._base import Base, as_array, as_base, layer_base
 from flax_lora._stack import gather, gather_dora
 
-Carried = Literal["layer", "example"]
+Carried = Literal["layer", "example", "expert"]
 LAYER: Carried = "layer"
 EXAMPLE: Carried = "example"
+EXPERT: Carried = "expert"
 I_SIDE, O_SIDE = "I", "O"
 
 
@@ -54,7 +58,7 @@ class ViewMeta:
       path: the kernel's path, for messages.
       weights: the adapter's static fields (its arrays are ``None``), for `materialize`.
       ops: the layout ops applied so far, for `materialize`.
-      side: for each axis of the view's base, ``"I"``, ``"O"`` or ``"layer"``.
+      side: for each axis of the view's base, ``"I"``, ``"O"``, ``"layer"`` or ``"expert"``.
       carried: the kind of each leading carried axis of the factors, in order.
       why: why the view can no longer be factored, if it cannot.
     """
@@ -147,13 +151,33 @@ def make_view(path: str, leaf: Any, w: LoraWeights) -> KernelView:
     mask = layer_mask(w)
     if mask is not None:  # layers not picked: zero update, zero gradient
         a = a * jnp.asarray(mask, a.dtype).reshape(mask.shape + (1,) * (a.ndim - 1))
+    carried = (LAYER,) * w.layer_axes + (EXPERT,) * len(w.expert_axes)
+    n = len(w.carried_axes)
+    if w.m is not None and w.expert_axes and w.carried_axes != tuple(range(n)):
+        view = _assemble(path, kernel, w, a, w.b, None, root_m, carried)
+        why = "DoRA on an expert kernel whose expert axes do not lead"
+        return dataclasses.replace(view, meta=dataclasses.replace(view.meta, why=why))
+    if w.m is not None and w.expert_axes:  # DoRA per expert (and layer): norms mapped over C
+        inner = w.replace(
+            a=None,
+            b=None,
+            m=None,
+            kernel_shape=w.kernel_shape[n:],
+            in_axes=tuple(d - n for d in w.in_axes),
+            layer_axes=0,
+            expert_axes=(),
+            layers=None,
+        )
+        keep = None if mask is None else jnp.asarray(mask > 0)
+        g, root_m = layered_factor(as_array(kernel), inner, a, w.b, w.m, n, keep)
+        return _assemble(path, kernel, w, a, w.b, g, root_m, carried)
     if w.m is not None and w.layer_axes:
         inner = w.layer_slice(w.layer_axes, a=None, b=None, m=None)
         keep = None if mask is None else jnp.asarray(mask > 0)
         g, root_m = layered_factor(as_array(kernel), inner, a, w.b, w.m, w.layer_axes, keep)
     elif w.m is not None:  # DoRA: the factor per output unit, from W0's norms and low-rank terms
         g = dora_factor(as_array(kernel), w)
-    return _assemble(path, kernel, w, a, w.b, g, root_m, (LAYER,) * w.layer_axes)
+    return _assemble(path, kernel, w, a, w.b, g, root_m, carried)
 
 
 def make_routed_view(
@@ -168,7 +192,7 @@ def make_routed_view(
     """
     a, b = gather(w, ids)
     g, root_m = (None, None) if w.m is None else gather_dora(w, kernel, ids)
-    carried = (EXAMPLE,) + (LAYER,) * w.layer_axes
+    carried = (EXAMPLE,) + (LAYER,) * w.layer_axes + (EXPERT,) * len(w.expert_axes)
     return _assemble(path, kernel, w.entry(), a, b, g, root_m, carried)
 
 
@@ -187,7 +211,13 @@ def _assemble(
     n = len(carried)
     lead = tuple(range(n))
     side = tuple(
-        LAYER if d < w.layer_axes else I_SIDE if d in w.in_axes else O_SIDE
+        LAYER
+        if d < w.layer_axes
+        else EXPERT
+        if d in w.expert_axes
+        else I_SIDE
+        if d in w.in_axes
+        else O_SIDE
         for d in range(len(w.kernel_shape))
     )
     in_order = sorted(range(len(w.in_axes)), key=lambda k: w.in_axes[k])
@@ -255,3 +285,36 @@ def per_example(v: KernelView) -> tuple[KernelView, KernelView]:
     )
     mapped = {f: None if getattr(v, f) is None else k for f in _FACTORS}
     return inner, dataclasses.replace(inner, root=None, base=None, **mapped)
+
+
+def expert_slice(v: KernelView, axis: int, take: Any, base: Base) -> KernelView:
+    """The view sliced to one index on its expert axis ``axis`` (``w[e]`` of a loop over the
+    experts): ``take(x, k)`` slices an array on its carried axis ``k``; ``base`` is ``W0``
+    sliced. The view's ops so far must be value ops (its layout is the kernel's): the sliced
+    view starts afresh, ``W0``'s slice as its root."""
+    k = v.axes(EXPERT).index(axis) + v.meta.carried.index(EXPERT)
+    cut = {f: None if getattr(v, f) is None else take(getattr(v, f), k) for f in _FACTORS}
+    w = v.meta.weights.replace(kernel_shape=tuple(base.shape))
+    meta = ViewMeta(v.meta.path, w, (), v.meta.side, v.meta.carried)
+    return dataclasses.replace(v, root=base, base=base, meta=meta, **cut)
+
+
+def drop_experts(v: KernelView, drop: set[int], base: Base) -> KernelView:
+    """The view with its size-1 expert axes ``drop`` squeezed away (the other half of ``w[e]``):
+    an ordinary view of one expert's kernel, ``base`` (``W0`` squeezed) its root."""
+    meta, w = v.meta, v.meta.weights
+    lost = [v.axes(EXPERT).index(d) + meta.carried.index(EXPERT) for d in sorted(drop)]
+    cut = {
+        f: None if getattr(v, f) is None else jnp.squeeze(getattr(v, f), tuple(lost))
+        for f in _FACTORS
+    }
+    shift = lambda d: d - sum(1 for x in drop if x < d)
+    one = w.replace(
+        kernel_shape=tuple(base.shape),
+        in_axes=tuple(shift(d) for d in w.in_axes),
+        expert_axes=tuple(shift(d) for d in w.expert_axes if d not in drop),
+    )
+    side = tuple(s for d, s in enumerate(meta.side) if d not in drop)
+    carried = tuple(c for k, c in enumerate(meta.carried) if k not in lost)
+    meta = ViewMeta(meta.path, one, (), side, carried)
+    return dataclasses.replace(v, root=base, base=base, meta=meta, **cut)

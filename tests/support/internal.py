@@ -11,7 +11,8 @@ in the library changes one import line here:
 - `DYNAMIC_MAP`, `NF4_LEVELS` (the code tables of the quantization formats): tests/test_quant.py
   compares them with bitsandbytes' tables rebuilt in the tests; no public API returns a table.
 - `_jaxpr` (the module that reads and re-binds JAX's equation parameters, per JAX version):
-  tests/test_jaxpr.py tests that module itself against the installed JAX.
+  tests/test_jaxpr.py tests that module itself against the installed JAX (tests/test_moe.py
+  its ``ragged_dot_general`` accessor).
 - `_checkpoint` (the module behind `lora.save`): the multi-process checkpoint test
   (support/multihost_worker.py) replaces its ``_replace`` by a failing one, to make the move of
   a finished checkpoint into place fail on the primary process alone.
