@@ -17,9 +17,10 @@ medians of interleaved rounds in one process, wall clock and process CPU time (a
 then the forward passes (base, factored: target <= 1.10x base, merged) and the peak memory of
 each step from XLA's compiled memory analysis.
 
-Until issue 16's expert rules land, ``lora.init`` cannot give the expert kernels one LoRA per
-expert (the einsum kernels get ``a (d, r)`` shared by all experts, the ragged ones raise): the
-LoRA parts then say why, the other parts are timed, and the run ends with that error.
+``lora.init`` (with the probe) finds the expert axis of both dispatches (a batch dimension of
+the einsum's ``dot_general``, the group axis of ``ragged_dot``) and gives each expert its own
+factors; should a LoRA part fail, it says why, the other parts are still timed, and the run
+ends with that error.
 
 On CPU, ``ragged_dot`` is lowered to a dense product over a masked ``(E, T*k, d)`` broadcast
 (``E`` times the grouped FLOPs; see `benchmarks.moe_decoder`): compare ratios within a dispatch.

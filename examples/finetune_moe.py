@@ -38,9 +38,8 @@ Steps, all printed with numbers computed in the run:
 4. merged inference (`lora.merge`: every expert's ``W0_e + scale * a_e @ b_e``, the trained router
    and head in place) checked equal to the wrapped model.
 
-Until the expert rules of issue 16 are in flax_lora, ``lora.init`` cannot give the expert
-kernels one LoRA per expert: step 3 then stops with that error. ``--no-expert-lora`` runs the
-same script with LoRA on the attention only (router and head still trained), which works today.
+``--no-expert-lora`` runs the same script with LoRA on the attention only (router and head
+still trained), for comparison.
 
 Run:  python examples/finetune_moe.py           (several minutes on a 2-core CPU)
 Outputs in examples/out/: finetune_moe.png (loss and held-out accuracy curves).
@@ -251,14 +250,14 @@ def expert_loads(
 
 def init_expert_adapters(params: Any, config: lora.LoraConfig, probe: Any, seed: int) -> Any:
     """``lora.init``, checked to give every adapted expert kernel one LoRA per expert
-    (``a (E, d_in, r)``, ``b (E, r, d_out)``): what issue 16 adds to flax_lora.
+    (``a (E, d_in, r)``, ``b (E, r, d_out)``).
 
     Raises:
       RuntimeError: ``lora.init`` raised on an expert kernel or gave it another layout.
     """
     hint = (
-        "flax_lora does not have issue 16's expert rules yet (--no-expert-lora runs this example "
-        "with LoRA on the attention only)"
+        "lora.init did not give the expert kernels one LoRA per expert (--no-expert-lora runs "
+        "this example with LoRA on the attention only)"
     )
     try:
         adapters = lora.init(jax.random.key(seed), params, config, probe=probe)
