@@ -177,9 +177,8 @@ def in_batches(fn: Any, batch: dict[str, np.ndarray], size: int = 32) -> np.ndar
     return np.concatenate(out)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", choices=("order", "packages"), default="order")
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    """The data and training options of the MiniLM examples (this one and finetune_moe.py)."""
     parser.add_argument("--examples", type=int, default=480, help="docstrings in all")
     parser.add_argument("--words", type=int, default=30, help="first words of each docstring")
     parser.add_argument("--max-len", type=int, default=48, help="tokens per text (padded)")
@@ -187,10 +186,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
-    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW, LoRA + head")
+    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW, LoRA + trained modules")
     parser.add_argument("--probe-steps", type=int, default=400, help="full-batch probe steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", choices=("order", "packages"), default="order")
+    add_training_args(parser)
     args = parser.parse_args()
     start = time.perf_counter()
 

@@ -60,10 +60,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _common import OUT
 from bert import BertConfig, BertEmbeddings, load_minilm, tokenize
 from finetune_minilm import (
     accuracy,
+    add_training_args,
     classify,
     cross_entropy,
     in_batches,
@@ -286,17 +286,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--router-std", type=float, default=0.02)
     parser.add_argument("--expert-lora", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--examples", type=int, default=480, help="docstrings in all")
-    parser.add_argument("--words", type=int, default=30, help="first words of each docstring")
-    parser.add_argument("--max-len", type=int, default=48, help="tokens per text (padded)")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--alpha", type=float, default=16.0)
-    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW, LoRA + router + head")
-    parser.add_argument("--probe-steps", type=int, default=400, help="full-batch probe steps")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=OUT)
+    add_training_args(parser)
     args = parser.parse_args()
     start = time.perf_counter()
 
