@@ -28,6 +28,7 @@ import flax_lora as lora
 pytest.importorskip("torch", reason=INTEROP)
 pytest.importorskip("peft", reason=INTEROP)
 
+from support.moe_adapters import nest
 from support.moe_models import E, L, build, random_factors, ref_output
 from support.peft_models import t2n
 from support.peft_moe import (
@@ -68,17 +69,6 @@ def _reversed(is_transposed: bool | None, names: dict[str, str] = KEY_MAP) -> se
     }
 
 
-def _nest(entries: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for path, value in entries.items():
-        *parents, leaf = path.split("/")
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
-
-
 def _adapters(case: Any, factors: dict[str, tuple]) -> dict[str, Any]:
     """Hand-built adapters (``lora.init`` does not make expert adapters yet): one LoRA per
     expert, ``a (*C, *I, r)``, ``b (*C, r, *O)``."""
@@ -96,7 +86,7 @@ def _adapters(case: Any, factors: dict[str, tuple]) -> dict[str, Any]:
             layer_axes=layer_axes,
             expert_axes=axes.carried[layer_axes:],
         )
-    return _nest(entries)
+    return nest(entries)
 
 
 def _close(got: np.ndarray, ref: np.ndarray, tol: float = 1e-5) -> None:
