@@ -1,39 +1,66 @@
-"""`lora.save` / `lora.load`: orbax checkpoints that hold adapters only."""
+"""`lora.save` / `lora.load`: orbax checkpoints that hold adapters only.
+
+How a save never loses data (a locked staging folder beside the target, an atomic publish, the
+recovery of what a killed save left aside) is `flax_lora._atomic`; how a load reads the
+metadata as untrusted input is `flax_lora._checkpoint_meta`.
+"""
 
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
+import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from flax_lora._adapters import LoraWeights, adapter_table, is_lora
+from flax_lora import _atomic
+from flax_lora._adapters import adapter_table, is_lora
+from flax_lora._checkpoint_meta import (
+    FORMAT,
+    VERSION,
+    adapter,
+    adapter_fields,
+    array_keys,
+    check_all_read,
+    extra,
+    extra_fields,
+    read_meta,
+    recognise,
+    stored_config,
+    where,
+)
 from flax_lora._config import LoraConfig
-from flax_lora._extras import arrays_of, from_meta, split
+from flax_lora._extras import arrays_of, split
 from flax_lora._paths import flatten, nest
 from flax_lora._typing import PyTree
 
-FORMAT = "flax_lora.adapters"
-VERSION = 1
+READ_TRIES = 4
+"""Reads of `load` when a concurrent save replaces the checkpoint during one."""
+STRAGGLERS_S = 10.0
+"""In a multi-process run, how long a failed save waits for orbax's threads in all."""
 
 
 def save(
-    directory: str | os.PathLike[str], adapters: PyTree, config: LoraConfig | None = None
+    directory: str | os.PathLike[str],
+    adapters: PyTree,
+    config: LoraConfig | None = None,
+    *,
+    overwrite: bool = True,
 ) -> Path:
     """Writes an orbax checkpoint of the adapters (arrays and metadata only) to ``directory``.
 
-    Returns once the checkpoint is on disk. The checkpoint is written beside ``directory`` and
-    moved into place only when complete, so a save that fails leaves any earlier checkpoint at
-    ``directory`` as it was.
+    Nothing is lost: ``directory`` may be a new path, an empty directory, or an earlier
+    flax_lora checkpoint, which is replaced (``overwrite=False`` refuses any existing path).
+    Anything else there (a file, a symlink, a directory holding anything but a flax_lora
+    checkpoint) is a ``ValueError`` and is left untouched. The checkpoint is written beside
+    ``directory`` and moved into place in one atomic step, so a save that fails, or a process
+    killed at any moment, leaves the complete earlier checkpoint or the complete new one; the
+    next save removes what a killed save left beside it.
 
     In a multi-process run (`jax.distributed`), every process must call it with the same
     ``directory`` on a shared file system, as with orbax: each writes its shards, the primary
@@ -44,21 +71,31 @@ def save(
       >>> adapters = lora.load("/tmp/run/adapters")
 
     Args:
-      directory: where the checkpoint goes; replaced if it holds an earlier one.
+      directory: where the checkpoint goes.
       adapters: adapters from `lora.init` (or any function returning adapters), with their
         trained copies and token deltas (``modules_to_save``, ``bias``,
         ``trainable_token_indices``), if any.
       config: the `LoraConfig` they were made with, stored as metadata.
+      overwrite: replace an earlier flax_lora checkpoint at ``directory`` (the default); with
+        ``False`` any existing ``directory`` is refused, as orbax's ``force=False``.
 
     Returns:
       The checkpoint's absolute path.
 
     Raises:
-      ValueError: the adapter tree is empty.
+      ValueError: the adapter tree is empty; ``directory`` holds something other than a
+        flax_lora checkpoint (or exists, with ``overwrite=False``).
       TypeError: ``adapters`` holds leaves other than adapter entries (`LoraWeights`,
-        `TrainedCopy`, `TokenDelta`).
+        `TrainedCopy`, `TokenDelta`); ``config`` is not a `LoraConfig`.
     """
     directory = Path(directory).absolute()
+    if config is not None and not isinstance(config, LoraConfig):
+        raise TypeError(
+            f"lora.save: config must be a LoraConfig or None; got {type(config).__name__}. "
+            "Pass lora.LoraConfig(**fields)."
+        )
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"lora.save: overwrite must be True or False; got {overwrite!r}.")
     table = adapter_table(adapters)
     extras = split(adapters, is_lora)[1]
     if not table and not extras:
@@ -80,63 +117,90 @@ def save(
         "config": config.to_dict() if config is not None else None,
     }
     directory.parent.mkdir(parents=True, exist_ok=True)
-    # orbax writes into temporary directories of its own beside its target: keep them all in
-    # one private staging directory, removed whatever happens. In a multi-process run all
-    # processes share it, and only the primary process (as in orbax) moves or removes files.
+    # In a multi-process run all processes write into the staging folder; only the primary
+    # process (as in orbax) makes, locks, publishes and removes it.
     primary = jax.process_index() == 0
-    staging = _make_staging(directory, primary)
+    path, staging = _make_staging(directory, overwrite, primary)
     # directories made synchronously, so that no orbax thread recreates one after a failure
     sync_dirs = ocp.CompositeOptions(
         async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False)
     )
+    running = set(threading.enumerate())
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler(composite_options=sync_dirs)) as ckptr:
             ckptr.save(
-                staging / "checkpoint",
+                path / _atomic.CHECKPOINT,
                 args=ocp.args.Composite(
                     arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)
                 ),
             )
     except BaseException:
-        if primary:
-            _remove(staging, settle_s=0.05)
+        _join_orbax_threads(running, primary)
+        if staging is not None:
+            _atomic.release(staging)
         raise
 
     def finish() -> None:
+        assert staging is not None  # the primary's
         try:
-            _replace(staging / "checkpoint", directory)
+            _replace(staging, directory, overwrite)
         finally:
-            _remove(staging, settle_s=0.0)
+            _atomic.release(staging)
 
     _on_primary(finish, primary, f"move the checkpoint into place at {str(directory)!r}")
     return directory
 
 
-def _make_staging(directory: Path, primary: bool) -> Path:
-    """A new staging directory beside ``directory``, made by the primary process; every process
-    of a multi-process run gets the same one (its name is broadcast from the primary)."""
-    token = secrets.randbits(32) | 1  # never 0: 0 tells the others that the primary failed
-    error: OSError | None = None
+def _make_staging(
+    directory: Path, overwrite: bool, primary: bool
+) -> tuple[Path, _atomic.Staging | None]:
+    """The staging folder of this save, and its lock on the primary process, which first
+    recovers an earlier checkpoint a killed save left aside, refuses a target it must not
+    replace, and removes the staging folders of dead saves. Every process of a multi-process
+    run gets the same folder (its token is broadcast from the primary)."""
+    staging, error = None, None
     if primary:
         try:
-            _staging_path(directory, token).mkdir()
-        except OSError as e:
-            error, token = e, 0
+            _atomic.recover(directory)
+            _atomic.inspect(directory, recognise, overwrite)
+            _atomic.clean(directory)
+            staging = _atomic.create(directory)
+        except Exception as e:
+            error = e
+    token = 0 if staging is None else staging.token
     if jax.process_count() > 1:
         # a collective: no process goes on before the primary has made the directory
         token = int(multihost_utils.broadcast_one_to_all(np.uint32(token), is_source=primary))
     if error is not None:
         raise error
     if token == 0:
+        _atomic.inspect(directory, recognise, overwrite)  # the primary's refusal, seen here
         raise OSError(
             f"lora.save: the primary process could not create a staging directory beside "
             f"{str(directory)!r}; see its error."
         )
-    return _staging_path(directory, token)
+    return _atomic.staging_path(directory, token), staging
 
 
-def _staging_path(directory: Path, token: int) -> Path:
-    return directory.parent / f".{directory.name}.saving-{token:08x}"
+def _replace(staging: _atomic.Staging, target: Path, overwrite: bool) -> None:
+    """Moves the finished checkpoint of ``staging`` to ``target`` (`flax_lora._atomic.publish`)."""
+    _atomic.publish(staging.path, target, overwrite, recognise)
+
+
+def _join_orbax_threads(running: set[threading.Thread], primary: bool) -> None:
+    """On the primary process, which removes the staging folder: waits for the threads orbax
+    started during a failed save and left running (its commit threads go on writing after the
+    error reaches us), so that none writes into the folder once it is removed. In a
+    multi-process run their work may wait on other processes that have moved on: at most
+    `STRAGGLERS_S` in all there; a folder a straggler writes afterwards goes with the next save.
+    (Threads of another orbax save running meanwhile in this process are waited for too.)"""
+    if not primary:
+        return
+    deadline = None if jax.process_count() == 1 else time.monotonic() + STRAGGLERS_S
+    for t in threading.enumerate():
+        if t not in running and type(t).__module__.startswith("orbax."):
+            # orbax's own join would re-raise the thread's error
+            threading.Thread.join(t, None if deadline is None else deadline - time.monotonic())
 
 
 def _on_primary(fn: Callable[[], None], primary: bool, what: str) -> None:
@@ -158,35 +222,13 @@ def _on_primary(fn: Callable[[], None], primary: bool, what: str) -> None:
             raise OSError(f"lora.save: the primary process failed to {what}; see its error.")
 
 
-def _remove(path: Path, settle_s: float, tries: int = 40) -> None:
-    """Removes ``path``; after a failed save, waits ``settle_s`` at a time for straggling
-    writers of orbax to finish (they may recreate a directory just removed)."""
-    for _ in range(tries):
-        shutil.rmtree(path, ignore_errors=True)
-        if not path.exists():
-            time.sleep(settle_s)
-            if not path.exists():
-                return
-        time.sleep(settle_s)
-
-
-def _replace(new: Path, target: Path) -> None:
-    """Moves ``new`` to ``target``; an existing ``target`` is set aside until the move is done."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def load(directory: str | os.PathLike[str]) -> PyTree:
     """Reads adapters written by `save`, exactly (same dtypes, shapes, scales, axes).
+
+    The checkpoint is untrusted input: its metadata is read with a size bound and every field
+    checked (types, ranges, agreement with the arrays) before use. A checkpoint that a save
+    killed between its last two renames left aside is moved back into place first; a read
+    that a concurrent save overtook is repeated.
 
     In a single process the factors come back with the shardings they were saved with (on the
     first local device where those devices are missing). In a multi-process run every process
@@ -204,43 +246,67 @@ def load(directory: str | os.PathLike[str]) -> PyTree:
       The adapter tree.
 
     Raises:
-      ValueError: ``directory`` does not hold a flax_lora adapter checkpoint.
+      ValueError: ``directory`` does not hold a flax_lora adapter checkpoint, or it is
+        damaged: a field out of range, arrays that disagree with the metadata, another
+        format version (naming the directory, the adapter path and the field).
+      TypeError: a metadata field has the wrong JSON type (naming the same).
     """
     directory = Path(directory).absolute()
-    meta = _read_meta(directory)
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        restored = ckptr.restore(
-            directory, args=ocp.args.Composite(arrays=_restore_arrays(directory))
-        )
-    arrays = flatten(restored["arrays"])
-    entries = []
-    for path, m in meta["adapters"].items():
-        a, b = arrays.get(f"{path}/a"), arrays.get(f"{path}/b")
-        if a is None or b is None:
-            raise ValueError(f"Checkpoint {str(directory)!r} lacks the factors of {path!r}.")
-        if m.get("dora") and arrays.get(f"{path}/m") is None:
-            raise ValueError(f"Checkpoint {str(directory)!r} lacks the DoRA magnitude of {path!r}.")
-        entries.append(
-            (
-                path,
-                LoraWeights(
-                    a=jax.numpy.asarray(a),
-                    b=jax.numpy.asarray(b),
-                    scale=float(m["scale"]),
-                    in_axes=tuple(m["in_axes"]),
-                    kernel_shape=tuple(m["kernel_shape"]),
-                    kind=m["kind"],
-                    dropout=float(m.get("dropout", 0.0)),
-                    layer_axes=int(m.get("layer_axes", 0)),
-                    layers=None if m.get("layers") is None else tuple(m["layers"]),
-                    expert_axes=tuple(m.get("expert_axes", ())),
-                    m=_magnitude(arrays.get(f"{path}/m")),
-                ),
+    tries = READ_TRIES if jax.process_count() == 1 else 1  # no retry where reads are collective
+    for attempt in range(tries):
+        _atomic.recover(directory)
+        before = _identity(directory)
+        try:
+            adapters = _read(directory)
+        except (ValueError, TypeError, OSError):
+            if attempt + 1 == tries or _identity(directory) == before:
+                raise
+            continue
+        if tries == 1 or _identity(directory) == before:
+            return adapters
+    raise OSError(
+        f"lora.load: {str(directory)!r} was replaced by concurrent saves during each of "
+        f"{tries} reads."
+    )
+
+
+def _identity(directory: Path) -> tuple[int, int] | None:
+    """The directory's (device, inode): a save replaces the directory, never its files."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _read(directory: Path) -> PyTree:
+    """One read of the checkpoint: all its metadata checked, then the arrays against it."""
+    meta = read_meta(directory)
+    fields = {p: adapter_fields(directory, p, e) for p, e in meta["adapters"].items()}
+    extra_f = {p: extra_fields(directory, p, e) for p, e in meta["extras"].items()}
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            restored = ckptr.restore(
+                directory, args=ocp.args.Composite(arrays=_restore_arrays(directory))
             )
-        )
-    for path, m in (meta.get("extras") or {}).items():
-        entries.append((path, from_meta(m, arrays, path)))
-    return nest(entries)
+    except OSError as e:
+        if not isinstance(e, FileNotFoundError):
+            raise  # the file system's trouble, not the checkpoint's
+        raise ValueError(f"{where(directory)}: its 'arrays' item is incomplete ({e}).") from e
+    except Exception as e:
+        raise ValueError(
+            f"{where(directory)}: orbax could not read its 'arrays' item ({type(e).__name__}: "
+            f"{str(e)[:300]}); it is damaged or incomplete."
+        ) from e
+    arrays = flatten(restored["arrays"])
+    entries = (*fields.items(), *extra_f.items())
+    check_all_read(directory, arrays, {k for p, f in entries for k in array_keys(p, f)})
+    return nest(
+        [
+            *((p, adapter(directory, p, f, arrays)) for p, f in fields.items()),
+            *((p, extra(directory, p, f, arrays)) for p, f in extra_f.items()),
+        ]
+    )
 
 
 def _restore_arrays(directory: Path) -> ocp.args.StandardRestore:
@@ -255,11 +321,6 @@ def _restore_arrays(directory: Path) -> ocp.args.StandardRestore:
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handlers)) as ckptr:
         tree = ckptr.metadata(directory).item_metadata["arrays"].tree
     return ocp.args.StandardRestore(jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree))
-
-
-def _magnitude(m: Any) -> Any:
-    """DoRA's magnitude as read, or ``None`` for a plain LoRA adapter."""
-    return None if m is None else jax.numpy.asarray(m)
 
 
 def load_config(directory: str | os.PathLike[str]) -> LoraConfig | None:
@@ -279,27 +340,10 @@ def load_config(directory: str | os.PathLike[str]) -> LoraConfig | None:
       The stored config, or ``None``.
 
     Raises:
-      ValueError: ``directory`` does not hold a flax_lora adapter checkpoint.
+      ValueError: ``directory`` does not hold a flax_lora adapter checkpoint, its metadata is
+        damaged, or the stored config has a bad field (naming the directory and the field).
+      TypeError: the stored config, or one of its fields, has the wrong type.
     """
-    config = _read_meta(Path(directory).absolute()).get("config")
-    return LoraConfig.from_dict(config) if config else None
-
-
-def _read_meta(directory: Path) -> dict[str, Any]:
-    """The metadata item of a checkpoint written by `save`; ``ValueError`` if there is none."""
-    if not (directory / "meta").is_dir() or not (directory / "arrays").is_dir():
-        raise ValueError(
-            f"{str(directory)!r} is not a flax_lora adapter checkpoint: expected a directory "
-            "written by lora.save, with 'arrays' and 'meta' items"
-            + ("" if directory.is_dir() else " (it does not exist)")
-            + "."
-        )
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        restored = ckptr.restore(directory, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    meta = restored["meta"]
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(
-            f"{str(directory)!r} is not a flax_lora adapter checkpoint: its 'meta' item has no "
-            f"format {FORMAT!r}."
-        )
-    return meta
+    directory = Path(directory).absolute()
+    _atomic.recover(directory)
+    return stored_config(directory, read_meta(directory))

@@ -155,7 +155,7 @@ def main(pid: int, port: str, root: str, out: str, report: dict[str, Any]) -> No
 
     replace = impl._replace
 
-    def failing_replace(new, target):
+    def failing_replace(*args, **kwargs):
         raise OSError("rename failed")
 
     impl._replace = failing_replace
