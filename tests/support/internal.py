@@ -15,11 +15,25 @@ in the library changes one import line here:
   its ``ragged_dot_general`` accessor).
 - `_checkpoint` (the module behind `lora.save`): the multi-process checkpoint test
   (support/multihost_worker.py) replaces its ``_replace`` by a failing one, to make the move of
-  a finished checkpoint into place fail on the primary process alone.
+  a finished checkpoint into place fail on the primary process alone; tests/test_hostile_
+  checkpoint.py wraps its ``_read`` to replace a checkpoint while `lora.load` reads it.
+- `_atomic` (the filesystem steps of `lora.save`): the checkpoint safety tests wrap its
+  ``rename`` (every rename of a save) to watch the publish, to take away the directory exchange
+  (the two-rename fallback), to change the target mid-publish and to kill a save between two
+  renames (benchmarks/kill_save.py); they lay out staging folders by its names.
+- `_checkpoint_meta` (the checks of checkpoint metadata): its size bound on the metadata file.
 """
 
-from flax_lora import _checkpoint, _jaxpr
+from flax_lora import _atomic, _checkpoint, _checkpoint_meta, _jaxpr
 from flax_lora._quant import DYNAMIC_MAP, NF4_LEVELS
 from flax_lora._stack import gather
 
-__all__ = ["DYNAMIC_MAP", "NF4_LEVELS", "_checkpoint", "_jaxpr", "gather"]
+__all__ = [
+    "DYNAMIC_MAP",
+    "NF4_LEVELS",
+    "_atomic",
+    "_checkpoint",
+    "_checkpoint_meta",
+    "_jaxpr",
+    "gather",
+]
