@@ -272,6 +272,7 @@ def check(path: Path, old: int, report: dict[str, Any], probe: bool, after: int)
         "staging_after_kill": len(_stagings(path)),
         "signal": report["signal"],
         "renames": [e[2] for e in report["events"] if e[1] == "rename"],
+        "in_publish": bool(report["events"]) and report["events"][-1][1] == "rename",
     }
     errors = [e[2] for e in report["events"] if e[1] == "error"]
     if errors:
@@ -363,6 +364,7 @@ def summary(results: list[dict]) -> dict[str, int]:
         "trials": len(results),
         "old loaded": sum(r["state"] == "old" for r in results),
         "new loaded": sum(r["state"] == "new" for r in results),
+        "killed in the publish": sum(bool(r.get("in_publish")) for r in results),
         "path missing after the kill (restored)": sum(bool(r.get("missing")) for r in results),
         "staging right after the kill": sum(bool(r.get("staging_after_kill")) for r in results),
         "staging left after the next save": sum(bool(r.get("staging_left")) for r in results),
@@ -392,10 +394,15 @@ def main() -> None:
         server.close()
     wall = time.perf_counter() - t0
     print(f"one save of {KERNELS * 2 * WIDTH * RANK * 4 / 2**20:.0f} MiB: {save_s:.2f} s")
-    for kind in ("exchange", "fallback"):
-        sub = [r for r in results if r["publish"] == kind]
-        print(f"{kind:9s}", json.dumps(summary(sub)))
-    print("all      ", json.dumps(summary(results)))
+    kind = lambda r: "concurrent" if "concurrent" in r else "timed" if "after_s" in r else "rename"
+    for k in ("rename", "timed", "concurrent"):
+        for publish in KILLS:
+            sub = [r for r in results if r["publish"] == publish and kind(r) == k]
+            print(
+                f"{k} {'saves' if k == 'concurrent' else 'kills'}, {publish}:",
+                json.dumps(summary(sub)),
+            )
+    print("all:", json.dumps(summary(results)))
     for r in results:
         if r["state"] == "failure":
             print("FAILURE", json.dumps(r)[:2000])
