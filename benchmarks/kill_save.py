@@ -364,7 +364,7 @@ def summary(results: list[dict]) -> dict[str, int]:
         "trials": len(results),
         "old loaded": sum(r["state"] == "old" for r in results),
         "new loaded": sum(r["state"] == "new" for r in results),
-        "killed in the publish": sum(bool(r.get("in_publish")) for r in results),
+        "killed after a publish rename began": sum(bool(r.get("in_publish")) for r in results),
         "path missing after the kill (restored)": sum(bool(r.get("missing")) for r in results),
         "staging right after the kill": sum(bool(r.get("staging_after_kill")) for r in results),
         "staging left after the next save": sum(bool(r.get("staging_left")) for r in results),
