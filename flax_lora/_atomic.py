@@ -18,6 +18,7 @@ take belongs to a dead save: `clean` removes those (and only names of the stagin
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -211,9 +212,10 @@ def release(staging: Staging) -> None:
 
 
 def _remove(path: Path) -> None:
-    """Removes a locked staging folder (a leftover, if any, goes with the next `clean`)."""
+    """Removes a locked staging folder; never raises (a leftover goes with the next `clean`)."""
     if os.path.isdir(path / PREVIOUS):
-        rename(path / PREVIOUS, path / DISCARDED)
+        with contextlib.suppress(OSError):  # else removed under its own name: superseded
+            rename(path / PREVIOUS, path / DISCARDED)
     shutil.rmtree(path, ignore_errors=True)
 
 
