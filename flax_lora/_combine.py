@@ -214,7 +214,7 @@ def combine(
       adapter_list: adapter sets (from `lora.init`, `lora.load`, ...) of the same model, adapting
         the same kernels with the same layouts.
       weights: one weight per adapter set (floats or an array; may be negative, may be traced
-        for the methods without pruning).
+        for the methods without pruning); finite in float32 (concrete weights are checked).
       method: one of ``"linear"``, ``"cat"``, ``"svd"``, ``"ties"``, ``"dare_linear"``,
         ``"dare_ties"``, ``"magnitude_prune"``, ``"ties_svd"``, ``"dare_linear_svd"``,
         ``"dare_ties_svd"``, ``"magnitude_prune_svd"``.
@@ -232,10 +232,11 @@ def combine(
     Raises:
       ValueError: the adapter sets adapt different kernels or disagree on a kernel's shape, input
         axes, kind or layer axes (naming the path); DoRA adapters; ``weights`` has the wrong
-        length; an unknown method; unequal ranks for a ``linear``-family method (naming the
-        path); a missing or out-of-range ``density``; a missing ``key`` for dare; ``rank`` for a
-        non-SVD method.
-      TypeError: ``adapter_list`` is not a list of adapter sets.
+        length or a NaN / infinite entry (naming its index); an unknown method; unequal ranks
+        for a ``linear``-family method (naming the path); a missing or out-of-range
+        ``density``; a missing ``key`` for dare; ``rank`` for a non-SVD method, or below 1.
+      TypeError: ``adapter_list`` is not a list of adapter sets; ``density`` is a bool or a
+        string.
     """
     if method not in METHODS:
         raise ValueError(f"lora.combine: method must be one of {METHODS}; got {method!r}.")
@@ -247,9 +248,22 @@ def combine(
             f"lora.combine: weights must hold one weight per adapter set ({n}); got shape "
             f"{tuple(w.shape)}."
         )
+    if not isinstance(w, jax.core.Tracer):  # traced weights cannot be checked here
+        bad = np.flatnonzero(~np.isfinite(np.asarray(w)))
+        if bad.size:
+            raise ValueError(
+                "lora.combine: weights must be finite (in float32); got "
+                + ", ".join(f"weights[{i}] = {np.asarray(w)[i]}" for i in bad[:5])
+                + " (every factor of the result would be NaN or inf)."
+            )
     base = method.removesuffix("_svd")
     needs_density = base in ("ties", "dare_linear", "dare_ties", "magnitude_prune")
     if needs_density:
+        if isinstance(density, bool | np.bool_ | str | bytes):
+            raise TypeError(
+                f"lora.combine: density must be a real number in (0, 1]; got {density!r} "
+                f"({type(density).__name__})."
+            )
         if density is None or not 0.0 < float(density) <= 1.0:
             raise ValueError(
                 f"lora.combine(method={method!r}) needs density in (0, 1] (the fraction of "

@@ -13,9 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_lora._adapters import LoraWeights
-from flax_lora._config import LoraConfig
+from flax_lora._config import LoraConfig, layer_index
 from flax_lora._init_extras import init_extras, saved_leaves
-from flax_lora._kernel_init import FACTORING_INITS, init_factors, with_magnitude
+from flax_lora._kernel_init import (
+    FACTORING_INITS,
+    check_rank,
+    init_factors,
+    rank_note,
+    warn_ranks,
+    with_magnitude,
+)
 from flax_lora._loftq import loftq_factors
 from flax_lora._paths import describe, flatten, nest, path_str
 from flax_lora._probe import Use, kernel_uses
@@ -55,6 +62,15 @@ def init(
     each expert's factors drawn as for a kernel of its own (``init="lora"``: kaiming-uniform
     ``a`` with ``fan_in = prod(I)``; PiSSA / OLoRA factor each expert's ``W0_e``).
 
+    ``config.layers``: every index must pick a layer of some selected kernel (a position on a
+    scan-stacked kernel's layer axis, or the layer number in a path), else ``ValueError``; an
+    index in range for some stacks only (stacks of different lengths) adapts those. Negative
+    indices are refused by `LoraConfig` (no counting from the end, as PEFT's
+    ``layers_to_transform``). A rank above ``min(fan_in, fan_out)`` (``prod(I)``, ``prod(O)``,
+    per layer / expert) is legal but adds nothing (``a @ b`` has rank at most that): one
+    ``UserWarning`` names such paths; over ``4 x`` that side with factors of more than
+    ``2**24`` entries (a typo such as ``rank=10**9``) it is refused before allocation.
+
     Args:
       key: a PRNG key.
       params: a Linen variables dict (``{"params": ...}``), an NNX state, or any pytree.
@@ -73,11 +89,13 @@ def init(
       (see `lora.quantize`; the other leaves are unchanged).
 
     Raises:
-      ValueError: no kernel matches; ``modules_to_save`` patterns match no module; token ids
-        are out of range for a table, or a table also gets LoRA factors; ``bias="lora_only"``
-        finds no bias beside the adapted kernels (all naming the paths); a rank is below 1 or
-        (PiSSA/OLoRA/LoftQ) above the kernel's smaller side; a kernel of 3 or more dimensions
-        has no probe.
+      ValueError: no kernel matches; an index of ``layers`` picks no layer (naming it, the
+        stacked kernels' layer counts and the paths' layer numbers); ``modules_to_save``
+        patterns match no module; token ids are out of range for a table, or a table also gets
+        LoRA factors; ``bias="lora_only"`` finds no bias beside the adapted kernels (all naming
+        the paths); a rank is below 1, (PiSSA/OLoRA/LoftQ) above the kernel's smaller side, or
+        far above it (above); a kernel has an axis of size 0 or, of 3 or more dimensions, no
+        probe; the probe contracts or gathers no leaf of ``params`` (it ignores its argument).
       TypeError: a targeted leaf is not floating.
     """
     if not isinstance(config, LoraConfig):
@@ -93,6 +111,7 @@ def init(
     bases = flatten(original, is_leaf=is_quantized) if config.dora else {}
     adapters: list[tuple[str, LoraWeights]] = []
     new_kernels: dict[str, PyTree] = {}
+    too_big: list[str] = []  # adapters of a rank above their kernel's smaller side
     for k, (path, (kind, in_axes)) in zip(keys, selected.items(), strict=False):
         n, layers = stacked.get(path, (0, None))
         experts = uses[path].expert_axes if uses is not None and path in uses else ()
@@ -102,8 +121,10 @@ def init(
         if config.dora:
             w = with_magnitude(w, residual if residual is not None else bases[path])
         adapters.append((path, w))
+        too_big += [note] if (note := rank_note(path, w)) else []
         if residual is not None:
             new_kernels[path] = residual
+    warn_ranks(too_big)
     extras = init_extras(original, leaves, saved, selected, config, uses)
     tree = nest(adapters + list(extras.items()))
     if config.init in FACTORING_INITS:
@@ -143,6 +164,8 @@ def _select(
                 candidates[path] = leaf
         elif config.targets is not None or path.rsplit("/", 1)[-1] in _FLAX_KERNEL_NAMES:
             candidates[path] = leaf
+    targeted = {p: x for p, x in candidates.items() if config.matches(p, layer_in_path=False)}
+    _check_layers(targeted, config, uses)
     # a scan-stacked kernel's layers are the entries of its leading axis, not a number in its
     # path: `layered_kernels` picks them
     stacked = lambda p: uses is not None and p in uses and bool(uses[p].layer_axes)
@@ -159,6 +182,11 @@ def _select(
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
             raise TypeError(
                 f"Kernel {path!r} has dtype {leaf.dtype}; LoRA adapts floating-point kernels only."
+            )
+        if 0 in leaf.shape:
+            raise ValueError(
+                f"Kernel {path!r} has shape {tuple(leaf.shape)}: an axis of size 0 leaves nothing "
+                "to adapt. Exclude it (LoraConfig.exclude) or give the layer a nonzero size."
             )
         is_table = leaf.ndim == 2 and path.rsplit("/", 1)[-1] == "embedding"
         if uses is not None and path in uses and not (is_table and uses[path].kind == "dense"):
@@ -187,6 +215,50 @@ def _select(
             )
         out[path] = (kind, tuple(in_axes))
     return out
+
+
+def _check_layers(
+    candidates: dict[str, PyTree], config: LoraConfig, uses: dict[str, Use] | None
+) -> None:
+    """Raises if an index of ``config.layers`` picks no layer of any of the ``candidates`` (the
+    kernels that targets / exclude select): not a position on a scan-stacked kernel's layer
+    axis (the probe found it) nor the layer number of another kernel's path. An index that is
+    in range for some kernels only (stacks of different lengths) adapts those."""
+    if config.layers is None or not candidates:
+        return  # nothing selected at all: `_select` says so
+    counts: dict[int, list[str]] = {}  # number of layers -> the stacked kernels with that many
+    numbers: dict[str, int | None] = {}  # other kernels -> the layer number in their paths
+    for path, leaf in candidates.items():
+        layer_axes = tuple(uses[path].layer_axes) if uses is not None and path in uses else ()
+        if layer_axes:
+            counts.setdefault(int(leaf.shape[layer_axes[0]]), []).append(path)
+        else:
+            numbers[path] = layer_index(path, config.layers_pattern)
+    found = {i for i in numbers.values() if i is not None}
+    bad = sorted({i for i in config.layers if i not in found and not any(i < n for n in counts)})
+    if not bad:
+        return
+    seen = [f"{describe(ps)} stacked by a scan, with {n} layer(s)" for n, ps in counts.items()]
+    if numbers:
+        where = f"layer numbers {sorted(found)}" if found else "no layer number"
+        seen.append(
+            f"{len(numbers)} other kernel(s) with {where} in their paths ("
+            + (
+                "the first number in a path)"
+                if config.layers_pattern is None
+                else "the number in the component that layers_pattern matches, or the next one)"
+            )
+        )
+    hint = ""
+    if uses is None and any(candidates[p].ndim > 2 for p in numbers):
+        hint = (
+            " A kernel of 3 or more dimensions may be stacked by nn.scan / nnx.scan: pass "
+            "probe=lambda p: model.apply(p, x) so that its layer axis is found."
+        )
+    raise ValueError(
+        f"LoraConfig(layers={config.layers!r}) matches no kernel at layer index(es) {bad}: the "
+        f"kernels that targets / exclude select are {'; '.join(seen)}.{hint}"
+    )
 
 
 def _no_probe_hint(
@@ -298,6 +370,7 @@ def _adapter(
             f"({where}, input axes {tuple(in_axes)}); got rank {r}."
         )
     c_shape = tuple(shape[d] for d in carried)
+    check_rank(path, shape, in_shape, out_shape, c_shape, r)
     picked = None
     if layers is not None:  # the layers picked on the first layer axis (every expert)
         picked = np.zeros(shape[:n], bool)

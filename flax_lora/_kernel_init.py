@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -33,6 +34,69 @@ except ``"random"``)."""
 FACTORING_INITS: tuple[Init, ...] = ("pissa", "olora", "loftq")
 """The inits that factor the base kernel: they need its values, and `lora.init` returns the new
 base (the residual, or LoftQ's quantized kernel) with the adapters."""
+
+WASTEFUL_RANK = 4
+"""`check_rank` refuses a rank over this many times ``min(fan_in, fan_out)`` when the factors
+would also hold more than `BIG_FACTORS` entries."""
+
+BIG_FACTORS = 2**24
+"""See `WASTEFUL_RANK`: 2**24 entries (64 MiB of float32), so that a generous rank on a small
+kernel only warns, while a typo such as ``rank=10**9`` is refused before anything is allocated."""
+
+
+def check_rank(
+    path: str,
+    shape: tuple[int, ...],
+    in_shape: tuple[int, ...],
+    out_shape: tuple[int, ...],
+    carried_shape: tuple[int, ...],
+    rank: int,
+) -> None:
+    """Refuses a rank that cannot be meant for the kernel at ``path``, before any factor exists.
+
+    ``a @ b`` has rank at most ``min(fan_in, fan_out)`` (``fan_in = prod(I)``,
+    ``fan_out = prod(O)``, per carried slice), so a larger rank only costs memory: `lora.init`
+    warns about it (`rank_note`), and refuses it here when it is over ``WASTEFUL_RANK`` times
+    that side and the factors would hold more than ``BIG_FACTORS`` entries.
+
+    Raises:
+      ValueError: naming the path, the kernel's shape, fan_in, fan_out, the rank and the size.
+    """
+    fan_in, fan_out = math.prod(in_shape), math.prod(out_shape)
+    fan = min(fan_in, fan_out)
+    entries = math.prod(carried_shape) * rank * (fan_in + fan_out)
+    if rank > WASTEFUL_RANK * fan and entries > BIG_FACTORS:
+        per = " per layer/expert" if carried_shape else ""
+        raise ValueError(
+            f"Rank {rank} for {path!r} (kernel of shape {shape}: fan_in {fan_in}, fan_out "
+            f"{fan_out}{per}) is over {WASTEFUL_RANK} x min(fan_in, fan_out) = "
+            f"{WASTEFUL_RANK * fan}, and its factors would hold {entries:,} entries, though "
+            f"a @ b has rank at most {fan}. Lower LoraConfig.rank, or set rank_pattern for "
+            "this path."
+        )
+
+
+def warn_ranks(notes: list[str]) -> None:
+    """`lora.init`'s one warning (to its caller) about the `rank_note` of each adapter."""
+    if not notes:
+        return
+    more = f"; and {len(notes) - 10} more" if len(notes) > 10 else ""
+    warnings.warn(
+        f"lora.init: {len(notes)} adapter(s) have a rank above their kernel's smaller side "
+        f"({'; '.join(notes[:10])}{more}). a @ b has rank at most min(fan_in, fan_out) (per "
+        "layer or expert), so the extra rank only costs memory and compute; lower "
+        "LoraConfig.rank, or set rank_pattern for these paths.",
+        stacklevel=3,
+    )
+
+
+def rank_note(path: str, w: LoraWeights) -> str | None:
+    """``"'path': rank r > min(fan_in=.., fan_out=..)"`` for an adapter whose rank exceeds its
+    kernel's smaller side (per carried slice), else ``None``."""
+    fan_in, fan_out = math.prod(w.in_shape), math.prod(w.out_shape)
+    if w.rank <= min(fan_in, fan_out):
+        return None
+    return f"{path!r}: rank {w.rank} > min(fan_in={fan_in}, fan_out={fan_out})"
 
 
 def init_factors(

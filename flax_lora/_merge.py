@@ -59,8 +59,15 @@ def merge(params: PyTree, adapters: PyTree, requantize: bool = False) -> PyTree:
 
     Raises:
       ValueError: an adapter's path is not in ``params``, or its kernel shape does not fit.
+      TypeError: ``requantize`` is not a bool (a string such as ``"no"`` would be truthy).
     """
-
+    if not isinstance(requantize, bool | np.bool_):
+        raise TypeError(
+            f"lora.merge: requantize must be a bool (True: quantize the merged kernels again); "
+            f"got {requantize!r} ({type(requantize).__name__}). Under jax.jit, pass it as a "
+            "static argument."
+        )
+    requantize = bool(requantize)
     adapters, extras = split(adapters, is_lora)
     layered: dict[str, Any] = {}
     base = params

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 
 from flax_lora import _jaxpr as jx
-from flax_lora._paths import path_str
+from flax_lora._paths import describe, path_str
 from flax_lora._typing import Kind
 
 AxisMap = tuple[tuple[int, ...], ...]  # for each axis of a var: the kernel axes it stems from
@@ -210,6 +210,10 @@ def kernel_uses(probe: Callable[[Any], Any], params: Any) -> dict[str, Use]:
 
     An Embed lookup wins over other uses of the same table (``attend``); then a conv; then the
     first contraction.
+
+    Raises:
+      ValueError: ``params`` has leaves of 2 or more dimensions but the probe contracts or
+        gathers none of them (it ignores its argument, e.g. closes over other params).
     """
     closed = jax.make_jaxpr(probe)(params)
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
@@ -219,5 +223,20 @@ def kernel_uses(probe: Callable[[Any], Any], params: Any) -> dict[str, Use]:
             tracked[var] = (path_str(kp), tuple((i,) for i in range(leaf.ndim)))
     uses: dict[str, list[Use]] = {}
     _walk(closed.jaxpr, tracked, uses)
+    if tracked and not uses:
+        read = {v for e in closed.jaxpr.eqns for v in e.invars if not jx.is_literal(v)}
+        read |= {v for v in closed.jaxpr.outvars if not jx.is_literal(v)}
+        how = (
+            "its traced function does not read its argument at all"
+            if not read & set(closed.jaxpr.invars)
+            else "it reads its argument, but no leaf of 2 or more dimensions reaches a dot, conv "
+            "or gather"
+        )
+        raise ValueError(
+            "The probe never contracted or gathered any leaf of the params it was given (leaves "
+            f"of 2 or more dimensions: {describe([t[0] for t in tracked.values()], 5)}): {how}. "
+            "A probe must compute from its argument, e.g. probe=lambda p: model.apply(p, x), "
+            "not from params it closes over."
+        )
     rank: dict[Kind, int] = {"embed": 0, "conv": 1, "dense": 2}
     return {p: min(us, key=lambda u: rank[u.kind]) for p, us in uses.items()}

@@ -201,9 +201,20 @@ def unstack(stacked: PyTree, index: int) -> PyTree:
 
     Raises:
       ValueError: ``index`` is out of range.
+      TypeError: ``index`` is not an integer (a float such as 1.5 is not rounded).
     """
     table = stacked_table(stacked)
     n = num_stacked(stacked)
+    integral = isinstance(index, int | np.integer) or (
+        isinstance(index, np.ndarray | jax.Array)
+        and index.ndim == 0
+        and jnp.issubdtype(index.dtype, jnp.integer)
+    )
+    if isinstance(index, bool | np.bool_) or not integral:
+        raise TypeError(
+            f"lora.unstack: index must be an int in [-{n}, {n}); got {index!r} "
+            f"({type(index).__name__})."
+        )
     i = int(index)
     if not -n <= i < n:
         raise ValueError(f"lora.unstack: index {index} is out of range for {n} stacked adapters.")

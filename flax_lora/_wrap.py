@@ -159,7 +159,9 @@ def wrap(apply_fn: Callable[..., Any], mode: Mode = "auto") -> Callable[..., Any
         params = dequantize(params)
         if mode != "merged" and not split(adapters, is_stacked)[1]:
             table = stacked_table(adapters)
-            ids = check_ids(lora_ids, next(iter(table.values())).num_adapters)
+            sizes = _leading_sizes(args)  # the batch, when the positional inputs agree on one
+            batch = next(iter(sizes)) if len(sizes) == 1 else None
+            ids = check_ids(lora_ids, next(iter(table.values())).num_adapters, batch)
             out = call_routed(tracer, mode, params, adapters, ids, args, kwargs, lora_rng)
             if not isinstance(out, RoutingFallback):
                 return out
@@ -179,6 +181,11 @@ def _has_quantized(params: PyTree) -> bool:
     return any(is_quantized(x) for x in jax.tree.leaves(params, is_leaf=is_quantized))
 
 
+def _leading_sizes(args: tuple[Any, ...]) -> set[int | None]:
+    """The sizes of axis 0 of the positional inputs' leaves (``None`` for a scalar)."""
+    return {int(np.shape(x)[0]) if np.ndim(x) else None for x in jax.tree.leaves(args)}
+
+
 def _routed(
     run: Callable[..., Any],
     params: PyTree,
@@ -196,8 +203,7 @@ def _routed(
     factored, the merged kernels) are per example.
     """
     n = num_stacked(stacked)
-    leaves = jax.tree.leaves(args)
-    sizes = {int(np.shape(x)[0]) if np.ndim(x) else None for x in leaves}
+    sizes = _leading_sizes(args)
     if len(sizes) != 1 or None in sizes:
         raise ValueError(
             "lora_ids routes along axis 0 of every positional input, so each needs the same "

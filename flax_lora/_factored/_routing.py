@@ -42,7 +42,8 @@ def routed_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: jax.Arra
         x = invals[k]
         if jnp.ndim(x) <= d or jnp.shape(x)[d] != batch:
             return Unfactored(
-                f"the activation has shape {jnp.shape(x)}, not the batch ({batch}) on axis {d}"
+                f"the activation has shape {jnp.shape(x)}, not the batch ({batch}) on axis {d} "
+                "(the batch that lora_ids routes: one id per example)"
             )
     vals, in_axes = [], []
     for k, x in enumerate(invals):
