@@ -16,10 +16,15 @@ in the library changes one import line here:
 - `_checkpoint` (the module behind `lora.save`): the multi-process checkpoint test
   (support/multihost_worker.py) replaces its ``_replace`` by a failing one, to make the move of
   a finished checkpoint into place fail on the primary process alone.
+- `_safetensors` (the safetensors writer behind `lora.save_peft`): tests/test_hostile_peft.py
+  checks that it writes a transposed or sliced array C-contiguous (safetensors' numpy writer
+  would store its raw buffer); the public save_peft cannot show it, its layouts hand the writer
+  contiguous arrays already.
 """
 
 from flax_lora import _checkpoint, _jaxpr
+from flax_lora._peft import _safetensors
 from flax_lora._quant import DYNAMIC_MAP, NF4_LEVELS
 from flax_lora._stack import gather
 
-__all__ = ["DYNAMIC_MAP", "NF4_LEVELS", "_checkpoint", "_jaxpr", "gather"]
+__all__ = ["DYNAMIC_MAP", "NF4_LEVELS", "_checkpoint", "_jaxpr", "_safetensors", "gather"]
