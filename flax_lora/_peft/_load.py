@@ -182,17 +182,19 @@ def load_peft(
         damaged (header length, JSON, offsets against the file's size), holds non-floating
         tensors (only F16, BF16, F32, F64) or factors of too few dimensions, or was written by
         `save_peft` with another ``adapter_config.json`` (an interrupted save, or a config
-        edited since); the adapter uses options these adapters cannot honour (``lora_bias``,
-        ``layer_replication``, ...); a module has several targeted expert parameters and
-        ``param_order`` does not order them, or ParamWrapper tensors do not fit their kernel
-        (named, with a hint when the other orientation fits); tensors besides the LoRA factors
-        that the config does not account for, or that match no leaf or do not fit it, token
-        ids out of range (each named); tensors match no kernel, or the key map
-        names kernels not in ``params`` (both listed); a tensor does not fit its kernel (the path
-        is named); the input axes of a kernel are ambiguous without ``probe``; the layers of a
-        stacked kernel differ in rank, scale or DoRA-ness, or the probe's view of a kernel
-        (stacked or not) disagrees with ``{layer}`` in its name; a stacked DoRA adapter lacks
-        layers but ``params`` holds no values (``jax.ShapeDtypeStruct``) for their norms.
+        edited since); a module's rank exceeds both its kernel's input and output features (no
+        adapter needs it; a file could otherwise make one any size); the adapter uses options
+        these adapters cannot honour (``lora_bias``, ``layer_replication``, ...); a module has
+        several targeted expert parameters and ``param_order`` does not order them, or
+        ParamWrapper tensors do not fit their kernel (named, with a hint when the other
+        orientation fits); tensors besides the LoRA factors that the config does not account
+        for, or that match no leaf or do not fit it, token ids out of range (each named);
+        tensors match no kernel, or the key map names kernels not in ``params`` (both listed); a
+        tensor does not fit its kernel (the path is named); the input axes of a kernel are
+        ambiguous without ``probe``; the layers of a stacked kernel differ in rank, scale or
+        DoRA-ness, or the probe's view of a kernel (stacked or not) disagrees with ``{layer}``
+        in its name; a stacked DoRA adapter lacks layers but ``params`` holds no values
+        (``jax.ShapeDtypeStruct``) for their norms.
     """
     directory = Path(directory)
     spec = expert_spec(param_order, reversed_params, "load_peft")
