@@ -587,6 +587,20 @@ def test_a_factor_that_does_not_fit_names_module_tensors_and_file(root: Path) ->
     )
 
 
+@pytest.mark.parametrize("r", [4, 5])
+def test_a_rank_above_both_features_of_the_kernel_is_refused(root: Path, r: int) -> None:
+    # the kernel is 4 -> 3: rank 4 is the most an adapter of it can use; rank 5 (fitting the
+    # config and both factor shapes) is refused, as a file could make it any size
+    rng = np.random.default_rng(r)
+    a, b = rng.normal(size=(r, 4)).astype(np.float32), rng.normal(size=(3, r)).astype(np.float32)
+    d = peft_dir(root, {"r": r}, weights=st_bytes({A_NAME: ("F32", a), B_NAME: ("F32", b)}))
+    if r == 5:
+        refused(ValueError, lambda: lora.load_peft(d, PARAMS), "'lin'", "rank 5", str(d / WEIGHTS))
+        return
+    w = loaded(lora.load_peft(d, PARAMS))
+    np.testing.assert_allclose(np.asarray(lora.delta(w)), ref_delta(a, b, 4 / r), rtol=1e-5)
+
+
 def test_an_extra_tensor_larger_than_its_leaf_is_refused_unread(root: Path) -> None:
     big = st_bytes(
         {
