@@ -182,6 +182,26 @@ def test_save_peft_loads_in_peft(tmp_path: Path, variant: str) -> None:
         assert layer.scaling["default"] == pytest.approx(w.scale, rel=1e-12)
 
 
+def test_save_peft_replaces_only_its_own_files_and_peft_loads_them(tmp_path: Path) -> None:
+    # save_peft's files carry metadata keys of their own (its mark, the config's SHA-256):
+    # PEFT loads them, also after a second save replaced the first in the same folder
+    params = net_params(TorchNet())
+    first, config = net_adapters("plain")
+    second, config2 = net_adapters("patterns_rslora")
+    lora.save_peft(tmp_path / "ours", first, config)
+    lora.save_peft(tmp_path / "ours", second, config2)
+    pm = peft_from_pretrained(TorchNet(), tmp_path / "ours")
+    expected = flax_out(FlaxNet(), params, second, NET_IDS)
+    np.testing.assert_allclose(torch_out(pm, NET_IDS), expected, atol=TOL)
+    # PEFT's own files are never replaced (nor is anything else in their folder touched)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    files = lambda: {p.name: p.read_bytes() for p in (tmp_path / "peft").iterdir()}
+    before = files()
+    with pytest.raises(ValueError, match=r"/peft'.*did not write"):
+        lora.save_peft(tmp_path / "peft", first, config)
+    assert files() == before
+
+
 def test_saved_files_are_named_as_peft_names_them(tmp_path: Path) -> None:
     from safetensors.numpy import load_file
 

@@ -10,6 +10,7 @@ alphas that differ between modules resolved, one pattern entry per module.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import math
 import re
@@ -20,8 +21,8 @@ from typing import Any
 
 from flax_lora._adapters import LoraWeights
 from flax_lora._config import LoraConfig
+from flax_lora._peft._config_checks import CHECKS, REQUIRED
 from flax_lora._peft._names import CONFIG_NAME
-from flax_lora._typing import BIASES
 
 TASK_TYPES = (
     "SEQ_CLS",
@@ -33,6 +34,7 @@ TASK_TYPES = (
 )
 # init_lora_weights values with which PEFT rewrites the base weights when it makes the adapter
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+MAX_CONFIG_BYTES = 16 * 2**20  # an adapter_config.json is a few kilobytes
 # adapter_config.json fields that change the adapted model in ways these adapters cannot express.
 _UNSUPPORTED = {
     "lora_bias": "a bias on lora_B",
@@ -125,12 +127,15 @@ def _json_number(x: float) -> int | float:
 
 
 # -- read ----------------------------------------------------------------------------------------
-def read_config(directory: Path) -> dict[str, Any]:
-    """The directory's ``adapter_config.json``, checked.
+def read_config(directory: Path) -> tuple[dict[str, Any], str]:
+    """The directory's ``adapter_config.json``, checked, with every field `load_peft` uses
+    normalised (`flax_lora._peft._config_checks`), and the SHA-256 of its bytes.
 
     Raises:
-      ValueError: no such file; not a LoRA adapter; options these adapters cannot honour
-        (loading part of it would silently change the model); no ``r`` or ``lora_alpha``.
+      ValueError: no such file; a file over ``MAX_CONFIG_BYTES``, not UTF-8 or not JSON; not
+        a LoRA adapter; options these adapters cannot honour (loading part of it would
+        silently change the model); no ``r`` or ``lora_alpha``; a field out of range.
+      TypeError: the file is not a JSON object, or a field has the wrong JSON type.
 
     Warns:
       UserWarning: a PEFT init that rewrites the base weights (the adapter fits that base only).
@@ -138,16 +143,28 @@ def read_config(directory: Path) -> dict[str, Any]:
     file = directory / CONFIG_NAME
     if not file.is_file():
         raise ValueError(f"load_peft: {str(directory)!r} has no {CONFIG_NAME}.")
-    cfg = json.loads(file.read_text())
-    if str(cfg.get("peft_type", "")).upper() != "LORA":
+    with open(file, "rb") as f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
         raise ValueError(
-            f"load_peft: {str(file)!r} is a {cfg.get('peft_type')!r} adapter; only LORA is read."
+            f"load_peft: {str(file)!r} is larger than {MAX_CONFIG_BYTES} bytes; an adapter "
+            "config is a few kilobytes."
         )
+    cfg = _parse(file, raw)
+    missing = [key for key in REQUIRED if key not in cfg]
+    if missing:
+        raise ValueError(f"load_peft: {str(file)!r} has no {' or '.join(map(repr, missing))}.")
+    checked = {}
+    for key, check in CHECKS.items():
+        if key in cfg:
+            try:
+                checked[key] = check(cfg[key])
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"load_peft: {str(file)!r}: field {key!r}{e}.") from None
+    cfg |= checked
     problems = [
         f"{key}={cfg[key]!r} ({what})" for key, what in _UNSUPPORTED.items() if cfg.get(key)
     ]
-    if (cfg.get("bias") or "none") not in BIASES:
-        problems.append(f"bias={cfg['bias']!r} (an unknown bias mode)")
     if problems:
         raise ValueError(
             f"load_peft: {str(file)!r} uses PEFT options that flax_lora adapters cannot honour: "
@@ -155,17 +172,36 @@ def read_config(directory: Path) -> dict[str, Any]:
             "DoRA, modules_to_save, trainable_token_indices and bias are supported; loading part "
             "of it would silently change the model."
         )
-    for key in ("r", "lora_alpha"):
-        if key not in cfg:
-            raise ValueError(f"load_peft: {str(file)!r} has no {key!r}.")
-    init = str(cfg.get("init_lora_weights", True)).lower()
-    if init.startswith(BASE_CHANGING_INITS):
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
         warnings.warn(
             f"load_peft: {str(file)!r} was initialised with init_lora_weights="
-            f"{cfg['init_lora_weights']!r}, which changes the base weights: pass the params of "
+            f"{init!r}, which changes the base weights: pass the params of "
             "that changed base, or convert the adapter in PEFT first (save_pretrained with "
             "path_initial_model_for_weight_conversion) to use it on the original base.",
             stacklevel=3,  # read_config <- load_peft <- the caller
+        )
+    return cfg, hashlib.sha256(raw).hexdigest()
+
+
+def _parse(file: Path, raw: bytes) -> dict[str, Any]:
+    """The JSON object in ``raw``.
+
+    Raises:
+      ValueError: not UTF-8, not JSON (or nested too deeply to parse).
+      TypeError: JSON, but not an object.
+    """
+    try:
+        cfg = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        what = "UTF-8" if isinstance(e, UnicodeDecodeError) else "JSON"
+        raise ValueError(
+            f"load_peft: {str(file)!r} is not valid {what}: {type(e).__name__}: {str(e)[:200]}."
+        ) from None
+    if not isinstance(cfg, dict):
+        raise TypeError(
+            f"load_peft: {str(file)!r} must hold a JSON object of PEFT's fields; got "
+            f"{type(cfg).__name__}."
         )
     return cfg
 

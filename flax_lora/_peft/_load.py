@@ -1,54 +1,79 @@
 """`lora.load_peft`: a HuggingFace PEFT LoRA adapter directory as adapters on a params tree.
 
-Each LoRA module of the file is matched with a kernel of ``params`` through the key map (a
-``{layer}`` name with each layer of a layered kernel: `flax_lora._peft._layered`), read through
-`flax_lora._peft._layout` with PEFT's rank and scale (`flax_lora._peft._adapter_config`); the
-other tensors load through `flax_lora._peft._extras`.
+The config is read and checked first (`flax_lora._peft._adapter_config`), then the kernels of
+``params`` named by the key map (`flax_lora._peft._sites`) give a bound on the safetensors
+header, whose entries are checked and grouped by module (`flax_lora._peft._files`). Every
+module's tensors are then checked against their kernel on stand-ins (arrays of the header's
+shapes that hold no memory) through `flax_lora._peft._layout` / `flax_lora._peft._experts`,
+with PEFT's rank and scale; only then are tensors read, one module at a time, and made into
+adapters (a layered kernel's layers joined by `flax_lora._peft._layered`); the other tensors
+load through `flax_lora._peft._extras`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
-import re
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.typing import ArrayLike, DTypeLike
+from jax.typing import DTypeLike
 
 from flax_lora._adapters import LoraWeights
-from flax_lora._paths import KERNEL_LEAVES, describe, flatten, nest
+from flax_lora._paths import describe, flatten, nest
 from flax_lora._peft._adapter_config import rank_and_scale, read_config
-from flax_lora._peft._experts import (
-    KEYS,
-    ExpertSpec,
-    ParamOrder,
-    expert_axes_of,
-    expert_spec,
-    nesting,
-    read_expert,
-)
+from flax_lora._peft._experts import KEYS, ParamOrder, expert_axes_of, expert_spec, read_expert
 from flax_lora._peft._extras import load_extras
-from flax_lora._peft._files import read_tensors
+from flax_lora._peft._files import Weights, open_weights
 from flax_lora._peft._layered import join_layers, layer_use
-from flax_lora._peft._layout import Target, from_peft, magnitude_from_peft
+from flax_lora._peft._layout import Factors, Target, from_peft, magnitude_from_peft
 from flax_lora._peft._names import (
-    LAYER,
+    CONFIG_NAME,
     MAGNITUDE,
-    WEIGHTS_NAME,
+    PREFIX,
     KeyMap,
     Namer,
-    layer_name,
+    module_of,
     namer,
+    split_tensor_key,
+    torch_param,
+)
+from flax_lora._peft._sites import (
+    expert_sites,
+    kernel_sites,
+    kernels_of,
+    match,
+    param_namer,
 )
 from flax_lora._probe import Use, kernel_uses
 from flax_lora._typing import PyTree
 
-Kernel = ArrayLike | jax.ShapeDtypeStruct
-Site = tuple[str, int | None]  # a module's kernel path and layer (None: an unlayered kernel)
+HEADER_BASE = 1 << 20  # bytes of safetensors header allowed for any params tree ...
+HEADER_PER_TENSOR = 1 << 10  # ... and per tensor a file for it may hold (names ~100 bytes)
+
+
+class _Module(NamedTuple):
+    """How one module of the file is read: its kernel's path and layer, its target (tensors
+    to be filled in), and for an expert kernel whether PEFT reads it reversed."""
+
+    path: str
+    layer: int | None
+    target: Target
+    expert: bool
+    reversed_: bool
+
+
+class _Read(NamedTuple):
+    """A module's tensors in our layout, with its scale, magnitude and expert axis."""
+
+    factors: Factors
+    scale: float
+    m: np.ndarray | None
+    expert_axes: tuple[int, ...]
 
 
 def load_peft(
@@ -112,6 +137,13 @@ def load_peft(
     ``out`` ones for a reversed parameter); a wrong ``reversed_params`` then gives the same
     delta with the other factor called ``a``.
 
+    Both files are untrusted input (a file from a model hub may be anything): every field of
+    ``adapter_config.json`` the load uses is checked for type and range, and the safetensors
+    header is parsed and checked (names, floating dtypes, shapes and ranks against the kernels
+    of ``params``) before any tensor is read; then only the tensors used are read, so memory is
+    bounded by the adapters of ``params``, not by the file. Each error names the file and the
+    field or tensor.
+
     Example:
       >>> adapters = lora.load_peft("/tmp/adapter", params)
       >>> y = lora.wrap(model.apply)(params, adapters, x)
@@ -142,199 +174,83 @@ def load_peft(
         (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) and not converted: it fits only that changed base.
 
     Raises:
-      ValueError: the adapter uses options these adapters cannot honour (``lora_bias``,
-        ``layer_replication``, ...); a module has several targeted expert parameters and
-        ``param_order`` does not order them, or ParamWrapper tensors do not fit their kernel
-        (named, with a hint when the other orientation fits); tensors besides the LoRA factors
-        that the config does not account for, or that match no leaf or do not fit it, token
-        ids out of range (each named); tensors match no kernel, or the key map
-        names kernels not in ``params`` (both listed); a tensor does not fit its kernel (the path
-        is named); the input axes of a kernel are ambiguous without ``probe``; the layers of a
-        stacked kernel differ in rank, scale or DoRA-ness, or the probe's view of a kernel
-        (stacked or not) disagrees with ``{layer}`` in its name; a stacked DoRA adapter lacks
-        layers but ``params`` holds no values (``jax.ShapeDtypeStruct``) for their norms.
+      TypeError: ``adapter_config.json`` is not a JSON object, or a field it uses has the wrong
+        JSON type (``r: "two"``, ``use_rslora: "false"``).
+      ValueError: ``adapter_config.json`` is over 16 MiB, not UTF-8 or not JSON, or a field is
+        out of range (``r`` an int >= 1, ``lora_alpha`` finite with ``|alpha| <= 1e6``,
+        ``lora_dropout`` in [0, 1), pattern keys valid regexes, ...); the safetensors file is
+        damaged (header length, JSON, offsets against the file's size), holds non-floating
+        tensors (only F16, BF16, F32, F64) or factors of too few dimensions, or was written by
+        `save_peft` with another ``adapter_config.json`` (an interrupted save, or a config
+        edited since); a module's rank exceeds both its kernel's input and output features (no
+        adapter needs it; a file could otherwise make one any size); the adapter uses options
+        these adapters cannot honour (``lora_bias``, ``layer_replication``, ...); a module has
+        several targeted expert parameters and ``param_order`` does not order them, or
+        ParamWrapper tensors do not fit their kernel (named, with a hint when the other
+        orientation fits); tensors besides the LoRA factors that the config does not account
+        for, or that match no leaf or do not fit it, token ids out of range (each named);
+        tensors match no kernel, or the key map names kernels not in ``params`` (both listed); a
+        tensor does not fit its kernel (the path is named); the input axes of a kernel are
+        ambiguous without ``probe``; the layers of a stacked kernel differ in rank, scale or
+        DoRA-ness, or the probe's view of a kernel (stacked or not) disagrees with ``{layer}``
+        in its name; a stacked DoRA adapter lacks layers but ``params`` holds no values
+        (``jax.ShapeDtypeStruct``) for their norms.
     """
     directory = Path(directory)
     spec = expert_spec(param_order, reversed_params, "load_peft")
-    cfg = read_config(directory)
-    modules, others = read_tensors(directory)
-    _check_dora(cfg, modules)
-    kernels = _kernels(params, key_map)
+    cfg, config_sha = read_config(directory)
+    kernels = kernels_of(params, key_map)
     name_of = namer(key_map)
-    sites, templates = _sites(kernels, _param_namer(name_of, key_map is None, cfg))
-    sites, expert_of = _expert_sites(sites, templates, cfg, spec)
-    site_of = _match(modules, sites, directory)
-    uses = kernel_uses(probe, params) if probe is not None else None
-    per_kernel: dict[str, dict[int | None, LoraWeights]] = {}
-    for name, tensors in modules.items():
-        path, layer = site_of[name]
-        shape = tuple(int(s) for s in kernels[path].shape)
-        if layer is not None:  # the module is one layer of a layered kernel
-            shape = shape[1:]
-        use = layer_use(_use(uses, path, name), path, name, layer)
-        if name in expert_of:  # an expert kernel: PEFT's target_parameters
-            param, template = expert_of[name]
-            target = Target(path, param, shape, use, tensors)
-            w = _expert_weights(target, cfg, dtype, spec.is_reversed(template))
-        else:
-            w = _module_weights(Target(path, name, shape, use, tensors), cfg, dtype)
-        per_kernel.setdefault(path, {})[layer] = w
+    sites, templates = kernel_sites(kernels, param_namer(name_of, key_map is None, cfg))
+    sites, expert_of = expert_sites(sites, templates, cfg, spec)
+    leaves = flatten(params)
+    limit = HEADER_BASE + HEADER_PER_TENSOR * (3 * len(sites) + len(leaves))
+    with open_weights(directory, limit, config_sha) as weights:
+        _check_dora(cfg, weights)
+        site_of = match(weights.modules, sites, directory)
+        uses = kernel_uses(probe, params) if probe is not None else None
+        plan = {}
+        for name in weights.modules:  # every module checked on stand-ins: nothing read yet
+            path, layer = site_of[name]
+            shape = tuple(int(s) for s in kernels[path].shape)[(layer is not None) :]
+            use = layer_use(_use(uses, path, name), path, name, layer)
+            param, template = expert_of.get(name, (name, None))
+            target = Target(path, param, shape, use, weights.stand_ins(name))
+            module = _Module(path, layer, target, template is not None, spec.is_reversed(template))
+            try:
+                _read(module, cfg)
+            except ValueError as e:  # the layouts' errors name the module and kernel
+                raise ValueError(f"{e} File: {weights.file!r}.") from None
+            plan[name] = module
+        others = _other_tensors(weights, leaves, name_of)
+        extras = load_extras(others, cfg, params, name_of, weights.file, dtype)
+        per_kernel: dict[str, dict[int | None, LoraWeights]] = {}
+        for name, module in plan.items():
+            module = module._replace(
+                target=dataclasses.replace(module.target, tensors=weights.tensors(name))
+            )
+            w = _weights(module.target, _read(module, cfg), cfg, dtype)
+            per_kernel.setdefault(module.path, {})[module.layer] = w
     entries = [
         (path, join_layers(path, templates[path], kernels[path], pieces))
         if path in templates
         else (path, pieces[None])
         for path, pieces in per_kernel.items()
     ]
-    extras = load_extras(others, cfg, params, name_of, str(directory / WEIGHTS_NAME), dtype)
     return nest(entries + list(extras.items()))
 
 
-def _check_dora(cfg: Mapping[str, Any], modules: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+def _check_dora(cfg: Mapping[str, Any], weights: Weights) -> None:
     """Raises unless the modules have magnitudes exactly when the config says ``use_dora``."""
-    use_dora = bool(cfg.get("use_dora", False))
-    wrong = [n for n, t in modules.items() if (MAGNITUDE in t) != use_dora]
+    use_dora = cfg.get("use_dora", False)
+    wrong = [n for n, t in weights.modules.items() if (MAGNITUDE in t) != use_dora]
     if wrong:
+        config = str(Path(weights.file).with_name(CONFIG_NAME))
         raise ValueError(
-            f"load_peft: adapter_config.json has use_dora={use_dora}, but modules "
-            f"{describe(wrong)} {'lack' if use_dora else 'have'} a lora_magnitude_vector."
+            f"load_peft: {config!r} has use_dora={use_dora} (field 'use_dora'), but modules "
+            f"{describe(wrong)} of {weights.file!r} {'lack' if use_dora else 'have'} a "
+            "lora_magnitude_vector."
         )
-
-
-def _kernels(params: PyTree, key_map: KeyMap) -> dict[str, Kernel]:
-    """The leaves of 2 or more dimensions of ``params``, by path.
-
-    Raises:
-      ValueError: a dict key map names paths that are not such leaves.
-    """
-    kernels = {p: x for p, x in flatten(params).items() if getattr(x, "ndim", 0) >= 2}
-    if isinstance(key_map, Mapping):
-        absent = [p for p in key_map if p not in kernels]
-        if absent:
-            raise ValueError(
-                f"load_peft: key_map names paths that are not kernels (2+ dims) of params: "
-                f"{describe(absent)}. Kernels in params: {describe(kernels, limit=20)}."
-            )
-    return kernels
-
-
-def _sites(
-    kernels: Mapping[str, Kernel], name_of: Namer
-) -> tuple[dict[str, list[Site]], dict[str, str]]:
-    """Module name -> the kernels (and layers) the key map gives that name, and layered kernel
-    path -> its name with ``{layer}``."""
-    sites: dict[str, list[Site]] = {}
-    templates: dict[str, str] = {}
-    for path, kernel in kernels.items():
-        name = name_of(path)
-        if name is None:
-            continue
-        if LAYER not in name:
-            sites.setdefault(name, []).append((path, None))
-            continue
-        templates[path] = name
-        for i in range(kernel.shape[0]):
-            sites.setdefault(layer_name(name, i), []).append((path, i))
-    return sites, templates
-
-
-def _targeted(cfg: Mapping[str, Any], name: str) -> bool:
-    """Whether PEFT's ``target_parameters`` name the parameter ``name`` (exactly, or as a
-    suffix after a dot, as PEFT matches them)."""
-    return any(name == t or name.endswith(f".{t}") for t in cfg.get("target_parameters") or ())
-
-
-def _param_namer(name_of: Namer, default: bool, cfg: Mapping[str, Any]) -> Namer:
-    """The key map, where it is the default one naming a kernel's module whose parameter (the
-    kernel's leaf name) PEFT targets: that parameter's name (``experts.w_in``)."""
-    if not default:
-        return name_of
-
-    def name(path: str) -> str | None:
-        module = name_of(path)
-        param = f"{module}.{path.rsplit('/', 1)[-1]}"
-        return param if module and _targeted(cfg, param) else module
-
-    return name
-
-
-def _expert_sites(
-    sites: dict[str, list[Site]],
-    templates: Mapping[str, str],
-    cfg: Mapping[str, Any],
-    spec: ExpertSpec,
-) -> tuple[dict[str, list[Site]], dict[str, tuple[str, str]]]:
-    """The sites by the file's module names (a targeted parameter's: its module with its
-    ``.base_layer`` nesting), and for those file modules (parameter name, key-map name).
-
-    Raises:
-      ValueError: a module with several targeted parameters and no order for them.
-    """
-    params = [n for n in sites if _targeted(cfg, n)]
-    key_names = {
-        n: templates.get(sites[n][0][0], n) if sites[n][0][1] is not None else n for n in params
-    }
-
-    def targeted(module: str, param: str) -> bool:
-        return _targeted(cfg, f"{module}.{param}")
-
-    files = nesting(params, key_names, spec, "load_peft", targeted)
-    renamed = {files.get(n, n): s for n, s in sites.items()}
-    return renamed, {files[n]: (n, key_names[n]) for n in params}
-
-
-def _expert_weights(
-    t: Target, cfg: Mapping[str, Any], dtype: DTypeLike | None, reversed_: bool
-) -> LoraWeights:
-    """The expert adapter one ParamWrapper's tensors make for its (unlayered) kernel.
-
-    Raises:
-      ValueError: the tensors do not fit the kernel; a DoRA magnitude (ParamWrapper has none).
-    """
-    if MAGNITUDE in t.tensors or KEYS[0] not in t.tensors:
-        raise ValueError(
-            f"{t.where}: PEFT's target_parameters (ParamWrapper) hold lora_A.weight and "
-            f"lora_B.weight only; the file has {sorted(k[1:] for k in t.tensors)}."
-        )
-    r, scale = rank_and_scale(cfg, t.module)
-    contracted = t.tensors[KEYS[1]].shape[0] if reversed_ else t.tensors[KEYS[0]].shape[1]
-    axis, in_axes = expert_axes_of(t, int(contracted), t.where)
-    f = read_expert(t, axis, in_axes, r, reversed_)
-    return LoraWeights(
-        a=jnp.asarray(f.a, dtype),
-        b=jnp.asarray(f.b, dtype),
-        scale=scale,
-        in_axes=f.in_axes,
-        kernel_shape=t.shape,
-        dropout=float(cfg.get("lora_dropout") or 0.0),
-        expert_axes=(axis,),
-    )
-
-
-def _match(
-    modules: Mapping[str, Mapping[str, np.ndarray]], sites: dict[str, list[Site]], directory: Path
-) -> dict[str, Site]:
-    """The kernel (and layer) of each module of the file: of several with its name, the one
-    whose leaf is a ``kernel`` / ``embedding`` (not, say, a multi-axis bias beside it).
-
-    Raises:
-      ValueError: modules that match no kernel, or several.
-    """
-    unmatched = [n for n in modules if n not in sites]
-    if unmatched:
-        raise ValueError(
-            f"load_peft: the adapter in {str(directory)!r} has LoRA tensors for modules that "
-            f"match no kernel of params: {describe(unmatched)}. The key map names these "
-            f"kernels: {describe(sorted(sites), limit=20)}. Pass key_map= to map kernel "
-            "paths to the PyTorch module names." + _nesting_hint(unmatched)
-        )
-    found = {}
-    for n in modules:
-        named = [s for s in sites[n] if s[0].rsplit("/", 1)[-1] in KERNEL_LEAVES]
-        found[n] = named if len(sites[n]) > 1 and len(named) == 1 else sites[n]
-    twice = {n: [path for path, _ in s] for n, s in found.items() if len(s) > 1}
-    if twice:
-        raise ValueError(f"load_peft: key_map maps several kernels to one module: {twice}.")
-    return {n: s[0] for n, s in found.items()}
 
 
 def _use(uses: dict[str, Use] | None, path: str, name: str) -> Use | None:
@@ -353,42 +269,99 @@ def _use(uses: dict[str, Use] | None, path: str, name: str) -> Use | None:
     return uses[path]
 
 
-def _module_weights(t: Target, cfg: Mapping[str, Any], dtype: DTypeLike | None) -> LoraWeights:
-    """The adapter one PEFT module's tensors make for its (unlayered) kernel.
+def _read(module: _Module, cfg: Mapping[str, Any]) -> _Read:
+    """A module's tensors (read, or stand-ins) in our layout, checked against its kernel.
 
     Raises:
-      ValueError: the tensors do not fit the kernel, or their rank is not the config's.
+      ValueError: the tensors do not fit the kernel (or the probe's view of it), or their
+        rank is not the config's, or more than both its input and its output features (a file
+        could otherwise make a kernel's adapter any size); an expert module with tensors
+        ParamWrapper does not have.
     """
-    r, scale = rank_and_scale(cfg, t.module)
-    a, b, kind, in_axes = from_peft(t)
-    if a.shape[-1] != r:
+    read = _factors(module, cfg)
+    f, lead = read.factors, len(read.expert_axes)
+    r, n_in, n_out = f.a.shape[-1], math.prod(f.a.shape[lead:-1]), math.prod(f.b.shape[lead + 1 :])
+    if r > max(n_in, n_out):
         raise ValueError(
-            f"{t.where}: its tensors have rank {a.shape[-1]}, but adapter_config.json gives it "
-            f"r={r}."
+            f"{module.target.where}: its tensors have rank {r}, more than its {n_in} input and "
+            f"{n_out} output features both: no adapter of this kernel has such a rank."
         )
-    m = None
-    if MAGNITUDE in t.tensors:  # DoRA
-        out_shape = tuple(s for i, s in enumerate(t.shape) if i not in in_axes)
-        m = jnp.asarray(magnitude_from_peft(t, out_shape), dtype or a.dtype)
+    return read
+
+
+def _factors(module: _Module, cfg: Mapping[str, Any]) -> _Read:
+    """`_read` but for the bound on the rank."""
+    t = module.target
+    r, scale = rank_and_scale(cfg, t.module)
+    if not module.expert:
+        f = from_peft(t)
+        if f.a.shape[-1] != r:
+            raise ValueError(
+                f"{t.where}: its tensors have rank {f.a.shape[-1]}, but "
+                f"adapter_config.json gives it r={r} (field 'r' or 'rank_pattern')."
+            )
+        m = None
+        if MAGNITUDE in t.tensors:  # DoRA
+            out_shape = tuple(s for i, s in enumerate(t.shape) if i not in f.in_axes)
+            m = magnitude_from_peft(t, out_shape)
+        return _Read(f, scale, m, ())
+    if MAGNITUDE in t.tensors or KEYS[0] not in t.tensors:
+        raise ValueError(
+            f"{t.where}: PEFT's target_parameters (ParamWrapper) hold lora_A.weight and "
+            f"lora_B.weight only; the file has {sorted(k[1:] for k in t.tensors)}."
+        )
+    lora_a, lora_b = t.tensors[KEYS[0]], t.tensors[KEYS[1]]
+    contracted = lora_b.shape[0] if module.reversed_ else lora_a.shape[1]
+    axis, in_axes = expert_axes_of(t, int(contracted), t.where)
+    return _Read(read_expert(t, axis, in_axes, r, module.reversed_), scale, None, (axis,))
+
+
+def _weights(
+    t: Target, read: _Read, cfg: Mapping[str, Any], dtype: DTypeLike | None
+) -> LoraWeights:
+    """The adapter of one module's tensors, read, for its (unlayered) kernel."""
+    f = read.factors
     return LoraWeights(
-        a=jnp.asarray(a, dtype),
-        b=jnp.asarray(b, dtype),
-        scale=scale,
-        in_axes=in_axes,
+        a=jnp.asarray(f.a, dtype),
+        b=jnp.asarray(f.b, dtype),
+        scale=read.scale,
+        in_axes=f.in_axes,
         kernel_shape=t.shape,
-        kind=kind,
-        dropout=float(cfg.get("lora_dropout") or 0.0),
-        m=m,
+        kind=f.kind,
+        dropout=cfg.get("lora_dropout", 0.0),
+        m=None if read.m is None else jnp.asarray(read.m, dtype or f.a.dtype),
+        expert_axes=read.expert_axes,
     )
 
 
-def _nesting_hint(names: Collection[str]) -> str:
-    """A hint for unmatched modules named ``....base_layer``: a targeted parameter's tensors."""
-    nested = sorted(n for n in names if re.search(r"\.base_layer$", n))
-    if not nested:
-        return ""
-    return (
-        f" Modules {nested} hold a target parameter registered before another of the same "
-        "module (PEFT nests them under '.base_layer'): name every targeted parameter of the "
-        "module in key_map and pass param_order= (PyTorch's registration order)."
-    )
+def _other_tensors(
+    weights: Weights, leaves: Mapping[str, Any], name_of: Namer
+) -> dict[str, np.ndarray]:
+    """The tensors besides the LoRA factors (by name after ``PREFIX``), read when they belong
+    to a leaf of ``params`` and are no larger than it; the others (which `load_extras` refuses
+    by name, never using their values) as empty arrays, unread.
+
+    Raises:
+      ValueError: a tensor larger than the leaf it belongs to (named, with the leaf).
+    """
+    owner: dict[tuple[str, str], str] = {}  # (module name, torch param) -> leaf path
+    for path in leaves:
+        name = module_of(name_of, path)
+        if name is not None:
+            owner.setdefault((name, torch_param(path)), path)
+    out = {}
+    for key, tensor in weights.others.items():
+        _, module, param = split_tensor_key(key) or ("?", "", "")
+        path = owner.get((module, param or "weight"))  # trainable tokens: the table's weight
+        if path is None:
+            out[key] = np.empty((0,), weights.header.entries[tensor].dtype)
+            continue
+        size, limit = math.prod(weights.shape(tensor)), math.prod(np.shape(leaves[path]))
+        if size > limit:
+            raise ValueError(
+                f"load_peft: {weights.file!r}: tensor {PREFIX + key!r} has shape "
+                f"{weights.shape(tensor)}, more elements than the leaf {path!r} it belongs to "
+                f"({tuple(np.shape(leaves[path]))})."
+            )
+        out[key] = weights.read(tensor)
+    return out

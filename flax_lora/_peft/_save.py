@@ -8,6 +8,7 @@ of a layered kernel: `flax_lora._peft._layered`), the trained copies and token d
 from __future__ import annotations
 
 import collections
+import json
 import os
 import warnings
 from collections.abc import Collection
@@ -25,6 +26,7 @@ from flax_lora._peft._adapter_config import (
     alpha_for,
     config_json,
 )
+from flax_lora._peft._config_checks import MAX_ALPHA
 from flax_lora._peft._experts import (
     ExpertSpec,
     ParamOrder,
@@ -53,6 +55,7 @@ def save_peft(
     params: PyTree = None,
     param_order: ParamOrder = None,
     reversed_params: Collection[str] = (),
+    overwrite: bool = True,
 ) -> Path:
     """Writes adapters as a HuggingFace PEFT LoRA adapter (``adapter_config.json`` +
     ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained`` loads onto the
@@ -98,6 +101,14 @@ def save_peft(
     ``reversed_params`` for parameters PEFT reads reversed. ParamWrapper refuses DoRA (an
     error) and dropout (written as 0.0, with a warning).
 
+    Safety (as `lora.save`): a new ``directory`` is written complete beside it and renamed into
+    place; into an existing folder (its other files untouched) the two files go through
+    temporary files and renames, and the safetensors metadata holds the SHA-256 of the config
+    written with the tensors, which `load_peft` checks, so a reader never takes the new tensors
+    with the old config (or the reverse). An existing pair is replaced only when `save_peft`
+    wrote it (its mark in the safetensors metadata): a pair written by PEFT or anything else,
+    or a file where the folder should be, is an error and nothing is touched.
+
     Note: PEFT matches a listed name also as a suffix (``lin`` targets ``block.lin`` too); an
     extra module PEFT adapts that way starts with PEFT's no-op initialisation (``B = 0``), so the
     loaded model is unchanged, but PEFT may warn about missing keys.
@@ -112,7 +123,8 @@ def save_peft(
       >>> lora.save_peft("/tmp/cls", adapters, config, key_map=cls_map, task_type="SEQ_CLS")
 
     Args:
-      directory: the output directory (created; the two files in it are replaced).
+      directory: the output directory (created, or a folder whose other files are left alone;
+        an earlier pair of files written by `save_peft` in it is replaced).
       adapters: adapters from `lora.init`, `lora.load`, `lora.load_peft`, ... (kinds ``dense``,
         ``conv`` with Flax's ``(*window, in, out)`` layout, and ``embed`` with a 2-D table).
       config: the `LoraConfig` they were made with (for ``r``, ``lora_alpha``, ``use_rslora``,
@@ -139,6 +151,8 @@ def save_peft(
         True`` (then ``(E, in, out)``); a parameter laid out the other way ((E, in, out) without
         the flag, as ``(E, out, in)`` with it) belongs here. Default: none (Mixtral's
         ``(E, out, in)``, gpt-oss's ``(E, in, out)`` with the flag).
+      overwrite: ``False`` refuses a ``directory`` that holds either file already, even one
+        `save_peft` wrote.
 
     Returns:
       The directory's absolute path.
@@ -150,7 +164,11 @@ def save_peft(
         unstacked one's has it), or a kernel has more than one layer axis (nested scans); an
         adapter has a layout PEFT cannot express (an expert kernel with DoRA or several expert
         axes); a module holds several expert parameters and ``param_order`` does not order
-        them; a module is adapted both as a module and through its parameters.
+        them; a module is adapted both as a module and through its parameters; an adapter's
+        alpha (derived from its scale) is not finite or beyond ``|alpha| <= 1e6``, which
+        `load_peft` refuses; ``directory`` exists and is not a folder, or holds a
+        ``adapter_model.safetensors`` / ``adapter_config.json`` that `save_peft` did not write
+        (or, with ``overwrite=False``, either file at all): nothing is written then.
 
     Warns:
       UserWarning: ``lora_dropout`` is not 0 and there are expert kernels (written as 0.0).
@@ -176,7 +194,7 @@ def save_peft(
         else:
             tensors |= {f"{PREFIX}{name}{key}": t for key, t in to_peft(path, w).items()}
         ranks[name] = w.rank
-        alphas[name] = alpha_for(path, w, config, rslora)
+        alphas[name] = _checked_alpha(path, name, w, alpha_for(path, w, config, rslora))
     extra_tensors, fields = save_extras(
         extras, name_of, {m.name for m in modules}, table, params, config
     )
@@ -199,7 +217,25 @@ def save_peft(
             stacklevel=2,
         )
         peft_config["lora_dropout"] = 0.0
-    return write_adapter(Path(directory).absolute(), tensors | extra_tensors, peft_config)
+    text = json.dumps(peft_config, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    return write_adapter(
+        Path(directory).absolute(), tensors | extra_tensors, text.encode(), overwrite
+    )
+
+
+def _checked_alpha(path: str, name: str, w: LoraWeights, alpha: float) -> float:
+    """``alpha`` when `load_peft` would accept it (finite, ``|alpha| <= MAX_ALPHA``).
+
+    Raises:
+      ValueError: it is not (naming the kernel and module).
+    """
+    if not abs(alpha) <= MAX_ALPHA:
+        raise ValueError(
+            f"save_peft: the adapter at {path!r} (module {name!r}, scale {float(w.scale)!r}, "
+            f"rank {w.rank}) needs lora_alpha={alpha!r}; PEFT files hold a finite alpha, and "
+            f"load_peft refuses |alpha| > {MAX_ALPHA:g}. Nothing was written."
+        )
+    return alpha
 
 
 def _parts(adapters: PyTree) -> tuple[dict[str, LoraWeights], dict[str, Extra]]:

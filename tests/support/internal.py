@@ -22,9 +22,14 @@ in the library changes one import line here:
   (the two-rename fallback), to change the target mid-publish and to kill a save between two
   renames (benchmarks/kill_save.py); they lay out staging folders by its names.
 - `_checkpoint_meta` (the checks of checkpoint metadata): its size bound on the metadata file.
+- `_safetensors` (the safetensors writer behind `lora.save_peft`): tests/test_hostile_peft.py
+  checks that it writes a transposed or sliced array C-contiguous (safetensors' numpy writer
+  would store its raw buffer); the public save_peft cannot show it, its layouts hand the writer
+  contiguous arrays already.
 """
 
 from flax_lora import _atomic, _checkpoint, _checkpoint_meta, _jaxpr
+from flax_lora._peft import _safetensors
 from flax_lora._quant import DYNAMIC_MAP, NF4_LEVELS
 from flax_lora._stack import gather
 
@@ -35,5 +40,6 @@ __all__ = [
     "_checkpoint",
     "_checkpoint_meta",
     "_jaxpr",
+    "_safetensors",
     "gather",
 ]
