@@ -62,7 +62,7 @@ class LoraConfig:
     ``|``, groups, greedy and lazy repeats (``* + ? {m,n}``), anchors (``^ $ \\A \\Z \\b \\B``)
     and inline flags work as in ``re``. Refused with a ``ValueError`` naming the field:
     backreferences, lookahead / lookbehind, conditionals, atomic groups, possessive repeats,
-    and patterns of over 10,000 NFA states (e.g. a huge ``{m,n}`` count).
+    and patterns of over 10,000 NFA nodes (e.g. a huge ``{m,n}`` count).
 
     Example:
       >>> import flax_lora as lora

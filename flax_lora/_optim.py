@@ -27,7 +27,8 @@ def trainable(tree: PyTree, also: str | None = None) -> PyTree:
 
     Args:
       tree: any pytree that holds adapters (as returned by `lora.init`) and base leaves.
-      also: a regex (``re.search`` on the path) of base leaves to train too.
+      also: a regex (``re.search`` on the path; the syntax of `LoraConfig` patterns) of base
+        leaves to train too.
 
     Returns:
       A pytree of the structure of ``tree`` with a bool at every leaf.

@@ -108,9 +108,10 @@ def quantize(
 
     Args:
       params: a Linen variables dict, an NNX state, or any pytree.
-      targets: which leaves to quantize: a regex that must ``re.fullmatch`` the path, or a
-        sequence of them (any matches); the leaves of 2 or more dimensions they match. ``None``:
-        every leaf of 2 or more dimensions named ``kernel`` or ``embedding`` (Flax's names).
+      targets: which leaves to quantize: a regex that must ``re.fullmatch`` the path (the
+        syntax of `LoraConfig` patterns), or a sequence of them (any matches); the leaves of 2
+        or more dimensions they match. ``None``: every leaf of 2 or more dimensions named
+        ``kernel`` or ``embedding`` (Flax's names).
         Leaves already quantized are left as they are.
       dtype: the format, ``"nf4"`` (default) or ``"int8"``.
       block_size: NF4 values per absmax block (a positive even number; bitsandbytes' default 64).
