@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_lora import _regex
 from flax_lora._typing import BIASES, INITS, Bias, Init, QuantFormat
 
 Patterns = str | Sequence[str] | None
@@ -20,6 +21,9 @@ Patterns = str | Sequence[str] | None
 
 def regex_tuple(value: Patterns, owner: str) -> tuple[str, ...] | None:
     """``value`` (one regex or several) as a tuple of valid regexes; ``None`` stays ``None``.
+
+    A valid regex is one `flax_lora._regex` matches in linear time (Python's syntax without
+    backreferences, lookarounds, conditionals, atomic groups, possessive repeats).
 
     Raises a TypeError / ValueError that starts with ``owner`` (e.g. ``"LoraConfig.targets"``).
     """
@@ -37,10 +41,7 @@ def regex_tuple(value: Patterns, owner: str) -> tuple[str, ...] | None:
     for p in out:
         if not isinstance(p, str):
             raise TypeError(f"{owner} takes regex strings; got {p!r} ({type(p).__name__}).")
-        try:
-            re.compile(p)
-        except re.error as e:
-            raise ValueError(f"{owner}: {p!r} is not a valid regex ({e}).") from e
+        _regex.compile(p, owner)
     return out
 
 
@@ -55,6 +56,13 @@ class LoraConfig:
     Every field is checked when the config is made (a ``TypeError`` / ``ValueError`` naming the
     field). A config is hashable, so it can be a ``jax.jit`` static argument or a dict key; two
     configs are equal when all fields are, the patterns' order included (the first match wins).
+
+    Patterns are Python regexes, matched in time linear in the path (no backtracking, so a
+    pattern like ``(.+)+Z`` cannot stall): literals, classes (``[...]``, ``\\d \\w \\s``, ``.``),
+    ``|``, groups, greedy and lazy repeats (``* + ? {m,n}``), anchors (``^ $ \\A \\Z \\b \\B``)
+    and inline flags work as in ``re``. Refused with a ``ValueError`` naming the field:
+    backreferences, lookahead / lookbehind, conditionals, atomic groups, possessive repeats,
+    and patterns of over 10,000 NFA nodes (e.g. a huge ``{m,n}`` count).
 
     Example:
       >>> import flax_lora as lora
@@ -217,9 +225,11 @@ class LoraConfig:
         ``layer_in_path=False`` (a kernel stacked by ``nn.scan``: its layers are the entries of
         its leading axis, picked by `lora.init`) skips the ``layers`` check on the path.
         """
-        if self.targets is not None and not any(re.fullmatch(p, path) for p in self.targets):
+        full = _regex.fullmatch
+        targets = self.targets
+        if targets is not None and not any(full(p, path, "LoraConfig.targets") for p in targets):
             return False
-        if any(re.fullmatch(p, path) for p in self.exclude):
+        if any(full(p, path, "LoraConfig.exclude") for p in self.exclude):
             return False
         if self.layers is not None and layer_in_path:
             index = layer_index(path, self.layers_pattern)
@@ -230,14 +240,14 @@ class LoraConfig:
     def rank_for(self, path: str) -> int:
         """The rank of the adapter at ``path``: the first matching ``rank_pattern``, or ``rank``."""
         for pattern, r in self.rank_pattern.items():
-            if re.search(pattern, path):
+            if _regex.search(pattern, path, "LoraConfig.rank_pattern"):
                 return int(r)
         return int(self.rank)
 
     def alpha_for(self, path: str) -> float:
         """The alpha at ``path``: the first matching ``alpha_pattern``, or ``alpha``."""
         for pattern, a in self.alpha_pattern.items():
-            if re.search(pattern, path):
+            if _regex.search(pattern, path, "LoraConfig.alpha_pattern"):
                 return float(a)
         return float(self.alpha)
 
@@ -276,7 +286,7 @@ def layer_index(path: str, patterns: Sequence[str] | None = None) -> int | None:
         return int(m.group(1)) if m else None
     parts = path.split("/")
     for i, part in enumerate(parts):
-        if any(re.fullmatch(p, part) for p in patterns):
+        if any(_regex.fullmatch(p, part, "LoraConfig.layers_pattern") for p in patterns):
             for candidate in (part, parts[i + 1] if i + 1 < len(parts) else ""):
                 m = re.search(r"(\d+)", candidate)
                 if m:

@@ -3,11 +3,10 @@ biases) and trainable token rows (``trainable_token_indices``), chosen from the 
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 
+from flax_lora import _regex
 from flax_lora._config import LoraConfig
 from flax_lora._extras import TokenDelta, TrainedCopy
 from flax_lora._paths import describe, flatten
@@ -20,12 +19,12 @@ def saved_leaves(leaves: dict[str, PyTree], config: LoraConfig) -> list[str]:
     that of a module it is inside, fullmatches a pattern)."""
     if not config.modules_to_save:
         return []
-    out, used = [], set()
+    out, used, what = [], set(), "LoraConfig.modules_to_save"
     for path, leaf in leaves.items():
         parts = path.split("/")
         for k in range(1, len(parts)):
             module = "/".join(parts[:k])
-            hit = [p for p in config.modules_to_save if re.fullmatch(p, module)]
+            hit = [p for p in config.modules_to_save if _regex.fullmatch(p, module, what)]
             if hit:
                 used.update(hit)
                 if jnp.issubdtype(getattr(leaf, "dtype", jnp.int32), jnp.floating):
@@ -133,12 +132,13 @@ def _token_tables(
             )
         return {p: spec for p in tables}
     out: dict[str, tuple[int, ...]] = {}
+    what = "LoraConfig.trainable_token_indices"
     for pattern, ids in spec.items():
         hits = [
             p
             for p in leaves
             if getattr(leaves[p], "ndim", 0) >= 2
-            and (re.fullmatch(pattern, p) or re.fullmatch(pattern, p.rsplit("/", 1)[0]))
+            and any(_regex.fullmatch(pattern, q, what) for q in (p, p.rsplit("/", 1)[0]))
         ]
         if not hits:
             raise ValueError(

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from flax_lora import _regex
 from flax_lora._adapters import is_lora
 from flax_lora._extras import is_extra
 from flax_lora._paths import path_str
@@ -27,12 +27,13 @@ def trainable(tree: PyTree, also: str | None = None) -> PyTree:
 
     Args:
       tree: any pytree that holds adapters (as returned by `lora.init`) and base leaves.
-      also: a regex (``re.search`` on the path) of base leaves to train too.
+      also: a regex (``re.search`` on the path; the syntax of `LoraConfig` patterns) of base
+        leaves to train too.
 
     Returns:
       A pytree of the structure of ``tree`` with a bool at every leaf.
     """
-    pattern = re.compile(also) if also is not None else None
+    pattern = _regex.compile(also, "lora.trainable: also") if also is not None else None
 
     def label(keypath: Any, x: Any) -> Any:
         if is_lora(x) or is_extra(x):

@@ -11,7 +11,6 @@ https://arxiv.org/abs/2305.14314). The formats themselves are in `flax_lora._qua
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_lora import _regex
 from flax_lora._config import regex_tuple
 from flax_lora._paths import describe, flatten, path_str
 from flax_lora._probe import kernel_uses
@@ -51,9 +51,10 @@ def _select(leaves: dict[str, Any], patterns: tuple[str, ...] | None) -> list[st
     if patterns is None:
         chosen = candidates
     else:
-        chosen = [p for p in candidates if any(re.fullmatch(t, p) for t in patterns)]
+        hit = lambda p: any(_regex.fullmatch(t, p, "lora.quantize: targets") for t in patterns)
+        chosen = [p for p in candidates if hit(p)]
         again = [p for p, x in leaves.items() if is_quantized(x) and p not in chosen]
-        again = [p for p in again if any(re.fullmatch(t, p) for t in patterns)]
+        again = [p for p in again if hit(p)]
         if again:
             raise ValueError(f"lora.quantize: {describe(again)} are already quantized.")
     if not chosen:
@@ -107,9 +108,10 @@ def quantize(
 
     Args:
       params: a Linen variables dict, an NNX state, or any pytree.
-      targets: which leaves to quantize: a regex that must ``re.fullmatch`` the path, or a
-        sequence of them (any matches); the leaves of 2 or more dimensions they match. ``None``:
-        every leaf of 2 or more dimensions named ``kernel`` or ``embedding`` (Flax's names).
+      targets: which leaves to quantize: a regex that must ``re.fullmatch`` the path (the
+        syntax of `LoraConfig` patterns), or a sequence of them (any matches); the leaves of 2
+        or more dimensions they match. ``None``: every leaf of 2 or more dimensions named
+        ``kernel`` or ``embedding`` (Flax's names).
         Leaves already quantized are left as they are.
       dtype: the format, ``"nf4"`` (default) or ``"int8"``.
       block_size: NF4 values per absmax block (a positive even number; bitsandbytes' default 64).

@@ -13,12 +13,12 @@ import collections
 import hashlib
 import json
 import math
-import re
 import warnings
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
+from flax_lora import _regex
 from flax_lora._adapters import LoraWeights
 from flax_lora._config import LoraConfig
 from flax_lora._peft._config_checks import CHECKS, REQUIRED
@@ -216,6 +216,6 @@ def rank_and_scale(cfg: Mapping[str, Any], name: str) -> tuple[int, float]:
 def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
     """PEFT's ``get_pattern_key``: the first ``k`` with ``re.match(rf"(.*\\.)?({k})$", name)``."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if _regex.search(rf"\A(.*\.)?({key})$", name, "adapter_config.json: pattern key"):
             return value
     return default

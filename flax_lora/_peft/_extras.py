@@ -22,7 +22,6 @@ different layouts; on load a conv weight ``(out, in, *window)`` is read into Fla
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
+from flax_lora import _regex
 from flax_lora._config import LoraConfig
 from flax_lora._extras import TokenDelta, TrainedCopy, check_token_delta
 from flax_lora._paths import describe, flatten
@@ -289,7 +289,12 @@ def _token_ids(spec: Any, module: str, file: str) -> list[int]:
     """The ids of ``module``'s trainable tokens from PEFT's ``trainable_token_indices`` (a list,
     or ``{name: ids}`` with PEFT's suffix match on the module name)."""
     if isinstance(spec, dict):
-        hits = [ids for k, ids in spec.items() if module.endswith(k) or re.fullmatch(k, module)]
+        what = f"load_peft: {file!r}: trainable_token_indices"
+        hits = [
+            ids
+            for k, ids in spec.items()
+            if module.endswith(k) or _regex.fullmatch(k, module, what)
+        ]
         if len(hits) != 1:
             raise ValueError(
                 f"load_peft: {file!r} has trainable tokens for {module!r}, but "

@@ -13,6 +13,9 @@ in the library changes one import line here:
 - `_jaxpr` (the module that reads and re-binds JAX's equation parameters, per JAX version):
   tests/test_jaxpr.py tests that module itself against the installed JAX (tests/test_moe.py
   its ``ragged_dot_general`` accessor).
+- `_regex` (the linear-time matcher behind every user or file pattern): tests/test_regex.py
+  tests that module itself against Python's ``re``, and counts its set steps (`Pattern.set_steps`)
+  to show hostile patterns cost time linear in the text; the public API shows only results.
 - `_checkpoint` (the module behind `lora.save`): the multi-process checkpoint test
   (support/multihost_worker.py) replaces its ``_replace`` by a failing one, to make the move of
   a finished checkpoint into place fail on the primary process alone; tests/test_hostile_
@@ -28,7 +31,7 @@ in the library changes one import line here:
   contiguous arrays already.
 """
 
-from flax_lora import _atomic, _checkpoint, _checkpoint_meta, _jaxpr
+from flax_lora import _atomic, _checkpoint, _checkpoint_meta, _jaxpr, _regex
 from flax_lora._peft import _safetensors
 from flax_lora._quant import DYNAMIC_MAP, NF4_LEVELS
 from flax_lora._stack import gather
@@ -40,6 +43,7 @@ __all__ = [
     "_checkpoint",
     "_checkpoint_meta",
     "_jaxpr",
+    "_regex",
     "_safetensors",
     "gather",
 ]
