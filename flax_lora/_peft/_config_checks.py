@@ -18,10 +18,10 @@ overflows float16 / bfloat16 activations); ``lora_dropout`` in ``[0, 1)``; token
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from typing import Any
 
+from flax_lora import _regex
 from flax_lora._typing import BIASES
 
 MAX_RANK = 2**31 - 1
@@ -80,11 +80,12 @@ def _flag(v: Any) -> bool:
 
 
 def compile_error(pattern: str) -> str | None:
-    """Why ``pattern`` is not a valid regular expression (``None`` when it is)."""
+    """Why ``pattern`` is not a regular expression `flax_lora._regex` matches (``None`` when it
+    is): invalid syntax, or a construct that can backtrack (lookarounds, backreferences)."""
     try:
-        re.compile(pattern)
-    except (re.error, RecursionError, OverflowError, ValueError) as e:
-        return f"{type(e).__name__}: {str(e)[:120]}"
+        _regex.compile(pattern)
+    except (TypeError, ValueError) as e:
+        return f"{type(e).__name__}: {str(e)[:200]}".rstrip(".")
     return None
 
 
@@ -102,8 +103,8 @@ def _patterns(check: Check, what: str) -> Check:
             error = compile_error(rf"(.*\.)?({key})$")
             if error is not None:
                 raise ValueError(
-                    f"[{key!r}]: the key is not a valid regular expression (PEFT matches it "
-                    f"as (.*\\.)?({key})$): {error}"
+                    f"[{key!r}]: the key is not a regular expression flax_lora matches (PEFT "
+                    f"matches it as (.*\\.)?({key})$): {error}"
                 )
             try:
                 out[key] = check(value)
@@ -172,7 +173,7 @@ def _token_indices(v: Any) -> list[int] | dict[str, list[int]] | None:
     for key, ids in v.items():
         error = compile_error(key)
         if error is not None:
-            raise ValueError(f"[{key!r}]: the key is not a valid regular expression: {error}")
+            raise ValueError(f"[{key!r}]: the key is not a regular expression flax_lora matches: {error}")
         try:
             out[key] = _ids(ids)
         except (TypeError, ValueError) as e:

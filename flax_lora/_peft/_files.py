@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO
@@ -258,25 +259,25 @@ def open_weights(directory: Path, limit: int, config_sha: str) -> Iterator[Weigh
 
 
 def _check_pair(directory: Path, header: Header, config_sha: str) -> None:
-    """Raises when save_peft wrote these tensors with another ``adapter_config.json``."""
+    """Raises when the ``adapter_config.json`` beside tensors save_peft wrote is the one that
+    save replaced (the save was interrupted between its two renames, or is running); warns when
+    it is another one (edited by hand since the save: used as it is)."""
     meta = header.metadata
     if MARK not in meta or meta.get(CONFIG_SHA) == config_sha:
         return
-    if meta.get(REPLACED_SHA) == config_sha:
-        why = (
-            "its config is the one that save replaced: a save_peft into this folder was "
-            "interrupted, or is running. Save again, or wait for it to finish"
-        )
-    else:
-        why = (
-            "it was changed after the save, or a save into this folder was interrupted. Loading "
-            "these tensors with another config could silently change the model; save the adapter "
-            "again with save_peft"
-        )
-    raise ValueError(
+    what = (
         f"load_peft: {str(directory)!r}: {WEIGHTS_NAME} was written by save_peft with another "
         f"{CONFIG_NAME} than the one beside it (SHA-256 {config_sha[:12]}..., written with "
-        f"{str(meta.get(CONFIG_SHA))[:12]}...); {why}."
+        f"{str(meta.get(CONFIG_SHA))[:12]}...)"
+    )
+    if meta.get(REPLACED_SHA) == config_sha:
+        raise ValueError(
+            f"{what}; its config is the one that save replaced: a save_peft into this folder was "
+            "interrupted, or is running. Save again, or wait for it to finish."
+        )
+    warnings.warn(
+        f"{what}: the config was changed after the save; it is used as it is now.",
+        stacklevel=4,
     )
 
 
