@@ -173,7 +173,9 @@ def _token_indices(v: Any) -> list[int] | dict[str, list[int]] | None:
     for key, ids in v.items():
         error = compile_error(key)
         if error is not None:
-            raise ValueError(f"[{key!r}]: the key is not a regular expression flax_lora matches: {error}")
+            raise ValueError(
+                f"[{key!r}]: the key is not a regular expression flax_lora matches: {error}"
+            )
         try:
             out[key] = _ids(ids)
         except (TypeError, ValueError) as e:
