@@ -219,13 +219,16 @@ def base_product(eqn: jx.Eqn, x: jax.Array, base: Base, x_first: bool) -> jax.Ar
     def f(xv: Any, ls: list[Any]) -> Any:
         return product(xv, kernel(ls, _zero_of(xv)))
 
+    # x's shape and dtype, static: a residual must be an array (`jax.jit(wrap)` under `grad`
+    # makes the residuals outputs of the jitted forward pass)
+    x_aval = jax.ShapeDtypeStruct(x.shape, x.dtype)
+
     def fwd(xv: Any, ls: list[Any]) -> tuple[Any, Any]:  # dequantized here, not earlier
         xv, ls = lax.optimization_barrier((xv, ls))
         out = product(xv, kernel(ls, _zero_of(xv)))
-        return out, (ls, jax.ShapeDtypeStruct(xv.shape, xv.dtype))
+        return out, ls
 
-    def bwd(res: Any, g: Any) -> tuple[Any, Any]:
-        ls, x_aval = res
+    def bwd(ls: Any, g: Any) -> tuple[Any, Any]:
         g, ls = lax.optimization_barrier((g, ls))
         w = kernel(ls, _zero_of(g))  # dequantized again, once g is there
         (g_x,) = jax.linear_transpose(lambda xv: product(xv, w), x_aval)(g)
