@@ -236,6 +236,44 @@ def check_format(dtype: object, block_size: object, double_quant: object) -> Non
         )
 
 
+@jax.jit
+def _finite_counts(w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(number of NaNs, of +infs, of -infs, flat index of the first non-finite entry)."""
+    flat = jnp.reshape(w, (-1,))
+    counts = (jnp.sum(jnp.isnan(flat)), jnp.sum(jnp.isposinf(flat)), jnp.sum(jnp.isneginf(flat)))
+    return (*counts, jnp.argmax(~jnp.isfinite(flat)))
+
+
+def non_finite(w: Any) -> str | None:
+    """``None`` when ``w`` holds only finite values or is traced (its values unknown); else
+    what it holds, e.g. ``"2 non-finite values (1 nan, 1 inf; the first at index (0, 3))"``."""
+    if isinstance(w, jax.core.Tracer) or not jnp.issubdtype(w.dtype, jnp.floating):
+        return None
+    *counts, first = (int(c) for c in _finite_counts(w))
+    n = sum(counts)
+    if not n:
+        return None
+    kinds = ", ".join(f"{c} {k}" for c, k in zip(counts, ("nan", "inf", "-inf"), strict=True) if c)
+    index = tuple(int(i) for i in np.unravel_index(first, tuple(w.shape)))
+    return f"{n} non-finite value{'s' * (n > 1)} ({kinds}; the first at index {index})"
+
+
+def finite_error(
+    owner: str, found: dict[str, str], fmt: QuantFormat, double_quant: bool = False
+) -> ValueError:
+    """The error for kernels with non-finite entries: ``owner`` (``"lora.quantize"``), what
+    `non_finite` found in each (by name, e.g. ``"kernel 'params/fc1/kernel'"``), and what one
+    such value does to the quantization in the format."""
+    held = "; ".join(f"{name} holds {what}" for name, what in found.items())
+    if fmt == "int8":
+        why = "int8 scales each channel (last axis) by its absmax, so one such value makes its "
+        why += "whole channel NaN"
+    else:
+        why = "nf4 scales each block by its absmax, so one such value makes its whole block NaN"
+        why += " (with double_quant, the whole kernel)" if double_quant else ""
+    return ValueError(f"{owner}: {held}. {why}. Replace or clip them before quantizing.")
+
+
 def quantize_kernel(
     w: jax.Array,
     dtype: QuantFormat = "nf4",
@@ -262,8 +300,11 @@ def quantize_kernel(
       A `QuantizedKernel` that remembers ``w``'s shape and dtype.
 
     Raises:
-      ValueError: an unknown ``dtype``, a bad ``block_size``, ``double_quant`` with int8, or
-        ``layer_axes`` that leave fewer than one axis per layer.
+      ValueError: an unknown ``dtype``, a bad ``block_size``, ``double_quant`` with int8,
+        ``layer_axes`` that leave fewer than one axis per layer, or ``w`` holding a NaN or an
+        inf (the message says how many and where). Under a trace (inside ``jax.jit``) the
+        values are unknown and not checked: a non-finite entry then makes its int8 channel,
+        its nf4 block (with ``double_quant``, the whole kernel) dequantize to NaN.
       TypeError: ``w`` is not floating.
     """
     check_format(dtype, block_size, double_quant)
@@ -274,6 +315,10 @@ def quantize_kernel(
             f"lora.quantize_kernel: layer_axes must be in [0, {w.ndim}) for shape "
             f"{tuple(w.shape)}; got {layer_axes!r}."
         )
+    found = non_finite(w)
+    if found:
+        name = f"w of shape {tuple(w.shape)}"
+        raise finite_error("lora.quantize_kernel", {name: found}, dtype, bool(double_quant))
     return quantize_jit(
         w, dtype, int(block_size), bool(double_quant), jnp.dtype(w.dtype), int(layer_axes)
     )

@@ -28,8 +28,10 @@ from flax_lora._quant import (
     as_shapes,
     check_format,
     dequantize_kernel,
+    finite_error,
     is_quantized,
     join_layers,
+    non_finite,
     quantize_f32,
     quantize_jit,
     split_layers,
@@ -125,13 +127,19 @@ def quantize(
       the same object.
 
     Raises:
-      ValueError: unknown ``dtype``, bad ``block_size``, ``double_quant`` with int8, or
-        ``targets`` that match no kernel (the message lists the paths seen).
+      ValueError: unknown ``dtype``, bad ``block_size``, ``double_quant`` with int8,
+        ``targets`` that match no kernel (the message lists the paths seen), or a selected
+        kernel holding a NaN or an inf (the message names each such kernel, how many it holds
+        and where). Under a trace (inside ``jax.jit``) the values are unknown and not checked:
+        a non-finite entry then makes its int8 channel, its nf4 block (with ``double_quant``,
+        the whole kernel) dequantize to NaN.
       TypeError: a selected kernel is not floating.
     """
     check_format(dtype, block_size, double_quant)
     leaves = flatten(params, is_leaf=is_quantized)
     chosen = set(_select(leaves, regex_tuple(targets, "lora.quantize: targets")))
+    kernels = {p: x for p, x in leaves.items() if p in chosen}
+    _check_finite("lora.quantize", kernels, dtype, bool(double_quant))
     layers = _layer_axes(params, probe, chosen)
 
     def f(kp: Any, x: Any) -> Any:
@@ -142,6 +150,20 @@ def quantize(
         return quantize_jit(x, dtype, int(block_size), bool(double_quant), jnp.dtype(x.dtype), n)
 
     return jax.tree_util.tree_map_with_path(f, params, is_leaf=is_quantized)
+
+
+def _check_finite(
+    owner: str, kernels: dict[str, Any], fmt: QuantFormat, double_quant: bool = False
+) -> None:
+    """Raises `finite_error` naming every kernel (path -> array) that holds a NaN or an inf;
+    traced kernels are not checked."""
+    found = {}
+    for path, w in kernels.items():
+        what = non_finite(w)
+        if what:
+            found[f"kernel {path!r}"] = what
+    if found:
+        raise finite_error(owner, found, fmt, double_quant)
 
 
 def _layer_axes(
@@ -206,7 +228,8 @@ def requantize(params: PyTree, like: PyTree) -> PyTree:
       and double quantization as in ``like``.
 
     Raises:
-      ValueError: a quantized path of ``like`` is not in ``params`` or has another shape.
+      ValueError: a quantized path of ``like`` is not in ``params``, has another shape, or
+        holds a NaN or an inf (not checked under a trace, as `quantize`).
       TypeError: such a leaf is not a floating array.
     """
     return requantize_tree(params, like, {})
@@ -240,6 +263,7 @@ def requantize_tree(params: PyTree, like: PyTree, done: dict[str, float | None])
                 f"lora.requantize: {path!r} has shape {tuple(x.shape)}, but `like` quantized a "
                 f"kernel of shape {tuple(q.shape)} there."
             )
+        _check_finite("lora.requantize", {path: x}, q.format, q.double_quant)
         w = x.astype(jnp.float32)
         out = quantize_jit(
             x, q.format, q.block_size, q.double_quant, jnp.dtype(x.dtype), q.layer_axes

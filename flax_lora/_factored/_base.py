@@ -8,9 +8,10 @@ the kernel:
 - ``dot_general`` (Dense, DenseGeneral, Einsum, ``Embed.attend``): `base_product`, a
   `jax.custom_vjp` that dequantizes the kernel at the product and again in the backward pass,
   whose residuals are the codes (never the float kernel); each dequantization is made
-  data-dependent on the product's input (forward) or incoming gradient (backward) by adding
-  ``0 * x[0]`` to its scales and NF4 levels, so XLA can neither hoist it to the start of the
-  step nor share one float copy between the passes;
+  data-dependent on the product's input (forward) or incoming gradient (backward) by adding a
+  zero computed from its first element to its scales and NF4 levels (`_zero_of`: exactly 0 for
+  every value, a NaN or inf included, so no value of the data reaches the kernel), so XLA can
+  neither hoist it to the start of the step nor share one float copy between the passes;
 - ``gather`` (an Embed lookup of a 2-D table): `base_gather`, the rows are gathered from the
   codes and only they are dequantized (nf4: when each row is whole blocks; otherwise the table
   is dequantized at the lookup);
@@ -83,11 +84,12 @@ class QuantBase:
     def value(self, tie: Any = None) -> jax.Array:
         """The float kernel: dequantized, then the recorded ops applied.
 
-        ``tie``: a float32 zero computed from data (an activation, a gradient). It is added
-        to the scales and to the NF4 level table, so that XLA can compute the float kernel
-        only once that data exists: not hoisted to the start of the step, not shared between
-        the forward and backward passes. (XLA:CPU drops optimization barriers before it
-        schedules, so they cannot do this.)"""
+        ``tie``: a float32 zero computed from data (an activation, a gradient; `_zero_of`).
+        It is added to the scales and to the NF4 level table, so that XLA can compute the
+        float kernel only once that data exists: not hoisted to the start of the step, not
+        shared between the forward and backward passes. (XLA:CPU drops optimization barriers
+        before it schedules, so they cannot do this: measured on `benchmarks/quant.py`, the
+        barriers alone leave 16-69 MiB more temporaries than with the tie.)"""
         out = dequantize_kernel(self.q) if tie is None else _dequantize_tied(self.q, tie)
         for prim, params in self.meta.ops:
             out = prim.bind(out, **params)
@@ -109,8 +111,13 @@ def _dequantize_tied(q: QuantizedKernel, tie: Any) -> jax.Array:
 
 
 def _zero_of(x: Any) -> jax.Array:
-    """A float32 zero that XLA cannot compute before ``x`` (``0 * x[0]``; NaN if that is)."""
-    return jnp.float32(0.0) * lax.stop_gradient(jnp.reshape(x, (-1,))[0]).astype(jnp.float32)
+    """A float32 zero that XLA cannot compute before ``x``: ``0 * x[0]``, with a non-finite
+    ``x[0]`` replaced by 0 first, so that it is exactly 0 (or -0) whatever ``x`` holds and a
+    NaN or inf in ``x`` never reaches the kernel (only that example's rows of the product are
+    non-finite, as with a float base). XLA does not fold it away: it cannot know the select's
+    result finite, and ``0 * y`` is not 0 for every float ``y``."""
+    first = lax.stop_gradient(jnp.reshape(x, (-1,))[0]).astype(jnp.float32)
+    return jnp.float32(0.0) * jnp.where(jnp.isfinite(first), first, jnp.float32(0.0))
 
 
 Base = jax.Array | QuantBase
@@ -219,13 +226,16 @@ def base_product(eqn: jx.Eqn, x: jax.Array, base: Base, x_first: bool) -> jax.Ar
     def f(xv: Any, ls: list[Any]) -> Any:
         return product(xv, kernel(ls, _zero_of(xv)))
 
+    # x's shape and dtype, static: a residual must be an array (`jax.jit(wrap)` under `grad`
+    # makes the residuals outputs of the jitted forward pass)
+    x_aval = jax.ShapeDtypeStruct(x.shape, x.dtype)
+
     def fwd(xv: Any, ls: list[Any]) -> tuple[Any, Any]:  # dequantized here, not earlier
         xv, ls = lax.optimization_barrier((xv, ls))
         out = product(xv, kernel(ls, _zero_of(xv)))
-        return out, (ls, jax.ShapeDtypeStruct(xv.shape, xv.dtype))
+        return out, ls
 
-    def bwd(res: Any, g: Any) -> tuple[Any, Any]:
-        ls, x_aval = res
+    def bwd(ls: Any, g: Any) -> tuple[Any, Any]:
         g, ls = lax.optimization_barrier((g, ls))
         w = kernel(ls, _zero_of(g))  # dequantized again, once g is there
         (g_x,) = jax.linear_transpose(lambda xv: product(xv, w), x_aval)(g)
