@@ -105,7 +105,7 @@ def rename(src: Path, dst: Path, mode: Mode = "replace") -> None:
         raise OSError(code, os.strerror(code), str(src), None, str(dst))
 
 
-def _move(src: Path, dst: Path) -> None:
+def move(src: Path, dst: Path) -> None:
     """Renames ``src`` to a missing ``dst``. Without ``"noreplace"``, a plain rename, which can
     replace at most an empty directory (a directory onto a non-empty one or a file fails)."""
     try:
@@ -199,7 +199,9 @@ def create(target: Path) -> Staging:
         if _same(fd, path):
             return Staging(path, token, fd)
         os.close(fd)
-    raise OSError(errno.EEXIST, f"lora.save: no new staging folder after {TRIES} tries", str(path))
+    raise OSError(
+        errno.EEXIST, f"no new staging folder beside {target.name!r} after {TRIES} tries", str(path)
+    )
 
 
 def release(staging: Staging) -> None:
@@ -260,7 +262,7 @@ def _restore(staging: Path, target: Path) -> bool:
     if os.path.lexists(target) or not os.path.isdir(staging / PREVIOUS):
         return False
     try:
-        _move(staging / PREVIOUS, target)
+        move(staging / PREVIOUS, target)
     except OSError as e:
         if e.errno in RACED:
             return False
@@ -340,7 +342,7 @@ def _onto_empty(new: Path, target: Path, recognise: Recognise) -> None:
 
 
 def _onto_missing(new: Path, target: Path, recognise: Recognise) -> None:
-    _move(new, target)
+    move(new, target)
 
 
 def _onto_checkpoint(new: Path, target: Path, recognise: Recognise) -> None:
@@ -368,13 +370,13 @@ def _two_renames(new: Path, target: Path, recognise: Recognise) -> None:
     rename(target, previous)
     reason = recognise(previous)
     if reason is not None:
-        _move(previous, target)
+        move(previous, target)
         _refuse(target, f"changed while the checkpoint was published: it {reason}; it was put back")
     try:
-        _move(new, target)
+        move(new, target)
     except OSError:
         try:
-            _move(previous, target)
+            move(previous, target)
         except OSError as e:  # a concurrent save published there meanwhile: its checkpoint stays
             if e.errno not in RACED:
                 raise

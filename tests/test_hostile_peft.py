@@ -32,7 +32,7 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
-from support.internal import _safetensors
+from support.internal import _atomic, _safetensors
 from support.peft_memory import make_cases
 from support.trees import adapter_entries
 
@@ -846,14 +846,14 @@ def test_dead_saves_temporary_files_are_removed_by_the_next_save(
 def test_a_folder_made_meanwhile_is_written_into_not_replaced(
     tmp_path: Path, adapters: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    target, real_rename = tmp_path / "adapter", os.rename
+    target, real_rename = tmp_path / "adapter", _atomic.rename
 
-    def someone_else_first(src: Any, dst: Any) -> None:
+    def someone_else_first(src: Any, dst: Any, mode: Any = "replace") -> None:
         Path(dst).mkdir()
         (Path(dst) / "theirs.txt").write_text("theirs")
-        real_rename(src, dst)
+        real_rename(src, dst, mode)
 
-    monkeypatch.setattr(os, "rename", someone_else_first)
+    monkeypatch.setattr(_atomic, "rename", someone_else_first)
     lora.save_peft(target, adapters)
     monkeypatch.undo()
     assert sorted(os.listdir(target)) == [CONFIG, WEIGHTS, "theirs.txt"]
@@ -880,3 +880,18 @@ def test_save_peft_refuses_an_alpha_load_peft_would_refuse(tmp_path: Path, adapt
         "lora_alpha",
     )
     assert not (tmp_path / "x").exists()
+
+
+def test_a_dead_saves_staging_folder_is_removed_by_the_next_save(
+    tmp_path: Path, adapters: Any
+) -> None:
+    target = tmp_path / "adapter"
+    dead = _atomic.staging_path(target, 0x0000000F)  # a save killed before its rename
+    (dead / _atomic.CHECKPOINT).mkdir(parents=True)
+    (dead / _atomic.CHECKPOINT / WEIGHTS).write_bytes(b"half written")
+    user = tmp_path / ".adapter.saving-notes"  # not the staging pattern: never touched
+    user.mkdir()
+    lora.save_peft(target, adapters)
+    assert sorted(os.listdir(tmp_path)) == [".adapter.saving-notes", "adapter"]
+    assert sorted(os.listdir(target)) == [CONFIG, WEIGHTS]
+    assert loaded(lora.load_peft(target, PARAMS)).scale == pytest.approx(2.0)

@@ -3,14 +3,15 @@ untrusted input.
 
 Writing (`write_adapter`): ``save_peft`` never replaces a folder, and never replaces an
 ``adapter_model.safetensors`` / ``adapter_config.json`` pair it did not write. What it writes is
-marked in the safetensors ``__metadata__`` (`MARK`), with the SHA-256 of the config written
-with it (`CONFIG_SHA`) and of the config it replaced (`REPLACED_SHA`; PEFT ignores metadata
-keys). A new directory is written complete in a staging folder beside it and renamed into
-place; in an existing folder (whose other files are left alone) the two files go through
-temporary files and renames, the tensors first. A reader (`open_weights`) that finds the
-tensors of a save beside another config refuses them: an interrupted or running save (the
-config is the one it replaced) or a config edited since. Concurrent saves into one folder are
-serialised by an exclusive ``flock`` on the folder where the OS has one.
+marked in the safetensors ``__metadata__`` (`MARK`), with the SHA-256 of the config written with it
+(`CONFIG_SHA`) and of the config it replaced (`REPLACED_SHA`; PEFT ignores metadata keys). A new
+directory is written complete in a staging folder beside it and renamed into place (the staging
+folders of `flax_lora._atomic`, as `lora.save`'s); in an existing folder (whose other files are left
+alone) the two files go through temporary files and renames, the tensors first. A reader
+(`open_weights`) that finds the tensors of a save beside the config that save replaced refuses them
+(an interrupted or running save), and warns on another config (edited since: used as it is).
+Concurrent saves into one folder are serialised by an exclusive ``flock`` on the folder where the OS
+has one.
 
 Reading (`open_weights`): the safetensors header is parsed and checked by
 `flax_lora._peft._safetensors` within a size bound given by the caller, the tensors grouped
@@ -22,11 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import hashlib
 import os
 import re
-import shutil
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping
@@ -35,6 +34,7 @@ from typing import IO
 
 import numpy as np
 
+from flax_lora import _atomic
 from flax_lora._paths import describe
 from flax_lora._peft._layout import PAIRS, SUFFIXES
 from flax_lora._peft._names import CONFIG_NAME, MAGNITUDE, PREFIX, WEIGHTS_NAME
@@ -89,26 +89,27 @@ def write_adapter(
 
 
 def _publish_new(directory: Path, tensors: Mapping[str, np.ndarray], config: bytes) -> bool:
-    """Writes the pair in a staging folder beside ``directory`` and renames it into place;
-    ``False`` when ``directory`` appeared meanwhile (nothing published)."""
+    """Writes the pair in a staging folder beside ``directory`` (`flax_lora._atomic`: locked
+    while this save lives, removed by the next save if this one dies) and renames it into
+    place; ``False`` when ``directory`` appeared meanwhile (nothing published)."""
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = directory.parent / f".{directory.name}.peft-saving-{uuid.uuid4().hex[:16]}"
-    staging.mkdir()
+    _atomic.clean(directory)
+    staging = _atomic.create(directory)
     try:
-        _write_files(staging / WEIGHTS_NAME, staging / CONFIG_NAME, tensors, config, "")
+        new = staging.path / _atomic.CHECKPOINT
+        new.mkdir()
+        _write_files(new / WEIGHTS_NAME, new / CONFIG_NAME, tensors, config, "")
         try:
-            # atomic; fails on a non-empty folder or a file that appeared meanwhile (an empty
-            # folder that appeared is replaced: it held nothing)
-            os.rename(staging, directory)
+            # atomic; never onto anything that appeared meanwhile (where the system has no
+            # "noreplace" rename: at most onto an empty folder, which held nothing)
+            _atomic.move(new, directory)
         except OSError as e:
-            if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR) or os.path.lexists(
-                directory
-            ):
+            if e.errno in _atomic.RACED or os.path.lexists(directory):
                 return False
             raise
         return True
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        _atomic.release(staging)
 
 
 def _write_files(

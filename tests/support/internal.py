@@ -20,7 +20,7 @@ in the library changes one import line here:
   (support/multihost_worker.py) replaces its ``_replace`` by a failing one, to make the move of
   a finished checkpoint into place fail on the primary process alone; tests/test_hostile_
   checkpoint.py wraps its ``_read`` to replace a checkpoint while `lora.load` reads it.
-- `_atomic` (the filesystem steps of `lora.save`): the checkpoint safety tests wrap its
+- `_atomic` (the filesystem steps of `lora.save` and `save_peft`): the safety tests wrap its
   ``rename`` (every rename of a save) to watch the publish, to take away the directory exchange
   (the two-rename fallback), to change the target mid-publish and to kill a save between two
   renames (benchmarks/kill_save.py); they lay out staging folders by its names.
