@@ -201,6 +201,8 @@ def _ints(check: Check, distinct: bool = True) -> Check:
     def ints(v: Any, at: str) -> tuple[int, ...]:
         if not isinstance(v, list):
             raise TypeError(f"{at} must be a list of integers; got {type(v).__name__}.")
+        for i in v:  # every entry's type first: a wrong type is a TypeError wherever it is
+            _int(i, at)
         if len(v) > MAX_AXES:
             raise ValueError(f"{at} has {len(v)} entries, more than {MAX_AXES}.")
         out = tuple(check(i, at) for i in v)

@@ -91,7 +91,8 @@ class LoraConfig:
         layer index is the first number in it (``h3``, ``layers/3``, ``layer_3``); paths without
         a number are not adapted. For a kernel stacked by ``nn.scan`` / ``nnx.scan`` (a leading
         layer axis), the layer index is the position on that axis instead: the adapter covers
-        the whole stack, with zero (and frozen) factors on the layers not picked.
+        the whole stack, with zero (and frozen) factors on the layers not picked. Indices are
+        >= 0; `lora.init` refuses an index that picks no layer of any selected kernel.
       loftq_iter: ``init="loftq"``: alternations of quantize / SVD (PEFT ``loftq_iter``, default 1).
       loftq_dtype: ``init="loftq"``: the base's format, ``"nf4"`` (PEFT ``loftq_bits=4``; blocks
         of 64) or ``"int8"`` (``loftq_bits=8``; per channel), as `lora.quantize`.

@@ -645,7 +645,7 @@ _json = st.recursive(
 )
 _small_ints = st.lists(st.integers(-2, 6), max_size=4)
 _EDGES = [math.nan, math.inf, -math.inf, 1e300, 1e6, -1e6, 0.999, 1, True, None, "dense", "conv"]
-_EDGES += [0, 2, [0], [3, 4], [0, 1, 2], [], [0, 0], "0", 2**70]
+_EDGES += [0, 2, [0], [3, 4], [0, 1, 2], [], [0, 0], "0", 2**70, [-1, None]]
 
 
 def _number(v: Any) -> bool:
