@@ -1,12 +1,22 @@
-"""The fixtures of the test suite (helpers, references and models live in tests/support)."""
+"""The fixtures of the test suite (helpers, references and models live in tests/support).
+
+Hypothesis runs derandomized (the same examples on every run, so CI is reproducible); set
+``HYPOTHESIS_PROFILE=explore`` to draw new examples, e.g. when hunting bugs locally.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax.numpy as jnp
 import pytest
+from hypothesis import settings
 from support.models import LAYER_CASES
+
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(params=LAYER_CASES)
