@@ -24,13 +24,11 @@ from flax_lora._kernel_init import (
     with_magnitude,
 )
 from flax_lora._loftq import loftq_factors
-from flax_lora._paths import describe, flatten, nest, path_str
+from flax_lora._paths import KERNEL_LEAVES, describe, flatten, leaf_name, nest, path_str
 from flax_lora._probe import Use, kernel_uses
 from flax_lora._quant import as_shapes, is_quantized
 from flax_lora._sharding import place
 from flax_lora._typing import Kind, PyTree
-
-_FLAX_KERNEL_NAMES = ("kernel", "embedding")
 
 
 def init(
@@ -162,7 +160,7 @@ def _select(
         if uses is not None:
             if path in uses or (config.targets is not None and config.matches(path)):
                 candidates[path] = leaf
-        elif config.targets is not None or path.rsplit("/", 1)[-1] in _FLAX_KERNEL_NAMES:
+        elif config.targets is not None or leaf_name(path) in KERNEL_LEAVES:
             candidates[path] = leaf
     targeted = {p: x for p, x in candidates.items() if config.matches(p, layer_in_path=False)}
     _check_layers(targeted, config, uses)
@@ -188,13 +186,13 @@ def _select(
                 f"Kernel {path!r} has shape {tuple(leaf.shape)}: an axis of size 0 leaves nothing "
                 "to adapt. Exclude it (LoraConfig.exclude) or give the layer a nonzero size."
             )
-        is_table = leaf.ndim == 2 and path.rsplit("/", 1)[-1] == "embedding"
+        is_table = leaf.ndim == 2 and leaf_name(path) == "embedding"
         if uses is not None and path in uses and not (is_table and uses[path].kind == "dense"):
             kind, in_axes = uses[path].kind, uses[path].in_axes
         elif leaf.ndim == 2:
             # An Embed table's rows are its input axis also when the probe only contracts it
             # (``attend``), as without a probe.
-            kind = "embed" if path.rsplit("/", 1)[-1] == "embedding" else "dense"
+            kind = "embed" if leaf_name(path) == "embedding" else "dense"
             in_axes = (0,)
         elif uses is not None:
             raise ValueError(
@@ -269,7 +267,7 @@ def _no_probe_hint(
     if uses is not None or config.targets is not None:
         return ""
     big = [p for p, leaf in leaves.items() if getattr(leaf, "ndim", 0) >= 2]
-    others = [p for p in big if p.rsplit("/", 1)[-1] not in _FLAX_KERNEL_NAMES]
+    others = [p for p in big if leaf_name(p) not in KERNEL_LEAVES]
     if others:
         example = "|".join(re.escape(p) for p in others[:2])
         todo = (

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax_lora import _regex
 from flax_lora._config import LoraConfig
 from flax_lora._extras import TokenDelta, TrainedCopy
-from flax_lora._paths import describe, flatten
+from flax_lora._paths import describe, flatten, leaf_name, module_path
 from flax_lora._probe import Use
 from flax_lora._typing import Kind, PyTree
 
@@ -32,7 +32,7 @@ def saved_leaves(leaves: dict[str, PyTree], config: LoraConfig) -> list[str]:
                 break
     unused = [p for p in config.modules_to_save if p not in used]
     if unused:
-        modules = list(dict.fromkeys(p.rsplit("/", 1)[0] for p in leaves if "/" in p))
+        modules = list(dict.fromkeys(module_path(p) for p in leaves if "/" in p))
         raise ValueError(
             f"LoraConfig.modules_to_save: {unused} match no module of params (a pattern must "
             f"re.fullmatch a module's path, the path of its leaves without the leaf name). "
@@ -73,14 +73,14 @@ def init_extras(
     if config.bias != "none":
         floating = lambda p: jnp.issubdtype(getattr(leaves[p], "dtype", jnp.int32), jnp.floating)
         if config.bias == "all":
-            biases = [p for p in leaves if p.rsplit("/", 1)[-1] == "bias" and floating(p)]
+            biases = [p for p in leaves if leaf_name(p) == "bias" and floating(p)]
             if not biases:
                 raise ValueError(
                     "LoraConfig(bias='all'): params hold no floating leaf named 'bias'. Leaves: "
                     f"{describe(leaves, limit=20)}."
                 )
         else:
-            modules = [p.rsplit("/", 1)[0] for p in selected if "/" in p]
+            modules = [module_path(p) for p in selected if "/" in p]
             biases = [f"{m}/bias" for m in modules if f"{m}/bias" in leaves]
             if not biases:
                 raise ValueError(
@@ -121,7 +121,7 @@ def _token_tables(
     spec = config.trainable_token_indices
     embed = lambda p: uses is not None and p in uses and uses[p].kind == "embed"
     is_table = lambda p: (
-        getattr(leaves[p], "ndim", 0) == 2 and (p.rsplit("/", 1)[-1] == "embedding" or embed(p))
+        getattr(leaves[p], "ndim", 0) == 2 and (leaf_name(p) == "embedding" or embed(p))
     )
     tables = [p for p in leaves if is_table(p)]
     if not isinstance(spec, dict):
@@ -138,7 +138,7 @@ def _token_tables(
             p
             for p in leaves
             if getattr(leaves[p], "ndim", 0) >= 2
-            and any(_regex.fullmatch(pattern, q, what) for q in (p, p.rsplit("/", 1)[0]))
+            and any(_regex.fullmatch(pattern, q, what) for q in (p, module_path(p) or p))
         ]
         if not hits:
             raise ValueError(

@@ -21,7 +21,7 @@ import numpy as np
 
 from flax_lora import _regex
 from flax_lora._config import regex_tuple
-from flax_lora._paths import describe, flatten, path_str
+from flax_lora._paths import KERNEL_LEAVES, describe, flatten, leaf_name, path_str
 from flax_lora._probe import kernel_uses
 from flax_lora._quant import (
     QuantizedKernel,
@@ -38,8 +38,6 @@ from flax_lora._quant import (
 )
 from flax_lora._typing import PyTree, QuantFormat
 
-_KERNEL_NAMES = ("kernel", "embedding")
-
 
 def _select(leaves: dict[str, Any], patterns: tuple[str, ...] | None) -> list[str]:
     """The paths to quantize: the rule of `lora.init` without a probe."""
@@ -48,7 +46,7 @@ def _select(leaves: dict[str, Any], patterns: tuple[str, ...] | None) -> list[st
         for p, x in leaves.items()
         if not is_quantized(x)
         and getattr(x, "ndim", 0) >= 2
-        and (patterns is not None or p.rsplit("/", 1)[-1] in _KERNEL_NAMES)
+        and (patterns is not None or leaf_name(p) in KERNEL_LEAVES)
     ]
     if patterns is None:
         chosen = candidates

@@ -38,8 +38,7 @@ from flax_lora._factored._layout import value_ops_only
 from flax_lora._factored._lowrank import cast_like
 from flax_lora._factored._rules import dense_rule, dropout, kernel_use, operand
 from flax_lora._factored._view import EXPERT, I_SIDE, KernelView, expert_slice
-
-Key = jax.Array | None
+from flax_lora._typing import Key
 
 
 def dot_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:

@@ -35,9 +35,7 @@ from flax_lora._factored._layout import layout_of, layout_rule
 from flax_lora._factored._rules import conv_rule, gather_rule
 from flax_lora._factored._scan import scan_rule
 from flax_lora._factored._view import KernelView, materialize
-from flax_lora._typing import Mode
-
-Key = jax.Array | None
+from flax_lora._typing import Key, Mode
 
 
 def call_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> list[Any]:

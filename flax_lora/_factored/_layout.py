@@ -31,11 +31,12 @@ from flax_lora._factored._view import (
     transposed,
 )
 from flax_lora._probe import reshape_groups
+from flax_lora._typing import Key
 
 _New = Callable[..., KernelView]  # the view after the op, from its factors and sides
 
 
-def layout_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: jax.Array | None) -> Result:
+def layout_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
     """The rule of the ops in `flax_lora._jaxpr.LAYOUT_OPS`: the view (or quantized base)
     follows the op."""
     del interp, key

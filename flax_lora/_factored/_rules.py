@@ -33,8 +33,8 @@ from flax_lora._factored._contract import Evaluator, Result, Rule, Unfactored, n
 from flax_lora._factored._lowrank import cast_like, conv_branch, dense_branches, embed_branch
 from flax_lora._factored._routing import routed_rule
 from flax_lora._factored._view import I_SIDE, O_SIDE, KernelView
+from flax_lora._typing import Key
 
-Key = jax.Array | None
 BaseRule = Callable[[jx.Eqn, list[Any]], Result]
 
 

@@ -26,9 +26,10 @@ from flax_lora import _jaxpr as jx
 from flax_lora._factored._base import as_array, is_quant_base, layer_base
 from flax_lora._factored._contract import Evaluator, Result, Unfactored
 from flax_lora._factored._view import LAYER, KernelView, per_layer
+from flax_lora._typing import Key
 
 
-def scan_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: jax.Array | None) -> Result:
+def scan_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
     """``scan`` with kernel views (or quantized kernels) among its operands, evaluated by
     ``interp`` inside a real `jax.lax.scan`; `Unfactored` when it does not fit (a view as loop
     carry, a view whose sliced axis is not its layer axis, ...)."""

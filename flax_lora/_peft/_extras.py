@@ -33,7 +33,7 @@ from jax.typing import ArrayLike, DTypeLike
 from flax_lora import _regex
 from flax_lora._config import LoraConfig
 from flax_lora._extras import TokenDelta, TrainedCopy, check_token_delta
-from flax_lora._paths import describe, flatten
+from flax_lora._paths import describe, flatten, leaf_name, module_path
 from flax_lora._peft._layout import from_torch, to_torch
 from flax_lora._peft._names import (
     BASE_LAYER,
@@ -133,7 +133,7 @@ def _copy_tensor(path: str, node: TrainedCopy) -> np.ndarray:
     Raises:
       ValueError: a kernel of 3 or more dimensions, whose PyTorch layout is ambiguous.
     """
-    if path.rsplit("/", 1)[-1] == "kernel" and node.value.ndim > 2:
+    if leaf_name(path) == "kernel" and node.value.ndim > 2:
         # a conv (*window, in, out) and a multi-axis Dense kernel need different PyTorch
         # layouts, and a trained copy does not say which it is: never guess
         raise ValueError(
@@ -152,8 +152,9 @@ def _bias_mode(biases: list[str], lora_kernels: Iterable[str], config: LoraConfi
         return "none"
     if config is not None and config.bias != "none":
         return config.bias
-    lora_paths = {p.rsplit("/", 1)[0] for p in lora_kernels}
-    return "lora_only" if all(b.rsplit("/", 1)[0] in lora_paths for b in biases) else "all"
+    module = lambda p: module_path(p) or p  # a top-level leaf counts as its own module
+    lora_paths = {module(p) for p in lora_kernels}
+    return "lora_only" if all(module(b) in lora_paths for b in biases) else "all"
 
 
 # -- load ----------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from flax_lora._adapters import LoraWeights
+from flax_lora._paths import leaf_name
 from flax_lora._peft._names import MAGNITUDE
 from flax_lora._probe import Use
 from flax_lora._typing import Kind
@@ -279,7 +280,7 @@ def to_torch(path: str, x: ArrayLike) -> np.ndarray:
     """A Flax leaf in its PyTorch twin's layout, float32: a 2-D ``kernel`` transposed, a conv
     kernel ``(*window, in, out)`` as ``(out, in, *window)``, a ``bias`` flattened."""
     x = _float32(x)
-    leaf = path.rsplit("/", 1)[-1]
+    leaf = leaf_name(path)
     if leaf == "kernel":
         if x.ndim == 2:
             x = x.T
@@ -296,7 +297,7 @@ def from_torch(path: str, t: np.ndarray, shape: tuple[int, ...], where: str) -> 
     Raises:
       ValueError: the tensor does not fit (naming the path and both shapes).
     """
-    leaf = path.rsplit("/", 1)[-1]
+    leaf = leaf_name(path)
     t = np.asarray(t)
     if leaf == "kernel" and len(shape) == 2 and t.shape == shape[::-1]:
         return t.T

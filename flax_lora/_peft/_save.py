@@ -19,7 +19,7 @@ import numpy as np
 from flax_lora._adapters import LoraWeights, adapter_table, is_lora
 from flax_lora._config import LoraConfig
 from flax_lora._extras import split
-from flax_lora._paths import describe
+from flax_lora._paths import describe, leaf_name
 from flax_lora._peft._adapter_config import (
     BASE_CHANGING_INITS,
     TASK_TYPES,
@@ -281,9 +281,8 @@ def _names(table: dict[str, LoraWeights], name_of: Namer, default: bool) -> dict
     """
     names = {path: name_of(path) for path in table}
     if default:
-        leaf = lambda p: p.rsplit("/", 1)[-1]
         names |= {
-            p: f"{names[p]}.{leaf(p)}" for p, w in table.items() if w.expert_axes and names[p]
+            p: f"{names[p]}.{leaf_name(p)}" for p, w in table.items() if w.expert_axes and names[p]
         }
     unmapped = [path for path, name in names.items() if name is None]
     if unmapped:
