@@ -14,8 +14,8 @@ from flax_lora._init import init
 from flax_lora._merge import merge, unmerge
 from flax_lora._optim import freeze_base, trainable
 from flax_lora._peft import load_peft, save_peft
-from flax_lora._quant import QuantizedKernel, dequantize_kernel, quantize_kernel
-from flax_lora._quantize import dequantize, quantize, requantize
+from flax_lora._quant._formats import QuantizedKernel, dequantize_kernel, quantize_kernel
+from flax_lora._quant._tree import dequantize, quantize, requantize
 from flax_lora._stack import stack, unstack
 from flax_lora._summary import Summary, summary
 from flax_lora._wrap import wrap

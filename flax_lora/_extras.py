@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_lora._paths import describe, flatten, nest, path_str
-from flax_lora._quant import dequantize_kernel, is_quantized
+from flax_lora._quant._formats import dequantize_kernel, is_quantized
 from flax_lora._typing import PyTree
 
 Role = Literal["module", "bias"]

@@ -26,7 +26,7 @@ from flax_lora._kernel_init import (
 from flax_lora._loftq import loftq_factors
 from flax_lora._paths import KERNEL_LEAVES, describe, flatten, leaf_name, nest, path_str
 from flax_lora._probe import Use, kernel_uses
-from flax_lora._quant import as_shapes, is_quantized
+from flax_lora._quant._formats import as_shapes, has_quantized, is_quantized
 from flax_lora._sharding import place
 from flax_lora._typing import Kind, PyTree
 
@@ -136,8 +136,7 @@ def init(
 def _shapes_of_quantized(params: PyTree, config: LoraConfig) -> PyTree:
     """A quantized base (QLoRA) stands in as the shapes of its kernels: "lora", "gaussian" and
     "random" need no values, and nothing is dequantized."""
-    found = [x for x in jax.tree.leaves(params, is_leaf=is_quantized) if is_quantized(x)]
-    if not found:
+    if not has_quantized(params):
         return params
     if config.init in FACTORING_INITS:
         raise TypeError(

@@ -23,7 +23,7 @@ from jax.typing import DTypeLike
 
 from flax_lora._adapters import LoraWeights
 from flax_lora._dora import weight_norm
-from flax_lora._quant import QuantizedKernel, dequantize_kernel, is_quantized
+from flax_lora._quant._formats import QuantizedKernel, dequantize_kernel, is_quantized
 from flax_lora._sharding import place
 from flax_lora._typing import Init, Kind
 

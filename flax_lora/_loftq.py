@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_lora._quant import QuantizedKernel, check_format, dequantize_kernel, quantize_f32
+from flax_lora._quant._checks import check_format
+from flax_lora._quant._formats import QuantizedKernel, dequantize_kernel, quantize_f32
 from flax_lora._typing import QuantFormat
 
 

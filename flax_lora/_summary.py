@@ -13,7 +13,7 @@ from flax import nnx
 from flax_lora._adapters import adapter_table, is_lora
 from flax_lora._extras import TrainedCopy, split
 from flax_lora._paths import flatten
-from flax_lora._quant import is_quantized
+from flax_lora._quant._formats import is_quantized
 from flax_lora._typing import PyTree
 
 

@@ -32,10 +32,10 @@ import jax
 import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
-from flax_lora._factored._base import as_array
 from flax_lora._factored._contract import Evaluator, Result, Unfactored, no_rule
 from flax_lora._factored._layout import value_ops_only
 from flax_lora._factored._lowrank import cast_like
+from flax_lora._factored._quant_base import as_array
 from flax_lora._factored._rules import dense_rule, dropout, kernel_use, operand
 from flax_lora._factored._view import EXPERT, I_SIDE, KernelView, expert_slice
 from flax_lora._typing import Key

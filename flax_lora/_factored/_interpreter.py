@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
-from flax_lora._factored._base import as_array, is_quant_base
 from flax_lora._factored._contract import Evaluator, Rule, Unfactored, no_rule
 from flax_lora._factored._experts import dot_rule, ragged_rule, slice_rule
 from flax_lora._factored._layout import layout_of, layout_rule
+from flax_lora._factored._quant_base import as_array, is_quant_base
 from flax_lora._factored._rules import conv_rule, gather_rule
 from flax_lora._factored._scan import scan_rule
 from flax_lora._factored._view import KernelView, materialize

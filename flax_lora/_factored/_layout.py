@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
-from flax_lora._factored._base import Base, layout
 from flax_lora._factored._contract import Evaluator, Result, no_rule
+from flax_lora._factored._quant_base import Base, layout
 from flax_lora._factored._view import (
     EXPERT,
     I_SIDE,

@@ -12,7 +12,7 @@ being one small function of the layer input and the two factors (`flax_lora._fac
 What every such rule checks first is in `kernel_use`: a routed kernel runs per example
 (`flax_lora._factored._routing`), a layer-stacked kernel used whole and mode ``"merged"`` are
 `Unfactored`; and an op on quantized kernels without adapter (QLoRA) dequantizes them at the
-product or the lookup (`flax_lora._factored._base`). LoRA dropout masks the branch input with
+product or the lookup (`flax_lora._factored._quant_base`). LoRA dropout masks the branch input with
 the equation's key; DoRA scales the output per unit by ``g`` (PEFT's form under dropout).
 """
 
@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
-from flax_lora._factored._base import as_array, base_gather, base_product, is_quant_base
 from flax_lora._factored._contract import Evaluator, Result, Rule, Unfactored, no_rule
 from flax_lora._factored._lowrank import cast_like, conv_branch, dense_branches, embed_branch
+from flax_lora._factored._quant_base import as_array, base_gather, base_product, is_quant_base
 from flax_lora._factored._routing import routed_rule
 from flax_lora._factored._view import I_SIDE, O_SIDE, KernelView
 from flax_lora._typing import Key

@@ -7,7 +7,7 @@ feeding it, for each stacked kernel view, the slices of ``W0`` and of the factor
 ``"layer"`` carried axis (`flax_lora._factored._view.per_layer`): an ordinary view of one layer.
 So the layer's kernel uses are factored as anywhere else and no per-layer merged kernel is
 formed. A DoRA view's ``g`` (and ``m``) are sliced with the factors; a routed view keeps its
-example axis; a quantized stack is sliced per layer (`flax_lora._factored._base.layer_base`).
+example axis; a quantized stack is sliced per layer (`flax_lora._factored._quant_base.layer_base`).
 Kernel views among the scan's constants (a single-layer kernel used by every iteration) are
 closed over by the body unchanged.
 
@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
-from flax_lora._factored._base import as_array, is_quant_base, layer_base
 from flax_lora._factored._contract import Evaluator, Result, Unfactored
+from flax_lora._factored._quant_base import as_array, is_quant_base, layer_base
 from flax_lora._factored._view import LAYER, KernelView, per_layer
 from flax_lora._typing import Key
 

@@ -26,7 +26,7 @@ them out (`make_view`, `make_routed_view`), slices them (`per_layer`) and maps t
 
 A DoRA view also carries ``g = m / ||V||`` (norm detached) per output unit, ``(*C, *O-axes)``;
 it then stands for ``g * (base + scale * a @ b)``. The base may be a quantized kernel
-(`flax_lora._factored._base.QuantBase`, QLoRA), dequantized only where an op uses it.
+(`flax_lora._factored._quant_base.QuantBase`, QLoRA), dequantized only where an op uses it.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from flax_lora import _jaxpr as jx
 from flax_lora._adapters import LoraWeights, StackedLoraWeights, delta, layer_mask
 from flax_lora._dora import dora_factor, dora_kernel, layered_factor
-from flax_lora._factored._base import Base, as_array, as_base, layer_base
+from flax_lora._factored._quant_base import Base, as_array, as_base, layer_base
 from flax_lora._stack import gather, gather_dora
 
 Carried = Literal["layer", "example", "expert"]

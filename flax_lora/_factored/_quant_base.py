@@ -38,12 +38,14 @@ import numpy as np
 from jax import lax
 
 from flax_lora import _jaxpr as jx
-from flax_lora._quant import (
-    NF4_LEVELS,
+from flax_lora._quant._formats import (
     QuantizedKernel,
     block_absmax,
+    decode,
     dequantize_kernel,
+    int8_values,
     is_quantized,
+    nf4_values,
 )
 
 
@@ -90,24 +92,11 @@ class QuantBase:
         shared between the forward and backward passes. (XLA:CPU drops optimization barriers
         before it schedules, so they cannot do this: measured on `benchmarks/quant.py`, the
         barriers alone leave 16-69 MiB more temporaries than with the tie.)"""
-        out = dequantize_kernel(self.q) if tie is None else _dequantize_tied(self.q, tie)
+        tied = tie is not None and not self.q.layer_axes
+        out = decode(self.q, tie) if tied else dequantize_kernel(self.q)
         for prim, params in self.meta.ops:
             out = prim.bind(out, **params)
         return out
-
-
-def _dequantize_tied(q: QuantizedKernel, tie: Any) -> jax.Array:
-    """`dequantize_kernel` with ``tie`` (a traced zero) added to the scales and NF4 levels."""
-    if q.layer_axes:
-        return dequantize_kernel(q)
-    if q.format == "int8":
-        scale = (q.absmax.astype(jnp.float32) + tie) / 127.0
-        return (q.codes.astype(jnp.float32) * scale).astype(q.dtype)
-    absmax = block_absmax(q) if q.double_quant else q.absmax
-    levels = jnp.asarray(NF4_LEVELS) + tie
-    idx = jnp.stack([q.codes >> 4, q.codes & 0xF], axis=-1).reshape(-1)
-    vals = levels[idx].reshape(-1, q.block_size) * absmax[:, None]
-    return vals.reshape(-1)[: q.size].reshape(q.shape).astype(q.dtype)
 
 
 def _zero_of(x: Any) -> jax.Array:
@@ -281,12 +270,9 @@ def base_gather(eqn: jx.Eqn, base: Base, indices: jax.Array) -> jax.Array:
         return jx.rebind(eqn, (x, indices), slice_sizes=(1, *x.shape[1:]), fill_value=fill)
 
     if q.format == "int8":
-        rows = take(q.codes).astype(jnp.float32) * (q.absmax.astype(jnp.float32) / 127.0)
+        rows = int8_values(take(q.codes), q.absmax)
     else:
-        codes, absmax = take(table.codes), take(table.absmax)
-        idx = jnp.stack([codes >> 4, codes & 0xF], axis=-1).astype(jnp.int32)
-        vals = jnp.asarray(NF4_LEVELS)[idx].reshape(*absmax.shape, q.block_size)
-        rows = (vals * absmax[..., None]).reshape(*absmax.shape[:-1], q.shape[1])
+        rows = nf4_values(take(table.codes), take(table.absmax), q.block_size)
     out = rows.astype(q.dtype)
     for prim_op, op_params in base.meta.ops:
         out = prim_op.bind(out, **op_params)

@@ -6,7 +6,7 @@ the integer codes and their scales; `dequantize` turns them back into arrays of 
 dtype. It is pure and jit-able, so a training step calls it on the quantized tree *inside* the
 jitted function: only the codes live in memory between steps, and each kernel is expanded
 transiently for its use (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs",
-https://arxiv.org/abs/2305.14314). The formats themselves are in `flax_lora._quant`.
+https://arxiv.org/abs/2305.14314). The formats themselves are in `flax_lora._quant._formats`.
 """
 
 from __future__ import annotations
@@ -23,15 +23,14 @@ from flax_lora import _regex
 from flax_lora._config import regex_tuple
 from flax_lora._paths import KERNEL_LEAVES, describe, flatten, leaf_name, path_str
 from flax_lora._probe import kernel_uses
-from flax_lora._quant import (
+from flax_lora._quant._checks import check_format, finite_error, non_finite
+from flax_lora._quant._formats import (
     QuantizedKernel,
     as_shapes,
-    check_format,
     dequantize_kernel,
-    finite_error,
+    has_quantized,
     is_quantized,
     join_layers,
-    non_finite,
     quantize_f32,
     quantize_jit,
     split_layers,
@@ -197,7 +196,7 @@ def dequantize(params: PyTree) -> PyTree:
       The same tree with each `QuantizedKernel` replaced by an array of its original shape and
       dtype.
     """
-    if not any(is_quantized(x) for x in jax.tree.leaves(params, is_leaf=is_quantized)):
+    if not has_quantized(params):
         return params  # nothing to do: the very same tree
     return jax.tree.map(
         lambda x: dequantize_kernel(x) if is_quantized(x) else x, params, is_leaf=is_quantized
