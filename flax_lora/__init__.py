@@ -5,11 +5,12 @@ any ``apply_fn(params, *args)`` with ``W0 + scale * a @ b`` for every adapted ke
 freeze the base; `merge` / `unmerge` are pure functions; checkpoints go through orbax.
 """
 
-from flax_lora._adapters import LoraWeights, StackedLoraWeights, delta
+from flax_lora._adapters._delta import delta
+from flax_lora._adapters._extras import TokenDelta, TrainedCopy
+from flax_lora._adapters._weights import LoraWeights, StackedLoraWeights
 from flax_lora._checkpoint import load, load_config, save
 from flax_lora._combine import combine
 from flax_lora._config import LoraConfig
-from flax_lora._extras import TokenDelta, TrainedCopy
 from flax_lora._init import init
 from flax_lora._merge import merge, unmerge
 from flax_lora._optim import freeze_base, trainable

@@ -19,7 +19,9 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from flax_lora import _atomic
-from flax_lora._adapters import adapter_table, is_lora
+from flax_lora._adapters._extras import arrays_of
+from flax_lora._adapters._tables import adapter_table, split
+from flax_lora._adapters._weights import is_lora
 from flax_lora._checkpoint_meta import (
     FORMAT,
     VERSION,
@@ -35,7 +37,6 @@ from flax_lora._checkpoint_meta import (
     where,
 )
 from flax_lora._config import LoraConfig
-from flax_lora._extras import arrays_of, split
 from flax_lora._paths import flatten, nest
 from flax_lora._typing import PyTree
 

@@ -24,9 +24,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from flax_lora._adapters import LoraWeights, check_fits
+from flax_lora._adapters._delta import check_fits
+from flax_lora._adapters._extras import Extra, from_meta
+from flax_lora._adapters._weights import LoraWeights
 from flax_lora._config import LoraConfig
-from flax_lora._extras import Extra, from_meta
 from flax_lora._paths import describe, nest
 from flax_lora._typing import KINDS
 

@@ -19,14 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_lora._adapters import (
-    LoraWeights,
-    adapter_tables,
-    extra_tables,
-    factor_dtype,
-    masked_factor,
-)
-from flax_lora._extras import combine_extras
+from flax_lora._adapters._delta import masked_factor
+from flax_lora._adapters._tables import adapter_tables, extra_tables
+from flax_lora._adapters._weights import LoraWeights, factor_dtype
+from flax_lora._multi._stack_extras import combine_extras
 from flax_lora._paths import nest
 from flax_lora._typing import PyTree
 

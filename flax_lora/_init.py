@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_lora._adapters import LoraWeights
+from flax_lora._adapters._weights import LoraWeights
 from flax_lora._config import LoraConfig, layer_index
 from flax_lora._init_extras import init_extras, saved_leaves
 from flax_lora._kernel_init import (

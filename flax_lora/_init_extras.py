@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from flax_lora import _regex
+from flax_lora._adapters._extras import TokenDelta, TrainedCopy
 from flax_lora._config import LoraConfig
-from flax_lora._extras import TokenDelta, TrainedCopy
 from flax_lora._paths import describe, flatten, leaf_name, module_path
 from flax_lora._probe import Use
 from flax_lora._typing import Kind, PyTree

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from flax_lora._adapters import LoraWeights
-from flax_lora._dora import weight_norm
+from flax_lora._adapters._dora import weight_norm
+from flax_lora._adapters._weights import LoraWeights
 from flax_lora._quant._formats import QuantizedKernel, dequantize_kernel, is_quantized
 from flax_lora._sharding import place
 from flax_lora._typing import Init, Kind

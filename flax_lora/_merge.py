@@ -8,9 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_lora._adapters import adapter_table, check_fits, delta, is_lora, layer_mask
-from flax_lora._dora import dora_kernel
-from flax_lora._extras import split, substitute, unmerge_extras
+from flax_lora._adapters._delta import check_fits, delta, layer_mask
+from flax_lora._adapters._dora import dora_kernel
+from flax_lora._adapters._extras import substitute, unmerge_extras
+from flax_lora._adapters._tables import adapter_table, split
+from flax_lora._adapters._weights import is_lora
 from flax_lora._paths import describe, path_str
 from flax_lora._quant._formats import dequantize_kernel, has_quantized, is_quantized
 from flax_lora._quant._tree import requantize_layers, requantize_tree

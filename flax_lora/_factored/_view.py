@@ -38,8 +38,9 @@ import jax
 import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
-from flax_lora._adapters import LoraWeights, StackedLoraWeights, delta, layer_mask
-from flax_lora._dora import dora_factor, dora_kernel, layered_factor
+from flax_lora._adapters._delta import delta, layer_mask
+from flax_lora._adapters._dora import dora_factor, dora_kernel, layered_factor
+from flax_lora._adapters._weights import LoraWeights, StackedLoraWeights
 from flax_lora._factored._quant_base import Base, as_array, as_base, layer_base
 from flax_lora._stack import gather, gather_dora
 
@@ -143,8 +144,8 @@ def make_view(path: str, leaf: Any, w: LoraWeights) -> KernelView:
 
     A kernel stacked by a scan carries its layer axes: the layer mask (``LoraConfig(layers=...)``)
     is applied to ``a`` here, and DoRA's ``g`` is computed for every layer at once (the factored
-    norm of `flax_lora._dora` mapped over the layers: no kernel-sized array; 1 on layers not
-    picked, whose magnitude for `materialize` is then ``||W0||``).
+    norm of `flax_lora._adapters._dora` mapped over the layers: no kernel-sized array; 1 on
+    layers not picked, whose magnitude for `materialize` is then ``||W0||``).
     """
     kernel = as_base(leaf)
     a, g, root_m = w.a, None, w.m

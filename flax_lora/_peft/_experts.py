@@ -36,7 +36,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from flax_lora._adapters import LoraWeights
+from flax_lora._adapters._weights import LoraWeights
 from flax_lora._peft._layout import Factors, Target
 from flax_lora._peft._names import BASE_LAYER
 

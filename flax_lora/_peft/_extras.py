@@ -31,8 +31,8 @@ import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 from flax_lora import _regex
+from flax_lora._adapters._extras import TokenDelta, TrainedCopy, check_token_delta
 from flax_lora._config import LoraConfig
-from flax_lora._extras import TokenDelta, TrainedCopy, check_token_delta
 from flax_lora._paths import describe, flatten, leaf_name, module_path
 from flax_lora._peft._layout import from_torch, to_torch
 from flax_lora._peft._names import (

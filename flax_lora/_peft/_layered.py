@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from flax_lora._adapters import LoraWeights
+from flax_lora._adapters._weights import LoraWeights
 from flax_lora._peft._names import LAYER, layer_name
 from flax_lora._probe import Use
 
@@ -165,7 +165,8 @@ def _base_norms(
     layers: list[int],
 ) -> dict[int, np.ndarray]:
     """``||W0[i]||`` over each layer's input axes ``in_axes`` (one value per output unit, as
-    `flax_lora._dora.weight_norm`), float32 or wider, for the given layers of a layered kernel."""
+    `flax_lora._adapters._dora.weight_norm`), float32 or wider, for the given layers of a
+    layered kernel."""
     if isinstance(kernel, jax.ShapeDtypeStruct) or not hasattr(kernel, "dtype"):
         raise ValueError(
             f"load_peft: the DoRA adapter of the scan-stacked kernel {path!r} (modules "

@@ -18,7 +18,7 @@ PyTorch module that PEFT's LoRA adapts, each a pair of functions (``write``: our
 - DoRA (``use_dora``): ``<module>.lora_magnitude_vector`` is our ``m`` (`LoraWeights.m`, shape
   ``O``): ``(out,)`` for a Linear / Conv1D (``O`` flattened), ``(dim,)`` for an Embedding,
   ``(1, out, 1, ...)`` for a Conv. PEFT's norms run over the same axes as ours (see
-  `flax_lora._dora`).
+  `flax_lora._adapters._dora`).
 
 To add a layout: write its ``write`` / ``read`` pair, make a `Layout`, add it to `LAYOUTS` and
 teach `layout_of_adapter` (save) and `layout_of_target` (load) when to pick it. Expert kernels
@@ -40,7 +40,7 @@ import jax
 import numpy as np
 from jax.typing import ArrayLike
 
-from flax_lora._adapters import LoraWeights
+from flax_lora._adapters._weights import LoraWeights
 from flax_lora._paths import leaf_name
 from flax_lora._peft._names import MAGNITUDE
 from flax_lora._probe import Use

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from flax_lora._adapters import LoraWeights
+from flax_lora._adapters._weights import LoraWeights
 from flax_lora._paths import describe, flatten, nest
 from flax_lora._peft._adapter_config import rank_and_scale, read_config
 from flax_lora._peft._experts import KEYS, ParamOrder, expert_axes_of, expert_spec, read_expert

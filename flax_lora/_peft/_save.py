@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from flax_lora._adapters import LoraWeights, adapter_table, is_lora
+from flax_lora._adapters._tables import adapter_table, split
+from flax_lora._adapters._weights import LoraWeights, is_lora
 from flax_lora._config import LoraConfig
-from flax_lora._extras import split
 from flax_lora._paths import describe, leaf_name
 from flax_lora._peft._adapter_config import (
     BASE_CHANGING_INITS,

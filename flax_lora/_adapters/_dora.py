@@ -25,7 +25,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from flax_lora._adapters import LoraWeights, delta, layer_mask
+from flax_lora._adapters._delta import delta, layer_mask
+from flax_lora._adapters._weights import LoraWeights
 
 _HI = jax.lax.Precision.HIGHEST
 
