@@ -42,7 +42,7 @@ from flax_lora._adapters._delta import delta, layer_mask
 from flax_lora._adapters._dora import dora_factor, dora_kernel, layered_factor
 from flax_lora._adapters._weights import LoraWeights, StackedLoraWeights
 from flax_lora._factored._quant_base import Base, as_array, as_base, layer_base
-from flax_lora._stack import gather, gather_dora
+from flax_lora._multi._stack import gather, gather_dora
 
 Carried = Literal["layer", "example", "expert"]
 LAYER: Carried = "layer"
@@ -189,7 +189,7 @@ def make_routed_view(
     ``w`` is a `StackedLoraWeights` (scales folded into ``b``); its adapter axis is gathered by
     ``ids`` into the view's leading ``"example"`` axis, zeros where ``ids == -1``. With DoRA
     adapters in the stack so are ``g`` (``m / ||V||`` of example ``j``'s adapter, 1 for plain
-    adapters and ``-1``; `flax_lora._stack`) and ``root_m`` (the magnitude giving it).
+    adapters and ``-1``; `flax_lora._multi._stack`) and ``root_m`` (the magnitude giving it).
     """
     a, b = gather(w, ids)
     g, root_m = (None, None) if w.m is None else gather_dora(w, kernel, ids)

@@ -32,9 +32,9 @@ in the library changes one import line here:
 """
 
 from flax_lora import _atomic, _checkpoint, _checkpoint_meta, _jaxpr, _regex
+from flax_lora._multi._stack import gather
 from flax_lora._peft import _safetensors
 from flax_lora._quant._formats import DYNAMIC_MAP, NF4_LEVELS
-from flax_lora._stack import gather
 
 __all__ = [
     "DYNAMIC_MAP",

@@ -1,7 +1,7 @@
 """Adapter stacks for per-example routing: `lora.stack`, `lora.unstack`, and what a routed call
-reads from a stack: `stacked_table`, `num_stacked`, `check_ids`, `gather` (per-example factors),
-`gather_dora` (per-example DoRA factors) and `select` (one, possibly traced, index as ordinary
-adapters).
+reads from a stack: `num_stacked`, `check_ids`, `gather` (per-example factors), `gather_dora`
+(per-example DoRA factors) and `select` (one, possibly traced, index as ordinary adapters). A
+stack's table is `flax_lora._adapters._tables.stacked_table`.
 
 `stack` puts N adapter sets of any ranks and scales into one tree of `StackedLoraWeights`, the
 adapter axis leading their factors (``a (N, *C, *I, R)``, ``b (N, *C, R, *O)``); a routed

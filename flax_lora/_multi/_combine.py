@@ -421,8 +421,3 @@ def _svd(
     u, s, vt = jnp.linalg.svd(m, full_matrices=False)
     root = jnp.sqrt(s[:k])
     return _result(ws[0], u[:, :k] * root, root[:, None] * vt[:k], factor_dtype(ws))
-
-
-# --------------------------------------------------------------------------------------------
-# stack / unstack / routing
-# --------------------------------------------------------------------------------------------
