@@ -10,7 +10,7 @@ from flax_lora._adapters._extras import TokenDelta, TrainedCopy
 from flax_lora._adapters._weights import LoraWeights, StackedLoraWeights
 from flax_lora._checkpoint import load, load_config, save
 from flax_lora._config import LoraConfig
-from flax_lora._init import init
+from flax_lora._init._make import init
 from flax_lora._merge import merge, unmerge
 from flax_lora._multi._combine import combine
 from flax_lora._multi._stack import stack, unstack

@@ -6,6 +6,6 @@
 - `_tree`: `quantize`, `dequantize`, `requantize` over a params tree, and the layer-by-layer
   requantization `lora.merge` uses.
 
-LoftQ, which fits a quantized base and the factors together, is an init (`flax_lora._init`);
+LoftQ, which fits a quantized base and the factors together, is an init (`flax_lora._init._loftq`);
 the engine's quantized ``W0``, dequantized at each use, is `flax_lora._factored._quant_base`.
 """

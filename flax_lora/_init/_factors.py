@@ -6,7 +6,7 @@ the axes on which the adapter has an independent factor pair per index (the laye
 layered kernel, stacked by ``nn.scan`` / ``nnx.scan``; expert axes next). `init_factors` makes
 the factors of one slice of the carried axes at a time, in one loop over the slices, and stacks
 them; a kernel without carried axes is a single slice. LoftQ, which quantizes the base while it
-fits the factors, is in `flax_lora._loftq`.
+fits the factors, is in `flax_lora._init._loftq`.
 """
 
 from __future__ import annotations
