@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import flax_lora as lora
-from flax_lora import _atomic
+from flax_lora._checkpoint import _atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS, WIDTH, RANK = 12, 512, 64

@@ -8,7 +8,7 @@ freeze the base; `merge` / `unmerge` are pure functions; checkpoints go through 
 from flax_lora._adapters._delta import delta
 from flax_lora._adapters._extras import TokenDelta, TrainedCopy
 from flax_lora._adapters._weights import LoraWeights, StackedLoraWeights
-from flax_lora._checkpoint import load, load_config, save
+from flax_lora._checkpoint._orbax import load, load_config, save
 from flax_lora._config import LoraConfig
 from flax_lora._init._make import init
 from flax_lora._merge import merge, unmerge
