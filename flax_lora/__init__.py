@@ -15,7 +15,8 @@ from flax_lora._merge import merge, unmerge
 from flax_lora._multi._combine import combine
 from flax_lora._multi._stack import stack, unstack
 from flax_lora._optim import freeze_base, trainable
-from flax_lora._peft import load_peft, save_peft
+from flax_lora._peft._load import load_peft
+from flax_lora._peft._save import save_peft
 from flax_lora._quant._formats import QuantizedKernel, dequantize_kernel, quantize_kernel
 from flax_lora._quant._tree import dequantize, quantize, requantize
 from flax_lora._summary import Summary, summary

@@ -50,7 +50,7 @@ def reshape_groups(
     A size-1 axis joins the group before it (the first group, for leading ones), so every axis,
     of either shape, is in exactly one group. The probe maps each new axis to the kernel axes of
     its group's old axes (`reshape_axis_map`); a kernel view gives each new axis the side of its
-    group's old axes (`flax_lora._factored._layout`).
+    group's old axes (`flax_lora._factored._layout_ops`).
     """
     groups: list[tuple[list[int], list[int]]] = []
     i = j = 0

@@ -138,7 +138,7 @@ def input_aval(x: Any) -> Any:
     return jax.typeof(x)
 
 
-def layout(x: Base, prim: Any, params: dict[str, Any], out_aval: Any) -> Base:
+def base_layout(x: Base, prim: Any, params: dict[str, Any], out_aval: Any) -> Base:
     """A layout op (transpose, reshape, dtype cast, ...) on an array or a `QuantBase`."""
     if not isinstance(x, QuantBase):
         return prim.bind(x, **params)

@@ -67,7 +67,7 @@ def kernel_use(base_rule: BaseRule) -> Callable[[Rule], Rule]:
     return complete
 
 
-def _dequantized(eqn: jx.Eqn, invals: list[Any]) -> Unfactored:
+def dequantized(eqn: jx.Eqn, invals: list[Any]) -> Unfactored:
     """Quantized kernels, no adapter, an op without a rule of its own: dequantized there."""
     del eqn, invals
     return Unfactored("dequantized at this use")
@@ -81,14 +81,14 @@ def _base_dense(eqn: jx.Eqn, invals: list[Any]) -> Result:
         if not (dims.rhs_batch if x_first else dims.lhs_batch):  # no expert (batch) axis
             x, w = (invals[0], invals[1]) if x_first else (invals[1], invals[0])
             return [base_product(eqn, x, w, x_first)]
-    return _dequantized(eqn, invals)
+    return dequantized(eqn, invals)
 
 
 def _base_gather(eqn: jx.Eqn, invals: list[Any]) -> Result:
     """``gather`` from a quantized table: only the rows are dequantized (`base_gather`)."""
     if is_quant_base(invals[0]) and not is_quant_base(invals[1]):
         return [base_gather(eqn, invals[0], invals[1])]
-    return _dequantized(eqn, invals)
+    return dequantized(eqn, invals)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -364,7 +364,7 @@ def gather_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> 
     return [base_out + cast_like(low, base_out.dtype)]
 
 
-@kernel_use(_dequantized)
+@kernel_use(dequantized)
 def conv_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
     """``conv_general_dilated`` of an input with a kernel view (not a grouped convolution)."""
     v = invals[1]

@@ -2,7 +2,7 @@
 
 Factored execution never forms ``W = W0 + scale * a @ b``. Instead each adapted kernel enters
 the traced model as a `KernelView`: the base kernel ``W0`` with the model's layout ops applied
-to it (dtype promotion, transposes, reshapes: `flax_lora._factored._layout`), together with the
+to it (dtype promotion, transposes, reshapes: `flax_lora._factored._layout_ops`), together with the
 factors ``a`` and ``b`` carried through the same ops. Each axis of the view's base is an input
 axis ``I``, an output axis ``O`` or a carried axis, and the factors keep the invariant
 
@@ -18,7 +18,7 @@ them out (`make_view`, `make_routed_view`), slices them (`per_layer`) and maps t
   too (its side is ``"layer"``); the scan rule slices it together with ``W0``, so the scan's
   body sees an ordinary view of one layer.
 - ``"expert"``: an expert axis of the kernel (`LoraWeights.expert_axes`; its side is
-  ``"expert"``): ``W0`` has it too, and the expert rules (`flax_lora._factored._experts`) keep
+  ``"expert"``): ``W0`` has it too, and the expert rules (`flax_lora._factored._expert_rules`) keep
   it a batch (or group) dimension of the low-rank products.
 - ``"example"``: the adapter axis of a routing stack (`lora.stack`), gathered per example by
   ``lora_ids``, so its length is the batch; ``W0`` has no such axis. The routing rules map it

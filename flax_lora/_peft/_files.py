@@ -36,9 +36,9 @@ import numpy as np
 
 from flax_lora._checkpoint import _atomic
 from flax_lora._paths import describe
-from flax_lora._peft._layout import PAIRS, SUFFIXES
 from flax_lora._peft._names import CONFIG_NAME, MAGNITUDE, PREFIX, WEIGHTS_NAME
 from flax_lora._peft._safetensors import Header, read_header, read_tensor, write
+from flax_lora._peft._tensor_layouts import PAIRS, SUFFIXES
 
 try:
     import fcntl

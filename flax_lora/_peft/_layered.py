@@ -102,7 +102,7 @@ def layer_use(use: Use | None, path: str, name: str, layer: int | None) -> Use |
     return dataclasses.replace(use, **changes)
 
 
-def join_layers(
+def join_layer_modules(
     path: str,
     template: str,
     kernel: ArrayLike | jax.ShapeDtypeStruct,

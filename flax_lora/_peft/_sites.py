@@ -1,7 +1,7 @@
 """Which kernel of ``params`` each module of a PEFT file goes to: the kernels and their
 PyTorch names by the key map (one name per layer of a layered kernel: `flax_lora._peft._layered`;
-a targeted parameter's name, nested as PEFT nests it: `flax_lora._peft._experts`), matched with
-the modules of the file.
+a targeted parameter's name, nested as PEFT nests it: `flax_lora._peft._expert_params`), matched
+with the modules of the file.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax
 from jax.typing import ArrayLike
 
 from flax_lora._paths import KERNEL_LEAVES, describe, flatten, leaf_name
-from flax_lora._peft._experts import ExpertSpec, nesting
+from flax_lora._peft._expert_params import ExpertSpec, nesting
 from flax_lora._peft._names import LAYER, KeyMap, Namer, layer_name
 from flax_lora._typing import PyTree
 

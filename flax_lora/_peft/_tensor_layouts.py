@@ -1,7 +1,7 @@
 """PEFT's tensor layouts: how each kind of PyTorch module holds LoRA factors and whole leaves.
 
-Ours are ``a (*I, r)`` and ``b (r, *O)`` in the Flax kernel's layout. One `Layout` per kind of
-PyTorch module that PEFT's LoRA adapts, each a pair of functions (``write``: ours -> PEFT's,
+Ours are ``a (*I, r)`` and ``b (r, *O)`` in the Flax kernel's layout. One `TensorLayout` per kind
+of PyTorch module that PEFT's LoRA adapts, each a pair of functions (``write``: ours -> PEFT's,
 ``read``: PEFT's -> ours, checking every shape) and the names of its two tensors:
 
 - `LINEAR`: Linear / GPT-2 Conv1D <-> Dense, DenseGeneral, Einsum: ``lora_A.weight =
@@ -20,10 +20,11 @@ PyTorch module that PEFT's LoRA adapts, each a pair of functions (``write``: our
   ``(1, out, 1, ...)`` for a Conv. PEFT's norms run over the same axes as ours (see
   `flax_lora._adapters._dora`).
 
-To add a layout: write its ``write`` / ``read`` pair, make a `Layout`, add it to `LAYOUTS` and
-teach `layout_of_adapter` (save) and `layout_of_target` (load) when to pick it. Expert kernels
+To add a layout: write its ``write`` / ``read`` pair, make a `TensorLayout`, add it to
+`TENSOR_LAYOUTS` and teach `layout_of_adapter` (save) and `layout_of_target` (load) when to pick
+it. Expert kernels
 (PEFT's ``target_parameters``) are not a module layout: their tensors' names depend on the
-other parameters of the module, so `flax_lora._peft._experts` holds them.
+other parameters of the module, so `flax_lora._peft._expert_params` holds them.
 
 Whole leaves (``modules_to_save``, biases) are written by `to_torch` and read by `from_torch`.
 """
@@ -80,7 +81,7 @@ class Factors(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class Layout:
+class TensorLayout:
     """How one kind of PyTorch module holds a LoRA factor pair and DoRA's magnitude."""
 
     keys: tuple[str, str]  # the names of lora_A and lora_B after the module name
@@ -204,25 +205,27 @@ def _read_embedding(t: Target, lora_a: np.ndarray, lora_b: np.ndarray) -> Factor
     return Factors(lora_a.T, lora_b.T, "embed", (0,))
 
 
-# -- the table -----------------------------------------------------------------------------------
-LINEAR = Layout((".lora_A.weight", ".lora_B.weight"), _write_linear, _read_linear, _flat_magnitude)
-CONV = Layout((".lora_A.weight", ".lora_B.weight"), _write_conv, _read_conv, _conv_magnitude)
-EMBEDDING = Layout(
+# -- the table of layouts ------------------------------------------------------------------------
+LINEAR = TensorLayout(
+    (".lora_A.weight", ".lora_B.weight"), _write_linear, _read_linear, _flat_magnitude
+)
+CONV = TensorLayout((".lora_A.weight", ".lora_B.weight"), _write_conv, _read_conv, _conv_magnitude)
+EMBEDDING = TensorLayout(
     (".lora_embedding_A", ".lora_embedding_B"), _write_embedding, _read_embedding, _flat_magnitude
 )
-LAYOUTS = (LINEAR, CONV, EMBEDDING)
-SUFFIXES = (*dict.fromkeys(k for layout in LAYOUTS for k in layout.keys), MAGNITUDE)
+TENSOR_LAYOUTS = (LINEAR, CONV, EMBEDDING)
+SUFFIXES = (*dict.fromkeys(k for layout in TENSOR_LAYOUTS for k in layout.keys), MAGNITUDE)
 """The names after a module's name of every tensor a LoRA module may hold."""
-PAIRS = {frozenset(layout.keys) for layout in LAYOUTS}
+PAIRS = {frozenset(layout.keys) for layout in TENSOR_LAYOUTS}
 """The sets of factor tensors a complete module holds."""
 
 
-def layout_of_adapter(w: LoraWeights) -> Layout:
+def layout_of_adapter(w: LoraWeights) -> TensorLayout:
     """The layout `save_peft` writes ``w`` in: by its kind."""
     return {"dense": LINEAR, "conv": CONV, "embed": EMBEDDING}[w.kind]
 
 
-def layout_of_target(t: Target) -> Layout:
+def layout_of_target(t: Target) -> TensorLayout:
     """The layout of a module's tensors in a file: by their names, then (Conv and Linear share
     names) by the rank of ``lora_A``, a conv weight for a Conv."""
     if EMBEDDING.keys[0] in t.tensors:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
 from flax_lora._factored._contract import Evaluator, Result, no_rule
-from flax_lora._factored._quant_base import Base, layout
+from flax_lora._factored._quant_base import Base, base_layout
 from flax_lora._factored._view import (
     EXPERT,
     I_SIDE,
@@ -50,13 +50,13 @@ def layout_of(x: KernelView | Base, eqn: jx.Eqn) -> KernelView | Base:
     params, out_aval = jx.bind_params(eqn), eqn.outvars[0].aval
     if isinstance(x, KernelView):
         return apply_layout(x, eqn.primitive, params, out_aval)
-    return layout(x, eqn.primitive, params, out_aval)
+    return base_layout(x, eqn.primitive, params, out_aval)
 
 
 def apply_layout(v: KernelView, prim: Any, params: dict[str, Any], out_aval: Any) -> KernelView:
     """Applies one layout op (``prim.name in LAYOUT_OPS``) to the view."""
     name = prim.name
-    base = layout(v.base, prim, params, out_aval)  # recorded, for a quantized base
+    base = base_layout(v.base, prim, params, out_aval)  # recorded, for a quantized base
     meta = v.meta
     ops = (*meta.ops, (prim, params))
 

@@ -37,8 +37,8 @@ import jax
 import numpy as np
 
 from flax_lora._adapters._weights import LoraWeights
-from flax_lora._peft._layout import Factors, Target
 from flax_lora._peft._names import BASE_LAYER
+from flax_lora._peft._tensor_layouts import Factors, Target
 
 ParamOrder = Sequence[str] | Mapping[str, Sequence[str]] | None
 """``param_order``: PyTorch's registration order of parameter names (e.g.

@@ -17,7 +17,7 @@ Flax leaf -> PyTorch parameter: ``kernel`` -> ``weight`` (a 2-D Dense kernel tra
 kernel of 3+ dimensions is refused on save, since a conv and a multi-axis Dense kernel need
 different layouts; on load a conv weight ``(out, in, *window)`` is read into Flax's
 ``(*window, in, out)``), ``embedding`` and ``scale`` -> ``weight``, ``bias`` -> ``bias``
-(flattened), any other leaf name as itself (`flax_lora._peft._layout.to_torch`).
+(flattened), any other leaf name as itself (`flax_lora._peft._tensor_layouts.to_torch`).
 """
 
 from __future__ import annotations
@@ -31,10 +31,9 @@ import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 from flax_lora import _regex
-from flax_lora._adapters._extras import TokenDelta, TrainedCopy, check_token_delta
+from flax_lora._adapters._extras import Extra, TokenDelta, TrainedCopy, check_token_delta
 from flax_lora._config import LoraConfig
 from flax_lora._paths import describe, flatten, leaf_name, module_path
-from flax_lora._peft._layout import from_torch, to_torch
 from flax_lora._peft._names import (
     BASE_LAYER,
     LAYER,
@@ -45,9 +44,8 @@ from flax_lora._peft._names import (
     split_tensor_key,
     torch_param,
 )
+from flax_lora._peft._tensor_layouts import from_torch, to_torch
 from flax_lora._typing import PyTree
-
-Extra = TrainedCopy | TokenDelta
 
 
 # -- save ----------------------------------------------------------------------------------------
