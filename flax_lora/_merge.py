@@ -73,7 +73,7 @@ def merge(params: PyTree, adapters: PyTree, requantize: bool = False) -> PyTree:
     adapters, extras = split(adapters, is_lora)
     layered: dict[str, Any] = {}
     base = params
-    if requantize:  # stacked kernels quantized per layer: merged and quantized layer by layer
+    if requantize:  # layered kernels quantized per layer: merged and quantized layer by layer
         params, layered = _requantize_layers(params, adapters)
     merged, dequantized = _fold(params, adapters, +1.0, skip=set(layered))
     merged = substitute(merged, extras, "lora.merge")

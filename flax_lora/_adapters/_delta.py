@@ -70,7 +70,7 @@ def delta(w: LoraWeights, dtype: Any = jnp.float32) -> jax.Array:
 
 
 def layer_mask(w: LoraWeights) -> np.ndarray | None:
-    """For a stacked kernel adapted on some layers only: 1.0 on the adapted indices of its first
+    """For a layered kernel adapted on some layers only: 1.0 on the adapted indices of its first
     layer axis, 0.0 elsewhere (shape ``(L,)``); ``None`` when every layer is adapted."""
     if w.layers is None or not w.layer_axes:
         return None

@@ -9,11 +9,11 @@ own pytree node types, keyed (like `LoraWeights`) by the path of the base leaf t
 - `TrainedCopy` (``role="bias"``): a bias trained whole (``LoraConfig.bias="all"`` /
   ``"lora_only"``); it replaces the base bias.
 - `TokenDelta`: ``LoraConfig.trainable_token_indices``: an additive delta for a few rows of an
-  Embed table: the table used is ``W0.at[indices].add(delta)``.
+  Embed's embedding: the embedding used is ``W0.at[indices].add(delta)``.
 
 `lora.wrap` and `lora.merge` substitute these into the params before anything else runs (a
 copy replaces its leaf; a token delta is a scatter-add of ``k`` rows, not a kernel-sized
-product), so a lookup and a tied ``attend`` of the table both see the new rows, and the factored
+product), so a lookup and a tied ``attend`` of the embedding both see the new rows, and the factored
 machinery never needs to know about them. Their static metadata travels in the tree structure,
 so ``jax.tree.leaves(adapters)`` stays exactly the trainable arrays.
 
@@ -119,7 +119,7 @@ class StackedCopy:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StackedTokenDelta:
-    """``N`` `TokenDelta` of one table stacked for routing: ``delta (N, k, *row)`` on the union
+    """``N`` `TokenDelta` of one embedding stacked for routing: ``delta (N, k, *row)`` on the union
     ``indices`` of the stacked adapters' rows (zeros where an adapter has no delta)."""
 
     delta: Any
@@ -148,7 +148,7 @@ def is_extra(x: Any) -> bool:
 def substitute(params: PyTree, extras: dict[str, Extra], where: str = "lora.wrap") -> PyTree:
     """``params`` with each extra node applied to the leaf at its path: a `TrainedCopy` replaces
     the leaf (cast to its dtype), a `TokenDelta` scatter-adds its rows (computed in float32 or
-    the table's dtype, if wider, and cast once).
+    the embedding's dtype, if wider, and cast once).
 
     Raises:
       ValueError: a path is not a leaf of ``params``, or a shape does not fit (naming it).
@@ -209,7 +209,7 @@ def apply_one(
 
 
 def check_token_delta(path: str, node: TokenDelta, shape: tuple[int, ...], where: str) -> None:
-    """Raises ``ValueError`` naming ``path`` unless ``node`` fits a table of ``shape``."""
+    """Raises ``ValueError`` naming ``path`` unless ``node`` fits an embedding of ``shape``."""
     expected = (len(node.indices), *shape[1:])
     if len(shape) < 2 or shape[0] != node.num_rows or tuple(np.shape(node.delta)) != expected:
         raise ValueError(

@@ -4,7 +4,7 @@
 Both types lay their factors out over the kernel's axes the same way (`AdapterLayout`): input
 axes ``I``, output axes ``O`` and **carried axes** ``C``, the axes on which the adapter holds an
 independent factor pair per index, so ``a`` has shape ``(*C, *I, r)`` and ``b`` ``(*C, r, *O)``.
-The carried axes are the leading layer axes of a kernel stacked by ``nn.scan`` / ``nnx.scan``
+The carried axes are the leading layer axes of a layered kernel (``nn.scan`` / ``nnx.scan``)
 (``layer_axes``) followed by its expert axes (``expert_axes``: a batch dimension of the
 ``dot_general`` using the kernel, or the group axis of ``ragged_dot``), in the kernel's order.
 """
@@ -48,7 +48,7 @@ class AdapterLayout:
 
     @property
     def carried_axes(self) -> tuple[int, ...]:
-        """The kernel's carried axes, in order: the leading layer axes of a scan-stacked kernel,
+        """The kernel's carried axes, in order: the leading layer axes of a layered kernel,
         then its expert axes (``()`` for an ordinary kernel)."""
         return tuple(range(self.layer_axes)) + tuple(self.expert_axes)
 
@@ -130,7 +130,7 @@ class LoraWeights(AdapterLayout):
     expert_axes: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
 
     def layer_slice(self, n: int = 1, **changes: Any) -> LoraWeights:
-        """The adapter of one layer's kernel of a scan-stacked adapter: ``n`` leading layer
+        """The adapter of one layer's kernel of a layered adapter: ``n`` leading layer
         axes dropped from the metadata (``layers`` cleared), with ``changes`` (e.g. that layer's
         factors ``a``, ``b``) applied."""
         return dataclasses.replace(
@@ -144,7 +144,7 @@ class LoraWeights(AdapterLayout):
         )
 
     def carried_slice(self, **changes: Any) -> LoraWeights:
-        """The adapter of the kernel at one carried index (one layer of a scan stack, one
+        """The adapter of the kernel at one carried index (one layer of a layered kernel, one
         expert): every carried axis dropped from the metadata (``layers`` cleared, input axes
         renumbered), with ``changes`` (e.g. that index's factors ``a``, ``b``) applied."""
         carried = set(self.carried_axes)

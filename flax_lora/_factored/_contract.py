@@ -37,7 +37,7 @@ class Evaluator(Protocol):
     """What a rule may ask of the interpreter that calls it."""
 
     mode: Mode
-    routing: bool  # whether the call routes examples (``lora_ids``): views carry an example axis
+    routing: bool  # whether the call routes examples (``lora_ids``): views hold an example axis
     stash: dict[int, jax.Array]  # low-rank branches computed ahead, by id of their equation
 
     def eval(self, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], key: Key) -> list[Any]:

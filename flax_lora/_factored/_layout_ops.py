@@ -4,7 +4,7 @@ A layout op is applied to the view's base ``W0`` as it is (recorded, for a quant
 to the factor of the side whose axes it moves or regroups, after the factor's carried axes: a
 transpose permutes the I-axes of ``a`` and the O-axes of ``b`` (and DoRA's ``g``); a reshape,
 squeeze or size-1 broadcast reshapes them. A reshape that merges an input axis with an output
-axis, a broadcast that repeats the kernel, or any such op on a kernel stacked by a scan breaks
+axis, a broadcast that repeats the kernel, or any such op on a layered kernel (``nn.scan``) breaks
 the factorisation; the view then records why (`ViewMeta.why`), and can only be materialised.
 """
 

@@ -12,10 +12,10 @@ the kernel:
   zero computed from its first element to its scales and NF4 levels (`_zero_of`: exactly 0 for
   every value, a NaN or inf included, so no value of the data reaches the kernel), so XLA can
   neither hoist it to the start of the step nor share one float copy between the passes;
-- ``gather`` (an Embed lookup of a 2-D table): `base_gather`, the rows are gathered from the
-  codes and only they are dequantized (nf4: when each row is whole blocks; otherwise the table
+- ``gather`` (an Embed lookup of a 2-D embedding): `base_gather`, the rows are gathered from the
+  codes and only they are dequantized (nf4: when each row is whole blocks; otherwise the embedding
   is dequantized at the lookup);
-- ``scan`` over a stacked kernel (``nn.scan`` / ``nnx.scan``): the scan slices the codes and
+- ``scan`` over a layered kernel (``nn.scan`` / ``nnx.scan``): the scan slices the codes and
   scales per layer (`layer_base`), so the body dequantizes one layer's kernel; with remat on
   the body it is dequantized again in that layer's backward step;
 - any other use: the kernel is dequantized there (`as_array`: ``dequantize_kernel`` then the
@@ -87,7 +87,7 @@ class QuantBase:
         """The float kernel: dequantized, then the recorded ops applied.
 
         ``tie``: a float32 zero computed from data (an activation, a gradient; `_zero_of`).
-        It is added to the scales and to the NF4 level table, so that XLA can compute the
+        It is added to the scales and to the NF4 levels, so that XLA can compute the
         float kernel only once that data exists: not hoisted to the start of the step, not
         shared between the forward and backward passes. (XLA:CPU drops optimization barriers
         before it schedules, so they cannot do this: measured on `benchmarks/quant.py`, the
@@ -178,7 +178,7 @@ def _per_layer(q: QuantizedKernel) -> QuantizedKernel | None:
 def layer_base(x: Base) -> Base:
     """What a ``scan`` over the leading axis of ``x`` slices: a `QuantBase` whose leaves keep
     the layer axis first and whose static part is one layer's, so that `jax.lax.scan` hands
-    the body one layer's quantized kernel; an array is returned as is. A quantized stack that
+    the body one layer's quantized kernel; an array is returned as is. A quantized kernel that
     cannot be cut per layer (an nf4 block straddling layers, a reshape before the scan) is
     dequantized whole."""
     if not isinstance(x, QuantBase):
@@ -235,16 +235,16 @@ def base_product(eqn: jx.Eqn, x: jax.Array, base: Base, x_first: bool) -> jax.Ar
 
 
 def _rows(q: QuantizedKernel) -> QuantizedKernel | None:
-    """A 2-D table's quantization with one leading "layer" per row (so rows can be gathered
+    """A 2-D embedding's quantization with one leading "layer" per row (so rows can be gathered
     from the codes), or ``None`` when its nf4 blocks straddle rows."""
     if q.format == "int8":
-        return q  # codes have the table's shape; the channel scales apply to every row
+        return q  # codes have the embedding's shape; the channel scales apply to every row
     rows = dataclasses.replace(q, shape=(q.shape[0], q.shape[1]), layer_axes=0)
     return _per_layer(rows)
 
 
 def base_gather(eqn: jx.Eqn, base: Base, indices: jax.Array) -> jax.Array:
-    """``gather`` of rows of a kernel (an Embed lookup). From a `QuantBase` of a 2-D table
+    """``gather`` of rows of a kernel (an Embed lookup). From a `QuantBase` of a 2-D embedding
     the rows are gathered from the codes and only they are dequantized; any other gather
     dequantizes the kernel at the lookup."""
     if not isinstance(base, QuantBase):
@@ -261,8 +261,8 @@ def base_gather(eqn: jx.Eqn, base: Base, indices: jax.Array) -> jax.Array:
         and sizes == (1, q.shape[1])
         and tuple(dn.offset_dims) == (indices.ndim - 1,)
     )
-    table = _rows(q) if simple else None
-    if table is None:
+    by_row = _rows(q) if simple else None
+    if by_row is None:
         return jx.bind(eqn, (base.value(), indices))[0]
 
     def take(x: Any) -> Any:  # an out-of-range row of integer codes reads as code 0
@@ -272,7 +272,7 @@ def base_gather(eqn: jx.Eqn, base: Base, indices: jax.Array) -> jax.Array:
     if q.format == "int8":
         rows = int8_values(take(q.codes), q.absmax)
     else:
-        rows = nf4_values(take(table.codes), take(table.absmax), q.block_size)
+        rows = nf4_values(take(by_row.codes), take(by_row.absmax), q.block_size)
     out = rows.astype(q.dtype)
     for prim_op, op_params in base.meta.ops:
         out = prim_op.bind(out, **op_params)

@@ -10,7 +10,7 @@ being one small function of the layer input and the two factors (`flax_lora._fac
 - ``conv_general_dilated``: ``conv(x, a)`` contracted with ``scale * b``.
 
 What every such rule checks first is in `kernel_use`: a routed kernel runs per example
-(`flax_lora._factored._routing`), a layer-stacked kernel used whole and mode ``"merged"`` are
+(`flax_lora._factored._routing`), a layered kernel used whole and mode ``"merged"`` are
 `Unfactored`; and an op on quantized kernels without adapter (QLoRA) dequantizes them at the
 product or the lookup (`flax_lora._factored._quant_base`). LoRA dropout masks the branch input with
 the equation's key; DoRA scales the output per unit by ``g`` (PEFT's form under dropout).
@@ -85,7 +85,7 @@ def _base_dense(eqn: jx.Eqn, invals: list[Any]) -> Result:
 
 
 def _base_gather(eqn: jx.Eqn, invals: list[Any]) -> Result:
-    """``gather`` from a quantized table: only the rows are dequantized (`base_gather`)."""
+    """``gather`` from a quantized embedding: only the rows are dequantized (`base_gather`)."""
     if is_quant_base(invals[0]) and not is_quant_base(invals[1]):
         return [base_gather(eqn, invals[0], invals[1])]
     return dequantized(eqn, invals)
@@ -336,7 +336,7 @@ def gather_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> 
         return Unfactored("the gather does not pick whole rows along the kernel's input axes")
     if any(sizes[d] != v.shape[d] for d in outs):
         return Unfactored("the gather takes partial slices of the output axes")
-    base_out = base_gather(eqn, v.base, indices)  # a quantized table: rows dequantized
+    base_out = base_gather(eqn, v.base, indices)  # a quantized embedding: rows dequantized
     pos = {d: k for k, d in enumerate(ins)}
     n_batch = indices.ndim - 1
     a_dn = dn._replace(

@@ -14,7 +14,7 @@ pair per index. The view says which kind each is (`ViewMeta.carried`), and this 
 them out (`make_view`, `make_routed_view`), slices them (`per_layer`) and maps them
 (`per_example`):
 
-- ``"layer"``: the layer axis of a kernel stacked by ``nn.scan`` / ``nnx.scan``. ``W0`` has it
+- ``"layer"``: the layer axis of a layered kernel (``nn.scan`` / ``nnx.scan``). ``W0`` has it
   too (its side is ``"layer"``); the scan rule slices it together with ``W0``, so the scan's
   body sees an ordinary view of one layer.
 - ``"expert"``: an expert axis of the kernel (`LoraWeights.expert_axes`; its side is
@@ -119,12 +119,12 @@ class KernelView:
 
     @property
     def routed(self) -> bool:
-        """Whether the factors carry an example axis (one adapter per example)."""
+        """Whether the factors hold an example axis (one adapter per example)."""
         return EXAMPLE in self.meta.carried
 
     @property
     def layered(self) -> bool:
-        """Whether the factors carry a layer axis (a kernel stacked by a scan, used whole)."""
+        """Whether the factors hold a layer axis (a layered kernel, used whole)."""
         return LAYER in self.meta.carried
 
     def axes(self, side: str) -> list[int]:
@@ -142,7 +142,7 @@ def make_view(path: str, leaf: Any, w: LoraWeights) -> KernelView:
     """The view of an adapted kernel that no op has touched yet (a quantized kernel's base is a
     `QuantBase`, dequantized at its uses).
 
-    A kernel stacked by a scan carries its layer axes: the layer mask (``LoraConfig(layers=...)``)
+    A layered kernel keeps its layer axes: the layer mask (``LoraConfig(layers=...)``)
     is applied to ``a`` here, and DoRA's ``g`` is computed for every layer at once (the factored
     norm of `flax_lora._adapters._dora` mapped over the layers: no kernel-sized array; 1 on
     layers not picked, whose magnitude for `materialize` is then ``||W0||``).
@@ -247,13 +247,13 @@ def materialize(v: KernelView) -> jax.Array:
 
 
 # -- slicing and mapping the carried axes ------------------------------------------------------
-_FACTORS = ("root_a", "root_b", "a", "b", "g", "root_m")  # the arrays that carry the axes C
+_FACTORS = ("root_a", "root_b", "a", "b", "g", "root_m")  # the arrays that hold the axes C
 
 
 def per_layer(v: KernelView) -> KernelView:
     """What a scan over the view's first layer axis slices: the view's arrays with that axis
-    first (``W0`` cut by `layer_base`: a quantized stack is sliced per layer) and the metadata
-    of one layer, so that `jax.lax.scan` hands its body an ordinary view of one layer.
+    first (``W0`` cut by `layer_base`: a quantized layered kernel is sliced per layer) and the
+    metadata of one layer, so that `jax.lax.scan` hands its body an ordinary view of one layer.
 
     The scan rule has checked that this axis is the base's first and that only value ops (dtype
     casts, sharding) were applied (`flax_lora._factored._scan`); of those, the ones that

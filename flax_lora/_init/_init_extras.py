@@ -93,8 +93,8 @@ def init_extras(
             if path not in out:  # a bias of a module in modules_to_save is trained there
                 out[path] = TrainedCopy(value=copy_of(path), role="bias")
     if config.trainable_token_indices is not None:
-        for path, ids in _token_tables(leaves, config, uses).items():
-            table = leaves[path]
+        for path, ids in _token_embeddings(leaves, config, uses).items():
+            embedding = leaves[path]
             if path in selected or path in out:
                 raise ValueError(
                     f"LoraConfig.trainable_token_indices: the table {path!r} also gets "
@@ -102,35 +102,37 @@ def init_extras(
                     "have one of the two. Exclude it from targets (exclude=...) or from "
                     "modules_to_save."
                 )
-            bad = [i for i in ids if i >= table.shape[0]]
+            bad = [i for i in ids if i >= embedding.shape[0]]
             if bad:
                 raise ValueError(
                     f"LoraConfig.trainable_token_indices: token ids {bad} are out of range for "
-                    f"the table {path!r} of shape {tuple(table.shape)} (ids must be below "
-                    f"{table.shape[0]})."
+                    f"the table {path!r} of shape {tuple(embedding.shape)} (ids must be below "
+                    f"{embedding.shape[0]})."
                 )
-            delta = jnp.zeros((len(ids), *table.shape[1:]), config.dtype)
-            out[path] = TokenDelta(delta=delta, indices=tuple(ids), num_rows=int(table.shape[0]))
+            delta = jnp.zeros((len(ids), *embedding.shape[1:]), config.dtype)
+            out[path] = TokenDelta(
+                delta=delta, indices=tuple(ids), num_rows=int(embedding.shape[0])
+            )
     return out
 
 
-def _token_tables(
+def _token_embeddings(
     leaves: dict[str, PyTree], config: LoraConfig, uses: dict[str, Use] | None
 ) -> dict[str, tuple[int, ...]]:
-    """Table path -> token ids, for ``config.trainable_token_indices``."""
+    """Embedding path -> token ids, for ``config.trainable_token_indices``."""
     spec = config.trainable_token_indices
     embed = lambda p: uses is not None and p in uses and uses[p].kind == "embed"
-    is_table = lambda p: (
+    is_embedding = lambda p: (
         getattr(leaves[p], "ndim", 0) == 2 and (leaf_name(p) == "embedding" or embed(p))
     )
-    tables = [p for p in leaves if is_table(p)]
+    embeddings = [p for p in leaves if is_embedding(p)]
     if not isinstance(spec, dict):
-        if not tables:
+        if not embeddings:
             raise ValueError(
                 "LoraConfig.trainable_token_indices: params hold no Embed table (a 2-D leaf named "
                 "'embedding'); pass {regex: ids} to name the table."
             )
-        return {p: spec for p in tables}
+        return {p: spec for p in embeddings}
     out: dict[str, tuple[int, ...]] = {}
     what = "LoraConfig.trainable_token_indices"
     for pattern, ids in spec.items():
@@ -144,7 +146,7 @@ def _token_tables(
             raise ValueError(
                 f"LoraConfig.trainable_token_indices: {pattern!r} matches no table of params (it "
                 "must re.fullmatch a 2-D table's path or its module's path). Embed tables seen: "
-                f"{describe(tables)}."
+                f"{describe(embeddings)}."
             )
         for p in hits:
             if leaves[p].ndim != 2:

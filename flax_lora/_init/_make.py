@@ -159,7 +159,7 @@ def _adapter(
     layers: tuple[int, ...] | None,
     experts: tuple[int, ...] = (),
 ) -> tuple[LoraWeights, PyTree]:
-    """The adapter of one kernel (``n_layer_axes`` leading layer axes of a scan-stacked kernel,
+    """The adapter of one kernel (``n_layer_axes`` leading layer axes of a layered kernel,
     adapted on ``layers`` of the first one, ``None``: all; ``experts``: its expert axes, one
     adapter per expert), and the base it runs on when the init replaces it (PiSSA/OLoRA: the
     residual kernel; LoftQ: its `QuantizedKernel`), else ``None``."""

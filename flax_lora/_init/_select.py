@@ -35,7 +35,7 @@ def select_kernels(
             candidates[path] = leaf
     targeted = {p: x for p, x in candidates.items() if config.matches(p, layer_in_path=False)}
     _check_layers_found(targeted, config, uses)
-    # a scan-stacked kernel's layers are the entries of its leading axis, not a number in its
+    # a layered kernel's layers are the entries of its leading axis, not a number in its
     # path: `layered_kernels` picks them
     is_layered = lambda p: uses is not None and p in uses and bool(uses[p].layer_axes)
     chosen = [p for p in candidates if config.matches(p, layer_in_path=not is_layered(p))]
@@ -57,11 +57,11 @@ def select_kernels(
                 f"Kernel {path!r} has shape {tuple(leaf.shape)}: an axis of size 0 leaves nothing "
                 "to adapt. Exclude it (LoraConfig.exclude) or give the layer a nonzero size."
             )
-        is_table = leaf.ndim == 2 and leaf_name(path) == "embedding"
-        if uses is not None and path in uses and not (is_table and uses[path].kind == "dense"):
+        is_embedding = leaf.ndim == 2 and leaf_name(path) == "embedding"
+        if uses is not None and path in uses and not (is_embedding and uses[path].kind == "dense"):
             kind, in_axes = uses[path].kind, uses[path].in_axes
         elif leaf.ndim == 2:
-            # An Embed table's rows are its input axis also when the probe only contracts it
+            # An embedding's rows are its input axis also when the probe only contracts it
             # (``attend``), as without a probe.
             kind = "embed" if leaf_name(path) == "embedding" else "dense"
             in_axes = (0,)
@@ -90,12 +90,12 @@ def _check_layers_found(
     candidates: dict[str, PyTree], config: LoraConfig, uses: dict[str, Use] | None
 ) -> None:
     """Raises if an index of ``config.layers`` picks no layer of any of the ``candidates`` (the
-    kernels that targets / exclude select): not a position on a scan-stacked kernel's layer
+    kernels that targets / exclude select): not a position on a layered kernel's layer
     axis (the probe found it) nor the layer number of another kernel's path. An index that is
-    in range for some kernels only (stacks of different lengths) adapts those."""
+    in range for some kernels only (layer axes of different lengths) adapts those."""
     if config.layers is None or not candidates:
         return  # nothing selected at all: `select_kernels` says so
-    counts: dict[int, list[str]] = {}  # number of layers -> the stacked kernels with that many
+    counts: dict[int, list[str]] = {}  # number of layers -> the layered kernels with that many
     numbers: dict[str, int | None] = {}  # other kernels -> the layer number in their paths
     for path, leaf in candidates.items():
         layer_axes = tuple(uses[path].layer_axes) if uses is not None and path in uses else ()
@@ -162,11 +162,11 @@ def layered_kernels(
     leaves: dict[str, PyTree],
     config: LoraConfig,
 ) -> dict[str, tuple[int, tuple[int, ...] | None]]:
-    """Path -> (number of leading layer axes, picked layers or ``None``) of the stacked kernels
-    among ``selected``; drops from ``selected`` the stacked kernels with no picked layer.
+    """Path -> (number of leading layer axes, picked layers or ``None``) of the layered kernels
+    among ``selected``; drops from ``selected`` the layered kernels with no picked layer.
 
     Raises:
-      ValueError: a scan slices a kernel on an axis that is not leading, a stacked kernel has
+      ValueError: a scan slices a kernel on an axis that is not leading, a layered kernel has
         no output axis, or no kernel is left once ``layers`` is applied.
     """
     if uses is None:

@@ -338,7 +338,7 @@ def _per_carried(
     key: jax.Array | None,
 ) -> LoraWeights:
     """``one`` (the combination of one kernel's adapters) at each carried index of adapters with
-    carried axes (the layers of a scan stack, the experts of an expert kernel, or both).
+    carried axes (the layers of a layered kernel, the experts of an expert kernel, or both).
 
     Each index's adapters are those of that index's own kernel (the ``vmap``-ed function sees a
     `LoraWeights` without carried axes, `LoraWeights.carried_slice`); random pruning draws its
@@ -349,7 +349,7 @@ def _per_carried(
     w0 = ws[0]
     lead = w0.carried_shape
     n = len(lead)
-    views = [  # the carried axes flattened to one mapped axis; layers x does not adapt: zeros
+    per_index = [  # the carried axes flattened to one mapped axis; layers x does not adapt: zeros
         x.carried_slice(
             a=masked_factor(x, x.a).reshape((math.prod(lead), *x.a.shape[n:])),
             b=masked_factor(x, x.b).reshape((math.prod(lead), *x.b.shape[n:])),
@@ -357,7 +357,7 @@ def _per_carried(
         for x in ws
     ]
     keys = None if key is None else jax.random.split(key, math.prod(lead))
-    out = jax.vmap(one, in_axes=(0, None if keys is None else 0))(views, keys)
+    out = jax.vmap(one, in_axes=(0, None if keys is None else 0))(per_index, keys)
     picked = (
         None if any(x.layers is None for x in ws) else sorted(set().union(*(x.layers for x in ws)))
     )

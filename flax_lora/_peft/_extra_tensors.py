@@ -10,7 +10,7 @@ PEFT's names (checked against ``peft`` 0.21's ``save_pretrained``):
 - ``trainable_token_indices``: ``base_model.model.<embedding>.token_adapter.trainable_tokens_delta``
   of shape ``(k, dim)``, the ids in ``adapter_config.json`` (``{module name: [ids]}``). Despite
   its name it holds the *new rows* (PEFT writes them with ``index_copy``), i.e. ``W0[ids] +
-  delta`` in our terms (`TokenDelta` holds the additive delta), so writing needs the base table
+  delta`` in our terms (`TokenDelta` holds the additive delta), so writing needs the base embedding
   and reading subtracts it.
 
 Flax leaf -> PyTorch parameter: ``kernel`` -> ``weight`` (a 2-D Dense kernel transposed; a
@@ -117,9 +117,9 @@ def _token_rows(path: str, node: TokenDelta, base: dict[str, Any] | None) -> np.
             "trained rows themselves (W0[ids] + delta), so pass params=<the base params> "
             "to save_peft."
         )
-    table = jnp.asarray(base[path])
-    check_token_delta(path, node, tuple(table.shape), "save_peft")
-    rows = table[jnp.asarray(node.indices)].astype(jnp.float32) + jnp.asarray(
+    embedding = jnp.asarray(base[path])
+    check_token_delta(path, node, tuple(embedding.shape), "save_peft")
+    rows = embedding[jnp.asarray(node.indices)].astype(jnp.float32) + jnp.asarray(
         node.delta, jnp.float32
     )
     return np.ascontiguousarray(np.asarray(jax.device_get(rows), np.float32))
@@ -250,37 +250,37 @@ def _token_delta(
     module: str,
     ids: list[int],
     path: str,
-    table: ArrayLike | jax.ShapeDtypeStruct,
+    embedding: ArrayLike | jax.ShapeDtypeStruct,
     dtype: DTypeLike | None,
 ) -> TokenDelta:
-    """The `TokenDelta` ``rows - W0[ids]`` of PEFT's trained rows of the table at ``path``.
+    """The `TokenDelta` ``rows - W0[ids]`` of PEFT's trained rows of the embedding at ``path``.
 
     Raises:
-      ValueError: ``params`` holds no values for the table; ids out of range; a misfit.
+      ValueError: ``params`` holds no values for the embedding; ids out of range; a misfit.
     """
-    if not hasattr(table, "dtype") or isinstance(table, jax.ShapeDtypeStruct):
+    if not hasattr(embedding, "dtype") or isinstance(embedding, jax.ShapeDtypeStruct):
         raise ValueError(
             f"load_peft: the trainable tokens of {module!r} are stored as rows; the delta "
             f"needs the base table's values at {path!r}, but params hold none there."
         )
-    bad = [i for i in ids if not 0 <= i < table.shape[0]]
+    bad = [i for i in ids if not 0 <= i < embedding.shape[0]]
     if bad:
         raise ValueError(
             f"load_peft: token ids {bad} of {module!r} are out of range for the table "
-            f"{path!r} of shape {tuple(table.shape)}."
+            f"{path!r} of shape {tuple(embedding.shape)}."
         )
-    expected = (len(ids), *table.shape[1:])
+    expected = (len(ids), *embedding.shape[1:])
     if tuple(rows.shape) != expected:
         raise ValueError(
             f"load_peft: {key!r} has shape {tuple(rows.shape)}; the table {path!r} "
             f"with ids {ids} needs {expected}."
         )
-    base_rows = np.asarray(jax.device_get(table), np.float32)[np.asarray(ids)]
+    base_rows = np.asarray(jax.device_get(embedding), np.float32)[np.asarray(ids)]
     delta = np.asarray(rows, np.float32) - base_rows
     return TokenDelta(
         delta=jnp.asarray(delta, dtype or jnp.float32),
         indices=tuple(ids),
-        num_rows=int(table.shape[0]),
+        num_rows=int(embedding.shape[0]),
     )
 
 

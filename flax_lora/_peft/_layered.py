@@ -1,6 +1,6 @@
-"""Layered kernels in PEFT files: one PyTorch module per layer of a kernel stacked by a scan.
+"""Layered kernels in PEFT files: one PyTorch module per layer of a layered kernel.
 
-A kernel ``(L, *rest)`` stacked by ``nn.scan`` / ``nnx.scan`` (`LoraWeights.layer_axes` ``== 1``)
+A layered kernel ``(L, *rest)`` (``nn.scan`` / ``nnx.scan``; `LoraWeights.layer_axes` ``== 1``)
 with factors ``a (L, *I, r)``, ``b (L, r, *O)`` is ``L`` PyTorch modules, one per layer
 (``model.layers.0.q_proj``, ``model.layers.1.q_proj``, ...). The key map names such a kernel
 with the placeholder ``{layer}`` (``"layers.{layer}.attn.query"``); layer ``i``'s module is that

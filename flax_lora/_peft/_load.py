@@ -279,7 +279,7 @@ def _read(module: _Module, cfg: Mapping[str, Any]) -> _Read:
     """A module's tensors (read, or stand-ins) in our layout, checked against its kernel.
 
     Raises:
-      ValueError: the tensors do not fit the kernel (or the probe's view of it), or their
+      ValueError: the tensors do not fit the kernel (or what the probe saw of it), or their
         rank is not the config's, or more than both its input and its output features (a file
         could otherwise make a kernel's adapter any size); an expert module with tensors
         ParamWrapper does not have.
@@ -358,7 +358,7 @@ def _other_tensors(
     out = {}
     for key, tensor in weights.others.items():
         _, module, param = split_tensor_key(key) or ("?", "", "")
-        path = owner.get((module, param or "weight"))  # trainable tokens: the table's weight
+        path = owner.get((module, param or "weight"))  # trainable tokens: the embedding's weight
         if path is None:
             out[key] = np.empty((0,), weights.header.entries[tensor].dtype)
             continue

@@ -2,7 +2,7 @@
 
 A PEFT adapter's tensors are named ``base_model.model.<module>.<tensor>``, ``<module>`` being the
 name of the PyTorch module they belong to. A key map turns the path of a Flax leaf into that
-module name; a layered kernel (stacked by ``nn.scan`` / ``nnx.scan``) is named with the
+module name; a layered kernel (``nn.scan`` / ``nnx.scan``) is named with the
 placeholder ``{layer}``, one PyTorch module per layer.
 """
 

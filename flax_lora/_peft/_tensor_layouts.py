@@ -252,7 +252,7 @@ def from_peft(t: Target) -> Factors:
     """A module's factor tensors in our layout, for the kernel of ``t.shape``.
 
     Raises:
-      ValueError: the tensors do not fit the kernel, or the probe's view of it (naming both).
+      ValueError: the tensors do not fit the kernel, or what the probe saw of it (naming both).
     """
     layout = layout_of_target(t)
     return layout.read(t, t.tensors[layout.keys[0]], t.tensors[layout.keys[1]])

@@ -12,7 +12,7 @@ Formats:
 
 - ``"int8"``: symmetric, per output channel, as bitsandbytes' ``int8_vectorwise_quant``. The
   channel is the **last axis** of the kernel (Flax's output features for Dense, DenseGeneral's
-  last output axis, a Conv's output channels, an Embed table's feature axis): ``absmax`` over all
+  last output axis, a Conv's output channels, an embedding's feature axis): ``absmax`` over all
   other axes, codes ``round(w * 127 / absmax)`` in int8, dequantised as ``codes * absmax / 127``.
   Error per value at most ``absmax / 127 / 2``.
 - ``"nf4"``: as bitsandbytes' ``quantize_4bit(quant_type="nf4")``: the kernel is flattened (C
@@ -21,7 +21,7 @@ Formats:
   the high nibble. A last, partial block is padded with zeros (its absmax is that of its real
   values, as bitsandbytes'); the padding is dropped again on dequantisation. Error per value at
   most half the widest gap between adjacent levels (0.1519) times the block's absmax.
-- A kernel stacked by ``nn.scan`` / ``nnx.scan`` (``layer_axes`` leading layer axes) is
+- A layered kernel (``nn.scan`` / ``nnx.scan``; ``layer_axes`` leading layer axes) is
   quantized layer by layer: each layer is stored exactly as the single-layer quantization of that
   layer's kernel, its leaves stacked on the layer axes (int8 absmax ``(*L, out)``; nf4 blocks,
   padding and double-quantization groups per layer), so no scale is shared across layers and

@@ -295,7 +295,7 @@ def requantize_layers(
 ) -> tuple[QuantizedKernel, float | None]:
     """``quantize(dequantize(q) + add(i))`` layer by layer for a kernel quantized per layer
     (``q.layer_axes``), in a `jax.lax.map` over the layers, so one layer's float kernel is
-    alive at a time; and the relative error ``||W - deQ(Q(W))|| / ||W||`` over the stack
+    alive at a time; and the relative error ``||W - deQ(Q(W))|| / ||W||`` over all layers
     (``None`` under a trace). ``add(i)``: layer ``i``'s float32 update."""
     treedef, flat = split_layers(q)
     fmt = (q.format, q.block_size, q.double_quant, jnp.dtype(q.dtype))
