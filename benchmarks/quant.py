@@ -52,7 +52,7 @@ import optax
 
 import flax_lora as lora
 from benchmarks.decoder import TARGETS, Decoder, ScanDecoder, loss_fn, make_batch
-from flax_lora._adapters import adapter_table
+from flax_lora._adapters._tables import adapter_table
 from flax_lora._paths import flatten
 
 FORMATS = {  # name -> quantize kwargs (None: the float32 base)

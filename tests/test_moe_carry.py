@@ -27,7 +27,7 @@ from support.moe_models import E, L, build, carried_delta64, merged64, random_fa
 from support.trees import adapter_entries
 
 import flax_lora as lora
-from flax_lora._stack import gather, select
+from flax_lora._multi._stack import gather, select
 
 CASES = [
     pytest.param(fw, d, s, t, id=f"{fw}-{d}{'-stack' if s else ''}{'-transposed' if t else ''}")
