@@ -90,7 +90,7 @@ class LoraConfig:
         the layer index (PEFT ``layers_pattern``); ``None``: the first number in the path.
       modules_to_save: regexes (``re.fullmatch`` a module's path) of modules trained whole as
         `TrainedCopy` entries (PEFT ``modules_to_save``).
-      trainable_token_indices: Embed rows to train as a `TokenDelta`: ids for every table, or
+      trainable_token_indices: Embed rows to train as a `TokenDelta`: ids for every embedding, or
         ``{regex: ids}`` (PEFT ``trainable_token_indices``).
       bias: ``"none"``, ``"all"`` or ``"lora_only"``: biases trained as `TrainedCopy` entries
         (PEFT ``bias``).
@@ -199,8 +199,9 @@ class LoraConfig:
     def matches(self, path: str, layer_in_path: bool = True) -> bool:
         """Whether ``path`` is selected by ``targets``, ``exclude`` and ``layers``.
 
-        ``layer_in_path=False`` (a kernel stacked by ``nn.scan``: its layers are the entries of
-        its leading axis, picked by `lora.init`) skips the ``layers`` check on the path.
+        ``layer_in_path=False`` (a layered kernel, one whose layers ``nn.scan`` stacks: its
+        layers are the entries of its leading axis, picked by `lora.init`) skips the ``layers``
+        check on the path.
         """
         full = _regex.fullmatch
         targets = self.targets
@@ -345,7 +346,7 @@ def _check_layers(layers: Any) -> tuple[int, ...] | None:
         if i < 0:
             raise ValueError(
                 f"LoraConfig.layers takes layer indices >= 0 (the first number in a path, or the "
-                f"position on a stacked layer axis); got {int(i)} in {layers!r}."
+                f"position on a layered kernel's layer axis); got {int(i)} in {layers!r}."
             )
     return tuple(int(i) for i in items)
 

@@ -108,8 +108,8 @@ class LoraWeights(AdapterLayout):
       m: DoRA's magnitude, shape ``(*C, *O)``, a third trainable leaf; ``None`` (no leaf) for
         plain LoRA. The adapted kernel is then ``m * V / ||V||``, ``V = W0 + scale * a @ b``
         (`docs/guides/dora.md`).
-      layer_axes: the number of leading layer axes of a kernel stacked by ``nn.scan`` /
-        ``nnx.scan`` (0 for an ordinary kernel): one adapter per layer.
+      layer_axes: the number of leading layer axes of a layered kernel (one whose layers
+        ``nn.scan`` / ``nnx.scan`` stacks; 0 for an ordinary kernel): one adapter per layer.
       layers: for a layered kernel adapted on some layers only (``LoraConfig(layers=...)``),
         the adapted indices of its first layer axis; the others' factors are zero and stay zero
         (the update is masked per layer). ``None``: all layers.

@@ -77,7 +77,7 @@ def init(
 
     Raises:
       ValueError: no kernel matches, an index of ``layers`` picks no layer, ``modules_to_save``
-        matches no module, token ids are out of range or their table also gets factors,
+        matches no module, token ids are out of range or their embedding also gets factors,
         ``bias="lora_only"`` finds no bias (each naming the paths); a rank below 1, above the
         kernel's smaller side for PiSSA / OLoRA / LoftQ, or over 4 times it with factors of
         over 2**24 entries; a kernel with a size-0 axis or, of 3 or more dimensions, no

@@ -138,9 +138,9 @@ def unstack(stacked: PyTree, index: int) -> PyTree:
 
     The padding is cut off (each kernel gets its original rank back) and the scale stays folded
     into ``b``: the result has scale 1 and the same delta as the original adapter (to one
-    rounding of ``b * scale`` in the factors' dtype). A scan-stacked adapter comes back with its
+    rounding of ``b * scale`` in the factors' dtype). A layered adapter comes back with its
     layer axes and ``layers=None``: layers the original did not adapt hold zero factors. A DoRA
-    adapter comes back with its ``m`` (and, scan-stacked, its ``layers``, which DoRA needs).
+    adapter comes back with its ``m`` (and, layered, its ``layers``, which DoRA needs).
 
     Example:
       >>> adapters_b = lora.unstack(lora.stack([adapters_a, adapters_b]), 1)
@@ -220,7 +220,7 @@ def gather(w: StackedLoraWeights, ids: jax.Array) -> tuple[jax.Array, jax.Array]
 
     For ``ids`` of shape ``(B,)`` returns ``a`` of shape ``(B, *I, R)`` and ``b`` of shape
     ``(B, R, *O)`` (``(B, *C, *I, R)`` and ``(B, *C, R, *O)`` with carried axes ``C``: layers of
-    a scan-stacked kernel, experts); example ``j``'s delta is ``a[j] @ b[j]`` (the scale is
+    a layered kernel, experts); example ``j``'s delta is ``a[j] @ b[j]`` (the scale is
     already in ``b``).
     Ids outside ``[0, N)`` (``-1``, or out-of-range traced ids) give zero factors. A scalar id
     gives ``(*I, R)`` and ``(R, *O)``.

@@ -79,7 +79,7 @@ def save_peft(
     Args:
       directory: the output directory (created, or a folder whose other files are left alone).
       adapters: adapters of kinds ``dense``, ``conv`` (Flax's ``(*window, in, out)``) and
-        ``embed`` (a 2-D table), with any trained copies and token deltas.
+        ``embed`` (a 2-D embedding), with any trained copies and token deltas.
       config: the `LoraConfig` they were made with; ``None`` takes the most common rank,
         alphas from the scales and no rsLoRA.
       key_map: kernel path -> PyTorch module name, a function (``None`` for no twin) or a dict;
@@ -225,7 +225,7 @@ def _names(table: dict[str, LoraWeights], name_of: Namer, default: bool) -> dict
     layered = [p for p, w in table.items() if w.layer_axes]
     if default and layered:
         raise ValueError(
-            f"save_peft: {describe(layered)} adapt scan-stacked kernels (a leading layer axis), "
+            f"save_peft: {describe(layered)} adapt layered kernels (a leading layer axis), "
             "which PEFT stores as one module per layer; pass a key_map whose names for them "
             f"contain {LAYER!r} (e.g. 'layers.{LAYER}.attn.query'), replaced by each layer index."
         )

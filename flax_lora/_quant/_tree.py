@@ -87,8 +87,8 @@ def quantize(
     LLM.int8 weight format, ~1 byte per weight). ``"nf4"``: bitsandbytes' NF4, the flattened
     kernel in absmax-scaled blocks of ``block_size`` values rounded to 16 NormalFloat levels
     (~0.56 bytes per weight; ~0.52 with ``double_quant``, which also quantizes the block
-    absmaxes). With ``probe``, kernels stacked by ``nn.scan`` / ``nnx.scan`` are quantized
-    layer by layer, each layer exactly as its unstacked quantization. Jit-able with
+    absmaxes). With ``probe``, layered kernels (``nn.scan`` / ``nnx.scan``) are quantized
+    layer by layer, each layer exactly as that layer's kernel alone. Jit-able with
     ``targets`` / ``dtype`` / ``block_size`` / ``double_quant`` static. Guide:
     `docs/guides/qlora.md`.
 
@@ -109,7 +109,7 @@ def quantize(
       block_size: NF4 values per absmax block (a positive even number); unused by int8.
       double_quant: quantize the NF4 block absmaxes too (QLoRA's double quantization).
       probe: an optional function of the params alone (e.g. ``lambda p: model.apply(p, x)``),
-        traced abstractly to find the kernels stacked by a scan.
+        traced abstractly to find the layered kernels and their layer axes.
 
     Returns:
       ``params`` with each selected kernel replaced by a `QuantizedKernel`; every other leaf is
