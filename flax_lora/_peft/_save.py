@@ -103,9 +103,8 @@ def save_peft(
       ValueError: an empty tree; paths the key map names no module (or one twice) for; an
         unknown ``task_type``; token deltas without ``params``; ``{layer}`` missing or
         misplaced; a layout PEFT cannot express; expert parameters ``param_order`` does not
-        order; an alpha beyond ``|alpha| <= 1e6``; a
-        ``directory`` that is a file or holds files `save_peft` did not write. Nothing is
-        written then; the guide lists every case.
+        order; an alpha beyond ``|alpha| <= 1e6``; a ``directory`` that is a file or holds
+        files `save_peft` did not write. Nothing is written then; the guide lists every case.
     """
     table, extras = _parts(adapters)
     _check_options(config, task_type)

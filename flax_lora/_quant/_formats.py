@@ -345,6 +345,9 @@ def dequantize_kernel(q: QuantizedKernel) -> jax.Array:
 
     Returns:
       The dequantized array (computed in float32, cast once to ``q.dtype``).
+
+    Raises:
+      TypeError: ``q`` is not a `QuantizedKernel`.
     """
     if not is_quantized(q):
         raise TypeError(f"dequantize_kernel expects a QuantizedKernel; got {type(q).__name__}.")
