@@ -53,71 +53,47 @@ def _as_patterns(value: Patterns, name: str) -> tuple[str, ...] | None:
 class LoraConfig:
     """What to adapt and how, with PEFT's meanings and defaults where PEFT has the same field.
 
-    Every field is checked when the config is made (a ``TypeError`` / ``ValueError`` naming the
-    field). A config is hashable, so it can be a ``jax.jit`` static argument or a dict key; two
-    configs are equal when all fields are, the patterns' order included (the first match wins).
-
-    Patterns are Python regexes, matched in time linear in the path (no backtracking, so a
-    pattern like ``(.+)+Z`` cannot stall): literals, classes (``[...]``, ``\\d \\w \\s``, ``.``),
-    ``|``, groups, greedy and lazy repeats (``* + ? {m,n}``), anchors (``^ $ \\A \\Z \\b \\B``)
-    and inline flags work as in ``re``. Refused with a ``ValueError`` naming the field:
-    backreferences, lookahead / lookbehind, conditionals, atomic groups, possessive repeats,
-    and patterns of over 10,000 NFA nodes (e.g. a huge ``{m,n}`` count).
+    A frozen dataclass: every field is checked when the config is made (a ``TypeError`` /
+    ``ValueError`` naming the field), and a config is hashable (a ``jax.jit`` static argument),
+    equal to another when all fields are, the patterns' order included (the first match wins).
+    Patterns are Python regexes matched in time linear in the path; backreferences,
+    lookarounds, conditionals, atomic groups and possessive repeats are refused. Paths are key
+    paths joined with ``/`` (``params/h0/attn/query/kernel``). Guide: `docs/guides/config.md`.
 
     Example:
-      >>> import flax_lora as lora
       >>> config = lora.LoraConfig(rank=8, alpha=16.0, targets=r".*/(query|value)/kernel")
+      >>> config.scale_for("params/h0/attn/query/kernel")
+      2.0
 
     Attributes:
-      rank: the rank ``r`` of every adapter (PEFT ``r``); at least 1.
-      alpha: the scale numerator: ``scale = alpha / rank`` (PEFT ``lora_alpha``).
-      targets: which kernels to adapt. ``None`` means every kernel; a string is a regex that must
-        ``re.fullmatch`` the path; a sequence means any of its regexes (PEFT ``target_modules``,
-        on paths rather than module names).
+      rank: the rank ``r`` of every adapter, at least 1 (PEFT ``r``).
+      alpha: ``scale = alpha / rank`` (PEFT ``lora_alpha``).
+      targets: kernels to adapt: ``None`` (every kernel), a regex that must ``re.fullmatch``
+        the path, or a sequence of them (PEFT ``target_modules``, on paths).
       exclude: regexes (``re.fullmatch``) of paths never adapted (PEFT ``exclude_modules``).
-      rank_pattern: regex (``re.search`` on the path) to rank; the first match wins.
-      alpha_pattern: regex (``re.search`` on the path) to alpha; the first match wins.
-      init: ``"lora"`` (PEFT's default: ``a`` kaiming-uniform, ``b`` zeros; Embed: ``a`` zeros,
-        ``b`` standard normal), ``"gaussian"`` (``a`` normal with std ``1/r``, ``b`` zeros),
-        ``"pissa"`` / ``"olora"`` (from the SVD / QR of ``W0``; these also change the base),
-        ``"random"`` (both factors nonzero: not a no-op, for tests), ``"loftq"`` (LoftQ, as PEFT:
-        the base is quantized and the factors fit the quantization error; `lora.init` returns
-        ``(adapters, qparams)``).
-      dropout: dropout rate on the LoRA branch's input (PEFT ``lora_dropout``), applied by the
-        factored execution when a call passes ``lora_rng``.
-      rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank`` (PEFT ``use_rslora``).
-      dtype: the dtype of the adapter factors (a floating dtype).
-      layers: layer indices to adapt (PEFT ``layers_to_transform``); ``None`` means all. A path's
-        layer index is the first number in it (``h3``, ``layers/3``, ``layer_3``); paths without
-        a number are not adapted. For a kernel stacked by ``nn.scan`` / ``nnx.scan`` (a leading
-        layer axis), the layer index is the position on that axis instead: the adapter covers
-        the whole stack, with zero (and frozen) factors on the layers not picked. Indices are
-        >= 0; `lora.init` refuses an index that picks no layer of any selected kernel.
-      loftq_iter: ``init="loftq"``: alternations of quantize / SVD (PEFT ``loftq_iter``, default 1).
-      loftq_dtype: ``init="loftq"``: the base's format, ``"nf4"`` (PEFT ``loftq_bits=4``; blocks
-        of 64) or ``"int8"`` (``loftq_bits=8``; per channel), as `lora.quantize`.
-      dora: DoRA (PEFT ``use_dora``; Liu et al. 2024): each adapter also holds a magnitude
-        ``m`` (one entry per output unit, initialised to ``W0``'s norm over the input axes) and
-        the kernel becomes ``m * V / ||V||`` with ``V = W0 + scale * a @ b``, the norm detached.
-      layers_pattern: with ``layers``, where a path's layer index is (PEFT ``layers_pattern``):
-        a regex (or several) that must ``re.fullmatch`` one ``/``-separated component of the
-        path; the index is the number in that component (``h3``, ``block_3``) or, if it has
-        none, the next component (``layers/3``). Paths with no such component are not adapted.
-        ``None``: the first number in the path. For paths like ``stage_2/block_3``.
-      modules_to_save: module paths (regexes that must ``re.fullmatch`` a module's path, the
-        path of its leaves without the leaf name, e.g. ``"params/classifier"``) whose floating
-        leaves (those of submodules included) are trained whole (PEFT ``modules_to_save``):
-        `lora.init` puts a trainable copy of each (`TrainedCopy`) in the adapters, and `wrap` /
-        `merge` use it in place of the base leaf. Kernels of these modules get no LoRA factors.
-        ``None``: none.
-      trainable_token_indices: rows (token ids) of Embed tables to train (PEFT
-        ``trainable_token_indices``): a list of ids for every Embed table (2-D leaves named
-        ``embedding``), or ``{regex: [ids]}``, the regex ``re.fullmatch``-ing a table's path or
-        its module's path. `lora.init` adds a `TokenDelta` (zeros) per table: the table used is
-        ``W0.at[ids].add(delta)``, for lookups and a tied ``attend`` alike. ``None``: none.
-      bias: ``"none"`` (default), ``"all"`` (every floating leaf named ``bias`` is trained, as a
-        `TrainedCopy`) or ``"lora_only"`` (the biases of the modules whose kernels get LoRA
-        factors) (PEFT ``bias``).
+      rank_pattern: regex (``re.search`` on the path) -> rank; the first match wins.
+      alpha_pattern: regex (``re.search`` on the path) -> alpha; the first match wins.
+      init: ``"lora"`` (PEFT's default: ``b = 0``, or ``a = 0`` for an Embed), ``"gaussian"``,
+        ``"random"`` (not a no-op, for tests), ``"pissa"`` / ``"olora"`` / ``"loftq"`` (these
+        change the base: `lora.init` returns a pair).
+      dropout: dropout rate on the LoRA branch's input, applied when a call passes ``lora_rng``
+        (PEFT ``lora_dropout``).
+      rslora: ``scale = alpha / sqrt(rank)`` (PEFT ``use_rslora``).
+      dtype: the floating dtype of the adapter factors.
+      layers: layer indices (>= 0) to adapt, ``None`` for all (PEFT ``layers_to_transform``):
+        the first number in a path, or the position on an ``nn.scan`` kernel's layer axis.
+      loftq_iter: ``init="loftq"``: quantize / SVD alternations (PEFT ``loftq_iter``).
+      loftq_dtype: ``init="loftq"``: the base's format, ``"nf4"`` or ``"int8"``.
+      dora: DoRA (PEFT ``use_dora``): a magnitude ``m`` per output unit, the kernel
+        ``m * V / ||V||`` with ``V = W0 + scale * a @ b``.
+      layers_pattern: with ``layers``, regexes that ``re.fullmatch`` the path component holding
+        the layer index (PEFT ``layers_pattern``); ``None``: the first number in the path.
+      modules_to_save: regexes (``re.fullmatch`` a module's path) of modules trained whole as
+        `TrainedCopy` entries (PEFT ``modules_to_save``).
+      trainable_token_indices: Embed rows to train as a `TokenDelta`: ids for every embedding, or
+        ``{regex: ids}`` (PEFT ``trainable_token_indices``).
+      bias: ``"none"``, ``"all"`` or ``"lora_only"``: biases trained as `TrainedCopy` entries
+        (PEFT ``bias``).
     """
 
     rank: int = 8
@@ -223,8 +199,9 @@ class LoraConfig:
     def matches(self, path: str, layer_in_path: bool = True) -> bool:
         """Whether ``path`` is selected by ``targets``, ``exclude`` and ``layers``.
 
-        ``layer_in_path=False`` (a kernel stacked by ``nn.scan``: its layers are the entries of
-        its leading axis, picked by `lora.init`) skips the ``layers`` check on the path.
+        ``layer_in_path=False`` (a layered kernel, one whose layers ``nn.scan`` stacks: its
+        layers are the entries of its leading axis, picked by `lora.init`) skips the ``layers``
+        check on the path.
         """
         full = _regex.fullmatch
         targets = self.targets
@@ -369,7 +346,7 @@ def _check_layers(layers: Any) -> tuple[int, ...] | None:
         if i < 0:
             raise ValueError(
                 f"LoraConfig.layers takes layer indices >= 0 (the first number in a path, or the "
-                f"position on a stacked layer axis); got {int(i)} in {layers!r}."
+                f"position on a layered kernel's layer axis); got {int(i)} in {layers!r}."
             )
     return tuple(int(i) for i in items)
 

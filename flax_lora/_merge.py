@@ -29,23 +29,16 @@ _DORA_UNMERGE = (
 def merge(params: PyTree, adapters: PyTree, requantize: bool = False) -> PyTree:
     """Folds each adapter into its kernel: ``W = W0 + scale * a @ b``.
 
-    A DoRA adapter (``LoraConfig(dora=True)``, with a magnitude ``m``) gives
-    ``W = m * V / ||V||`` with ``V = W0 + scale * a @ b`` (the norm over the input axes).
-    A `TrainedCopy` (``modules_to_save``, trained biases) replaces its leaf (cast to the leaf's
-    dtype); a `TokenDelta` gives ``W0.at[indices].add(delta)``.
+    A DoRA adapter gives ``W = m * V / ||V||`` with ``V = W0 + scale * a @ b``; a `TrainedCopy`
+    replaces its leaf; a `TokenDelta` gives ``W0.at[indices].add(delta)``. The sum is computed
+    in float32 (or the kernel's dtype, if wider) and cast once to the kernel's dtype; every
+    other leaf is returned untouched and the tree keeps its type (a Linen variables dict, an
+    NNX state) and each kernel its sharding. Pure and jit-able. On a quantized base an adapted
+    `QuantizedKernel` comes back merged as a plain array of its original dtype, the others
+    untouched. Guides: `docs/guides/qlora.md`, `docs/guides/dora.md`.
 
-    The sum is computed in float32 (or the kernel's dtype, if wider) and cast once to the
-    kernel's dtype; every other leaf is returned untouched, and the tree keeps its type (a Linen
-    variables dict, an NNX state). Pure and jit-able.
-
-    On a quantized base (`lora.quantize`, QLoRA) each adapted quantized kernel is dequantized
-    first and comes back merged as a plain array of its original dtype; a quantized kernel
-    without an adapter is returned untouched (the same `QuantizedKernel`). ``requantize=True``
-    stores the merged kernels quantized again in their base's format (`lora.requantize`, which
-    warns with the rounding error it introduces: a small LoRA update is mostly lost to the
-    quantization grid); a stacked kernel quantized per layer (``lora.quantize(...,
-    probe=...)``) is then merged and quantized again one layer at a time, so that only one
-    layer's float kernel exists at once.
+    Sharp edge: ``requantize=True`` rounds the merged kernels to the base's quantization grid,
+    which loses most of a small LoRA update; it warns with the relative error it introduces.
 
     Example:
       >>> merged = jax.jit(lora.merge)(params, adapters)
@@ -54,14 +47,16 @@ def merge(params: PyTree, adapters: PyTree, requantize: bool = False) -> PyTree:
     Args:
       params: the base params tree.
       adapters: adapters from `lora.init` (or `lora.load`, `lora.load_peft`, `lora.combine`).
-      requantize: on a quantized base, quantize the merged kernels again (with a warning).
+      requantize: on a quantized base, store the merged kernels quantized again in their base's
+        format (`lora.requantize`; a layered kernel quantized per layer one layer at a time).
 
     Returns:
       A params tree of the same structure with the adapted kernels merged.
 
     Raises:
       ValueError: an adapter's path is not in ``params``, or its kernel shape does not fit.
-      TypeError: ``requantize`` is not a bool (a string such as ``"no"`` would be truthy).
+      TypeError: ``requantize`` is not a bool (a string such as ``"no"`` would be truthy); an
+        adapted kernel is not floating.
     """
     if not isinstance(requantize, bool | np.bool_):
         raise TypeError(
@@ -128,10 +123,11 @@ def unmerge(params: PyTree, adapters: PyTree) -> PyTree:
     As in `merge`, an adapted `QuantizedKernel` is dequantized and returned as a plain array;
     every other leaf, quantized or not, is returned untouched.
 
-    DoRA adapters cannot be unmerged (``W`` does not determine ``||V||``, so ``W0`` is lost):
-    they raise ``ValueError``; keep the base params instead (`merge` does not change them).
-    Nor can trained copies (``modules_to_save``, trained biases: `TrainedCopy`), which replaced
-    their leaves: ``ValueError`` naming the paths. Token deltas are subtracted again.
+    Token deltas are subtracted again.
+
+    Sharp edge: DoRA adapters (``W`` does not determine ``||V||``, so ``W0`` is lost) and
+    trained copies (`TrainedCopy`, which replaced their leaves) cannot be unmerged: they raise;
+    keep the base params instead (`merge` does not change them). Guide: `docs/guides/dora.md`.
 
     Example:
       >>> base = lora.unmerge(lora.merge(params, adapters), adapters)
@@ -146,6 +142,7 @@ def unmerge(params: PyTree, adapters: PyTree) -> PyTree:
     Raises:
       ValueError: an adapter's path is not in ``params``, or its kernel shape does not fit; an
         adapter is a DoRA adapter; the adapters hold trained copies (naming their paths).
+      TypeError: an adapted kernel is not floating.
     """
 
     adapters, extras = split(adapters, is_lora)

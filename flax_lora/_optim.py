@@ -32,6 +32,11 @@ def trainable(tree: PyTree, also: str | None = None) -> PyTree:
 
     Returns:
       A pytree of the structure of ``tree`` with a bool at every leaf.
+
+    Raises:
+      ValueError: ``also`` is not a valid regex, or uses a feature the linear-time matcher
+        refuses (a backreference, a lookaround, ...); the message names ``also``.
+      TypeError: ``also`` is not a string.
     """
     pattern = _regex.compile(also, "lora.trainable: also") if also is not None else None
 
@@ -68,6 +73,10 @@ def freeze_base(
 
     Returns:
       An optax ``GradientTransformation``.
+
+    Raises:
+      ValueError: ``also`` is not a valid regex (as for `trainable`).
+      TypeError: ``also`` is not a string.
     """
     mask = trainable(tree, also)
     labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)

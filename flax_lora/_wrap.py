@@ -25,35 +25,13 @@ def wrap(apply_fn: Callable[..., Any], mode: Mode = "auto") -> Callable[..., Any
     """Transforms ``apply_fn(params, *args)`` into ``fn(params, adapters, *args)``.
 
     The wrapped function computes ``apply_fn(lora.merge(params, adapters), *args, **kwargs)``
-    (to float32 rounding) and composes with ``jax.jit``, ``jax.grad``, ``jax.vmap`` and
-    ``jax.checkpoint``; the base params are never rewritten outside the traced computation.
-    ``adapters=None`` runs the base.
-
-    In the factored modes ``apply_fn`` is traced to a jaxpr (once per input shapes, at trace
-    time) and re-evaluated with each use of an adapted kernel replaced by
-    ``op(x, W0) + scale * op(op(x, a), b)``: ``dot_general`` (Dense, DenseGeneral, Einsum, and
-    ``Embed.attend``, which contracts the table on its output axis), ``gather`` (Embed lookup:
-    rows of ``a`` times ``b``) and ``conv_general_dilated`` (``conv(x, a)`` then ``b``; not for
-    grouped convolutions). The backward pass then computes no full weight gradient, which is
-    where LoRA's training speed comes from. Dtype promotion, transposes, reshapes, nested
-    ``jit``, remat regions (re-wrapped with their checkpoint policy) and ``scan`` loops over
-    layer-stacked kernels (``nn.scan``/``nnx.scan``: run as a ``scan`` over per-layer slices of
-    ``W0``, ``a`` and ``b``) are seen through. The
-    trace is cached per input structure, shapes and static arguments, as ``jax.jit`` caches
-    its traces (so, as with ``jax.jit``, arrays that ``apply_fn`` closes over are captured
-    once).
-
-    DoRA adapters (``LoraConfig(dora=True)``) are factored too: the layer output is scaled per
-    output unit by ``m / ||W0 + scale * a @ b||``, the norm computed from ``W0``'s column norms
-    and low-rank terms (detached from the gradient, as PEFT), never from a formed kernel.
-
-    Trained copies (``LoraConfig(modules_to_save=..., bias=...)``, `TrainedCopy`) and token
-    deltas (``trainable_token_indices``, `TokenDelta`) are applied to the params first, in every
-    mode: a copy replaces its base leaf, a token delta gives the table
-    ``W0.at[indices].add(delta)`` (a scatter of a few rows, so an Embed lookup and a tied
-    ``attend`` both see it); the factored machinery then runs on those params. With
-    ``lora_ids``, a stacked tree holding them runs each example as a batch of one (below), with
-    its own adapter's copies (the base leaves for ``-1``).
+    to float32 rounding and composes with ``jax.jit``, ``jax.grad``, ``jax.vmap`` and
+    ``jax.checkpoint``; ``params`` is never rewritten and ``adapters=None`` runs the base. The
+    factored modes trace ``apply_fn`` once per input structure, shapes and statics (as
+    ``jax.jit``: arrays it closes over are captured once) and compute each use of an adapted
+    kernel as ``op(x, W0) + scale * op(op(x, a), b)``, forming no kernel-sized weight gradient.
+    Trained copies and token deltas are applied to ``params`` first; quantized kernels are
+    dequantized at their uses. Guide: `docs/guides/wrap.md`.
 
     Sharp edge: the factored Dense branch has a hand-written backward pass (a
     ``jax.custom_vjp``), so forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``,
@@ -64,56 +42,21 @@ def wrap(apply_fn: Callable[..., Any], mode: Mode = "auto") -> Callable[..., Any
       >>> y = fn(params, adapters, x)
       >>> grads = jax.grad(lambda ad: loss(fn(params, ad, x)))(adapters)
       >>> y = fn(params, adapters, x, lora_rng=jax.random.key(0))  # with LoRA dropout
-      >>> stacked = lora.stack([adapters_a, adapters_b])
-      >>> y = fn(params, stacked, x, lora_ids=jnp.array([0, 1, -1, 1]))  # per-example routing
-      >>> y = fn(lora.quantize(params, dtype="nf4"), adapters, x)  # QLoRA: a quantized base
 
     Args:
-      apply_fn: any function whose first argument is the params pytree: a Linen
-        ``model.apply``, ``lambda state, x: nnx.merge(graphdef, state)(x)``, or plain JAX.
-        Array leaves of the other arguments are traced; any other leaf (Python numbers,
-        strings, flags) is treated as static.
-      mode: ``"auto"`` (default) factors every use it can and merges the other kernels
-        (``W0 + scale * a @ b`` inside the trace), silently; ``"factored"`` never materialises
-        an adapted kernel and raises ``ValueError`` naming the kernel path and the operation
-        for a use it cannot factor (``cond``, a kernel carried through a ``scan`` loop, custom
-        derivatives, arithmetic on the kernel itself, ...); ``"merged"`` always forms
-        ``W0 + scale * a @ b`` (as `merge`).
+      apply_fn: any function whose first argument is the params pytree (a Linen
+        ``model.apply``, ``lambda state, x: nnx.merge(graphdef, state)(x)``, plain JAX). Array
+        leaves of the other arguments are traced; other leaves are static.
+      mode: ``"auto"`` factors every use it can and merges the others, silently;
+        ``"factored"`` never forms an adapted kernel and raises for a use it cannot factor;
+        ``"merged"`` always forms ``W0 + scale * a @ b`` (as `merge`).
 
     Returns:
-      ``fn(params, adapters, *args, lora_rng=None, lora_ids=None, **kwargs)``.
-
-      ``params`` may hold `QuantizedKernel` nodes (`lora.quantize`, QLoRA): only the codes
-      live between steps. In modes ``"auto"`` and ``"factored"`` each is dequantized at its
-      use, not before the model runs: a base product dequantizes the kernel and its backward
-      pass dequantizes it again (its residuals are the codes, not the float kernel); a kernel
-      stacked by a scan and quantized per layer (``lora.quantize(..., probe=...)``) is sliced
-      by the scan and dequantized in the body, one layer's float kernels at a time (with
-      remat on the body, again in that layer's backward step). Mode ``"merged"`` on a
-      quantized base forms each adapted kernel at its use from the dequantized base (inside
-      a scan, one layer at a time); ``lora_ids`` and ``adapters=None`` dequantize the whole
-      tree first.
-
-      ``lora_rng``, a PRNG key, turns on dropout on the LoRA branch inputs at each adapter's
-      ``dropout`` rate (PEFT's ``lora_dropout``; inverted dropout, none for Embed lookups, as
-      PEFT); without it, or in mode ``"merged"``, no dropout is applied.
-
-      ``lora_ids``, integers of shape ``(B,)``, routes example ``j`` of the batch through
-      adapter ``lora_ids[j]`` of a stacked tree (`lora.stack`) passed as ``adapters``; ``-1``
-      runs the base model for that example. One compilation serves any ids. In modes
-      ``"auto"`` and ``"factored"`` the model runs once on the whole batch, and at each adapted
-      kernel axis 0 of the activation (the batch axis of the model's inputs) is matched with
-      the per-example factors: the base op stays one op over the batch, only the low-rank
-      branch is per example, and everything else (batch statistics, masks passed as keywords)
-      sees the whole batch, as without routing. A model whose activations do not keep the
-      batch on axis 0 at an adapted kernel, or that uses a kernel otherwise (``cond``,
-      arithmetic on it, ...), is run per example instead in mode ``"auto"`` (and refused in
-      mode ``"factored"``); mode ``"merged"`` always runs per example: every positional input
-      is split along axis 0 and each example runs as a batch of one with its own merged
-      kernels (layers that mix examples then see one example; keyword arguments are passed to
-      every example unchanged, and every output leaf must have the batch on axis 0). Concrete
-      ids outside ``[-1, N)`` raise ``ValueError``; traced ids cannot be checked, and an
-      out-of-range traced id runs the base model.
+      ``fn(params, adapters, *args, lora_rng=None, lora_ids=None, **kwargs)``. ``lora_rng``, a
+      PRNG key, turns on LoRA dropout at each adapter's rate (none in mode ``"merged"``).
+      ``lora_ids``, integers of shape ``(B,)``, runs example ``j`` through adapter
+      ``lora_ids[j]`` of a `lora.stack` tree (``-1``: the base), one compilation for any ids;
+      see `docs/guides/multi_adapter.md`.
 
     Raises:
       ValueError: an unknown ``mode``; in mode ``"factored"``, a use of an adapted kernel that

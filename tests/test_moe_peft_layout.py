@@ -1,6 +1,6 @@
 """PEFT ``target_parameters`` files of expert kernels without PyTorch (runs in every venv):
 the tensors `lora.save_peft` writes, entry by entry against the layout peft 0.21.2 uses
-(docs/moe_notes.md §3, pinned against the real peft by tests/test_moe_peft.py and
+(docs/guides/moe.md, "PEFT files"; pinned against the real peft by tests/test_moe_peft.py and
 tests/test_moe_peft_files.py), the ``.base_layer`` nesting in the given registration order,
 and ``save_peft`` -> ``load_peft`` round trips (Linen and NNX, einsum and ragged, one block and
 a scan stack).

@@ -41,7 +41,7 @@ def delta(w: LoraWeights, dtype: Any = jnp.float32) -> jax.Array:
     """``scale * a @ b`` in the kernel's layout, computed in ``dtype`` (float32 by default).
 
     The product runs at the highest matmul precision, so TPUs do not round it through bfloat16.
-    For a scan-stacked kernel it is one product per layer (layers not picked by
+    For a layered kernel (``nn.scan``) it is one product per layer (layers not picked by
     ``LoraConfig(layers=...)`` give zeros). A DoRA adapter's magnitude is not applied here:
     `lora.merge` forms the DoRA kernel.
 

@@ -71,10 +71,11 @@ class TrainedCopy:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TokenDelta:
-    """A trainable additive delta for some rows of an Embed table (PEFT's trainable tokens).
+    """A trainable additive delta for some rows of an Embed's embedding (PEFT's trainable tokens).
 
-    The table in use is ``W0.at[indices].add(delta)``: a lookup of a token in ``indices`` gets
-    its row plus its delta, every other row is ``W0``'s; a tied ``attend`` sees the same table.
+    The embedding in use is ``W0.at[indices].add(delta)``: a lookup of a token in ``indices``
+    gets its row plus its delta, every other row is ``W0``'s; a tied ``attend`` sees the same
+    embedding.
 
     Example:
       >>> config = lora.LoraConfig(targets=".*/query/kernel", trainable_token_indices=[5, 7])
@@ -83,9 +84,9 @@ class TokenDelta:
       (2, 384)
 
     Attributes:
-      delta: shape ``(len(indices), *table.shape[1:])``, the only pytree leaf.
-      indices: the table rows (token ids) it adds to, distinct; static.
-      num_rows: the number of rows of the table it was made for; static.
+      delta: shape ``(len(indices), *embedding.shape[1:])``, the only pytree leaf.
+      indices: the embedding's rows (token ids) it adds to, distinct; static.
+      num_rows: the number of rows of the embedding it was made for; static.
     """
 
     delta: Any
@@ -213,8 +214,8 @@ def check_token_delta(path: str, node: TokenDelta, shape: tuple[int, ...], where
     expected = (len(node.indices), *shape[1:])
     if len(shape) < 2 or shape[0] != node.num_rows or tuple(np.shape(node.delta)) != expected:
         raise ValueError(
-            f"{where}: the token delta for {path!r} (rows {list(node.indices)} of a table with "
-            f"{node.num_rows} rows) has shape {tuple(np.shape(node.delta))}; the table at that "
+            f"{where}: the token delta for {path!r} (rows {list(node.indices)} of an embedding "
+            f"with {node.num_rows} rows) has shape {tuple(np.shape(node.delta))}; the leaf at that "
             f"path has shape {shape}, so a delta of shape {expected} and {node.num_rows} rows "
             "were expected."
         )

@@ -85,36 +85,37 @@ class LoraWeights(AdapterLayout):
 
     ``a`` and ``b`` (and DoRA's ``m``) are the only pytree leaves (the trainable arrays);
     everything else is static metadata that travels in the tree structure, so
-    ``jax.tree.leaves(adapters)`` never holds a base weight or a scale.
+    ``jax.tree.leaves(adapters)`` never holds a base weight or a scale. For a kernel whose axes
+    split into input axes ``I`` (contracted with the layer input, or gathered by an Embed
+    lookup), output axes ``O`` and carried axes ``C`` (layer axes of an ``nn.scan`` stack, then
+    expert axes), ``a`` has shape ``(*C, *I, r)`` and ``b`` ``(*C, r, *O)``; the update is
+    ``scale * a @ b`` per carried index, in the kernel's own layout (`lora.delta`). Guide:
+    `docs/guides/config.md`.
 
-    For a kernel whose axes split into input axes ``I`` (contracted with the layer input, or
-    gathered by an Embed lookup) and output axes ``O``, ``a`` has shape ``(*I, r)`` and ``b``
-    has shape ``(r, *O)``; the update is ``scale * a @ b`` reshaped and transposed to the
-    kernel's own layout.
+    Example:
+      >>> w = lora.init(jax.random.key(0), {"kernel": jnp.ones((3, 4))}, lora.LoraConfig(rank=2))
+      >>> w["kernel"].a.shape, w["kernel"].b.shape, w["kernel"].scale
+      ((3, 2), (2, 4), 4.0)
 
     Attributes:
-      a: the input-side factor, shape ``(*I, r)``.
-      b: the output-side factor, shape ``(r, *O)``.
+      a: the input-side factor, shape ``(*C, *I, r)``.
+      b: the output-side factor, shape ``(*C, r, *O)``.
       scale: ``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA).
       in_axes: the kernel's input axes, in order.
-      kernel_shape: the shape of the adapted kernel.
+      kernel_shape: the shape of the adapted kernel (carried axes included).
       kind: ``"dense"`` (Dense, DenseGeneral, Einsum), ``"conv"`` or ``"embed"``.
       dropout: the dropout rate of the LoRA branch (applied in factored execution).
-      m: DoRA's magnitude (``LoraConfig(dora=True)``), shape ``O`` (one entry per output unit),
-        a third trainable leaf; ``None`` (no leaf) for plain LoRA. With it the adapted kernel is
-        ``m * V / ||V||``, ``V = W0 + scale * a @ b``, the norm over the input axes (see
-        `flax_lora._adapters._dora`).
-      layer_axes: the number of leading layer axes of a kernel stacked by ``nn.scan`` /
-        ``nnx.scan`` (0 for an ordinary kernel). A stacked kernel ``(L, *rest)`` has factors
-        ``a`` ``(L, *I, r)`` and ``b`` ``(L, r, *O)``: one adapter per layer. ``in_axes`` and
-        ``kernel_shape`` refer to the whole stacked kernel.
-      layers: for a stacked kernel adapted on some layers only (``LoraConfig(layers=...)``),
+      m: DoRA's magnitude, shape ``(*C, *O)``, a third trainable leaf; ``None`` (no leaf) for
+        plain LoRA. The adapted kernel is then ``m * V / ||V||``, ``V = W0 + scale * a @ b``
+        (`docs/guides/dora.md`).
+      layer_axes: the number of leading layer axes of a layered kernel (one whose layers
+        ``nn.scan`` / ``nnx.scan`` stacks; 0 for an ordinary kernel): one adapter per layer.
+      layers: for a layered kernel adapted on some layers only (``LoraConfig(layers=...)``),
         the adapted indices of its first layer axis; the others' factors are zero and stay zero
-        (the update is masked per layer, so their gradients are zero). ``None``: all layers.
+        (the update is masked per layer). ``None``: all layers.
       expert_axes: the kernel's expert axes (a batch dimension of the ``dot_general`` using it,
-        or the group axis of ``ragged_dot``), in order: one adapter per expert. For an expert
-        kernel ``(E, d, f)`` the factors are ``a (E, d, r)`` and ``b (E, r, f)``; with layer
-        axes too, ``a (L, E, d, r)``. ``()`` for an ordinary kernel.
+        or the group axis of ``ragged_dot``): one adapter per expert, ``a (E, d, r)`` and
+        ``b (E, r, f)`` for a kernel ``(E, d, f)``. ``()`` for an ordinary kernel.
     """
 
     a: Any
@@ -181,42 +182,32 @@ class StackedLoraWeights(AdapterLayout):
     """N adapters of one kernel, stacked for per-example routing (made by `lora.stack`).
 
     Adapter ``k``'s delta is ``a[k] @ b[k]`` (no scale: each adapter's scale is folded into its
-    ``b``), reshaped to the kernel's layout exactly as for `LoraWeights`. Adapters of rank
-    ``rₖ < R`` are padded with zeros: ``a[k, ..., rₖ:] == 0`` and ``b[k, rₖ:] == 0``.
+    ``b``), reshaped to the kernel's layout as for `LoraWeights`; the adapter axis comes first,
+    then the carried axes ``C``. Adapters of rank ``rₖ < R`` are padded with zeros on the rank
+    axis (``a[k, ..., rₖ:] == 0``; without carried axes ``b[k, rₖ:] == 0``), which leaves their
+    deltas and DoRA norms unchanged. A routed call gathers the factors per example (``-1``:
+    zeros, the base). Guide: `docs/guides/multi_adapter.md`.
 
-    A routed forward gathers per example: for ``ids`` of shape ``(B,)``, ``a[ids]`` has shape
-    ``(B, *I, R)`` and ``b[ids]`` shape ``(B, R, *O)``; ``ids == -1`` (the base model) needs a zero
-    update, which `gather` gives (it maps ``-1`` out of range and fills with zeros).
-
-    For a kernel stacked by ``nn.scan`` / ``nnx.scan`` (``layer_axes > 0``, kernel
-    ``(*L, *rest)``) the adapter axis comes first and the layer axes next: ``a`` has shape
-    ``(N, *L, *I, R)`` and ``b`` shape ``(N, *L, R, *O)``, adapter ``k``'s delta at layer ``l``
-    being ``a[k, l] @ b[k, l]``. Layers an adapter does not adapt (``LoraConfig(layers=...)``)
-    hold zero factors for it.
-
-    DoRA: when some adapters carry a magnitude, ``m`` stacks them, shape ``(N, *O)``
-    (``(N, *L, *O)``), and the static ``dora`` says per adapter which entries are DoRA. A plain
-    adapter in the stack (``dora[k] is False``) behaves as a DoRA adapter whose magnitude is
-    ``||W0 + a[k] @ b[k]||`` (its factor ``g = m / ||V||`` is 1): its ``m[k]`` holds zeros and
-    is not read. A routed call computes ``g`` per adapter from ``W0`` (the detached factored norm;
-    zero-padded ranks leave the norm unchanged) and gathers it per example (``g = 1`` for ``-1``).
+    Example:
+      >>> stacked = lora.stack([adapters_a, adapters_b])
+      >>> w = stacked["params"]["Dense_0"]["kernel"]  # a StackedLoraWeights
+      >>> w.num_adapters, w.ranks  # 2 and each adapter's own rank
 
     Attributes:
-      a: shape ``(N, *I, R)`` (``(N, *L, *I, R)`` for a scan-stacked kernel).
-      b: shape ``(N, R, *O)`` (``(N, *L, R, *O)``), each ``b[k]`` multiplied by adapter ``k``'s
-        scale.
-      ranks: the original rank of each adapter (static), so ``a[k, ..., :ranks[k]]`` is its own.
+      a: shape ``(N, *C, *I, R)``, ``R`` the largest rank.
+      b: shape ``(N, *C, R, *O)``, each ``b[k]`` multiplied by adapter ``k``'s scale.
+      ranks: the original rank of each adapter (static): ``a[k, ..., :ranks[k]]`` is its own.
       in_axes: the kernel's input axes, in order.
-      kernel_shape: the shape of the adapted kernel (the whole stack for a scan-stacked one).
+      kernel_shape: the shape of the adapted kernel (carried axes included).
       kind: ``"dense"``, ``"conv"`` or ``"embed"``.
-      dropout: the dropout rate of the LoRA branch (of adapter 0).
-      layer_axes: the number of leading layer axes of a scan-stacked kernel (0 otherwise), as
-        `LoraWeights.layer_axes`.
-      m: DoRA magnitudes ``(N, *O)`` (``(N, *L, *O)``), zeros for plain adapters; ``None`` (no
-        leaf) when no stacked adapter is DoRA.
-      dora: static, with ``m``: per adapter ``False`` (plain LoRA), ``True`` (DoRA) or, for a
-        scan-stacked DoRA adapter adapted on some layers only, the tuple of its ``layers``
-        (the other layers behave as plain: ``g = 1``); ``None`` without ``m``.
+      dropout: the dropout rate of the LoRA branch (one for all adapters).
+      layer_axes: the number of leading layer axes, as `LoraWeights.layer_axes`.
+      m: DoRA magnitudes ``(N, *C, *O)``, zeros for plain adapters; ``None`` (no leaf) when no
+        stacked adapter is DoRA.
+      dora: static, with ``m``: per adapter ``False`` (plain: its ``m[k]`` is not read and its
+        ``g = m / ||V||`` is 1), ``True`` (DoRA) or, for a layered DoRA adapter adapted on some
+        layers only, the tuple of its ``layers``; ``None`` without ``m``.
+      expert_axes: the kernel's expert axes, as `LoraWeights.expert_axes`.
     """
 
     a: Any

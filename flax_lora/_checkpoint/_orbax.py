@@ -61,11 +61,11 @@ def save(
     checkpoint) is a ``ValueError`` and is left untouched. The checkpoint is written beside
     ``directory`` and moved into place in one atomic step, so a save that fails, or a process
     killed at any moment, leaves the complete earlier checkpoint or the complete new one; the
-    next save removes what a killed save left beside it.
+    next save removes what a killed save left beside it. Guide: `docs/guides/checkpoints.md`.
 
-    In a multi-process run (`jax.distributed`), every process must call it with the same
-    ``directory`` on a shared file system, as with orbax: each writes its shards, the primary
-    process moves the checkpoint into place, and none returns before it is there.
+    Sharp edge: in a multi-process run (`jax.distributed`) every process must call it with the
+    same ``directory`` on a shared file system, as with orbax: each writes its shards, the
+    primary process moves the checkpoint into place, and none returns before it is there.
 
     Example:
       >>> lora.save("/tmp/run/adapters", adapters, config)
@@ -74,8 +74,7 @@ def save(
     Args:
       directory: where the checkpoint goes.
       adapters: adapters from `lora.init` (or any function returning adapters), with their
-        trained copies and token deltas (``modules_to_save``, ``bias``,
-        ``trainable_token_indices``), if any.
+        trained copies and token deltas, if any.
       config: the `LoraConfig` they were made with, stored as metadata.
       overwrite: replace an earlier flax_lora checkpoint at ``directory`` (the default); with
         ``False`` any existing ``directory`` is refused, as orbax's ``force=False``.
@@ -87,7 +86,9 @@ def save(
       ValueError: the adapter tree is empty; ``directory`` holds something other than a
         flax_lora checkpoint (or exists, with ``overwrite=False``).
       TypeError: ``adapters`` holds leaves other than adapter entries (`LoraWeights`,
-        `TrainedCopy`, `TokenDelta`); ``config`` is not a `LoraConfig`.
+        `TrainedCopy`, `TokenDelta`); ``config`` is not a `LoraConfig`; ``overwrite`` is not
+        a bool.
+      OSError: in a multi-process run, the primary process failed to stage or publish it.
     """
     directory = Path(directory).absolute()
     if config is not None and not isinstance(config, LoraConfig):
@@ -229,12 +230,13 @@ def load(directory: str | os.PathLike[str]) -> PyTree:
     The checkpoint is untrusted input: its metadata is read with a size bound and every field
     checked (types, ranges, agreement with the arrays) before use. A checkpoint that a save
     killed between its last two renames left aside is moved back into place first; a read
-    that a concurrent save overtook is repeated.
+    that a concurrent save overtook is repeated. In a single process the factors come back with
+    the shardings they were saved with (on the first local device where those devices are
+    missing). Guide: `docs/guides/checkpoints.md`.
 
-    In a single process the factors come back with the shardings they were saved with (on the
-    first local device where those devices are missing). In a multi-process run every process
-    must call it with the same ``directory``, as with orbax; each gets every factor whole, on its
-    own first device (place them on a mesh with ``jax.device_put``).
+    Sharp edge: in a multi-process run every process must call it with the same ``directory``,
+    as with orbax; each gets every factor whole, on its own first device (place them on a mesh
+    with ``jax.device_put``).
 
     Example:
       >>> adapters = lora.load("/tmp/run/adapters")
@@ -327,7 +329,9 @@ def _restore_arrays(directory: Path) -> ocp.args.StandardRestore:
 def load_config(directory: str | os.PathLike[str]) -> LoraConfig | None:
     """The `LoraConfig` stored by `save`, or ``None`` when none was given.
 
-    In a multi-process run every process must call it, as `load`.
+    The metadata is checked as `load` checks it. Guide: `docs/guides/checkpoints.md`.
+
+    Sharp edge: in a multi-process run every process must call it, as `load`.
 
     Example:
       >>> lora.save("/tmp/run/adapters", adapters, config)

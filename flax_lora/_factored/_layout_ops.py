@@ -72,7 +72,7 @@ def apply_layout(v: KernelView, prim: Any, params: dict[str, Any], out_aval: Any
     if meta.why is not None:
         return new(v.a, v.b, unknown)
     if LAYER in meta.side:
-        return new(v.a, v.b, unknown, f"`{name}` of a stacked kernel")
+        return new(v.a, v.b, unknown, f"`{name}` of a layered kernel")
     if name == "transpose":
         return _permute(v, tuple(jx.bound_param(prim, params, "permutation")), new)
     if name == "squeeze":

@@ -56,7 +56,7 @@ def kernel_use(base_rule: BaseRule) -> Callable[[Rule], Rule]:
                 return routed_rule(interp, eqn, invals, key)
             if any(v.layered for v in views):
                 return Unfactored(
-                    "the stacked kernel is used whole, not sliced by a scan over its layers"
+                    "the layered kernel is used whole, not sliced by a scan over its layers"
                 )
             if interp.mode == "merged":  # a quantized base: each use merges (`lora.wrap`)
                 return Unfactored("mode 'merged'")

@@ -86,7 +86,7 @@ def _sliceable(v: KernelView) -> str | None:
     if not v.meta.side or v.meta.side[0] != LAYER:
         return "the scan slices an axis of the kernel that is not its layer axis"
     if any(prim.name not in jx.VALUE_OPS for prim, _ in v.meta.ops):
-        return "the stacked kernel is reshaped before the scan"
+        return "the layered kernel is reshaped before the scan"
     return None
 
 

@@ -97,8 +97,8 @@ def init_extras(
             embedding = leaves[path]
             if path in selected or path in out:
                 raise ValueError(
-                    f"LoraConfig.trainable_token_indices: the table {path!r} also gets "
-                    f"{'LoRA factors' if path in selected else 'a trained copy'}; a table can "
+                    f"LoraConfig.trainable_token_indices: the embedding {path!r} also gets "
+                    f"{'LoRA factors' if path in selected else 'a trained copy'}; an embedding can "
                     "have one of the two. Exclude it from targets (exclude=...) or from "
                     "modules_to_save."
                 )
@@ -106,7 +106,7 @@ def init_extras(
             if bad:
                 raise ValueError(
                     f"LoraConfig.trainable_token_indices: token ids {bad} are out of range for "
-                    f"the table {path!r} of shape {tuple(embedding.shape)} (ids must be below "
+                    f"the embedding {path!r} of shape {tuple(embedding.shape)} (ids must be below "
                     f"{embedding.shape[0]})."
                 )
             delta = jnp.zeros((len(ids), *embedding.shape[1:]), config.dtype)
@@ -129,8 +129,8 @@ def _token_embeddings(
     if not isinstance(spec, dict):
         if not embeddings:
             raise ValueError(
-                "LoraConfig.trainable_token_indices: params hold no Embed table (a 2-D leaf named "
-                "'embedding'); pass {regex: ids} to name the table."
+                "LoraConfig.trainable_token_indices: params hold no embedding (a 2-D leaf named "
+                "'embedding'); pass {regex: ids} to name one."
             )
         return {p: spec for p in embeddings}
     out: dict[str, tuple[int, ...]] = {}
@@ -144,15 +144,15 @@ def _token_embeddings(
         ]
         if not hits:
             raise ValueError(
-                f"LoraConfig.trainable_token_indices: {pattern!r} matches no table of params (it "
-                "must re.fullmatch a 2-D table's path or its module's path). Embed tables seen: "
+                f"LoraConfig.trainable_token_indices: {pattern!r} matches no 2-D leaf of params "
+                "(it must re.fullmatch an embedding's path or its module's path). Embeddings seen: "
                 f"{describe(embeddings)}."
             )
         for p in hits:
             if leaves[p].ndim != 2:
                 raise ValueError(
                     f"LoraConfig.trainable_token_indices: {pattern!r} matches {p!r} of shape "
-                    f"{tuple(leaves[p].shape)}; token rows need a 2-D (num, features) table."
+                    f"{tuple(leaves[p].shape)}; token rows need a 2-D (num, features) embedding."
                 )
             if p in out:
                 raise ValueError(

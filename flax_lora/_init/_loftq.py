@@ -37,7 +37,7 @@ def loftq_factors(
     A layered kernel (``nn.scan`` / ``nnx.scan``; ``layer_axes`` leading layer axes, ``in_axes``
     counted in the layered kernel) gets one SVD per layer, and ``Q`` is the quantization of the
     whole layered residual, exactly `lora.quantize`'s format for the layered kernel (so
-    `lora.wrap` / `lora.merge` take it as any quantized base). Per layer this is the unstacked
+    `lora.wrap` / `lora.merge` take it as any quantized base). Per layer this is the single-layer
     LoftQ of that layer's kernel whenever the quantizer works layer by layer: NF4 with a
     per-layer size that is a multiple of ``block_size``. Otherwise the layered format ties
     layers together, and so does ``Q``: an NF4 block that straddles two layers has one absmax,

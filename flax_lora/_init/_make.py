@@ -40,6 +40,16 @@ def init(
 ) -> PyTree | tuple[PyTree, PyTree]:
     """Creates the LoRA adapters of every kernel of ``params`` that ``config`` selects.
 
+    The kernels: with ``probe``, every floating leaf of 2 or more dimensions the traced probe
+    contracts or gathers (and any leaf ``targets`` matches), with its input, layer (``nn.scan``)
+    and expert axes; without one, the leaves of 2 or more dimensions named ``kernel`` or
+    ``embedding`` (or matched by ``targets``), whose rows are the input axis, so that those of
+    3 or more dimensions need the probe. ``jax.tree.leaves`` of the result are exactly the
+    trainable arrays. Guide: `docs/guides/config.md` (selection, inits, ranks, ``layers``).
+
+    Sharp edge: ``init="pissa"``, ``"olora"`` and ``"loftq"`` change the base too, and then
+    return a pair (below); the adapters fit only that new base.
+
     Example:
       >>> model = nn.Dense(4)
       >>> params = model.init(jax.random.key(0), jnp.ones((1, 3)))
@@ -47,55 +57,32 @@ def init(
       >>> adapters["params"]["kernel"].a.shape, adapters["params"]["kernel"].b.shape
       ((3, 2), (2, 4))
 
-    Which leaves are kernels: with ``probe``, every floating leaf of 2 or more dimensions that the
-    traced probe contracts (``dot_general``, ``conv``) or gathers (an Embed lookup). Without a
-    probe, with ``targets=None``, the 2-D leaves named ``kernel`` or ``embedding`` (Flax's names);
-    with explicit ``targets``, every 2-D floating leaf they match. Rows of a 2-D kernel are its
-    input axis; kernels of 3 or more dimensions need the probe.
-
-    Expert kernels (mixture of experts): an axis the probe sees as a batch dimension of the
-    ``dot_general`` using the kernel (``jnp.einsum("etd,edf->etf", x, w)``), as the group axis
-    of ``jax.lax.ragged_dot``, or indexed one expert at a time (``w[e]`` in a Python loop) is an
-    expert axis: the adapter holds one LoRA per expert, ``a (*L, *E, *I, r)`` and
-    ``b (*L, *E, r, *O)`` (`LoraWeights.expert_axes`; ``L`` the layer axes of a scan stack),
-    each expert's factors drawn as for a kernel of its own (``init="lora"``: kaiming-uniform
-    ``a`` with ``fan_in = prod(I)``; PiSSA / OLoRA factor each expert's ``W0_e``).
-
-    ``config.layers``: every index must pick a layer of some selected kernel (a position on a
-    scan-stacked kernel's layer axis, or the layer number in a path), else ``ValueError``; an
-    index in range for some stacks only (stacks of different lengths) adapts those. Negative
-    indices are refused by `LoraConfig` (no counting from the end, as PEFT's
-    ``layers_to_transform``). A rank above ``min(fan_in, fan_out)`` (``prod(I)``, ``prod(O)``,
-    per layer / expert) is legal but adds nothing (``a @ b`` has rank at most that): one
-    ``UserWarning`` names such paths; over ``4 x`` that side with factors of more than
-    ``2**24`` entries (a typo such as ``rank=10**9``) it is refused before allocation.
-
     Args:
       key: a PRNG key.
-      params: a Linen variables dict (``{"params": ...}``), an NNX state, or any pytree.
+      params: a Linen variables dict (``{"params": ...}``), an NNX state, or any pytree; a
+        quantized tree is read for its shapes only.
       config: what to adapt and how.
       probe: an optional function of the params alone, e.g. ``lambda p: model.apply(p, x)``,
-        traced abstractly (no FLOPs) to learn each kernel's input axes and kind.
+        traced abstractly (no FLOPs) to learn each kernel's kind and axes.
 
     Returns:
-      The adapters: nested dicts that mirror the paths of the adapted kernels, each ending in a
-      `LoraWeights` with factors ``a`` and ``b``; with ``modules_to_save``, ``bias`` or
-      ``trainable_token_indices``, also a `TrainedCopy` or `TokenDelta` at the path of each
-      leaf they train. With ``init="pissa"`` or ``"olora"``, the pair
-      ``(adapters, new_params)``, where ``new_params`` holds the residual base kernels; with
-      ``init="loftq"``, ``(adapters, qparams)``, where each adapted kernel of ``qparams`` is a
-      `QuantizedKernel` (``config.loftq_dtype``) and ``deQ(Q) + scale * a @ b`` approximates it
-      (see `lora.quantize`; the other leaves are unchanged).
+      Nested dicts mirroring the adapted kernels' paths, each a `LoraWeights`, plus a
+      `TrainedCopy` / `TokenDelta` at each leaf that ``modules_to_save``, ``bias`` or
+      ``trainable_token_indices`` trains. With ``init="pissa"`` / ``"olora"``, the pair
+      ``(adapters, new_params)`` (the residual base kernels); with ``init="loftq"``,
+      ``(adapters, qparams)``, the adapted kernels as `QuantizedKernel` nodes.
+
+    Warns:
+      UserWarning: a rank above a kernel's smaller side (legal, but it adds nothing).
 
     Raises:
-      ValueError: no kernel matches; an index of ``layers`` picks no layer (naming it, the
-        stacked kernels' layer counts and the paths' layer numbers); ``modules_to_save``
-        patterns match no module; token ids are out of range for a table, or a table also gets
-        LoRA factors; ``bias="lora_only"`` finds no bias beside the adapted kernels (all naming
-        the paths); a rank is below 1, (PiSSA/OLoRA/LoftQ) above the kernel's smaller side, or
-        far above it (above); a kernel has an axis of size 0 or, of 3 or more dimensions, no
-        probe; the probe contracts or gathers no leaf of ``params`` (it ignores its argument).
-      TypeError: a targeted leaf is not floating.
+      ValueError: no kernel matches, an index of ``layers`` picks no layer, ``modules_to_save``
+        matches no module, token ids are out of range or their embedding also gets factors,
+        ``bias="lora_only"`` finds no bias (each naming the paths); a rank below 1, above the
+        kernel's smaller side for PiSSA / OLoRA / LoftQ, or over 4 times it with factors of
+        over 2**24 entries; a kernel with a size-0 axis or, of 3 or more dimensions, no
+        probe; a probe that reads no leaf of ``params``.
+      TypeError: ``config`` is not a `LoraConfig`; a targeted leaf is not floating.
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"lora.init expects a LoraConfig; got {type(config).__name__}.")

@@ -121,7 +121,7 @@ def _check_layers_found(
     hint = ""
     if uses is None and any(candidates[p].ndim > 2 for p in numbers):
         hint = (
-            " A kernel of 3 or more dimensions may be stacked by nn.scan / nnx.scan: pass "
+            " A kernel of 3 or more dimensions may be layered (nn.scan / nnx.scan): pass "
             "probe=lambda p: model.apply(p, x) so that its layer axis is found."
         )
     raise ValueError(
@@ -181,8 +181,8 @@ def layered_kernels(
         n = len(lax_)
         if lax_ != tuple(range(n)):
             raise ValueError(
-                f"Kernel {path!r} of shape {shape} is sliced by a scan on axes {lax_}; stacked "
-                "layers must be its leading axes."
+                f"Kernel {path!r} of shape {shape} is sliced by a scan on axes {lax_}; its "
+                "layer axes must be its leading axes."
             )
         in_axes = selected[path][1]
         experts = tuple(getattr(use, "expert_axes", ()) or ())
@@ -202,7 +202,7 @@ def layered_kernels(
         out[path] = (n, layers)
     if not selected:
         raise ValueError(
-            f"LoraConfig(layers={config.layers!r}) picks no layer of the stacked kernels "
+            f"LoraConfig(layers={config.layers!r}) picks no layer of the layered kernels "
             f"{describe(list(uses))}."
         )
     return out

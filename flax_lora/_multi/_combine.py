@@ -140,99 +140,45 @@ def combine(
 ) -> PyTree:
     """Combines several adapter sets of one model into one, like PEFT's ``add_weighted_adapter``.
 
-    With ``Δᵢ = sᵢ · aᵢ @ bᵢ`` the delta of adapter ``i`` at a kernel (``aᵢ`` as a
-    ``(prod I, rᵢ)`` matrix, ``bᵢ`` as ``(rᵢ, prod O)``, ``sᵢ`` its scale) and ``wᵢ`` its weight
-    (weights may be negative), the combined adapter at that kernel has delta ``Δ = a @ b`` (its
-    scale is 1; the scales of the inputs, rsLoRA's included, are folded into the factors):
+    With ``Δᵢ = sᵢ · aᵢ @ bᵢ`` the delta of adapter ``i`` at a kernel and ``wᵢ`` its weight
+    (weights may be negative), the result's delta is ``a @ b`` with scale 1 (the inputs' scales
+    are folded into the factors): ``"cat"`` gives exactly ``Σᵢ wᵢ Δᵢ`` (rank ``Σᵢ rᵢ``),
+    ``"svd"`` its best rank-``rank`` approximation, ``"linear"`` (PEFT's) combines the factors
+    separately; ``"ties"``, ``"dare_linear"``, ``"dare_ties"`` and ``"magnitude_prune"`` prune
+    the factors first, their ``_svd`` variants the deltas. Carried axes (layers, experts) are
+    combined per index; trained copies and token deltas as ``Σᵢ wᵢ vᵢ``. Every set must adapt
+    the same kernels. Formulas and the differences from PEFT: `docs/guides/multi_adapter.md`.
 
-    - ``"cat"``: exactly ``Δ = Σᵢ wᵢ Δᵢ``. ``a = [w₁s₁a₁ | w₂s₂a₂ | ...]`` (concatenated along
-      the rank axis), ``b = [b₁; b₂; ...]``; rank ``Σᵢ rᵢ``; any ranks.
-    - ``"svd"``: the best rank-``rank`` approximation (Frobenius and spectral norm) of
-      ``M = Σᵢ wᵢ Δᵢ``, from the SVD ``M = U S Vᵀ`` computed in float32 on the ``(prod I, prod O)``
-      matrix: ``a = U[:, :k] √S[:k]``, ``b = √S[:k] Vᵀ[:k]``, ``k = min(rank, prod I, prod O)``.
-      Exact when ``k`` reaches the rank of ``M`` (e.g. ``rank >= Σᵢ rᵢ``). Default ``rank``: the
-      largest input rank at that kernel. Works for any kernel (Dense, DenseGeneral, Embed, Conv
-      of any spatial dimension).
-    - ``"linear"`` (PEFT's, a cheap approximation): the factors are combined separately,
-      ``a = Σᵢ σᵢ √|wᵢsᵢ| aᵢ`` and ``b = Σᵢ √|wᵢsᵢ| bᵢ`` with ``σᵢ = sign(wᵢsᵢ)``, so
-      ``Δ = (Σᵢ σᵢ√|wᵢsᵢ| aᵢ)(Σⱼ √|wⱼsⱼ| bⱼ)``, which holds cross terms ``aᵢbⱼ`` (i ≠ j); for a
-      single adapter ``Δ = w Δ₁`` exactly. All ranks must be equal (per kernel).
-    - ``"magnitude_prune"``, ``"ties"`` (TIES-Merging, Yadav et al. 2023,
-      arXiv:2306.01708), ``"dare_linear"``, ``"dare_ties"`` (DARE, Yu et al. 2023,
-      arXiv:2311.03099): as ``"linear"``
-      (same factor weights ``σᵢ√|wᵢsᵢ|`` for ``a``, ``√|wᵢsᵢ|`` for ``b``), but each factor
-      ``F`` (``a``, then ``b``) is merged with PEFT's ``merge_utils`` rule ``merge({Fᵢ}, {vᵢ})``:
-
-      * ``magnitude_prune``: ``Σᵢ vᵢ P(Fᵢ)``, where ``P`` keeps the ``int(density · size)``
-        entries of largest ``|·|`` of each ``Fᵢ`` and zeroes the rest;
-      * ``dare_linear``: ``Σᵢ vᵢ Rᵢ(Fᵢ)``, where ``Rᵢ`` keeps each entry with probability
-        ``density`` (a Bernoulli draw from ``key``) and divides kept entries by ``density``;
-      * ``ties``: ``T = P(Fᵢ)``; the elected sign per entry is ``ε = sign(Σᵢ Tᵢ)`` (``"total"``) or
-        ``sign(Σᵢ sign Tᵢ)`` (``"frequency"``), with ``ε = +1`` where that sum is 0; the result is
-        ``Σᵢ vᵢ Tᵢ [sign Tᵢ = ε] / max(1, Σᵢ [sign Tᵢ = ε])`` (the mean over the agreeing
-        adapters; as in PEFT the election is on the unweighted ``Tᵢ``);
-      * ``dare_ties``: ``ties`` with ``Tᵢ = Rᵢ(Fᵢ)``.
-
-      ``density=1`` disables pruning, so ``dare_linear`` and ``magnitude_prune`` then equal
-      ``"linear"``.
-    - ``"magnitude_prune_svd"``, ``"ties_svd"``, ``"dare_linear_svd"``, ``"dare_ties_svd"``: the
-      same rules applied to the deltas ``Δᵢ`` themselves with weights ``wᵢ`` (``M = merge({Δᵢ},
-      {wᵢ})``), followed by the rank-``rank`` SVD as in ``"svd"``.
-
-    Differences from PEFT: the result's scale is 1 with the factors carrying everything, so no
-    scale is applied twice (peft #3111) and an rsLoRA input does not leak ``√r`` into the
-    combined scale (peft #3449); the SVD runs on the ``(prod I, prod O)`` matrix, so Conv 1-D and
-    3-D work (peft #3769); ``√S`` goes on each SVD factor rather than ``S`` on ``b``; ``rank``
-    above ``min(prod I, prod O)`` is lowered to it (no dead zero columns); with a single adapter
-    every method does what its formula says (PEFT silently switches to ``"linear"``); ranks may
-    differ per kernel (PEFT's ``rank_pattern``), only ``linear``-family methods need equal ranks
-    at each kernel. All adapter sets must adapt the same kernels (PEFT skips missing ones).
-
-    Trained copies (``modules_to_save``, trained biases: `TrainedCopy`) and token deltas
-    (`TokenDelta`) are combined, whatever the method, as the weighted sums ``Σᵢ wᵢ vᵢ`` of the
-    copies (weights summing to 1 average the heads) and of the deltas (on the union of their
-    rows); every set must hold them at the same paths.
-
-    Adapters with carried axes (kernels stacked by ``nn.scan`` / ``nnx.scan``,
-    `LoraWeights.layer_axes`; expert kernels, `LoraWeights.expert_axes`; or both) are combined
-    per carried index (each layer, each expert), each exactly as the adapter of that index's own
-    kernel (the SVD per index; dare draws a mask per index; magnitude pruning keeps the largest
-    entries of each index); the result adapts the union of the inputs' ``layers``.
+    Sharp edge: with several adapters, ``"linear"`` and the pruning methods hold cross terms
+    ``aᵢ bⱼ`` (i ≠ j), so their delta is not ``Σᵢ wᵢ Δᵢ``: ``"cat"`` is, exactly.
 
     Example:
       >>> both = lora.combine([adapters_a, adapters_b], [0.7, 0.3], method="cat")
       >>> low = lora.combine([adapters_a, adapters_b], [1.0, -1.0], method="svd", rank=8)
-      >>> dare = lora.combine([adapters_a, adapters_b], [1.0, 1.0], "dare_ties", density=0.5,
-      ...                     key=jax.random.key(0))
       >>> y = lora.wrap(model.apply)(params, both, x)
 
     Args:
-      adapter_list: adapter sets (from `lora.init`, `lora.load`, ...) of the same model, adapting
-        the same kernels with the same layouts.
-      weights: one weight per adapter set (floats or an array; may be negative, may be traced
-        for the methods without pruning); finite in float32 (concrete weights are checked).
-      method: one of ``"linear"``, ``"cat"``, ``"svd"``, ``"ties"``, ``"dare_linear"``,
-        ``"dare_ties"``, ``"magnitude_prune"``, ``"ties_svd"``, ``"dare_linear_svd"``,
-        ``"dare_ties_svd"``, ``"magnitude_prune_svd"``.
-      rank: the rank of the result for the SVD methods (default: the largest input rank at each
-        kernel); an error for other methods.
-      density: the fraction of entries kept, in (0, 1], for the ties / dare / magnitude_prune
-        methods (required by them).
-      key: a PRNG key, required by the dare methods (each kernel and factor draws its own mask).
+      adapter_list: adapter sets of the same model, adapting the same kernels with the same
+        layouts.
+      weights: one weight per set (floats or an array; traced only for methods without
+        pruning); finite in float32.
+      method: ``"linear"``, ``"cat"``, ``"svd"``, ``"ties"``, ``"dare_linear"``,
+        ``"dare_ties"``, ``"magnitude_prune"``, or one of the last four with ``"_svd"``.
+      rank: the SVD methods' rank (default: the largest input rank at each kernel).
+      density: the fraction of entries kept, in (0, 1], for the pruning methods.
+      key: a PRNG key, for the dare methods.
       majority_sign_method: ``"total"`` or ``"frequency"``, for the ties methods.
 
     Returns:
-      One adapter set with the same tree structure as the inputs: nested dicts of `LoraWeights`
-      with scale 1, in the inputs' (promoted) dtype.
+      One adapter set with the inputs' tree structure: `LoraWeights` with scale 1, in the
+      inputs' promoted dtype.
 
     Raises:
-      ValueError: the adapter sets adapt different kernels or disagree on a kernel's shape, input
-        axes, kind or layer axes (naming the path); DoRA adapters; ``weights`` has the wrong
-        length or a NaN / infinite entry (naming its index); an unknown method; unequal ranks
-        for a ``linear``-family method (naming the path); a missing or out-of-range
-        ``density``; a missing ``key`` for dare; ``rank`` for a non-SVD method, or below 1.
-      TypeError: ``adapter_list`` is not a list of adapter sets; ``density`` is a bool or a
-        string.
+      ValueError: the sets adapt different kernels or disagree on a kernel's layout (naming the
+        path); DoRA adapters; a wrong number of weights or a non-finite one; an unknown method;
+        unequal ranks for a ``linear``-family method; a missing or out-of-range ``density``; no
+        ``key`` for dare; ``rank`` for a non-SVD method, or below 1.
+      TypeError: ``adapter_list`` is not a list of adapter sets; ``density`` is a bool or a str.
     """
     if method not in METHODS:
         raise ValueError(f"lora.combine: method must be one of {METHODS}; got {method!r}.")

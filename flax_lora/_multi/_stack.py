@@ -47,32 +47,21 @@ def stack(adapter_list: Sequence[PyTree]) -> PyTree:
     """Stacks N adapter sets of one model into one tree for per-example routing.
 
     Each kernel's `LoraWeights` become one `StackedLoraWeights` with ``a`` of shape
-    ``(N, *I, R)`` and ``b`` of shape ``(N, R, *O)``, ``R`` the largest rank: smaller ranks are
-    padded with zeros, and each adapter's scale is folded into its ``b``, so adapter ``k``'s
-    delta is exactly ``a[k] @ b[k]`` whatever the ranks and scales (rsLoRA included).
+    ``(N, *C, *I, R)`` and ``b`` of shape ``(N, *C, R, *O)`` (``C`` the carried layer and expert
+    axes, ``R`` the largest rank): smaller ranks are padded with zeros, and each adapter's scale
+    is folded into its ``b``, so adapter ``k``'s delta is exactly ``a[k] @ b[k]`` whatever the
+    ranks and scales (rsLoRA included). Layers an adapter does not adapt get zero factors for
+    it. DoRA adapters stack too, mixed with plain ones (`StackedLoraWeights.m`), and so do
+    trained copies and token deltas (each adapter its own head); every set must hold them at
+    the same paths. Guide: `docs/guides/multi_adapter.md`.
 
-    Trained copies (``modules_to_save``, trained biases) and token deltas stack too (each
-    adapter its own head: `flax_lora._adapters._extras.StackedCopy`, `StackedTokenDelta` on
-    the union of the token rows); every set must hold them at the same paths. A routed call
-    with them runs each example as a batch of one (see `lora.wrap`).
-
-    Adapters of kernels stacked by ``nn.scan`` / ``nnx.scan`` (`LoraWeights.layer_axes`) stack
-    with the adapter axis first and the layer axes next: ``a`` ``(N, *L, *I, R)``, ``b``
-    ``(N, *L, R, *O)``; layers an adapter does not adapt (``LoraConfig(layers=...)``) get zero
-    factors for it. A routed call slices them per layer inside the scan, keeping the per-example
-    axis, so each layer's uses are routed as in an unstacked model. Expert kernels
-    (`LoraWeights.expert_axes`) stack the same way, their expert axes among the carried axes
-    ``C``: ``a (N, *C, *I, R)``, ``b (N, *C, R, *O)`` (e.g. ``(N, L, E, d, R)``).
-
-    DoRA adapters (with a magnitude ``m``) stack too, mixed with plain ones in any order: the
-    magnitudes go to `StackedLoraWeights.m` (zeros for plain adapters, flagged by
-    `StackedLoraWeights.dora`), and a routed call scales example ``j``'s output at each DoRA
-    kernel by ``g = m / ||W0 + a @ b||`` of its adapter (1 for plain adapters and ``-1``).
+    Sharp edge: a routed call on a stack holding trained copies or token deltas runs each
+    example as a batch of one (layers that mix examples then see one example).
 
     Example:
       >>> stacked = lora.stack([adapters_a, adapters_b, adapters_c])
       >>> y = lora.wrap(model.apply)(params, stacked, x, lora_ids=jnp.array([0, 2, -1, 1]))
-      >>> lora.unstack(stacked, 1)  # adapters_b again (scale folded into b)
+      >>> again_b = lora.unstack(stacked, 1)  # adapters_b, its scale folded into b
 
     Args:
       adapter_list: adapter sets of the same model that adapt the same kernels with the same
@@ -149,9 +138,9 @@ def unstack(stacked: PyTree, index: int) -> PyTree:
 
     The padding is cut off (each kernel gets its original rank back) and the scale stays folded
     into ``b``: the result has scale 1 and the same delta as the original adapter (to one
-    rounding of ``b * scale`` in the factors' dtype). A scan-stacked adapter comes back with its
+    rounding of ``b * scale`` in the factors' dtype). A layered adapter comes back with its
     layer axes and ``layers=None``: layers the original did not adapt hold zero factors. A DoRA
-    adapter comes back with its ``m`` (and, scan-stacked, its ``layers``, which DoRA needs).
+    adapter comes back with its ``m`` (and, layered, its ``layers``, which DoRA needs).
 
     Example:
       >>> adapters_b = lora.unstack(lora.stack([adapters_a, adapters_b]), 1)
@@ -231,7 +220,7 @@ def gather(w: StackedLoraWeights, ids: jax.Array) -> tuple[jax.Array, jax.Array]
 
     For ``ids`` of shape ``(B,)`` returns ``a`` of shape ``(B, *I, R)`` and ``b`` of shape
     ``(B, R, *O)`` (``(B, *C, *I, R)`` and ``(B, *C, R, *O)`` with carried axes ``C``: layers of
-    a scan-stacked kernel, experts); example ``j``'s delta is ``a[j] @ b[j]`` (the scale is
+    a layered kernel, experts); example ``j``'s delta is ``a[j] @ b[j]`` (the scale is
     already in ``b``).
     Ids outside ``[0, N)`` (``-1``, or out-of-range traced ids) give zero factors. A scalar id
     gives ``(*I, R)`` and ``(R, *O)``.

@@ -56,7 +56,10 @@ def stack_extras(tables: list[dict[str, Extra]], fn: str) -> dict[str, StackedEx
             )
         elif isinstance(n0, TokenDelta):
             if len({n.num_rows for n in nodes}) > 1:
-                raise ValueError(f"lora.{fn}: the token deltas of {path!r} are for other tables.")
+                raise ValueError(
+                    f"lora.{fn}: the token deltas of {path!r} are for embeddings of different "
+                    f"row counts ({sorted({n.num_rows for n in nodes})})."
+                )
             union = tuple(sorted({i for n in nodes for i in n.indices}))
             pos = {t: k for k, t in enumerate(union)}
             dtype = jnp.result_type(*[n.delta.dtype for n in nodes])

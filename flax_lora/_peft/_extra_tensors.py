@@ -78,8 +78,8 @@ def save_extras(
             continue
         if LAYER in name:
             raise ValueError(
-                f"save_peft: {path!r} is named {name!r}, a scan-stacked module; trained copies "
-                "and token deltas of scan-stacked leaves cannot be written as PEFT modules yet."
+                f"save_peft: {path!r} is named {name!r}, a layered module; trained copies "
+                "and token deltas of layered leaves cannot be written as PEFT modules yet."
             )
         if isinstance(node, TokenDelta):
             tensors[f"{PREFIX}{name}{TOKENS}"] = _token_rows(path, node, base)
@@ -222,8 +222,8 @@ def _read_extra(
         path = names.get((module, "weight"))
         if path is None:
             raise ValueError(
-                f"load_peft: the trainable tokens of {module!r} in {file!r} match no Embed "
-                "table of params (the key map names none so)."
+                f"load_peft: the trainable tokens of {module!r} in {file!r} match no "
+                "embedding of params (the key map names none so)."
             )
         return path, _token_delta(key, tensor, module, ids, path, leaves[path], dtype)
     saved = cfg.get("modules_to_save") or []
@@ -261,18 +261,18 @@ def _token_delta(
     if not hasattr(embedding, "dtype") or isinstance(embedding, jax.ShapeDtypeStruct):
         raise ValueError(
             f"load_peft: the trainable tokens of {module!r} are stored as rows; the delta "
-            f"needs the base table's values at {path!r}, but params hold none there."
+            f"needs the base embedding's values at {path!r}, but params hold none there."
         )
     bad = [i for i in ids if not 0 <= i < embedding.shape[0]]
     if bad:
         raise ValueError(
-            f"load_peft: token ids {bad} of {module!r} are out of range for the table "
+            f"load_peft: token ids {bad} of {module!r} are out of range for the embedding "
             f"{path!r} of shape {tuple(embedding.shape)}."
         )
     expected = (len(ids), *embedding.shape[1:])
     if tuple(rows.shape) != expected:
         raise ValueError(
-            f"load_peft: {key!r} has shape {tuple(rows.shape)}; the table {path!r} "
+            f"load_peft: {key!r} has shape {tuple(rows.shape)}; the embedding {path!r} "
             f"with ids {ids} needs {expected}."
         )
     base_rows = np.asarray(jax.device_get(embedding), np.float32)[np.asarray(ids)]

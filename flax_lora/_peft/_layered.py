@@ -121,8 +121,8 @@ def join_layer_modules(
     how = {i: (w.rank, float(w.scale), w.m is not None) for i, w in pieces.items()}
     if len(set(how.values())) > 1:
         raise ValueError(
-            f"load_peft: the layers of the scan-stacked kernel {path!r} (modules {template!r}) "
-            "must share one rank, one scale and DoRA-ness (one stacked adapter holds them); the "
+            f"load_peft: the layers of the layered kernel {path!r} (modules {template!r}) "
+            "must share one rank, one scale and DoRA-ness (one layered adapter holds them); the "
             "file gives, by layer: "
             + ", ".join(
                 f"{i}: rank {r}, scale {scale}{', DoRA' if dora else ''}"
@@ -169,7 +169,7 @@ def _base_norms(
     layered kernel."""
     if isinstance(kernel, jax.ShapeDtypeStruct) or not hasattr(kernel, "dtype"):
         raise ValueError(
-            f"load_peft: the DoRA adapter of the scan-stacked kernel {path!r} (modules "
+            f"load_peft: the DoRA adapter of the layered kernel {path!r} (modules "
             f"{template!r}) lacks layers {layers}, whose magnitudes are the base kernel's norms, "
             f"but params holds no values at {path!r} ({type(kernel).__name__}); pass the real "
             "params."

@@ -94,113 +94,48 @@ def load_peft(
 ) -> PyTree:
     """Reads a HuggingFace PEFT LoRA adapter (written by PEFT or by `save_peft`) onto ``params``.
 
-    Each tensor's module name is matched with the kernel paths of ``params`` through
-    ``key_map``; the scale of each module is PEFT's: ``lora_alpha / r`` (``/ sqrt(r)`` with
-    ``use_rslora``), with ``rank_pattern`` / ``alpha_pattern`` resolved as PEFT resolves them.
-    A DoRA adapter (``use_dora``) loads with its magnitudes as `LoraWeights.m`.
+    Each module's tensors go to the kernel the key map names with PEFT's scale
+    (``lora_alpha / r``, ``/ sqrt(r)`` with ``use_rslora``; patterns resolved as PEFT does),
+    DoRA magnitudes to `LoraWeights.m`, ``modules_to_save`` / bias / token tensors to
+    `TrainedCopy` / `TokenDelta` entries. A name with ``{layer}`` gathers one module per layer
+    into a layered kernel; expert kernels read PEFT's ``target_parameters``. Both files are
+    untrusted input: every field used and the safetensors header are checked before any tensor
+    is read, and only the tensors used are read. A tensor the config does not account for is an
+    error, never dropped. Guide: `docs/guides/peft.md`.
 
-    ``modules_to_save`` tensors (``<module>.weight`` / ``.bias``) load as `TrainedCopy` entries
-    of the leaves the key map names so (a Linear weight transposed to a kernel); trained biases
-    (``bias="all"`` / ``"lora_only"``: ``<module>.bias``, ``<module>.base_layer.bias``) as
-    `TrainedCopy` entries with ``role="bias"``; trainable tokens
-    (``<embedding>.token_adapter.trainable_tokens_delta``, PEFT's trained rows) as a
-    `TokenDelta` holding ``rows - W0[ids]`` (so ``params`` must hold the table's values), the
-    ids from ``trainable_token_indices``. A tensor the config does not account for is an error,
-    never dropped.
-
-    Scan-stacked kernels: a kernel whose key-map name contains ``{layer}`` is taken as stacked
-    on its leading axis (``L = kernel.shape[0]``) and gathers the modules of its layers (the name
-    with ``{layer}`` replaced by ``0 ... L-1``), each read as for the single-layer kernel
-    ``kernel.shape[1:]``, into one stacked `LoraWeights` (``layer_axes=1``). Layers without a
-    module get zero factors and ``layers=`` the others (a kernel with none is not adapted);
-    all its layers must have one rank, one scale and the same DoRA-ness. A DoRA adapter's
-    absent layers (PEFT's ``layers_to_transform``) get the magnitudes ``||W0||`` (the base
-    kernel's norms per output unit, computed from ``params``), which leave them the base kernel.
-
-    How each kernel's input axes are found:
-
-    - with ``probe`` (as in `lora.init`): from the traced model, for every kernel;
-    - else a 2-D kernel's rows are its input (an ``embedding`` from ``lora_embedding_*``
-      tensors is an Embed, anything else a Dense);
-    - a conv (PEFT wrote a conv weight) has Flax's ``(*window, in, out)`` layout;
-    - a dense kernel of 3 or more dimensions: the input axes are the one set of kernel axes
-      whose sizes multiply to PEFT's ``in`` features while the rest multiply to its ``out``
-      features. When several sets fit (a q kernel ``(384, 12, 32)`` is ``384 -> 384`` either
-      way), the load stops and asks for ``probe``: it never guesses.
-
-    Expert kernels: a kernel whose key-map name PEFT's ``target_parameters`` match (the
-    ``"<module>.<param>"`` name of a PyTorch parameter, ``"experts.w1"``; the default key map
-    gives ``experts.w_in`` for ``params/experts/w_in`` when so targeted) is read from
-    ParamWrapper's ``lora_A.weight (r * E, in)`` / ``lora_B.weight (out, r * E)`` as one LoRA
-    per expert (`LoraWeights.expert_axes`, see `flax_lora._peft._expert_params`): under
-    ``<module>.base_layer...`` as PEFT nests several parameters of one module by PyTorch's
-    registration order, which ``param_order`` gives (as for `save_peft`; needed when the
-    config targets several parameters of a module), and read reversed for the names in
-    ``reversed_params``. The expert axis is the probe's (a probe that knows expert axes), else
-    the kernel's first axis (after a layer axis), as in PEFT's parameter ``(E, s1, s2)``. The
-    input axis is the probe's, which checks the orientation; without a probe the kernel must be
-    ``(E, s1, s2)`` and the input axis is the one whose size is PEFT's ``in`` features (its
-    ``out`` ones for a reversed parameter); a wrong ``reversed_params`` then gives the same
-    delta with the other factor called ``a``.
-
-    Both files are untrusted input (a file from a model hub may be anything): every field of
-    ``adapter_config.json`` the load uses is checked for type and range, and the safetensors
-    header is parsed and checked (names, floating dtypes, shapes and ranks against the kernels
-    of ``params``) before any tensor is read; then only the tensors used are read, so memory is
-    bounded by the adapters of ``params``, not by the file. Each error names the file and the
-    field or tensor.
+    Sharp edge: a dense kernel of 3 or more dimensions has its input axes from ``probe``;
+    without one the load accepts only an unambiguous split of PEFT's ``in`` / ``out`` features
+    (a ``(384, 12, 32)`` q kernel is ambiguous) and otherwise raises: it never guesses.
 
     Example:
       >>> adapters = lora.load_peft("/tmp/adapter", params)
       >>> y = lora.wrap(model.apply)(params, adapters, x)
-      >>> # stacked blocks: {"params/layers/q/kernel": "layers.{layer}.q", ...}
-      >>> adapters = lora.load_peft("/tmp/adapter", params, key_map=key_map)
 
     Args:
       directory: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
       params: the Flax params tree the adapter is for (a Linen variables dict, an NNX state).
-      key_map: kernel path -> PyTorch module name, as for `save_peft`. A function may return
-        ``None`` for kernels without a twin; every key of a dict must be a path in ``params``.
-        Names with ``{layer}`` mark scan-stacked kernels (see above).
-      probe: an optional function of the params alone, e.g. ``lambda p: model.apply(p, x)``,
-        traced abstractly (no FLOPs) to learn each kernel's input axes.
+      key_map: kernel path -> PyTorch module name, as for `save_peft` (a function may return
+        ``None``; every key of a dict must be a path in ``params``).
+      probe: an optional function of the params alone, e.g. ``lambda p: model.apply(p, x)``.
       dtype: the dtype of the factors; ``None`` keeps the file's (float32 as PEFT saves).
-      param_order: PyTorch's registration order of the parameters of modules with several
-        targeted expert parameters: a sequence for every module or a dict by module name as
-        the key map spells it (see `save_peft`).
-      reversed_params: key-map names of expert parameters PEFT reads reversed (see
-        `save_peft`).
+      param_order: PyTorch's registration order of expert parameters (as for `save_peft`).
+      reversed_params: key-map names of expert parameters PEFT reads reversed.
 
     Returns:
       The adapters: nested dicts mirroring the adapted kernels' paths, each a `LoraWeights`,
-      and the paths of trained leaves (`TrainedCopy`) and token tables (`TokenDelta`), if any.
+      and the `TrainedCopy` / `TokenDelta` entries the file holds.
 
     Warns:
-      UserWarning: the adapter was made with a PEFT init that rewrites the base weights
-        (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) and not converted: it fits only that changed base.
+      UserWarning: the adapter was made with a PEFT init that rewrites the base (PiSSA, OLoRA,
+        CorDA, LoftQ, LoRA-GA) and not converted: it fits only that changed base.
 
     Raises:
-      TypeError: ``adapter_config.json`` is not a JSON object, or a field it uses has the wrong
-        JSON type (``r: "two"``, ``use_rslora: "false"``).
-      ValueError: ``adapter_config.json`` is over 16 MiB, not UTF-8 or not JSON, or a field is
-        out of range (``r`` an int >= 1, ``lora_alpha`` finite with ``|alpha| <= 1e6``,
-        ``lora_dropout`` in [0, 1), pattern keys valid regexes, ...); the safetensors file is
-        damaged (header length, JSON, offsets against the file's size), holds non-floating
-        tensors (only F16, BF16, F32, F64) or factors of too few dimensions, or was written by
-        `save_peft` with another ``adapter_config.json`` (an interrupted save, or a config
-        edited since); a module's rank exceeds both its kernel's input and output features (no
-        adapter needs it; a file could otherwise make one any size); the adapter uses options
-        these adapters cannot honour (``lora_bias``, ``layer_replication``, ...); a module has
-        several targeted expert parameters and ``param_order`` does not order them, or
-        ParamWrapper tensors do not fit their kernel (named, with a hint when the other
-        orientation fits); tensors besides the LoRA factors that the config does not account
-        for, or that match no leaf or do not fit it, token ids out of range (each named);
-        tensors match no kernel, or the key map names kernels not in ``params`` (both listed); a
-        tensor does not fit its kernel (the path is named); the input axes of a kernel are
-        ambiguous without ``probe``; the layers of a stacked kernel differ in rank, scale or
-        DoRA-ness, or the probe's view of a kernel (stacked or not) disagrees with ``{layer}``
-        in its name; a stacked DoRA adapter lacks layers but ``params`` holds no values
-        (``jax.ShapeDtypeStruct``) for their norms.
+      TypeError: ``adapter_config.json`` is not a JSON object, or a field has the wrong type.
+      ValueError: a config field out of range; a damaged or non-floating safetensors file, or
+        tensors `save_peft` wrote with another config; options these adapters cannot honour
+        (``lora_bias``, ...); tensors or key-map names that match no kernel, or do not fit;
+        ambiguous input axes without ``probe``; expert parameters ``param_order`` does not
+        order. Each names the file and the field, tensor or path (full list in the guide).
     """
     directory = Path(directory)
     spec = expert_spec(param_order, reversed_params, "load_peft")

@@ -59,123 +59,52 @@ def save_peft(
     reversed_params: Collection[str] = (),
     overwrite: bool = True,
 ) -> Path:
-    """Writes adapters as a HuggingFace PEFT LoRA adapter (``adapter_config.json`` +
-    ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained`` loads onto the
-    PyTorch twin of the Flax model.
+    """Writes adapters as a HuggingFace PEFT LoRA adapter that PEFT loads onto the PyTorch twin.
 
-    Every factor is written as float32; DoRA adapters (all or none of the set) also write their
-    magnitudes (``<module>.lora_magnitude_vector``) with ``use_dora: true``. ``target_modules``
-    lists the module names; ranks and alphas that differ between modules are written resolved,
-    as one ``rank_pattern`` / ``alpha_pattern`` entry per module (longest names first, so PEFT's
-    suffix matching picks each module's own entry). Each module's alpha is the config's
-    (``config.alpha_for``) when it reproduces the adapter's scale, else derived from the scale
-    (``scale * r``, or ``scale * sqrt(r)`` with rsLoRA), so adapters from ``lora.combine`` save
-    correctly too.
+    ``adapter_config.json`` and ``adapter_model.safetensors`` use PEFT's names: float32
+    factors, per-module ranks and alphas resolved into ``rank_pattern`` / ``alpha_pattern``
+    (alphas derived from the scales where needed, so `combine` results save too), DoRA
+    magnitudes, trained copies, biases and token rows; layered kernels (``{layer}`` in the key
+    map's name) as one module per layer, expert kernels as ``target_parameters``. Writes are
+    safe as `save`'s (renamed into place; a pair `save_peft` did not write is never replaced).
+    Guide: `docs/guides/peft.md`.
 
-    Trained copies and token deltas (``LoraConfig(modules_to_save=..., bias=...,
-    trainable_token_indices=...)``) are written in PEFT's names: a ``modules_to_save`` module's
-    leaves as ``<module>.weight`` / ``.bias`` (a 2-D Dense kernel transposed; kernels of 3 or
-    more dimensions are refused, their PyTorch layout being ambiguous) with the module names
-    in ``modules_to_save``; trained biases as
-    ``<module>.bias`` (``<module>.base_layer.bias`` for a module with LoRA factors) with
-    ``bias`` set to ``config.bias`` (without a config: ``"lora_only"`` when every trained bias
-    belongs to a module with LoRA factors, else ``"all"``); token deltas as
-    ``<embedding>.token_adapter.trainable_tokens_delta``, which in PEFT holds the trained rows
-    ``W0[ids] + delta`` (so ``params`` is needed), with ``trainable_token_indices`` ``{module:
-    ids}``. A leaf's module name is the key map's name of the leaf's path, or else of its
-    module's ``kernel`` / ``embedding``.
-
-    A scan-stacked adapter (`LoraWeights.layer_axes` ``== 1``) is written as one module per
-    adapted layer (all ``L``, or its ``layers``), each as the single-layer adapter of that layer's
-    kernel: its key-map name must contain ``{layer}`` (``"layers.{layer}.attn.query"``), replaced
-    by the layer index; ``target_modules`` / ``rank_pattern`` / ``alpha_pattern`` list the
-    per-layer names.
-
-    Expert kernels (`LoraWeights.expert_axes`: one LoRA per expert) are written as PEFT's
-    ``target_parameters`` (``lora.ParamWrapper``, see `flax_lora._peft._expert_params`): the key map
-    names the PyTorch parameter, ``"<module>.<param>"`` (``"experts.w1"``; the default key map
-    keeps the leaf name: ``params/experts/w_in`` -> ``experts.w_in``), and the file holds
-    ``<module>.lora_A.weight (r * E, in)`` (rows expert-major) and ``<module>.lora_B.weight
-    (out, r * E)`` (columns rank-major), the names listed in ``target_parameters`` and their
-    ranks / alphas keyed ``"<module>.<param>"``. Two facts of the PyTorch side that the Flax
-    model cannot show are given explicitly: ``param_order`` when one module holds several
-    adapted parameters (PEFT nests them by registration order under ``.base_layer``), and
-    ``reversed_params`` for parameters PEFT reads reversed. ParamWrapper refuses DoRA (an
-    error) and dropout (written as 0.0, with a warning).
-
-    Safety (as `lora.save`): a new ``directory`` is written complete beside it and renamed into
-    place; into an existing folder (its other files untouched) the two files go through
-    temporary files and renames, and the safetensors metadata holds the SHA-256 of the config
-    written with the tensors, which `load_peft` checks, so a reader never takes the new tensors
-    with the old config (or the reverse). An existing pair is replaced only when `save_peft`
-    wrote it (its mark in the safetensors metadata): a pair written by PEFT or anything else,
-    or a file where the folder should be, is an error and nothing is touched.
-
-    Note: PEFT matches a listed name also as a suffix (``lin`` targets ``block.lin`` too); an
-    extra module PEFT adapts that way starts with PEFT's no-op initialisation (``B = 0``), so the
-    loaded model is unchanged, but PEFT may warn about missing keys.
+    Sharp edge: PEFT also matches a listed name as a suffix (``lin`` targets ``block.lin``); such
+    an extra module starts as PEFT's no-op (``B = 0``), but PEFT may warn about missing keys.
 
     Example:
       >>> lora.save_peft("/tmp/adapter", adapters, config)
       >>> # PyTorch: PeftModel.from_pretrained(torch_model, "/tmp/adapter")
-      >>> # nn.scan-stacked blocks (params/layers/q/kernel (L, d, d)) -> layers.0.q, layers.1.q, ...
-      >>> key_map = lambda p: p.removeprefix("params/").replace("layers/", "layers.{layer}.")[:-7]
-      >>> lora.save_peft("/tmp/adapter", adapters, config, key_map=key_map)
-      >>> # a classifier head (modules_to_save) for BertForSequenceClassification
-      >>> lora.save_peft("/tmp/cls", adapters, config, key_map=cls_map, task_type="SEQ_CLS")
 
     Args:
-      directory: the output directory (created, or a folder whose other files are left alone;
-        an earlier pair of files written by `save_peft` in it is replaced).
-      adapters: adapters from `lora.init`, `lora.load`, `lora.load_peft`, ... (kinds ``dense``,
-        ``conv`` with Flax's ``(*window, in, out)`` layout, and ``embed`` with a 2-D table).
-      config: the `LoraConfig` they were made with (for ``r``, ``lora_alpha``, ``use_rslora``,
-        ``lora_dropout``). ``None`` takes the most common rank, alphas from the scales and no
-        rsLoRA.
-      key_map: kernel path -> PyTorch module name, as a function (returning ``None`` for a path
-        without a twin) or a dict; ``None`` drops a leading ``params`` and the leaf name and
-        joins with ``"."``. A leading ``base_model.model.`` in a returned name is ignored.
-        The name of a scan-stacked kernel must contain ``{layer}`` (so the default key map
-        cannot name one), that of a single-layer kernel must not.
-      base_model_name_or_path: written to the config (e.g. the Hub id of the base model).
-      task_type: PEFT's ``task_type`` (``"SEQ_CLS"``, ``"CAUSAL_LM"``, ``"SEQ_2_SEQ_LM"``,
-        ``"TOKEN_CLS"``, ``"QUESTION_ANS"``, ``"FEATURE_EXTRACTION"``), so that
-        ``PeftModel.from_pretrained`` builds the matching model class (``"SEQ_CLS"`` adds
-        PEFT's ``classifier`` / ``score`` to ``modules_to_save``); ``None``: none.
+      directory: the output directory (created, or a folder whose other files are left alone).
+      adapters: adapters of kinds ``dense``, ``conv`` (Flax's ``(*window, in, out)``) and
+        ``embed`` (a 2-D embedding), with any trained copies and token deltas.
+      config: the `LoraConfig` they were made with; ``None`` takes the most common rank,
+        alphas from the scales and no rsLoRA.
+      key_map: kernel path -> PyTorch module name, a function (``None`` for no twin) or a dict;
+        ``None`` drops a leading ``params`` and the leaf name and joins with ``"."``.
+      base_model_name_or_path: written to the config.
+      task_type: PEFT's ``task_type`` (``"SEQ_CLS"``, ``"CAUSAL_LM"``, ...); ``None``: none.
       params: the base params, needed only for token deltas (PEFT stores the trained rows).
-      param_order: for modules with several adapted expert parameters, PyTorch's registration
-        order of their names (``[n for n, _ in module.named_parameters(recurse=False)]``): a
-        sequence for every module (``("gate_up_proj", "down_proj")``, Mixtral's) or a dict by
-        module name as the key map spells it (``{"layers.{layer}.experts": ("w1", "w2")}``);
-        names beyond the adapted ones are ignored.
-      reversed_params: key-map names of expert parameters that PEFT reads reversed: PEFT takes
-        a parameter ``(E, s1, s2)`` for ``(E, out, in)`` unless its module has ``is_transposed =
-        True`` (then ``(E, in, out)``); a parameter laid out the other way ((E, in, out) without
-        the flag, as ``(E, out, in)`` with it) belongs here. Default: none (Mixtral's
-        ``(E, out, in)``, gpt-oss's ``(E, in, out)`` with the flag).
-      overwrite: ``False`` refuses a ``directory`` that holds either file already, even one
-        `save_peft` wrote.
+      param_order: PyTorch's registration order of a module's adapted expert parameters.
+      reversed_params: key-map names of expert parameters PEFT reads reversed.
+      overwrite: ``False`` refuses a ``directory`` holding either file already.
 
     Returns:
       The directory's absolute path.
 
-    Raises:
-      ValueError: the tree is empty; the key map names no module (or one module twice) for
-        some paths, which are listed; an unknown ``task_type``; token deltas without
-        ``params``; a stacked kernel's name lacks ``{layer}`` (or an
-        unstacked one's has it), or a kernel has more than one layer axis (nested scans); an
-        adapter has a layout PEFT cannot express (an expert kernel with DoRA or several expert
-        axes); a module holds several expert parameters and ``param_order`` does not order
-        them; a module is adapted both as a module and through its parameters; an adapter's
-        alpha (derived from its scale) is not finite or beyond ``|alpha| <= 1e6``, which
-        `load_peft` refuses; ``directory`` exists and is not a folder, or holds a
-        ``adapter_model.safetensors`` / ``adapter_config.json`` that `save_peft` did not write
-        (or, with ``overwrite=False``, either file at all): nothing is written then.
-
     Warns:
-      UserWarning: ``lora_dropout`` is not 0 and there are expert kernels (written as 0.0).
-      UserWarning: ``config.init`` is ``"pissa"``, ``"olora"`` or ``"loftq"`` (the adapters
-        belong to the changed base `lora.init` returned, not to the original one PEFT loads).
+      UserWarning: ``config.init`` is ``"pissa"``, ``"olora"`` or ``"loftq"`` (the adapters fit
+        the base `lora.init` returned, not the original); dropout with expert kernels
+        (written as 0.0).
+
+    Raises:
+      ValueError: an empty tree; paths the key map names no module (or one twice) for; an
+        unknown ``task_type``; token deltas without ``params``; ``{layer}`` missing or
+        misplaced; a layout PEFT cannot express; expert parameters ``param_order`` does not
+        order; an alpha beyond ``|alpha| <= 1e6``; a ``directory`` that is a file or holds
+        files `save_peft` did not write. Nothing is written then; the guide lists every case.
     """
     table, extras = _parts(adapters)
     _check_options(config, task_type)
@@ -295,7 +224,7 @@ def _names(table: dict[str, LoraWeights], name_of: Namer, default: bool) -> dict
     layered = [p for p, w in table.items() if w.layer_axes]
     if default and layered:
         raise ValueError(
-            f"save_peft: {describe(layered)} adapt scan-stacked kernels (a leading layer axis), "
+            f"save_peft: {describe(layered)} adapt layered kernels (a leading layer axis), "
             "which PEFT stores as one module per layer; pass a key_map whose names for them "
             f"contain {LAYER!r} (e.g. 'layers.{LAYER}.attn.query'), replaced by each layer index."
         )

@@ -188,8 +188,8 @@ def _conv_magnitude(m: np.ndarray, nd: int) -> np.ndarray:
 def _write_embedding(path: str, w: LoraWeights, a: np.ndarray, b: np.ndarray) -> Pair:
     if len(w.kernel_shape) != 2:
         raise ValueError(
-            f"save_peft: embedding {path!r} has a {len(w.kernel_shape)}-D table "
-            f"{tuple(w.kernel_shape)}; PEFT's Embedding LoRA needs a 2-D (num, dim) table."
+            f"save_peft: embedding {path!r} is {len(w.kernel_shape)}-D "
+            f"{tuple(w.kernel_shape)}; PEFT's Embedding LoRA needs a 2-D (num, dim) embedding."
         )
     return a.T, b.T
 
@@ -201,7 +201,7 @@ def _read_embedding(t: Target, lora_a: np.ndarray, lora_b: np.ndarray) -> Factor
         )
     r = lora_a.shape[0]
     if len(t.shape) != 2 or lora_a.shape != (r, t.shape[0]) or lora_b.shape != (t.shape[1], r):
-        raise t.misfit("lora_embedding_A (r, num) and lora_embedding_B (dim, r) of a 2-D table")
+        raise t.misfit("lora_embedding_A (r, num) and lora_embedding_B (dim, r) of a 2-D embedding")
     return Factors(lora_a.T, lora_b.T, "embed", (0,))
 
 

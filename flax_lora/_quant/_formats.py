@@ -128,8 +128,8 @@ class QuantizedKernel:
       dtype: the kernel's dtype (what `dequantize_kernel` returns).
       format: ``"int8"`` or ``"nf4"``.
       block_size: values per absmax block (``"nf4"``; 0 for ``"int8"``).
-      layer_axes: leading layer axes of a kernel stacked by a scan (0: none). Each leaf then
-        has these axes first and holds, per layer, that layer's unstacked quantization (int8
+      layer_axes: leading layer axes of a layered kernel (``nn.scan``; 0: none). Each leaf then
+        has these axes first and holds, per layer, that layer's own quantization (int8
         ``absmax`` ``(*L, out)``; nf4 ``codes`` ``(*L, bytes per layer)``, ``absmax``
         ``(*L, blocks per layer)``, double quantization's ``absmax_scale`` ``(*L, groups)``
         and ``absmax_offset`` ``(*L,)``).
@@ -246,7 +246,7 @@ def quantize_kernel(
       dtype: ``"int8"`` or ``"nf4"``.
       block_size: values per absmax block for ``"nf4"`` (a positive even number).
       double_quant: also quantize the NF4 block absmaxes (QLoRA's double quantization).
-      layer_axes: leading layer axes of a stacked kernel (``nn.scan``): each layer is then
+      layer_axes: leading layer axes of a layered kernel (``nn.scan``): each layer is then
         quantized on its own, exactly as ``quantize_kernel(w[i])``, and the leaves are stacked.
 
     Returns:
@@ -345,6 +345,9 @@ def dequantize_kernel(q: QuantizedKernel) -> jax.Array:
 
     Returns:
       The dequantized array (computed in float32, cast once to ``q.dtype``).
+
+    Raises:
+      TypeError: ``q`` is not a `QuantizedKernel`.
     """
     if not is_quantized(q):
         raise TypeError(f"dequantize_kernel expects a QuantizedKernel; got {type(q).__name__}.")

@@ -83,41 +83,33 @@ def quantize(
 ) -> PyTree:
     """Stores the frozen kernels of ``params`` quantized (QLoRA's base), as `QuantizedKernel`\\s.
 
-    ``"int8"``: symmetric per-channel absmax, the channel being the kernel's last axis (codes
-    ``round(w * 127 / absmax)``; bitsandbytes' LLM.int8 weight format). ``"nf4"``: bitsandbytes'
-    NF4: the flattened kernel in blocks of ``block_size`` values, each scaled by its absmax and
-    rounded to the nearest of 16 NormalFloat levels, two codes per byte; a partial last block is
-    zero-padded. ``double_quant`` (QLoRA) also stores the block absmaxes as 8-bit dynamic-map
-    codes of their mean-subtracted values in blocks of 256 (bitsandbytes'
-    ``compress_statistics``). Bytes per weight: f32 4, int8 ~1, nf4 ~0.56 (4.5 bits), nf4 with
-    double quantisation ~0.52 (4.13 bits). Jit-able with ``targets``/``dtype``/``block_size``/
-    ``double_quant`` static.
+    ``"int8"``: symmetric absmax per channel of the kernel's last axis (bitsandbytes'
+    LLM.int8 weight format, ~1 byte per weight). ``"nf4"``: bitsandbytes' NF4, the flattened
+    kernel in absmax-scaled blocks of ``block_size`` values rounded to 16 NormalFloat levels
+    (~0.56 bytes per weight; ~0.52 with ``double_quant``, which also quantizes the block
+    absmaxes). With ``probe``, layered kernels (``nn.scan`` / ``nnx.scan``) are quantized
+    layer by layer, each layer exactly as that layer's kernel alone. Jit-able with
+    ``targets`` / ``dtype`` / ``block_size`` / ``double_quant`` static. Guide:
+    `docs/guides/qlora.md`.
 
-    A kernel stacked by ``nn.scan`` / ``nnx.scan`` (found by ``probe``, as `lora.init` finds
-    them) is quantized layer by layer: int8 gets one absmax per layer and channel ``(L, out)``,
-    nf4 blocks never straddle two layers, so every layer is stored exactly as the unstacked
-    quantization of its kernel, and the factored `lora.wrap` dequantizes it inside the scan, one
-    layer at a time. Without a probe a stacked kernel is quantized as one array (scales shared
-    across layers).
+    Sharp edge: under a trace (inside ``jax.jit``) the values are unknown and not checked: a
+    NaN or inf then makes its int8 channel, its nf4 block (with ``double_quant``, the whole
+    kernel) dequantize to NaN. Outside a trace such a kernel is a ``ValueError``.
 
     Example:
       >>> qparams = lora.quantize(params, dtype="nf4")
-      >>> qparams = lora.quantize(params, dtype="int8", probe=lambda p: model.apply(p, x))
-      >>> fn = jax.jit(lambda q, ad, x: lora.wrap(model.apply)(lora.dequantize(q), ad, x))
+      >>> y = jax.jit(lora.wrap(model.apply))(qparams, adapters, x)  # dequantized at each use
 
     Args:
       params: a Linen variables dict, an NNX state, or any pytree.
-      targets: which leaves to quantize: a regex that must ``re.fullmatch`` the path (the
-        syntax of `LoraConfig` patterns), or a sequence of them (any matches); the leaves of 2
-        or more dimensions they match. ``None``: every leaf of 2 or more dimensions named
-        ``kernel`` or ``embedding`` (Flax's names).
-        Leaves already quantized are left as they are.
+      targets: a regex that must ``re.fullmatch`` the path, or a sequence of them: the leaves
+        of 2 or more dimensions to quantize. ``None``: those named ``kernel`` or ``embedding``
+        (Flax's names), skipping leaves already quantized.
       dtype: the format, ``"nf4"`` (default) or ``"int8"``.
-      block_size: NF4 values per absmax block (a positive even number; bitsandbytes' default 64).
-        Unused by int8.
+      block_size: NF4 values per absmax block (a positive even number); unused by int8.
       double_quant: quantize the NF4 block absmaxes too (QLoRA's double quantization).
       probe: an optional function of the params alone (e.g. ``lambda p: model.apply(p, x)``),
-        traced abstractly to find the kernels stacked by a scan and their layer axes.
+        traced abstractly to find the layered kernels and their layer axes.
 
     Returns:
       ``params`` with each selected kernel replaced by a `QuantizedKernel`; every other leaf is
@@ -125,11 +117,8 @@ def quantize(
 
     Raises:
       ValueError: unknown ``dtype``, bad ``block_size``, ``double_quant`` with int8,
-        ``targets`` that match no kernel (the message lists the paths seen), or a selected
-        kernel holding a NaN or an inf (the message names each such kernel, how many it holds
-        and where). Under a trace (inside ``jax.jit``) the values are unknown and not checked:
-        a non-finite entry then makes its int8 channel, its nf4 block (with ``double_quant``,
-        the whole kernel) dequantize to NaN.
+        ``targets`` that match no kernel (listing the paths seen) or an already quantized one,
+        or a selected kernel holding a NaN or an inf (naming it, how many and where).
       TypeError: a selected kernel is not floating.
     """
     check_format(dtype, block_size, double_quant)
