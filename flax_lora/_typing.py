@@ -10,9 +10,14 @@ from __future__ import annotations
 from typing import Any, Literal, get_args
 
 import jax
+import numpy as np
 
 PyTree = Any
 """Any pytree (a nested structure of dicts, lists, tuples, dataclasses and arrays)."""
+
+ArrayLeaf = jax.Array | np.ndarray | jax.ShapeDtypeStruct
+"""A leaf of ``params`` with a shape: concrete (a JAX or NumPy array) or abstract (the
+``jax.ShapeDtypeStruct`` stand-ins of ``jax.eval_shape``)."""
 
 Key = jax.Array | None
 """A PRNG key, or ``None`` for none: the dropout key of a call (``lora_rng``) or of one

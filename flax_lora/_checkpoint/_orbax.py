@@ -31,6 +31,7 @@ from flax_lora._checkpoint._meta import (
     check_all_read,
     extra,
     extra_fields,
+    plain_extras,
     read_meta,
     recognise,
     stored_config,
@@ -98,7 +99,7 @@ def save(
     if not isinstance(overwrite, bool):
         raise TypeError(f"lora.save: overwrite must be True or False; got {overwrite!r}.")
     table = adapter_table(adapters)
-    extras = split(adapters, is_lora)[1]
+    extras = plain_extras(split(adapters, is_lora)[1], "save")
     if not table and not extras:
         raise ValueError("lora.save: the adapter tree is empty.")
     arrays = nest(

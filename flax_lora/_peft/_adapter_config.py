@@ -46,7 +46,7 @@ _UNSUPPORTED = {
     "kasa_config": "KaSA",
     "monteclora_config": "MonteCLoRA",
 }
-_DEFAULTS = {  # the fields save_peft writes as PEFT's defaults
+_DEFAULTS: dict[str, object] = {  # the fields save_peft writes as PEFT's defaults
     "peft_type": "LORA",
     "auto_mapping": None,
     "revision": None,

@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.typing import ArrayLike, DTypeLike
+from jax.typing import DTypeLike
 
 from flax_lora import _regex
 from flax_lora._adapters._extras import Extra, TokenDelta, TrainedCopy, check_token_delta
@@ -45,7 +45,7 @@ from flax_lora._peft._names import (
     torch_param,
 )
 from flax_lora._peft._tensor_layouts import from_torch, to_torch
-from flax_lora._typing import PyTree
+from flax_lora._typing import ArrayLeaf, PyTree
 
 
 # -- save ----------------------------------------------------------------------------------------
@@ -240,8 +240,10 @@ def _read_extra(
         )
     leaf = leaves[path]
     value = from_torch(path, tensor, tuple(np.shape(leaf)), "load_peft")
-    value = jnp.asarray(value, dtype or getattr(leaf, "dtype", jnp.float32))
-    return path, TrainedCopy(value=value, role="module" if is_saved else "bias")
+    return path, TrainedCopy(
+        value=jnp.asarray(value, dtype or getattr(leaf, "dtype", jnp.float32)),
+        role="module" if is_saved else "bias",
+    )
 
 
 def _token_delta(
@@ -250,7 +252,7 @@ def _token_delta(
     module: str,
     ids: list[int],
     path: str,
-    embedding: ArrayLike | jax.ShapeDtypeStruct,
+    embedding: ArrayLeaf,
     dtype: DTypeLike | None,
 ) -> TokenDelta:
     """The `TokenDelta` ``rows - W0[ids]`` of PEFT's trained rows of the embedding at ``path``.

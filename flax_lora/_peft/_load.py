@@ -87,7 +87,7 @@ def load_peft(
     params: PyTree,
     key_map: KeyMap = None,
     *,
-    probe: Callable[[PyTree], Any] | None = None,
+    probe: Callable[[PyTree], PyTree] | None = None,
     dtype: DTypeLike | None = None,
     param_order: ParamOrder = None,
     reversed_params: Collection[str] = (),
@@ -238,7 +238,7 @@ def load_peft(
             w = _weights(module.target, _read(module, cfg), cfg, dtype)
             per_kernel.setdefault(module.path, {})[module.layer] = w
     entries = [
-        (path, join_layer_modules(path, templates[path], kernels[path], pieces))
+        (path, join_layer_modules(path, templates[path], kernels[path], _layers(pieces)))
         if path in templates
         else (path, pieces[None])
         for path, pieces in per_kernel.items()
@@ -340,6 +340,11 @@ def _weights(
     )
 
 
+def _layers(pieces: dict[int | None, LoraWeights]) -> dict[int, LoraWeights]:
+    """The adapters of a layered kernel's layers by layer (its modules all have one)."""
+    return {i: w for i, w in pieces.items() if i is not None}
+
+
 def _other_tensors(
     weights: Weights, leaves: Mapping[str, Any], name_of: Namer
 ) -> dict[str, np.ndarray]:
@@ -358,16 +363,16 @@ def _other_tensors(
     out = {}
     for key, tensor in weights.others.items():
         _, module, param = split_tensor_key(key) or ("?", "", "")
-        path = owner.get((module, param or "weight"))  # trainable tokens: the embedding's weight
-        if path is None:
+        leaf = owner.get((module, param or "weight"))  # trainable tokens: the embedding's weight
+        if leaf is None:
             out[key] = np.empty((0,), weights.header.entries[tensor].dtype)
             continue
-        size, limit = math.prod(weights.shape(tensor)), math.prod(np.shape(leaves[path]))
+        size, limit = math.prod(weights.shape(tensor)), math.prod(np.shape(leaves[leaf]))
         if size > limit:
             raise ValueError(
                 f"load_peft: {weights.file!r}: tensor {PREFIX + key!r} has shape "
-                f"{weights.shape(tensor)}, more elements than the leaf {path!r} it belongs to "
-                f"({tuple(np.shape(leaves[path]))})."
+                f"{weights.shape(tensor)}, more elements than the leaf {leaf!r} it belongs to "
+                f"({tuple(np.shape(leaves[leaf]))})."
             )
         out[key] = weights.read(tensor)
     return out

@@ -14,11 +14,12 @@ is an array of a tensor's shape and dtype that costs no memory, for checking sha
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
 from collections.abc import Mapping
-from typing import IO, Any
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -61,7 +62,7 @@ class _Bad(ValueError):
     """A header problem, before the file and tensor are named."""
 
 
-def read_header(f: IO[bytes], file: str, limit: int) -> Header:
+def read_header(f: io.BufferedReader, file: str, limit: int) -> Header:
     """The header of the open safetensors file ``f`` (named ``file`` in errors), checked
     against the file's size; a header longer than ``limit`` bytes is refused unread.
 
@@ -185,7 +186,7 @@ def _check_coverage(file: str, entries: Mapping[str, Entry], start: int, size: i
         )
 
 
-def read_tensor(f: IO[bytes], header: Header, name: str) -> np.ndarray:
+def read_tensor(f: io.BufferedReader, header: Header, name: str) -> np.ndarray:
     """The tensor ``name`` of the open file ``f`` (its checked ``header``), read into a new
     array.
 
@@ -194,7 +195,7 @@ def read_tensor(f: IO[bytes], header: Header, name: str) -> np.ndarray:
     """
     e = header.entries[name]
     out = np.empty(e.shape, e.dtype)
-    buffer = memoryview(out.reshape(-1).view(np.uint8))
+    buffer = out.reshape(-1).view(np.uint8).data
     f.seek(e.start)
     done = 0
     while done < len(buffer):

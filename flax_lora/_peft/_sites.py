@@ -11,15 +11,12 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
-from jax.typing import ArrayLike
-
 from flax_lora._paths import KERNEL_LEAVES, describe, flatten, leaf_name
 from flax_lora._peft._expert_params import ExpertSpec, nesting
 from flax_lora._peft._names import LAYER, KeyMap, Namer, layer_name
-from flax_lora._typing import PyTree
+from flax_lora._typing import ArrayLeaf, PyTree
 
-Kernel = ArrayLike | jax.ShapeDtypeStruct
+Kernel = ArrayLeaf
 Site = tuple[str, int | None]  # a module's kernel path and layer (None: an unlayered kernel)
 
 
