@@ -13,7 +13,12 @@ import jax
 import numpy as np
 
 PyTree = Any
-"""Any pytree (a nested structure of dicts, lists, tuples, dataclasses and arrays)."""
+"""Any pytree (a nested structure of dicts, lists, tuples, dataclasses and arrays): JAX has no
+type for one."""
+
+Leaf = Any
+"""A leaf of a pytree (an array, a ``jax.ShapeDtypeStruct``, a scalar, ``None``, whatever a
+``tree_map`` put there): JAX has no type for one either."""
 
 ArrayLeaf = jax.Array | np.ndarray | jax.ShapeDtypeStruct
 """A leaf of ``params`` with a shape: concrete (a JAX or NumPy array) or abstract (the

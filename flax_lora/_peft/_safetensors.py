@@ -19,7 +19,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TypeGuard
 
 import jax.numpy as jnp
 import numpy as np
@@ -118,7 +118,7 @@ def read_header(f: io.BufferedReader, file: str, limit: int) -> Header:
     return Header(file, entries, metadata)
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     keys = [k for k, _ in pairs]
     if len(set(keys)) != len(keys):
         twice = sorted({k for k in keys if keys.count(k) > 1})
@@ -130,7 +130,7 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e)[:200]}"
 
 
-def _entry(spec: Any, base: int) -> Entry:
+def _entry(spec: object, base: int) -> Entry:
     """One header entry, checked; offsets made absolute (``base``: the data's start)."""
     if not isinstance(spec, dict) or not {"dtype", "shape", "data_offsets"} <= set(spec):
         raise _Bad(f"expected {{'dtype', 'shape', 'data_offsets'}}; got {_clip(spec)}")
@@ -154,11 +154,11 @@ def _entry(spec: Any, base: int) -> Entry:
     return Entry(DTYPES[dtype], tuple(shape), base + begin, base + end)
 
 
-def _is_count(x: Any) -> bool:
+def _is_count(x: object) -> TypeGuard[int]:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def _clip(x: Any) -> str:
+def _clip(x: object) -> str:
     text = repr(x)
     return text if len(text) <= 80 else text[:77] + "..."
 
