@@ -301,8 +301,9 @@ def _read(directory: Path) -> PyTree:
             f"{str(e)[:300]}); it is damaged or incomplete."
         ) from e
     arrays = flatten(restored["arrays"])
-    entries = (*fields.items(), *extra_f.items())
-    check_all_read(directory, arrays, {k for p, f in entries for k in array_keys(p, f)})
+    read = {k for p, f in fields.items() for k in array_keys(p, f)}
+    read |= {k for p, f in extra_f.items() for k in array_keys(p, f)}
+    check_all_read(directory, arrays, read)
     return nest(
         [
             *((p, adapter(directory, p, f, arrays)) for p, f in fields.items()),
