@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 PyTree = Any
-"""Any pytree (a nested structure of dicts, lists, tuples, dataclasses and arrays): JAX has no
+"""A pytree (a nested structure of dicts, lists, tuples, dataclasses and arrays): JAX has no
 type for one."""
 
 Leaf = Any
