@@ -168,7 +168,7 @@ class _Nfa:
         return len(self.succ) - 1
 
 
-_Rule = Callable[["_Nfa", _Av, int, int], int]
+_Rule = Callable[[_Nfa, _Av, int, int], int]
 """How one op code adds its nodes: ``rule(nfa, av, flags, nxt) -> its first node``."""
 
 
@@ -329,7 +329,8 @@ class Pattern:
         if matched and search:
             nxt = _ACCEPT
         else:
-            test, hits, passed = self._nfa.test, dict[_Test, bool](), []
+            test, passed = self._nfa.test, []
+            hits: dict[_Test, bool] = {}
             for i in chars:
                 t = test[i]
                 assert t is not None  # chars holds the consuming nodes only
