@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import jax
-from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
+from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, KeyPath, SequenceKey
 
-from flax_lora._typing import PyTree
-
-KeyPath = tuple[Any, ...]
+from flax_lora._typing import Leaf, PyTree
 
 KERNEL_LEAVES = ("kernel", "embedding")
 """The leaf names Flax gives kernels: ``kernel`` (Dense, DenseGeneral, Einsum, Conv) and
@@ -28,7 +25,7 @@ def module_path(path: str) -> str:
     return path.rsplit("/", 1)[0] if "/" in path else ""
 
 
-def key_str(key: Any) -> str:
+def key_str(key: object) -> str:
     """One entry of a JAX key path as text."""
     if isinstance(key, DictKey):
         return str(key.key)
@@ -53,15 +50,15 @@ def path_str(keypath: KeyPath) -> str:
     return "/".join(key_str(k) for k in keys)
 
 
-def flatten(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> dict[str, Any]:
+def flatten(tree: PyTree, is_leaf: Callable[[PyTree], bool] | None = None) -> dict[str, Leaf]:
     """Maps each leaf's path string to the leaf, in tree order."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
     return {path_str(kp): leaf for kp, leaf in flat}
 
 
-def nest(items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+def nest(items: Iterable[tuple[str, PyTree]]) -> dict[str, PyTree]:
     """Builds nested dicts from ``(path, value)`` pairs, splitting each path on "/"."""
-    root: dict[str, Any] = {}
+    root: dict[str, PyTree] = {}
     for path, value in items:
         node = root
         *parents, last = path.split("/")

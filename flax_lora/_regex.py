@@ -26,10 +26,15 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable
-from re import _constants as C
-from re import _parser
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:  # typeshed types re's private modules under their old public names
+    import sre_constants as C
+    import sre_parse as _parser
+else:
+    from re import _constants as C
+    from re import _parser
 
 MAX_NODES = 10_000  # NFA nodes; one set step is one pass over them
 MAX_STATES = 2_048  # cached DFA states before the cache starts over
@@ -68,9 +73,13 @@ def _word(side: _Side, flags: int) -> bool:
     return side.ascii_word if flags & C.SRE_FLAG_ASCII else side.word
 
 
+_Av = Any
+"""A parsed node's argument: its type depends on the node's op code (typeshed's union
+``sre_parse._AvType``), which the tables below dispatch on."""
+
 # -- assertions: Python's meaning of each AT code (CPython's Modules/_sre/sre_lib.h ``at``) --
 _Predicate = Callable[[_Where], bool]
-_AT: dict[Any, Callable[[int], _Predicate]] = {
+_AT: dict[int, Callable[[int], _Predicate]] = {
     C.AT_BEGINNING: lambda f: (
         (lambda w: w.before.edge or w.before.newline)
         if f & C.SRE_FLAG_MULTILINE
@@ -101,13 +110,13 @@ _CATEGORIES = {
     C.CATEGORY_WORD: r"\w",
     C.CATEGORY_NOT_WORD: r"\W",
 }
-_SET_ITEMS: dict[Any, Callable[[Any], str]] = {
+_SET_ITEMS: dict[int, Callable[[_Av], str]] = {
     C.NEGATE: lambda _: "^",
     C.LITERAL: _char,
     C.RANGE: lambda av: f"{_char(av[0])}-{_char(av[1])}",
     C.CATEGORY: lambda av: _CATEGORIES[av],
 }
-_CHAR_SOURCES: dict[Any, Callable[[Any], str]] = {
+_CHAR_SOURCES: dict[int, Callable[[_Av], str]] = {
     C.LITERAL: _char,
     C.NOT_LITERAL: lambda av: f"[^{_char(av)}]",
     C.ANY: lambda _: ".",
@@ -116,8 +125,12 @@ _CHAR_SOURCES: dict[Any, Callable[[Any], str]] = {
 _FLAG_LETTERS = ((C.SRE_FLAG_IGNORECASE, "i"), (C.SRE_FLAG_DOTALL, "s"), (C.SRE_FLAG_ASCII, "a"))
 
 
+_Test = Callable[[str], "re.Match[str] | None"]
+"""A one-character test: the compiled character regex's ``fullmatch``."""
+
+
 @functools.lru_cache(maxsize=4096)
-def _char_test(source: str, flags: int) -> Callable[[str], Any]:
+def _char_test(source: str, flags: int) -> _Test:
     letters = "".join(letter for flag, letter in _FLAG_LETTERS if flags & flag)
     return re.compile(f"(?{letters}){source}" if letters else source).fullmatch
 
@@ -138,10 +151,12 @@ class _Nfa:
 
     def __init__(self) -> None:
         self.succ: list[tuple[int, ...]] = []
-        self.test: list[Callable[[str], Any] | None] = []
+        self.test: list[_Test | None] = []
         self.pred: list[_Predicate | None] = []
 
-    def node(self, succ: tuple[int, ...] = (), test: Any = None, pred: Any = None) -> int:
+    def node(
+        self, succ: tuple[int, ...] = (), test: _Test | None = None, pred: _Predicate | None = None
+    ) -> int:
         if len(self.succ) >= MAX_NODES:
             raise _Refusal(
                 f"is too large for flax_lora's linear-time matcher (over {MAX_NODES} NFA "
@@ -153,7 +168,11 @@ class _Nfa:
         return len(self.succ) - 1
 
 
-def _seq(nfa: _Nfa, items: Any, flags: int, nxt: int) -> int:
+_Rule = Callable[[_Nfa, _Av, int, int], int]
+"""How one op code adds its nodes: ``rule(nfa, av, flags, nxt) -> its first node``."""
+
+
+def _seq(nfa: _Nfa, items: Iterable[tuple[int, _Av]], flags: int, nxt: int) -> int:
     """The NFA of the parsed items (a SubPattern or a list), followed by node ``nxt``."""
     for op, av in reversed(list(items)):
         if op not in _RULES:
@@ -162,24 +181,24 @@ def _seq(nfa: _Nfa, items: Any, flags: int, nxt: int) -> int:
     return nxt
 
 
-def _consume(op: Any) -> Callable[[_Nfa, Any, int, int], int]:
+def _consume(op: int) -> _Rule:
     return lambda nfa, av, flags, nxt: nfa.node(
         (nxt,), test=_char_test(_CHAR_SOURCES[op](av), flags)
     )
 
 
-def _branch(nfa: _Nfa, av: Any, flags: int, nxt: int) -> int:
+def _branch(nfa: _Nfa, av: _Av, flags: int, nxt: int) -> int:
     return nfa.node(tuple(_seq(nfa, alt, flags, nxt) for alt in av[1]))
 
 
-def _group(nfa: _Nfa, av: Any, flags: int, nxt: int) -> int:
+def _group(nfa: _Nfa, av: _Av, flags: int, nxt: int) -> int:
     _, add, remove, items = av
     if add & _parser.TYPE_FLAGS:  # as re._compiler._combine_flags: (?a:...) replaces the type flag
         flags &= ~_parser.TYPE_FLAGS
     return _seq(nfa, items, (flags | add) & ~remove, nxt)
 
 
-def _repeat(nfa: _Nfa, av: Any, flags: int, nxt: int) -> int:
+def _repeat(nfa: _Nfa, av: _Av, flags: int, nxt: int) -> int:
     low, high, items = av
     if high == C.MAXREPEAT:
         loop = nfa.node()
@@ -194,12 +213,12 @@ def _repeat(nfa: _Nfa, av: Any, flags: int, nxt: int) -> int:
     return tail
 
 
-def _at(nfa: _Nfa, av: Any, flags: int, nxt: int) -> int:
+def _at(nfa: _Nfa, av: _Av, flags: int, nxt: int) -> int:
     return nfa.node((nxt,), pred=_AT[av](flags))
 
 
-def _lookaround(op: Any) -> Callable[[_Nfa, Any, int, int], int]:
-    def refuse(nfa: _Nfa, av: Any, flags: int, nxt: int) -> int:
+def _lookaround(op: int) -> _Rule:
+    def refuse(nfa: _Nfa, av: _Av, flags: int, nxt: int) -> int:
         kind = "lookahead" if av[0] == 1 else "lookbehind"
         negative = "a negative " if op is C.ASSERT_NOT else "a "
         raise _Refusal(f"uses {negative}{kind}{_UNSUPPORTED}")
@@ -207,7 +226,7 @@ def _lookaround(op: Any) -> Callable[[_Nfa, Any, int, int], int]:
     return refuse
 
 
-_RULES: dict[Any, Callable[[_Nfa, Any, int, int], int]] = {
+_RULES: dict[int, _Rule] = {
     **{op: _consume(op) for op in _CHAR_SOURCES},
     C.BRANCH: _branch,
     C.SUBPATTERN: _group,
@@ -217,7 +236,7 @@ _RULES: dict[Any, Callable[[_Nfa, Any, int, int], int]] = {
     C.ASSERT: _lookaround(C.ASSERT),
     C.ASSERT_NOT: _lookaround(C.ASSERT_NOT),
 }
-_REFUSED = {
+_REFUSED: dict[int, str] = {
     C.GROUPREF: r"a backreference (\1, (?P=name))",
     C.GROUPREF_EXISTS: "a conditional (?(group)yes|no)",
     C.ATOMIC_GROUP: "an atomic group (?>...)",
@@ -299,7 +318,7 @@ class Pattern:
             seen.add(i)
             if test[i] is not None:
                 chars.append(i)
-            elif pred[i] is None or pred[i](where):
+            elif (p := pred[i]) is None or p(where):
                 stack.extend(succ[i])
         return chars, self._match in seen
 
@@ -310,12 +329,16 @@ class Pattern:
         if matched and search:
             nxt = _ACCEPT
         else:
-            test, hits = self._nfa.test, {}
+            test, passed = self._nfa.test, []
+            hits: dict[_Test, bool] = {}
             for i in chars:
                 t = test[i]
+                assert t is not None  # chars holds the consuming nodes only
                 if t not in hits:
                     hits[t] = t(char) is not None
-            pending = frozenset(self._nfa.succ[i][0] for i in chars if hits[test[i]])
+                if hits[t]:
+                    passed.append(self._nfa.succ[i][0])
+            pending = frozenset(passed)
             if search:
                 pending |= {self._start}
             nxt = self._intern(pending, after, search) if pending else _DEAD
@@ -345,7 +368,7 @@ def _build(pattern: str) -> Pattern | str:
     nfa = _Nfa()
     try:
         match = nfa.node()
-        start = _seq(nfa, parsed, parsed.state.flags, match)
+        start = _seq(nfa, parsed.data, parsed.state.flags, match)
     except _Refusal as e:
         return str(e)
     except RecursionError:

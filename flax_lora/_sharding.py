@@ -10,7 +10,7 @@ holds the LoRA of its own experts. `place_adapter` places all the arrays of one 
 
 from __future__ import annotations
 
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, Self, TypeVar
 
 import jax
 
@@ -18,10 +18,17 @@ import jax
 class FactorLayout(Protocol):
     """What `place_adapter` reads of an adapter (a `flax_lora.LoraWeights`)."""
 
-    a: Any
-    b: Any
-    m: Any
-    in_axes: tuple[int, ...]
+    @property
+    def a(self) -> jax.Array: ...
+
+    @property
+    def b(self) -> jax.Array: ...
+
+    @property
+    def m(self) -> jax.Array | None: ...
+
+    @property
+    def in_axes(self) -> tuple[int, ...]: ...
 
     @property
     def carried_axes(self) -> tuple[int, ...]: ...
@@ -29,7 +36,7 @@ class FactorLayout(Protocol):
     @property
     def out_axes(self) -> tuple[int, ...]: ...
 
-    def replace(self, **changes: Any) -> Any: ...
+    def replace(self, **changes: object) -> Self: ...
 
 
 W = TypeVar("W", bound=FactorLayout)

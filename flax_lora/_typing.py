@@ -10,9 +10,19 @@ from __future__ import annotations
 from typing import Any, Literal, get_args
 
 import jax
+import numpy as np
 
 PyTree = Any
-"""Any pytree (a nested structure of dicts, lists, tuples, dataclasses and arrays)."""
+"""A pytree (a nested structure of dicts, lists, tuples, dataclasses and arrays): JAX has no
+type for one."""
+
+Leaf = Any
+"""A leaf of a pytree (an array, a ``jax.ShapeDtypeStruct``, a scalar, ``None``, whatever a
+``tree_map`` put there): JAX has no type for one either."""
+
+ArrayLeaf = jax.Array | np.ndarray | jax.ShapeDtypeStruct
+"""A leaf of ``params`` with a shape: concrete (a JAX or NumPy array) or abstract (the
+``jax.ShapeDtypeStruct`` stand-ins of ``jax.eval_shape``)."""
 
 Key = jax.Array | None
 """A PRNG key, or ``None`` for none: the dropout key of a call (``lora_rng``) or of one

@@ -778,3 +778,16 @@ def test_random_versions(base_checkpoint, version) -> None:
         with pytest.raises(ValueError) as e:
             reader(target)
         assert str(target) in str(e.value) and "'version'" in str(e.value)
+
+
+def test_save_refuses_stacked_extras_by_path(tmp_path) -> None:
+    # lora.stack's trained copies and token deltas, without the stacked factors: a checkpoint
+    # holds one adapter set (each set is saved before stacking), so save names them.
+    stacked = lora.stack([_adapters(0, extras=True), _adapters(1, extras=True)])
+    kept = ("head", "embed")
+    only_extras = {"params": {k: v for k, v in stacked["params"].items() if k in kept}}
+    with pytest.raises(TypeError) as e:
+        lora.save(tmp_path / "out", only_extras)
+    assert "lora.save" in str(e.value)
+    assert "head/bias" in str(e.value) and "embed/embedding" in str(e.value)
+    assert not (tmp_path / "out").exists()

@@ -35,7 +35,7 @@ from typing import Literal
 try:
     import fcntl
 except ImportError:  # Windows: no locks, so no staging folder is ever taken for dead
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # the module is absent on Windows: None says so
 
 Mode = Literal["replace", "noreplace", "exchange"]
 State = Literal["missing", "empty", "checkpoint"]

@@ -16,19 +16,21 @@ import json
 import os
 import reprlib
 import stat
+import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flax_lora._adapters._delta import check_fits
-from flax_lora._adapters._extras import Extra, from_meta
+from flax_lora._adapters._extras import EXTRA_TYPES, Extra, StackedExtra, from_meta
 from flax_lora._adapters._weights import LoraWeights
+from flax_lora._checkpoint._schema import AdapterFields, ExtraFields, Meta
 from flax_lora._config import LoraConfig, finite_float
 from flax_lora._paths import describe, nest
-from flax_lora._typing import KINDS
+from flax_lora._typing import KINDS, Leaf
 
 FORMAT = "flax_lora.adapters"
 VERSION = 1
@@ -43,11 +45,12 @@ ITEMS = frozenset({"arrays", "meta"})
 ORBAX_FILES = frozenset({"_CHECKPOINT_METADATA", "commit_success.txt"})
 """The entries orbax writes beside the items of a checkpoint."""
 
-Check = Callable[[Any, str], Any]
+Check = Callable[[object, str], object]
+"""A field's check: ``(the JSON value, where)`` -> the value as used."""
 _REQUIRED = object()
 
 
-def _show(value: Any) -> str:
+def _show(value: object) -> str:
     """A short repr of a metadata value (which may be a huge or deep JSON value)."""
     r = reprlib.Repr()
     r.maxstring, r.maxlist, r.maxdict, r.maxlevel, r.maxother = 60, 8, 8, 3, 60
@@ -58,7 +61,7 @@ def where(directory: Path) -> str:
     return f"Checkpoint {str(directory)!r}"
 
 
-def read_json(file: Path, what: str) -> Any:
+def read_json(file: Path, what: str) -> object:
     """The JSON value in ``file``, read with the `MAX_META_BYTES` bound, never blocking on a
     FIFO or device. ``ValueError`` (naming ``what`` and the file) for a missing, special,
     oversized, non-UTF-8 or non-JSON file."""
@@ -108,7 +111,7 @@ def recognise(path: Path) -> str | None:
     return None
 
 
-def read_meta(directory: Path) -> dict[str, Any]:
+def read_meta(directory: Path) -> Meta:
     """The checkpoint's metadata, its top level checked (format, version, the types of
     ``adapters``, ``extras`` and ``config``, the adapter paths); the entries are checked by
     `adapter_fields` / `extra_fields`.
@@ -166,7 +169,7 @@ def read_meta(directory: Path) -> dict[str, Any]:
             f"{here}: field 'config' must be a JSON object (the LoraConfig's fields) or null; "
             f"got {type(meta['config']).__name__}."
         )
-    return meta
+    return typing.cast(Meta, meta)  # its fields checked above
 
 
 def _check_path(path: str, what: str) -> None:
@@ -177,28 +180,28 @@ def _check_path(path: str, what: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # field checks: (value, where) -> the value as used, or TypeError / ValueError naming `where`
 # ---------------------------------------------------------------------------------------------
-def _int(v: Any, at: str) -> int:
+def _int(v: object, at: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"{at} must be an integer; got {_show(v)} ({type(v).__name__}).")
     return v
 
 
-def _count(v: Any, at: str) -> int:
-    if _int(v, at) < 0:
+def _count(v: object, at: str) -> int:
+    if (n := _int(v, at)) < 0:
         raise ValueError(f"{at} must be >= 0; got {v}.")
-    return v
+    return n
 
 
-def _positive(v: Any, at: str) -> int:
-    if _int(v, at) < 1:
+def _positive(v: object, at: str) -> int:
+    if (n := _int(v, at)) < 1:
         raise ValueError(f"{at} must be >= 1; got {v}.")
-    return v
+    return n
 
 
-def _ints(check: Check, distinct: bool = True) -> Check:
+def _ints(check: Callable[[object, str], int], distinct: bool = True) -> Check:
     """A list of ``check``-ed integers (``distinct``: no repeats), as a tuple."""
 
-    def ints(v: Any, at: str) -> tuple[int, ...]:
+    def ints(v: object, at: str) -> tuple[int, ...]:
         if not isinstance(v, list):
             raise TypeError(f"{at} must be a list of integers; got {type(v).__name__}.")
         for i in v:  # every entry's type first: a wrong type is a TypeError wherever it is
@@ -213,26 +216,26 @@ def _ints(check: Check, distinct: bool = True) -> Check:
     return ints
 
 
-def _real(v: Any, at: str) -> float:
+def _real(v: object, at: str) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise TypeError(f"{at} must be a number; got {_show(v)} ({type(v).__name__}).")
     return finite_float(v, at, str(v))
 
 
-def _scale(v: Any, at: str) -> float:
+def _scale(v: object, at: str) -> float:
     if abs(out := _real(v, at)) > MAX_SCALE:
         raise ValueError(f"{at} must be at most {MAX_SCALE:g} in size; got {v}.")
     return out
 
 
-def _dropout(v: Any, at: str) -> float:
+def _dropout(v: object, at: str) -> float:
     if not 0.0 <= (out := _real(v, at)) < 1.0:
         raise ValueError(f"{at} must be in [0, 1); got {v}.")
     return out
 
 
-def _choice(options: tuple[str, ...]) -> Check:
-    def choice(v: Any, at: str) -> str:
+def _choice(options: tuple[str, ...]) -> Callable[[object, str], str]:
+    def choice(v: object, at: str) -> str:
         if not isinstance(v, str):
             raise TypeError(f"{at} must be a string, one of {options}; got {type(v).__name__}.")
         if v not in options:
@@ -242,7 +245,7 @@ def _choice(options: tuple[str, ...]) -> Check:
     return choice
 
 
-def _flag(v: Any, at: str) -> bool:
+def _flag(v: object, at: str) -> bool:
     if not isinstance(v, bool):
         raise TypeError(f"{at} must be true or false; got {_show(v)} ({type(v).__name__}).")
     return v
@@ -252,7 +255,7 @@ def _optional(check: Check) -> Check:
     return lambda v, at: None if v is None else check(v, at)
 
 
-ADAPTER_FIELDS: dict[str, tuple[Any, Check]] = {  # field -> (default, check)
+ADAPTER_FIELDS: dict[str, tuple[object, Check]] = {  # field -> (default, check)
     "scale": (_REQUIRED, _scale),
     "in_axes": (_REQUIRED, _ints(_count)),
     "kernel_shape": (_REQUIRED, _ints(_positive, distinct=False)),
@@ -264,13 +267,15 @@ ADAPTER_FIELDS: dict[str, tuple[Any, Check]] = {  # field -> (default, check)
     "rank": (None, _optional(_positive)),
     "dora": (False, _flag),
 }
-EXTRA_FIELDS: dict[str, dict[str, tuple[Any, Check]]] = {  # type -> its fields
+EXTRA_FIELDS: dict[str, dict[str, tuple[object, Check]]] = {  # type -> its fields
     "copy": {"role": (_REQUIRED, _choice(("module", "bias")))},
     "tokens": {"indices": (_REQUIRED, _ints(_count)), "num_rows": (_REQUIRED, _positive)},
 }
 
 
-def _fields(entry: dict[str, Any], table: dict[str, tuple[Any, Check]], at: str) -> dict:
+def _fields(
+    entry: dict[str, object], table: dict[str, tuple[object, Check]], at: str
+) -> dict[str, object]:
     out = {}
     for name, (default, check) in table.items():
         if name not in entry and default is _REQUIRED:
@@ -279,11 +284,11 @@ def _fields(entry: dict[str, Any], table: dict[str, tuple[Any, Check]], at: str)
     return out
 
 
-def adapter_fields(directory: Path, path: str, entry: dict[str, Any]) -> dict[str, Any]:
+def adapter_fields(directory: Path, path: str, entry: dict[str, object]) -> AdapterFields:
     """The checked static fields of the adapter at ``path`` (`ADAPTER_FIELDS`), its axes in
     range of its kernel and apart from each other."""
     at = f"{where(directory)}: adapter {path!r}"
-    f = _fields(entry, ADAPTER_FIELDS, at)
+    f = typing.cast(AdapterFields, _fields(entry, ADAPTER_FIELDS, at))  # checked to its types
     shape, n = f["kernel_shape"], len(f["kernel_shape"])
     if f["layer_axes"] >= n:
         raise ValueError(f"{at}, field 'layer_axes': {f['layer_axes']} for a kernel {shape}.")
@@ -306,11 +311,11 @@ def adapter_fields(directory: Path, path: str, entry: dict[str, Any]) -> dict[st
     return f
 
 
-def extra_fields(directory: Path, path: str, entry: dict[str, Any]) -> dict[str, Any]:
+def extra_fields(directory: Path, path: str, entry: dict[str, object]) -> ExtraFields:
     """The checked fields of the trained copy or token delta at ``path`` (`EXTRA_FIELDS`)."""
     at = f"{where(directory)}: entry {path!r}"
     kind = _choice(tuple(EXTRA_FIELDS))(entry.get("type"), f"{at}, field 'type'")
-    f = {"type": kind, **_fields(entry, EXTRA_FIELDS[kind], at)}
+    f = typing.cast(ExtraFields, {"type": kind, **_fields(entry, EXTRA_FIELDS[kind], at)})
     if kind == "tokens" and any(i >= f["num_rows"] for i in f["indices"]):
         raise ValueError(f"{at}, field 'indices': rows beyond num_rows {f['num_rows']}.")
     return f
@@ -319,7 +324,7 @@ def extra_fields(directory: Path, path: str, entry: dict[str, Any]) -> dict[str,
 # ---------------------------------------------------------------------------------------------
 # the arrays against the metadata
 # ---------------------------------------------------------------------------------------------
-def _array(directory: Path, arrays: dict[str, Any], key: str, what: str) -> Any:
+def _array(directory: Path, arrays: dict[str, Leaf], key: str, what: str) -> jax.Array:
     x = arrays.get(key)
     if x is None or not hasattr(x, "dtype") or not hasattr(x, "shape"):
         raise ValueError(f"{where(directory)} lacks the {what} (array {key!r}).")
@@ -331,14 +336,25 @@ def _array(directory: Path, arrays: dict[str, Any], key: str, what: str) -> Any:
     return jnp.asarray(x)
 
 
-def adapter(directory: Path, path: str, f: dict[str, Any], arrays: dict[str, Any]) -> LoraWeights:
+def adapter(directory: Path, path: str, f: AdapterFields, arrays: dict[str, Leaf]) -> LoraWeights:
     """The `LoraWeights` at ``path`` from its checked fields ``f`` and the restored arrays,
     whose shapes and dtypes must agree with them."""
     a = _array(directory, arrays, f"{path}/a", f"factors of {path!r}")
     b = _array(directory, arrays, f"{path}/b", f"factors of {path!r}")
     m = _array(directory, arrays, f"{path}/m", f"DoRA magnitude of {path!r}") if f["dora"] else None
-    statics = {k: v for k, v in f.items() if k not in ("rank", "dora")}
-    w = LoraWeights(a=a, b=b, m=m, **statics)
+    w = LoraWeights(
+        a=a,
+        b=b,
+        m=m,
+        scale=f["scale"],
+        in_axes=f["in_axes"],
+        kernel_shape=f["kernel_shape"],
+        kind=f["kind"],
+        dropout=f["dropout"],
+        layer_axes=f["layer_axes"],
+        layers=f["layers"],
+        expert_axes=f["expert_axes"],
+    )
     try:
         check_fits(path, w, w.kernel_shape)
     except ValueError as e:
@@ -351,7 +367,7 @@ def adapter(directory: Path, path: str, f: dict[str, Any], arrays: dict[str, Any
     return w
 
 
-def extra(directory: Path, path: str, f: dict[str, Any], arrays: dict[str, Any]) -> Extra:
+def extra(directory: Path, path: str, f: ExtraFields, arrays: dict[str, Leaf]) -> Extra:
     """The trained copy or token delta at ``path`` from its checked fields and arrays."""
     key = f"{path}/value" if f["type"] == "copy" else f"{path}/delta"
     x = _array(directory, arrays, key, f"array of {path!r}")
@@ -360,17 +376,17 @@ def extra(directory: Path, path: str, f: dict[str, Any], arrays: dict[str, Any])
             f"{where(directory)}: token delta {path!r} has shape {tuple(x.shape)} for "
             f"{len(f['indices'])} indices."
         )
-    return from_meta(f, {key: x}, path)
+    return from_meta(dict(f), {key: x}, path)
 
 
-def array_keys(path: str, f: dict[str, Any]) -> tuple[str, ...]:
+def array_keys(path: str, f: AdapterFields | ExtraFields) -> tuple[str, ...]:
     """The arrays that the entry at ``path`` with checked fields ``f`` reads."""
     if "type" in f:
         return (f"{path}/value",) if f["type"] == "copy" else (f"{path}/delta",)
     return tuple(f"{path}/{n}" for n in (("a", "b", "m") if f["dora"] else ("a", "b")))
 
 
-def check_all_read(directory: Path, arrays: dict[str, Any], read: set[str]) -> None:
+def check_all_read(directory: Path, arrays: dict[str, Leaf], read: set[str]) -> None:
     """``ValueError`` when the ``arrays`` item holds arrays besides those ``read`` (the ones its
     metadata names)."""
     stray = sorted(set(arrays) - read)
@@ -381,7 +397,22 @@ def check_all_read(directory: Path, arrays: dict[str, Any], read: set[str]) -> N
         )
 
 
-def stored_config(directory: Path, meta: dict[str, Any]) -> LoraConfig | None:
+def plain_extras(extras: dict[str, Extra | StackedExtra], fn: str) -> dict[str, Extra]:
+    """The trained copies and token deltas of an adapter tree (``split``'s extras) to save.
+
+    Raises:
+      TypeError: a stacked one (of `lora.stack`), named by path: save each set before stacking.
+    """
+    stacked = [p for p, e in extras.items() if not isinstance(e, EXTRA_TYPES)]
+    if stacked:
+        raise TypeError(
+            f"lora.{fn} takes one adapter set; found stacked entries (of lora.stack) at "
+            f"{describe(stacked)}. Save the sets before stacking, or lora.unstack them."
+        )
+    return {p: e for p, e in extras.items() if isinstance(e, EXTRA_TYPES)}
+
+
+def stored_config(directory: Path, meta: Meta) -> LoraConfig | None:
     """The `LoraConfig` in the checked metadata ``meta``, or ``None``."""
     config = meta.get("config")
     if not config:

@@ -31,6 +31,7 @@ from flax_lora._checkpoint._meta import (
     check_all_read,
     extra,
     extra_fields,
+    plain_extras,
     read_meta,
     recognise,
     stored_config,
@@ -99,7 +100,7 @@ def save(
     if not isinstance(overwrite, bool):
         raise TypeError(f"lora.save: overwrite must be True or False; got {overwrite!r}.")
     table = adapter_table(adapters)
-    extras = split(adapters, is_lora)[1]
+    extras = plain_extras(split(adapters, is_lora)[1], "save")
     if not table and not extras:
         raise ValueError("lora.save: the adapter tree is empty.")
     arrays = nest(
@@ -302,8 +303,9 @@ def _read(directory: Path) -> PyTree:
             f"{str(e)[:300]}); it is damaged or incomplete."
         ) from e
     arrays = flatten(restored["arrays"])
-    entries = (*fields.items(), *extra_f.items())
-    check_all_read(directory, arrays, {k for p, f in entries for k in array_keys(p, f)})
+    read = {k for p, f in fields.items() for k in array_keys(p, f)}
+    read |= {k for p, f in extra_f.items() for k in array_keys(p, f)}
+    check_all_read(directory, arrays, read)
     return nest(
         [
             *((p, adapter(directory, p, f, arrays)) for p, f in fields.items()),

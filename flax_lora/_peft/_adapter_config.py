@@ -13,17 +13,19 @@ import collections
 import hashlib
 import json
 import math
+import typing
 import warnings
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from flax_lora import _regex
 from flax_lora._adapters._weights import LoraWeights
 from flax_lora._config import LoraConfig
-from flax_lora._peft._config_checks import CHECKS, REQUIRED
+from flax_lora._peft._config_checks import CHECKS, REQUIRED, PeftConfig
 from flax_lora._peft._names import CONFIG_NAME
 
+_T = TypeVar("_T")
 TASK_TYPES = (
     "SEQ_CLS",
     "SEQ_2_SEQ_LM",
@@ -46,7 +48,7 @@ _UNSUPPORTED = {
     "kasa_config": "KaSA",
     "monteclora_config": "MonteCLoRA",
 }
-_DEFAULTS = {  # the fields save_peft writes as PEFT's defaults
+_DEFAULTS: dict[str, object] = {  # the fields save_peft writes as PEFT's defaults
     "peft_type": "LORA",
     "auto_mapping": None,
     "revision": None,
@@ -87,8 +89,8 @@ def config_json(
     config: LoraConfig | None,
     dropout: float,
     parameters: Collection[str] = (),
-    **fields: Any,
-) -> dict[str, Any]:
+    **fields: object,
+) -> dict[str, object]:
     """The ``adapter_config.json`` of modules with these ranks and alphas (by module name):
     ``r`` / ``lora_alpha`` the config's (without one: the most common), the others as one
     ``rank_pattern`` / ``alpha_pattern`` entry per module (longest names first, so PEFT's
@@ -127,7 +129,7 @@ def _json_number(x: float) -> int | float:
 
 
 # -- read ----------------------------------------------------------------------------------------
-def read_config(directory: Path) -> tuple[dict[str, Any], str]:
+def read_config(directory: Path) -> tuple[PeftConfig, str]:
     """The directory's ``adapter_config.json``, checked, with every field `load_peft` uses
     normalised (`flax_lora._peft._config_checks`), and the SHA-256 of its bytes.
 
@@ -154,7 +156,7 @@ def read_config(directory: Path) -> tuple[dict[str, Any], str]:
     missing = [key for key in REQUIRED if key not in cfg]
     if missing:
         raise ValueError(f"load_peft: {str(file)!r} has no {' or '.join(map(repr, missing))}.")
-    checked = {}
+    checked: dict[str, object] = {}
     for key, check in CHECKS.items():
         if key in cfg:
             try:
@@ -181,10 +183,11 @@ def read_config(directory: Path) -> tuple[dict[str, Any], str]:
             "path_initial_model_for_weight_conversion) to use it on the original base.",
             stacklevel=3,  # read_config <- load_peft <- the caller
         )
-    return cfg, hashlib.sha256(raw).hexdigest()
+    # CHECKS gave each field of PeftConfig its type; the required ones are there:
+    return typing.cast(PeftConfig, cfg), hashlib.sha256(raw).hexdigest()
 
 
-def _parse(file: Path, raw: bytes) -> dict[str, Any]:
+def _parse(file: Path, raw: bytes) -> dict[str, object]:
     """The JSON object in ``raw``.
 
     Raises:
@@ -206,14 +209,14 @@ def _parse(file: Path, raw: bytes) -> dict[str, Any]:
     return cfg
 
 
-def rank_and_scale(cfg: Mapping[str, Any], name: str) -> tuple[int, float]:
+def rank_and_scale(cfg: PeftConfig, name: str) -> tuple[int, float]:
     """The rank and scale PEFT gives the module ``name``."""
     r = int(_pattern_value(cfg.get("rank_pattern") or {}, name, cfg["r"]))
     alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, name, cfg["lora_alpha"]))
     return r, alpha / (math.sqrt(r) if cfg.get("use_rslora", False) else r)
 
 
-def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+def _pattern_value(patterns: Mapping[str, _T], name: str, default: _T) -> _T:
     """PEFT's ``get_pattern_key``: the first ``k`` with ``re.match(rf"(.*\\.)?({k})$", name)``."""
     for key, value in patterns.items():
         if _regex.search(rf"\A(.*\.)?({key})$", name, "adapter_config.json: pattern key"):

@@ -19,30 +19,58 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Required, TypedDict, TypeGuard, TypeVar
 
 from flax_lora import _regex
 from flax_lora._typing import BIASES
 
 MAX_RANK = 2**31 - 1
 MAX_ALPHA = 1e6
-Check = Callable[[Any], Any]
+Check = Callable[[object], object]
+"""A field's check: the field's JSON value -> its normalised value (raises TypeError or
+ValueError with the rest of a sentence after the field's name)."""
+_T = TypeVar("_T")
 
 
-def _show(v: Any) -> str:
+class PeftConfig(TypedDict, total=False):
+    """``adapter_config.json`` as `load_peft` reads it: each field of `CHECKS` checked and
+    normalised to these types (absent when the file lacks it); other fields unchecked, unused."""
+
+    peft_type: Required[str]
+    r: Required[int]
+    lora_alpha: Required[float]
+    lora_dropout: float
+    use_rslora: bool
+    use_dora: bool
+    fan_in_fan_out: bool
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    target_modules: str | list[str] | None
+    exclude_modules: str | list[str] | None
+    layers_pattern: str | list[str] | None
+    layers_to_transform: int | list[int] | None
+    modules_to_save: list[str] | None
+    target_parameters: list[str] | None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None
+    bias: str
+    task_type: str | None
+    init_lora_weights: bool | str
+
+
+def _show(v: object) -> str:
     text = repr(v)
     return (text if len(text) <= 60 else text[:57] + "...") + f" ({type(v).__name__})"
 
 
-def _is_int(v: Any) -> bool:
+def _is_int(v: object) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: Any) -> bool:
+def _is_number(v: object) -> TypeGuard[int | float]:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def rank(v: Any) -> int:
+def rank(v: object) -> int:
     """A rank: an int in ``[1, MAX_RANK]`` (a bool is not an int)."""
     if not _is_int(v):
         raise TypeError(f" must be an int (a rank); got {_show(v)}")
@@ -51,7 +79,7 @@ def rank(v: Any) -> int:
     return v
 
 
-def alpha(v: Any) -> float:
+def alpha(v: object) -> float:
     """An alpha: a finite number with ``|alpha| <= MAX_ALPHA``."""
     if not _is_number(v):
         raise TypeError(f" must be a number; got {_show(v)}")
@@ -61,7 +89,7 @@ def alpha(v: Any) -> float:
     return x
 
 
-def _dropout(v: Any) -> float:
+def _dropout(v: object) -> float:
     if v is None:
         return 0.0
     if not _is_number(v):
@@ -71,7 +99,7 @@ def _dropout(v: Any) -> float:
     return float(v)
 
 
-def _flag(v: Any) -> bool:
+def _flag(v: object) -> bool:
     if v is None:
         return False
     if not isinstance(v, bool):
@@ -89,11 +117,11 @@ def compile_error(pattern: str) -> str | None:
     return None
 
 
-def _patterns(check: Check, what: str) -> Check:
+def _patterns(check: Callable[[object], _T], what: str) -> Callable[[object], dict[str, _T]]:
     """A ``rank_pattern`` / ``alpha_pattern``: an object of regex keys (PEFT matches ``k`` as
     ``(.*\\.)?(k)$``) to values that pass ``check``."""
 
-    def patterns(v: Any) -> dict[str, Any]:
+    def patterns(v: object) -> dict[str, _T]:
         if v is None:
             return {}
         if not isinstance(v, dict):
@@ -106,14 +134,14 @@ def _patterns(check: Check, what: str) -> Check:
 
 
 def _by_regex(
-    v: dict[str, Any],
-    check: Check,
+    v: dict[str, object],
+    check: Callable[[object], _T],
     regex: Callable[[str], str] = lambda key: key,
     how: Callable[[str], str] = lambda key: "",
-) -> dict[str, Any]:
+) -> dict[str, _T]:
     """``{key: check(value)}`` of an object whose keys are regular expressions (``regex(key)``
     the one compiled, ``how(key)`` how PEFT matches it, for the error)."""
-    out = {}
+    out: dict[str, _T] = {}
     for key, value in v.items():
         error = compile_error(regex(key))
         if error is not None:
@@ -128,7 +156,7 @@ def _by_regex(
     return out
 
 
-def _names(v: Any) -> list[str] | None:
+def _names(v: object) -> list[str] | None:
     """A list of module names (PEFT's ``modules_to_save``, ``target_parameters``)."""
     if v is None:
         return None
@@ -137,18 +165,18 @@ def _names(v: Any) -> list[str] | None:
     return v
 
 
-def _names_or_regex(v: Any) -> str | list[str] | None:
+def _names_or_regex(v: object) -> str | list[str] | None:
     """A regex string or a list of names (``target_modules``, ``layers_pattern``, ...)."""
     return v if isinstance(v, str) else _names(v)
 
 
-def _string(v: Any) -> str | None:
+def _string(v: object) -> str | None:
     if v is not None and not isinstance(v, str):
         raise TypeError(f" must be a string; got {_show(v)}")
     return v
 
 
-def _peft_type(v: Any) -> str:
+def _peft_type(v: object) -> str:
     if not isinstance(v, str):
         raise TypeError(f" must be a string, 'LORA'; got {_show(v)}")
     if v.upper() != "LORA":
@@ -156,7 +184,7 @@ def _peft_type(v: Any) -> str:
     return v
 
 
-def _bias(v: Any) -> str:
+def _bias(v: object) -> str:
     if v is None:
         return "none"
     if not isinstance(v, str):
@@ -166,7 +194,7 @@ def _bias(v: Any) -> str:
     return v
 
 
-def _ids(v: Any) -> list[int]:
+def _ids(v: object) -> list[int]:
     if not isinstance(v, list) or not all(_is_int(i) for i in v):
         raise TypeError(f" must be a list of token ids (ints); got {_show(v)}")
     if any(i < 0 for i in v):
@@ -174,7 +202,7 @@ def _ids(v: Any) -> list[int]:
     return v
 
 
-def _token_indices(v: Any) -> list[int] | dict[str, list[int]] | None:
+def _token_indices(v: object) -> list[int] | dict[str, list[int]] | None:
     """PEFT's ``trainable_token_indices``: ids, or ``{module regex: ids}``."""
     if v is None or isinstance(v, list):
         return None if v is None else _ids(v)
@@ -185,7 +213,7 @@ def _token_indices(v: Any) -> list[int] | dict[str, list[int]] | None:
     return _by_regex(v, _ids)
 
 
-def _layers(v: Any) -> int | list[int] | None:
+def _layers(v: object) -> int | list[int] | None:
     """PEFT's ``layers_to_transform``: a layer index or a list of them."""
     if v is None or (_is_int(v) and v >= 0):
         return v
@@ -194,7 +222,7 @@ def _layers(v: Any) -> int | list[int] | None:
     raise TypeError(f" must be a layer index (an int >= 0) or a list of them; got {_show(v)}")
 
 
-def _init(v: Any) -> bool | str:
+def _init(v: object) -> bool | str:
     """PEFT's ``init_lora_weights``: a bool or the name of an init."""
     if v is None:
         return True

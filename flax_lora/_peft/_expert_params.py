@@ -54,9 +54,9 @@ class ExpertSpec(NamedTuple):
     order: ParamOrder
     reversed: frozenset[str]  # key-map names of the parameters PEFT reads reversed
 
-    def is_reversed(self, name: str) -> bool:
+    def is_reversed(self, name: str | None) -> bool:
         """Whether PEFT's ``in`` of the parameter named ``name`` (by the key map) is the side
-        the model does not contract."""
+        the model does not contract (``None``, no parameter: never)."""
         return name in self.reversed
 
 
@@ -138,7 +138,7 @@ def nesting(
     by_module: dict[str, list[str]] = collections.defaultdict(list)
     for name in names:
         by_module[split_param(name)[0]].append(name)
-    out = {}
+    out: dict[str, str] = {}
     for module, full in by_module.items():
         params = {split_param(n)[1]: n for n in full}
         template_module = split_param(templates.get(full[0], full[0]))[0]

@@ -23,17 +23,17 @@ different layouts; on load a conv weight ``(out, in, *window)`` is read into Fla
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.typing import ArrayLike, DTypeLike
+from jax.typing import DTypeLike
 
 from flax_lora import _regex
 from flax_lora._adapters._extras import Extra, TokenDelta, TrainedCopy, check_token_delta
 from flax_lora._config import LoraConfig
 from flax_lora._paths import describe, flatten, leaf_name, module_path
+from flax_lora._peft._config_checks import PeftConfig
 from flax_lora._peft._names import (
     BASE_LAYER,
     LAYER,
@@ -45,7 +45,7 @@ from flax_lora._peft._names import (
     torch_param,
 )
 from flax_lora._peft._tensor_layouts import from_torch, to_torch
-from flax_lora._typing import PyTree
+from flax_lora._typing import ArrayLeaf, Leaf, PyTree
 
 
 # -- save ----------------------------------------------------------------------------------------
@@ -56,7 +56,7 @@ def save_extras(
     lora_kernels: Iterable[str],
     params: PyTree,
     config: LoraConfig | None,
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+) -> tuple[dict[str, np.ndarray], dict[str, object]]:
     """The tensors of the extra nodes in PEFT's names, and the ``adapter_config.json`` fields
     they need (``modules_to_save``, ``trainable_token_indices``, ``bias``); ``lora_modules``
     and ``lora_kernels`` are the module names and kernel paths that have LoRA factors.
@@ -100,7 +100,7 @@ def save_extras(
             "save_peft: key_map gives no PyTorch module name for the trained copies / token "
             f"deltas at {describe(unmapped)}."
         )
-    fields = {
+    fields: dict[str, object] = {
         "modules_to_save": sorted(saved_modules) or None,
         "trainable_token_indices": tokens or None,
         "bias": _bias_mode(biases, lora_kernels, config),
@@ -108,7 +108,7 @@ def save_extras(
     return tensors, fields
 
 
-def _token_rows(path: str, node: TokenDelta, base: dict[str, Any] | None) -> np.ndarray:
+def _token_rows(path: str, node: TokenDelta, base: dict[str, Leaf] | None) -> np.ndarray:
     """PEFT's ``trainable_tokens_delta`` of a token delta: the trained rows ``W0[ids] + delta``,
     float32."""
     if base is None or path not in base or not hasattr(base[path], "dtype"):
@@ -158,7 +158,7 @@ def _bias_mode(biases: list[str], lora_kernels: Iterable[str], config: LoraConfi
 # -- load ----------------------------------------------------------------------------------------
 def load_extras(
     raw: Mapping[str, np.ndarray],
-    cfg: Mapping[str, Any],
+    cfg: PeftConfig,
     params: PyTree,
     name_of: Namer,
     file: str,
@@ -204,8 +204,8 @@ def load_extras(
 def _read_extra(
     key: str,
     tensor: np.ndarray,
-    cfg: Mapping[str, Any],
-    leaves: dict[str, Any],
+    cfg: PeftConfig,
+    leaves: dict[str, Leaf],
     names: dict[tuple[str, str], str],
     file: str,
     dtype: DTypeLike | None,
@@ -240,8 +240,10 @@ def _read_extra(
         )
     leaf = leaves[path]
     value = from_torch(path, tensor, tuple(np.shape(leaf)), "load_peft")
-    value = jnp.asarray(value, dtype or getattr(leaf, "dtype", jnp.float32))
-    return path, TrainedCopy(value=value, role="module" if is_saved else "bias")
+    return path, TrainedCopy(
+        value=jnp.asarray(value, dtype or getattr(leaf, "dtype", jnp.float32)),
+        role="module" if is_saved else "bias",
+    )
 
 
 def _token_delta(
@@ -250,7 +252,7 @@ def _token_delta(
     module: str,
     ids: list[int],
     path: str,
-    embedding: ArrayLike | jax.ShapeDtypeStruct,
+    embedding: ArrayLeaf,
     dtype: DTypeLike | None,
 ) -> TokenDelta:
     """The `TokenDelta` ``rows - W0[ids]`` of PEFT's trained rows of the embedding at ``path``.
@@ -284,7 +286,7 @@ def _token_delta(
     )
 
 
-def _token_ids(spec: Any, module: str, file: str) -> list[int]:
+def _token_ids(spec: list[int] | dict[str, list[int]] | None, module: str, file: str) -> list[int]:
     """The ids of ``module``'s trainable tokens from PEFT's ``trainable_token_indices`` (a list,
     or ``{name: ids}`` with PEFT's suffix match on the module name)."""
     if isinstance(spec, dict):

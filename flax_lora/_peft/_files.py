@@ -24,13 +24,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import os
 import re
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 
@@ -43,7 +43,7 @@ from flax_lora._peft._tensor_layouts import PAIRS, SUFFIXES
 try:
     import fcntl
 except ImportError:  # Windows: no flock; concurrent saves into one folder are then unguarded
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # the module is absent on Windows: None says so
 
 MARK = "flax_lora.save_peft"  # metadata key of every file save_peft writes; value: format "1"
 CONFIG_SHA = "flax_lora.config_sha256"  # the SHA-256 of the adapter_config.json written with it
@@ -207,7 +207,7 @@ class Weights:
     module (``{module: {suffix after the module name: tensor name}}``) and the other tensors'
     names (``{name without PREFIX: tensor name}``)."""
 
-    f: IO[bytes]
+    f: io.BufferedReader
     header: Header
     modules: dict[str, dict[str, str]]
     others: dict[str, str]

@@ -21,11 +21,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.typing import ArrayLike
 
 from flax_lora._adapters._weights import LoraWeights
 from flax_lora._peft._names import LAYER, layer_name
 from flax_lora._probe import Use
+from flax_lora._typing import ArrayLeaf
 
 
 class Module(NamedTuple):
@@ -96,16 +96,17 @@ def layer_use(use: Use | None, path: str, name: str, layer: int | None) -> Use |
         )
     if layer is None:
         return use
-    changes = {"in_axes": tuple(d - 1 for d in use.in_axes), "layer_axes": ()}
+    in_axes = tuple(d - 1 for d in use.in_axes)
     if hasattr(use, "expert_axes"):  # a probe that knows expert axes
-        changes["expert_axes"] = tuple(d - 1 for d in use.expert_axes)
-    return dataclasses.replace(use, **changes)
+        experts = tuple(d - 1 for d in use.expert_axes)
+        return dataclasses.replace(use, in_axes=in_axes, layer_axes=(), expert_axes=experts)
+    return dataclasses.replace(use, in_axes=in_axes, layer_axes=())
 
 
 def join_layer_modules(
     path: str,
     template: str,
-    kernel: ArrayLike | jax.ShapeDtypeStruct,
+    kernel: ArrayLeaf,
     pieces: dict[int, LoraWeights],
 ) -> LoraWeights:
     """One layered adapter (``layer_axes=1``) of ``kernel`` (the layered base kernel) from the
@@ -133,7 +134,11 @@ def join_layer_modules(
     present = sorted(pieces)
     first = pieces[present[0]]
     missing = [i for i in range(shape[0]) if i not in pieces]
-    fill = {"a": {}, "b": {}, "m": {}}  # field -> {absent layer: its value}
+    fill: dict[str, dict[int, jax.Array | np.ndarray]] = {
+        "a": {},
+        "b": {},
+        "m": {},
+    }  # field -> {absent layer: its value}
     for i in missing:
         fill["a"][i], fill["b"][i] = jnp.zeros_like(first.a), jnp.zeros_like(first.b)
     if missing and first.m is not None:  # DoRA: zero factors (V = W0) and m = ||W0||
@@ -160,7 +165,7 @@ def join_layer_modules(
 def _base_norms(
     path: str,
     template: str,
-    kernel: ArrayLike | jax.ShapeDtypeStruct,
+    kernel: ArrayLeaf,
     in_axes: tuple[int, ...],
     layers: list[int],
 ) -> dict[int, np.ndarray]:

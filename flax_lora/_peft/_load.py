@@ -17,7 +17,7 @@ import math
 import os
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +26,7 @@ from jax.typing import DTypeLike
 from flax_lora._adapters._weights import LoraWeights
 from flax_lora._paths import describe, flatten, nest
 from flax_lora._peft._adapter_config import rank_and_scale, read_config
+from flax_lora._peft._config_checks import PeftConfig
 from flax_lora._peft._expert_params import (
     KEYS,
     ParamOrder,
@@ -56,7 +57,7 @@ from flax_lora._peft._sites import (
 )
 from flax_lora._peft._tensor_layouts import Factors, Target, from_peft, magnitude_from_peft
 from flax_lora._probe import Use, kernel_uses
-from flax_lora._typing import PyTree
+from flax_lora._typing import Leaf, PyTree
 
 HEADER_BASE = 1 << 20  # bytes of safetensors header allowed for any params tree ...
 HEADER_PER_TENSOR = 1 << 10  # ... and per tensor a file for it may hold (names ~100 bytes)
@@ -87,7 +88,7 @@ def load_peft(
     params: PyTree,
     key_map: KeyMap = None,
     *,
-    probe: Callable[[PyTree], Any] | None = None,
+    probe: Callable[[PyTree], PyTree] | None = None,
     dtype: DTypeLike | None = None,
     param_order: ParamOrder = None,
     reversed_params: Collection[str] = (),
@@ -173,7 +174,7 @@ def load_peft(
             w = _weights(module.target, _read(module, cfg), cfg, dtype)
             per_kernel.setdefault(module.path, {})[module.layer] = w
     entries = [
-        (path, join_layer_modules(path, templates[path], kernels[path], pieces))
+        (path, join_layer_modules(path, templates[path], kernels[path], _layers(pieces)))
         if path in templates
         else (path, pieces[None])
         for path, pieces in per_kernel.items()
@@ -181,7 +182,7 @@ def load_peft(
     return nest(entries + list(extras.items()))
 
 
-def _check_dora(cfg: Mapping[str, Any], weights: Weights) -> None:
+def _check_dora(cfg: PeftConfig, weights: Weights) -> None:
     """Raises unless the modules have magnitudes exactly when the config says ``use_dora``."""
     use_dora = cfg.get("use_dora", False)
     wrong = [n for n, t in weights.modules.items() if (MAGNITUDE in t) != use_dora]
@@ -210,7 +211,7 @@ def _use(uses: dict[str, Use] | None, path: str, name: str) -> Use | None:
     return uses[path]
 
 
-def _read(module: _Module, cfg: Mapping[str, Any]) -> _Read:
+def _read(module: _Module, cfg: PeftConfig) -> _Read:
     """A module's tensors (read, or stand-ins) in our layout, checked against its kernel.
 
     Raises:
@@ -230,7 +231,7 @@ def _read(module: _Module, cfg: Mapping[str, Any]) -> _Read:
     return read
 
 
-def _factors(module: _Module, cfg: Mapping[str, Any]) -> _Read:
+def _factors(module: _Module, cfg: PeftConfig) -> _Read:
     """`_read` but for the bound on the rank."""
     t = module.target
     r, scale = rank_and_scale(cfg, t.module)
@@ -257,9 +258,7 @@ def _factors(module: _Module, cfg: Mapping[str, Any]) -> _Read:
     return _Read(read_expert(t, axis, in_axes, r, module.reversed_), scale, None, (axis,))
 
 
-def _weights(
-    t: Target, read: _Read, cfg: Mapping[str, Any], dtype: DTypeLike | None
-) -> LoraWeights:
+def _weights(t: Target, read: _Read, cfg: PeftConfig, dtype: DTypeLike | None) -> LoraWeights:
     """The adapter of one module's tensors, read, for its (unlayered) kernel."""
     f = read.factors
     return LoraWeights(
@@ -275,8 +274,13 @@ def _weights(
     )
 
 
+def _layers(pieces: dict[int | None, LoraWeights]) -> dict[int, LoraWeights]:
+    """The adapters of a layered kernel's layers by layer (its modules all have one)."""
+    return {i: w for i, w in pieces.items() if i is not None}
+
+
 def _other_tensors(
-    weights: Weights, leaves: Mapping[str, Any], name_of: Namer
+    weights: Weights, leaves: Mapping[str, Leaf], name_of: Namer
 ) -> dict[str, np.ndarray]:
     """The tensors besides the LoRA factors (by name after ``PREFIX``), read when they belong
     to a leaf of ``params`` and are no larger than it; the others (which `load_extras` refuses
@@ -293,16 +297,16 @@ def _other_tensors(
     out = {}
     for key, tensor in weights.others.items():
         _, module, param = split_tensor_key(key) or ("?", "", "")
-        path = owner.get((module, param or "weight"))  # trainable tokens: the embedding's weight
-        if path is None:
+        leaf = owner.get((module, param or "weight"))  # trainable tokens: the embedding's weight
+        if leaf is None:
             out[key] = np.empty((0,), weights.header.entries[tensor].dtype)
             continue
-        size, limit = math.prod(weights.shape(tensor)), math.prod(np.shape(leaves[path]))
+        size, limit = math.prod(weights.shape(tensor)), math.prod(np.shape(leaves[leaf]))
         if size > limit:
             raise ValueError(
                 f"load_peft: {weights.file!r}: tensor {PREFIX + key!r} has shape "
-                f"{weights.shape(tensor)}, more elements than the leaf {path!r} it belongs to "
-                f"({tuple(np.shape(leaves[path]))})."
+                f"{weights.shape(tensor)}, more elements than the leaf {leaf!r} it belongs to "
+                f"({tuple(np.shape(leaves[leaf]))})."
             )
         out[key] = weights.read(tensor)
     return out

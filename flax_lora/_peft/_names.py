@@ -47,6 +47,7 @@ def namer(key_map: KeyMap) -> Namer:
     Raises:
       TypeError: ``key_map`` is none of the three forms (when called: a name is not a string).
     """
+    fn: Namer
     if key_map is None:
         fn = default_key_map
     elif isinstance(key_map, Mapping):

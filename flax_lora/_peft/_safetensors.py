@@ -14,11 +14,12 @@ is an array of a tensor's shape and dtype that costs no memory, for checking sha
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
 from collections.abc import Mapping
-from typing import IO, Any
+from typing import TypeGuard
 
 import jax.numpy as jnp
 import numpy as np
@@ -61,7 +62,7 @@ class _Bad(ValueError):
     """A header problem, before the file and tensor are named."""
 
 
-def read_header(f: IO[bytes], file: str, limit: int) -> Header:
+def read_header(f: io.BufferedReader, file: str, limit: int) -> Header:
     """The header of the open safetensors file ``f`` (named ``file`` in errors), checked
     against the file's size; a header longer than ``limit`` bytes is refused unread.
 
@@ -117,7 +118,7 @@ def read_header(f: IO[bytes], file: str, limit: int) -> Header:
     return Header(file, entries, metadata)
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     keys = [k for k, _ in pairs]
     if len(set(keys)) != len(keys):
         twice = sorted({k for k in keys if keys.count(k) > 1})
@@ -129,7 +130,7 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e)[:200]}"
 
 
-def _entry(spec: Any, base: int) -> Entry:
+def _entry(spec: object, base: int) -> Entry:
     """One header entry, checked; offsets made absolute (``base``: the data's start)."""
     if not isinstance(spec, dict) or not {"dtype", "shape", "data_offsets"} <= set(spec):
         raise _Bad(f"expected {{'dtype', 'shape', 'data_offsets'}}; got {_clip(spec)}")
@@ -153,11 +154,11 @@ def _entry(spec: Any, base: int) -> Entry:
     return Entry(DTYPES[dtype], tuple(shape), base + begin, base + end)
 
 
-def _is_count(x: Any) -> bool:
+def _is_count(x: object) -> TypeGuard[int]:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def _clip(x: Any) -> str:
+def _clip(x: object) -> str:
     text = repr(x)
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -185,7 +186,7 @@ def _check_coverage(file: str, entries: Mapping[str, Entry], start: int, size: i
         )
 
 
-def read_tensor(f: IO[bytes], header: Header, name: str) -> np.ndarray:
+def read_tensor(f: io.BufferedReader, header: Header, name: str) -> np.ndarray:
     """The tensor ``name`` of the open file ``f`` (its checked ``header``), read into a new
     array.
 
@@ -194,7 +195,7 @@ def read_tensor(f: IO[bytes], header: Header, name: str) -> np.ndarray:
     """
     e = header.entries[name]
     out = np.empty(e.shape, e.dtype)
-    buffer = memoryview(out.reshape(-1).view(np.uint8))
+    buffer = out.reshape(-1).view(np.uint8).data
     f.seek(e.start)
     done = 0
     while done < len(buffer):

@@ -20,6 +20,7 @@ import numpy as np
 from flax_lora._adapters._extras import Extra
 from flax_lora._adapters._tables import adapter_table, split
 from flax_lora._adapters._weights import LoraWeights, is_lora
+from flax_lora._checkpoint._meta import plain_extras
 from flax_lora._config import LoraConfig
 from flax_lora._paths import describe, leaf_name
 from flax_lora._peft._adapter_config import (
@@ -182,7 +183,7 @@ def _parts(adapters: PyTree) -> tuple[dict[str, LoraWeights], dict[str, Extra]]:
             "lora.save_peft: the adapter tree holds no LoRA factors"
             + (" (only trained copies / token deltas)." if extras else " (it is empty).")
         )
-    return table, extras
+    return table, plain_extras(extras, "save_peft")
 
 
 def _check_options(config: LoraConfig | None, task_type: str | None) -> None:

@@ -9,17 +9,14 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any
-
-import jax
-from jax.typing import ArrayLike
 
 from flax_lora._paths import KERNEL_LEAVES, describe, flatten, leaf_name
+from flax_lora._peft._config_checks import PeftConfig
 from flax_lora._peft._expert_params import ExpertSpec, nesting
 from flax_lora._peft._names import LAYER, KeyMap, Namer, layer_name
-from flax_lora._typing import PyTree
+from flax_lora._typing import ArrayLeaf, PyTree
 
-Kernel = ArrayLike | jax.ShapeDtypeStruct
+Kernel = ArrayLeaf
 Site = tuple[str, int | None]  # a module's kernel path and layer (None: an unlayered kernel)
 
 
@@ -60,13 +57,13 @@ def kernel_sites(
     return sites, templates
 
 
-def _targeted(cfg: Mapping[str, Any], name: str) -> bool:
+def _targeted(cfg: PeftConfig, name: str) -> bool:
     """Whether PEFT's ``target_parameters`` name the parameter ``name`` (exactly, or as a
     suffix after a dot, as PEFT matches them)."""
     return any(name == t or name.endswith(f".{t}") for t in cfg.get("target_parameters") or ())
 
 
-def param_namer(name_of: Namer, default: bool, cfg: Mapping[str, Any]) -> Namer:
+def param_namer(name_of: Namer, default: bool, cfg: PeftConfig) -> Namer:
     """The key map, where it is the default one naming a kernel's module whose parameter (the
     kernel's leaf name) PEFT targets: that parameter's name (``experts.w_in``)."""
     if not default:
@@ -83,7 +80,7 @@ def param_namer(name_of: Namer, default: bool, cfg: Mapping[str, Any]) -> Namer:
 def expert_sites(
     sites: dict[str, list[Site]],
     templates: Mapping[str, str],
-    cfg: Mapping[str, Any],
+    cfg: PeftConfig,
     spec: ExpertSpec,
 ) -> tuple[dict[str, list[Site]], dict[str, tuple[str, str]]]:
     """The sites by the file's module names (a targeted parameter's: its module with its
@@ -106,7 +103,7 @@ def expert_sites(
 
 
 def match(
-    modules: Mapping[str, Mapping[str, Any]], sites: dict[str, list[Site]], directory: Path
+    modules: Mapping[str, Mapping[str, str]], sites: dict[str, list[Site]], directory: Path
 ) -> dict[str, Site]:
     """The kernel (and layer) of each module of the file: of several with its name, the one
     whose leaf is a ``kernel`` / ``embedding`` (not, say, a multi-axis bias beside it).
