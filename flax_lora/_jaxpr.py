@@ -39,7 +39,9 @@ from typing import Any, NamedTuple
 import jax
 from jax.extend import core as jex_core
 
-Eqn = Any  # a jax.extend.core.JaxprEqn
+Eqn = jex_core.JaxprEqn
+Var = jex_core.Var
+Jaxpr = jex_core.Jaxpr
 
 
 class UnsupportedJaxError(NotImplementedError):
