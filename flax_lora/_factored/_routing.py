@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
-from flax_lora._factored._contract import Evaluator, Result, Unfactored
+from flax_lora._factored._contract import Evaluator, Result, RoutingFallback, Unfactored
 from flax_lora._factored._view import EXAMPLE, KernelView, per_example
 from flax_lora._typing import Key
 
@@ -56,9 +56,11 @@ def routed_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> 
         in_axes.append(axis)
     keys = None if key is None else jax.random.split(key, batch)
 
-    def one(key_j: Key, *ex: Any) -> list[Any]:
+    def one(key_j: Key, *ex: Any) -> list[Any] | RoutingFallback:
         vals_j = [jnp.expand_dims(x, in_pos[k]) if k in in_pos else x for k, x in enumerate(ex)]
         outs = interp.apply(eqn, vals_j, key_j)
+        if isinstance(outs, RoutingFallback):
+            return outs
         return [jnp.squeeze(o, out_pos) for o in outs]
 
     key_axis = None if keys is None else 0
