@@ -55,7 +55,8 @@ def reshape_groups(
     groups: list[tuple[list[int], list[int]]] = []
     i = j = 0
     while i < len(old_shape) or j < len(new_shape):
-        gi, gj = [], []
+        gi: list[int] = []
+        gj: list[int] = []
         pi = pj = 1
         while True:
             if pi == pj and gi and gj:
@@ -125,10 +126,10 @@ def _walk(jaxpr: jx.Jaxpr, tracked: dict[jx.Var, Tracked], uses: Uses) -> dict[j
     env = dict(tracked)
     pinned: dict[jx.Var, tuple[int, ...]] = {}  # var -> kernel axes taken at one index (``w[e]``)
     for eqn in jaxpr.eqns:
-        ins = [None if jx.is_literal(v) else env.get(v) for v in eqn.invars]
+        ins = [None if isinstance(v, jx.Literal) else env.get(v) for v in eqn.invars]
         if not any(ins):
             continue
-        pins = [() if jx.is_literal(v) else pinned.get(v, ()) for v in eqn.invars]
+        pins = [() if isinstance(v, jx.Literal) else pinned.get(v, ()) for v in eqn.invars]
         step = PROBE_RULES.get(eqn.primitive.name, _call)(eqn, ins, pins, uses)
         for o, t in zip(eqn.outvars, step.outs, strict=False):
             if t is not None:
@@ -158,7 +159,7 @@ def _slice(eqn: jx.Eqn, ins: list[Tracked | None], pins: Pins, uses: Uses) -> St
     if ins[0] is None:
         return Step()
     amap = ins[0][1]
-    old, new = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+    old, new = jx.shape(eqn.invars[0]), jx.shape(eqn.outvars[0])
     one = {k for d in range(len(old)) if new[d] == 1 < old[d] for k in amap[d]}
     return Step((ins[0],), tuple(sorted({*pins[0], *one})))
 
@@ -173,7 +174,7 @@ def _reshape(eqn: jx.Eqn, ins: list[Tracked | None], pins: Pins, uses: Uses) -> 
     if ins[0] is None:
         return Step((), pins[0])
     path, amap = ins[0]
-    old, new = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+    old, new = jx.shape(eqn.invars[0]), jx.shape(eqn.outvars[0])
     return Step(((path, reshape_axis_map(old, new, amap)),), pins[0])
 
 
@@ -306,7 +307,7 @@ def kernel_uses(probe: Callable[[Any], Any], params: Any) -> dict[str, Use]:
     """
     closed = jax.make_jaxpr(probe)(params)
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
-    tracked = {}
+    tracked: dict[jx.Var, Tracked] = {}
     for var, (kp, leaf) in zip(closed.jaxpr.invars, flat, strict=True):
         if getattr(leaf, "ndim", 0) >= 2:
             tracked[var] = (path_str(kp), tuple((i,) for i in range(leaf.ndim)))

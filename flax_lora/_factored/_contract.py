@@ -56,12 +56,22 @@ class Passed:
     index: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Ahead:
+    """A rule's outputs and the low-rank branches it computed with them for later sibling
+    equations of the same jaxpr (one product of the shared activation with the concatenated
+    ``a`` factors), keyed by equation index; the interpreter hands each to its equation's rule
+    (`Evaluator.branch_ahead`)."""
+
+    outs: list[Any]
+    branches: dict[int, jax.Array]
+
+
 class Evaluator(Protocol):
     """What a rule may ask of the interpreter that calls it."""
 
     mode: Mode
     routing: bool  # whether the call routes examples (``lora_ids``): views hold an example axis
-    stash: dict[int, jax.Array]  # low-rank branches computed ahead, by id of their equation
 
     def eval(
         self, jaxpr: jx.Jaxpr, consts: Sequence[Any], args: Sequence[Any], key: Key
@@ -83,15 +93,22 @@ class Evaluator(Protocol):
         an output): a view merged, a quantized base dequantized; a routed view cannot be."""
         ...
 
-    def later_uses(self, eqn: jx.Eqn, x_pos: int) -> list[tuple[jx.Eqn, KernelView]]:
-        """The later ``dot_general`` equations of the current jaxpr whose operand ``x_pos`` is
-        ``eqn``'s and whose other operand is a kernel view."""
+    def later_uses(self, eqn: jx.Eqn, x_pos: int) -> list[tuple[int, jx.Eqn, KernelView]]:
+        """The later ``dot_general`` equations of the current jaxpr (index, equation, view)
+        whose operand ``x_pos`` is ``eqn``'s, whose other operand is a kernel view, and whose
+        branch no earlier sibling computed."""
+        ...
+
+    def branch_ahead(self) -> jax.Array | None:
+        """The low-rank branch of the current equation that an earlier sibling's rule computed
+        (`Ahead`), or ``None``."""
         ...
 
 
-Result = list[Any] | Unfactored | RoutingFallback
-"""What a rule returns: the equation's outputs, why it cannot factor this use, or (from a
-nested evaluation) why the routed call must run per example."""
+Result = list[Any] | Ahead | Unfactored | RoutingFallback
+"""What a rule returns: the equation's outputs (with branches of later siblings: `Ahead`), why
+it cannot factor this use, or (from a nested evaluation) why the routed call must run per
+example."""
 
 Rule = Callable[[Evaluator, jx.Eqn, list[Any], Key], Result]
 """``rule(interp, eqn, invals, key)``: one equation with kernels among ``invals``."""

@@ -28,6 +28,7 @@ import jax
 
 from flax_lora import _jaxpr as jx
 from flax_lora._factored._contract import (
+    Ahead,
     Evaluator,
     Passed,
     Result,
@@ -109,13 +110,15 @@ class _Frame:
         self.jaxpr = jaxpr
         self.env = env
         self.index = 0
-        self.early: set[int] = set()  # ids of layout equations evaluated ahead of the loop
-        self._producers: dict[Any, jx.Eqn] | None = None
+        self.early: set[int] = set()  # indices of layout equations evaluated ahead of the loop
+        self.ahead: dict[int, jax.Array] = {}  # equation index -> its branch, from a sibling's
+        self._producers: dict[Any, int] | None = None
         self._dots: dict[Any, list[tuple[int, jx.Eqn]]] | None = None
 
-    def producer(self, var: Any) -> jx.Eqn | None:
+    def producer(self, var: Any) -> int | None:
+        """The index of the equation that computes ``var`` (``None``: an input)."""
         if self._producers is None:
-            self._producers = {o: e for e in self.jaxpr.eqns for o in e.outvars}
+            self._producers = {o: i for i, e in enumerate(self.jaxpr.eqns) for o in e.outvars}
         return self._producers.get(var)
 
     def dots_using(self, var: Any) -> list[tuple[int, jx.Eqn]]:
@@ -138,14 +141,12 @@ class Interpreter:
         ``"merged"`` (every use merges; used for a quantized base, dequantized per use).
       with_key: whether the call has a dropout key (``lora_rng``), for the warning of a merge.
       routing: whether the call routes examples (``lora_ids``).
-      stash: low-rank branches computed ahead of their equation (with a sibling's), by id.
     """
 
     def __init__(self, mode: Mode, with_key: bool = False, routing: bool = False) -> None:
         self.mode = mode
         self.with_key = with_key
         self.routing = routing
-        self.stash: dict[int, jax.Array] = {}
         self._frames: list[_Frame] = []
 
     def eval(
@@ -161,9 +162,9 @@ class Interpreter:
         try:
             for i, eqn in enumerate(jaxpr.eqns):
                 frame.index = i
-                if id(eqn) in frame.early:
+                if i in frame.early:
                     continue
-                invals = [v.val if jx.is_literal(v) else env[v] for v in eqn.invars]
+                invals = [v.val if isinstance(v, jx.Literal) else env[v] for v in eqn.invars]
                 with jx.eqn_context(eqn):
                     if any(_is_kernel(x) for x in invals):
                         outs = self.apply(eqn, invals, _eqn_key(key, eqn, i))
@@ -174,7 +175,7 @@ class Interpreter:
                 env.update(zip(eqn.outvars, outs, strict=True))
         finally:
             self._frames.pop()
-        return [v.val if jx.is_literal(v) else env[v] for v in jaxpr.outvars]
+        return [v.val if isinstance(v, jx.Literal) else env[v] for v in jaxpr.outvars]
 
     def apply(self, eqn: jx.Eqn, invals: list[Any], key: Key) -> list[Any] | RoutingFallback:
         """Evaluates one equation with kernels among ``invals`` by the rule of its primitive;
@@ -182,6 +183,9 @@ class Interpreter:
         name = eqn.primitive.name
         rule = RULES.get(name, _no_rule)
         out = rule(self, eqn, invals, key)
+        if isinstance(out, Ahead):  # branches of later siblings, for their rules
+            self._frames[-1].ahead.update(out.branches)
+            return out.outs
         if not isinstance(out, Unfactored):
             return out
         plain = leaving(self, invals, [None] * len(invals), name, out.reason)
@@ -216,20 +220,26 @@ class Interpreter:
             )
         return materialize(v)
 
-    def later_uses(self, eqn: jx.Eqn, x_pos: int) -> list[tuple[jx.Eqn, KernelView]]:
-        """The later ``dot_general`` equations of the current jaxpr whose operand ``x_pos`` is
-        ``eqn``'s and whose other operand is a kernel view (its layout ops evaluated ahead)."""
+    def later_uses(self, eqn: jx.Eqn, x_pos: int) -> list[tuple[int, jx.Eqn, KernelView]]:
+        """The later ``dot_general`` equations of the current jaxpr (index, equation, view)
+        whose operand ``x_pos`` is ``eqn``'s, whose other operand is a kernel view (its layout
+        ops evaluated ahead) and whose branch no earlier sibling computed."""
         xvar = eqn.invars[x_pos]
         if jx.is_literal(xvar):
             return []
         frame = self._frames[-1]
         found = []
         for i, e in frame.dots_using(xvar):
-            if i > frame.index and e.invars[x_pos] is xvar:
+            if i > frame.index and i not in frame.ahead and e.invars[x_pos] is xvar:
                 v = self._resolve(e.invars[1 - x_pos], frame)
                 if v is not None:
-                    found.append((e, v))
+                    found.append((i, e, v))
         return found
+
+    def branch_ahead(self) -> jax.Array | None:
+        """The current equation's low-rank branch, if an earlier sibling's rule computed it."""
+        frame = self._frames[-1]
+        return frame.ahead.pop(frame.index, None)
 
     def _resolve(self, var: Any, frame: _Frame) -> KernelView | None:
         """The kernel view ``var`` will hold, evaluating its layout ops ahead if needed."""
@@ -238,8 +248,11 @@ class Interpreter:
         if var in frame.env:
             val = frame.env[var]
             return val if isinstance(val, KernelView) else None
-        eqn = frame.producer(var)
-        if eqn is None or eqn.primitive.name not in jx.LAYOUT_OPS or len(eqn.invars) != 1:
+        index = frame.producer(var)
+        if index is None:
+            return None
+        eqn = frame.jaxpr.eqns[index]
+        if eqn.primitive.name not in jx.LAYOUT_OPS or len(eqn.invars) != 1:
             return None
         src = self._resolve(eqn.invars[0], frame)
         if src is None:
@@ -247,8 +260,8 @@ class Interpreter:
         with jx.eqn_context(eqn):
             out = layout_of(src, eqn)
         frame.env[eqn.outvars[0]] = out
-        frame.early.add(id(eqn))
-        return out
+        frame.early.add(index)
+        return out if isinstance(out, KernelView) else None
 
 
 def _eqn_key(key: Key, eqn: jx.Eqn, index: int) -> Key:

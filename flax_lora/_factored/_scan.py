@@ -85,7 +85,10 @@ def scan_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Re
     )
     if isinstance(ys, RoutingFallback):
         return ys
-    return [*carry_out, *returned(ys, xs)]
+    rest = returned(ys, xs)
+    if not isinstance(rest, list):  # `returned` gives the fallback back only
+        return rest
+    return [*carry_out, *rest]
 
 
 def _passed(o: Any, layer: list[Any]) -> Passed | None:
