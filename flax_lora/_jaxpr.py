@@ -322,7 +322,10 @@ def ragged_numbers(dims: Dot, lhs_ragged: Sequence[int], rhs_group: Sequence[int
     )
 
 
-_READERS = {
+Construct = Call | Remat | CustomCall | Scan | Cond | While | Dot | RaggedDot
+"""An equation read as one of the typed constructs above."""
+
+_READERS: dict[str, Callable[[Eqn], Construct]] = {
     **dict.fromkeys(CALLS, call),
     **dict.fromkeys(REMATS, remat),
     **dict.fromkeys(CUSTOMS, custom_call),
@@ -334,16 +337,14 @@ _READERS = {
 }
 
 
-def construct(
-    eqn: Eqn,
-) -> Call | Remat | CustomCall | Scan | Cond | While | Dot | RaggedDot | None:
+def construct(eqn: Eqn) -> Construct | None:
     """``eqn`` read as its typed construct when it is one of those above, else ``None``.
 
     Raises:
       UnsupportedJaxError: ``eqn`` is one of them but its parameters are not known.
     """
     read = _READERS.get(eqn.primitive.name)
-    return None if read is None else read(eqn)  # type: ignore[no-any-return]  # table of readers
+    return None if read is None else read(eqn)
 
 
 _BODIES: dict[str, Callable[[Eqn], Call | Remat | CustomCall]] = {

@@ -251,6 +251,8 @@ def _dora_out(
     """``g * (base_out + low)`` (or PEFT's dropout form), in at least float32, cast back."""
     acc = jnp.promote_types(base_out.dtype, jnp.float32)
     g = dora_scale(v, base_out.ndim, o_pos, acc)
+    if g is None:  # only a DoRA view's output goes here
+        raise AssertionError(f"kernel {v.path!r} has no DoRA magnitude")
     base, low = cast_like(base_out, acc), cast_like(low, acc)
     if drop_out is None:
         out = (base + low) * g

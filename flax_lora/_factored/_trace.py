@@ -49,9 +49,9 @@ class Tracer:
         statics = tuple((type(x), x) for x, d in zip(leaves, dynamic, strict=True) if not d)
         key = (treedef, tuple((a.shape, a.dtype, a.weak_type) for a in avals), statics)
         try:
-            hit = self.cache.get(key)
+            hit, cacheable = self.cache.get(key), True
         except TypeError:  # an unhashable static leaf: no caching
-            key, hit = None, None
+            hit, cacheable = None, False
         if hit is not None:
             self.cache.move_to_end(key)
             return hit
@@ -64,7 +64,7 @@ class Tracer:
 
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*specs)
         found = (closed, jax.tree_util.tree_structure(out_shape))
-        if key is not None and not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
+        if cacheable and not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
             self.cache[key] = found
             while len(self.cache) > _CACHE_SIZE:
                 self.cache.popitem(last=False)
