@@ -33,13 +33,18 @@ First-order primitives (``transpose``, ``gather``, ``conv_general_dilated``, ...
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, cast
 
 import jax
 from jax.extend import core as jex_core
 
-Eqn = Any  # a jax.extend.core.JaxprEqn
+Eqn = jex_core.JaxprEqn
+Var = jex_core.Var
+Literal = jex_core.Literal
+Atom = Var | Literal
+"""An equation operand: a variable or a literal."""
+Jaxpr = jex_core.Jaxpr
 
 
 class UnsupportedJaxError(NotImplementedError):
@@ -317,7 +322,10 @@ def ragged_numbers(dims: Dot, lhs_ragged: Sequence[int], rhs_group: Sequence[int
     )
 
 
-_READERS = {
+Construct = Call | Remat | CustomCall | Scan | Cond | While | Dot | RaggedDot
+"""An equation read as one of the typed constructs above."""
+
+_READERS: dict[str, Callable[[Eqn], Construct]] = {
     **dict.fromkeys(CALLS, call),
     **dict.fromkeys(REMATS, remat),
     **dict.fromkeys(CUSTOMS, custom_call),
@@ -329,9 +337,7 @@ _READERS = {
 }
 
 
-def construct(
-    eqn: Eqn,
-) -> Call | Remat | CustomCall | Scan | Cond | While | Dot | RaggedDot | None:
+def construct(eqn: Eqn) -> Construct | None:
     """``eqn`` read as its typed construct when it is one of those above, else ``None``.
 
     Raises:
@@ -341,17 +347,21 @@ def construct(
     return None if read is None else read(eqn)
 
 
+_BODIES: dict[str, Callable[[Eqn], Call | Remat | CustomCall]] = {
+    **dict.fromkeys(CALLS, call),
+    **dict.fromkeys(REMATS, remat),
+    **dict.fromkeys(CUSTOMS, custom_call),
+}
+"""The reader of each call-like primitive whose body takes the equation's operands."""
+
+
 def sub_body(eqn: Eqn) -> Body | None:
     """The one sub-jaxpr taking exactly the operands of a call-like equation (jit, remat,
     custom derivatives; and any other primitive with a ``jaxpr`` / ``call_jaxpr`` parameter
     taking its operands, such as ``shard_map``), or ``None``."""
-    name = eqn.primitive.name
-    if name in CALLS:
-        return call(eqn).body
-    if name in REMATS:
-        return remat(eqn).body
-    if name in CUSTOMS:
-        return custom_call(eqn).body
+    read = _BODIES.get(eqn.primitive.name)
+    if read is not None:
+        return read(eqn).body
     for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
         value = eqn.params.get(key)
         if isinstance(value, jex_core.ClosedJaxpr | jex_core.Jaxpr):
@@ -415,3 +425,8 @@ def eqn_context(eqn: Eqn) -> contextlib.ExitStack:
 def is_literal(v: Any) -> bool:
     """Whether a jaxpr atom is a literal (not a variable)."""
     return isinstance(v, jex_core.Literal)
+
+
+def shape(v: Atom) -> tuple[int, ...]:
+    """The shape of a jaxpr atom (its abstract value is an array's)."""
+    return tuple(cast(jax.core.ShapedArray, v.aval).shape)

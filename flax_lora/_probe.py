@@ -55,7 +55,8 @@ def reshape_groups(
     groups: list[tuple[list[int], list[int]]] = []
     i = j = 0
     while i < len(old_shape) or j < len(new_shape):
-        gi, gj = [], []
+        gi: list[int] = []
+        gj: list[int] = []
         pi = pj = 1
         while True:
             if pi == pj and gi and gj:
@@ -95,99 +96,145 @@ def _axes(amap: AxisMap, dims: Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted({k for d in dims for k in amap[d]}))
 
 
-def _walk(jaxpr: Any, tracked: dict[Any, tuple[str, AxisMap]], uses: dict[str, list[Use]]) -> dict:
-    """Follows tracked vars through ``jaxpr``; returns the tracked outvars."""
+Tracked = tuple[str, AxisMap]
+"""A var that stems from a kernel: the kernel's path and the var's axis map."""
+
+Uses = dict[str, list[Use]]
+"""Each kernel path -> the uses found of it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """What a probe rule found of one equation: the tracked value of each outvar (fewer values
+    than outvars: the rest are untracked) and the kernel axes outvar 0 takes at one index."""
+
+    outs: tuple[Tracked | None, ...] = ()
+    pin: tuple[int, ...] = ()
+
+
+Pins = list[tuple[int, ...]]
+"""For each operand of an equation: the kernel axes it takes at one index (``w[e]``)."""
+
+ProbeRule = Callable[[jx.Eqn, list[Tracked | None], Pins, Uses], Step]
+"""``rule(eqn, ins, pins, uses)``: ``ins`` the tracked value of each operand (``None``: not a
+kernel's), ``pins`` their pinned axes; records the uses it finds in ``uses``."""
+
+
+def _walk(jaxpr: jx.Jaxpr, tracked: dict[jx.Var, Tracked], uses: Uses) -> dict[jx.Var, Tracked]:
+    """Follows tracked vars through ``jaxpr`` by the rule of each primitive (`PROBE_RULES`, a
+    call-like equation's body otherwise); returns the tracked outvars."""
     env = dict(tracked)
-    pinned: dict[Any, tuple[int, ...]] = {}  # var -> kernel axes taken at one index (``w[e]``)
-
-    def get(v: Any) -> tuple[str, AxisMap] | None:
-        return None if jx.is_literal(v) else env.get(v)
-
+    pinned: dict[jx.Var, tuple[int, ...]] = {}  # var -> kernel axes taken at one index (``w[e]``)
     for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        ins = [get(v) for v in eqn.invars]
+        ins = [None if isinstance(v, jx.Literal) else env.get(v) for v in eqn.invars]
         if not any(ins):
             continue
-        first = eqn.invars[0]
-        held = pinned.get(first, ()) if not jx.is_literal(first) else ()
-        if held and name in jx.LAYOUT_OPS | jx.KEEPS_AXES | {"slice", "dynamic_slice"}:
-            pinned[eqn.outvars[0]] = held
-        if name in jx.KEEPS_AXES and ins[0] is not None:
-            for o in eqn.outvars:
-                env[o] = ins[0]
-        elif name in ("slice", "dynamic_slice") and ins[0] is not None:
-            path, amap = ins[0]
-            env[eqn.outvars[0]] = ins[0]
-            old, new = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
-            one = {k for d in range(len(old)) if new[d] == 1 < old[d] for k in amap[d]}
-            pinned[eqn.outvars[0]] = tuple(sorted({*held, *one}))
-        elif name == "transpose":
-            path, amap = ins[0]
-            env[eqn.outvars[0]] = (path, tuple(amap[p] for p in jx.param(eqn, "permutation")))
-        elif name == "reshape" and ins[0] is not None:
-            path, amap = ins[0]
-            old = eqn.invars[0].aval.shape
-            new = eqn.outvars[0].aval.shape
-            env[eqn.outvars[0]] = (path, reshape_axis_map(old, new, amap))
-        elif name == "squeeze":
-            path, amap = ins[0]
-            drop = {d % len(amap) for d in jx.param(eqn, "dimensions")}
-            env[eqn.outvars[0]] = (path, tuple(m for i, m in enumerate(amap) if i not in drop))
-        elif name == "dot_general":
-            d = jx.dot(eqn)
-            for k, contract, batch in (
-                (0, d.lhs_contract, d.lhs_batch),
-                (1, d.rhs_contract, d.rhs_batch),
-            ):
-                if ins[k] is not None:
-                    path, amap = ins[k]
-                    experts = tuple(sorted({*_axes(amap, batch), *pinned.get(eqn.invars[k], ())}))
-                    use = Use("dense", _axes(amap, contract), expert_axes=experts)
-                    uses.setdefault(path, []).append(use)
-        elif name == "ragged_dot_general" and ins[1] is not None:
-            rd = jx.ragged_dot(eqn)
-            path, amap = ins[1]
-            experts = _axes(amap, rd.rhs_group)
-            uses.setdefault(path, []).append(
-                Use("dense", _axes(amap, rd.dot.rhs_contract), (), experts)
-            )
-        elif name == "conv_general_dilated" and ins[1] is not None:
-            path, amap = ins[1]
-            rhs_spec = jx.param(eqn, "dimension_numbers").rhs_spec
-            uses.setdefault(path, []).append(Use("conv", _axes(amap, rhs_spec[1:])))
-        elif name == "gather" and ins[0] is not None:
-            path, amap = ins[0]
-            dn = jx.param(eqn, "dimension_numbers")
-            uses.setdefault(path, []).append(Use("embed", _axes(amap, dn.start_index_map)))
-        elif name == "scan":
-            _walk_scan(jx.scan(eqn), ins, uses)
-        elif name == "cond":
-            for branch in jx.cond(eqn).branches:
-                inner = {iv: t for iv, t in zip(branch.jaxpr.invars, ins[1:], strict=True) if t}
-                _walk(branch.jaxpr, inner, uses)
-        elif name == "while":
-            loop = jx.while_loop(eqn)
-            n_skip = loop.cond_nconsts
-            body_ins = ins[n_skip:]
-            inner = {iv: t for iv, t in zip(loop.body.jaxpr.invars, body_ins, strict=True) if t}
-            _walk(loop.body.jaxpr, inner, uses)
-        else:
-            sub = jx.sub_body(eqn)
-            if sub is not None:
-                inner = {iv: t for iv, t in zip(sub.jaxpr.invars, ins, strict=True) if t}
-                out = _walk(sub.jaxpr, inner, uses)
-                for o, io in zip(eqn.outvars, sub.jaxpr.outvars, strict=True):
-                    if io in out:
-                        env[o] = out[io]
+        pins = [() if isinstance(v, jx.Literal) else pinned.get(v, ()) for v in eqn.invars]
+        step = PROBE_RULES.get(eqn.primitive.name, _call)(eqn, ins, pins, uses)
+        for o, t in zip(eqn.outvars, step.outs, strict=False):
+            if t is not None:
+                env[o] = t
+        if step.pin:
+            pinned[eqn.outvars[0]] = step.pin
     return {v: env[v] for v in jaxpr.outvars if not jx.is_literal(v) and v in env}
 
 
-def _walk_scan(
-    loop: jx.Scan, ins: list[tuple[str, AxisMap] | None], uses: dict[str, list[Use]]
-) -> None:
+def _inner(invars: Sequence[jx.Var], ins: Sequence[Tracked | None]) -> dict[jx.Var, Tracked]:
+    return {iv: t for iv, t in zip(invars, ins, strict=True) if t}
+
+
+def _keep(eqn: jx.Eqn, ins: list[Tracked | None], pins: Pins, uses: Uses) -> Step:
+    """An op whose outputs have the axes of its first operand (dtype casts, copies, ...)."""
+    return Step((ins[0],) * len(eqn.outvars), pins[0])
+
+
+def _untracked(eqn: jx.Eqn, ins: list[Tracked | None], pins: Pins, uses: Uses) -> Step:
+    """A layout op the probe does not follow (``broadcast_in_dim``)."""
+    return Step()
+
+
+def _slice(eqn: jx.Eqn, ins: list[Tracked | None], pins: Pins, uses: Uses) -> Step:
+    """``slice`` / ``dynamic_slice``: an axis sliced to size 1 is taken at one index (``w[e]``
+    in a Python loop over experts; an expert axis once squeezed)."""
+    if ins[0] is None:
+        return Step()
+    amap = ins[0][1]
+    old, new = jx.shape(eqn.invars[0]), jx.shape(eqn.outvars[0])
+    one = {k for d in range(len(old)) if new[d] == 1 < old[d] for k in amap[d]}
+    return Step((ins[0],), tuple(sorted({*pins[0], *one})))
+
+
+def _transpose(eqn: jx.Eqn, ins: list[Tracked | None], pins: Pins, uses: Uses) -> Step:
+    path, amap = _first(ins)
+    perm = jx.param(eqn, "permutation")
+    return Step(((path, tuple(amap[p] for p in perm)),), pins[0])
+
+
+def _reshape(eqn: jx.Eqn, ins: list[Tracked | None], pins: Pins, uses: Uses) -> Step:
+    if ins[0] is None:
+        return Step((), pins[0])
+    path, amap = ins[0]
+    old, new = jx.shape(eqn.invars[0]), jx.shape(eqn.outvars[0])
+    return Step(((path, reshape_axis_map(old, new, amap)),), pins[0])
+
+
+def _squeeze(eqn: jx.Eqn, ins: list[Tracked | None], pins: Pins, uses: Uses) -> Step:
+    path, amap = _first(ins)
+    drop = {d % len(amap) for d in jx.param(eqn, "dimensions")}
+    return Step(((path, tuple(m for i, m in enumerate(amap) if i not in drop)),), pins[0])
+
+
+def _first(ins: list[Tracked | None]) -> Tracked:
+    """The tracked value of a one-operand op's operand (tracked, or the op is not walked)."""
+    assert ins[0] is not None  # an equation is walked when one of its operands is tracked
+    return ins[0]
+
+
+def _dot(eqn: jx.Eqn, ins: list[Tracked | None], pins: Pins, uses: Uses) -> Step:
+    """``dot_general``: the contracted axes are input axes, the batch axes expert axes."""
+    d = jx.dot(eqn)
+    sides = ((d.lhs_contract, d.lhs_batch), (d.rhs_contract, d.rhs_batch))
+    for t, pin, (contract, batch) in zip(ins, pins, sides, strict=False):
+        if t is not None:
+            path, amap = t
+            experts = tuple(sorted({*_axes(amap, batch), *pin}))
+            uses.setdefault(path, []).append(Use("dense", _axes(amap, contract), (), experts))
+    return Step()
+
+
+def _ragged_dot(eqn: jx.Eqn, ins: list[Tracked | None], pins: Pins, uses: Uses) -> Step:
+    """``ragged_dot_general``, the kernel as rhs: the group axis is an expert axis."""
+    if ins[1] is not None:
+        rd = jx.ragged_dot(eqn)
+        path, amap = ins[1]
+        experts = _axes(amap, rd.rhs_group)
+        uses.setdefault(path, []).append(
+            Use("dense", _axes(amap, rd.dot.rhs_contract), (), experts)
+        )
+    return Step()
+
+
+def _conv(eqn: jx.Eqn, ins: list[Tracked | None], pins: Pins, uses: Uses) -> Step:
+    if ins[1] is not None:
+        path, amap = ins[1]
+        rhs_spec = jx.param(eqn, "dimension_numbers").rhs_spec
+        uses.setdefault(path, []).append(Use("conv", _axes(amap, rhs_spec[1:])))
+    return Step()
+
+
+def _gather(eqn: jx.Eqn, ins: list[Tracked | None], pins: Pins, uses: Uses) -> Step:
+    if ins[0] is not None:
+        path, amap = ins[0]
+        dn = jx.param(eqn, "dimension_numbers")
+        uses.setdefault(path, []).append(Use("embed", _axes(amap, dn.start_index_map)))
+    return Step()
+
+
+def _scan(eqn: jx.Eqn, ins: list[Tracked | None], pins: Pins, uses: Uses) -> Step:
     """A scan's body: its xs are sliced on axis 0 (for a layered kernel: the layer axis)."""
+    loop = jx.scan(eqn)
     first_x = loop.num_consts + loop.num_carry
-    inner: dict[Any, tuple[str, AxisMap]] = {}
+    inner: dict[jx.Var, Tracked] = {}
     sliced: dict[str, tuple[int, ...]] = {}  # path -> the kernel axes the scan slices
     for k, (iv, t) in enumerate(zip(loop.body.jaxpr.invars, ins, strict=True)):
         if t is None:
@@ -196,13 +243,56 @@ def _walk_scan(
         if k >= first_x:
             sliced[path] = amap[0]
         inner[iv] = (path, amap[1:] if k >= first_x else amap)
-    inner_uses: dict[str, list[Use]] = {}
+    inner_uses: Uses = {}
     _walk(loop.body.jaxpr, inner, inner_uses)
     for path, found in inner_uses.items():
         for u in found:
             if path in sliced:
                 u.layer_axes = tuple(sorted({*sliced[path], *u.layer_axes}))
         uses.setdefault(path, []).extend(found)
+    return Step()
+
+
+def _cond(eqn: jx.Eqn, ins: list[Tracked | None], pins: Pins, uses: Uses) -> Step:
+    for branch in jx.cond(eqn).branches:
+        _walk(branch.jaxpr, _inner(branch.jaxpr.invars, ins[1:]), uses)
+    return Step()
+
+
+def _while(eqn: jx.Eqn, ins: list[Tracked | None], pins: Pins, uses: Uses) -> Step:
+    loop = jx.while_loop(eqn)
+    _walk(loop.body.jaxpr, _inner(loop.body.jaxpr.invars, ins[loop.cond_nconsts :]), uses)
+    return Step()
+
+
+def _call(eqn: jx.Eqn, ins: list[Tracked | None], pins: Pins, uses: Uses) -> Step:
+    """A call-like equation (jit, remat, custom derivatives, ``shard_map``, ...): its body,
+    whose tracked outputs are the equation's; any other primitive tracks nothing."""
+    sub = jx.sub_body(eqn)
+    if sub is None:
+        return Step()
+    out = _walk(sub.jaxpr, _inner(sub.jaxpr.invars, ins), uses)
+    return Step(tuple(out.get(io) for io in sub.jaxpr.outvars))
+
+
+PROBE_RULES: dict[str, ProbeRule] = {
+    **dict.fromkeys(jx.KEEPS_AXES, _keep),
+    **dict.fromkeys(jx.LAYOUT_OPS - jx.KEEPS_AXES, _untracked),
+    "slice": _slice,
+    "dynamic_slice": _slice,
+    "transpose": _transpose,
+    "reshape": _reshape,
+    "squeeze": _squeeze,
+    "dot_general": _dot,
+    "ragged_dot_general": _ragged_dot,
+    "conv_general_dilated": _conv,
+    "gather": _gather,
+    "scan": _scan,
+    "cond": _cond,
+    "while": _while,
+}
+"""The probe's rule of each primitive, keyed by primitive name as the interpreter's `RULES`;
+any other primitive goes to `_call` (a call-like equation's body, else nothing tracked)."""
 
 
 def kernel_uses(probe: Callable[[Any], Any], params: Any) -> dict[str, Use]:
@@ -217,7 +307,7 @@ def kernel_uses(probe: Callable[[Any], Any], params: Any) -> dict[str, Use]:
     """
     closed = jax.make_jaxpr(probe)(params)
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
-    tracked = {}
+    tracked: dict[jx.Var, Tracked] = {}
     for var, (kp, leaf) in zip(closed.jaxpr.invars, flat, strict=True):
         if getattr(leaf, "ndim", 0) >= 2:
             tracked[var] = (path_str(kp), tuple((i,) for i in range(leaf.ndim)))

@@ -13,7 +13,8 @@ import numpy as np
 from flax_lora._adapters._extras import substitute
 from flax_lora._adapters._tables import split, stacked_table
 from flax_lora._adapters._weights import is_lora, is_stacked
-from flax_lora._factored._trace import RoutingFallback, Tracer, call_factored, call_routed
+from flax_lora._factored._contract import RoutingFallback
+from flax_lora._factored._trace import Tracer, call_factored, call_routed
 from flax_lora._merge import merge
 from flax_lora._multi._stack import check_ids, num_stacked, select
 from flax_lora._quant._formats import has_quantized

@@ -183,7 +183,7 @@ def slice_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> R
         return no_rule(invals)
     if v.routed or v.layered or not value_ops_only(v):
         return Unfactored("a slice of an expert kernel after a layout op")
-    old, new = v.shape, tuple(eqn.outvars[0].aval.shape)
+    old, new = v.shape, jx.shape(eqn.outvars[0])
     changed = [d for d in range(len(old)) if old[d] != new[d]]
     if len(changed) != 1 or v.meta.side[changed[0]] != EXPERT or new[changed[0]] != 1:
         return Unfactored("a slice of an expert kernel other than one expert")

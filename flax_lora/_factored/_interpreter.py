@@ -6,8 +6,8 @@ an equation goes to the rule of its primitive in `RULES`, as JAX's own interpret
 rule per primitive in a table. A rule returns the equation's outputs, or `Unfactored` with the
 reason it cannot factor this use; the kernels involved are then merged (mode ``"auto"``; a
 warning when their LoRA dropout is thereby lost), or the call raises (mode ``"factored"``), or,
-for a kernel routed per example, the interpreter records that the call must fall back to
-running example by example (`Interpreter.routing_fallback`) and evaluates nothing further.
+for a kernel routed per example, evaluation ends with a `RoutingFallback` (the call must run
+example by example), returned in place of outputs through every enclosing rule.
 
 Nested ``jit`` calls are inlined, remat regions are re-wrapped in `jax.checkpoint` with their
 policy, and a ``scan`` runs as a real `jax.lax.scan` whose body this interpreter evaluates on
@@ -25,10 +25,20 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
-from flax_lora._factored._contract import Evaluator, Result, Rule, Unfactored, no_rule
+from flax_lora._factored._contract import (
+    Ahead,
+    Evaluator,
+    Passed,
+    Result,
+    RoutingFallback,
+    Rule,
+    Unfactored,
+    leaving,
+    no_rule,
+    returned,
+)
 from flax_lora._factored._expert_rules import expert_dense_rule, ragged_rule, slice_rule
 from flax_lora._factored._layout_ops import layout_of, layout_rule
 from flax_lora._factored._quant_base import as_array, is_quant_base
@@ -38,39 +48,32 @@ from flax_lora._factored._view import EXPERT, KernelView, materialize
 from flax_lora._typing import Key, Mode
 
 
-def call_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> list[Any]:
+def call_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
     """A nested ``jit``: its body is evaluated inline, with the equation's key."""
     body = jx.call(eqn).body
     return interp.eval(body.jaxpr, body.consts, invals, key)
 
 
-def remat_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> list[Any]:
+def remat_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
     """A remat region, re-wrapped in `jax.checkpoint` with its policy and evaluated inside."""
     region = jx.remat(eqn)
     name = eqn.primitive.name
-    # a kernel returned as it came in (NNX's remat returns the module state): passed by
+    # a kernel returned as it came in (NNX's remat returns the module state): `Passed` by
     # outside the region instead of leaving it as an array
     where = {v: k for k, v in enumerate(region.body.jaxpr.invars)}
-    passthrough = {
-        j: where[o]
-        for j, o in enumerate(region.body.jaxpr.outvars)
-        if o in where and _is_kernel(invals[where[o]])
-    }
+    passed = [
+        Passed(where[o]) if o in where and _is_kernel(invals[where[o]]) else None
+        for o in region.body.jaxpr.outvars
+    ]
 
-    def body(body_key: Key, *vals: Any) -> list[Any]:
+    def body(body_key: Key, *vals: Any) -> list[Any] | RoutingFallback:
         outs = interp.eval(region.body.jaxpr, region.body.consts, vals, body_key)
-        return [
-            jnp.zeros((), jnp.float32)
-            if j in passthrough
-            else interp.merged(o, name, "the kernel leaves the remat region")
-            if isinstance(o, KernelView)
-            else as_array(o)
-            for j, o in enumerate(outs)
-        ]
+        if isinstance(outs, RoutingFallback):
+            return outs
+        return leaving(interp, outs, passed, name, "the kernel leaves the remat region")
 
     checkpointed = jax.checkpoint(body, prevent_cse=region.prevent_cse, policy=region.policy)
-    outs = checkpointed(key, *invals)
-    return [invals[passthrough[j]] if j in passthrough else o for j, o in enumerate(outs)]
+    return returned(checkpointed(key, *invals), invals)
 
 
 def dot_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
@@ -107,13 +110,15 @@ class _Frame:
         self.jaxpr = jaxpr
         self.env = env
         self.index = 0
-        self.early: set[int] = set()  # ids of layout equations evaluated ahead of the loop
-        self._producers: dict[Any, jx.Eqn] | None = None
+        self.early: set[int] = set()  # indices of layout equations evaluated ahead of the loop
+        self.ahead: dict[int, jax.Array] = {}  # equation index -> its branch, from a sibling's
+        self._producers: dict[Any, int] | None = None
         self._dots: dict[Any, list[tuple[int, jx.Eqn]]] | None = None
 
-    def producer(self, var: Any) -> jx.Eqn | None:
+    def producer(self, var: Any) -> int | None:
+        """The index of the equation that computes ``var`` (``None``: an input)."""
         if self._producers is None:
-            self._producers = {o: e for e in self.jaxpr.eqns for o in e.outvars}
+            self._producers = {o: i for i, e in enumerate(self.jaxpr.eqns) for o in e.outvars}
         return self._producers.get(var)
 
     def dots_using(self, var: Any) -> list[tuple[int, jx.Eqn]]:
@@ -136,21 +141,19 @@ class Interpreter:
         ``"merged"`` (every use merges; used for a quantized base, dequantized per use).
       with_key: whether the call has a dropout key (``lora_rng``), for the warning of a merge.
       routing: whether the call routes examples (``lora_ids``).
-      stash: low-rank branches computed ahead of their equation (with a sibling's), by id.
-      routing_fallback: why the call must run per example instead, once a routed kernel met a
-        use the per-example rules cannot serve; ``None`` until then.
     """
 
     def __init__(self, mode: Mode, with_key: bool = False, routing: bool = False) -> None:
         self.mode = mode
         self.with_key = with_key
         self.routing = routing
-        self.stash: dict[int, jax.Array] = {}
-        self.routing_fallback: str | None = None
         self._frames: list[_Frame] = []
 
-    def eval(self, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], key: Key) -> list[Any]:
-        """Evaluates ``jaxpr``; ``key`` is its dropout key (``None``: no dropout)."""
+    def eval(
+        self, jaxpr: jx.Jaxpr, consts: Sequence[Any], args: Sequence[Any], key: Key
+    ) -> list[Any] | RoutingFallback:
+        """Evaluates ``jaxpr``; ``key`` is its dropout key (``None``: no dropout). A
+        `RoutingFallback` ends it and is returned instead of the outputs."""
         env: dict[Any, Any] = {}
         env.update(zip(jaxpr.constvars, consts, strict=True))
         env.update(zip(jaxpr.invars, args, strict=True))
@@ -158,44 +161,51 @@ class Interpreter:
         self._frames.append(frame)
         try:
             for i, eqn in enumerate(jaxpr.eqns):
-                if self.routing_fallback is not None:
-                    break  # the call's outputs will not be used
                 frame.index = i
-                if id(eqn) in frame.early:
+                if i in frame.early:
                     continue
-                invals = [v.val if jx.is_literal(v) else env[v] for v in eqn.invars]
+                invals = [v.val if isinstance(v, jx.Literal) else env[v] for v in eqn.invars]
                 with jx.eqn_context(eqn):
                     if any(_is_kernel(x) for x in invals):
                         outs = self.apply(eqn, invals, _eqn_key(key, eqn, i))
                     else:
                         outs = jx.bind(eqn, invals)
+                if isinstance(outs, RoutingFallback):
+                    return outs
                 env.update(zip(eqn.outvars, outs, strict=True))
         finally:
             self._frames.pop()
-        return [_read(env, v) for v in jaxpr.outvars]
+        return [v.val if isinstance(v, jx.Literal) else env[v] for v in jaxpr.outvars]
 
-    def apply(self, eqn: jx.Eqn, invals: list[Any], key: Key) -> list[Any]:
+    def apply(self, eqn: jx.Eqn, invals: list[Any], key: Key) -> list[Any] | RoutingFallback:
         """Evaluates one equation with kernels among ``invals`` by the rule of its primitive;
-        a use the rule cannot factor falls back (`merged`)."""
+        a use the rule cannot factor falls back (`plain`)."""
         name = eqn.primitive.name
         rule = RULES.get(name, _no_rule)
         out = rule(self, eqn, invals, key)
+        if isinstance(out, Ahead):  # branches of later siblings, for their rules
+            self._frames[-1].ahead.update(out.branches)
+            return out.outs
         if not isinstance(out, Unfactored):
             return out
-        plain = [
-            self.merged(x, name, out.reason) if isinstance(x, KernelView) else as_array(x)
-            for x in invals
-        ]
-        return jx.bind(eqn, plain)
+        plain = leaving(self, invals, [None] * len(invals), name, out.reason)
+        return plain if isinstance(plain, RoutingFallback) else jx.bind(eqn, plain)
+
+    def plain(self, x: Any, op: str, reason: str) -> jax.Array | RoutingFallback:
+        """``x`` as an array where it leaves factored execution (a use ``op`` that cannot be
+        factored, an output): a view `merged`, a quantized base dequantized; for a routed view
+        the `RoutingFallback` that ends the routed call."""
+        if not isinstance(x, KernelView):
+            return as_array(x)
+        if x.routed:
+            return RoutingFallback(f"kernel {x.path!r} is used by `{op}` ({reason})")
+        return self.merged(x, op, reason)
 
     def merged(self, v: KernelView, op: str, reason: str) -> jax.Array:
-        """The kernel of view ``v`` for a use ``op`` that cannot be factored: merged (mode
-        ``"auto"``), an error (mode ``"factored"``), or for a routed view a placeholder, the
-        call being recorded as one to run per example."""
+        """The kernel of view ``v`` (not routed: a routed use goes to `plain`) for a use ``op``
+        that cannot be factored: merged (mode ``"auto"``) or an error (mode ``"factored"``)."""
         if v.routed:
-            if self.routing_fallback is None:
-                self.routing_fallback = f"kernel {v.path!r} is used by `{op}` ({reason})"
-            return jnp.zeros(v.shape, v.dtype)
+            raise AssertionError(f"a routed view of {v.path!r} cannot be merged")  # by contract
         if self.mode == "factored":
             raise ValueError(
                 f"lora.wrap(mode='factored'): kernel {v.path!r} is used by `{op}`, which cannot "
@@ -210,20 +220,26 @@ class Interpreter:
             )
         return materialize(v)
 
-    def later_uses(self, eqn: jx.Eqn, x_pos: int) -> list[tuple[jx.Eqn, KernelView]]:
-        """The later ``dot_general`` equations of the current jaxpr whose operand ``x_pos`` is
-        ``eqn``'s and whose other operand is a kernel view (its layout ops evaluated ahead)."""
+    def later_uses(self, eqn: jx.Eqn, x_pos: int) -> list[tuple[int, jx.Eqn, KernelView]]:
+        """The later ``dot_general`` equations of the current jaxpr (index, equation, view)
+        whose operand ``x_pos`` is ``eqn``'s, whose other operand is a kernel view (its layout
+        ops evaluated ahead) and whose branch no earlier sibling computed."""
         xvar = eqn.invars[x_pos]
         if jx.is_literal(xvar):
             return []
         frame = self._frames[-1]
         found = []
         for i, e in frame.dots_using(xvar):
-            if i > frame.index and e.invars[x_pos] is xvar:
+            if i > frame.index and i not in frame.ahead and e.invars[x_pos] is xvar:
                 v = self._resolve(e.invars[1 - x_pos], frame)
                 if v is not None:
-                    found.append((e, v))
+                    found.append((i, e, v))
         return found
+
+    def branch_ahead(self) -> jax.Array | None:
+        """The current equation's low-rank branch, if an earlier sibling's rule computed it."""
+        frame = self._frames[-1]
+        return frame.ahead.pop(frame.index, None)
 
     def _resolve(self, var: Any, frame: _Frame) -> KernelView | None:
         """The kernel view ``var`` will hold, evaluating its layout ops ahead if needed."""
@@ -232,8 +248,11 @@ class Interpreter:
         if var in frame.env:
             val = frame.env[var]
             return val if isinstance(val, KernelView) else None
-        eqn = frame.producer(var)
-        if eqn is None or eqn.primitive.name not in jx.LAYOUT_OPS or len(eqn.invars) != 1:
+        index = frame.producer(var)
+        if index is None:
+            return None
+        eqn = frame.jaxpr.eqns[index]
+        if eqn.primitive.name not in jx.LAYOUT_OPS or len(eqn.invars) != 1:
             return None
         src = self._resolve(eqn.invars[0], frame)
         if src is None:
@@ -241,8 +260,8 @@ class Interpreter:
         with jx.eqn_context(eqn):
             out = layout_of(src, eqn)
         frame.env[eqn.outvars[0]] = out
-        frame.early.add(id(eqn))
-        return out
+        frame.early.add(index)
+        return out if isinstance(out, KernelView) else None
 
 
 def _eqn_key(key: Key, eqn: jx.Eqn, index: int) -> Key:
@@ -256,12 +275,3 @@ def _eqn_key(key: Key, eqn: jx.Eqn, index: int) -> Key:
 def _no_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Unfactored:
     del interp, eqn, key
     return no_rule(invals)
-
-
-def _read(env: dict[Any, Any], var: Any) -> Any:
-    """A jaxpr atom's value; after a routing fallback, a placeholder for one never computed."""
-    if jx.is_literal(var):
-        return var.val
-    if var in env:
-        return env[var]
-    return jnp.zeros(var.aval.shape, var.aval.dtype)

@@ -18,13 +18,14 @@ operation) is `Unfactored`; the interpreter then records that the call must fall
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
-from flax_lora._factored._contract import Evaluator, Result, Unfactored
+from flax_lora._factored._contract import Evaluator, Result, RoutingFallback, Unfactored
 from flax_lora._factored._view import EXAMPLE, KernelView, per_example
 from flax_lora._typing import Key
 
@@ -46,44 +47,62 @@ def routed_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> 
                 f"the activation has shape {jnp.shape(x)}, not the batch ({batch}) on axis {d} "
                 "(the batch that lora_ids routes: one id per example)"
             )
-    vals, in_axes = [], []
+    vals: list[Any] = []
+    in_axes: list[Any] = []
     for k, x in enumerate(invals):
         if isinstance(x, KernelView) and x.routed:
-            x, axis = per_example(x)
+            one_view, axis = per_example(x)
+            vals.append(one_view)
+            in_axes.append(axis)
         else:
-            axis = None if isinstance(x, KernelView) else in_pos.get(k)
-        vals.append(x)
-        in_axes.append(axis)
+            vals.append(x)
+            in_axes.append(None if isinstance(x, KernelView) else in_pos.get(k))
     keys = None if key is None else jax.random.split(key, batch)
 
-    def one(key_j: Key, *ex: Any) -> list[Any]:
+    def one(key_j: Key, *ex: Any) -> list[Any] | RoutingFallback:
         vals_j = [jnp.expand_dims(x, in_pos[k]) if k in in_pos else x for k, x in enumerate(ex)]
         outs = interp.apply(eqn, vals_j, key_j)
+        if isinstance(outs, RoutingFallback):
+            return outs
         return [jnp.squeeze(o, out_pos) for o in outs]
 
     key_axis = None if keys is None else 0
     return jax.vmap(one, in_axes=(key_axis, *in_axes), out_axes=out_pos)(keys, *vals)
 
 
-def _batch_axes(eqn: jx.Eqn, invals: list[Any]) -> tuple[dict[int, int], int] | Unfactored:
-    """``({operand index: its batch axis}, the output's batch axis)`` for a routed use, or why
+BatchAxes = tuple[dict[int, int], int]
+"""``({operand index: its batch axis}, the output's batch axis)`` of a routed use."""
+
+
+def _batch_axes(eqn: jx.Eqn, invals: list[Any]) -> BatchAxes | Unfactored:
+    """The batch axes of a routed use (by the rule of its primitive in `BATCH_AXES`), or why
     no operand is an activation with the batch on a free axis."""
-    name = eqn.primitive.name
-    if name == "conv_general_dilated":
-        if isinstance(invals[0], KernelView):
-            return Unfactored("the kernel is the convolution's input")
-        dn = jx.param(eqn, "dimension_numbers")
-        return {0: dn.lhs_spec[0]}, dn.out_spec[0]
-    if name == "gather":
-        if not isinstance(invals[0], KernelView) or isinstance(invals[1], KernelView):
-            return Unfactored("the kernel is gathered as indices")
-        dn = jx.param(eqn, "dimension_numbers")
-        out_ndim = len(eqn.outvars[0].aval.shape)
-        batch_dims = [d for d in range(out_ndim) if d not in dn.offset_dims]
-        if not batch_dims or jnp.ndim(invals[1]) < 2:
-            return Unfactored("the lookup has no batch axis")
-        return {1: 0}, batch_dims[0]
-    # dot_general: the activation's axis 0 must be a free (not contracted, not batch) axis
+    rule = BATCH_AXES.get(eqn.primitive.name)
+    if rule is None:  # `kernel_use` routes only the primitives of the table
+        return Unfactored("no routed rule for this operation")
+    return rule(eqn, invals)
+
+
+def _conv_axes(eqn: jx.Eqn, invals: list[Any]) -> BatchAxes | Unfactored:
+    if isinstance(invals[0], KernelView):
+        return Unfactored("the kernel is the convolution's input")
+    dn = jx.param(eqn, "dimension_numbers")
+    return {0: dn.lhs_spec[0]}, dn.out_spec[0]
+
+
+def _gather_axes(eqn: jx.Eqn, invals: list[Any]) -> BatchAxes | Unfactored:
+    if not isinstance(invals[0], KernelView) or isinstance(invals[1], KernelView):
+        return Unfactored("the kernel is gathered as indices")
+    dn = jx.param(eqn, "dimension_numbers")
+    out_ndim = len(jx.shape(eqn.outvars[0]))
+    batch_dims = [d for d in range(out_ndim) if d not in dn.offset_dims]
+    if not batch_dims or jnp.ndim(invals[1]) < 2:
+        return Unfactored("the lookup has no batch axis")
+    return {1: 0}, batch_dims[0]
+
+
+def _dot_axes(eqn: jx.Eqn, invals: list[Any]) -> BatchAxes | Unfactored:
+    """The activation's axis 0 must be a free (not contracted, not batch) axis."""
     d = jx.dot(eqn)
     lc, rc, lb, rb = d.lhs_contract, d.rhs_contract, d.lhs_batch, d.rhs_batch
     if all(isinstance(x, KernelView) for x in invals[:2]):
@@ -92,9 +111,17 @@ def _batch_axes(eqn: jx.Eqn, invals: list[Any]) -> tuple[dict[int, int], int] | 
     contracted, batched = (lc, lb) if x_pos == 0 else (rc, rb)
     if 0 in contracted or 0 in batched or lb:
         return Unfactored("the activation's axis 0 is contracted or a batch dimension")
-    lhs_ndim = len(eqn.invars[0].aval.shape)
+    lhs_ndim = len(jx.shape(eqn.invars[0]))
     lhs_free = [d for d in range(lhs_ndim) if d not in lc and d not in lb]
-    rhs_ndim = len(eqn.invars[1].aval.shape)
+    rhs_ndim = len(jx.shape(eqn.invars[1]))
     rhs_free = [d for d in range(rhs_ndim) if d not in rc and d not in rb]
     out = lhs_free.index(0) if x_pos == 0 else len(lhs_free) + rhs_free.index(0)
     return {x_pos: 0}, out
+
+
+BATCH_AXES: dict[str, Callable[[jx.Eqn, list[Any]], BatchAxes | Unfactored]] = {
+    "conv_general_dilated": _conv_axes,
+    "gather": _gather_axes,
+    "dot_general": _dot_axes,
+}
+"""The batch axes of a routed use, by primitive name (as the interpreter's `RULES`)."""

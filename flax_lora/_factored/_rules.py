@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
-from flax_lora._factored._contract import Evaluator, Result, Rule, Unfactored, no_rule
+from flax_lora._factored._contract import Ahead, Evaluator, Result, Rule, Unfactored, no_rule
 from flax_lora._factored._lowrank import cast_like, conv_branch, dense_branches, embed_branch
 from flax_lora._factored._quant_base import as_array, base_gather, base_product, is_quant_base
 from flax_lora._factored._routing import routed_rule
@@ -251,6 +251,8 @@ def _dora_out(
     """``g * (base_out + low)`` (or PEFT's dropout form), in at least float32, cast back."""
     acc = jnp.promote_types(base_out.dtype, jnp.float32)
     g = dora_scale(v, base_out.ndim, o_pos, acc)
+    if g is None:  # only a DoRA view's output goes here
+        raise AssertionError(f"kernel {v.path!r} has no DoRA magnitude")
     base, low = cast_like(base_out, acc), cast_like(low, acc)
     if drop_out is None:
         out = (base + low) * g
@@ -277,7 +279,7 @@ def dense_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> R
         dense_branches, precision=dims.precision, out_type=dims.preferred_element_type
     )
     x_drop = None
-    low = interp.stash.pop(id(eqn), None)  # computed with an earlier sibling's
+    low = interp.branch_ahead()  # computed with an earlier sibling's
     peft_dora = v.g is not None and not plan.on_out and float(v.meta.weights.dropout) > 0
     if low is None and peft_dora and key is not None:  # DoRA with dropout: PEFT's form
         x_drop = dropout(x, v, key)
@@ -287,26 +289,27 @@ def dense_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> R
         plans = [plan] + [p for _, p in group]
         x_in = dropout(plan.prepare(x), v, key)
         lows = branches(x_in, [p.first for p in plans], [p.second for p in plans])
-        low = lows[0]
-        interp.stash.update((id(e), lw) for (e, _), lw in zip(group, lows[1:], strict=True))
+        out = finish_dense(eqn, x, v, plan, lows[0], x_drop)
+        if group:  # the siblings' branches, for their rules
+            return Ahead(out, {i: lw for (i, _), lw in zip(group, lows[1:], strict=True)})
+        return out
     return finish_dense(eqn, x, v, plan, low, x_drop)
 
 
 def _siblings(
     interp: Evaluator, eqn: jx.Eqn, x_pos: int, plan: DensePlan, v: KernelView
-) -> list[tuple[jx.Eqn, DensePlan]]:
+) -> list[tuple[int, DensePlan]]:
     """Later ``dot_general`` equations of the same activation with other kernel views whose
     branches can be computed with this one (one product of the activation with the
     concatenated ``a`` factors). Not with LoRA dropout, whose masks are drawn per adapter, nor
     under routing."""
     dims = jx.dot(eqn)
-    x_shape = tuple(eqn.invars[x_pos].aval.shape)
+    x_shape = jx.shape(eqn.invars[x_pos])
     group = []
-    for e, kv in interp.later_uses(eqn, x_pos):
+    for i, e, kv in interp.later_uses(eqn, x_pos):
         other = jx.dot(e)
         if (
-            id(e) in interp.stash
-            or (other.precision, other.preferred_element_type)
+            (other.precision, other.preferred_element_type)
             != (dims.precision, dims.preferred_element_type)
             or kv.meta.why is not None
             or kv.meta.carried
@@ -315,7 +318,7 @@ def _siblings(
             continue
         p = plan_dense(e, x_shape, kv, x_pos == 0)
         if not isinstance(p, Unfactored) and p.shares_input_with(plan):
-            group.append((e, p))
+            group.append((i, p))
     return group
 
 

@@ -24,7 +24,15 @@ import jax
 import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
-from flax_lora._factored._contract import Evaluator, Result, Unfactored
+from flax_lora._factored._contract import (
+    Evaluator,
+    Passed,
+    Result,
+    RoutingFallback,
+    Unfactored,
+    leaving,
+    returned,
+)
 from flax_lora._factored._quant_base import as_array, is_quant_base, layer_base
 from flax_lora._factored._view import LAYER, KernelView, per_layer
 from flax_lora._typing import Key
@@ -47,25 +55,25 @@ def scan_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Re
     xs_in: list[Any] = [per_layer(x) if isinstance(x, KernelView) else layer_base(x) for x in xs]
     if key is not None:  # the layer index, for each layer's dropout key
         xs_in.append(jnp.arange(loop.length, dtype=jnp.uint32))
-    passthrough: dict[int, int] = {}  # ys output -> xs operand: a kernel view returned as is
 
-    def body(c: list[Any], sl: list[Any]) -> tuple[list[Any], list[Any]]:
+    def body(c: list[Any], sl: list[Any]) -> tuple[list[Any], list[Any] | RoutingFallback]:
+        """One layer; a ys output that is a layer's kernel as it came in is `Passed` (the
+        scan's xs operand is returned), and a `RoutingFallback` is returned as the ys (the
+        carry unchanged) for `scan_rule` to return."""
         layer = sl[: len(xs)]
         layer_key = None if key is None else jax.random.fold_in(key, sl[-1])
         outs = interp.eval(loop.body.jaxpr, loop.body.consts, [*consts, *c, *layer], layer_key)
-        new_c = [_plain(interp, o) for o in outs[:n_carry]]
+        if isinstance(outs, RoutingFallback):
+            return c, outs
+        passed = [None] * n_carry + [_passed(o, layer) for o in outs[n_carry:]]
+        plain = leaving(interp, outs, passed, "scan", "the kernel leaves the scan body")
+        if isinstance(plain, RoutingFallback):
+            return c, plain
         new_c = [
-            o.astype(i.dtype) if o.dtype != i.dtype else o for o, i in zip(new_c, c, strict=True)
+            o.astype(i.dtype) if o.dtype != i.dtype else o
+            for o, i in zip(plain[:n_carry], c, strict=True)
         ]
-        ys = []
-        for j, o in enumerate(outs[n_carry:]):
-            k = next((k for k, v in enumerate(layer) if o is v), None)
-            if (isinstance(o, KernelView) or is_quant_base(o)) and k is not None:
-                passthrough[j] = k
-                ys.append(jnp.zeros((), jnp.float32))
-            else:
-                ys.append(_plain(interp, o))
-        return new_c, ys
+        return new_c, plain[n_carry:]
 
     carry_out, ys = jax.lax.scan(
         body,
@@ -75,8 +83,19 @@ def scan_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Re
         reverse=loop.reverse,
         unroll=loop.unroll,
     )
-    ys = [xs[passthrough[j]] if j in passthrough else y for j, y in enumerate(ys)]
-    return [*carry_out, *ys]
+    if isinstance(ys, RoutingFallback):
+        return ys
+    rest = returned(ys, xs)
+    if not isinstance(rest, list):  # `returned` gives the fallback back only
+        return rest
+    return [*carry_out, *rest]
+
+
+def _passed(o: Any, layer: list[Any]) -> Passed | None:
+    """`Passed` when the body output ``o`` is one of the layer's kernel inputs as it came in."""
+    if not (isinstance(o, KernelView) or is_quant_base(o)):
+        return None
+    return next((Passed(k) for k, v in enumerate(layer) if o is v), None)
 
 
 def _sliceable(v: KernelView) -> str | None:
@@ -88,9 +107,3 @@ def _sliceable(v: KernelView) -> str | None:
     if any(prim.name not in jx.VALUE_OPS for prim, _ in v.meta.ops):
         return "the layered kernel is reshaped before the scan"
     return None
-
-
-def _plain(interp: Evaluator, o: Any) -> Any:
-    if isinstance(o, KernelView):
-        return interp.merged(o, "scan", "the kernel leaves the scan body")
-    return as_array(o)

@@ -9,7 +9,6 @@ interpreter (`flax_lora._factored._interpreter`) with each adapted kernel enteri
 from __future__ import annotations
 
 import collections
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -20,8 +19,9 @@ import numpy as np
 from flax_lora._adapters._delta import check_fits
 from flax_lora._adapters._tables import adapter_table, stacked_table
 from flax_lora._adapters._weights import LoraWeights, StackedLoraWeights
+from flax_lora._factored._contract import RoutingFallback, leaving
 from flax_lora._factored._interpreter import Interpreter
-from flax_lora._factored._quant_base import as_array, as_base, input_aval
+from flax_lora._factored._quant_base import as_base, input_aval
 from flax_lora._factored._view import KernelView, make_routed_view, make_view
 from flax_lora._paths import describe, path_str
 from flax_lora._quant._formats import is_quantized
@@ -49,9 +49,9 @@ class Tracer:
         statics = tuple((type(x), x) for x, d in zip(leaves, dynamic, strict=True) if not d)
         key = (treedef, tuple((a.shape, a.dtype, a.weak_type) for a in avals), statics)
         try:
-            hit = self.cache.get(key)
+            hit, cacheable = self.cache.get(key), True
         except TypeError:  # an unhashable static leaf: no caching
-            key, hit = None, None
+            hit, cacheable = None, False
         if hit is not None:
             self.cache.move_to_end(key)
             return hit
@@ -64,21 +64,11 @@ class Tracer:
 
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*specs)
         found = (closed, jax.tree_util.tree_structure(out_shape))
-        if key is not None and not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
+        if cacheable and not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
             self.cache[key] = found
             while len(self.cache) > _CACHE_SIZE:
                 self.cache.popitem(last=False)
         return found
-
-
-@dataclasses.dataclass(frozen=True)
-class RoutingFallback:
-    """What `call_routed` returns when the batch cannot be routed kernel by kernel: a use of a
-    routed kernel that the per-example rules cannot serve on the whole batch (an activation
-    without the batch on axis 0, a kernel used by another operation), and why. `lora.wrap`
-    then runs the model per example (mode ``"auto"``) or says why not (mode ``"factored"``)."""
-
-    reason: str
 
 
 def call_factored(
@@ -123,10 +113,7 @@ def call_routed(
     shapes = {p: w.entry(w.a[0], w.b[0]) for p, w in table.items()}
     interp = Interpreter(mode, with_key=lora_rng is not None, routing=True)
     view = lambda path, leaf: make_routed_view(path, leaf, table[path], ids)
-    out = _interpret(tracer, interp, shapes, view, params, args, kwargs, lora_rng)
-    if interp.routing_fallback is not None:
-        return RoutingFallback(interp.routing_fallback)
-    return out
+    return _interpret(tracer, interp, shapes, view, params, args, kwargs, lora_rng)
 
 
 def _interpret(
@@ -138,9 +125,10 @@ def _interpret(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     key: jax.Array | None,
-) -> PyTree:
+) -> PyTree | RoutingFallback:
     """Traces ``apply_fn`` and evaluates it with ``interp``, the kernel at each path of
-    ``table`` (the adapters, checked against the kernels) entering as ``view(path, kernel)``."""
+    ``table`` (the adapters, checked against the kernels) entering as ``view(path, kernel)``;
+    a `RoutingFallback` (only with routed views) instead of the outputs."""
     flat, treedef = jax.tree_util.tree_flatten_with_path((params, args, kwargs), is_quantized)
     leaves = [x for _, x in flat]
     n_params = len(jax.tree_util.tree_leaves(params, is_quantized))
@@ -152,13 +140,12 @@ def _interpret(
     used = [i for i, x in enumerate(leaves) if _is_array(x) or is_quantized(x)]
     invals = [views[i] if i in views else as_base(leaves[i]) for i in used]
     outs = interp.eval(closed.jaxpr, closed.consts, invals, key)
-    outs = [
-        interp.merged(o, "output", "the kernel is returned")
-        if isinstance(o, KernelView)
-        else as_array(o)
-        for o in outs
-    ]
-    return jax.tree_util.tree_unflatten(out_def, outs)
+    if isinstance(outs, RoutingFallback):
+        return outs
+    plain = leaving(interp, outs, [None] * len(outs), "output", "the kernel is returned")
+    if isinstance(plain, RoutingFallback):
+        return plain
+    return jax.tree_util.tree_unflatten(out_def, plain)
 
 
 def _check(table: dict[str, LoraWeights], paths: list[str], leaves: list[Any]) -> None:

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
-from flax_lora._adapters._delta import delta, layer_mask
+from flax_lora._adapters._delta import delta, layer_mask, masked_factor
 from flax_lora._adapters._dora import dora_factor, dora_kernel, layered_factor
 from flax_lora._adapters._weights import LoraWeights, StackedLoraWeights
 from flax_lora._factored._quant_base import Base, as_array, as_base, layer_base
@@ -150,8 +150,7 @@ def make_view(path: str, leaf: Any, w: LoraWeights) -> KernelView:
     kernel = as_base(leaf)
     a, g, root_m = w.a, None, w.m
     mask = layer_mask(w)
-    if mask is not None:  # layers not picked: zero update, zero gradient
-        a = a * jnp.asarray(mask, a.dtype).reshape(mask.shape + (1,) * (a.ndim - 1))
+    a = masked_factor(w, a)  # layers not picked: zero update, zero gradient
     carried = (LAYER,) * w.layer_axes + (EXPERT,) * len(w.expert_axes)
     n = len(w.carried_axes)
     if w.m is not None and w.expert_axes and w.carried_axes != tuple(range(n)):
@@ -159,16 +158,7 @@ def make_view(path: str, leaf: Any, w: LoraWeights) -> KernelView:
         why = "DoRA on an expert kernel whose expert axes do not lead"
         return dataclasses.replace(view, meta=dataclasses.replace(view.meta, why=why))
     if w.m is not None and w.expert_axes:  # DoRA per expert (and layer): norms mapped over C
-        inner = w.replace(
-            a=None,
-            b=None,
-            m=None,
-            kernel_shape=w.kernel_shape[n:],
-            in_axes=tuple(d - n for d in w.in_axes),
-            layer_axes=0,
-            expert_axes=(),
-            layers=None,
-        )
+        inner = w.carried_slice(a=None, b=None, m=None)  # the carried axes lead here
         keep = None if mask is None else jnp.asarray(mask > 0)
         g, root_m = layered_factor(as_array(kernel), inner, a, w.b, w.m, n, keep)
         return _assemble(path, kernel, w, a, w.b, g, root_m, carried)
