@@ -10,7 +10,6 @@ from typing import Any, Literal
 import jax
 from flax import nnx
 
-from flax_lora._adapters._extras import TrainedCopy
 from flax_lora._adapters._tables import adapter_table, split
 from flax_lora._adapters._weights import is_lora
 from flax_lora._paths import flatten
@@ -165,13 +164,11 @@ def summary(params: PyTree, adapters: PyTree, show: bool = True) -> Summary:
         )
 
     for path, node in split(adapters, is_lora)[1].items():
-        x = node.value if isinstance(node, TrainedCopy) else node.delta
-        n, nbytes = _size(x)
-        kind = node.role if isinstance(node, TrainedCopy) else "tokens"
-        rows_ = len(node.indices) if kind == "tokens" else 0
-        shape = tuple(getattr(kernels.get(path), "shape", x.shape))
+        n, nbytes = _size(node.array)
+        rows_ = len(node.indices) if node.kind == "tokens" else 0  # a token delta's rows
+        shape = tuple(getattr(kernels.get(path), "shape", node.array.shape))
         total = _size(kernels[path])[0] if path in kernels else 0
-        rows.append(Row(path, shape, rows_, 0.0, n, nbytes, total, kind))
+        rows.append(Row(path, shape, rows_, 0.0, n, nbytes, total, node.kind))
     base = [_size(x) for x in _parameters(params)]
     result = Summary(
         rows=tuple(rows),
