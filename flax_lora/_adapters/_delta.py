@@ -13,6 +13,10 @@ import numpy as np
 
 from flax_lora._adapters._weights import LoraWeights
 
+HIGHEST = jax.lax.Precision.HIGHEST
+"""The precision of every product of factors (``a @ b`` and its kin), so that TPUs do not round
+them through bfloat16."""
+
 
 def check_fits(path: str, w: LoraWeights, shape: tuple[int, ...]) -> None:
     """Raises ``ValueError`` naming ``path`` unless ``w`` fits a kernel of ``shape``."""
@@ -62,7 +66,7 @@ def delta(w: LoraWeights, dtype: Any = jnp.float32) -> jax.Array:
     lead = w.carried_shape  # one product per carried index (a batched matmul)
     a = masked_factor(w, w.a.reshape(*lead, n_in, r).astype(dtype))
     b = w.b.reshape(*lead, r, n_out).astype(dtype)
-    d = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST) * jnp.asarray(w.scale, dtype)
+    d = jnp.matmul(a, b, precision=HIGHEST) * jnp.asarray(w.scale, dtype)
     d = d.reshape(lead + w.in_shape + w.out_shape)
     order = w.carried_axes + w.in_axes + w.out_axes
     inverse = tuple(order.index(i) for i in range(len(order)))

@@ -25,10 +25,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from flax_lora._adapters._delta import delta, layer_mask
+from flax_lora._adapters._delta import HIGHEST, delta, layer_mask
 from flax_lora._adapters._weights import LoraWeights
-
-_HI = jax.lax.Precision.HIGHEST
 
 
 def weight_norm(kernel: jax.Array, w: LoraWeights, dtype: Any = jnp.float32) -> jax.Array:
@@ -68,14 +66,14 @@ def factored_norm(kernel: jax.Array, w: LoraWeights) -> jax.Array:
     b = jax.lax.stop_gradient(w.b).astype(acc)
     w0 = kernel.astype(acc)  # a no-op for float32 kernels; the result is detached below
     dot = lambda x, y, dn: jax.lax.dot_general(
-        x, y, dn, precision=_HI, preferred_element_type=acc
+        x, y, dn, precision=HIGHEST, preferred_element_type=acc
     ).astype(acc)
     w0_sq = dot(w0, w0, ((ins, ins), (outs, outs)))  # (*O,)
     a_f = a.astype(acc)
     w0t_a = dot(w0, a_f, ((ins, tuple(range(k))), ((), ())))  # (*O, r)
     cross = jnp.sum(jnp.moveaxis(w0t_a, -1, 0) * b, axis=0)  # colsum(W0 * (a @ b)), (*O,)
     gram = dot(a_f, a_f, ((tuple(range(k)), tuple(range(k))), ((), ())))  # (r, r)
-    gb = jnp.tensordot(gram, b, axes=(1, 0), precision=_HI)  # (r, *O)
+    gb = jnp.tensordot(gram, b, axes=(1, 0), precision=HIGHEST)  # (r, *O)
     ab_sq = jnp.sum(gb * b, axis=0)  # ||a @ b||**2 per output unit
     s = jnp.asarray(w.scale, acc)
     sq = w0_sq + 2.0 * s * cross + s * s * ab_sq

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
+from flax_lora._adapters._delta import HIGHEST
 from flax_lora._adapters._dora import weight_norm
 from flax_lora._adapters._weights import LoraWeights
 from flax_lora._quant._formats import QuantizedKernel, dequantize_kernel, is_quantized
@@ -200,9 +201,7 @@ def _factor(
     # the residual is taken against the factors as stored (in ``dtype``), so that
     # residual + scale * a @ b is W0 to float32 rounding also for bfloat16 adapters
     a, b = a32.astype(dtype), b32.astype(dtype)
-    ab = jnp.matmul(
-        a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
-    )
+    ab = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32), precision=HIGHEST)
     res = w - scale * ab
     inverse = tuple((in_axes + out_axes).index(i) for i in range(len(shape)))
     return a, b, res.reshape(in_shape + out_shape).transpose(inverse).astype(piece.dtype)
