@@ -26,7 +26,8 @@ import numpy as np
 from flax_lora._adapters._delta import check_fits
 from flax_lora._adapters._extras import Extra, from_meta
 from flax_lora._adapters._weights import LoraWeights
-from flax_lora._config import LoraConfig, finite_float
+from flax_lora._config import LoraConfig
+from flax_lora._field_checks import finite_float
 from flax_lora._paths import describe, nest
 from flax_lora._typing import KINDS
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_lora import _regex
-from flax_lora._config import regex_tuple
+from flax_lora._field_checks import regex_tuple
 from flax_lora._paths import KERNEL_LEAVES, describe, flatten, leaf_name, path_str
 from flax_lora._probe import kernel_uses
 from flax_lora._quant._checks import check_format, finite_error, non_finite
