@@ -17,6 +17,8 @@ from support.refs import ref_delta64
 from support.trees import adapter_entries, leaves_by_path, replace_leaves
 
 import flax_lora as lora
+from flax_lora._init._select import layered_kernels
+from flax_lora._probe import Use
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,3 +389,20 @@ def test_plain_params_follow_the_advice() -> None:
         want = np.tanh(np.asarray(x, np.float64) @ p64["w1"] + p64["b"]) @ p64["w2"]
         got = lora.wrap(apply)(params, adapters, x)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+
+
+def test_layered_kernels_leaves_its_argument_alone() -> None:
+    """The layered kernels with no picked layer are left out of the returned table, not deleted
+    from the argument (which the caller may hold)."""
+    leaves = {
+        "s/kernel": np.zeros((2, 3, 4)),
+        "t/kernel": np.zeros((5, 3, 4)),
+        "d": np.zeros((3, 4)),
+    }
+    selected = {p: ("dense", (1,) if p != "d" else (0,)) for p in leaves}
+    uses = {p: Use("dense", (1,), layer_axes=(0,)) for p in ("s/kernel", "t/kernel")}
+    before = dict(selected)
+    kept, layered = layered_kernels(selected, uses, leaves, lora.LoraConfig(layers=[3]))
+    assert selected == before
+    assert list(kept) == ["t/kernel", "d"]
+    assert layered == {"t/kernel": (1, (3,))}

@@ -104,8 +104,11 @@ def init(
     leaves = flatten(params)
     uses = None if probe is None else kernel_uses(probe, params)
     saved = saved_leaves(leaves, config)  # modules_to_save: trained whole, never factored
-    selected = select_kernels({p: x for p, x in leaves.items() if p not in saved}, config, uses)
-    layered = layered_kernels(selected, uses, leaves, config)  # nn.scan's layer axes
+    candidates = {p: x for p, x in leaves.items() if p not in saved}
+    # nn.scan's layer axes; the layered kernels with no picked layer are left out
+    selected, layered = layered_kernels(
+        select_kernels(candidates, config, uses), uses, leaves, config
+    )
     keys = jax.random.split(key, max(len(selected), 1))
     bases = flatten(original, is_leaf=is_quantized) if config.dora else {}
     adapters: list[tuple[str, LoraWeights]] = []

@@ -161,18 +161,20 @@ def layered_kernels(
     uses: dict[str, Use] | None,
     leaves: dict[str, PyTree],
     config: LoraConfig,
-) -> dict[str, tuple[int, tuple[int, ...] | None]]:
-    """Path -> (number of leading layer axes, picked layers or ``None``) of the layered kernels
-    among ``selected``; drops from ``selected`` the layered kernels with no picked layer.
+) -> tuple[dict[str, tuple[Kind, tuple[int, ...]]], dict[str, tuple[int, tuple[int, ...] | None]]]:
+    """``selected`` without the layered kernels with no picked layer, and path -> (number of
+    leading layer axes, picked layers or ``None``) of the layered kernels left. ``selected`` is
+    not changed.
 
     Raises:
       ValueError: a scan slices a kernel on an axis that is not leading, a layered kernel has
         no output axis, or no kernel is left once ``layers`` is applied.
     """
     if uses is None:
-        return {}
+        return selected, {}
+    kept = dict(selected)
     out: dict[str, tuple[int, tuple[int, ...] | None]] = {}
-    for path in list(selected):
+    for path in selected:
         use = uses.get(path)
         lax_ = tuple(getattr(use, "layer_axes", ()) or ())
         if not lax_:
@@ -197,12 +199,12 @@ def layered_kernels(
         if config.layers is not None:
             layers = tuple(sorted({i for i in config.layers if 0 <= i < shape[0]}))
             if not layers:
-                del selected[path]
+                del kept[path]
                 continue
         out[path] = (n, layers)
-    if not selected:
+    if not kept:
         raise ValueError(
             f"LoraConfig(layers={config.layers!r}) picks no layer of the stacked kernels "
             f"{describe(list(uses))}."
         )
-    return out
+    return kept, out
