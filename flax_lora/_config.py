@@ -107,7 +107,7 @@ class LoraConfig:
     init: Init = "lora"
     dropout: float = 0.0
     rslora: bool = False
-    dtype: Any = jnp.float32
+    dtype: DTypeLike = jnp.float32
     layers: Sequence[int] | int | None = None
     loftq_iter: int = 1
     loftq_dtype: QuantFormat = "nf4"

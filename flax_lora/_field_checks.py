@@ -26,8 +26,8 @@ Patterns = str | Sequence[str] | None
 """One regex, several, or ``None``."""
 
 
-def _got(value: object) -> str:
-    return f"got {value!r} ({type(value).__name__})"
+def _got(value: object, show: Callable[[object], str] = repr) -> str:
+    return f"got {show(value)} ({type(value).__name__})"
 
 
 def is_int(value: object) -> bool:
@@ -94,15 +94,16 @@ def boolean(value: Any, name: str) -> bool:
     return bool(value)
 
 
-def one_of(choices: tuple[str, ...]) -> Check[str]:
+def one_of(choices: tuple[str, ...], show: Callable[[object], str] = repr) -> Check[str]:
     """A checker of strings among ``choices``: ``TypeError`` for a non-string, ``ValueError``
-    for another string."""
+    for another string; ``show`` writes the value in the message (e.g. a bounded repr for
+    untrusted files)."""
 
     def check(value: Any, name: str) -> str:
         if not isinstance(value, str):
-            raise TypeError(f"{name} must be a string, one of {choices}; {_got(value)}.")
+            raise TypeError(f"{name} must be a string, one of {choices}; {_got(value, show)}.")
         if value not in choices:
-            raise ValueError(f"{name} must be one of {choices}; got {value!r}.")
+            raise ValueError(f"{name} must be one of {choices}; got {show(value)}.")
         return value
 
     return check

@@ -5,11 +5,11 @@ masks of the carried indices an adapter does not adapt, and the check that it fi
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 from flax_lora._adapters._weights import LoraWeights
 
@@ -41,7 +41,7 @@ def check_fits(path: str, w: LoraWeights, shape: tuple[int, ...]) -> None:
         )
 
 
-def delta(w: LoraWeights, dtype: Any = jnp.float32) -> jax.Array:
+def delta(w: LoraWeights, dtype: DTypeLike = jnp.float32) -> jax.Array:
     """``scale * a @ b`` in the kernel's layout, computed in ``dtype`` (float32 by default).
 
     The product runs at the highest matmul precision, so TPUs do not round it through bfloat16.

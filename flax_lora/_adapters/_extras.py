@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -70,7 +70,7 @@ class TrainedCopy:
     """It replaces its base leaf, so merging it cannot be undone (`unmerge_extras`)."""
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> Role:
         """What it trains, for `lora.summary`: its ``role``."""
         return self.role
 
@@ -149,7 +149,7 @@ class TokenDelta:
     """It adds to its base leaf, so merging it is undone by subtracting it."""
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> Literal["tokens"]:
         """What it trains, for `lora.summary`: ``"tokens"``."""
         return "tokens"
 
@@ -320,7 +320,7 @@ STACKED_TYPES = (StackedCopy, StackedTokenDelta)
 _ALL_TYPES = (*EXTRA_TYPES.values(), *STACKED_TYPES)
 
 
-def is_extra(x: Any) -> bool:
+def is_extra(x: object) -> TypeGuard[Extra | StackedExtra]:
     """Whether ``x`` is one of the non-factor adapter nodes (plain or stacked)."""
     return isinstance(x, _ALL_TYPES)
 

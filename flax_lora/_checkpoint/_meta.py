@@ -27,7 +27,7 @@ from flax_lora._adapters._delta import check_fits
 from flax_lora._adapters._extras import Extra, from_meta
 from flax_lora._adapters._weights import LoraWeights
 from flax_lora._config import LoraConfig
-from flax_lora._field_checks import finite_float
+from flax_lora._field_checks import finite_float, one_of
 from flax_lora._paths import describe, nest
 from flax_lora._typing import KINDS
 
@@ -232,17 +232,6 @@ def _dropout(v: Any, at: str) -> float:
     return out
 
 
-def _choice(options: tuple[str, ...]) -> Check:
-    def choice(v: Any, at: str) -> str:
-        if not isinstance(v, str):
-            raise TypeError(f"{at} must be a string, one of {options}; got {type(v).__name__}.")
-        if v not in options:
-            raise ValueError(f"{at} must be one of {options}; got {_show(v)}.")
-        return v
-
-    return choice
-
-
 def _flag(v: Any, at: str) -> bool:
     if not isinstance(v, bool):
         raise TypeError(f"{at} must be true or false; got {_show(v)} ({type(v).__name__}).")
@@ -257,7 +246,7 @@ ADAPTER_FIELDS: dict[str, tuple[Any, Check]] = {  # field -> (default, check)
     "scale": (_REQUIRED, _scale),
     "in_axes": (_REQUIRED, _ints(_count)),
     "kernel_shape": (_REQUIRED, _ints(_positive, distinct=False)),
-    "kind": (_REQUIRED, _choice(KINDS)),
+    "kind": (_REQUIRED, one_of(KINDS, _show)),
     "dropout": (0.0, _dropout),
     "layer_axes": (0, _count),
     "layers": (None, _optional(_ints(_count))),
@@ -266,7 +255,7 @@ ADAPTER_FIELDS: dict[str, tuple[Any, Check]] = {  # field -> (default, check)
     "dora": (False, _flag),
 }
 EXTRA_FIELDS: dict[str, dict[str, tuple[Any, Check]]] = {  # type -> its fields
-    "copy": {"role": (_REQUIRED, _choice(("module", "bias")))},
+    "copy": {"role": (_REQUIRED, one_of(("module", "bias"), _show))},
     "tokens": {"indices": (_REQUIRED, _ints(_count)), "num_rows": (_REQUIRED, _positive)},
 }
 
@@ -310,7 +299,7 @@ def adapter_fields(directory: Path, path: str, entry: dict[str, Any]) -> dict[st
 def extra_fields(directory: Path, path: str, entry: dict[str, Any]) -> dict[str, Any]:
     """The checked fields of the trained copy or token delta at ``path`` (`EXTRA_FIELDS`)."""
     at = f"{where(directory)}: entry {path!r}"
-    kind = _choice(tuple(EXTRA_FIELDS))(entry.get("type"), f"{at}, field 'type'")
+    kind = one_of(tuple(EXTRA_FIELDS), _show)(entry.get("type"), f"{at}, field 'type'")
     f = {"type": kind, **_fields(entry, EXTRA_FIELDS[kind], at)}
     if kind == "tokens" and any(i >= f["num_rows"] for i in f["indices"]):
         raise ValueError(f"{at}, field 'indices': rows beyond num_rows {f['num_rows']}.")

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from flax_lora import _jaxpr as jx
 from flax_lora._adapters._delta import delta, layer_mask
 from flax_lora._adapters._dora import dora_factor, dora_kernel, layered_factor
-from flax_lora._adapters._weights import LoraWeights, StackedLoraWeights
+from flax_lora._adapters._weights import AdapterLayout, LoraWeights, StackedLoraWeights
 from flax_lora._factored._quant_base import Base, as_array, as_base, layer_base
 from flax_lora._multi._stack import gather, gather_dora
 
@@ -57,7 +57,7 @@ class ViewMeta:
 
     Attributes:
       path: the kernel's path, for messages.
-      weights: the adapter's static fields (its arrays are ``None``), for `materialize`.
+      weights: the adapter's static fields (an `AdapterLayout`), for `materialize`.
       ops: the layout ops applied so far, for `materialize`.
       side: for each axis of the view's base, ``"I"``, ``"O"``, ``"layer"`` or ``"expert"``.
       carried: the kind of each leading carried axis of the factors, in order.
@@ -65,7 +65,7 @@ class ViewMeta:
     """
 
     path: str
-    weights: LoraWeights
+    weights: AdapterLayout
     ops: tuple[tuple[Any, dict[str, Any]], ...]
     side: tuple[str, ...]
     carried: tuple[Carried, ...]
@@ -155,30 +155,21 @@ def make_view(path: str, leaf: Any, w: LoraWeights) -> KernelView:
     carried = (LAYER,) * w.layer_axes + (EXPERT,) * len(w.expert_axes)
     n = len(w.carried_axes)
     if w.m is not None and w.expert_axes and w.carried_axes != tuple(range(n)):
-        view = _assemble(path, kernel, w, a, w.b, None, root_m, carried)
+        view = _assemble(path, kernel, w.layout, a, w.b, None, root_m, carried)
         why = "DoRA on an expert kernel whose expert axes do not lead"
         return dataclasses.replace(view, meta=dataclasses.replace(view.meta, why=why))
     if w.m is not None and w.expert_axes:  # DoRA per expert (and layer): norms mapped over C
-        inner = w.replace(
-            a=None,
-            b=None,
-            m=None,
-            kernel_shape=w.kernel_shape[n:],
-            in_axes=tuple(d - n for d in w.in_axes),
-            layer_axes=0,
-            expert_axes=(),
-            layers=None,
-        )
+        inner = w.layout.carried_slice()  # the carried axes lead: the layout past them
         keep = None if mask is None else jnp.asarray(mask > 0)
         g, root_m = layered_factor(as_array(kernel), inner, a, w.b, w.m, n, keep)
-        return _assemble(path, kernel, w, a, w.b, g, root_m, carried)
+        return _assemble(path, kernel, w.layout, a, w.b, g, root_m, carried)
     if w.m is not None and w.layer_axes:
-        inner = w.layer_slice(w.layer_axes, a=None, b=None, m=None)
+        inner = w.layout.layer_slice(w.layer_axes)
         keep = None if mask is None else jnp.asarray(mask > 0)
         g, root_m = layered_factor(as_array(kernel), inner, a, w.b, w.m, w.layer_axes, keep)
     elif w.m is not None:  # DoRA: the factor per output unit, from W0's norms and low-rank terms
         g = dora_factor(as_array(kernel), w)
-    return _assemble(path, kernel, w, a, w.b, g, root_m, carried)
+    return _assemble(path, kernel, w.layout, a, w.b, g, root_m, carried)
 
 
 def make_routed_view(
@@ -194,13 +185,13 @@ def make_routed_view(
     a, b = gather(w, ids)
     g, root_m = (None, None) if w.m is None else gather_dora(w, kernel, ids)
     carried = (EXAMPLE,) + (LAYER,) * w.layer_axes + (EXPERT,) * len(w.expert_axes)
-    return _assemble(path, kernel, w.entry(), a, b, g, root_m, carried)
+    return _assemble(path, kernel, w.layout, a, b, g, root_m, carried)
 
 
 def _assemble(
     path: str,
     kernel: Base,
-    w: LoraWeights,
+    w: AdapterLayout,
     a: jax.Array,
     b: jax.Array,
     g: jax.Array | None,
@@ -226,7 +217,7 @@ def _assemble(
     view_a = transposed(a, (*lead, *[n + k for k in in_order], a.ndim - 1))
     view_b = transposed(b, (*lead, n, *[n + 1 + k for k in out_order]))
     view_g = None if g is None else transposed(g, (*lead, *[n + k for k in out_order]))
-    meta = ViewMeta(path, w.replace(a=None, b=None, m=None), (), side, carried)
+    meta = ViewMeta(path, w, (), side, carried)
     return KernelView(kernel, a, b, kernel, view_a, view_b, meta, g=view_g, root_m=root_m)
 
 
@@ -234,7 +225,7 @@ def materialize(v: KernelView) -> jax.Array:
     """``W0 + scale * a @ b`` in the kernel's dtype (as `lora.merge`; DoRA's kernel for a DoRA
     view), then the view's layout ops. Not for a routed view, which stands for one kernel per
     example: its uses run per example (`per_example`)."""
-    w = v.meta.weights.replace(a=v.root_a, b=v.root_b, m=v.root_m)
+    w = v.meta.weights.with_factors(v.root_a, v.root_b, v.root_m)
     root = as_array(v.root)  # a quantized base is dequantized here
     compute = jnp.promote_types(root.dtype, jnp.float32)
     if w.m is not None:  # DoRA, as `lora.merge`

@@ -18,6 +18,7 @@ from flax_lora._init._factors import (
     FACTORING_INITS,
     check_rank,
     init_factors,
+    kernel_values,
     rank_note,
     warn_ranks,
     with_magnitude,
@@ -194,7 +195,7 @@ def _adapter(
         )
     if config.init == "loftq":  # the base becomes Q, quantized
         a, b, base = loftq_factors(
-            kernel,
+            kernel_values(kernel, config.init),
             in_axes,
             r,
             scale,

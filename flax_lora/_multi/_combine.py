@@ -218,8 +218,8 @@ def combine(
     plan = Plan(spec, rank, density, majority_sign_method)
     out = _combine_tables(tables, w, key, plan)
     extras = extra_tables(adapter_list)
-    extras = combine_extras(extras, w) if any(extras) else {}
-    return nest([*out.items(), *extras.items()])
+    combined = combine_extras(extras, w) if any(extras) else {}
+    return nest([*out.items(), *combined.items()])
 
 
 @functools.partial(jax.jit, static_argnums=(3,))
@@ -263,9 +263,8 @@ def _per_carried(
     ]
     keys = None if key is None else jax.random.split(key, math.prod(lead))
     out = jax.vmap(one, in_axes=(0, None if keys is None else 0))(per_index, keys)
-    picked = (
-        None if any(x.layers is None for x in ws) else sorted(set().union(*(x.layers for x in ws)))
-    )
+    layers = [x.layers for x in ws]
+    picked = None if None in layers else sorted({i for picks in layers for i in picks or ()})
     return out.replace(
         a=out.a.reshape((*lead, *out.a.shape[1:])),
         b=out.b.reshape((*lead, *out.b.shape[1:])),

@@ -51,6 +51,7 @@ def _random_prune(ts: jax.Array, density: float, key: jax.Array | None) -> jax.A
     """DARE: keeps each entry with probability ``density`` and rescales kept ones by 1/density."""
     if density >= 1.0:
         return ts
+    assert key is not None, "combine checks that a method that draws masks has a key"
     keep = jax.random.bernoulli(key, density, ts.shape)
     return jnp.where(keep, ts / density, 0.0)
 
@@ -115,6 +116,7 @@ class Plan:
         """The method's prune (if any), then its merge, of task tensors ``ts`` ``(N, ...)``."""
         prune = self.method.prune
         if prune is not None:
+            assert self.density is not None, "combine checks that a pruning method has a density"
             ts = prune.fn(ts, self.density, key)
         return self.method.merge.fn(ts, weights, self.sign_method)
 

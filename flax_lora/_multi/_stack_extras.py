@@ -6,7 +6,7 @@ combined (`lora.combine`): the methods of the extras' types
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +41,8 @@ def stack_extras(tables: list[dict[str, Extra]], fn: str) -> dict[str, StackedEx
                 f"lora.{fn}: the adapter sets hold different kinds of entries at {path!r}: "
                 f"{[type(n).__name__ for n in nodes]}."
             )
-        out[path] = type(n0).stack(nodes, path, fn)
+        # every node has n0's type (checked above), which mypy cannot see through ``type(n0)``
+        out[path] = type(n0).stack(cast(Any, nodes), path, fn)
     return out
 
 

@@ -273,7 +273,7 @@ def requantize_tree(params: PyTree, like: PyTree, done: dict[str, float | None])
     out = jax.tree_util.tree_map_with_path(f, params, is_leaf=is_quantized)
     fmt = sorted({q.format for q in table.values()})
     if errors:
-        worst = max(errors, key=errors.get)
+        worst = max(errors, key=errors.__getitem__)
         detail = (
             f"a relative error ||W - deQ(Q(W))|| / ||W|| of up to {errors[worst]:.3g} (at "
             f"{worst!r}; mean {np.mean(list(errors.values())):.3g} over {len(errors)} kernels)"
