@@ -24,7 +24,7 @@ from flax_lora._field_checks import (
     real,
     regex_tuple,
 )
-from flax_lora._typing import BIASES, INITS, QUANT_FORMATS, Bias, Init, QuantFormat
+from flax_lora._typing import BIASES, INITS, Bias, Init, QuantFormat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,7 +304,7 @@ FIELD_CHECKS: dict[str, Check[Any]] = {
     "dtype": _dtype,
     "layers": _layers,
     "loftq_iter": integer(lo=1),
-    "loftq_dtype": one_of(QUANT_FORMATS),
+    "loftq_dtype": one_of(("nf4", "int8")),  # PEFT's loftq_bits 4 and 8
     "dora": boolean,
     "layers_pattern": regex_tuple,
     "modules_to_save": regex_tuple,

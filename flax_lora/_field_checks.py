@@ -95,15 +95,17 @@ def boolean(value: Any, name: str) -> bool:
 
 
 def one_of(choices: tuple[str, ...], show: Callable[[object], str] = repr) -> Check[str]:
-    """A checker of strings among ``choices``: ``TypeError`` for a non-string, ``ValueError``
-    for another string; ``show`` writes the value in the message (e.g. a bounded repr for
-    untrusted files)."""
+    """A checker of strings among ``choices`` (said ``'a' or 'b'`` for two): ``TypeError`` for a
+    non-string, ``ValueError`` for another string; ``show`` writes the value in the message
+    (e.g. a bounded repr for untrusted files)."""
+
+    said = f"{choices[0]!r} or {choices[1]!r}" if len(choices) == 2 else f"one of {choices}"
 
     def check(value: Any, name: str) -> str:
         if not isinstance(value, str):
-            raise TypeError(f"{name} must be a string, one of {choices}; {_got(value, show)}.")
+            raise TypeError(f"{name} must be a string, {said}; {_got(value, show)}.")
         if value not in choices:
-            raise ValueError(f"{name} must be one of {choices}; got {show(value)}.")
+            raise ValueError(f"{name} must be {said}; got {show(value)}.")
         return value
 
     return check
