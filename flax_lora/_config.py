@@ -4,49 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 from flax_lora import _regex
+from flax_lora._field_checks import (
+    Check,
+    Patterns,
+    boolean,
+    integer,
+    is_int,
+    one_of,
+    pattern_map,
+    real,
+    regex_tuple,
+)
 from flax_lora._typing import BIASES, INITS, Bias, Init, QuantFormat
-
-Patterns = str | Sequence[str] | None
-
-
-def regex_tuple(value: Patterns, owner: str) -> tuple[str, ...] | None:
-    """``value`` (one regex or several) as a tuple of valid regexes; ``None`` stays ``None``.
-
-    A valid regex is one `flax_lora._regex` matches in linear time (Python's syntax without
-    backreferences, lookarounds, conditionals, atomic groups, possessive repeats).
-
-    Raises a TypeError / ValueError that starts with ``owner`` (e.g. ``"LoraConfig.targets"``).
-    """
-    if value is None:
-        return None
-    if isinstance(value, str):
-        out: tuple[Any, ...] = (value,)
-    elif isinstance(value, Iterable) and not isinstance(value, bytes | Mapping):
-        out = tuple(value)
-    else:
-        raise TypeError(
-            f"{owner} takes a regex string, a sequence of regex strings or None; got {value!r} "
-            f"({type(value).__name__})."
-        )
-    for p in out:
-        if not isinstance(p, str):
-            raise TypeError(f"{owner} takes regex strings; got {p!r} ({type(p).__name__}).")
-        _regex.compile(p, owner)
-    return out
-
-
-def _as_patterns(value: Patterns, name: str) -> tuple[str, ...] | None:
-    return regex_tuple(value, f"LoraConfig.{name}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +83,7 @@ class LoraConfig:
     init: Init = "lora"
     dropout: float = 0.0
     rslora: bool = False
-    dtype: Any = jnp.float32
+    dtype: DTypeLike = jnp.float32
     layers: Sequence[int] | int | None = None
     loftq_iter: int = 1
     loftq_dtype: QuantFormat = "nf4"
@@ -116,66 +94,9 @@ class LoraConfig:
     bias: Bias = "none"
 
     def __post_init__(self) -> None:
-        set_ = lambda k, v: object.__setattr__(self, k, v)
-        set_("rank", _check_rank(self.rank, "LoraConfig.rank"))
-        set_("alpha", _check_real(self.alpha, "LoraConfig.alpha"))
-        set_("targets", _as_patterns(self.targets, "targets"))
-        set_("exclude", _as_patterns(self.exclude, "exclude") or ())
-        ranks = _check_patterns(self.rank_pattern, "rank_pattern", "rank")
-        set_(
-            "rank_pattern", {k: _check_rank(v, f"LoraConfig.rank_pattern[{k!r}]") for k, v in ranks}
-        )
-        alphas = _check_patterns(self.alpha_pattern, "alpha_pattern", "alpha")
-        set_(
-            "alpha_pattern",
-            {k: _check_real(v, f"LoraConfig.alpha_pattern[{k!r}]") for k, v in alphas},
-        )
-        if not isinstance(self.init, str):
-            raise TypeError(
-                f"LoraConfig.init must be a string, one of {INITS}; got {self.init!r} "
-                f"({type(self.init).__name__})."
-            )
-        if self.init not in INITS:
-            raise ValueError(f"LoraConfig.init must be one of {INITS}; got {self.init!r}.")
-        dropout = _check_real(self.dropout, "LoraConfig.dropout")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoraConfig.dropout must be in [0, 1); got {self.dropout!r}.")
-        set_("dropout", dropout)
-        set_("rslora", _check_bool(self.rslora, "LoraConfig.rslora"))
-        set_("dora", _check_bool(self.dora, "LoraConfig.dora"))
-        if self.dtype is None:
-            raise TypeError("LoraConfig.dtype must be a floating dtype; got None.")
-        try:
-            dtype = np.dtype(self.dtype)
-        except TypeError as e:
-            raise TypeError(
-                f"LoraConfig.dtype must be a floating dtype; got {self.dtype!r}."
-            ) from e
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise TypeError(f"LoraConfig.dtype must be a floating dtype; got {dtype}.")
-        set_("layers", _check_layers(self.layers))
-        set_("layers_pattern", _as_patterns(self.layers_pattern, "layers_pattern"))
-        set_("modules_to_save", _as_patterns(self.modules_to_save, "modules_to_save"))
-        set_("trainable_token_indices", _check_tokens(self.trainable_token_indices))
-        if not isinstance(self.bias, str) or self.bias not in BIASES:
-            raise ValueError(f"LoraConfig.bias must be one of {BIASES}; got {self.bias!r}.")
-        if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int | np.integer):
-            raise TypeError(
-                f"LoraConfig.loftq_iter must be an int; got {self.loftq_iter!r} "
-                f"({type(self.loftq_iter).__name__})."
-            )
-        if self.loftq_iter < 1:
-            raise ValueError(f"LoraConfig.loftq_iter must be at least 1; got {self.loftq_iter}.")
-        set_("loftq_iter", int(self.loftq_iter))
-        if not isinstance(self.loftq_dtype, str):
-            raise TypeError(
-                f"LoraConfig.loftq_dtype must be the string 'nf4' or 'int8'; got "
-                f"{self.loftq_dtype!r} ({type(self.loftq_dtype).__name__})."
-            )
-        if self.loftq_dtype not in ("nf4", "int8"):
-            raise ValueError(
-                f"LoraConfig.loftq_dtype must be 'nf4' or 'int8'; got {self.loftq_dtype!r}."
-            )
+        for f in dataclasses.fields(self):
+            value = FIELD_CHECKS[f.name](getattr(self, f.name), f"LoraConfig.{f.name}")
+            object.__setattr__(self, f.name, value)
 
     # -- equality and hashing --------------------------------------------------------------
     def _key(self) -> tuple[Any, ...]:
@@ -188,9 +109,9 @@ class LoraConfig:
         )
 
     def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
+        if not isinstance(other, LoraConfig) or other.__class__ is not self.__class__:
             return NotImplemented
-        return self._key() == other._key()  # type: ignore[attr-defined]
+        return self._key() == other._key()
 
     def __hash__(self) -> int:
         return hash(self._key())
@@ -205,13 +126,14 @@ class LoraConfig:
         """
         full = _regex.fullmatch
         targets = self.targets
+        # the pattern fields hold tuples once __post_init__ has run (`regex_tuple`)
         if targets is not None and not any(full(p, path, "LoraConfig.targets") for p in targets):
             return False
-        if any(full(p, path, "LoraConfig.exclude") for p in self.exclude):
+        if any(full(p, path, "LoraConfig.exclude") for p in self.exclude or ()):
             return False
         if self.layers is not None and layer_in_path:
             index = layer_index(path, self.layers_pattern)
-            if index is None or index not in self.layers:
+            if index is None or index not in layer_tuple(self):
                 return False
         return True
 
@@ -234,7 +156,7 @@ class LoraConfig:
         r = self.rank_for(path)
         return self.alpha_for(path) / (math.sqrt(r) if self.rslora else r)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         """A JSON-ready dict of the fields (dtype by name)."""
         d = dataclasses.asdict(self)
         d["dtype"] = np.dtype(self.dtype).name
@@ -248,11 +170,11 @@ class LoraConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> LoraConfig:
+    def from_dict(cls, d: Mapping[str, object]) -> LoraConfig:
         """The inverse of :meth:`to_dict`."""
-        d = dict(d)
-        d["dtype"] = jnp.dtype(d.get("dtype", "float32"))
-        return cls(**d)
+        fields: dict[str, Any] = dict(d)  # each value is checked by __post_init__
+        fields["dtype"] = jnp.dtype(fields.get("dtype", "float32"))
+        return cls(**fields)
 
 
 def layer_index(path: str, patterns: Sequence[str] | None = None) -> int | None:
@@ -272,80 +194,35 @@ def layer_index(path: str, patterns: Sequence[str] | None = None) -> int | None:
     return None
 
 
-def _check_rank(rank: Any, name: str) -> int:
-    if isinstance(rank, bool | np.bool_) or not isinstance(rank, int | np.integer):
-        raise TypeError(f"{name} must be an int; got {rank!r} ({type(rank).__name__}).")
-    if rank < 1:
-        raise ValueError(f"{name} must be at least 1; got {rank}.")
-    return int(rank)
+def layer_tuple(config: LoraConfig) -> tuple[int, ...]:
+    """``config.layers`` as ``__post_init__`` normalised it: a tuple of ints (``()`` for
+    ``None``, which selects every layer: test ``config.layers is None`` first)."""
+    return cast(tuple[int, ...], config.layers or ())
 
 
-def _check_real(value: Any, name: str) -> float:
-    """``value`` (an int, a float, a NumPy scalar or a concrete 0-d array) as a finite float."""
-    concrete = isinstance(value, np.ndarray | jax.Array) and not isinstance(value, jax.core.Tracer)
-    if concrete and value.ndim == 0 and np.issubdtype(value.dtype, np.number):
-        value = value.item()
-    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number; got {value!r} ({type(value).__name__}).")
-    return finite_float(value, name, repr(value))
-
-
-def finite_float(value: Any, name: str, shown: str) -> float:
-    """``float(value)``; ``ValueError`` ("``name`` must be finite; got ``shown``") for an inf or
-    a NaN."""
-    out = float(value)
-    if not math.isfinite(out):
-        raise ValueError(f"{name} must be finite; got {shown}.")
-    return out
-
-
-def _check_bool(value: Any, name: str) -> bool:
-    if not isinstance(value, bool | np.bool_):
-        raise TypeError(f"{name} must be a bool; got {value!r} ({type(value).__name__}).")
-    return bool(value)
-
-
-def _check_patterns(value: Any, field: str, what: str) -> list[tuple[str, Any]]:
-    """The items of a ``rank_pattern`` / ``alpha_pattern`` mapping, keys checked as regexes."""
-    if not isinstance(value, Mapping):
-        raise TypeError(
-            f"LoraConfig.{field} must be a mapping of regex string -> {what}; got {value!r} "
-            f"({type(value).__name__})."
-        )
-    for pattern in value:
-        if not isinstance(pattern, str):
-            raise TypeError(
-                f"LoraConfig.{field} keys must be regex strings; got {pattern!r} "
-                f"({type(pattern).__name__})."
-            )
-        _as_patterns(pattern, field)
-    return list(value.items())
-
-
-def _check_layers(layers: Any) -> tuple[int, ...] | None:
+def _layers(layers: Any, name: str) -> tuple[int, ...] | None:
     """``LoraConfig.layers`` as a tuple of layer indices (``None`` stays ``None``)."""
     if layers is None:
         return None
     if isinstance(layers, np.ndarray) and layers.ndim == 0:
         layers = layers.item()
-    if isinstance(layers, int | np.integer) and not isinstance(layers, bool | np.bool_):
+    if is_int(layers):
         items: tuple[Any, ...] = (layers,)
     elif isinstance(layers, Iterable) and not isinstance(layers, str | bytes | Mapping):
         items = tuple(layers)
     else:
         raise TypeError(
-            "LoraConfig.layers must be an int, a sequence of ints or None; got "
-            f"{layers!r} ({type(layers).__name__})."
+            f"{name} must be an int, a sequence of ints or None; got {layers!r} "
+            f"({type(layers).__name__})."
         )
     for i in items:
-        if isinstance(i, bool | np.bool_) or not isinstance(i, int | np.integer):
+        if not is_int(i):
             raise TypeError(
-                f"LoraConfig.layers takes int layer indices; got {i!r} ({type(i).__name__}) "
-                f"in {layers!r}."
+                f"{name} takes int layer indices; got {i!r} ({type(i).__name__}) in {layers!r}."
             )
         if i < 0:
             raise ValueError(
-                f"LoraConfig.layers takes layer indices >= 0 (the first number in a path, or the "
+                f"{name} takes layer indices >= 0 (the first number in a path, or the "
                 f"position on a layered kernel's layer axis); got {int(i)} in {layers!r}."
             )
     return tuple(int(i) for i in items)
@@ -359,7 +236,7 @@ def _token_ids(value: Any, name: str) -> tuple[int, ...]:
         raise TypeError(f"{name} must be a sequence of int token ids; got {value!r}.")
     ids = tuple(value)
     for i in ids:
-        if isinstance(i, bool | np.bool_) or not isinstance(i, int | np.integer):
+        if not is_int(i):
             raise TypeError(f"{name} takes int token ids; got {i!r} ({type(i).__name__}).")
         if i < 0:
             raise ValueError(f"{name} takes token ids >= 0; got {int(i)}.")
@@ -370,19 +247,53 @@ def _token_ids(value: Any, name: str) -> tuple[int, ...]:
     return tuple(int(i) for i in ids)
 
 
-def _check_tokens(value: Any) -> tuple[int, ...] | dict[str, tuple[int, ...]] | None:
+_token_map = pattern_map(_token_ids, "token ids")
+
+
+def _tokens(value: Any, name: str) -> tuple[int, ...] | dict[str, tuple[int, ...]] | None:
     """``LoraConfig.trainable_token_indices`` as a tuple of ids or ``{regex: ids}``."""
-    name = "LoraConfig.trainable_token_indices"
     if value is None:
         return None
     if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise TypeError(f"{name} keys must be regex strings; got {k!r}.")
-            _as_patterns(k, "trainable_token_indices")
-            out[k] = _token_ids(v, f"{name}[{k!r}]")
+        out = _token_map(value, name)
         if not out:
             raise ValueError(f"{name} is an empty mapping; use None for no trainable tokens.")
         return out
     return _token_ids(value, name)
+
+
+def _dtype(value: DTypeLike, name: str) -> DTypeLike:
+    """A floating dtype (anything `numpy.dtype` reads: a JAX / NumPy type, a name)."""
+    if value is None:
+        raise TypeError(f"{name} must be a floating dtype; got None.")
+    try:
+        dtype = np.dtype(value)
+    except TypeError as e:
+        raise TypeError(f"{name} must be a floating dtype; got {value!r}.") from e
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating dtype; got {dtype}.")
+    return value
+
+
+FIELD_CHECKS: dict[str, Check[Any]] = {
+    "rank": integer(lo=1),
+    "alpha": real(),
+    "targets": regex_tuple,
+    "exclude": lambda v, name: regex_tuple(v, name) or (),
+    "rank_pattern": pattern_map(integer(lo=1), "rank"),
+    "alpha_pattern": pattern_map(real(), "alpha"),
+    "init": one_of(INITS),
+    "dropout": real(lambda x: 0.0 <= x < 1.0, "in [0, 1)"),
+    "rslora": boolean,
+    "dtype": _dtype,
+    "layers": _layers,
+    "loftq_iter": integer(lo=1),
+    "loftq_dtype": one_of(("nf4", "int8")),  # PEFT's loftq_bits 4 and 8
+    "dora": boolean,
+    "layers_pattern": regex_tuple,
+    "modules_to_save": regex_tuple,
+    "trainable_token_indices": _tokens,
+    "bias": one_of(BIASES),
+}
+"""`LoraConfig`'s field -> its check (`flax_lora._field_checks`), run in field order when a
+config is made; the checked value (normalised: plain ints, floats, tuples) is stored."""

@@ -11,8 +11,7 @@ import numpy as np
 from flax_lora._adapters._delta import check_fits, delta, layer_mask
 from flax_lora._adapters._dora import dora_kernel
 from flax_lora._adapters._extras import substitute, unmerge_extras
-from flax_lora._adapters._tables import adapter_table, split
-from flax_lora._adapters._weights import is_lora
+from flax_lora._adapters._tables import adapter_table, split_plain
 from flax_lora._paths import describe, path_str
 from flax_lora._quant._formats import dequantize_kernel, has_quantized, is_quantized
 from flax_lora._quant._tree import requantize_layers, requantize_tree
@@ -65,7 +64,7 @@ def merge(params: PyTree, adapters: PyTree, requantize: bool = False) -> PyTree:
             "static argument."
         )
     requantize = bool(requantize)
-    adapters, extras = split(adapters, is_lora)
+    adapters, extras = split_plain(adapters)
     layered: dict[str, Any] = {}
     base = params
     if requantize:  # layered kernels quantized per layer: merged and quantized layer by layer
@@ -103,10 +102,10 @@ def _requantize_layers(params: PyTree, adapters: PyTree) -> tuple[PyTree, dict[s
         b = w.b.reshape(-1, *w.b.shape[n:])
         mask = layer_mask(w)
         keep = None if mask is None else jnp.repeat(jnp.asarray(mask), int(np.prod(lead[1:])))
-        inner = w.layer_slice(n, a=None, b=None, m=None)
+        inner = w.layout.layer_slice(n)
 
         def add(i: Any) -> Any:
-            d = delta(inner.replace(a=a[i], b=b[i]), jnp.float32)
+            d = delta(inner.with_factors(a[i], b[i]), jnp.float32)
             return d if keep is None else d * keep[i]
 
         out, err = requantize_layers(leaf, add)
@@ -145,7 +144,7 @@ def unmerge(params: PyTree, adapters: PyTree) -> PyTree:
       TypeError: an adapted kernel is not floating.
     """
 
-    adapters, extras = split(adapters, is_lora)
+    adapters, extras = split_plain(adapters)
     return unmerge_extras(_fold(params, adapters, -1.0)[0], extras)
 
 

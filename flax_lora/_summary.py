@@ -10,9 +10,8 @@ from typing import Any, Literal
 import jax
 from flax import nnx
 
-from flax_lora._adapters._extras import TrainedCopy
-from flax_lora._adapters._tables import adapter_table, split
-from flax_lora._adapters._weights import is_lora
+from flax_lora._adapters._extras import TokenDelta
+from flax_lora._adapters._tables import adapter_table, split_plain
 from flax_lora._paths import flatten
 from flax_lora._quant._formats import is_quantized
 from flax_lora._typing import PyTree
@@ -97,11 +96,12 @@ class Summary:
 
 
 def _human(n: int) -> str:
+    size: float = n
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
+        size /= 1024
+    return str(size)
 
 
 def _size(x: Any) -> tuple[int, int]:
@@ -164,14 +164,12 @@ def summary(params: PyTree, adapters: PyTree, show: bool = True) -> Summary:
             )
         )
 
-    for path, node in split(adapters, is_lora)[1].items():
-        x = node.value if isinstance(node, TrainedCopy) else node.delta
-        n, nbytes = _size(x)
-        kind = node.role if isinstance(node, TrainedCopy) else "tokens"
-        rows_ = len(node.indices) if kind == "tokens" else 0
-        shape = tuple(getattr(kernels.get(path), "shape", x.shape))
+    for path, node in split_plain(adapters)[1].items():
+        n, nbytes = _size(node.array)
+        rows_ = len(node.indices) if isinstance(node, TokenDelta) else 0  # a token delta's rows
+        shape = tuple(getattr(kernels.get(path), "shape", node.array.shape))
         total = _size(kernels[path])[0] if path in kernels else 0
-        rows.append(Row(path, shape, rows_, 0.0, n, nbytes, total, kind))
+        rows.append(Row(path, shape, rows_, 0.0, n, nbytes, total, node.kind))
     base = [_size(x) for x in _parameters(params)]
     result = Summary(
         rows=tuple(rows),

@@ -152,6 +152,7 @@ def _routed(
             "inputs that are not per-example as keyword arguments."
         )
     batch = sizes.pop()
+    assert batch is not None  # checked above: one size, not None
     ids = check_ids(ids, n, batch)
     keys = None if rng is None else jax.random.split(rng, batch)
 

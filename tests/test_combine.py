@@ -4,6 +4,7 @@ lora.merge, numpy's SVD, hand-computed TIES cases, and HuggingFace PEFT's add_we
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,8 @@ from support.trees import kernel_deltas
 
 import flax_lora as lora
 from flax_lora import LoraWeights
+from flax_lora._multi._combine import Method
+from flax_lora._multi._combine_methods import COMBINE_METHODS
 
 
 # ------------------------------------------------------------------------------------------
@@ -375,3 +378,18 @@ def test_combine_under_jit_with_traced_weights(mlp):
     fn = jax.jit(lambda w: lora.combine(ads[:2], w, "svd", rank=8))
     got = kernel_deltas(params, fn(jnp.array([0.3, -1.1])))
     assert_deltas_close(got, weighted_sum(params, ads[:2], [0.3, -1.1]), rtol=1e-4, atol=1e-5)
+
+
+def test_the_method_type_names_the_method_table() -> None:
+    """`Method` (the type of ``method``) and `COMBINE_METHODS` (what runs) name the same
+    methods, and each factor-form method has an SVD-form twin (PEFT's name) with its steps."""
+    assert set(get_args(Method)) == set(COMBINE_METHODS)
+    factor = {m for m, spec in COMBINE_METHODS.items() if spec.form.equal_ranks}
+    svd = {m for m, spec in COMBINE_METHODS.items() if spec.form.takes_rank}
+    twin = {m: "svd" if m == "linear" else f"{m}_svd" for m in factor}  # PEFT's names
+    assert set(twin.values()) == svd
+    for m, s in twin.items():
+        assert (COMBINE_METHODS[m].prune, COMBINE_METHODS[m].merge) == (
+            COMBINE_METHODS[s].prune,
+            COMBINE_METHODS[s].merge,
+        )

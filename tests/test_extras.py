@@ -20,6 +20,8 @@ from support.refs import ref_merged_kernel
 from support.trees import leaves_by_path, perturb, replace_leaves
 
 import flax_lora as lora
+from flax_lora._adapters._extras import StackedCopy
+from flax_lora._adapters._tables import split_plain, split_stacked
 
 TOL = 2e-5
 TOKENS = (1, 6, 9)
@@ -323,3 +325,18 @@ def test_save_peft_refuses_copies_of_kernels_with_ambiguous_layouts(tmp_path: Pa
     adapters = lora.init(jax.random.key(1), params, config)
     with pytest.raises(ValueError, match=r"3-D kernel at 'params/head/kernel'.*ambiguous"):
         lora.save_peft(tmp_path, adapters, config)
+
+
+def test_split_keeps_plain_and_stacked_extras_apart() -> None:
+    """One adapter set holds plain extras, a stack stacked ones; the other kind is refused with
+    a TypeError naming its path."""
+    plain = {"head": {"bias": lora.TrainedCopy(jnp.ones(3))}}
+    stacked = {"head": {"bias": StackedCopy(values=jnp.ones((2, 3)))}}
+    rest, extras = split_plain(plain)
+    assert rest is None and list(extras) == ["head/bias"]
+    np.testing.assert_array_equal(extras["head/bias"].value, np.ones(3))
+    assert list(split_stacked(stacked)[1]) == ["head/bias"]
+    with pytest.raises(TypeError, match="head/bias"):
+        split_plain(stacked)
+    with pytest.raises(TypeError, match="head/bias"):
+        split_stacked(plain)

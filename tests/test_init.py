@@ -17,6 +17,8 @@ from support.refs import ref_delta64
 from support.trees import adapter_entries, leaves_by_path, replace_leaves
 
 import flax_lora as lora
+from flax_lora._init._select import layered_kernels
+from flax_lora._probe import Use
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,3 +389,44 @@ def test_plain_params_follow_the_advice() -> None:
         want = np.tanh(np.asarray(x, np.float64) @ p64["w1"] + p64["b"]) @ p64["w2"]
         got = lora.wrap(apply)(params, adapters, x)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+
+
+def test_layered_kernels_leaves_its_argument_alone() -> None:
+    """The layered kernels with no picked layer are left out of the returned table, not deleted
+    from the argument (which the caller may hold)."""
+    leaves = {
+        "s/kernel": np.zeros((2, 3, 4)),
+        "t/kernel": np.zeros((5, 3, 4)),
+        "d": np.zeros((3, 4)),
+    }
+    selected = {p: ("dense", (1,) if p != "d" else (0,)) for p in leaves}
+    uses = {p: Use("dense", (1,), layer_axes=(0,)) for p in ("s/kernel", "t/kernel")}
+    before = dict(selected)
+    kept, layered = layered_kernels(selected, uses, leaves, lora.LoraConfig(layers=[3]))
+    assert selected == before
+    assert list(kept) == ["t/kernel", "d"]
+    assert layered == {"t/kernel": (1, (3,))}
+
+
+def test_adapter_layout_is_the_static_fields_without_arrays() -> None:
+    """`LoraWeights.layout` is a record of the static fields only; `with_factors` rebuilds the
+    adapter, and a layer's slice drops the layer axis from the layout, as written out by hand."""
+    a, b = jnp.ones((3, 4, 2)), jnp.zeros((3, 2, 5))
+    w = lora.LoraWeights(
+        a=a, b=b, scale=0.5, in_axes=(1,), kernel_shape=(3, 4, 5), layer_axes=1, layers=(0, 2)
+    )
+    layout = w.layout
+    assert jax.tree.leaves(layout) == [layout]  # not a pytree node: no array inside
+    same = lambda x, y: (
+        jax.tree.structure(x) == jax.tree.structure(y)
+        and all(
+            np.array_equal(p, q)
+            for p, q in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True)
+        )
+    )
+    assert same(layout.with_factors(a, b), w)
+    one = w.layer_slice(1, a=a[1], b=b[1])
+    by_hand = lora.LoraWeights(a=a[1], b=b[1], scale=0.5, in_axes=(0,), kernel_shape=(4, 5))
+    assert same(one, by_hand)
+    assert same(layout.layer_slice(1).with_factors(a[1], b[1]), by_hand)
+    assert (layout.carried_shape, layout.out_axes, layout.in_shape) == ((3,), (2,), (4,))

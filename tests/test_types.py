@@ -24,8 +24,6 @@ from jax.typing import DTypeLike
 
 import flax_lora as lora
 
-_ARRAY_FIELDS = "JAX has no array type that also admits the leaves tree_map puts there"
-
 
 class _PyTree:
     """Stands for ``PyTree`` when annotations are resolved."""
@@ -43,15 +41,6 @@ _MARKERS = {"PyTree": _PyTree, "DTypeLike": _JaxAlias, "ArrayLike": _JaxAlias}
 ALLOWED: dict[tuple[str, str], str] = {
     ("wrap", "apply_fn"): "the user's model: its arguments and outputs pass through untouched",
     ("wrap", "return"): "apply_fn with the adapters: the user's model's arguments and outputs",
-    # TODO(data): DTypeLike | None (jax.typing) exists for a dtype.
-    ("LoraConfig.__init__", "dtype"): "TODO(data): DTypeLike | None",
-    ("delta", "dtype"): "TODO(data): DTypeLike | None",
-    # TODO(data): JSON-ready dicts: dict[str, object] (or a TypedDict) exists.
-    ("LoraConfig.to_dict", "return"): "TODO(data): dict[str, object]",
-    ("LoraConfig.from_dict", "d"): "TODO(data): Mapping[str, object]",
-    ("LoraWeights.meta", "return"): "TODO(data): dict[str, object]",
-    ("TokenDelta.meta", "return"): "TODO(data): dict[str, object]",
-    ("TrainedCopy.meta", "return"): "TODO(data): dict[str, object]",
     # TODO(data): dataclasses.replace-style **changes: object.
     ("LoraWeights.layer_slice", "changes"): "TODO(data): **changes: object",
     ("LoraWeights.carried_slice", "changes"): "TODO(data): **changes: object",
@@ -59,26 +48,6 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("TrainedCopy.replace", "changes"): "TODO(data): **changes: object",
     ("LoraWeights.replace", "changes"): "TODO(data): **changes: object (AdapterLayout.replace)",
     ("StackedLoraWeights.replace", "changes"): "TODO(data): **changes: object",
-    # TODO(data): the array fields of the adapter and quantized-kernel dataclasses: jax.Array
-    # (as equinox types its fields), or an alias naming what tree_map may put there.
-    ("LoraWeights.__init__", "a"): f"TODO(data): jax.Array; {_ARRAY_FIELDS}",
-    ("LoraWeights.__init__", "b"): f"TODO(data): jax.Array; {_ARRAY_FIELDS}",
-    ("LoraWeights.__init__", "m"): f"TODO(data): jax.Array | None; {_ARRAY_FIELDS}",
-    ("StackedLoraWeights.__init__", "a"): f"TODO(data): jax.Array; {_ARRAY_FIELDS}",
-    ("StackedLoraWeights.__init__", "b"): f"TODO(data): jax.Array; {_ARRAY_FIELDS}",
-    ("StackedLoraWeights.__init__", "m"): f"TODO(data): jax.Array | None; {_ARRAY_FIELDS}",
-    ("StackedLoraWeights.entry", "a"): "TODO(data): jax.Array",
-    ("StackedLoraWeights.entry", "b"): "TODO(data): jax.Array",
-    ("StackedLoraWeights.entry", "m"): "TODO(data): jax.Array | None",
-    ("TokenDelta.__init__", "delta"): f"TODO(data): jax.Array; {_ARRAY_FIELDS}",
-    ("TrainedCopy.__init__", "value"): f"TODO(data): jax.Array; {_ARRAY_FIELDS}",
-    ("QuantizedKernel.__init__", "codes"): f"TODO(data): jax.Array; {_ARRAY_FIELDS}",
-    ("QuantizedKernel.__init__", "absmax"): f"TODO(data): jax.Array; {_ARRAY_FIELDS}",
-    ("QuantizedKernel.__init__", "absmax_scale"): f"TODO(data): jax.Array; {_ARRAY_FIELDS}",
-    ("QuantizedKernel.__init__", "absmax_offset"): f"TODO(data): jax.Array; {_ARRAY_FIELDS}",
-    # TODO(data): the probe returns the model's output, a pytree: Callable[[PyTree], PyTree].
-    ("init", "probe"): "TODO(data): Callable[[PyTree], PyTree] | None",
-    ("quantize", "probe"): "TODO(data): Callable[[PyTree], PyTree] | None",
 }
 
 

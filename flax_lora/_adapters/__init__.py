@@ -1,7 +1,8 @@
 """The adapter data types and what their factors stand for.
 
 - `_weights`: `LoraWeights` (one kernel's factors), `StackedLoraWeights` (a stack of them for
-  routing) and `AdapterLayout`, the axis layout they share (input, output and carried axes);
+  routing), `Axes`, the axis layout they share (input, output and carried axes), and
+  `AdapterLayout`, a `LoraWeights`'s static fields without its arrays;
 - `_extras`: the extras, adapter entries beside the factors (`TrainedCopy`, `TokenDelta`, and
   their stacked forms), and how they apply to the params;
 - `_tables`: the tables of an adapter tree (path -> entry), and its split into factors and extras;

@@ -5,13 +5,17 @@ masks of the carried indices an adapter does not adapt, and the check that it fi
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 from flax_lora._adapters._weights import LoraWeights
+
+HIGHEST = jax.lax.Precision.HIGHEST
+"""The precision of every product of factors (``a @ b`` and its kin), so that TPUs do not round
+them through bfloat16."""
 
 
 def check_fits(path: str, w: LoraWeights, shape: tuple[int, ...]) -> None:
@@ -37,7 +41,7 @@ def check_fits(path: str, w: LoraWeights, shape: tuple[int, ...]) -> None:
         )
 
 
-def delta(w: LoraWeights, dtype: Any = jnp.float32) -> jax.Array:
+def delta(w: LoraWeights, dtype: DTypeLike = jnp.float32) -> jax.Array:
     """``scale * a @ b`` in the kernel's layout, computed in ``dtype`` (float32 by default).
 
     The product runs at the highest matmul precision, so TPUs do not round it through bfloat16.
@@ -62,7 +66,7 @@ def delta(w: LoraWeights, dtype: Any = jnp.float32) -> jax.Array:
     lead = w.carried_shape  # one product per carried index (a batched matmul)
     a = masked_factor(w, w.a.reshape(*lead, n_in, r).astype(dtype))
     b = w.b.reshape(*lead, r, n_out).astype(dtype)
-    d = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST) * jnp.asarray(w.scale, dtype)
+    d = jnp.matmul(a, b, precision=HIGHEST) * jnp.asarray(w.scale, dtype)
     d = d.reshape(lead + w.in_shape + w.out_shape)
     order = w.carried_axes + w.in_axes + w.out_axes
     inverse = tuple(order.index(i) for i in range(len(order)))

@@ -20,18 +20,15 @@ and ``a.T @ a`` (``r x r``), never forming ``a @ b``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
-from flax_lora._adapters._delta import delta, layer_mask
-from flax_lora._adapters._weights import LoraWeights
-
-_HI = jax.lax.Precision.HIGHEST
+from flax_lora._adapters._delta import HIGHEST, delta, layer_mask
+from flax_lora._adapters._weights import AdapterLayout, LoraWeights
 
 
-def weight_norm(kernel: jax.Array, w: LoraWeights, dtype: Any = jnp.float32) -> jax.Array:
+def weight_norm(kernel: jax.Array, w: LoraWeights, dtype: DTypeLike = jnp.float32) -> jax.Array:
     """``||W0 + scale * a @ b||`` over the input axes, shape ``w.out_shape``, in ``dtype``.
 
     Not detached: `lora.init` uses it for ``m``; `dora_kernel` detaches it.
@@ -40,11 +37,11 @@ def weight_norm(kernel: jax.Array, w: LoraWeights, dtype: Any = jnp.float32) -> 
     return jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(sorted(w.in_axes))))
 
 
-def dora_kernel(kernel: jax.Array, w: LoraWeights, dtype: Any = jnp.float32) -> jax.Array:
+def dora_kernel(kernel: jax.Array, w: LoraWeights, dtype: DTypeLike = jnp.float32) -> jax.Array:
     """The DoRA kernel ``m * V / stop_gradient(||V||)`` in the kernel's layout, in ``dtype``."""
     v = kernel.astype(dtype) + delta(w, dtype)
     norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(sorted(w.in_axes)), keepdims=True))
-    m = jnp.expand_dims(w.m.astype(dtype), tuple(sorted(w.in_axes)))
+    m = jnp.expand_dims(magnitude(w).astype(dtype), tuple(sorted(w.in_axes)))
     factor = magnitude_ratio(m, jax.lax.stop_gradient(norm))
     mask = layer_mask(w)
     if mask is not None:  # a layered kernel adapted on some layers only: the others stay W0
@@ -68,14 +65,14 @@ def factored_norm(kernel: jax.Array, w: LoraWeights) -> jax.Array:
     b = jax.lax.stop_gradient(w.b).astype(acc)
     w0 = kernel.astype(acc)  # a no-op for float32 kernels; the result is detached below
     dot = lambda x, y, dn: jax.lax.dot_general(
-        x, y, dn, precision=_HI, preferred_element_type=acc
+        x, y, dn, precision=HIGHEST, preferred_element_type=acc
     ).astype(acc)
     w0_sq = dot(w0, w0, ((ins, ins), (outs, outs)))  # (*O,)
     a_f = a.astype(acc)
     w0t_a = dot(w0, a_f, ((ins, tuple(range(k))), ((), ())))  # (*O, r)
     cross = jnp.sum(jnp.moveaxis(w0t_a, -1, 0) * b, axis=0)  # colsum(W0 * (a @ b)), (*O,)
     gram = dot(a_f, a_f, ((tuple(range(k)), tuple(range(k))), ((), ())))  # (r, r)
-    gb = jnp.tensordot(gram, b, axes=(1, 0), precision=_HI)  # (r, *O)
+    gb = jnp.tensordot(gram, b, axes=(1, 0), precision=HIGHEST)  # (r, *O)
     ab_sq = jnp.sum(gb * b, axis=0)  # ||a @ b||**2 per output unit
     s = jnp.asarray(w.scale, acc)
     sq = w0_sq + 2.0 * s * cross + s * s * ab_sq
@@ -85,13 +82,14 @@ def factored_norm(kernel: jax.Array, w: LoraWeights) -> jax.Array:
 def dora_factor(kernel: jax.Array, w: LoraWeights) -> jax.Array:
     """``m / stop_gradient(||V||)`` per output unit (shape ``w.out_shape``), factored."""
     norm = factored_norm(kernel, w)
-    m = w.m.astype(jnp.promote_types(w.m.dtype, jnp.float32))
+    m = magnitude(w)
+    m = m.astype(jnp.promote_types(m.dtype, jnp.float32))
     return magnitude_ratio(m, norm.astype(m.dtype))
 
 
 def layered_factor(
     kernel: jax.Array,
-    inner: LoraWeights,
+    inner: AdapterLayout,
     a: jax.Array,
     b: jax.Array,
     m: jax.Array,
@@ -105,7 +103,7 @@ def layered_factor(
     leading axes); ``a``, ``b``, ``m`` carry the layer axes. Where ``keep`` (broadcast from the
     leading axes) is False, the layer is not DoRA: ``g = 1`` and the magnitude is ``||V||``.
     """
-    norm_of = lambda k, a_, b_: factored_norm(k, inner.replace(a=a_, b=b_))
+    norm_of = lambda k, a_, b_: factored_norm(k, inner.with_factors(a_, b_))
     for _ in range(layer_axes):
         norm_of = jax.vmap(norm_of)
     acc = jnp.promote_types(m.dtype, jnp.float32)
@@ -116,6 +114,13 @@ def layered_factor(
     keep = jnp.reshape(keep, jnp.shape(keep) + (1,) * (g.ndim - jnp.ndim(keep)))
     m_eff = jnp.where(keep, m.astype(acc), norm).astype(m.dtype)
     return jnp.where(keep, g, jnp.ones((), acc)), m_eff
+
+
+def magnitude(w: LoraWeights) -> jax.Array:
+    """DoRA's magnitude ``w.m``; ``ValueError`` for a plain LoRA adapter (no ``m``)."""
+    if w.m is None:
+        raise ValueError("DoRA needs an adapter with a magnitude m; got a plain LoRA adapter.")
+    return w.m
 
 
 def magnitude_ratio(m: jax.Array, norm: jax.Array) -> jax.Array:

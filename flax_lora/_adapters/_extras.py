@@ -18,14 +18,19 @@ machinery never needs to know about them. Their static metadata travels in the t
 so ``jax.tree.leaves(adapters)`` stays exactly the trainable arrays.
 
 For routing (`lora.stack`) they stack as `StackedCopy` / `StackedTokenDelta` with a leading
-adapter axis (`flax_lora._multi._stack_extras`, which also picks one adapter's again: the base
-leaf, or a zero delta, for ``-1``).
+adapter axis. What an extra does is a method of its type, so no caller asks which type it holds:
+a plain one ``apply``-s to its leaf, ``stack``-s with its likes (a classmethod), gives its
+checkpoint ``meta`` and ``arrays`` (and is rebuilt by ``from_meta``); a stacked one ``unstack``-s
+an adapter's, ``select``-s one (possibly traced) adapter's (the base leaf, or a zero delta, for
+``-1``) and ``combine``-s them by weights. `flax_lora._multi._stack_extras` runs these over the
+tables of several adapter sets.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal, TypeGuard, cast
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +39,9 @@ import numpy as np
 from flax_lora._paths import describe, path_str
 from flax_lora._quant._formats import dequantize_kernel, is_quantized
 from flax_lora._typing import PyTree
+
+Value = jax.Array | np.ndarray
+"""A concrete leaf of ``params`` (a JAX or NumPy array)."""
 
 Role = Literal["module", "bias"]
 """What a `TrainedCopy` stands for: a leaf of a module in ``modules_to_save``, or a bias."""
@@ -56,16 +64,64 @@ class TrainedCopy:
         trained by ``LoraConfig.bias``); static.
     """
 
-    value: Any
+    value: jax.Array
     role: Role = dataclasses.field(default="module", metadata=dict(static=True))
+
+    TYPE: ClassVar[str] = "copy"
+    """Its ``type`` in checkpoint metadata (`EXTRA_TYPES`)."""
+    REPLACES_LEAF: ClassVar[bool] = True
+    """It replaces its base leaf, so merging it cannot be undone (`unmerge_extras`)."""
+
+    @property
+    def kind(self) -> Role:
+        """What it trains, for `lora.summary`: its ``role``."""
+        return self.role
+
+    @property
+    def array(self) -> jax.Array:
+        """Its trained array (``value``)."""
+        return self.value
 
     def replace(self, **changes: Any) -> TrainedCopy:
         """A copy with the given fields changed (`dataclasses.replace`)."""
         return dataclasses.replace(self, **changes)
 
-    def meta(self) -> dict[str, Any]:
+    def meta(self) -> dict[str, object]:
         """The static fields as a JSON-ready dict."""
-        return dict(type="copy", role=self.role)
+        return dict(type=self.TYPE, role=self.role)
+
+    def arrays(self) -> dict[str, jax.Array]:
+        """Its arrays by field name (for checkpoints)."""
+        return {"value": self.value}
+
+    @classmethod
+    def from_meta(
+        cls, meta: Mapping[str, object], arrays: Mapping[str, Value], path: str
+    ) -> TrainedCopy:
+        """The copy at ``path`` from its checkpoint metadata and arrays (`lora.load`)."""
+        return cls(value=jnp.asarray(arrays[f"{path}/value"]), role=cast(Role, meta["role"]))
+
+    def apply(self, path: str, leaf: Value, where: str, sign: float = 1.0) -> jax.Array:
+        """The leaf replaced by the copy, cast to the leaf's dtype (``sign`` is not used: a
+        copy is never taken out again, `REPLACES_LEAF`)."""
+        del sign
+        shape = tuple(np.shape(leaf))
+        if tuple(np.shape(self.value)) != shape:
+            raise ValueError(
+                f"{where}: the trained copy for {path!r} has shape "
+                f"{tuple(np.shape(self.value))}, but the leaf at that path has shape {shape}."
+            )
+        return jnp.asarray(self.value).astype(leaf.dtype)
+
+    @classmethod
+    def stack(cls, nodes: Sequence[TrainedCopy], path: str, fn: str) -> StackedCopy:
+        """The copies of ``N`` adapter sets at ``path``, stacked (``ValueError`` naming
+        ``lora.{fn}`` and ``path`` when their shapes differ)."""
+        if len({tuple(np.shape(n.value)) for n in nodes}) > 1:
+            raise ValueError(f"lora.{fn}: the trained copies of {path!r} differ in shape.")
+        dtype = jnp.result_type(*[n.value.dtype for n in nodes])
+        values = jnp.stack([jnp.asarray(n.value, dtype) for n in nodes])
+        return StackedCopy(values=values, role=nodes[0].role)
 
 
 @jax.tree_util.register_dataclass
@@ -89,26 +145,118 @@ class TokenDelta:
       num_rows: the number of rows of the embedding it was made for; static.
     """
 
-    delta: Any
+    delta: jax.Array
     indices: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     num_rows: int = dataclasses.field(metadata=dict(static=True))
+
+    TYPE: ClassVar[str] = "tokens"
+    """Its ``type`` in checkpoint metadata (`EXTRA_TYPES`)."""
+    REPLACES_LEAF: ClassVar[bool] = False
+    """It adds to its base leaf, so merging it is undone by subtracting it."""
+
+    @property
+    def kind(self) -> Literal["tokens"]:
+        """What it trains, for `lora.summary`: ``"tokens"``."""
+        return "tokens"
+
+    @property
+    def array(self) -> jax.Array:
+        """Its trained array (``delta``)."""
+        return self.delta
 
     def replace(self, **changes: Any) -> TokenDelta:
         """A copy with the given fields changed (`dataclasses.replace`)."""
         return dataclasses.replace(self, **changes)
 
-    def meta(self) -> dict[str, Any]:
+    def meta(self) -> dict[str, object]:
         """The static fields as a JSON-ready dict."""
-        return dict(type="tokens", indices=list(self.indices), num_rows=self.num_rows)
+        return dict(type=self.TYPE, indices=list(self.indices), num_rows=self.num_rows)
+
+    def arrays(self) -> dict[str, jax.Array]:
+        """Its arrays by field name (for checkpoints)."""
+        return {"delta": self.delta}
+
+    @classmethod
+    def from_meta(
+        cls, meta: Mapping[str, object], arrays: Mapping[str, Value], path: str
+    ) -> TokenDelta:
+        """The token delta at ``path`` from its checkpoint metadata and arrays (`lora.load`)."""
+        return cls(
+            delta=jnp.asarray(arrays[f"{path}/delta"]),
+            indices=tuple(int(i) for i in cast(Sequence[int], meta["indices"])),
+            num_rows=int(cast(int, meta["num_rows"])),
+        )
+
+    def apply(self, path: str, leaf: Value, where: str, sign: float = 1.0) -> jax.Array:
+        """The embedding with ``sign * delta`` added to its rows ``indices``, computed in float32
+        (or the embedding's dtype, if wider) and cast once."""
+        check_token_delta(path, self, tuple(np.shape(leaf)), where)
+        compute = jnp.promote_types(leaf.dtype, jnp.float32)
+        idx = jnp.asarray(self.indices, jnp.int32)
+        d = jnp.asarray(self.delta).astype(compute) * sign
+        return jnp.asarray(leaf).astype(compute).at[idx].add(d).astype(leaf.dtype)
+
+    @classmethod
+    def stack(cls, nodes: Sequence[TokenDelta], path: str, fn: str) -> StackedTokenDelta:
+        """The deltas of ``N`` adapter sets at ``path`` on the union of their rows (zeros where
+        a set has none); ``ValueError`` naming ``lora.{fn}`` and ``path`` when they are for
+        embeddings of different row counts."""
+        if len({n.num_rows for n in nodes}) > 1:
+            raise ValueError(
+                f"lora.{fn}: the token deltas of {path!r} are for embeddings of different "
+                f"row counts ({sorted({n.num_rows for n in nodes})})."
+            )
+        union = tuple(sorted({i for n in nodes for i in n.indices}))
+        pos = {t: k for k, t in enumerate(union)}
+        dtype = jnp.result_type(*[n.delta.dtype for n in nodes])
+        rows = (len(union), *np.shape(nodes[0].delta)[1:])
+        deltas = [
+            jnp.zeros(rows, dtype)
+            .at[jnp.asarray([pos[t] for t in n.indices], jnp.int32)]
+            .set(jnp.asarray(n.delta, dtype))
+            for n in nodes
+        ]
+        return StackedTokenDelta(delta=jnp.stack(deltas), indices=union, num_rows=nodes[0].num_rows)
+
+
+def _weighted(weights: jax.Array, stacked: jax.Array) -> jax.Array:
+    """``Σᵢ wᵢ xᵢ`` over the leading adapter axis, in float32, cast back to ``stacked``'s dtype."""
+    return jnp.tensordot(weights, stacked.astype(jnp.float32), axes=1).astype(stacked.dtype)
+
+
+def _picked(index: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """Whether ``index`` (possibly traced) is in ``[0, n)``, and ``index`` clipped into it."""
+    return (index >= 0) & (index < n), jnp.clip(index, 0, n - 1)
+
+
+class _Stacked:
+    """What a stacked extra does as a plain one: it refuses (it stands for ``N`` adapters)."""
+
+    REPLACES_LEAF: ClassVar[bool] = False
+    """Not a plain extra: `unmerge_extras` reaches its `apply`, which refuses."""
+
+    def apply(self, path: str, leaf: Value, where: str, sign: float = 1.0) -> jax.Array:
+        """Refused: a stacked extra needs a routed call (``TypeError`` naming ``path``)."""
+        del leaf, sign
+        raise TypeError(
+            f"{where}: the adapter entry at {path!r} is a {type(self).__name__}; a stacked "
+            "adapter tree (lora.stack) needs lora_ids."
+        )
+
+    @classmethod
+    def stack(cls, nodes: Sequence[Any], path: str, fn: str) -> Any:
+        """Refused: the entry is stacked already (``TypeError`` naming ``path``)."""
+        del nodes
+        raise TypeError(f"lora.{fn}: {path!r} holds an already stacked entry.")
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class StackedCopy:
+class StackedCopy(_Stacked):
     """``N`` `TrainedCopy` of one leaf stacked for routing (`lora.stack`): ``values``
     ``(N, *shape)``."""
 
-    values: Any
+    values: jax.Array
     role: Role = dataclasses.field(default="module", metadata=dict(static=True))
 
     @property
@@ -116,14 +264,34 @@ class StackedCopy:
         """``N``, the number of stacked copies."""
         return int(self.values.shape[0])
 
+    def unstack(self, i: int) -> TrainedCopy:
+        """Adapter ``i``'s copy."""
+        return TrainedCopy(value=self.values[i], role=self.role)
+
+    def select(self, index: jax.Array, base: Any, path: str) -> TrainedCopy:
+        """The copy of adapter ``index`` (possibly traced); for ``-1`` (or out of range) the
+        base leaf ``base`` (``ValueError`` naming ``path`` when it is ``None``)."""
+        if base is None:
+            raise ValueError(
+                f"select: the stacked trained copies of {path!r} need the base leaf (for "
+                "id -1) from params; it is not there."
+            )
+        valid, safe = _picked(index, self.num_adapters)
+        base = jnp.asarray(base).astype(self.values.dtype)
+        return TrainedCopy(value=jnp.where(valid, self.values[safe], base), role=self.role)
+
+    def combine(self, weights: jax.Array) -> TrainedCopy:
+        """The weighted sum ``Σᵢ wᵢ vᵢ`` of the copies (weights summing to 1 average them)."""
+        return TrainedCopy(value=_weighted(weights, self.values), role=self.role)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class StackedTokenDelta:
+class StackedTokenDelta(_Stacked):
     """``N`` `TokenDelta` of one embedding stacked for routing: ``delta (N, k, *row)`` on the union
     ``indices`` of the stacked adapters' rows (zeros where an adapter has no delta)."""
 
-    delta: Any
+    delta: jax.Array
     indices: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     num_rows: int = dataclasses.field(metadata=dict(static=True))
 
@@ -132,27 +300,51 @@ class StackedTokenDelta:
         """``N``, the number of stacked deltas."""
         return int(self.delta.shape[0])
 
+    def _one(self, delta: jax.Array) -> TokenDelta:
+        return TokenDelta(delta=delta, indices=self.indices, num_rows=self.num_rows)
+
+    def unstack(self, i: int) -> TokenDelta:
+        """Adapter ``i``'s delta (on the union rows)."""
+        return self._one(self.delta[i])
+
+    def select(self, index: jax.Array, base: Any, path: str) -> TokenDelta:
+        """The delta of adapter ``index`` (possibly traced); zeros for ``-1`` (or out of range).
+        ``base`` and ``path`` are not needed."""
+        del base, path
+        valid, safe = _picked(index, self.num_adapters)
+        return self._one(jnp.where(valid, self.delta[safe], jnp.zeros_like(self.delta[0])))
+
+    def combine(self, weights: jax.Array) -> TokenDelta:
+        """The weighted sum ``Σᵢ wᵢ dᵢ`` of the deltas (on the union rows)."""
+        return self._one(_weighted(weights, self.delta))
+
 
 Extra = TrainedCopy | TokenDelta
 """An adapter node beside the factors, for one adapter set."""
 StackedExtra = StackedCopy | StackedTokenDelta
 """An adapter node beside the factors, stacked for routing."""
-EXTRA_TYPES = (TrainedCopy, TokenDelta)
+EXTRA_TYPES: dict[str, type[TrainedCopy] | type[TokenDelta]] = {
+    t.TYPE: t for t in (TrainedCopy, TokenDelta)
+}
+"""The plain extras by their ``type`` in checkpoint metadata."""
 STACKED_TYPES = (StackedCopy, StackedTokenDelta)
+_ALL_TYPES = (*EXTRA_TYPES.values(), *STACKED_TYPES)
 
 
-def is_extra(x: Any) -> bool:
+def is_extra(x: object) -> TypeGuard[Extra | StackedExtra]:
     """Whether ``x`` is one of the non-factor adapter nodes (plain or stacked)."""
-    return isinstance(x, EXTRA_TYPES + STACKED_TYPES)
+    return isinstance(x, _ALL_TYPES)
 
 
-def substitute(params: PyTree, extras: dict[str, Extra], where: str = "lora.wrap") -> PyTree:
-    """``params`` with each extra node applied to the leaf at its path: a `TrainedCopy` replaces
-    the leaf (cast to its dtype), a `TokenDelta` scatter-adds its rows (computed in float32 or
-    the embedding's dtype, if wider, and cast once).
+def substitute(
+    params: PyTree, extras: Mapping[str, Extra | StackedExtra], where: str = "lora.wrap"
+) -> PyTree:
+    """``params`` with each extra node applied to the leaf at its path (`TrainedCopy.apply`,
+    `TokenDelta.apply`).
 
     Raises:
       ValueError: a path is not a leaf of ``params``, or a shape does not fit (naming it).
+      TypeError: a node is a stacked one (naming its path).
     """
     if not extras:
         return params
@@ -166,10 +358,10 @@ def substitute(params: PyTree, extras: dict[str, Extra], where: str = "lora.wrap
 
 
 def _apply_all(
-    params: PyTree, extras: dict[str, Extra], where: str, sign: float = 1.0
+    params: PyTree, extras: Mapping[str, Extra | StackedExtra], where: str, sign: float = 1.0
 ) -> tuple[PyTree, list[str]]:
-    """``params`` with `apply_one` at each path of ``extras`` (a quantized leaf dequantized
-    first), and the paths of ``extras`` that are not leaves of ``params``."""
+    """``params`` with each node of ``extras`` applied at its path (a quantized leaf
+    dequantized first), and the paths of ``extras`` that are not leaves of ``params``."""
     seen: set[str] = set()
 
     def apply(keypath: Any, leaf: Any) -> Any:
@@ -179,34 +371,10 @@ def _apply_all(
         seen.add(path)
         if is_quantized(leaf):
             leaf = dequantize_kernel(leaf)
-        return apply_one(path, leaf, extras[path], where, sign)
+        return extras[path].apply(path, leaf, where, sign)
 
     out = jax.tree_util.tree_map_with_path(apply, params, is_leaf=is_quantized)
     return out, [p for p in extras if p not in seen]
-
-
-def apply_one(
-    path: str, leaf: Any, node: Extra | StackedExtra, where: str, sign: float = 1.0
-) -> Any:
-    """One leaf with its extra node applied (``sign=-1``: a token delta taken out again)."""
-    shape = tuple(np.shape(leaf))
-    if isinstance(node, TrainedCopy):
-        if tuple(np.shape(node.value)) != shape:
-            raise ValueError(
-                f"{where}: the trained copy for {path!r} has shape "
-                f"{tuple(np.shape(node.value))}, but the leaf at that path has shape {shape}."
-            )
-        return jnp.asarray(node.value).astype(leaf.dtype)
-    if isinstance(node, TokenDelta):
-        check_token_delta(path, node, shape, where)
-        compute = jnp.promote_types(leaf.dtype, jnp.float32)
-        idx = jnp.asarray(node.indices, jnp.int32)
-        d = jnp.asarray(node.delta).astype(compute) * sign
-        return jnp.asarray(leaf).astype(compute).at[idx].add(d).astype(leaf.dtype)
-    raise TypeError(
-        f"{where}: the adapter entry at {path!r} is a {type(node).__name__}; a stacked adapter "
-        "tree (lora.stack) needs lora_ids."
-    )
 
 
 def check_token_delta(path: str, node: TokenDelta, shape: tuple[int, ...], where: str) -> None:
@@ -225,7 +393,7 @@ def unmerge_extras(params: PyTree, extras: dict[str, Extra]) -> PyTree:
     """`lora.unmerge` of the extra nodes: token deltas are subtracted; a trained copy raises."""
     if not extras:
         return params
-    copies = [p for p, v in extras.items() if isinstance(v, TrainedCopy)]
+    copies = [p for p, v in extras.items() if v.REPLACES_LEAF]
     if copies:
         raise ValueError(
             f"lora.unmerge: the adapters hold trained copies (modules_to_save or trained biases) "
@@ -239,16 +407,6 @@ def unmerge_extras(params: PyTree, extras: dict[str, Extra]) -> PyTree:
 
 
 def from_meta(meta: dict[str, Any], arrays: dict[str, Any], path: str) -> Extra:
-    """The extra node of ``path`` from checkpoint metadata and its arrays (`lora.load`)."""
-    if meta["type"] == "copy":
-        return TrainedCopy(value=jnp.asarray(arrays[f"{path}/value"]), role=meta["role"])
-    return TokenDelta(
-        delta=jnp.asarray(arrays[f"{path}/delta"]),
-        indices=tuple(int(i) for i in meta["indices"]),
-        num_rows=int(meta["num_rows"]),
-    )
-
-
-def arrays_of(node: Extra) -> dict[str, Any]:
-    """The arrays of an extra node by field name (for checkpoints)."""
-    return {"value": node.value} if isinstance(node, TrainedCopy) else {"delta": node.delta}
+    """The extra node of ``path`` from checkpoint metadata (its ``type`` picks the class in
+    `EXTRA_TYPES`) and its arrays (`lora.load`)."""
+    return EXTRA_TYPES[meta["type"]].from_meta(meta, arrays, path)

@@ -11,9 +11,17 @@ extras `split` takes out of a tree (path -> `TrainedCopy` / `TokenDelta`, or the
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
-from flax_lora._adapters._extras import STACKED_TYPES, Extra, StackedExtra, is_extra
+from flax_lora._adapters._extras import (
+    STACKED_TYPES,
+    Extra,
+    StackedCopy,
+    StackedExtra,
+    StackedTokenDelta,
+    TokenDelta,
+    TrainedCopy,
+    is_extra,
+)
 from flax_lora._adapters._weights import (
     AdapterLayout,
     LoraWeights,
@@ -100,7 +108,7 @@ def adapter_tables(
 
 def extra_tables(adapter_list: Sequence[PyTree]) -> list[dict[str, Extra]]:
     """The trained copies and token deltas (`flax_lora._adapters._extras`) of each adapter set."""
-    return [split(ad, is_lora)[1] for ad in adapter_list]
+    return [split_plain(ad)[1] for ad in adapter_list]
 
 
 def stacked_table(stacked: PyTree) -> dict[str, StackedLoraWeights]:
@@ -123,7 +131,7 @@ def stacked_table(stacked: PyTree) -> dict[str, StackedLoraWeights]:
 
 
 def split(
-    adapters: PyTree, is_entry: Callable[[Any], bool]
+    adapters: PyTree, is_entry: Callable[[object], bool]
 ) -> tuple[PyTree, dict[str, Extra | StackedExtra]]:
     """``(the tree without the extra nodes, {path: extra node})``; ``is_entry`` says what the
     other entries are (`LoraWeights`, `StackedLoraWeights`). The first is ``None`` when only
@@ -136,3 +144,33 @@ def split(
         return adapters, {}
     rest = [(p, v) for p, v in table.items() if not is_extra(v) and v is not None]
     return (nest(rest) if rest else None), extras
+
+
+def split_plain(adapters: PyTree) -> tuple[PyTree, dict[str, Extra]]:
+    """`split` of one adapter set (its entries `LoraWeights`), its extras plain ones.
+
+    Raises:
+      TypeError: a stacked extra (from `lora.stack`), naming its path.
+    """
+    rest, extras = split(adapters, is_lora)
+    plain = {p: v for p, v in extras.items() if isinstance(v, TrainedCopy | TokenDelta)}
+    _check_all(extras, plain, "one adapter set (not a stack: pick one with lora.unstack)")
+    return rest, plain
+
+
+def split_stacked(stacked: PyTree) -> tuple[PyTree, dict[str, StackedExtra]]:
+    """`split` of a stack (its entries `StackedLoraWeights`), its extras stacked ones.
+
+    Raises:
+      TypeError: a plain extra, naming its path.
+    """
+    rest, extras = split(stacked, is_stacked)
+    out = {p: v for p, v in extras.items() if isinstance(v, StackedCopy | StackedTokenDelta)}
+    _check_all(extras, out, "a stack made by lora.stack")
+    return rest, out
+
+
+def _check_all(extras: Mapping[str, object], kept: Mapping[str, object], expected: str) -> None:
+    if len(kept) != len(extras):
+        stray = [p for p in extras if p not in kept]
+        raise TypeError(f"Expected {expected}; found the wrong kind of extra at {describe(stray)}.")

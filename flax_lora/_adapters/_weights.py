@@ -1,7 +1,8 @@
 """The adapter data types of the factors: `LoraWeights` (one kernel's factors),
-`StackedLoraWeights` (a stack of them for routing) and the axis layout they share.
+`StackedLoraWeights` (a stack of them for routing), the axis layout they share (`Axes`) and
+`AdapterLayout`, the static fields of a `LoraWeights` as a record of their own (no arrays).
 
-Both types lay their factors out over the kernel's axes the same way (`AdapterLayout`): input
+Both types lay their factors out over the kernel's axes the same way (`Axes`): input
 axes ``I``, output axes ``O`` and **carried axes** ``C``, the axes on which the adapter holds an
 independent factor pair per index, so ``a`` has shape ``(*C, *I, r)`` and ``b`` ``(*C, r, *O)``.
 The carried axes are the leading layer axes of a layered kernel (``nn.scan`` / ``nnx.scan``)
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Self
+from typing import Any, Self, TypeGuard, cast
 
 import jax
 import jax.numpy as jnp
@@ -22,29 +23,19 @@ import numpy as np
 from flax_lora._typing import Kind
 
 
-class AdapterLayout:
-    """The axis layout shared by `LoraWeights` and `StackedLoraWeights`: properties over their
-    static fields (``in_axes``, ``kernel_shape``, ``layer_axes``) and the rank axis of ``a``.
+class Axes:
+    """The axis properties shared by `AdapterLayout`, `LoraWeights` and `StackedLoraWeights`,
+    over their static fields ``in_axes``, ``kernel_shape``, ``layer_axes``, ``expert_axes``.
 
     The kernel's axes split into carried axes ``C`` (`carried_axes`), input axes ``I``
     (``in_axes``) and output axes ``O`` (`out_axes`, the rest). ``in_axes`` and
     ``kernel_shape`` refer to the whole kernel, carried axes included.
     """
 
-    a: Any
     in_axes: tuple[int, ...]
     kernel_shape: tuple[int, ...]
-    kind: Kind
     layer_axes: int
     expert_axes: tuple[int, ...]
-
-    LAYOUT_FIELDS = ("kernel_shape", "layer_axes", "expert_axes", "in_axes", "kind")
-    """The static fields that adapters of one kernel share whatever their ranks and scales."""
-
-    @property
-    def rank(self) -> int:
-        """``r``, the size of the factors' shared axis (the last of ``a``; padded for a stack)."""
-        return int(self.a.shape[-1])
 
     @property
     def carried_axes(self) -> tuple[int, ...]:
@@ -75,12 +66,67 @@ class AdapterLayout:
 
     def replace(self, **changes: Any) -> Self:
         """A copy with the given fields changed (`dataclasses.replace`), e.g. new factors."""
-        return dataclasses.replace(self, **changes)
+        changed: Self = dataclasses.replace(cast(Any, self), **changes)  # subclasses: dataclasses
+        return changed
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterLayout(Axes):
+    """The static fields of a `LoraWeights` (its layout, scale and dropout), without factors:
+    what code needs that handles a kernel's adapter before or apart from its arrays (the
+    engine's view metadata, one layer's or one carried index's layout in a loop over them).
+    `LoraWeights.layout` gives it; `with_factors` makes the `LoraWeights` back.
+
+    Attributes: as the static fields of `LoraWeights`.
+    """
+
+    scale: float
+    in_axes: tuple[int, ...]
+    kernel_shape: tuple[int, ...]
+    kind: Kind = "dense"
+    dropout: float = 0.0
+    layer_axes: int = 0
+    layers: tuple[int, ...] | None = None
+    expert_axes: tuple[int, ...] = ()
+
+    LAYOUT_FIELDS = ("kernel_shape", "layer_axes", "expert_axes", "in_axes", "kind")
+    """The static fields that adapters of one kernel share whatever their ranks and scales."""
+
+    def with_factors(self, a: jax.Array, b: jax.Array, m: jax.Array | None = None) -> LoraWeights:
+        """The `LoraWeights` of this layout with factors ``a``, ``b`` (and DoRA's ``m``)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return LoraWeights(a=a, b=b, m=m, **fields)
+
+    def layer_slice(self, n: int = 1) -> AdapterLayout:
+        """The layout of one layer's kernel of a layered adapter: ``n`` leading layer axes
+        dropped (``layers`` cleared)."""
+        return dataclasses.replace(
+            self,
+            kernel_shape=tuple(self.kernel_shape[n:]),
+            in_axes=tuple(d - n for d in self.in_axes),
+            layer_axes=self.layer_axes - n,
+            expert_axes=tuple(d - n for d in self.expert_axes),
+            layers=None,
+        )
+
+    def carried_slice(self) -> AdapterLayout:
+        """The layout of the kernel at one carried index (one layer of a layered kernel, one
+        expert): every carried axis dropped (``layers`` cleared, input axes renumbered)."""
+        carried = set(self.carried_axes)
+        kept = [i for i in range(len(self.kernel_shape)) if i not in carried]
+        return dataclasses.replace(
+            self,
+            kernel_shape=tuple(self.kernel_shape[i] for i in kept),
+            in_axes=tuple(kept.index(d) for d in self.in_axes),
+            layer_axes=0,
+            expert_axes=(),
+            layers=None,
+        )
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LoraWeights(AdapterLayout):
+class LoraWeights(Axes):
     """The LoRA factors of one kernel and what is needed to merge them.
 
     ``a`` and ``b`` (and DoRA's ``m``) are the only pytree leaves (the trainable arrays);
@@ -118,49 +164,42 @@ class LoraWeights(AdapterLayout):
         ``b (E, r, f)`` for a kernel ``(E, d, f)``. ``()`` for an ordinary kernel.
     """
 
-    a: Any
-    b: Any
+    a: jax.Array
+    b: jax.Array
     scale: float = dataclasses.field(metadata=dict(static=True))
     in_axes: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     kernel_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     kind: Kind = dataclasses.field(default="dense", metadata=dict(static=True))
     dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
-    m: Any = None
+    m: jax.Array | None = None
     layer_axes: int = dataclasses.field(default=0, metadata=dict(static=True))
     layers: tuple[int, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
     expert_axes: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
 
+    @property
+    def rank(self) -> int:
+        """``r``, the size of the factors' shared axis (the last of ``a``)."""
+        return int(self.a.shape[-1])
+
+    @property
+    def layout(self) -> AdapterLayout:
+        """The static fields, without the arrays."""
+        fields = dataclasses.fields(AdapterLayout)
+        return AdapterLayout(**{f.name: getattr(self, f.name) for f in fields})
+
     def layer_slice(self, n: int = 1, **changes: Any) -> LoraWeights:
         """The adapter of one layer's kernel of a layered adapter: ``n`` leading layer
-        axes dropped from the metadata (``layers`` cleared), with ``changes`` (e.g. that layer's
-        factors ``a``, ``b``) applied."""
-        return dataclasses.replace(
-            self,
-            kernel_shape=tuple(self.kernel_shape[n:]),
-            in_axes=tuple(d - n for d in self.in_axes),
-            layer_axes=self.layer_axes - n,
-            expert_axes=tuple(d - n for d in self.expert_axes),
-            layers=None,
-            **changes,
-        )
+        axes dropped from the metadata (``layers`` cleared, `AdapterLayout.layer_slice`), with
+        ``changes`` (e.g. that layer's factors ``a``, ``b``) applied."""
+        return self.layout.layer_slice(n).with_factors(self.a, self.b, self.m).replace(**changes)
 
     def carried_slice(self, **changes: Any) -> LoraWeights:
         """The adapter of the kernel at one carried index (one layer of a layered kernel, one
-        expert): every carried axis dropped from the metadata (``layers`` cleared, input axes
-        renumbered), with ``changes`` (e.g. that index's factors ``a``, ``b``) applied."""
-        carried = set(self.carried_axes)
-        kept = [i for i in range(len(self.kernel_shape)) if i not in carried]
-        return dataclasses.replace(
-            self,
-            kernel_shape=tuple(self.kernel_shape[i] for i in kept),
-            in_axes=tuple(kept.index(d) for d in self.in_axes),
-            layer_axes=0,
-            expert_axes=(),
-            layers=None,
-            **changes,
-        )
+        expert): every carried axis dropped from the metadata (`AdapterLayout.carried_slice`),
+        with ``changes`` (e.g. that index's factors ``a``, ``b``) applied."""
+        return self.layout.carried_slice().with_factors(self.a, self.b, self.m).replace(**changes)
 
-    def meta(self) -> dict[str, Any]:
+    def meta(self) -> dict[str, object]:
         """The static fields as a JSON-ready dict."""
         return dict(
             scale=float(self.scale),
@@ -178,7 +217,7 @@ class LoraWeights(AdapterLayout):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class StackedLoraWeights(AdapterLayout):
+class StackedLoraWeights(Axes):
     """N adapters of one kernel, stacked for per-example routing (made by `lora.stack`).
 
     Adapter ``k``'s delta is ``a[k] @ b[k]`` (no scale: each adapter's scale is folded into its
@@ -210,15 +249,15 @@ class StackedLoraWeights(AdapterLayout):
       expert_axes: the kernel's expert axes, as `LoraWeights.expert_axes`.
     """
 
-    a: Any
-    b: Any
+    a: jax.Array
+    b: jax.Array
     ranks: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     in_axes: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     kernel_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     kind: Kind = dataclasses.field(default="dense", metadata=dict(static=True))
     dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
     layer_axes: int = dataclasses.field(default=0, metadata=dict(static=True))
-    m: Any = None
+    m: jax.Array | None = None
     dora: tuple[bool | tuple[int, ...], ...] | None = dataclasses.field(
         default=None, metadata=dict(static=True)
     )
@@ -240,33 +279,40 @@ class StackedLoraWeights(AdapterLayout):
                 keep[k, np.asarray(d, int)] = True
         return keep
 
-    def entry(self, a: Any = None, b: Any = None, m: Any = None) -> LoraWeights:
-        """One adapter of the stack as a `LoraWeights` of this kernel, with the factors (and
-        DoRA magnitude) given: e.g. ``a[k]``, ``b[k]``, or factors gathered per example. Its
-        scale is 1 (the stack's ``b`` carries the scales); without factors, the static layout
-        alone (``a = b = None``)."""
-        return LoraWeights(
-            a=a,
-            b=b,
+    @property
+    def rank(self) -> int:
+        """``R``, the size of the factors' shared axis (the largest rank, the others padded)."""
+        return int(self.a.shape[-1])
+
+    @property
+    def layout(self) -> AdapterLayout:
+        """The layout of each stacked adapter, as a `LoraWeights` (scale 1: the stack's ``b``
+        carries the scales)."""
+        return AdapterLayout(
             scale=1.0,
             in_axes=self.in_axes,
             kernel_shape=self.kernel_shape,
             kind=self.kind,
             dropout=self.dropout,
-            m=m,
             layer_axes=self.layer_axes,
             expert_axes=self.expert_axes,
         )
 
+    def entry(self, a: jax.Array, b: jax.Array, m: jax.Array | None = None) -> LoraWeights:
+        """One adapter of the stack as a `LoraWeights` of this kernel (scale 1, `layout`), with
+        the factors (and DoRA magnitude) given: e.g. ``a[k]``, ``b[k]``, or factors gathered per
+        example."""
+        return self.layout.with_factors(a, b, m)
 
-def is_lora(x: Any) -> bool:
+
+def is_lora(x: object) -> TypeGuard[LoraWeights]:
     return isinstance(x, LoraWeights)
 
 
-def is_stacked(x: Any) -> bool:
+def is_stacked(x: object) -> TypeGuard[StackedLoraWeights]:
     return isinstance(x, StackedLoraWeights)
 
 
-def factor_dtype(ws: Sequence[AdapterLayout]) -> Any:
+def factor_dtype(ws: Sequence[LoraWeights | StackedLoraWeights]) -> jnp.dtype:
     """The promoted dtype of the factors of ``ws``."""
     return jnp.result_type(*[w.a.dtype for w in ws], *[w.b.dtype for w in ws])

@@ -28,7 +28,8 @@ from flax_lora._adapters._delta import check_fits
 from flax_lora._adapters._extras import EXTRA_TYPES, Extra, StackedExtra, from_meta
 from flax_lora._adapters._weights import LoraWeights
 from flax_lora._checkpoint._schema import AdapterFields, ExtraFields, Meta
-from flax_lora._config import LoraConfig, finite_float
+from flax_lora._config import LoraConfig
+from flax_lora._field_checks import finite_float, one_of
 from flax_lora._paths import describe, nest
 from flax_lora._typing import KINDS, Leaf
 
@@ -234,17 +235,6 @@ def _dropout(v: object, at: str) -> float:
     return out
 
 
-def _choice(options: tuple[str, ...]) -> Callable[[object, str], str]:
-    def choice(v: object, at: str) -> str:
-        if not isinstance(v, str):
-            raise TypeError(f"{at} must be a string, one of {options}; got {type(v).__name__}.")
-        if v not in options:
-            raise ValueError(f"{at} must be one of {options}; got {_show(v)}.")
-        return v
-
-    return choice
-
-
 def _flag(v: object, at: str) -> bool:
     if not isinstance(v, bool):
         raise TypeError(f"{at} must be true or false; got {_show(v)} ({type(v).__name__}).")
@@ -259,7 +249,7 @@ ADAPTER_FIELDS: dict[str, tuple[object, Check]] = {  # field -> (default, check)
     "scale": (_REQUIRED, _scale),
     "in_axes": (_REQUIRED, _ints(_count)),
     "kernel_shape": (_REQUIRED, _ints(_positive, distinct=False)),
-    "kind": (_REQUIRED, _choice(KINDS)),
+    "kind": (_REQUIRED, one_of(KINDS, _show)),
     "dropout": (0.0, _dropout),
     "layer_axes": (0, _count),
     "layers": (None, _optional(_ints(_count))),
@@ -268,7 +258,7 @@ ADAPTER_FIELDS: dict[str, tuple[object, Check]] = {  # field -> (default, check)
     "dora": (False, _flag),
 }
 EXTRA_FIELDS: dict[str, dict[str, tuple[object, Check]]] = {  # type -> its fields
-    "copy": {"role": (_REQUIRED, _choice(("module", "bias")))},
+    "copy": {"role": (_REQUIRED, one_of(("module", "bias"), _show))},
     "tokens": {"indices": (_REQUIRED, _ints(_count)), "num_rows": (_REQUIRED, _positive)},
 }
 
@@ -314,7 +304,7 @@ def adapter_fields(directory: Path, path: str, entry: dict[str, object]) -> Adap
 def extra_fields(directory: Path, path: str, entry: dict[str, object]) -> ExtraFields:
     """The checked fields of the trained copy or token delta at ``path`` (`EXTRA_FIELDS`)."""
     at = f"{where(directory)}: entry {path!r}"
-    kind = _choice(tuple(EXTRA_FIELDS))(entry.get("type"), f"{at}, field 'type'")
+    kind = one_of(tuple(EXTRA_FIELDS), _show)(entry.get("type"), f"{at}, field 'type'")
     f = typing.cast(ExtraFields, {"type": kind, **_fields(entry, EXTRA_FIELDS[kind], at)})
     if kind == "tokens" and any(i >= f["num_rows"] for i in f["indices"]):
         raise ValueError(f"{at}, field 'indices': rows beyond num_rows {f['num_rows']}.")
@@ -397,19 +387,23 @@ def check_all_read(directory: Path, arrays: dict[str, Leaf], read: set[str]) -> 
         )
 
 
+_PLAIN = tuple(EXTRA_TYPES.values())
+"""The types of plain (not stacked) extras."""
+
+
 def plain_extras(extras: dict[str, Extra | StackedExtra], fn: str) -> dict[str, Extra]:
     """The trained copies and token deltas of an adapter tree (``split``'s extras) to save.
 
     Raises:
       TypeError: a stacked one (of `lora.stack`), named by path: save each set before stacking.
     """
-    stacked = [p for p, e in extras.items() if not isinstance(e, EXTRA_TYPES)]
+    stacked = [p for p, e in extras.items() if not isinstance(e, _PLAIN)]
     if stacked:
         raise TypeError(
             f"lora.{fn} takes one adapter set; found stacked entries (of lora.stack) at "
             f"{describe(stacked)}. Save the sets before stacking, or lora.unstack them."
         )
-    return {p: e for p, e in extras.items() if isinstance(e, EXTRA_TYPES)}
+    return {p: e for p, e in extras.items() if isinstance(e, _PLAIN)}
 
 
 def stored_config(directory: Path, meta: Meta) -> LoraConfig | None:

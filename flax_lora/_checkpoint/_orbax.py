@@ -18,7 +18,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from flax_lora._adapters._extras import arrays_of
 from flax_lora._adapters._tables import adapter_table, split
 from flax_lora._adapters._weights import is_lora
 from flax_lora._checkpoint import _atomic
@@ -109,7 +108,7 @@ def save(
                 (p, {"a": w.a, "b": w.b} if w.m is None else {"a": w.a, "b": w.b, "m": w.m})
                 for p, w in table.items()
             ),
-            *((p, arrays_of(node)) for p, node in extras.items()),
+            *((p, node.arrays()) for p, node in extras.items()),
         ]
     )
     meta = {

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from flax_lora import _jaxpr as jx
 from flax_lora._adapters._delta import delta, layer_mask, masked_factor
 from flax_lora._adapters._dora import dora_factor, dora_kernel, layered_factor
-from flax_lora._adapters._weights import LoraWeights, StackedLoraWeights
+from flax_lora._adapters._weights import AdapterLayout, LoraWeights, StackedLoraWeights
 from flax_lora._factored._quant_base import Base, as_array, as_base, layer_base
 from flax_lora._multi._stack import gather, gather_dora
 
@@ -57,7 +57,7 @@ class ViewMeta:
 
     Attributes:
       path: the kernel's path, for messages.
-      weights: the adapter's static fields (its arrays are ``None``), for `materialize`.
+      weights: the adapter's static fields (an `AdapterLayout`), for `materialize`.
       ops: the layout ops applied so far, for `materialize`.
       side: for each axis of the view's base, ``"I"``, ``"O"``, ``"layer"`` or ``"expert"``.
       carried: the kind of each leading carried axis of the factors, in order.
@@ -65,7 +65,7 @@ class ViewMeta:
     """
 
     path: str
-    weights: LoraWeights
+    weights: AdapterLayout
     ops: tuple[tuple[Any, dict[str, Any]], ...]
     side: tuple[str, ...]
     carried: tuple[Carried, ...]
@@ -154,21 +154,21 @@ def make_view(path: str, leaf: Any, w: LoraWeights) -> KernelView:
     carried = (LAYER,) * w.layer_axes + (EXPERT,) * len(w.expert_axes)
     n = len(w.carried_axes)
     if w.m is not None and w.expert_axes and w.carried_axes != tuple(range(n)):
-        view = _assemble(path, kernel, w, a, w.b, None, root_m, carried)
+        view = _assemble(path, kernel, w.layout, a, w.b, None, root_m, carried)
         why = "DoRA on an expert kernel whose expert axes do not lead"
         return dataclasses.replace(view, meta=dataclasses.replace(view.meta, why=why))
     if w.m is not None and w.expert_axes:  # DoRA per expert (and layer): norms mapped over C
-        inner = w.carried_slice(a=None, b=None, m=None)  # the carried axes lead here
+        inner = w.layout.carried_slice()  # the carried axes lead: the layout past them
         keep = None if mask is None else jnp.asarray(mask > 0)
         g, root_m = layered_factor(as_array(kernel), inner, a, w.b, w.m, n, keep)
-        return _assemble(path, kernel, w, a, w.b, g, root_m, carried)
+        return _assemble(path, kernel, w.layout, a, w.b, g, root_m, carried)
     if w.m is not None and w.layer_axes:
-        inner = w.layer_slice(w.layer_axes, a=None, b=None, m=None)
+        inner = w.layout.layer_slice(w.layer_axes)
         keep = None if mask is None else jnp.asarray(mask > 0)
         g, root_m = layered_factor(as_array(kernel), inner, a, w.b, w.m, w.layer_axes, keep)
     elif w.m is not None:  # DoRA: the factor per output unit, from W0's norms and low-rank terms
         g = dora_factor(as_array(kernel), w)
-    return _assemble(path, kernel, w, a, w.b, g, root_m, carried)
+    return _assemble(path, kernel, w.layout, a, w.b, g, root_m, carried)
 
 
 def make_routed_view(
@@ -184,13 +184,13 @@ def make_routed_view(
     a, b = gather(w, ids)
     g, root_m = (None, None) if w.m is None else gather_dora(w, kernel, ids)
     carried = (EXAMPLE,) + (LAYER,) * w.layer_axes + (EXPERT,) * len(w.expert_axes)
-    return _assemble(path, kernel, w.entry(), a, b, g, root_m, carried)
+    return _assemble(path, kernel, w.layout, a, b, g, root_m, carried)
 
 
 def _assemble(
     path: str,
     kernel: Base,
-    w: LoraWeights,
+    w: AdapterLayout,
     a: jax.Array,
     b: jax.Array,
     g: jax.Array | None,
@@ -216,7 +216,7 @@ def _assemble(
     view_a = transposed(a, (*lead, *[n + k for k in in_order], a.ndim - 1))
     view_b = transposed(b, (*lead, n, *[n + 1 + k for k in out_order]))
     view_g = None if g is None else transposed(g, (*lead, *[n + k for k in out_order]))
-    meta = ViewMeta(path, w.replace(a=None, b=None, m=None), (), side, carried)
+    meta = ViewMeta(path, w, (), side, carried)
     return KernelView(kernel, a, b, kernel, view_a, view_b, meta, g=view_g, root_m=root_m)
 
 
@@ -224,7 +224,7 @@ def materialize(v: KernelView) -> jax.Array:
     """``W0 + scale * a @ b`` in the kernel's dtype (as `lora.merge`; DoRA's kernel for a DoRA
     view), then the view's layout ops. Not for a routed view, which stands for one kernel per
     example: its uses run per example (`per_example`)."""
-    w = v.meta.weights.replace(a=v.root_a, b=v.root_b, m=v.root_m)
+    w = v.meta.weights.with_factors(v.root_a, v.root_b, v.root_m)
     root = as_array(v.root)  # a quantized base is dequantized here
     compute = jnp.promote_types(root.dtype, jnp.float32)
     if w.m is not None:  # DoRA, as `lora.merge`
@@ -275,7 +275,9 @@ def per_example(v: KernelView) -> tuple[KernelView, KernelView]:
         v, meta=dataclasses.replace(meta, carried=meta.carried[:k] + meta.carried[k + 1 :])
     )
     mapped = {f: None if getattr(v, f) is None else k for f in _FACTORS}
-    return inner, dataclasses.replace(inner, root=None, base=None, **mapped)
+    # vmap's in_axes: the view's pytree with an axis (or None) as each leaf, not a view
+    spec = dataclasses.replace(inner, root=None, base=None, **mapped)  # type: ignore[arg-type]
+    return inner, spec
 
 
 def expert_slice(v: KernelView, axis: int, take: Any, base: Base) -> KernelView:
@@ -284,7 +286,9 @@ def expert_slice(v: KernelView, axis: int, take: Any, base: Base) -> KernelView:
     sliced. The view's ops so far must be value ops (its layout is the kernel's): the sliced
     view starts afresh, ``W0``'s slice as its root."""
     k = v.axes(EXPERT).index(axis) + v.meta.carried.index(EXPERT)
-    cut = {f: None if getattr(v, f) is None else take(getattr(v, f), k) for f in _FACTORS}
+    cut: dict[str, Any] = {
+        f: None if getattr(v, f) is None else take(getattr(v, f), k) for f in _FACTORS
+    }
     w = v.meta.weights.replace(kernel_shape=tuple(base.shape))
     meta = ViewMeta(v.meta.path, w, (), v.meta.side, v.meta.carried)
     return dataclasses.replace(v, root=base, base=base, meta=meta, **cut)
@@ -295,7 +299,7 @@ def drop_experts(v: KernelView, drop: set[int], base: Base) -> KernelView:
     an ordinary view of one expert's kernel, ``base`` (``W0`` squeezed) its root."""
     meta, w = v.meta, v.meta.weights
     lost = [v.axes(EXPERT).index(d) + meta.carried.index(EXPERT) for d in sorted(drop)]
-    cut = {
+    cut: dict[str, Any] = {
         f: None if getattr(v, f) is None else jnp.squeeze(getattr(v, f), tuple(lost))
         for f in _FACTORS
     }

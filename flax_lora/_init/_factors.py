@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
+from flax_lora._adapters._delta import HIGHEST
 from flax_lora._adapters._dora import weight_norm
 from flax_lora._adapters._weights import LoraWeights
-from flax_lora._quant._formats import QuantizedKernel, dequantize_kernel, is_quantized
+from flax_lora._quant._formats import QuantizedKernel, dequantize_kernel
 from flax_lora._sharding import place
 from flax_lora._typing import Init, Kind
 
@@ -144,11 +145,15 @@ def init_factors(
     keys = [key]
     for size in sizes:
         keys = [k for parent in keys for k in jax.random.split(parent, size)]
-    a_s, b_s, residuals = [], [], []
+    a_s: list[jax.Array] = []
+    b_s: list[jax.Array] = []
+    residuals: list[jax.Array] = []
     for k, index in zip(keys, np.ndindex(*sizes), strict=True):
-        piece, residual = None, None
+        piece: jax.Array | None = None
+        residual: jax.Array | None = None
         if needs_values:
-            piece = kernel[index] if carried else kernel
+            values = kernel_values(kernel, init)
+            piece = values[index] if carried else values
             a, b, residual = _factor(piece, init, slice_in_axes, rank, scale, dtype)
         else:  # random inits need the shape only: no slice of a (sharded) kernel is made
             a, b = _random_factors(k, init, kind == "embed", n_in, n_out, rank, jnp.dtype(dtype))
@@ -156,14 +161,22 @@ def init_factors(
             a, b, residual = jnp.zeros_like(a), jnp.zeros_like(b), piece
         a_s.append(a)
         b_s.append(b)
-        residuals.append(residual)
+        if residual is not None:
+            residuals.append(residual)
     if not carried:
-        return a_s[0], b_s[0], residuals[0]
+        return a_s[0], b_s[0], residuals[0] if residuals else None
     a = jnp.stack(a_s).reshape(*sizes, *a_s[0].shape)
     b = jnp.stack(b_s).reshape(*sizes, *b_s[0].shape)
     if not needs_values:
         return a, b, None
     return a, b, jnp.stack(residuals).astype(kernel.dtype).reshape(shape)
+
+
+def kernel_values(kernel: jax.Array | jax.ShapeDtypeStruct, init: str) -> jax.Array:
+    """``kernel`` itself, an array: ``TypeError`` for a shape alone (``init`` needs values)."""
+    if isinstance(kernel, jax.ShapeDtypeStruct):
+        raise TypeError(f"init={init!r} needs the kernel's values; got a {kernel}.")
+    return kernel
 
 
 def with_magnitude(w: LoraWeights, base: jax.Array | QuantizedKernel) -> LoraWeights:
@@ -174,10 +187,9 @@ def with_magnitude(w: LoraWeights, base: jax.Array | QuantizedKernel) -> LoraWei
     `QuantizedKernel`, or the params' kernel). With the default inits (``b = 0``, or ``a = 0``
     for an Embed) this makes DoRA the identity at init.
     """
-    if is_quantized(base):
-        base = dequantize_kernel(base)
-    m = weight_norm(base, w, jnp.promote_types(base.dtype, jnp.float32)).astype(w.b.dtype)
-    return w.replace(m=place(m, base, (*w.carried_axes, *w.out_axes)))
+    kernel = dequantize_kernel(base) if isinstance(base, QuantizedKernel) else base
+    m = weight_norm(kernel, w, jnp.promote_types(kernel.dtype, jnp.float32)).astype(w.b.dtype)
+    return w.replace(m=place(m, kernel, (*w.carried_axes, *w.out_axes)))
 
 
 def _factor(
@@ -200,9 +212,7 @@ def _factor(
     # the residual is taken against the factors as stored (in ``dtype``), so that
     # residual + scale * a @ b is W0 to float32 rounding also for bfloat16 adapters
     a, b = a32.astype(dtype), b32.astype(dtype)
-    ab = jnp.matmul(
-        a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
-    )
+    ab = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32), precision=HIGHEST)
     res = w - scale * ab
     inverse = tuple((in_axes + out_axes).index(i) for i in range(len(shape)))
     return a, b, res.reshape(in_shape + out_shape).transpose(inverse).astype(piece.dtype)

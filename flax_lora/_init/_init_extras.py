@@ -3,6 +3,8 @@ biases) and trainable token rows (``trainable_token_indices``), chosen from the 
 
 from __future__ import annotations
 
+from typing import cast
+
 import jax
 import jax.numpy as jnp
 
@@ -132,7 +134,8 @@ def _token_embeddings(
                 "LoraConfig.trainable_token_indices: params hold no embedding (a 2-D leaf named "
                 "'embedding'); pass {regex: ids} to name one."
             )
-        return {p: spec for p in embeddings}
+        ids = cast(tuple[int, ...], spec)  # a tuple of ints once __post_init__ has run
+        return {p: ids for p in embeddings}
     out: dict[str, tuple[int, ...]] = {}
     what = "LoraConfig.trainable_token_indices"
     for pattern, ids in spec.items():

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_lora._adapters._delta import HIGHEST
 from flax_lora._quant._checks import check_format
 from flax_lora._quant._formats import QuantizedKernel, dequantize_kernel, quantize_f32
 from flax_lora._typing import QuantFormat
@@ -100,4 +101,4 @@ def _loftq_layered_step(
     u, s, vt = jnp.linalg.svd(w - deq, full_matrices=False)
     root = jnp.sqrt(s[..., :r] / scale) * mask[..., None]
     a, b = u[..., :r] * root[..., None, :], root[..., :, None] * vt[..., :r, :]
-    return a, b, q, w - scale * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+    return a, b, q, w - scale * jnp.matmul(a, b, precision=HIGHEST)

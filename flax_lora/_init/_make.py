@@ -18,6 +18,7 @@ from flax_lora._init._factors import (
     FACTORING_INITS,
     check_rank,
     init_factors,
+    kernel_values,
     rank_note,
     warn_ranks,
     with_magnitude,
@@ -36,7 +37,7 @@ def init(
     key: jax.Array,
     params: PyTree,
     config: LoraConfig,
-    probe: Callable[[PyTree], Any] | None = None,
+    probe: Callable[[PyTree], PyTree] | None = None,
 ) -> PyTree | tuple[PyTree, PyTree]:
     """Creates the LoRA adapters of every kernel of ``params`` that ``config`` selects.
 
@@ -91,8 +92,11 @@ def init(
     leaves = flatten(params)
     uses = None if probe is None else kernel_uses(probe, params)
     saved = saved_leaves(leaves, config)  # modules_to_save: trained whole, never factored
-    selected = select_kernels({p: x for p, x in leaves.items() if p not in saved}, config, uses)
-    layered = layered_kernels(selected, uses, leaves, config)  # nn.scan's layer axes
+    candidates = {p: x for p, x in leaves.items() if p not in saved}
+    # nn.scan's layer axes; the layered kernels with no picked layer are left out
+    selected, layered = layered_kernels(
+        select_kernels(candidates, config, uses), uses, leaves, config
+    )
     keys = jax.random.split(key, max(len(selected), 1))
     bases = flatten(original, is_leaf=is_quantized) if config.dora else {}
     adapters: list[tuple[str, LoraWeights]] = []
@@ -178,7 +182,7 @@ def _adapter(
         )
     if config.init == "loftq":  # the base becomes Q, quantized
         a, b, base = loftq_factors(
-            kernel,
+            kernel_values(kernel, config.init),
             in_axes,
             r,
             scale,

@@ -13,7 +13,7 @@ import re
 
 import jax.numpy as jnp
 
-from flax_lora._config import LoraConfig, layer_index
+from flax_lora._config import LoraConfig, layer_index, layer_tuple
 from flax_lora._paths import KERNEL_LEAVES, describe, leaf_name
 from flax_lora._probe import Use
 from flax_lora._typing import Kind, PyTree
@@ -104,7 +104,9 @@ def _check_layers_found(
         else:
             numbers[path] = layer_index(path, config.layers_pattern)
     found = {i for i in numbers.values() if i is not None}
-    bad = sorted({i for i in config.layers if i not in found and not any(i < n for n in counts)})
+    bad = sorted(
+        {i for i in layer_tuple(config) if i not in found and not any(i < n for n in counts)}
+    )
     if not bad:
         return
     seen = [f"{describe(ps)} stacked by a scan, with {n} layer(s)" for n, ps in counts.items()]
@@ -161,18 +163,20 @@ def layered_kernels(
     uses: dict[str, Use] | None,
     leaves: dict[str, PyTree],
     config: LoraConfig,
-) -> dict[str, tuple[int, tuple[int, ...] | None]]:
-    """Path -> (number of leading layer axes, picked layers or ``None``) of the layered kernels
-    among ``selected``; drops from ``selected`` the layered kernels with no picked layer.
+) -> tuple[dict[str, tuple[Kind, tuple[int, ...]]], dict[str, tuple[int, tuple[int, ...] | None]]]:
+    """``selected`` without the layered kernels with no picked layer, and path -> (number of
+    leading layer axes, picked layers or ``None``) of the layered kernels left. ``selected`` is
+    not changed.
 
     Raises:
       ValueError: a scan slices a kernel on an axis that is not leading, a layered kernel has
         no output axis, or no kernel is left once ``layers`` is applied.
     """
     if uses is None:
-        return {}
+        return selected, {}
+    kept = dict(selected)
     out: dict[str, tuple[int, tuple[int, ...] | None]] = {}
-    for path in list(selected):
+    for path in selected:
         use = uses.get(path)
         lax_ = tuple(getattr(use, "layer_axes", ()) or ())
         if not lax_:
@@ -195,14 +199,14 @@ def layered_kernels(
             )
         layers = None
         if config.layers is not None:
-            layers = tuple(sorted({i for i in config.layers if 0 <= i < shape[0]}))
+            layers = tuple(sorted({i for i in layer_tuple(config) if 0 <= i < shape[0]}))
             if not layers:
-                del selected[path]
+                del kept[path]
                 continue
         out[path] = (n, layers)
-    if not selected:
+    if not kept:
         raise ValueError(
             f"LoraConfig(layers={config.layers!r}) picks no layer of the layered kernels "
             f"{describe(list(uses))}."
         )
-    return out
+    return kept, out

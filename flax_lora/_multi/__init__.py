@@ -3,5 +3,7 @@
 - `_stack`: `lora.stack` / `lora.unstack`, and what a routed call reads from a stack (the
   per-example factors and DoRA factors);
 - `_stack_extras`: the extras (trained copies, token deltas) stacked, picked and combined;
-- `_combine`: `lora.combine`, PEFT's ``add_weighted_adapter`` methods.
+- `_combine_methods`: the methods of `lora.combine` (PEFT's ``add_weighted_adapter``), each a
+  record of its steps;
+- `_combine`: `lora.combine`.
 """

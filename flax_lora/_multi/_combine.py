@@ -4,8 +4,9 @@ The methods follow the meanings of PEFT's ``LoraModel.add_weighted_adapter`` (``
 ``cat``, ``svd``, ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` and the ``*_svd``
 variants), defined in `combine` as formulas over the deltas ``Δᵢ = sᵢ · aᵢ @ bᵢ``: the
 ``linear`` family combines the factors ``a`` and ``b`` separately, ``cat`` is exact, and the SVD
-methods approximate the combined delta at a chosen rank. PEFT's ``merge_utils`` rules (pruning,
-TIES' sign election) are written here over a stack of task tensors ``(N, ...)``.
+methods approximate the combined delta at a chosen rank. Each method is a record of its steps
+in `flax_lora._multi._combine_methods.COMBINE_METHODS`; this module checks a call's arguments
+against the method's steps and runs it on every kernel (per carried index).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal, get_args
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -21,112 +22,35 @@ import numpy as np
 
 from flax_lora._adapters._delta import masked_factor
 from flax_lora._adapters._tables import adapter_tables, extra_tables
-from flax_lora._adapters._weights import LoraWeights, factor_dtype
+from flax_lora._adapters._weights import LoraWeights
+from flax_lora._field_checks import integer, real
+from flax_lora._multi._combine_methods import (
+    COMBINE_METHODS,
+    SIGN_ELECTIONS,
+    Plan,
+    SignMethod,
+)
 from flax_lora._multi._stack_extras import combine_extras
 from flax_lora._paths import nest
 from flax_lora._typing import PyTree
 
-FactorMethod = Literal["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
-"""Methods that combine the factors ``a`` and ``b`` separately (equal ranks per kernel)."""
-DeltaMethod = Literal["svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd"]
-"""Methods that combine the deltas, then take a rank-``rank`` SVD."""
-Method = Literal["cat", FactorMethod, DeltaMethod]
-"""`combine`'s ``method``."""
-SignMethod = Literal["total", "frequency"]
-"""How TIES elects the sign of each entry (PEFT's ``majority_sign_method``)."""
-
-FACTOR_METHODS: tuple[str, ...] = get_args(FactorMethod)
-DELTA_METHODS: tuple[str, ...] = get_args(DeltaMethod)
-METHODS: tuple[str, ...] = get_args(Method)
-SIGN_METHODS: tuple[str, ...] = get_args(SignMethod)
-_HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _flat(w: LoraWeights) -> tuple[jax.Array, jax.Array]:
-    """``a`` as an ``(prod I, r)`` and ``b`` as an ``(r, prod O)`` float32 matrix."""
-    r = w.a.shape[-1]
-    a = jnp.asarray(w.a, jnp.float32).reshape(math.prod(w.in_shape), r)
-    b = jnp.asarray(w.b, jnp.float32).reshape(r, math.prod(w.out_shape))
-    return a, b
-
-
-def _result(
-    w0: LoraWeights, a: jax.Array, b: jax.Array, dtype: jax.typing.DTypeLike
-) -> LoraWeights:
-    """A `LoraWeights` like ``w0`` from flat factors, with scale 1 (the factors carry it)."""
-    r = a.shape[-1]
-    return w0.replace(
-        a=a.reshape((*w0.in_shape, r)).astype(dtype),
-        b=b.reshape((r, *w0.out_shape)).astype(dtype),
-        scale=1.0,
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# PEFT's merge utilities (peft/utils/merge_utils.py) on a stack of task tensors (N, ...)
-# --------------------------------------------------------------------------------------------
-def _magnitude_prune_one(t: jax.Array, density: float) -> jax.Array:
-    """Keeps the ``int(density * t.size)`` entries of largest magnitude, zeroes the rest."""
-    if density >= 1.0:
-        return t
-    k = int(density * t.size)
-    flat = t.reshape(-1)
-    if k == 0:
-        return jnp.zeros_like(t)
-    _, idx = jax.lax.top_k(jnp.abs(flat), k)
-    mask = jnp.zeros(flat.shape, t.dtype).at[idx].set(1.0)
-    return (flat * mask).reshape(t.shape)
-
-
-def _magnitude_prune(ts: jax.Array, density: float) -> jax.Array:
-    return jnp.stack([_magnitude_prune_one(t, density) for t in ts])
-
-
-def _random_prune(ts: jax.Array, density: float, key: jax.Array) -> jax.Array:
-    """DARE: keeps each entry with probability ``density`` and rescales kept ones by 1/density."""
-    if density >= 1.0:
-        return ts
-    keep = jax.random.bernoulli(key, density, ts.shape)
-    return jnp.where(keep, ts / density, 0.0)
-
-
-def _weighted_sum(ts: jax.Array, weights: jax.Array) -> jax.Array:
-    return jnp.tensordot(weights, ts, axes=1, precision=_HIGHEST)
-
-
-def _disjoint_merge(ts: jax.Array, weights: jax.Array, sign_method: SignMethod) -> jax.Array:
-    """TIES' sign election on the (unweighted) task tensors, then the mean of agreeing entries."""
-    signs = jnp.sign(ts)
-    magnitude = ts.sum(0) if sign_method == "total" else signs.sum(0)
-    majority = jnp.where(magnitude >= 0, 1.0, -1.0)
-    agree = (signs == majority).astype(ts.dtype)
-    w = weights.reshape((-1,) + (1,) * (ts.ndim - 1))
-    return (ts * w * agree).sum(0) / jnp.maximum(agree.sum(0), 1.0)
-
-
-def _merge_tensors(
-    method: str,
-    ts: jax.Array,
-    weights: jax.Array,
-    density: float | None,
-    key: jax.Array | None,
-    sign_method: SignMethod,
-) -> jax.Array:
-    """PEFT's rule ``method`` (no ``_svd`` suffix) over task tensors ``ts`` of shape (N, ...)."""
-    if method in ("linear", "svd"):
-        return _weighted_sum(ts, weights)
-    assert density is not None
-    if method == "magnitude_prune":
-        return _weighted_sum(_magnitude_prune(ts, density), weights)
-    if method == "ties":
-        return _disjoint_merge(_magnitude_prune(ts, density), weights, sign_method)
-    assert key is not None
-    pruned = _random_prune(ts, density, key)
-    if method == "dare_linear":
-        return _weighted_sum(pruned, weights)
-    if method == "dare_ties":
-        return _disjoint_merge(pruned, weights, sign_method)
-    raise AssertionError(method)
+Method = Literal[
+    "cat",
+    "linear",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "magnitude_prune",
+    "svd",
+    "ties_svd",
+    "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune_svd",
+]
+"""`combine`'s ``method``: the keys of `COMBINE_METHODS`."""
+METHODS: tuple[str, ...] = tuple(COMBINE_METHODS)
+SIGN_METHODS: tuple[str, ...] = tuple(SIGN_ELECTIONS)
+_DENSITY = real(lambda x: 0.0 < x <= 1.0, "in (0, 1]")
 
 
 def combine(
@@ -174,14 +98,17 @@ def combine(
       inputs' promoted dtype.
 
     Raises:
-      ValueError: the sets adapt different kernels or disagree on a kernel's layout (naming the
-        path); DoRA adapters; a wrong number of weights or a non-finite one; an unknown method;
-        unequal ranks for a ``linear``-family method; a missing or out-of-range ``density``; no
-        ``key`` for dare; ``rank`` for a non-SVD method, or below 1.
-      TypeError: ``adapter_list`` is not a list of adapter sets; ``density`` is a bool or a str.
+      ValueError: the adapter sets adapt different kernels or disagree on a kernel's shape, input
+        axes, kind or layer axes (naming the path); DoRA adapters; ``weights`` has the wrong
+        length or a NaN / infinite entry (naming its index); an unknown method; unequal ranks
+        for a ``linear``-family method (naming the path); a missing or out-of-range
+        ``density``; a missing ``key`` for dare; ``rank`` for a non-SVD method, or below 1.
+      TypeError: ``adapter_list`` is not a list of adapter sets; ``density`` is not a real
+        number (a bool, a string); ``rank`` is not an int.
     """
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in COMBINE_METHODS:
         raise ValueError(f"lora.combine: method must be one of {METHODS}; got {method!r}.")
+    spec = COMBINE_METHODS[method]
     tables = adapter_tables(adapter_list, "combine")
     n = len(tables)
     w = jnp.asarray(weights, jnp.float32)
@@ -198,44 +125,36 @@ def combine(
                 + ", ".join(f"weights[{i}] = {np.asarray(w)[i]}" for i in bad[:5])
                 + " (every factor of the result would be NaN or inf)."
             )
-    base = method.removesuffix("_svd")
-    needs_density = base in ("ties", "dare_linear", "dare_ties", "magnitude_prune")
-    if needs_density:
-        if isinstance(density, bool | np.bool_ | str | bytes):
-            raise TypeError(
-                f"lora.combine: density must be a real number in (0, 1]; got {density!r} "
-                f"({type(density).__name__})."
-            )
-        if density is None or not 0.0 < float(density) <= 1.0:
+    if spec.prune is not None:
+        if density is None:
             raise ValueError(
                 f"lora.combine(method={method!r}) needs density in (0, 1] (the fraction of "
-                f"entries kept); got {density!r}."
+                f"entries kept); got None."
             )
-        density = float(density)
+        density = _DENSITY(density, f"lora.combine(method={method!r}): density")
     elif density is not None:
         raise ValueError(
             f"lora.combine: density applies to ties, dare and magnitude_prune methods only; "
             f"got density={density!r} with method={method!r}."
         )
-    if base.startswith("dare") and key is None:
+    if spec.prune is not None and spec.prune.draws and key is None:
         raise ValueError(
             f"lora.combine(method={method!r}) draws random masks: pass key=jax.random.key(...)."
         )
-    if base.endswith("ties") and majority_sign_method not in SIGN_METHODS:
+    if spec.merge.elects_sign and majority_sign_method not in SIGN_ELECTIONS:
         raise ValueError(
             f"lora.combine: majority_sign_method must be one of {SIGN_METHODS}; got "
             f"{majority_sign_method!r}."
         )
     if rank is not None:
-        if method not in DELTA_METHODS:
+        if not spec.form.takes_rank:
+            svd = tuple(m for m, s in COMBINE_METHODS.items() if s.form.takes_rank)
             raise ValueError(
-                f"lora.combine: rank applies to the SVD methods {DELTA_METHODS} only; got "
+                f"lora.combine: rank applies to the SVD methods {svd} only; got "
                 f"rank={rank!r} with method={method!r}."
             )
-        if isinstance(rank, bool) or not isinstance(rank, int | np.integer) or rank < 1:
-            raise ValueError(f"lora.combine: rank must be an int >= 1; got {rank!r}.")
-
-    if method in FACTOR_METHODS:
+        rank = integer(lo=1)(rank, "lora.combine: rank")
+    if spec.form.equal_ranks:
         for path in tables[0]:
             ranks = [t[path].rank for t in tables]
             if len(set(ranks)) != 1:
@@ -244,36 +163,24 @@ def combine(
                     f"so all adapters need one rank at each kernel; {path!r} has ranks {ranks}. "
                     "Use 'cat' or 'svd' for adapters of different ranks."
                 )
-    out = _combine_tables(tables, w, key, method, rank, density, majority_sign_method)
+    plan = Plan(spec, rank, density, majority_sign_method)
+    out = _combine_tables(tables, w, key, plan)
     extras = extra_tables(adapter_list)
-    extras = combine_extras(extras, w) if any(extras) else {}
-    return nest([*out.items(), *extras.items()])
+    combined = combine_extras(extras, w) if any(extras) else {}
+    return nest([*out.items(), *combined.items()])
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+@functools.partial(jax.jit, static_argnums=(3,))
 def _combine_tables(
-    tables: list[dict[str, LoraWeights]],
-    w: jax.Array,
-    key: jax.Array | None,
-    method: Method,
-    rank: int | None,
-    density: float | None,
-    sign_method: SignMethod,
+    tables: list[dict[str, LoraWeights]], w: jax.Array, key: jax.Array | None, plan: Plan
 ) -> dict[str, LoraWeights]:
-    """The per-kernel work of `combine`, compiled once per structure and method."""
-    base = method.removesuffix("_svd")
+    """The per-kernel work of `combine`, compiled once per structure and plan: the method's
+    form on each kernel's adapters (per carried index), with its own key."""
     out = {}
     for p_index, path in enumerate(tables[0]):
         ws = [t[path] for t in tables]
         k = None if key is None else jax.random.fold_in(key, p_index)
-
-        def one(ws: list[LoraWeights], k: jax.Array | None) -> LoraWeights:
-            if method == "cat":
-                return _cat(ws, w)
-            if method in FACTOR_METHODS:
-                return _factors(ws, w, method, density, k, sign_method)
-            return _svd(ws, w, base, rank, density, k, sign_method)
-
+        one = lambda ws, k: plan.method.form.fn(ws, w, plan, k)
         out[path] = _per_carried(one, ws, k) if ws[0].carried_axes else one(ws, k)
     return out
 
@@ -304,9 +211,8 @@ def _per_carried(
     ]
     keys = None if key is None else jax.random.split(key, math.prod(lead))
     out = jax.vmap(one, in_axes=(0, None if keys is None else 0))(per_index, keys)
-    picked = (
-        None if any(x.layers is None for x in ws) else sorted(set().union(*(x.layers for x in ws)))
-    )
+    layers = [x.layers for x in ws]
+    picked = None if None in layers else sorted({i for picks in layers for i in picks or ()})
     return out.replace(
         a=out.a.reshape((*lead, *out.a.shape[1:])),
         b=out.b.reshape((*lead, *out.b.shape[1:])),
@@ -316,54 +222,3 @@ def _per_carried(
         expert_axes=tuple(w0.expert_axes),
         layers=None if picked is None else tuple(picked),
     )
-
-
-def _cat(ws: list[LoraWeights], weights: jax.Array) -> LoraWeights:
-    flats = [_flat(x) for x in ws]
-    a = jnp.concatenate(
-        [fa * (wi * x.scale) for (fa, _), wi, x in zip(flats, weights, ws, strict=True)], -1
-    )
-    b = jnp.concatenate([fb for _, fb in flats], 0)
-    return _result(ws[0], a, b, factor_dtype(ws))
-
-
-def _factors(
-    ws: list[LoraWeights],
-    weights: jax.Array,
-    method: FactorMethod,
-    density: float | None,
-    key: jax.Array | None,
-    sign_method: SignMethod,
-) -> LoraWeights:
-    ws_scaled = weights * jnp.asarray([x.scale for x in ws], jnp.float32)
-    root = jnp.sqrt(jnp.abs(ws_scaled))
-    weights_a = jnp.where(ws_scaled >= 0, 1.0, -1.0) * root
-    flats = [_flat(x) for x in ws]
-    a_stack = jnp.stack([fa for fa, _ in flats])
-    b_stack = jnp.stack([fb for _, fb in flats])
-    ka = kb = None
-    if key is not None:
-        ka, kb = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
-    a = _merge_tensors(method, a_stack, weights_a, density, ka, sign_method)
-    b = _merge_tensors(method, b_stack, root, density, kb, sign_method)
-    return _result(ws[0], a, b, factor_dtype(ws))
-
-
-def _svd(
-    ws: list[LoraWeights],
-    weights: jax.Array,
-    base: str,
-    rank: int | None,
-    density: float | None,
-    key: jax.Array | None,
-    sign_method: SignMethod,
-) -> LoraWeights:
-    deltas = []
-    for x in ws:
-        fa, fb = _flat(x)
-        deltas.append(jnp.matmul(fa, fb, precision=_HIGHEST) * x.scale)
-    m = _merge_tensors(base, jnp.stack(deltas), weights, density, key, sign_method)
-    k = min(rank or max(x.rank for x in ws), *m.shape)
-    u, s, vt = jnp.linalg.svd(m, full_matrices=False)
-    root = jnp.sqrt(s[:k])
-    return _result(ws[0], u[:, :k] * root, root[:, None] * vt[:k], factor_dtype(ws))

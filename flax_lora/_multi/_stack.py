@@ -28,8 +28,9 @@ import numpy as np
 
 from flax_lora._adapters._delta import masked_factor
 from flax_lora._adapters._dora import layered_factor
-from flax_lora._adapters._tables import adapter_tables, extra_tables, split, stacked_table
-from flax_lora._adapters._weights import LoraWeights, StackedLoraWeights, factor_dtype, is_stacked
+from flax_lora._adapters._extras import Extra
+from flax_lora._adapters._tables import adapter_tables, extra_tables, split_stacked, stacked_table
+from flax_lora._adapters._weights import LoraWeights, StackedLoraWeights, factor_dtype
 from flax_lora._multi._stack_extras import select_extras, stack_extras, unstack_extras
 from flax_lora._paths import flatten, nest
 from flax_lora._typing import PyTree
@@ -40,7 +41,7 @@ def num_stacked(stacked: PyTree) -> int:
     table = stacked_table(stacked)
     if table:
         return next(iter(table.values())).num_adapters
-    return next(iter(split(stacked, is_stacked)[1].values())).num_adapters
+    return next(iter(split_stacked(stacked)[1].values())).num_adapters
 
 
 def stack(adapter_list: Sequence[PyTree]) -> PyTree:
@@ -172,16 +173,16 @@ def unstack(stacked: PyTree, index: int) -> PyTree:
     if not -n <= i < n:
         raise ValueError(f"lora.unstack: index {index} is out of range for {n} stacked adapters.")
     i %= n
-    out = []
+    out: list[tuple[str, LoraWeights | Extra]] = []
     for path, w in table.items():
         r = w.ranks[i]
         lead = (slice(None),) * len(w.carried_axes)
         one = w.entry(w.a[i, ..., :r], w.b[(i, *lead, slice(None, r))])
-        d = False if w.dora is None else w.dora[i]
-        if d is not False:
+        d = False if w.dora is None or w.m is None else w.dora[i]
+        if d is not False and w.m is not None:
             one = one.replace(m=w.m[i], layers=None if d is True else d)
         out.append((path, one))
-    out += list(unstack_extras(split(stacked, is_stacked)[1], i).items())
+    out += list(unstack_extras(split_stacked(stacked)[1], i).items())
     return nest(out)
 
 
@@ -244,7 +245,7 @@ def select(stacked: PyTree, index: jax.Array, params: PyTree = None) -> PyTree:
       ValueError: a DoRA stack without ``params``, or a DoRA kernel missing from them.
     """
     kernels = None if params is None else flatten(params)
-    out = []
+    out: list[tuple[str, LoraWeights | Extra]] = []
     for path, w in stacked_table(stacked).items():
         a, b = gather(w, index)
         m = None
@@ -256,7 +257,7 @@ def select(stacked: PyTree, index: jax.Array, params: PyTree = None) -> PyTree:
                 )
             m = gather_dora(w, kernels[path], jnp.asarray(index, jnp.int32))[1]
         out.append((path, w.entry(a, b, m)))
-    out += list(select_extras(split(stacked, is_stacked)[1], index, params).items())
+    out += list(select_extras(split_stacked(stacked)[1], index, params).items())
     return nest(out)
 
 
@@ -269,7 +270,7 @@ def stacked_dora(w: StackedLoraWeights, kernel: jax.Array) -> tuple[jax.Array, j
     for code that forms the DoRA kernel (`lora.merge`, `materialize`).
     """
     c = w.carried_axes  # layer and expert axes: one norm per carried index
-    inner = w.entry().carried_slice()  # the layout at one carried index
+    inner = w.layout.carried_slice()  # the layout at one carried index
     lead = jnp.moveaxis(kernel, c, tuple(range(len(c))))  # the carried axes first, as a's
     with_base = lambda x: jnp.concatenate([x, jnp.zeros_like(x[:1])])  # row N: the base
     keep = with_base(jnp.asarray(w.dora_keep()))

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, TypeGuard
+from typing import TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -135,10 +135,10 @@ class QuantizedKernel:
         and ``absmax_offset`` ``(*L,)``).
     """
 
-    codes: Any
-    absmax: Any
-    absmax_scale: Any
-    absmax_offset: Any
+    codes: jax.Array
+    absmax: jax.Array
+    absmax_scale: jax.Array | None
+    absmax_offset: jax.Array | None
     shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     dtype: np.dtype = dataclasses.field(metadata=dict(static=True))
     format: QuantFormat = dataclasses.field(metadata=dict(static=True))
@@ -291,12 +291,12 @@ def quantize_f32(
         one = lambda x: quantize_f32(x, fmt, block_size, double_quant, orig_dtype)
         return join_layers(jax.vmap(one)(w.reshape(-1, *w.shape[layer_axes:])), tuple(w.shape))
     shape = tuple(int(d) for d in w.shape)
-    meta = dict(shape=shape, dtype=jnp.dtype(orig_dtype), format=fmt)
+    dtype = jnp.dtype(orig_dtype)
     if fmt == "int8":
         absmax = jnp.max(jnp.abs(w), axis=tuple(range(w.ndim - 1)))
         inv = jnp.where(absmax > 0, 127.0 / jnp.where(absmax > 0, absmax, 1.0), 0.0)
         codes = jnp.clip(jnp.round(w * inv), -127, 127).astype(jnp.int8)
-        return QuantizedKernel(codes, absmax, None, None, block_size=0, **meta)
+        return QuantizedKernel(codes, absmax, None, None, shape, dtype, fmt, block_size=0)
     chunks = blocks(w.reshape(-1), block_size)
     absmax = jnp.max(jnp.abs(chunks), axis=1)
     idx = _nearest(chunks * _safe_inv(absmax)[:, None], NF4_LEVELS).reshape(-1)
@@ -308,7 +308,7 @@ def quantize_f32(
         scale = jnp.max(jnp.abs(centred), axis=1)
         dq = _nearest(centred * _safe_inv(scale)[:, None], DYNAMIC_MAP)
         absmax = dq.reshape(-1)[: absmax.shape[0]]
-    return QuantizedKernel(packed, absmax, scale, offset, block_size=block_size, **meta)
+    return QuantizedKernel(packed, absmax, scale, offset, shape, dtype, fmt, block_size=block_size)
 
 
 #: one compiled program per kernel shape and format (eager calls would dispatch op by op)
@@ -394,6 +394,9 @@ def nf4_values(
 def block_absmax(q: QuantizedKernel) -> jax.Array:
     """The float32 block absmaxes of a double-quantized NF4 kernel (one layer's), decoded from
     their dynamic-map codes."""
+    scale, offset = q.absmax_scale, q.absmax_offset
+    if scale is None or offset is None:
+        raise ValueError("block_absmax: the kernel is not double-quantized (no absmax scale).")
     n_blocks = q.absmax.shape[0]
     vals = blocks(jnp.asarray(DYNAMIC_MAP)[q.absmax.astype(jnp.int32)], DOUBLE_QUANT_BLOCK)
-    return (vals * q.absmax_scale[:, None]).reshape(-1)[:n_blocks] + q.absmax_offset
+    return (vals * scale[:, None]).reshape(-1)[:n_blocks] + offset

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_lora import _regex
-from flax_lora._config import regex_tuple
+from flax_lora._field_checks import regex_tuple
 from flax_lora._paths import KERNEL_LEAVES, describe, flatten, leaf_name, path_str
 from flax_lora._probe import kernel_uses
 from flax_lora._quant._checks import check_format, finite_error, non_finite
@@ -79,7 +79,7 @@ def quantize(
     dtype: QuantFormat = "nf4",
     block_size: int = 64,
     double_quant: bool = False,
-    probe: Callable[[PyTree], Any] | None = None,
+    probe: Callable[[PyTree], PyTree] | None = None,
 ) -> PyTree:
     """Stores the frozen kernels of ``params`` quantized (QLoRA's base), as `QuantizedKernel`\\s.
 
@@ -153,7 +153,7 @@ def _check_finite(
 
 
 def _layer_axes(
-    params: PyTree, probe: Callable[[PyTree], Any] | None, chosen: set[str]
+    params: PyTree, probe: Callable[[PyTree], PyTree] | None, chosen: set[str]
 ) -> dict[str, int]:
     """Path -> number of leading layer axes of each chosen kernel a scan of ``probe`` slices."""
     if probe is None:
@@ -262,7 +262,7 @@ def requantize_tree(params: PyTree, like: PyTree, done: dict[str, float | None])
     out = jax.tree_util.tree_map_with_path(f, params, is_leaf=is_quantized)
     fmt = sorted({q.format for q in table.values()})
     if errors:
-        worst = max(errors, key=errors.get)
+        worst = max(errors, key=errors.__getitem__)
         detail = (
             f"a relative error ||W - deQ(Q(W))|| / ||W|| of up to {errors[worst]:.3g} (at "
             f"{worst!r}; mean {np.mean(list(errors.values())):.3g} over {len(errors)} kernels)"
