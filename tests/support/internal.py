@@ -7,7 +7,15 @@ in the library changes one import line here:
 
 - `gather` (per-example factors of a routing stack): tests/test_stack.py checks the contract the
   factored routing is built on, ``a[ids] @ b[ids]`` is adapter ``ids[j]``'s delta and ``-1``
-  gives zeros; the public routed forward shows it only through whole model outputs.
+  gives zeros; the public routed forward shows it only through whole model outputs. The
+  capability matrix (support/check_stack.py) checks it on expert kernels.
+- `select` (one, possibly traced, index of a routing stack as ordinary adapters, DoRA
+  magnitudes included): what `lora.wrap` runs for a routed example that falls back; the
+  capability matrix checks it on expert kernels (support/check_stack.py, check_dora.py)
+  against float64 merged kernels, which the public API shows only through model outputs.
+- `place_adapter` (factor shardings from a kernel's `NamedSharding`): the expert-parallel mesh
+  checks (support/moe_mesh_checks.py) read the specs it gives the factors of expert kernels;
+  the public API places factors only inside `lora.init`.
 - `DYNAMIC_MAP`, `NF4_LEVELS` (the code tables of the quantization formats): tests/test_quant.py
   compares them with bitsandbytes' tables rebuilt in the tests; no public API returns a table.
 - `_jaxpr` (the module that reads and re-binds JAX's equation parameters, per JAX version):
@@ -34,7 +42,8 @@ in the library changes one import line here:
 from flax_lora import _atomic, _checkpoint, _checkpoint_meta, _jaxpr, _regex
 from flax_lora._peft import _safetensors
 from flax_lora._quant import DYNAMIC_MAP, NF4_LEVELS
-from flax_lora._stack import gather
+from flax_lora._sharding import place_adapter
+from flax_lora._stack import gather, select
 
 __all__ = [
     "DYNAMIC_MAP",
@@ -46,4 +55,6 @@ __all__ = [
     "_regex",
     "_safetensors",
     "gather",
+    "place_adapter",
+    "select",
 ]
