@@ -359,7 +359,7 @@ def test_unmerge_combine_refuse_dora() -> None:
         lora.unmerge(merged, adapters)
     with pytest.raises(ValueError, match="DoRA"):
         lora.combine([adapters, adapters], [0.5, 0.5])
-    # lora.stack takes DoRA adapters: tests/test_routing_dora.py
+    # lora.stack takes DoRA adapters: tests/support/check_routing.py (the capability matrix)
 
 
 def test_wrong_magnitude_shape_names_the_path() -> None:
@@ -392,7 +392,7 @@ def test_save_peft_refuses_mixed_dora_and_plain(tmp_path: Path) -> None:
         lora.save_peft(tmp_path, mixed)
 
 
-# -- kernels stacked by nn.scan (factored per layer; more in test_dora_scan.py) -------------
+# -- kernels stacked by nn.scan (factored per layer; more in support/check_dora.py) --------
 class _ScanBlock(nn.Module):
     @nn.compact
     def __call__(self, h: jax.Array, _: Any) -> tuple[jax.Array, None]:

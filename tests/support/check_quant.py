@@ -11,6 +11,7 @@ the dequantized base, LoRA added as ``x @ W0 + s * (x @ a) @ b``:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -34,6 +35,7 @@ from .refs_models import mlp_stack64
 from .trees import adapter_entries, leaves_by_path
 
 
+@functools.cache
 def linen(dims: tuple[int, int], remat: bool = False, seed: int = 0) -> tuple[Any, Any, Any]:
     m = Stack(*dims, remat=remat)
     x = np.random.default_rng(seed).normal(size=(6, dims[0])).astype(np.float32)

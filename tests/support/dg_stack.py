@@ -6,6 +6,7 @@ models is `support.refs_models.dg_stack64`."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -62,9 +63,10 @@ class NnxStack(nnx.Module):
 IN_AXES = {"linen": {"w1": (0,), "w2": (0, 1)}, "nnx": {"w1": (0,), "w2": (0,)}}
 
 
+@functools.cache
 def build(name: str) -> tuple[Callable, Any, dict[str, str]]:
     """``apply``, params and the kernel path of ``w1`` / ``w2`` of model ``name`` (``"linen"`` or
-    ``"nnx"``)."""
+    ``"nnx"``; cached for the session: the tests never mutate them)."""
     if name == "linen":
         model = LinenStack()
         params = fill_abstract(jax.eval_shape(model.init, jax.random.key(0), X), 3, 0.4)

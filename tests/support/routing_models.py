@@ -5,6 +5,7 @@ layers only (`scan_sets`), and DoRA sets mixed with plain LoRA (`dora_sets`)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -116,8 +117,10 @@ def scan_sets(apply: Callable, params: Any, x: Any, stacked: str) -> list[Any]:
     return sets
 
 
+@functools.cache
 def scan_model_and_sets(name: str) -> tuple[Callable, Any, list[Any]]:
-    """`support.scan_models.scan_model` ``name`` and its `scan_sets` on every layered kernel."""
+    """`support.scan_models.scan_model` ``name`` and its `scan_sets` on every layered kernel
+    (cached for the session: the tests only read them)."""
     apply, params = scan_model(name)
     return apply, params, scan_sets(apply, params, SCAN_X, r".*layers.*kernel")
 
