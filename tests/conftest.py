@@ -76,6 +76,19 @@ def pytest_configure(config: pytest.Config) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     jax.monitoring.register_event_listener(_count_event)
+    config.addinivalue_line("markers", "xdist_group(name): run on one pytest-xdist worker")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Keeps on one pytest-xdist worker (``--dist loadgroup``) the tests of a module that
+    defines a fixture built once per module or session (a subprocess on 8 devices, a server, a
+    loaded model), so that it is built once; the other tests spread one by one."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        module = item.nodeid.split("::")[0]
+        defs = [d for ds in (info.name2fixturedefs.values() if info else ()) for d in ds]
+        if any(d.scope != "function" and d.baseid == module for d in defs):
+            item.add_marker(pytest.mark.xdist_group(module))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
