@@ -3,9 +3,9 @@
 Each trial starts a process that saves adapters of a few MiB (12 kernels 512x512, rank 64,
 float32: 3 MiB) over an existing checkpoint and SIGKILLs it:
 
-- at a rename of the publish: the process wraps ``flax_lora._atomic.rename`` (every rename of a
-  save goes through it) to kill itself right before or after the n-th one, i.e. before, between
-  and after the renames;
+- at a rename of the publish: the process wraps ``flax_lora._checkpoint._atomic.rename`` (every
+  rename of a save goes through it) to kill itself right before or after the n-th one, i.e.
+  before, between and after the renames;
 - at a uniformly random time while it saves (several saves back to back): killed by its parent;
 
 each with the directory exchange (``renameat2(RENAME_EXCHANGE)``) and with the two-rename

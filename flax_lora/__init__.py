@@ -5,18 +5,20 @@ any ``apply_fn(params, *args)`` with ``W0 + scale * a @ b`` for every adapted ke
 freeze the base; `merge` / `unmerge` are pure functions; checkpoints go through orbax.
 """
 
-from flax_lora._adapters import LoraWeights, StackedLoraWeights, delta
-from flax_lora._checkpoint import load, load_config, save
-from flax_lora._combine import combine
+from flax_lora._adapters._delta import delta
+from flax_lora._adapters._extras import TokenDelta, TrainedCopy
+from flax_lora._adapters._weights import LoraWeights, StackedLoraWeights
+from flax_lora._checkpoint._orbax import load, load_config, save
 from flax_lora._config import LoraConfig
-from flax_lora._extras import TokenDelta, TrainedCopy
-from flax_lora._init import init
+from flax_lora._init._make import init
 from flax_lora._merge import merge, unmerge
+from flax_lora._multi._combine import combine
+from flax_lora._multi._stack import stack, unstack
 from flax_lora._optim import freeze_base, trainable
-from flax_lora._peft import load_peft, save_peft
-from flax_lora._quant import QuantizedKernel, dequantize_kernel, quantize_kernel
-from flax_lora._quantize import dequantize, quantize, requantize
-from flax_lora._stack import stack, unstack
+from flax_lora._peft._load import load_peft
+from flax_lora._peft._save import save_peft
+from flax_lora._quant._formats import QuantizedKernel, dequantize_kernel, quantize_kernel
+from flax_lora._quant._tree import dequantize, quantize, requantize
 from flax_lora._summary import Summary, summary
 from flax_lora._wrap import wrap
 

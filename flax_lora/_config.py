@@ -310,9 +310,15 @@ def _check_real(value: Any, name: str) -> float:
         value = value.item()
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number; got {value!r} ({type(value).__name__}).")
+    return finite_float(value, name, repr(value))
+
+
+def finite_float(value: Any, name: str, shown: str) -> float:
+    """``float(value)``; ``ValueError`` ("``name`` must be finite; got ``shown``") for an inf or
+    a NaN."""
     out = float(value)
     if not math.isfinite(out):
-        raise ValueError(f"{name} must be finite; got {value!r}.")
+        raise ValueError(f"{name} must be finite; got {shown}.")
     return out
 
 

@@ -13,7 +13,7 @@ the probe.
 The constructs, and the JAX versions whose parameters are known (jax 0.7.1 to 0.12.x):
 
 =================================  ==================================================
-primitive                          view
+primitive                          read as
 =================================  ==================================================
 ``jit``, ``pjit``, ``closed_call``  `Call`: the body
 ``remat2`` (``jax.checkpoint``)     `Remat`: the body, ``prevent_cse``, ``policy``
@@ -317,7 +317,7 @@ def ragged_numbers(dims: Dot, lhs_ragged: Sequence[int], rhs_group: Sequence[int
     )
 
 
-_VIEWS = {
+_READERS = {
     **dict.fromkeys(CALLS, call),
     **dict.fromkeys(REMATS, remat),
     **dict.fromkeys(CUSTOMS, custom_call),
@@ -332,13 +332,13 @@ _VIEWS = {
 def construct(
     eqn: Eqn,
 ) -> Call | Remat | CustomCall | Scan | Cond | While | Dot | RaggedDot | None:
-    """The typed view of ``eqn`` when it is one of the constructs above, else ``None``.
+    """``eqn`` read as its typed construct when it is one of those above, else ``None``.
 
     Raises:
       UnsupportedJaxError: ``eqn`` is one of them but its parameters are not known.
     """
-    view = _VIEWS.get(eqn.primitive.name)
-    return None if view is None else view(eqn)
+    read = _READERS.get(eqn.primitive.name)
+    return None if read is None else read(eqn)
 
 
 def sub_body(eqn: Eqn) -> Body | None:

@@ -8,12 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_lora._adapters import adapter_table, check_fits, delta, is_lora, layer_mask
-from flax_lora._dora import dora_kernel
-from flax_lora._extras import split, substitute, unmerge_extras
+from flax_lora._adapters._delta import check_fits, delta, layer_mask
+from flax_lora._adapters._dora import dora_kernel
+from flax_lora._adapters._extras import substitute, unmerge_extras
+from flax_lora._adapters._tables import adapter_table, split
+from flax_lora._adapters._weights import is_lora
 from flax_lora._paths import describe, path_str
-from flax_lora._quant import dequantize_kernel, is_quantized
-from flax_lora._quantize import requantize_layers, requantize_tree
+from flax_lora._quant._formats import dequantize_kernel, has_quantized, is_quantized
+from flax_lora._quant._tree import requantize_layers, requantize_tree
 from flax_lora._typing import PyTree
 
 _DORA_UNMERGE = (
@@ -71,14 +73,13 @@ def merge(params: PyTree, adapters: PyTree, requantize: bool = False) -> PyTree:
     adapters, extras = split(adapters, is_lora)
     layered: dict[str, Any] = {}
     base = params
-    if requantize:  # stacked kernels quantized per layer: merged and quantized layer by layer
+    if requantize:  # layered kernels quantized per layer: merged and quantized layer by layer
         params, layered = _requantize_layers(params, adapters)
     merged, dequantized = _fold(params, adapters, +1.0, skip=set(layered))
     merged = substitute(merged, extras, "lora.merge")
     if not requantize:
         return merged
-    has_quantized = any(is_quantized(x) for x in jax.tree.leaves(params, is_leaf=is_quantized))
-    if has_quantized and not dequantized and not layered:
+    if has_quantized(params) and not dequantized and not layered:
         return merged  # no quantized kernel was merged: nothing to quantize again
     # raises on a base without QuantizedKernels; the unadapted ones pass through untouched
     return requantize_tree(merged, base, layered)
@@ -87,7 +88,7 @@ def merge(params: PyTree, adapters: PyTree, requantize: bool = False) -> PyTree:
 def _requantize_layers(params: PyTree, adapters: PyTree) -> tuple[PyTree, dict[str, Any]]:
     """Each adapted kernel quantized per layer (``layer_axes``, a plain LoRA adapter of the
     same layer axes) replaced by its merged kernel quantized again, one layer at a time
-    (`flax_lora._quantize.requantize_layers`); and path -> relative rounding error of each."""
+    (`flax_lora._quant._tree.requantize_layers`); and path -> relative rounding error of each."""
     if adapters is None:
         return params, {}
     table = adapter_table(adapters)

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from flax_lora import _regex
-from flax_lora._adapters import is_lora
-from flax_lora._extras import is_extra
+from flax_lora._adapters._extras import is_extra
+from flax_lora._adapters._weights import is_lora
 from flax_lora._paths import path_str
 from flax_lora._typing import PyTree
 

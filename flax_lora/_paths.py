@@ -17,6 +17,17 @@ KERNEL_LEAVES = ("kernel", "embedding")
 ``embedding`` (Embed), Linen and NNX alike."""
 
 
+def leaf_name(path: str) -> str:
+    """The last component of a path: ``leaf_name("params/fc/kernel") == "kernel"``."""
+    return path.rsplit("/", 1)[-1]
+
+
+def module_path(path: str) -> str:
+    """The path of the module that holds the leaf at ``path``: all but its last component
+    (``module_path("params/fc/kernel") == "params/fc"``; ``""`` for a top-level leaf)."""
+    return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
 def key_str(key: Any) -> str:
     """One entry of a JAX key path as text."""
     if isinstance(key, DictKey):

@@ -2,7 +2,7 @@
 
 The probe is traced to a jaxpr with `jax.make_jaxpr` (no FLOPs). Each kernel's invar is followed
 through the layout-only operations Flax applies to kernels (dtype promotion, transposes,
-reshapes, nested `jit`, remat, custom derivatives, `scan` over stacked layers) to the op that
+reshapes, nested `jit`, remat, custom derivatives, `scan` over layered kernels) to the op that
 uses it:
 
 - ``gather`` (an Embed lookup): the gathered axis is the input axis -> ``"embed"``;
@@ -14,7 +14,7 @@ uses it:
 - a Python loop over experts (``w[e]``: ``slice`` / ``dynamic_slice`` to size 1, then
   ``squeeze``): the axis sliced to one index and squeezed is an expert axis too.
 
-An Embed table is classified by its lookup also when the same table is contracted by ``attend``.
+An embedding is classified by its lookup also when the same embedding is contracted by ``attend``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class Use:
 
     kind: Kind
     in_axes: tuple[int, ...]
-    layer_axes: tuple[int, ...] = ()  # kernel axes sliced off by enclosing scans (stacked layers)
+    layer_axes: tuple[int, ...] = ()  # kernel axes sliced off by enclosing scans (nn.scan layers)
     expert_axes: tuple[int, ...] = ()  # batch / group axes of the product, or sliced per expert
 
 
@@ -50,7 +50,7 @@ def reshape_groups(
     A size-1 axis joins the group before it (the first group, for leading ones), so every axis,
     of either shape, is in exactly one group. The probe maps each new axis to the kernel axes of
     its group's old axes (`reshape_axis_map`); a kernel view gives each new axis the side of its
-    group's old axes (`flax_lora._factored._layout`).
+    group's old axes (`flax_lora._factored._layout_ops`).
     """
     groups: list[tuple[list[int], list[int]]] = []
     i = j = 0
@@ -109,9 +109,9 @@ def _walk(jaxpr: Any, tracked: dict[Any, tuple[str, AxisMap]], uses: dict[str, l
         if not any(ins):
             continue
         first = eqn.invars[0]
-        carry = pinned.get(first, ()) if not jx.is_literal(first) else ()
-        if carry and name in jx.LAYOUT_OPS | jx.KEEPS_AXES | {"slice", "dynamic_slice"}:
-            pinned[eqn.outvars[0]] = carry
+        held = pinned.get(first, ()) if not jx.is_literal(first) else ()
+        if held and name in jx.LAYOUT_OPS | jx.KEEPS_AXES | {"slice", "dynamic_slice"}:
+            pinned[eqn.outvars[0]] = held
         if name in jx.KEEPS_AXES and ins[0] is not None:
             for o in eqn.outvars:
                 env[o] = ins[0]
@@ -120,7 +120,7 @@ def _walk(jaxpr: Any, tracked: dict[Any, tuple[str, AxisMap]], uses: dict[str, l
             env[eqn.outvars[0]] = ins[0]
             old, new = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
             one = {k for d in range(len(old)) if new[d] == 1 < old[d] for k in amap[d]}
-            pinned[eqn.outvars[0]] = tuple(sorted({*carry, *one}))
+            pinned[eqn.outvars[0]] = tuple(sorted({*held, *one}))
         elif name == "transpose":
             path, amap = ins[0]
             env[eqn.outvars[0]] = (path, tuple(amap[p] for p in jx.param(eqn, "permutation")))
@@ -185,7 +185,7 @@ def _walk(jaxpr: Any, tracked: dict[Any, tuple[str, AxisMap]], uses: dict[str, l
 def _walk_scan(
     loop: jx.Scan, ins: list[tuple[str, AxisMap] | None], uses: dict[str, list[Use]]
 ) -> None:
-    """A scan's body: its xs are sliced on axis 0 (for a stacked kernel: the layer axis)."""
+    """A scan's body: its xs are sliced on axis 0 (for a layered kernel: the layer axis)."""
     first_x = loop.num_consts + loop.num_carry
     inner: dict[Any, tuple[str, AxisMap]] = {}
     sliced: dict[str, tuple[int, ...]] = {}  # path -> the kernel axes the scan slices
@@ -208,7 +208,7 @@ def _walk_scan(
 def kernel_uses(probe: Callable[[Any], Any], params: Any) -> dict[str, Use]:
     """Traces ``probe(params)`` abstractly; returns each used kernel's path -> `Use`.
 
-    An Embed lookup wins over other uses of the same table (``attend``); then a conv; then the
+    An Embed lookup wins over other uses of the same embedding (``attend``); then a conv; then the
     first contraction.
 
     Raises:

@@ -10,10 +10,11 @@ from typing import Any, Literal
 import jax
 from flax import nnx
 
-from flax_lora._adapters import adapter_table, is_lora
-from flax_lora._extras import TrainedCopy, split
+from flax_lora._adapters._extras import TrainedCopy
+from flax_lora._adapters._tables import adapter_table, split
+from flax_lora._adapters._weights import is_lora
 from flax_lora._paths import flatten
-from flax_lora._quant import is_quantized
+from flax_lora._quant._formats import is_quantized
 from flax_lora._typing import PyTree
 
 

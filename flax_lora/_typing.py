@@ -1,15 +1,22 @@
-"""The package's shared type names: the pytree alias and the ``Literal`` types of its options.
+"""The package's shared type names: the pytree alias, the dropout key and the ``Literal`` types
+of its options.
 
-Every module that annotates a pytree or one of these options imports it from here, so one word
-has one meaning across the package.
+Every module that annotates a pytree, a key or one of these options imports it from here, so one
+word has one meaning across the package.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
+import jax
+
 PyTree = Any
 """Any pytree (a nested structure of dicts, lists, tuples, dataclasses and arrays)."""
+
+Key = jax.Array | None
+"""A PRNG key, or ``None`` for none: the dropout key of a call (``lora_rng``) or of one
+equation of the factored engine."""
 
 Mode = Literal["auto", "merged", "factored"]
 """How `lora.wrap` computes an adapted kernel's use."""

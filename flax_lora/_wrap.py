@@ -10,13 +10,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from flax_lora._adapters import is_lora
-from flax_lora._extras import split, substitute
-from flax_lora._factored import RoutingFallback, Tracer, call_factored, call_routed
+from flax_lora._adapters._extras import substitute
+from flax_lora._adapters._tables import split, stacked_table
+from flax_lora._adapters._weights import is_lora, is_stacked
+from flax_lora._factored._trace import RoutingFallback, Tracer, call_factored, call_routed
 from flax_lora._merge import merge
-from flax_lora._quant import is_quantized
-from flax_lora._quantize import dequantize
-from flax_lora._stack import check_ids, is_stacked, num_stacked, select, stacked_table
+from flax_lora._multi._stack import check_ids, num_stacked, select
+from flax_lora._quant._formats import has_quantized
+from flax_lora._quant._tree import dequantize
 from flax_lora._typing import MODES, Mode, PyTree
 
 
@@ -133,7 +134,7 @@ def wrap(apply_fn: Callable[..., Any], mode: Mode = "auto") -> Callable[..., Any
         if adapters is None:
             return apply_fn(dequantize(params), *args, **kwargs)
         if mode == "merged":
-            if _has_quantized(params):  # merged at each use: per layer inside a scan
+            if has_quantized(params):  # merged at each use: per layer inside a scan
                 return call_factored(tracer, mode, params, adapters, args, kwargs, None)
             return apply_fn(merge(params, adapters), *args, **kwargs)
         # quantized kernels are dequantized at their uses (`flax_lora._factored._quant`)
@@ -175,10 +176,6 @@ def wrap(apply_fn: Callable[..., Any], mode: Mode = "auto") -> Callable[..., Any
 
     del wrapped.__wrapped__  # so that inspect.signature / help() show the wrapped signature
     return wrapped
-
-
-def _has_quantized(params: PyTree) -> bool:
-    return any(is_quantized(x) for x in jax.tree.leaves(params, is_leaf=is_quantized))
 
 
 def _leading_sizes(args: tuple[Any, ...]) -> set[int | None]:

@@ -309,6 +309,39 @@ def test_target_swapped_mid_publish_is_put_back(tmp_path, monkeypatch, exchange)
     _assert_is(lora.load(tmp_path / "aside"), 0)
 
 
+@pytest.mark.parametrize("vanish", ["before_listing", "while_read"])
+def test_checkpoint_moved_away_while_inspected_is_looked_at_again(tmp_path, vanish) -> None:
+    """A concurrent save (two-rename fallback) moves the checkpoint aside while this save reads
+    its metadata: the read fails, but the path did not hold anything foreign, so the save looks
+    again instead of refusing (seen once in CI as a refusal naming a missing metadata file)."""
+    path = _checkpoint_dir(tmp_path, seed=0)
+    aside = tmp_path / "aside"
+    real = _checkpoint_meta.recognise
+
+    def moved_away_meanwhile(target):
+        if not aside.exists():
+            os.rename(path, aside)
+            if vanish == "before_listing":
+                return real(target)  # raises FileNotFoundError: the directory is gone
+            return "is not a readable flax_lora checkpoint (its metadata file is missing)"
+        return real(target)
+
+    assert _atomic.inspect(path, moved_away_meanwhile) == "missing"
+    os.rename(aside, path)
+    calls = iter([True])
+
+    def put_back_meanwhile(target):  # a checkpoint moved in during the read: looked at again
+        if next(calls, False):
+            os.rename(path, aside)
+            _checkpoint_dir(tmp_path, seed=1)
+            return "is not a readable flax_lora checkpoint (its metadata file is missing)"
+        return real(target)
+
+    assert _atomic.inspect(path, put_back_meanwhile) == "checkpoint"
+    with pytest.raises(ValueError, match="missing"):  # the same directory: a real refusal
+        _atomic.inspect(path, lambda target: "is missing its metadata")
+
+
 def test_the_lock_is_held_while_the_save_publishes(tmp_path, monkeypatch) -> None:
     path = _checkpoint_dir(tmp_path)
     seen = []

@@ -23,7 +23,7 @@ import jax
 
 from flax_lora import _jaxpr as jx
 from flax_lora._factored._view import KernelView
-from flax_lora._typing import Mode
+from flax_lora._typing import Key, Mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,16 +37,14 @@ class Evaluator(Protocol):
     """What a rule may ask of the interpreter that calls it."""
 
     mode: Mode
-    routing: bool  # whether the call routes examples (``lora_ids``): views carry an example axis
+    routing: bool  # whether the call routes examples (``lora_ids``): views hold an example axis
     stash: dict[int, jax.Array]  # low-rank branches computed ahead, by id of their equation
 
-    def eval(
-        self, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], key: jax.Array | None
-    ) -> list[Any]:
+    def eval(self, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], key: Key) -> list[Any]:
         """Evaluates a (sub-)jaxpr whose inputs may be views, with that body's dropout key."""
         ...
 
-    def apply(self, eqn: jx.Eqn, invals: list[Any], key: jax.Array | None) -> list[Any]:
+    def apply(self, eqn: jx.Eqn, invals: list[Any], key: Key) -> list[Any]:
         """One equation with views among ``invals`` through the rule table (its fallback too)."""
         ...
 
@@ -63,7 +61,7 @@ class Evaluator(Protocol):
 Result = list[Any] | Unfactored
 """What a rule returns: the equation's outputs, or why it cannot factor this use."""
 
-Rule = Callable[[Evaluator, jx.Eqn, list[Any], jax.Array | None], Result]
+Rule = Callable[[Evaluator, jx.Eqn, list[Any], Key], Result]
 """``rule(interp, eqn, invals, key)``: one equation with kernels among ``invals``."""
 
 

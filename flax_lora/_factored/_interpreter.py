@@ -28,16 +28,14 @@ import jax
 import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
-from flax_lora._factored._base import as_array, is_quant_base
-from flax_lora._factored._contract import Evaluator, Rule, Unfactored, no_rule
-from flax_lora._factored._experts import dot_rule, ragged_rule, slice_rule
-from flax_lora._factored._layout import layout_of, layout_rule
-from flax_lora._factored._rules import conv_rule, gather_rule
+from flax_lora._factored._contract import Evaluator, Result, Rule, Unfactored, no_rule
+from flax_lora._factored._expert_rules import expert_dense_rule, ragged_rule, slice_rule
+from flax_lora._factored._layout_ops import layout_of, layout_rule
+from flax_lora._factored._quant_base import as_array, is_quant_base
+from flax_lora._factored._rules import conv_rule, dense_rule, gather_rule
 from flax_lora._factored._scan import scan_rule
-from flax_lora._factored._view import KernelView, materialize
-from flax_lora._typing import Mode
-
-Key = jax.Array | None
+from flax_lora._factored._view import EXPERT, KernelView, materialize
+from flax_lora._typing import Key, Mode
 
 
 def call_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> list[Any]:
@@ -73,6 +71,13 @@ def remat_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> l
     checkpointed = jax.checkpoint(body, prevent_cse=region.prevent_cse, policy=region.policy)
     outs = checkpointed(key, *invals)
     return [invals[passthrough[j]] if j in passthrough else o for j, o in enumerate(outs)]
+
+
+def dot_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
+    """``dot_general``: the expert rule for an (unrouted) expert view, else the Dense rule."""
+    if any(isinstance(x, KernelView) and EXPERT in x.meta.carried for x in invals):
+        return expert_dense_rule(interp, eqn, invals, key)
+    return dense_rule(interp, eqn, invals, key)
 
 
 RULES: dict[str, Rule] = {

@@ -26,9 +26,10 @@ import jax.numpy as jnp
 from flax_lora import _jaxpr as jx
 from flax_lora._factored._contract import Evaluator, Result, Unfactored
 from flax_lora._factored._view import EXAMPLE, KernelView, per_example
+from flax_lora._typing import Key
 
 
-def routed_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: jax.Array | None) -> Result:
+def routed_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
     """Evaluates ``eqn``, a use of routed kernels, for each example: the interpreter's rule
     for one example (views of one adapter, the activation a batch of one), vmapped. Each
     example's dropout key is split from the equation's."""
@@ -55,7 +56,7 @@ def routed_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: jax.Arra
         in_axes.append(axis)
     keys = None if key is None else jax.random.split(key, batch)
 
-    def one(key_j: jax.Array | None, *ex: Any) -> list[Any]:
+    def one(key_j: Key, *ex: Any) -> list[Any]:
         vals_j = [jnp.expand_dims(x, in_pos[k]) if k in in_pos else x for k, x in enumerate(ex)]
         outs = interp.apply(eqn, vals_j, key_j)
         return [jnp.squeeze(o, out_pos) for o in outs]

@@ -10,9 +10,9 @@ being one small function of the layer input and the two factors (`flax_lora._fac
 - ``conv_general_dilated``: ``conv(x, a)`` contracted with ``scale * b``.
 
 What every such rule checks first is in `kernel_use`: a routed kernel runs per example
-(`flax_lora._factored._routing`), a layer-stacked kernel used whole and mode ``"merged"`` are
+(`flax_lora._factored._routing`), a layered kernel used whole and mode ``"merged"`` are
 `Unfactored`; and an op on quantized kernels without adapter (QLoRA) dequantizes them at the
-product or the lookup (`flax_lora._factored._base`). LoRA dropout masks the branch input with
+product or the lookup (`flax_lora._factored._quant_base`). LoRA dropout masks the branch input with
 the equation's key; DoRA scales the output per unit by ``g`` (PEFT's form under dropout).
 """
 
@@ -28,13 +28,13 @@ import jax
 import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
-from flax_lora._factored._base import as_array, base_gather, base_product, is_quant_base
 from flax_lora._factored._contract import Evaluator, Result, Rule, Unfactored, no_rule
 from flax_lora._factored._lowrank import cast_like, conv_branch, dense_branches, embed_branch
+from flax_lora._factored._quant_base import as_array, base_gather, base_product, is_quant_base
 from flax_lora._factored._routing import routed_rule
 from flax_lora._factored._view import I_SIDE, O_SIDE, KernelView
+from flax_lora._typing import Key
 
-Key = jax.Array | None
 BaseRule = Callable[[jx.Eqn, list[Any]], Result]
 
 
@@ -67,7 +67,7 @@ def kernel_use(base_rule: BaseRule) -> Callable[[Rule], Rule]:
     return complete
 
 
-def _dequantized(eqn: jx.Eqn, invals: list[Any]) -> Unfactored:
+def dequantized(eqn: jx.Eqn, invals: list[Any]) -> Unfactored:
     """Quantized kernels, no adapter, an op without a rule of its own: dequantized there."""
     del eqn, invals
     return Unfactored("dequantized at this use")
@@ -81,14 +81,14 @@ def _base_dense(eqn: jx.Eqn, invals: list[Any]) -> Result:
         if not (dims.rhs_batch if x_first else dims.lhs_batch):  # no expert (batch) axis
             x, w = (invals[0], invals[1]) if x_first else (invals[1], invals[0])
             return [base_product(eqn, x, w, x_first)]
-    return _dequantized(eqn, invals)
+    return dequantized(eqn, invals)
 
 
 def _base_gather(eqn: jx.Eqn, invals: list[Any]) -> Result:
-    """``gather`` from a quantized table: only the rows are dequantized (`base_gather`)."""
+    """``gather`` from a quantized embedding: only the rows are dequantized (`base_gather`)."""
     if is_quant_base(invals[0]) and not is_quant_base(invals[1]):
         return [base_gather(eqn, invals[0], invals[1])]
-    return _dequantized(eqn, invals)
+    return dequantized(eqn, invals)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -336,7 +336,7 @@ def gather_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> 
         return Unfactored("the gather does not pick whole rows along the kernel's input axes")
     if any(sizes[d] != v.shape[d] for d in outs):
         return Unfactored("the gather takes partial slices of the output axes")
-    base_out = base_gather(eqn, v.base, indices)  # a quantized table: rows dequantized
+    base_out = base_gather(eqn, v.base, indices)  # a quantized embedding: rows dequantized
     pos = {d: k for k, d in enumerate(ins)}
     n_batch = indices.ndim - 1
     a_dn = dn._replace(
@@ -364,7 +364,7 @@ def gather_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> 
     return [base_out + cast_like(low, base_out.dtype)]
 
 
-@kernel_use(_dequantized)
+@kernel_use(dequantized)
 def conv_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
     """``conv_general_dilated`` of an input with a kernel view (not a grouped convolution)."""
     v = invals[1]

@@ -1,13 +1,14 @@
-"""Factored execution through ``scan``: stacked layers (``nn.scan`` / ``nnx.scan``).
+"""Factored execution through ``scan``: layered kernels (``nn.scan`` / ``nnx.scan``).
 
-A model whose layers are stacked by ``nn.scan`` passes each stacked kernel ``(L, *rest)`` to a
+A model whose layers are stacked by ``nn.scan`` passes each layered kernel ``(L, *rest)`` to a
 ``scan`` primitive as a per-iteration operand: the body sees one layer's slice. The scan rule
 runs a real `jax.lax.scan` whose body evaluates the scan's body jaxpr with the same interpreter,
-feeding it, for each stacked kernel view, the slices of ``W0`` and of the factors along their
+feeding it, for each layered kernel view, the slices of ``W0`` and of the factors along their
 ``"layer"`` carried axis (`flax_lora._factored._view.per_layer`): an ordinary view of one layer.
 So the layer's kernel uses are factored as anywhere else and no per-layer merged kernel is
 formed. A DoRA view's ``g`` (and ``m``) are sliced with the factors; a routed view keeps its
-example axis; a quantized stack is sliced per layer (`flax_lora._factored._base.layer_base`).
+example axis; a quantized layered kernel is sliced per layer
+(`flax_lora._factored._quant_base.layer_base`).
 Kernel views among the scan's constants (a single-layer kernel used by every iteration) are
 closed over by the body unchanged.
 
@@ -23,12 +24,13 @@ import jax
 import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
-from flax_lora._factored._base import as_array, is_quant_base, layer_base
 from flax_lora._factored._contract import Evaluator, Result, Unfactored
+from flax_lora._factored._quant_base import as_array, is_quant_base, layer_base
 from flax_lora._factored._view import LAYER, KernelView, per_layer
+from flax_lora._typing import Key
 
 
-def scan_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: jax.Array | None) -> Result:
+def scan_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
     """``scan`` with kernel views (or quantized kernels) among its operands, evaluated by
     ``interp`` inside a real `jax.lax.scan`; `Unfactored` when it does not fit (a view as loop
     carry, a view whose sliced axis is not its layer axis, ...)."""

@@ -17,14 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_lora._adapters import LoraWeights, StackedLoraWeights, adapter_table, check_fits
-from flax_lora._factored._base import as_array, as_base, input_aval
+from flax_lora._adapters._delta import check_fits
+from flax_lora._adapters._tables import adapter_table, stacked_table
+from flax_lora._adapters._weights import LoraWeights, StackedLoraWeights
 from flax_lora._factored._interpreter import Interpreter
+from flax_lora._factored._quant_base import as_array, as_base, input_aval
 from flax_lora._factored._view import KernelView, make_routed_view, make_view
 from flax_lora._paths import describe, path_str
-from flax_lora._quant import is_quantized
-from flax_lora._quantize import dequantize
-from flax_lora._stack import stacked_table
+from flax_lora._quant._formats import is_quantized
+from flax_lora._quant._tree import dequantize
 from flax_lora._typing import Mode, PyTree
 
 _CACHE_SIZE = 8

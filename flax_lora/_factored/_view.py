@@ -2,7 +2,7 @@
 
 Factored execution never forms ``W = W0 + scale * a @ b``. Instead each adapted kernel enters
 the traced model as a `KernelView`: the base kernel ``W0`` with the model's layout ops applied
-to it (dtype promotion, transposes, reshapes: `flax_lora._factored._layout`), together with the
+to it (dtype promotion, transposes, reshapes: `flax_lora._factored._layout_ops`), together with the
 factors ``a`` and ``b`` carried through the same ops. Each axis of the view's base is an input
 axis ``I``, an output axis ``O`` or a carried axis, and the factors keep the invariant
 
@@ -14,11 +14,11 @@ pair per index. The view says which kind each is (`ViewMeta.carried`), and this 
 them out (`make_view`, `make_routed_view`), slices them (`per_layer`) and maps them
 (`per_example`):
 
-- ``"layer"``: the layer axis of a kernel stacked by ``nn.scan`` / ``nnx.scan``. ``W0`` has it
+- ``"layer"``: the layer axis of a layered kernel (``nn.scan`` / ``nnx.scan``). ``W0`` has it
   too (its side is ``"layer"``); the scan rule slices it together with ``W0``, so the scan's
   body sees an ordinary view of one layer.
 - ``"expert"``: an expert axis of the kernel (`LoraWeights.expert_axes`; its side is
-  ``"expert"``): ``W0`` has it too, and the expert rules (`flax_lora._factored._experts`) keep
+  ``"expert"``): ``W0`` has it too, and the expert rules (`flax_lora._factored._expert_rules`) keep
   it a batch (or group) dimension of the low-rank products.
 - ``"example"``: the adapter axis of a routing stack (`lora.stack`), gathered per example by
   ``lora_ids``, so its length is the batch; ``W0`` has no such axis. The routing rules map it
@@ -26,7 +26,7 @@ them out (`make_view`, `make_routed_view`), slices them (`per_layer`) and maps t
 
 A DoRA view also carries ``g = m / ||V||`` (norm detached) per output unit, ``(*C, *O-axes)``;
 it then stands for ``g * (base + scale * a @ b)``. The base may be a quantized kernel
-(`flax_lora._factored._base.QuantBase`, QLoRA), dequantized only where an op uses it.
+(`flax_lora._factored._quant_base.QuantBase`, QLoRA), dequantized only where an op uses it.
 """
 
 from __future__ import annotations
@@ -38,10 +38,11 @@ import jax
 import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
-from flax_lora._adapters import LoraWeights, StackedLoraWeights, delta, layer_mask
-from flax_lora._dora import dora_factor, dora_kernel, layered_factor
-from flax_lora._factored._base import Base, as_array, as_base, layer_base
-from flax_lora._stack import gather, gather_dora
+from flax_lora._adapters._delta import delta, layer_mask
+from flax_lora._adapters._dora import dora_factor, dora_kernel, layered_factor
+from flax_lora._adapters._weights import LoraWeights, StackedLoraWeights
+from flax_lora._factored._quant_base import Base, as_array, as_base, layer_base
+from flax_lora._multi._stack import gather, gather_dora
 
 Carried = Literal["layer", "example", "expert"]
 LAYER: Carried = "layer"
@@ -118,12 +119,12 @@ class KernelView:
 
     @property
     def routed(self) -> bool:
-        """Whether the factors carry an example axis (one adapter per example)."""
+        """Whether the factors hold an example axis (one adapter per example)."""
         return EXAMPLE in self.meta.carried
 
     @property
     def layered(self) -> bool:
-        """Whether the factors carry a layer axis (a kernel stacked by a scan, used whole)."""
+        """Whether the factors hold a layer axis (a layered kernel, used whole)."""
         return LAYER in self.meta.carried
 
     def axes(self, side: str) -> list[int]:
@@ -141,10 +142,10 @@ def make_view(path: str, leaf: Any, w: LoraWeights) -> KernelView:
     """The view of an adapted kernel that no op has touched yet (a quantized kernel's base is a
     `QuantBase`, dequantized at its uses).
 
-    A kernel stacked by a scan carries its layer axes: the layer mask (``LoraConfig(layers=...)``)
+    A layered kernel keeps its layer axes: the layer mask (``LoraConfig(layers=...)``)
     is applied to ``a`` here, and DoRA's ``g`` is computed for every layer at once (the factored
-    norm of `flax_lora._dora` mapped over the layers: no kernel-sized array; 1 on layers not
-    picked, whose magnitude for `materialize` is then ``||W0||``).
+    norm of `flax_lora._adapters._dora` mapped over the layers: no kernel-sized array; 1 on
+    layers not picked, whose magnitude for `materialize` is then ``||W0||``).
     """
     kernel = as_base(leaf)
     a, g, root_m = w.a, None, w.m
@@ -188,7 +189,7 @@ def make_routed_view(
     ``w`` is a `StackedLoraWeights` (scales folded into ``b``); its adapter axis is gathered by
     ``ids`` into the view's leading ``"example"`` axis, zeros where ``ids == -1``. With DoRA
     adapters in the stack so are ``g`` (``m / ||V||`` of example ``j``'s adapter, 1 for plain
-    adapters and ``-1``; `flax_lora._stack`) and ``root_m`` (the magnitude giving it).
+    adapters and ``-1``; `flax_lora._multi._stack`) and ``root_m`` (the magnitude giving it).
     """
     a, b = gather(w, ids)
     g, root_m = (None, None) if w.m is None else gather_dora(w, kernel, ids)
@@ -246,13 +247,13 @@ def materialize(v: KernelView) -> jax.Array:
 
 
 # -- slicing and mapping the carried axes ------------------------------------------------------
-_FACTORS = ("root_a", "root_b", "a", "b", "g", "root_m")  # the arrays that carry the axes C
+_FACTORS = ("root_a", "root_b", "a", "b", "g", "root_m")  # the arrays that hold the axes C
 
 
 def per_layer(v: KernelView) -> KernelView:
     """What a scan over the view's first layer axis slices: the view's arrays with that axis
-    first (``W0`` cut by `layer_base`: a quantized stack is sliced per layer) and the metadata
-    of one layer, so that `jax.lax.scan` hands its body an ordinary view of one layer.
+    first (``W0`` cut by `layer_base`: a quantized layered kernel is sliced per layer) and the
+    metadata of one layer, so that `jax.lax.scan` hands its body an ordinary view of one layer.
 
     The scan rule has checked that this axis is the base's first and that only value ops (dtype
     casts, sharding) were applied (`flax_lora._factored._scan`); of those, the ones that

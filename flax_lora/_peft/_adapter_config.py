@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from flax_lora import _regex
-from flax_lora._adapters import LoraWeights
+from flax_lora._adapters._weights import LoraWeights
 from flax_lora._config import LoraConfig
 from flax_lora._peft._config_checks import CHECKS, REQUIRED
 from flax_lora._peft._names import CONFIG_NAME

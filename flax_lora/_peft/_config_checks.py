@@ -12,7 +12,7 @@ Bounds: ``r`` (and each ``rank_pattern`` value) an int in ``[1, MAX_RANK]``; ``l
 (and each ``alpha_pattern`` value) a finite number with ``|alpha| <= MAX_ALPHA`` (``1e6``: real
 adapters use alphas up to a few thousand; beyond, ``alpha / r`` times the factors' product
 overflows float16 / bfloat16 activations); ``lora_dropout`` in ``[0, 1)``; token ids ints
-``>= 0`` (their range is checked against the embedding table on load).
+``>= 0`` (their range is checked against the embedding on load).
 """
 
 from __future__ import annotations
@@ -98,21 +98,34 @@ def _patterns(check: Check, what: str) -> Check:
             return {}
         if not isinstance(v, dict):
             raise TypeError(f" must be an object {{regex: {what}}}; got {_show(v)}")
-        out = {}
-        for key, value in v.items():
-            error = compile_error(rf"(.*\.)?({key})$")
-            if error is not None:
-                raise ValueError(
-                    f"[{key!r}]: the key is not a regular expression flax_lora matches (PEFT "
-                    f"matches it as (.*\\.)?({key})$): {error}"
-                )
-            try:
-                out[key] = check(value)
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"[{key!r}]{e}") from None
-        return out
+        peft_regex = lambda key: rf"(.*\.)?({key})$"
+        how = lambda key: f" (PEFT matches it as (.*\\.)?({key})$)"
+        return _by_regex(v, check, peft_regex, how)
 
     return patterns
+
+
+def _by_regex(
+    v: dict[str, Any],
+    check: Check,
+    regex: Callable[[str], str] = lambda key: key,
+    how: Callable[[str], str] = lambda key: "",
+) -> dict[str, Any]:
+    """``{key: check(value)}`` of an object whose keys are regular expressions (``regex(key)``
+    the one compiled, ``how(key)`` how PEFT matches it, for the error)."""
+    out = {}
+    for key, value in v.items():
+        error = compile_error(regex(key))
+        if error is not None:
+            raise ValueError(
+                f"[{key!r}]: the key is not a regular expression flax_lora matches{how(key)}: "
+                f"{error}"
+            )
+        try:
+            out[key] = check(value)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"[{key!r}]{e}") from None
+    return out
 
 
 def _names(v: Any) -> list[str] | None:
@@ -169,18 +182,7 @@ def _token_indices(v: Any) -> list[int] | dict[str, list[int]] | None:
         raise TypeError(
             f" must be a list of token ids or an object {{module: ids}}; got {_show(v)}"
         )
-    out = {}
-    for key, ids in v.items():
-        error = compile_error(key)
-        if error is not None:
-            raise ValueError(
-                f"[{key!r}]: the key is not a regular expression flax_lora matches: {error}"
-            )
-        try:
-            out[key] = _ids(ids)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"[{key!r}]{e}") from None
-    return out
+    return _by_regex(v, _ids)
 
 
 def _layers(v: Any) -> int | list[int] | None:

@@ -3,15 +3,15 @@ untrusted input.
 
 Writing (`write_adapter`): ``save_peft`` never replaces a folder, and never replaces an
 ``adapter_model.safetensors`` / ``adapter_config.json`` pair it did not write. What it writes is
-marked in the safetensors ``__metadata__`` (`MARK`), with the SHA-256 of the config written with it
-(`CONFIG_SHA`) and of the config it replaced (`REPLACED_SHA`; PEFT ignores metadata keys). A new
-directory is written complete in a staging folder beside it and renamed into place (the staging
-folders of `flax_lora._atomic`, as `lora.save`'s); in an existing folder (whose other files are left
-alone) the two files go through temporary files and renames, the tensors first. A reader
-(`open_weights`) that finds the tensors of a save beside the config that save replaced refuses them
-(an interrupted or running save), and warns on another config (edited since: used as it is).
-Concurrent saves into one folder are serialised by an exclusive ``flock`` on the folder where the OS
-has one.
+marked in the safetensors ``__metadata__`` (`MARK`), with the SHA-256 of the config written with
+it (`CONFIG_SHA`) and of the config it replaced (`REPLACED_SHA`; PEFT ignores metadata keys). A
+new directory is written complete in a staging folder beside it and renamed into place (the
+staging folders of `flax_lora._checkpoint._atomic`, as `lora.save`'s); in an existing folder
+(whose other files are left alone) the two files go through temporary files and renames, the
+tensors first. A reader (`open_weights`) that finds the tensors of a save beside the config that
+save replaced refuses them (an interrupted or running save), and warns on another config (edited
+since: used as it is). Concurrent saves into one folder are serialised by an exclusive ``flock``
+on the folder where the OS has one.
 
 Reading (`open_weights`): the safetensors header is parsed and checked by
 `flax_lora._peft._safetensors` within a size bound given by the caller, the tensors grouped
@@ -34,11 +34,11 @@ from typing import IO
 
 import numpy as np
 
-from flax_lora import _atomic
+from flax_lora._checkpoint import _atomic
 from flax_lora._paths import describe
-from flax_lora._peft._layout import PAIRS, SUFFIXES
 from flax_lora._peft._names import CONFIG_NAME, MAGNITUDE, PREFIX, WEIGHTS_NAME
 from flax_lora._peft._safetensors import Header, read_header, read_tensor, write
+from flax_lora._peft._tensor_layouts import PAIRS, SUFFIXES
 
 try:
     import fcntl
@@ -89,9 +89,9 @@ def write_adapter(
 
 
 def _publish_new(directory: Path, tensors: Mapping[str, np.ndarray], config: bytes) -> bool:
-    """Writes the pair in a staging folder beside ``directory`` (`flax_lora._atomic`: locked
-    while this save lives, removed by the next save if this one dies) and renames it into
-    place; ``False`` when ``directory`` appeared meanwhile (nothing published)."""
+    """Writes the pair in a staging folder beside ``directory`` (`flax_lora._checkpoint._atomic`:
+    locked while this save lives, removed by the next save if this one dies) and renames it
+    into place; ``False`` when ``directory`` appeared meanwhile (nothing published)."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     _atomic.clean(directory)
     staging = _atomic.create(directory)

@@ -1,6 +1,6 @@
-"""Layered kernels in PEFT files: one PyTorch module per layer of a kernel stacked by a scan.
+"""Layered kernels in PEFT files: one PyTorch module per layer of a layered kernel.
 
-A kernel ``(L, *rest)`` stacked by ``nn.scan`` / ``nnx.scan`` (`LoraWeights.layer_axes` ``== 1``)
+A layered kernel ``(L, *rest)`` (``nn.scan`` / ``nnx.scan``; `LoraWeights.layer_axes` ``== 1``)
 with factors ``a (L, *I, r)``, ``b (L, r, *O)`` is ``L`` PyTorch modules, one per layer
 (``model.layers.0.q_proj``, ``model.layers.1.q_proj``, ...). The key map names such a kernel
 with the placeholder ``{layer}`` (``"layers.{layer}.attn.query"``); layer ``i``'s module is that
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from flax_lora._adapters import LoraWeights
+from flax_lora._adapters._weights import LoraWeights
 from flax_lora._peft._names import LAYER, layer_name
 from flax_lora._probe import Use
 
@@ -102,7 +102,7 @@ def layer_use(use: Use | None, path: str, name: str, layer: int | None) -> Use |
     return dataclasses.replace(use, **changes)
 
 
-def join_layers(
+def join_layer_modules(
     path: str,
     template: str,
     kernel: ArrayLike | jax.ShapeDtypeStruct,
@@ -165,7 +165,8 @@ def _base_norms(
     layers: list[int],
 ) -> dict[int, np.ndarray]:
     """``||W0[i]||`` over each layer's input axes ``in_axes`` (one value per output unit, as
-    `flax_lora._dora.weight_norm`), float32 or wider, for the given layers of a layered kernel."""
+    `flax_lora._adapters._dora.weight_norm`), float32 or wider, for the given layers of a
+    layered kernel."""
     if isinstance(kernel, jax.ShapeDtypeStruct) or not hasattr(kernel, "dtype"):
         raise ValueError(
             f"load_peft: the DoRA adapter of the scan-stacked kernel {path!r} (modules "

@@ -4,10 +4,10 @@ The config is read and checked first (`flax_lora._peft._adapter_config`), then t
 ``params`` named by the key map (`flax_lora._peft._sites`) give a bound on the safetensors
 header, whose entries are checked and grouped by module (`flax_lora._peft._files`). Every
 module's tensors are then checked against their kernel on stand-ins (arrays of the header's
-shapes that hold no memory) through `flax_lora._peft._layout` / `flax_lora._peft._experts`,
-with PEFT's rank and scale; only then are tensors read, one module at a time, and made into
-adapters (a layered kernel's layers joined by `flax_lora._peft._layered`); the other tensors
-load through `flax_lora._peft._extras`.
+shapes that hold no memory) through `flax_lora._peft._tensor_layouts` /
+`flax_lora._peft._expert_params`, with PEFT's rank and scale; only then are tensors read, one
+module at a time, and made into adapters (a layered kernel's layers joined by
+`flax_lora._peft._layered`); the other tensors load through `flax_lora._peft._extra_tensors`.
 """
 
 from __future__ import annotations
@@ -23,14 +23,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from flax_lora._adapters import LoraWeights
+from flax_lora._adapters._weights import LoraWeights
 from flax_lora._paths import describe, flatten, nest
 from flax_lora._peft._adapter_config import rank_and_scale, read_config
-from flax_lora._peft._experts import KEYS, ParamOrder, expert_axes_of, expert_spec, read_expert
-from flax_lora._peft._extras import load_extras
+from flax_lora._peft._expert_params import (
+    KEYS,
+    ParamOrder,
+    expert_axes_of,
+    expert_spec,
+    read_expert,
+)
+from flax_lora._peft._extra_tensors import load_extras
 from flax_lora._peft._files import Weights, open_weights
-from flax_lora._peft._layered import join_layers, layer_use
-from flax_lora._peft._layout import Factors, Target, from_peft, magnitude_from_peft
+from flax_lora._peft._layered import join_layer_modules, layer_use
 from flax_lora._peft._names import (
     CONFIG_NAME,
     MAGNITUDE,
@@ -49,6 +54,7 @@ from flax_lora._peft._sites import (
     match,
     param_namer,
 )
+from flax_lora._peft._tensor_layouts import Factors, Target, from_peft, magnitude_from_peft
 from flax_lora._probe import Use, kernel_uses
 from flax_lora._typing import PyTree
 
@@ -126,7 +132,7 @@ def load_peft(
     ``"<module>.<param>"`` name of a PyTorch parameter, ``"experts.w1"``; the default key map
     gives ``experts.w_in`` for ``params/experts/w_in`` when so targeted) is read from
     ParamWrapper's ``lora_A.weight (r * E, in)`` / ``lora_B.weight (out, r * E)`` as one LoRA
-    per expert (`LoraWeights.expert_axes`, see `flax_lora._peft._experts`): under
+    per expert (`LoraWeights.expert_axes`, see `flax_lora._peft._expert_params`): under
     ``<module>.base_layer...`` as PEFT nests several parameters of one module by PyTorch's
     registration order, which ``param_order`` gives (as for `save_peft`; needed when the
     config targets several parameters of a module), and read reversed for the names in
@@ -232,7 +238,7 @@ def load_peft(
             w = _weights(module.target, _read(module, cfg), cfg, dtype)
             per_kernel.setdefault(module.path, {})[module.layer] = w
     entries = [
-        (path, join_layers(path, templates[path], kernels[path], pieces))
+        (path, join_layer_modules(path, templates[path], kernels[path], pieces))
         if path in templates
         else (path, pieces[None])
         for path, pieces in per_kernel.items()
@@ -273,7 +279,7 @@ def _read(module: _Module, cfg: Mapping[str, Any]) -> _Read:
     """A module's tensors (read, or stand-ins) in our layout, checked against its kernel.
 
     Raises:
-      ValueError: the tensors do not fit the kernel (or the probe's view of it), or their
+      ValueError: the tensors do not fit the kernel (or what the probe saw of it), or their
         rank is not the config's, or more than both its input and its output features (a file
         could otherwise make a kernel's adapter any size); an expert module with tensors
         ParamWrapper does not have.
@@ -352,7 +358,7 @@ def _other_tensors(
     out = {}
     for key, tensor in weights.others.items():
         _, module, param = split_tensor_key(key) or ("?", "", "")
-        path = owner.get((module, param or "weight"))  # trainable tokens: the table's weight
+        path = owner.get((module, param or "weight"))  # trainable tokens: the embedding's weight
         if path is None:
             out[key] = np.empty((0,), weights.header.entries[tensor].dtype)
             continue

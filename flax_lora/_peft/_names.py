@@ -2,13 +2,15 @@
 
 A PEFT adapter's tensors are named ``base_model.model.<module>.<tensor>``, ``<module>`` being the
 name of the PyTorch module they belong to. A key map turns the path of a Flax leaf into that
-module name; a layered kernel (stacked by ``nn.scan`` / ``nnx.scan``) is named with the
+module name; a layered kernel (``nn.scan`` / ``nnx.scan``) is named with the
 placeholder ``{layer}``, one PyTorch module per layer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+
+from flax_lora._paths import leaf_name, module_path
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -79,7 +81,7 @@ def layer_name(name: str, i: int) -> str:
 def module_of(name_of: Namer, path: str) -> str | None:
     """The PyTorch module name of the leaf at ``path``: the key map's name of the path itself,
     else of its module's ``kernel`` / ``embedding`` (a dict key map names kernels only)."""
-    module = path.rsplit("/", 1)[0] if "/" in path else ""
+    module = module_path(path)
     for candidate in (path, f"{module}/kernel", f"{module}/embedding"):
         name = name_of(candidate)
         if name is not None:
@@ -90,7 +92,7 @@ def module_of(name_of: Namer, path: str) -> str | None:
 def torch_param(path: str) -> str:
     """The PyTorch parameter name of the Flax leaf at ``path`` (its last component):
     ``kernel``, ``embedding`` and ``scale`` -> ``weight``; any other name as itself."""
-    leaf = path.rsplit("/", 1)[-1]
+    leaf = leaf_name(path)
     return _TORCH_PARAM.get(leaf, leaf)
 
 

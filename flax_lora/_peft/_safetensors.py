@@ -194,11 +194,11 @@ def read_tensor(f: IO[bytes], header: Header, name: str) -> np.ndarray:
     """
     e = header.entries[name]
     out = np.empty(e.shape, e.dtype)
-    view = memoryview(out.reshape(-1).view(np.uint8))
+    buffer = memoryview(out.reshape(-1).view(np.uint8))
     f.seek(e.start)
     done = 0
-    while done < len(view):
-        got = f.readinto(view[done:])
+    while done < len(buffer):
+        got = f.readinto(buffer[done:])
         if not got:
             raise ValueError(
                 f"{header.file!r}: the file ended inside tensor {name!r} (bytes {e.start}.."

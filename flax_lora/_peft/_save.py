@@ -1,8 +1,9 @@
 """`lora.save_peft`: adapters as a HuggingFace PEFT LoRA adapter directory.
 
-The LoRA factors go through `flax_lora._peft._layout` (one PEFT module per kernel, or per layer
-of a layered kernel: `flax_lora._peft._layered`), the trained copies and token deltas through
-`flax_lora._peft._extras`, the ranks and alphas into `flax_lora._peft._adapter_config`.
+The LoRA factors go through `flax_lora._peft._tensor_layouts` (one PEFT module per kernel, or per
+layer of a layered kernel: `flax_lora._peft._layered`), the trained copies and token deltas
+through `flax_lora._peft._extra_tensors`, the ranks and alphas into
+`flax_lora._peft._adapter_config`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from flax_lora._adapters import LoraWeights, adapter_table, is_lora
+from flax_lora._adapters._extras import Extra
+from flax_lora._adapters._tables import adapter_table, split
+from flax_lora._adapters._weights import LoraWeights, is_lora
 from flax_lora._config import LoraConfig
-from flax_lora._extras import split
-from flax_lora._paths import describe
+from flax_lora._paths import describe, leaf_name
 from flax_lora._peft._adapter_config import (
     BASE_CHANGING_INITS,
     TASK_TYPES,
@@ -27,7 +29,7 @@ from flax_lora._peft._adapter_config import (
     config_json,
 )
 from flax_lora._peft._config_checks import MAX_ALPHA
-from flax_lora._peft._experts import (
+from flax_lora._peft._expert_params import (
     ExpertSpec,
     ParamOrder,
     check_expert,
@@ -36,11 +38,11 @@ from flax_lora._peft._experts import (
     split_param,
     to_peft_expert,
 )
-from flax_lora._peft._extras import Extra, save_extras
+from flax_lora._peft._extra_tensors import save_extras
 from flax_lora._peft._files import write_adapter
 from flax_lora._peft._layered import Module, layer_modules
-from flax_lora._peft._layout import to_peft
 from flax_lora._peft._names import LAYER, PREFIX, KeyMap, Namer, namer
+from flax_lora._peft._tensor_layouts import to_peft
 from flax_lora._typing import PyTree
 
 
@@ -90,7 +92,7 @@ def save_peft(
     per-layer names.
 
     Expert kernels (`LoraWeights.expert_axes`: one LoRA per expert) are written as PEFT's
-    ``target_parameters`` (``lora.ParamWrapper``, see `flax_lora._peft._experts`): the key map
+    ``target_parameters`` (``lora.ParamWrapper``, see `flax_lora._peft._expert_params`): the key map
     names the PyTorch parameter, ``"<module>.<param>"`` (``"experts.w1"``; the default key map
     keeps the leaf name: ``params/experts/w_in`` -> ``experts.w_in``), and the file holds
     ``<module>.lora_A.weight (r * E, in)`` (rows expert-major) and ``<module>.lora_B.weight
@@ -281,9 +283,8 @@ def _names(table: dict[str, LoraWeights], name_of: Namer, default: bool) -> dict
     """
     names = {path: name_of(path) for path in table}
     if default:
-        leaf = lambda p: p.rsplit("/", 1)[-1]
         names |= {
-            p: f"{names[p]}.{leaf(p)}" for p, w in table.items() if w.expert_axes and names[p]
+            p: f"{names[p]}.{leaf_name(p)}" for p, w in table.items() if w.expert_axes and names[p]
         }
     unmapped = [path for path, name in names.items() if name is None]
     if unmapped:

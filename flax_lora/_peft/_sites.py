@@ -1,7 +1,7 @@
 """Which kernel of ``params`` each module of a PEFT file goes to: the kernels and their
 PyTorch names by the key map (one name per layer of a layered kernel: `flax_lora._peft._layered`;
-a targeted parameter's name, nested as PEFT nests it: `flax_lora._peft._experts`), matched with
-the modules of the file.
+a targeted parameter's name, nested as PEFT nests it: `flax_lora._peft._expert_params`), matched
+with the modules of the file.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 import jax
 from jax.typing import ArrayLike
 
-from flax_lora._paths import KERNEL_LEAVES, describe, flatten
-from flax_lora._peft._experts import ExpertSpec, nesting
+from flax_lora._paths import KERNEL_LEAVES, describe, flatten, leaf_name
+from flax_lora._peft._expert_params import ExpertSpec, nesting
 from flax_lora._peft._names import LAYER, KeyMap, Namer, layer_name
 from flax_lora._typing import PyTree
 
@@ -74,7 +74,7 @@ def param_namer(name_of: Namer, default: bool, cfg: Mapping[str, Any]) -> Namer:
 
     def name(path: str) -> str | None:
         module = name_of(path)
-        param = f"{module}.{path.rsplit('/', 1)[-1]}"
+        param = f"{module}.{leaf_name(path)}"
         return param if module and _targeted(cfg, param) else module
 
     return name
@@ -124,7 +124,7 @@ def match(
         )
     found = {}
     for n in modules:
-        named = [s for s in sites[n] if s[0].rsplit("/", 1)[-1] in KERNEL_LEAVES]
+        named = [s for s in sites[n] if leaf_name(s[0]) in KERNEL_LEAVES]
         found[n] = named if len(sites[n]) > 1 and len(named) == 1 else sites[n]
     twice = {n: [path for path, _ in s] for n, s in found.items() if len(s) > 1}
     if twice:

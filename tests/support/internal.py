@@ -39,11 +39,14 @@ in the library changes one import line here:
   contiguous arrays already.
 """
 
-from flax_lora import _atomic, _checkpoint, _checkpoint_meta, _jaxpr, _regex
+from flax_lora import _jaxpr, _regex
+from flax_lora._checkpoint import _atomic
+from flax_lora._checkpoint import _meta as _checkpoint_meta
+from flax_lora._checkpoint import _orbax as _checkpoint
+from flax_lora._multi._stack import gather, select
 from flax_lora._peft import _safetensors
-from flax_lora._quant import DYNAMIC_MAP, NF4_LEVELS
+from flax_lora._quant._formats import DYNAMIC_MAP, NF4_LEVELS
 from flax_lora._sharding import place_adapter
-from flax_lora._stack import gather, select
 
 __all__ = [
     "DYNAMIC_MAP",

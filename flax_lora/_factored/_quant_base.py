@@ -12,10 +12,10 @@ the kernel:
   zero computed from its first element to its scales and NF4 levels (`_zero_of`: exactly 0 for
   every value, a NaN or inf included, so no value of the data reaches the kernel), so XLA can
   neither hoist it to the start of the step nor share one float copy between the passes;
-- ``gather`` (an Embed lookup of a 2-D table): `base_gather`, the rows are gathered from the
-  codes and only they are dequantized (nf4: when each row is whole blocks; otherwise the table
+- ``gather`` (an Embed lookup of a 2-D embedding): `base_gather`, the rows are gathered from the
+  codes and only they are dequantized (nf4: when each row is whole blocks; otherwise the embedding
   is dequantized at the lookup);
-- ``scan`` over a stacked kernel (``nn.scan`` / ``nnx.scan``): the scan slices the codes and
+- ``scan`` over a layered kernel (``nn.scan`` / ``nnx.scan``): the scan slices the codes and
   scales per layer (`layer_base`), so the body dequantizes one layer's kernel; with remat on
   the body it is dequantized again in that layer's backward step;
 - any other use: the kernel is dequantized there (`as_array`: ``dequantize_kernel`` then the
@@ -38,12 +38,14 @@ import numpy as np
 from jax import lax
 
 from flax_lora import _jaxpr as jx
-from flax_lora._quant import (
-    NF4_LEVELS,
+from flax_lora._quant._formats import (
     QuantizedKernel,
     block_absmax,
+    decode,
     dequantize_kernel,
+    int8_values,
     is_quantized,
+    nf4_values,
 )
 
 
@@ -85,29 +87,16 @@ class QuantBase:
         """The float kernel: dequantized, then the recorded ops applied.
 
         ``tie``: a float32 zero computed from data (an activation, a gradient; `_zero_of`).
-        It is added to the scales and to the NF4 level table, so that XLA can compute the
+        It is added to the scales and to the NF4 levels, so that XLA can compute the
         float kernel only once that data exists: not hoisted to the start of the step, not
         shared between the forward and backward passes. (XLA:CPU drops optimization barriers
         before it schedules, so they cannot do this: measured on `benchmarks/quant.py`, the
         barriers alone leave 16-69 MiB more temporaries than with the tie.)"""
-        out = dequantize_kernel(self.q) if tie is None else _dequantize_tied(self.q, tie)
+        tied = tie is not None and not self.q.layer_axes
+        out = decode(self.q, tie) if tied else dequantize_kernel(self.q)
         for prim, params in self.meta.ops:
             out = prim.bind(out, **params)
         return out
-
-
-def _dequantize_tied(q: QuantizedKernel, tie: Any) -> jax.Array:
-    """`dequantize_kernel` with ``tie`` (a traced zero) added to the scales and NF4 levels."""
-    if q.layer_axes:
-        return dequantize_kernel(q)
-    if q.format == "int8":
-        scale = (q.absmax.astype(jnp.float32) + tie) / 127.0
-        return (q.codes.astype(jnp.float32) * scale).astype(q.dtype)
-    absmax = block_absmax(q) if q.double_quant else q.absmax
-    levels = jnp.asarray(NF4_LEVELS) + tie
-    idx = jnp.stack([q.codes >> 4, q.codes & 0xF], axis=-1).reshape(-1)
-    vals = levels[idx].reshape(-1, q.block_size) * absmax[:, None]
-    return vals.reshape(-1)[: q.size].reshape(q.shape).astype(q.dtype)
 
 
 def _zero_of(x: Any) -> jax.Array:
@@ -149,7 +138,7 @@ def input_aval(x: Any) -> Any:
     return jax.typeof(x)
 
 
-def layout(x: Base, prim: Any, params: dict[str, Any], out_aval: Any) -> Base:
+def base_layout(x: Base, prim: Any, params: dict[str, Any], out_aval: Any) -> Base:
     """A layout op (transpose, reshape, dtype cast, ...) on an array or a `QuantBase`."""
     if not isinstance(x, QuantBase):
         return prim.bind(x, **params)
@@ -189,7 +178,7 @@ def _per_layer(q: QuantizedKernel) -> QuantizedKernel | None:
 def layer_base(x: Base) -> Base:
     """What a ``scan`` over the leading axis of ``x`` slices: a `QuantBase` whose leaves keep
     the layer axis first and whose static part is one layer's, so that `jax.lax.scan` hands
-    the body one layer's quantized kernel; an array is returned as is. A quantized stack that
+    the body one layer's quantized kernel; an array is returned as is. A quantized kernel that
     cannot be cut per layer (an nf4 block straddling layers, a reshape before the scan) is
     dequantized whole."""
     if not isinstance(x, QuantBase):
@@ -246,16 +235,16 @@ def base_product(eqn: jx.Eqn, x: jax.Array, base: Base, x_first: bool) -> jax.Ar
 
 
 def _rows(q: QuantizedKernel) -> QuantizedKernel | None:
-    """A 2-D table's quantization with one leading "layer" per row (so rows can be gathered
+    """A 2-D embedding's quantization with one leading "layer" per row (so rows can be gathered
     from the codes), or ``None`` when its nf4 blocks straddle rows."""
     if q.format == "int8":
-        return q  # codes have the table's shape; the channel scales apply to every row
+        return q  # codes have the embedding's shape; the channel scales apply to every row
     rows = dataclasses.replace(q, shape=(q.shape[0], q.shape[1]), layer_axes=0)
     return _per_layer(rows)
 
 
 def base_gather(eqn: jx.Eqn, base: Base, indices: jax.Array) -> jax.Array:
-    """``gather`` of rows of a kernel (an Embed lookup). From a `QuantBase` of a 2-D table
+    """``gather`` of rows of a kernel (an Embed lookup). From a `QuantBase` of a 2-D embedding
     the rows are gathered from the codes and only they are dequantized; any other gather
     dequantizes the kernel at the lookup."""
     if not isinstance(base, QuantBase):
@@ -272,8 +261,8 @@ def base_gather(eqn: jx.Eqn, base: Base, indices: jax.Array) -> jax.Array:
         and sizes == (1, q.shape[1])
         and tuple(dn.offset_dims) == (indices.ndim - 1,)
     )
-    table = _rows(q) if simple else None
-    if table is None:
+    by_row = _rows(q) if simple else None
+    if by_row is None:
         return jx.bind(eqn, (base.value(), indices))[0]
 
     def take(x: Any) -> Any:  # an out-of-range row of integer codes reads as code 0
@@ -281,12 +270,9 @@ def base_gather(eqn: jx.Eqn, base: Base, indices: jax.Array) -> jax.Array:
         return jx.rebind(eqn, (x, indices), slice_sizes=(1, *x.shape[1:]), fill_value=fill)
 
     if q.format == "int8":
-        rows = take(q.codes).astype(jnp.float32) * (q.absmax.astype(jnp.float32) / 127.0)
+        rows = int8_values(take(q.codes), q.absmax)
     else:
-        codes, absmax = take(table.codes), take(table.absmax)
-        idx = jnp.stack([codes >> 4, codes & 0xF], axis=-1).astype(jnp.int32)
-        vals = jnp.asarray(NF4_LEVELS)[idx].reshape(*absmax.shape, q.block_size)
-        rows = (vals * absmax[..., None]).reshape(*absmax.shape[:-1], q.shape[1])
+        rows = nf4_values(take(by_row.codes), take(by_row.absmax), q.block_size)
     out = rows.astype(q.dtype)
     for prim_op, op_params in base.meta.ops:
         out = prim_op.bind(out, **op_params)

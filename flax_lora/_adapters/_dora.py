@@ -7,10 +7,10 @@ stands for the kernel
 
 where ``||V||`` is the L2 norm of ``V`` over the kernel's input axes, one value per output unit,
 and is detached from the gradient (``jax.lax.stop_gradient``; the paper's section 4.3 and PEFT).
-For a kernel stacked by a scan (``LoraWeights.layer_axes``) ``m`` has the leading layer axes too.
+For a layered kernel (``nn.scan``, ``LoraWeights.layer_axes``) ``m`` has the leading layer axes too.
 The axes match PEFT's, so that files interoperate: a Linear's norm runs over ``in_features`` (a
 Flax Dense kernel's rows), a Conv's over ``(in_channels, *kernel_size)`` (all of a Flax conv
-kernel's axes but the last), an Embedding's over the vocabulary (the table's rows: PEFT's
+kernel's axes but the last), an Embedding's over the vocabulary (the embedding's rows: PEFT's
 ``lora_magnitude_vector`` of an Embedding has one entry per embedding dimension).
 
 Factored execution (`factored_norm`) computes ``||V||**2`` per output unit as
@@ -25,7 +25,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from flax_lora._adapters import LoraWeights, delta, layer_mask
+from flax_lora._adapters._delta import delta, layer_mask
+from flax_lora._adapters._weights import LoraWeights
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -46,7 +47,7 @@ def dora_kernel(kernel: jax.Array, w: LoraWeights, dtype: Any = jnp.float32) -> 
     m = jnp.expand_dims(w.m.astype(dtype), tuple(sorted(w.in_axes)))
     factor = magnitude_ratio(m, jax.lax.stop_gradient(norm))
     mask = layer_mask(w)
-    if mask is not None:  # a stacked kernel adapted on some layers only: the others stay W0
+    if mask is not None:  # a layered kernel adapted on some layers only: the others stay W0
         keep = jnp.asarray(mask > 0).reshape(mask.shape + (1,) * (factor.ndim - 1))
         factor = jnp.where(keep, factor, jnp.ones((), dtype))
     return v * factor
@@ -97,8 +98,8 @@ def layered_factor(
     layer_axes: int,
     keep: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """DoRA's ``g = m / ||V||`` (norm detached, factored) per layer of a kernel stacked by a
-    scan, shape ``(*L, *O)``, and the magnitude that gives it.
+    """DoRA's ``g = m / ||V||`` (norm detached, factored) per layer of a layered kernel
+    (``nn.scan``), shape ``(*L, *O)``, and the magnitude that gives it.
 
     ``inner`` holds one layer's metadata (input axes and kernel shape past the ``layer_axes``
     leading axes); ``a``, ``b``, ``m`` carry the layer axes. Where ``keep`` (broadcast from the

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_lora._quant import QuantizedKernel, check_format, dequantize_kernel, quantize_f32
+from flax_lora._quant._checks import check_format
+from flax_lora._quant._formats import QuantizedKernel, dequantize_kernel, quantize_f32
 from flax_lora._typing import QuantFormat
 
 
@@ -33,12 +34,12 @@ def loftq_factors(
     leaves out ``1 / scale``, which is exact only for ``alpha == r``.) ``W`` is the kernel as an
     ``(prod(I), prod(O))`` matrix; ``Q`` is taken of the kernel in its own layout.
 
-    A kernel stacked by ``nn.scan`` / ``nnx.scan`` (``layer_axes`` leading layer axes, ``in_axes``
-    counted in the stacked kernel) gets one SVD per layer, and ``Q`` is the quantization of the
-    whole stacked residual, exactly `lora.quantize`'s format for the stacked kernel (so
+    A layered kernel (``nn.scan`` / ``nnx.scan``; ``layer_axes`` leading layer axes, ``in_axes``
+    counted in the layered kernel) gets one SVD per layer, and ``Q`` is the quantization of the
+    whole layered residual, exactly `lora.quantize`'s format for the layered kernel (so
     `lora.wrap` / `lora.merge` take it as any quantized base). Per layer this is the unstacked
     LoftQ of that layer's kernel whenever the quantizer works layer by layer: NF4 with a
-    per-layer size that is a multiple of ``block_size``. Otherwise the stacked format ties
+    per-layer size that is a multiple of ``block_size``. Otherwise the layered format ties
     layers together, and so does ``Q``: an NF4 block that straddles two layers has one absmax,
     and int8 has one absmax per channel (the last axis) over all layers. ``picked``: a boolean
     mask of the layer axes' shape, the layers adapted (``None``: all); the others keep zero
@@ -88,8 +89,8 @@ def _loftq_layered_step(
     fmt: QuantFormat,
     block_size: int,
 ) -> tuple[jax.Array, jax.Array, QuantizedKernel, jax.Array]:
-    """One LoftQ alternation on stacked matrices ``(*L, n_in, n_out)`` (float32; ``L`` may be
-    empty): ``Q = quantize(res)`` of the whole stacked kernel, ``a, b`` from the SVD of each
+    """One LoftQ alternation on layered matrices ``(*L, n_in, n_out)`` (float32; ``L`` may be
+    empty): ``Q = quantize(res)`` of the whole layered kernel, ``a, b`` from the SVD of each
     layer's ``W - deQ(Q)`` (zero where ``mask`` is 0), the next ``res = W - scale * a @ b``."""
     order = tuple(range(n)) + in_axes + out_axes
     inverse = tuple(order.index(i) for i in range(len(shape)))

@@ -1,8 +1,8 @@
 """`lora.save` / `lora.load`: orbax checkpoints that hold adapters only.
 
 How a save never loses data (a locked staging folder beside the target, an atomic publish, the
-recovery of what a killed save left aside) is `flax_lora._atomic`; how a load reads the
-metadata as untrusted input is `flax_lora._checkpoint_meta`.
+recovery of what a killed save left aside) is `flax_lora._checkpoint._atomic`; how a load reads
+the metadata as untrusted input is `flax_lora._checkpoint._meta`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from flax_lora import _atomic
-from flax_lora._adapters import adapter_table, is_lora
-from flax_lora._checkpoint_meta import (
+from flax_lora._adapters._extras import arrays_of
+from flax_lora._adapters._tables import adapter_table, split
+from flax_lora._adapters._weights import is_lora
+from flax_lora._checkpoint import _atomic
+from flax_lora._checkpoint._meta import (
     FORMAT,
     VERSION,
     adapter,
@@ -35,7 +37,6 @@ from flax_lora._checkpoint_meta import (
     where,
 )
 from flax_lora._config import LoraConfig
-from flax_lora._extras import arrays_of, split
 from flax_lora._paths import flatten, nest
 from flax_lora._typing import PyTree
 
@@ -183,7 +184,7 @@ def _make_staging(
 
 
 def _replace(staging: _atomic.Staging, target: Path, overwrite: bool) -> None:
-    """Moves the finished checkpoint of ``staging`` to ``target`` (`flax_lora._atomic.publish`)."""
+    """Moves the finished checkpoint of ``staging`` to ``target`` (`_atomic.publish`)."""
     _atomic.publish(staging.path, target, overwrite, recognise)
 
 

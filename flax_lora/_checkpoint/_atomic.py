@@ -174,12 +174,8 @@ def _lock(fd: int, blocking: bool) -> bool | None:
 
 def _same(fd: int, path: Path) -> bool:
     """Whether ``path`` still names the directory open as ``fd``."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return False
     here = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
+    return _identity(path) == (here.st_dev, here.st_ino)
 
 
 def create(target: Path) -> Staging:
@@ -281,20 +277,31 @@ def inspect(target: Path, recognise: Recognise, overwrite: bool = True) -> State
       ValueError: anything else is there (a file, a symlink, a directory of anything else), or
         anything at all with ``overwrite=False``; naming the path and what is there.
     """
-    try:
-        st = os.lstat(target)
-    except FileNotFoundError:
-        return "missing"
-    if stat.S_ISLNK(st.st_mode):
-        _refuse(target, f"is a symbolic link (to {os.readlink(target)!r})")
-    if stat.S_ISREG(st.st_mode):
-        _refuse(target, f"is a regular file ({st.st_size} bytes)")
-    if not stat.S_ISDIR(st.st_mode):
-        _refuse(target, "is a special file (a device, FIFO or socket)")
-    state: State = "checkpoint" if os.listdir(target) else "empty"
-    reason = recognise(target) if state == "checkpoint" else None
-    if reason is not None:
-        _refuse(target, reason)
+    for _ in range(TRIES):
+        try:
+            st = os.lstat(target)
+        except FileNotFoundError:
+            return "missing"
+        if stat.S_ISLNK(st.st_mode):
+            _refuse(target, f"is a symbolic link (to {os.readlink(target)!r})")
+        if stat.S_ISREG(st.st_mode):
+            _refuse(target, f"is a regular file ({st.st_size} bytes)")
+        if not stat.S_ISDIR(st.st_mode):
+            _refuse(target, "is a special file (a device, FIFO or socket)")
+        try:  # a concurrent save may move the directory away meanwhile: then look again
+            state: State = "checkpoint" if os.listdir(target) else "empty"
+            reason = recognise(target) if state == "checkpoint" else None
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if reason is None:
+            break
+        if _identity(target) == (st.st_dev, st.st_ino):  # still the directory that was read
+            _refuse(target, reason)
+        # a concurrent save moved a checkpoint in or out while it was read: look again
+    else:
+        raise OSError(
+            errno.EBUSY, f"lora.save: {str(target)!r} kept changing while inspected", str(target)
+        )
     if not overwrite:
         what = "a flax_lora checkpoint" if state == "checkpoint" else "an empty directory"
         raise ValueError(
@@ -302,6 +309,15 @@ def inspect(target: Path, recognise: Recognise, overwrite: bool = True) -> State
             "was written. Pass overwrite=True to replace an earlier checkpoint."
         )
     return state
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of what ``path`` names now; ``None`` if nothing."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _refuse(target: Path, what: str) -> None:

@@ -1,11 +1,10 @@
-"""The adapter data types: `LoraWeights` (one kernel's factors), `StackedLoraWeights` (a stack
-of them for routing), the axis layout they share, the update ``delta``, the per-layer mask, the
-tables of an adapter tree and the shape checks.
+"""The adapter data types of the factors: `LoraWeights` (one kernel's factors),
+`StackedLoraWeights` (a stack of them for routing) and the axis layout they share.
 
 Both types lay their factors out over the kernel's axes the same way (`AdapterLayout`): input
 axes ``I``, output axes ``O`` and **carried axes** ``C``, the axes on which the adapter holds an
 independent factor pair per index, so ``a`` has shape ``(*C, *I, r)`` and ``b`` ``(*C, r, *O)``.
-The carried axes are the leading layer axes of a kernel stacked by ``nn.scan`` / ``nnx.scan``
+The carried axes are the leading layer axes of a layered kernel (``nn.scan`` / ``nnx.scan``)
 (``layer_axes``) followed by its expert axes (``expert_axes``: a batch dimension of the
 ``dot_general`` using the kernel, or the group axis of ``ragged_dot``), in the kernel's order.
 """
@@ -13,17 +12,14 @@ The carried axes are the leading layer axes of a kernel stacked by ``nn.scan`` /
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Self
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_lora._extras import Extra, is_extra, split
-from flax_lora._paths import describe, flatten
-from flax_lora._typing import Kind, PyTree
+from flax_lora._typing import Kind
 
 
 class AdapterLayout:
@@ -52,7 +48,7 @@ class AdapterLayout:
 
     @property
     def carried_axes(self) -> tuple[int, ...]:
-        """The kernel's carried axes, in order: the leading layer axes of a scan-stacked kernel,
+        """The kernel's carried axes, in order: the leading layer axes of a layered kernel,
         then its expert axes (``()`` for an ordinary kernel)."""
         return tuple(range(self.layer_axes)) + tuple(self.expert_axes)
 
@@ -107,7 +103,7 @@ class LoraWeights(AdapterLayout):
       m: DoRA's magnitude (``LoraConfig(dora=True)``), shape ``O`` (one entry per output unit),
         a third trainable leaf; ``None`` (no leaf) for plain LoRA. With it the adapted kernel is
         ``m * V / ||V||``, ``V = W0 + scale * a @ b``, the norm over the input axes (see
-        `flax_lora._dora`).
+        `flax_lora._adapters._dora`).
       layer_axes: the number of leading layer axes of a kernel stacked by ``nn.scan`` /
         ``nnx.scan`` (0 for an ordinary kernel). A stacked kernel ``(L, *rest)`` has factors
         ``a`` ``(L, *I, r)`` and ``b`` ``(L, r, *O)``: one adapter per layer. ``in_axes`` and
@@ -134,7 +130,7 @@ class LoraWeights(AdapterLayout):
     expert_axes: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
 
     def layer_slice(self, n: int = 1, **changes: Any) -> LoraWeights:
-        """The adapter of one layer's kernel of a scan-stacked adapter: ``n`` leading layer
+        """The adapter of one layer's kernel of a layered adapter: ``n`` leading layer
         axes dropped from the metadata (``layers`` cleared), with ``changes`` (e.g. that layer's
         factors ``a``, ``b``) applied."""
         return dataclasses.replace(
@@ -148,7 +144,7 @@ class LoraWeights(AdapterLayout):
         )
 
     def carried_slice(self, **changes: Any) -> LoraWeights:
-        """The adapter of the kernel at one carried index (one layer of a scan stack, one
+        """The adapter of the kernel at one carried index (one layer of a layered kernel, one
         expert): every carried axis dropped from the metadata (``layers`` cleared, input axes
         renumbered), with ``changes`` (e.g. that index's factors ``a``, ``b``) applied."""
         carried = set(self.carried_axes)
@@ -276,170 +272,10 @@ def is_lora(x: Any) -> bool:
     return isinstance(x, LoraWeights)
 
 
-def adapter_table(adapters: PyTree) -> dict[str, LoraWeights]:
-    """Maps each adapted kernel's path to its `LoraWeights` (trained copies and token deltas,
-    `flax_lora._extras`, are left out: see `flax_lora._extras.split`).
-
-    Raises:
-      TypeError: when ``adapters`` holds anything besides adapter entries.
-    """
-    table = flatten(adapters, is_leaf=lambda x: is_lora(x) or is_extra(x))
-    stray = [p for p, v in table.items() if not (is_lora(v) or is_extra(v)) and v is not None]
-    if stray:
-        raise TypeError(
-            "Expected an adapter tree as returned by lora.init (LoraWeights, TrainedCopy and "
-            f"TokenDelta entries only); found other leaves at {describe(stray)}."
-        )
-    return {p: v for p, v in table.items() if is_lora(v)}
-
-
-def adapter_tables(
-    adapter_list: Sequence[PyTree], fn: str, dora_ok: bool = False
-) -> list[dict[str, LoraWeights]]:
-    """The `adapter_table` of each of several adapter sets of one model (for `lora.combine`,
-    `lora.stack`), checked to adapt the same kernels with the same layouts (DoRA adapters
-    refused unless ``dora_ok``).
-
-    Raises:
-      TypeError: ``adapter_list`` is not a list of adapter sets.
-      ValueError: it is empty, its first set adapts nothing, the sets adapt different kernels or
-        disagree on a kernel's layout, a set's factors disagree on their rank, or (without
-        ``dora_ok``) a set holds DoRA adapters; naming ``lora.{fn}`` and the path.
-    """
-    if isinstance(adapter_list, Mapping) or not isinstance(adapter_list, Sequence):
-        raise TypeError(
-            f"lora.{fn} takes a list of adapter sets (e.g. [adapters_a, adapters_b]); got "
-            f"{type(adapter_list).__name__}. For a dict of tasks pass list(tasks.values())."
-        )
-    if not adapter_list:
-        raise ValueError(f"lora.{fn}: adapter_list is empty; pass at least one adapter set.")
-    tables = [adapter_table(ad) for ad in adapter_list]
-    dora = [f"set {i}: {p}" for i, t in enumerate(tables) for p, w in t.items() if w.m is not None]
-    if dora and not dora_ok:  # m / ||W0 + delta|| does not combine linearly
-        raise ValueError(
-            f"lora.{fn} does not support DoRA adapters (with a magnitude m), found at "
-            f"{describe(dora)}: a DoRA kernel m * V / ||V|| is not linear in the adapters. "
-            "Merge each DoRA adapter into its own params (lora.merge) instead."
-        )
-    first = tables[0]
-    if not first:
-        raise ValueError(f"lora.{fn}: adapter set 0 holds no adapters.")
-    for i, table in enumerate(tables[1:], start=1):
-        missing = [p for p in first if p not in table]
-        extra = [p for p in table if p not in first]
-        if missing or extra:
-            raise ValueError(
-                f"lora.{fn}: all adapter sets must adapt the same kernels. Adapter set {i} lacks "
-                f"{describe(missing)} and has extra {describe(extra)} compared with set 0."
-            )
-        for path, w in table.items():
-            w0 = first[path]
-            for field in AdapterLayout.LAYOUT_FIELDS:
-                if getattr(w, field) != getattr(w0, field):
-                    raise ValueError(
-                        f"lora.{fn}: adapters for {path!r} disagree on {field}: set 0 has "
-                        f"{getattr(w0, field)!r}, set {i} has {getattr(w, field)!r}. Were they "
-                        "made for different models?"
-                    )
-            if w.a.shape[-1] != w.b.shape[len(w.carried_axes)]:
-                raise ValueError(
-                    f"lora.{fn}: adapter set {i} at {path!r} has a of shape {tuple(w.a.shape)} "
-                    f"and b of shape {tuple(w.b.shape)}: their ranks differ."
-                )
-    return tables
-
-
-def extra_tables(adapter_list: Sequence[PyTree]) -> list[dict[str, Extra]]:
-    """The trained copies and token deltas (`flax_lora._extras`) of each adapter set."""
-    return [split(ad, is_lora)[1] for ad in adapter_list]
+def is_stacked(x: Any) -> bool:
+    return isinstance(x, StackedLoraWeights)
 
 
 def factor_dtype(ws: Sequence[AdapterLayout]) -> Any:
     """The promoted dtype of the factors of ``ws``."""
     return jnp.result_type(*[w.a.dtype for w in ws], *[w.b.dtype for w in ws])
-
-
-def check_fits(path: str, w: LoraWeights, shape: tuple[int, ...]) -> None:
-    """Raises ``ValueError`` naming ``path`` unless ``w`` fits a kernel of ``shape``."""
-    if tuple(shape) != tuple(w.kernel_shape):
-        raise ValueError(
-            f"Adapter for {path!r} was made for a kernel of shape {tuple(w.kernel_shape)}, but "
-            f"the kernel at that path has shape {tuple(shape)}. Were these adapters made for "
-            "another model?"
-        )
-    r = w.a.shape[-1] if w.a.ndim else None
-    c = w.carried_shape
-    if tuple(w.a.shape) != (*c, *w.in_shape, r) or tuple(w.b.shape) != (*c, r, *w.out_shape):
-        raise ValueError(
-            f"Adapter for {path!r}: expected a of shape {(*c, *w.in_shape, 'r')} and b of "
-            f"shape {(*c, 'r', *w.out_shape)} with one rank r; got a {tuple(w.a.shape)}, "
-            f"b {tuple(w.b.shape)}."
-        )
-    if w.m is not None and tuple(w.m.shape) != (*c, *w.out_shape):
-        raise ValueError(
-            f"DoRA adapter for {path!r}: expected a magnitude m of shape {tuple(w.out_shape)} "
-            f"(the kernel's output axes); got {tuple(w.m.shape)}."
-        )
-
-
-def delta(w: LoraWeights, dtype: Any = jnp.float32) -> jax.Array:
-    """``scale * a @ b`` in the kernel's layout, computed in ``dtype`` (float32 by default).
-
-    The product runs at the highest matmul precision, so TPUs do not round it through bfloat16.
-    For a scan-stacked kernel it is one product per layer (layers not picked by
-    ``LoraConfig(layers=...)`` give zeros). A DoRA adapter's magnitude is not applied here:
-    `lora.merge` forms the DoRA kernel.
-
-    Example:
-      >>> w = adapters["params"]["Dense_0"]["kernel"]
-      >>> d = lora.delta(w)  # same shape as params["params"]["Dense_0"]["kernel"]
-
-    Args:
-      w: the `LoraWeights` of one kernel.
-      dtype: the dtype to compute and return in.
-
-    Returns:
-      An array of the kernel's shape: the update ``merge`` adds for a plain LoRA adapter.
-    """
-    r = w.a.shape[-1]
-    n_in = math.prod(w.in_shape)
-    n_out = math.prod(w.out_shape)
-    lead = w.carried_shape  # one product per carried index (a batched matmul)
-    a = masked_factor(w, w.a.reshape(*lead, n_in, r).astype(dtype))
-    b = w.b.reshape(*lead, r, n_out).astype(dtype)
-    d = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST) * jnp.asarray(w.scale, dtype)
-    d = d.reshape(lead + w.in_shape + w.out_shape)
-    order = w.carried_axes + w.in_axes + w.out_axes
-    inverse = tuple(order.index(i) for i in range(len(order)))
-    return d.transpose(inverse)
-
-
-def layer_mask(w: LoraWeights) -> np.ndarray | None:
-    """For a stacked kernel adapted on some layers only: 1.0 on the adapted indices of its first
-    layer axis, 0.0 elsewhere (shape ``(L,)``); ``None`` when every layer is adapted."""
-    if w.layers is None or not w.layer_axes:
-        return None
-    return np.isin(np.arange(w.kernel_shape[0]), np.asarray(w.layers, int)).astype(np.float32)
-
-
-def carried_mask(w: LoraWeights, ndim: int | None = None) -> np.ndarray | None:
-    """1.0 on the carried indices that ``w`` adapts, 0.0 on the others (today: the layers
-    `layer_mask` picks); ``None`` when it adapts every index.
-
-    Shape ``w.carried_shape``; with ``ndim``, that shape followed by size-1 axes up to ``ndim``
-    axes, to broadcast against an array whose leading axes are the carried axes (a factor, a
-    magnitude, or an array in the layout of a kernel whose carried axes lead).
-    """
-    mask = layer_mask(w)
-    if mask is None:
-        return None
-    c = len(w.carried_axes)
-    mask = np.broadcast_to(mask.reshape(mask.shape + (1,) * (c - 1)), w.carried_shape)
-    return mask if ndim is None else mask.reshape(mask.shape + (1,) * (ndim - c))
-
-
-def masked_factor(w: LoraWeights, x: jax.Array) -> jax.Array:
-    """``x`` (leading axes: ``w``'s carried axes, e.g. a factor) zeroed on the carried indices
-    ``w`` does not adapt (`carried_mask`), so they give a zero update and a zero gradient."""
-    mask = carried_mask(w, jnp.ndim(x))
-    return x if mask is None else x * jnp.asarray(mask, x.dtype)

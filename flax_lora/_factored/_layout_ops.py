@@ -4,7 +4,7 @@ A layout op is applied to the view's base ``W0`` as it is (recorded, for a quant
 to the factor of the side whose axes it moves or regroups, after the factor's carried axes: a
 transpose permutes the I-axes of ``a`` and the O-axes of ``b`` (and DoRA's ``g``); a reshape,
 squeeze or size-1 broadcast reshapes them. A reshape that merges an input axis with an output
-axis, a broadcast that repeats the kernel, or any such op on a kernel stacked by a scan breaks
+axis, a broadcast that repeats the kernel, or any such op on a layered kernel (``nn.scan``) breaks
 the factorisation; the view then records why (`ViewMeta.why`), and can only be materialised.
 """
 
@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
-from flax_lora._factored._base import Base, layout
 from flax_lora._factored._contract import Evaluator, Result, no_rule
+from flax_lora._factored._quant_base import Base, base_layout
 from flax_lora._factored._view import (
     EXPERT,
     I_SIDE,
@@ -31,11 +31,12 @@ from flax_lora._factored._view import (
     transposed,
 )
 from flax_lora._probe import reshape_groups
+from flax_lora._typing import Key
 
 _New = Callable[..., KernelView]  # the view after the op, from its factors and sides
 
 
-def layout_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: jax.Array | None) -> Result:
+def layout_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
     """The rule of the ops in `flax_lora._jaxpr.LAYOUT_OPS`: the view (or quantized base)
     follows the op."""
     del interp, key
@@ -49,13 +50,13 @@ def layout_of(x: KernelView | Base, eqn: jx.Eqn) -> KernelView | Base:
     params, out_aval = jx.bind_params(eqn), eqn.outvars[0].aval
     if isinstance(x, KernelView):
         return apply_layout(x, eqn.primitive, params, out_aval)
-    return layout(x, eqn.primitive, params, out_aval)
+    return base_layout(x, eqn.primitive, params, out_aval)
 
 
 def apply_layout(v: KernelView, prim: Any, params: dict[str, Any], out_aval: Any) -> KernelView:
     """Applies one layout op (``prim.name in LAYOUT_OPS``) to the view."""
     name = prim.name
-    base = layout(v.base, prim, params, out_aval)  # recorded, for a quantized base
+    base = base_layout(v.base, prim, params, out_aval)  # recorded, for a quantized base
     meta = v.meta
     ops = (*meta.ops, (prim, params))
 

@@ -1,15 +1,18 @@
 """The quantized storage formats of a frozen base: int8 per channel, NF4 block-wise, and the
 `QuantizedKernel` node that holds one kernel's codes and scales.
 
-This module works on one kernel: `quantize_kernel` / `dequantize_kernel` (and the traceable
-`quantize_f32` they share with LoftQ and the layer-wise requantization); the tree functions
-(`lora.quantize`, `lora.dequantize`, `lora.requantize`) are in `flax_lora._quantize`.
+This module works on one kernel: `quantize_kernel` / `dequantize_kernel`, the traceable
+encoder `quantize_f32` they share with LoftQ and the layer-wise requantization, and the decoder
+(`decode`: `int8_values`, `nf4_values`) they share with the factored engine, which dequantizes
+a kernel at its use (`flax_lora._factored._quant_base`). The checks of the arguments are in
+`flax_lora._quant._checks`; the tree functions (`lora.quantize`, `lora.dequantize`,
+`lora.requantize`) in `flax_lora._quant._tree`.
 
 Formats:
 
 - ``"int8"``: symmetric, per output channel, as bitsandbytes' ``int8_vectorwise_quant``. The
   channel is the **last axis** of the kernel (Flax's output features for Dense, DenseGeneral's
-  last output axis, a Conv's output channels, an Embed table's feature axis): ``absmax`` over all
+  last output axis, a Conv's output channels, an embedding's feature axis): ``absmax`` over all
   other axes, codes ``round(w * 127 / absmax)`` in int8, dequantised as ``codes * absmax / 127``.
   Error per value at most ``absmax / 127 / 2``.
 - ``"nf4"``: as bitsandbytes' ``quantize_4bit(quant_type="nf4")``: the kernel is flattened (C
@@ -18,7 +21,7 @@ Formats:
   the high nibble. A last, partial block is padded with zeros (its absmax is that of its real
   values, as bitsandbytes'); the padding is dropped again on dequantisation. Error per value at
   most half the widest gap between adjacent levels (0.1519) times the block's absmax.
-- A kernel stacked by ``nn.scan`` / ``nnx.scan`` (``layer_axes`` leading layer axes) is
+- A layered kernel (``nn.scan`` / ``nnx.scan``; ``layer_axes`` leading layer axes) is
   quantized layer by layer: each layer is stored exactly as the single-layer quantization of that
   layer's kernel, its leaves stacked on the layer axes (int8 absmax ``(*L, out)``; nf4 blocks,
   padding and double-quantization groups per layer), so no scale is shared across layers and
@@ -40,7 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_lora._typing import QUANT_FORMATS, PyTree, QuantFormat
+from flax_lora._quant._checks import check_format, finite_error, non_finite
+from flax_lora._typing import PyTree, QuantFormat
 
 DOUBLE_QUANT_BLOCK = 256  # QLoRA / bitsandbytes: the block absmaxes are quantised 256 at a time
 
@@ -187,6 +191,11 @@ def is_quantized(x: object) -> TypeGuard[QuantizedKernel]:
     return isinstance(x, QuantizedKernel)
 
 
+def has_quantized(tree: PyTree) -> bool:
+    """Whether ``tree`` holds a `QuantizedKernel`."""
+    return any(is_quantized(x) for x in jax.tree.leaves(tree, is_leaf=is_quantized))
+
+
 def as_shapes(params: PyTree) -> PyTree:
     """``params`` with each `QuantizedKernel` replaced by the `jax.ShapeDtypeStruct` of the
     kernel it stands for (for what needs shapes only: a probe's trace, the random inits)."""
@@ -218,62 +227,6 @@ def join_layers(flat: QuantizedKernel, shape: tuple[int, ...]) -> QuantizedKerne
 # ---------------------------------------------------------------------------------------------
 # one kernel
 # ---------------------------------------------------------------------------------------------
-def check_format(dtype: object, block_size: object, double_quant: object) -> None:
-    """Raises a `lora.quantize` error for an unknown format, a bad block size, or double
-    quantization of a format other than NF4."""
-    if not isinstance(dtype, str) or dtype not in QUANT_FORMATS:
-        raise ValueError(f"lora.quantize: dtype must be one of {QUANT_FORMATS}; got {dtype!r}.")
-    if isinstance(block_size, bool) or not isinstance(block_size, int | np.integer):
-        raise TypeError(f"lora.quantize: block_size must be an int; got {block_size!r}.")
-    if block_size < 2 or block_size % 2:
-        raise ValueError(
-            "lora.quantize: block_size must be a positive even number (two 4-bit codes per "
-            f"byte); got {block_size}."
-        )
-    if double_quant and dtype != "nf4":
-        raise ValueError(
-            f"lora.quantize: double_quant applies to dtype='nf4' only; got dtype={dtype!r}."
-        )
-
-
-@jax.jit
-def _finite_counts(w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """(number of NaNs, of +infs, of -infs, flat index of the first non-finite entry)."""
-    flat = jnp.reshape(w, (-1,))
-    counts = (jnp.sum(jnp.isnan(flat)), jnp.sum(jnp.isposinf(flat)), jnp.sum(jnp.isneginf(flat)))
-    return (*counts, jnp.argmax(~jnp.isfinite(flat)))
-
-
-def non_finite(w: Any) -> str | None:
-    """``None`` when ``w`` holds only finite values or is traced (its values unknown); else
-    what it holds, e.g. ``"2 non-finite values (1 nan, 1 inf; the first at index (0, 3))"``."""
-    if isinstance(w, jax.core.Tracer) or not jnp.issubdtype(w.dtype, jnp.floating):
-        return None
-    *counts, first = (int(c) for c in _finite_counts(w))
-    n = sum(counts)
-    if not n:
-        return None
-    kinds = ", ".join(f"{c} {k}" for c, k in zip(counts, ("nan", "inf", "-inf"), strict=True) if c)
-    index = tuple(int(i) for i in np.unravel_index(first, tuple(w.shape)))
-    return f"{n} non-finite value{'s' * (n > 1)} ({kinds}; the first at index {index})"
-
-
-def finite_error(
-    owner: str, found: dict[str, str], fmt: QuantFormat, double_quant: bool = False
-) -> ValueError:
-    """The error for kernels with non-finite entries: ``owner`` (``"lora.quantize"``), what
-    `non_finite` found in each (by name, e.g. ``"kernel 'params/fc1/kernel'"``), and what one
-    such value does to the quantization in the format."""
-    held = "; ".join(f"{name} holds {what}" for name, what in found.items())
-    if fmt == "int8":
-        why = "int8 scales each channel (last axis) by its absmax, so one such value makes its "
-        why += "whole channel NaN"
-    else:
-        why = "nf4 scales each block by its absmax, so one such value makes its whole block NaN"
-        why += " (with double_quant, the whole kernel)" if double_quant else ""
-    return ValueError(f"{owner}: {held}. {why}. Replace or clip them before quantizing.")
-
-
 def quantize_kernel(
     w: jax.Array,
     dtype: QuantFormat = "nf4",
@@ -397,16 +350,42 @@ def dequantize_kernel(q: QuantizedKernel) -> jax.Array:
         raise TypeError(f"dequantize_kernel expects a QuantizedKernel; got {type(q).__name__}.")
     if q.layer_axes:  # layer by layer, each as a single-layer kernel
         treedef, flat = split_layers(q)
-        w = jax.vmap(lambda *xs: dequantize_kernel(jax.tree.unflatten(treedef, xs)))(*flat)
+        w = jax.vmap(lambda *xs: decode(jax.tree.unflatten(treedef, xs)))(*flat)
         return w.reshape(q.shape)
+    return decode(q)
+
+
+def decode(q: QuantizedKernel, tie: jax.Array | None = None) -> jax.Array:
+    """The kernel of a single-layer `QuantizedKernel` (``layer_axes == 0``), computed in float32
+    and cast once to its dtype. ``tie``: a traced float32 zero added to the int8 scales or the
+    NF4 levels, which ties the decoding to the data it was computed from (the factored engine's
+    `flax_lora._factored._quant_base.QuantBase.value`)."""
     if q.format == "int8":
-        w = q.codes.astype(jnp.float32) * (q.absmax.astype(jnp.float32) / 127.0)
-        return w.astype(q.dtype)
+        return int8_values(q.codes, q.absmax, tie).astype(q.dtype)
     absmax = block_absmax(q) if q.double_quant else q.absmax
-    codes = q.codes
-    idx = jnp.stack([codes >> 4, codes & 0xF], axis=-1).reshape(-1).astype(jnp.int32)
-    vals = jnp.asarray(NF4_LEVELS)[idx].reshape(-1, q.block_size) * absmax[:, None]
-    return vals.reshape(-1)[: q.size].reshape(q.shape).astype(q.dtype)
+    vals = nf4_values(q.codes, absmax, q.block_size, tie)
+    return vals[: q.size].reshape(q.shape).astype(q.dtype)
+
+
+def int8_values(codes: jax.Array, absmax: jax.Array, tie: jax.Array | None = None) -> jax.Array:
+    """int8 ``codes`` in float32: ``codes * absmax / 127``, ``absmax`` per channel (the last
+    axis), ``tie`` (a zero, see `decode`) added to it."""
+    scale = absmax.astype(jnp.float32)
+    if tie is not None:
+        scale = scale + tie
+    return codes.astype(jnp.float32) * (scale / 127.0)
+
+
+def nf4_values(
+    codes: jax.Array, absmax: jax.Array, block_size: int, tie: jax.Array | None = None
+) -> jax.Array:
+    """Packed NF4 ``codes`` ``(..., bytes)`` in float32, each block of ``block_size`` values
+    times its entry of ``absmax`` ``(..., blocks)``: shape ``(..., blocks * block_size)``, a last
+    block's padding included. ``tie`` (a zero, see `decode`) is added to the levels."""
+    levels = jnp.asarray(NF4_LEVELS) if tie is None else jnp.asarray(NF4_LEVELS) + tie
+    idx = jnp.stack([codes >> 4, codes & 0xF], axis=-1).astype(jnp.int32)
+    vals = levels[idx].reshape(*absmax.shape, block_size) * absmax[..., None]
+    return vals.reshape(*absmax.shape[:-1], -1)
 
 
 def block_absmax(q: QuantizedKernel) -> jax.Array:

@@ -1,7 +1,7 @@
 """Adapter stacks for per-example routing: `lora.stack`, `lora.unstack`, and what a routed call
-reads from a stack: `stacked_table`, `num_stacked`, `check_ids`, `gather` (per-example factors),
-`gather_dora` (per-example DoRA factors) and `select` (one, possibly traced, index as ordinary
-adapters).
+reads from a stack: `num_stacked`, `check_ids`, `gather` (per-example factors), `gather_dora`
+(per-example DoRA factors) and `select` (one, possibly traced, index as ordinary adapters). A
+stack's table is `flax_lora._adapters._tables.stacked_table`.
 
 `stack` puts N adapter sets of any ranks and scales into one tree of `StackedLoraWeights`, the
 adapter axis leading their factors (``a (N, *C, *I, R)``, ``b (N, *C, R, *O)``); a routed
@@ -11,9 +11,9 @@ forward gathers from it per example (``a[ids]``, ``b[ids]``):
 DoRA in a stack: a `StackedLoraWeights` with DoRA holds the magnitudes ``m`` ``(N, *C, *O)`` and
 the static flags `StackedLoraWeights.dora`. For routing, ``g = m / ||V||`` of every stacked
 adapter is computed once per call from the base kernel and the stacked factors (the factored
-norm of `flax_lora._dora`, mapped over the adapters and the carried axes, layers and experts:
-no kernel-sized array per adapter), plus one row for the base model (``ids == -1``: zero
-factors, ``g = 1``), then gathered per example. A plain adapter's ``g`` is 1, i.e. it behaves
+norm of `flax_lora._adapters._dora`, mapped over the adapters and the carried axes, layers and
+experts: no kernel-sized array per adapter), plus one row for the base model (``ids == -1``:
+zero factors, ``g = 1``), then gathered per example. A plain adapter's ``g`` is 1, i.e. it behaves
 as a DoRA adapter whose magnitude is ``||W0 + a @ b||``.
 """
 
@@ -26,49 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_lora._adapters import (
-    LoraWeights,
-    StackedLoraWeights,
-    adapter_tables,
-    extra_tables,
-    factor_dtype,
-    is_lora,
-    masked_factor,
-)
-from flax_lora._dora import layered_factor
-from flax_lora._extras import (
-    STACKED_TYPES,
-    is_extra,
-    select_extras,
-    split,
-    stack_extras,
-    unstack_extras,
-)
-from flax_lora._paths import describe, flatten, nest
+from flax_lora._adapters._delta import masked_factor
+from flax_lora._adapters._dora import layered_factor
+from flax_lora._adapters._tables import adapter_tables, extra_tables, split, stacked_table
+from flax_lora._adapters._weights import LoraWeights, StackedLoraWeights, factor_dtype, is_stacked
+from flax_lora._multi._stack_extras import select_extras, stack_extras, unstack_extras
+from flax_lora._paths import flatten, nest
 from flax_lora._typing import PyTree
-
-
-def is_stacked(x: Any) -> bool:
-    return isinstance(x, StackedLoraWeights)
-
-
-def stacked_table(stacked: PyTree) -> dict[str, StackedLoraWeights]:
-    """Maps each adapted kernel's path to its `StackedLoraWeights`.
-
-    Raises:
-      TypeError: ``stacked`` holds anything besides `StackedLoraWeights` (e.g. plain adapters).
-    """
-    table = flatten(stacked, is_leaf=lambda x: is_stacked(x) or is_lora(x) or is_extra(x))
-    extras = [p for p, v in table.items() if isinstance(v, STACKED_TYPES)]
-    table = {p: v for p, v in table.items() if p not in extras}
-    stray = [p for p, v in table.items() if not is_stacked(v) and v is not None]
-    if stray or not (table or extras):
-        raise TypeError(
-            "Expected a stacked adapter tree as returned by lora.stack (StackedLoraWeights "
-            f"entries only); found other entries at {describe(stray)}. Stack adapter sets with "
-            "lora.stack([adapters_0, adapters_1, ...])."
-        )
-    return {p: v for p, v in table.items() if v is not None}
 
 
 def num_stacked(stacked: PyTree) -> int:
@@ -88,9 +52,9 @@ def stack(adapter_list: Sequence[PyTree]) -> PyTree:
     delta is exactly ``a[k] @ b[k]`` whatever the ranks and scales (rsLoRA included).
 
     Trained copies (``modules_to_save``, trained biases) and token deltas stack too (each
-    adapter its own head: `flax_lora._extras.StackedCopy`, `StackedTokenDelta` on the union of
-    the token rows); every set must hold them at the same paths. A routed call with them runs
-    each example as a batch of one (see `lora.wrap`).
+    adapter its own head: `flax_lora._adapters._extras.StackedCopy`, `StackedTokenDelta` on
+    the union of the token rows); every set must hold them at the same paths. A routed call
+    with them runs each example as a batch of one (see `lora.wrap`).
 
     Adapters of kernels stacked by ``nn.scan`` / ``nnx.scan`` (`LoraWeights.layer_axes`) stack
     with the adapter axis first and the layer axes next: ``a`` ``(N, *L, *I, R)``, ``b``

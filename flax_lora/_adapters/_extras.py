@@ -1,4 +1,5 @@
-"""Adapter leaves beyond the LoRA factors: trained copies of base leaves and token-row deltas.
+"""The extras: the adapter entries beside the LoRA factors, trained copies of base leaves and
+token-row deltas, and how they apply to the params.
 
 PEFT trains three things besides the LoRA factors, all of them here as adapter leaves in their
 own pytree node types, keyed (like `LoraWeights`) by the path of the base leaf they stand for:
@@ -8,30 +9,30 @@ own pytree node types, keyed (like `LoraWeights`) by the path of the base leaf t
 - `TrainedCopy` (``role="bias"``): a bias trained whole (``LoraConfig.bias="all"`` /
   ``"lora_only"``); it replaces the base bias.
 - `TokenDelta`: ``LoraConfig.trainable_token_indices``: an additive delta for a few rows of an
-  Embed table: the table used is ``W0.at[indices].add(delta)``.
+  Embed's embedding: the embedding used is ``W0.at[indices].add(delta)``.
 
 `lora.wrap` and `lora.merge` substitute these into the params before anything else runs (a
 copy replaces its leaf; a token delta is a scatter-add of ``k`` rows, not a kernel-sized
-product), so a lookup and a tied ``attend`` of the table both see the new rows, and the factored
+product), so a lookup and a tied ``attend`` of the embedding both see the new rows, and the factored
 machinery never needs to know about them. Their static metadata travels in the tree structure,
 so ``jax.tree.leaves(adapters)`` stays exactly the trainable arrays.
 
 For routing (`lora.stack`) they stack as `StackedCopy` / `StackedTokenDelta` with a leading
-adapter axis; `select` picks one adapter's (the base leaf, or a zero delta, for ``-1``).
+adapter axis (`flax_lora._multi._stack_extras`, which also picks one adapter's again: the base
+leaf, or a zero delta, for ``-1``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_lora._paths import describe, flatten, nest, path_str
-from flax_lora._quant import dequantize_kernel, is_quantized
+from flax_lora._paths import describe, path_str
+from flax_lora._quant._formats import dequantize_kernel, is_quantized
 from flax_lora._typing import PyTree
 
 Role = Literal["module", "bias"]
@@ -118,7 +119,7 @@ class StackedCopy:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StackedTokenDelta:
-    """``N`` `TokenDelta` of one table stacked for routing: ``delta (N, k, *row)`` on the union
+    """``N`` `TokenDelta` of one embedding stacked for routing: ``delta (N, k, *row)`` on the union
     ``indices`` of the stacked adapters' rows (zeros where an adapter has no delta)."""
 
     delta: Any
@@ -144,26 +145,10 @@ def is_extra(x: Any) -> bool:
     return isinstance(x, EXTRA_TYPES + STACKED_TYPES)
 
 
-def split(
-    adapters: PyTree, is_entry: Callable[[Any], bool]
-) -> tuple[PyTree, dict[str, Extra | StackedExtra]]:
-    """``(the tree without the extra nodes, {path: extra node})``; ``is_entry`` says what the
-    other entries are (`LoraWeights`, `StackedLoraWeights`). The first is ``None`` when only
-    extra nodes were there."""
-    if adapters is None:
-        return None, {}
-    table = flatten(adapters, is_leaf=lambda x: is_extra(x) or is_entry(x))
-    extras = {p: v for p, v in table.items() if is_extra(v)}
-    if not extras:
-        return adapters, {}
-    rest = [(p, v) for p, v in table.items() if not is_extra(v) and v is not None]
-    return (nest(rest) if rest else None), extras
-
-
 def substitute(params: PyTree, extras: dict[str, Extra], where: str = "lora.wrap") -> PyTree:
     """``params`` with each extra node applied to the leaf at its path: a `TrainedCopy` replaces
     the leaf (cast to its dtype), a `TokenDelta` scatter-adds its rows (computed in float32 or
-    the table's dtype, if wider, and cast once).
+    the embedding's dtype, if wider, and cast once).
 
     Raises:
       ValueError: a path is not a leaf of ``params``, or a shape does not fit (naming it).
@@ -224,7 +209,7 @@ def apply_one(
 
 
 def check_token_delta(path: str, node: TokenDelta, shape: tuple[int, ...], where: str) -> None:
-    """Raises ``ValueError`` naming ``path`` unless ``node`` fits a table of ``shape``."""
+    """Raises ``ValueError`` naming ``path`` unless ``node`` fits an embedding of ``shape``."""
     expected = (len(node.indices), *shape[1:])
     if len(shape) < 2 or shape[0] != node.num_rows or tuple(np.shape(node.delta)) != expected:
         raise ValueError(
@@ -249,117 +234,6 @@ def unmerge_extras(params: PyTree, extras: dict[str, Extra]) -> PyTree:
     out, missing = _apply_all(params, extras, "lora.unmerge", sign=-1.0)
     if missing:
         raise ValueError(f"lora.unmerge: no leaf of params at {describe(missing)}.")
-    return out
-
-
-# -- stacking for routing ---------------------------------------------------------------------
-def stack_extras(tables: list[dict[str, Extra]], fn: str) -> dict[str, StackedExtra]:
-    """One stacked node per path from the extra nodes of ``N`` adapter sets (same paths).
-
-    Raises:
-      ValueError: the sets hold extra nodes at different paths, or of different kinds, shapes
-        or tables (naming the path).
-    """
-    first = tables[0]
-    for i, t in enumerate(tables[1:], start=1):
-        if set(t) != set(first):
-            raise ValueError(
-                f"lora.{fn}: all adapter sets must hold trained copies / token deltas at the "
-                f"same paths; set {i} lacks {describe([p for p in first if p not in t])} and has "
-                f"extra {describe([p for p in t if p not in first])} compared with set 0."
-            )
-    out: dict[str, StackedExtra] = {}
-    for path, n0 in first.items():
-        nodes = [t[path] for t in tables]
-        if any(type(n) is not type(n0) for n in nodes):
-            raise ValueError(
-                f"lora.{fn}: the adapter sets hold different kinds of entries at {path!r}: "
-                f"{[type(n).__name__ for n in nodes]}."
-            )
-        if isinstance(n0, TrainedCopy):
-            shapes = {tuple(np.shape(n.value)) for n in nodes}
-            if len(shapes) > 1:
-                raise ValueError(f"lora.{fn}: the trained copies of {path!r} differ in shape.")
-            dtype = jnp.result_type(*[n.value.dtype for n in nodes])
-            out[path] = StackedCopy(
-                values=jnp.stack([jnp.asarray(n.value, dtype) for n in nodes]), role=n0.role
-            )
-        elif isinstance(n0, TokenDelta):
-            if len({n.num_rows for n in nodes}) > 1:
-                raise ValueError(f"lora.{fn}: the token deltas of {path!r} are for other tables.")
-            union = tuple(sorted({i for n in nodes for i in n.indices}))
-            pos = {t: k for k, t in enumerate(union)}
-            dtype = jnp.result_type(*[n.delta.dtype for n in nodes])
-            rows = (len(union), *np.shape(n0.delta)[1:])
-            deltas = [
-                jnp.zeros(rows, dtype)
-                .at[jnp.asarray([pos[t] for t in n.indices], jnp.int32)]
-                .set(jnp.asarray(n.delta, dtype))
-                for n in nodes
-            ]
-            out[path] = StackedTokenDelta(
-                delta=jnp.stack(deltas), indices=union, num_rows=n0.num_rows
-            )
-        else:
-            raise TypeError(f"lora.{fn}: {path!r} holds an already stacked entry.")
-    return out
-
-
-def select_extras(stacked: dict[str, StackedExtra], index: Any, params: PyTree) -> dict[str, Extra]:
-    """Adapter ``index``'s extra nodes (possibly traced); for ``-1`` (or out of range) the base
-    leaf (from ``params``) and a zero delta."""
-    leaves = flatten(params) if params is not None else {}
-    index = jnp.asarray(index, jnp.int32)
-    out: dict[str, Extra] = {}
-    for path, node in stacked.items():
-        n = node.num_adapters
-        valid = (index >= 0) & (index < n)
-        safe = jnp.clip(index, 0, n - 1)
-        if isinstance(node, StackedCopy):
-            if path not in leaves:
-                raise ValueError(
-                    f"select: the stacked trained copies of {path!r} need the base leaf (for "
-                    "id -1) from params; it is not there."
-                )
-            base = jnp.asarray(leaves[path]).astype(node.values.dtype)
-            out[path] = TrainedCopy(value=jnp.where(valid, node.values[safe], base), role=node.role)
-        else:
-            d = jnp.where(valid, node.delta[safe], jnp.zeros_like(node.delta[0]))
-            out[path] = TokenDelta(delta=d, indices=node.indices, num_rows=node.num_rows)
-    return out
-
-
-def unstack_extras(stacked: dict[str, StackedExtra], i: int) -> dict[str, Extra]:
-    """Adapter ``i``'s extra nodes of a stacked tree (token deltas on the union rows)."""
-    out: dict[str, Extra] = {}
-    for path, node in stacked.items():
-        if isinstance(node, StackedCopy):
-            out[path] = TrainedCopy(value=node.values[i], role=node.role)
-        else:
-            out[path] = TokenDelta(
-                delta=node.delta[i], indices=node.indices, num_rows=node.num_rows
-            )
-    return out
-
-
-def combine_extras(tables: list[dict[str, Extra]], weights: jax.Array) -> dict[str, Extra]:
-    """`lora.combine` of the extra nodes: the weighted sums ``Σᵢ wᵢ vᵢ`` of the trained copies
-    (so weights summing to 1 average the heads) and of the token deltas (on the union of rows).
-
-    Raises:
-      ValueError: the sets hold extra nodes at different paths or of different kinds or shapes.
-    """
-    stacked = stack_extras(tables, "combine")
-    out: dict[str, Extra] = {}
-    for path, node in stacked.items():
-        if isinstance(node, StackedCopy):
-            v = jnp.tensordot(weights, node.values.astype(jnp.float32), axes=1)
-            out[path] = TrainedCopy(value=v.astype(node.values.dtype), role=node.role)
-        else:
-            d = jnp.tensordot(weights, node.delta.astype(jnp.float32), axes=1)
-            out[path] = TokenDelta(
-                delta=d.astype(node.delta.dtype), indices=node.indices, num_rows=node.num_rows
-            )
     return out
 
 

@@ -1,10 +1,10 @@
-"""`lora.init`: choose the kernels of a params tree to adapt (the config's patterns, the probe,
-the layers of scan-stacked kernels) and make each one's adapter."""
+"""`lora.init`: the adapter of every kernel `flax_lora._init._select` chooses (its factors made
+by `flax_lora._init._factors` or, for LoftQ, `flax_lora._init._loftq`), and the extras beside
+them (`flax_lora._init._init_extras`)."""
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -12,10 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_lora._adapters import LoraWeights
-from flax_lora._config import LoraConfig, layer_index
-from flax_lora._init_extras import init_extras, saved_leaves
-from flax_lora._kernel_init import (
+from flax_lora._adapters._weights import LoraWeights
+from flax_lora._config import LoraConfig
+from flax_lora._init._factors import (
     FACTORING_INITS,
     check_rank,
     init_factors,
@@ -23,14 +22,14 @@ from flax_lora._kernel_init import (
     warn_ranks,
     with_magnitude,
 )
-from flax_lora._loftq import loftq_factors
-from flax_lora._paths import describe, flatten, nest, path_str
-from flax_lora._probe import Use, kernel_uses
-from flax_lora._quant import as_shapes, is_quantized
+from flax_lora._init._init_extras import init_extras, saved_leaves
+from flax_lora._init._loftq import loftq_factors
+from flax_lora._init._select import layered_kernels, select_kernels
+from flax_lora._paths import flatten, nest, path_str
+from flax_lora._probe import kernel_uses
+from flax_lora._quant._formats import as_shapes, has_quantized, is_quantized
 from flax_lora._sharding import place
 from flax_lora._typing import Kind, PyTree
-
-_FLAX_KERNEL_NAMES = ("kernel", "embedding")
 
 
 def init(
@@ -105,15 +104,15 @@ def init(
     leaves = flatten(params)
     uses = None if probe is None else kernel_uses(probe, params)
     saved = saved_leaves(leaves, config)  # modules_to_save: trained whole, never factored
-    selected = _select({p: x for p, x in leaves.items() if p not in saved}, config, uses)
-    stacked = layered_kernels(selected, uses, leaves, config)  # scan-stacked layers
+    selected = select_kernels({p: x for p, x in leaves.items() if p not in saved}, config, uses)
+    layered = layered_kernels(selected, uses, leaves, config)  # nn.scan's layer axes
     keys = jax.random.split(key, max(len(selected), 1))
     bases = flatten(original, is_leaf=is_quantized) if config.dora else {}
     adapters: list[tuple[str, LoraWeights]] = []
     new_kernels: dict[str, PyTree] = {}
     too_big: list[str] = []  # adapters of a rank above their kernel's smaller side
     for k, (path, (kind, in_axes)) in zip(keys, selected.items(), strict=False):
-        n, layers = stacked.get(path, (0, None))
+        n, layers = layered.get(path, (0, None))
         experts = uses[path].expert_axes if uses is not None and path in uses else ()
         w, residual = _adapter(
             k, path, leaves[path], kind, in_axes, config, n, layers, tuple(experts)
@@ -138,8 +137,7 @@ def init(
 def _shapes_of_quantized(params: PyTree, config: LoraConfig) -> PyTree:
     """A quantized base (QLoRA) stands in as the shapes of its kernels: "lora", "gaussian" and
     "random" need no values, and nothing is dequantized."""
-    found = [x for x in jax.tree.leaves(params, is_leaf=is_quantized) if is_quantized(x)]
-    if not found:
+    if not has_quantized(params):
         return params
     if config.init in FACTORING_INITS:
         raise TypeError(
@@ -148,195 +146,6 @@ def _shapes_of_quantized(params: PyTree, config: LoraConfig) -> PyTree:
             "or lora.dequantize(params)."
         )
     return as_shapes(params)
-
-
-def _select(
-    leaves: dict[str, PyTree], config: LoraConfig, uses: dict[str, Use] | None
-) -> dict[str, tuple[Kind, tuple[int, ...]]]:
-    """Path -> (kind, input axes) of every kernel the config adapts."""
-    candidates = {}
-    for path, leaf in leaves.items():
-        ndim = getattr(leaf, "ndim", 0)
-        if ndim < 2:
-            continue
-        if uses is not None:
-            if path in uses or (config.targets is not None and config.matches(path)):
-                candidates[path] = leaf
-        elif config.targets is not None or path.rsplit("/", 1)[-1] in _FLAX_KERNEL_NAMES:
-            candidates[path] = leaf
-    targeted = {p: x for p, x in candidates.items() if config.matches(p, layer_in_path=False)}
-    _check_layers(targeted, config, uses)
-    # a scan-stacked kernel's layers are the entries of its leading axis, not a number in its
-    # path: `layered_kernels` picks them
-    stacked = lambda p: uses is not None and p in uses and bool(uses[p].layer_axes)
-    chosen = [p for p in candidates if config.matches(p, layer_in_path=not stacked(p))]
-    if not chosen:
-        raise ValueError(
-            f"LoraConfig(targets={config.targets!r}, exclude={config.exclude!r}, "
-            f"layers={config.layers!r}) matches no kernel. Kernels seen: "
-            f"{describe(candidates, limit=40)}." + _no_probe_hint(leaves, config, uses)
-        )
-    out = {}
-    for path in chosen:
-        leaf = candidates[path]
-        if not jnp.issubdtype(leaf.dtype, jnp.floating):
-            raise TypeError(
-                f"Kernel {path!r} has dtype {leaf.dtype}; LoRA adapts floating-point kernels only."
-            )
-        if 0 in leaf.shape:
-            raise ValueError(
-                f"Kernel {path!r} has shape {tuple(leaf.shape)}: an axis of size 0 leaves nothing "
-                "to adapt. Exclude it (LoraConfig.exclude) or give the layer a nonzero size."
-            )
-        is_table = leaf.ndim == 2 and path.rsplit("/", 1)[-1] == "embedding"
-        if uses is not None and path in uses and not (is_table and uses[path].kind == "dense"):
-            kind, in_axes = uses[path].kind, uses[path].in_axes
-        elif leaf.ndim == 2:
-            # An Embed table's rows are its input axis also when the probe only contracts it
-            # (``attend``), as without a probe.
-            kind = "embed" if path.rsplit("/", 1)[-1] == "embedding" else "dense"
-            in_axes = (0,)
-        elif uses is not None:
-            raise ValueError(
-                f"Kernel {path!r} of shape {tuple(leaf.shape)} is matched by targets but the probe "
-                "never contracts or gathers it, so its input axes are unknown."
-            )
-        else:
-            raise ValueError(
-                f"Kernel {path!r} has shape {tuple(leaf.shape)} ({leaf.ndim} dimensions): pass "
-                "probe=lambda p: model.apply(p, x) to lora.init so that its input axes can be "
-                "learned (2-D kernels need no probe)."
-            )
-        n_experts = len(uses[path].expert_axes) if uses is not None and path in uses else 0
-        if not in_axes or len(in_axes) + n_experts >= leaf.ndim:
-            raise ValueError(
-                f"Kernel {path!r} of shape {tuple(leaf.shape)}: the probe contracts axes "
-                f"{in_axes}, which leaves no input or no output axis to factor."
-            )
-        out[path] = (kind, tuple(in_axes))
-    return out
-
-
-def _check_layers(
-    candidates: dict[str, PyTree], config: LoraConfig, uses: dict[str, Use] | None
-) -> None:
-    """Raises if an index of ``config.layers`` picks no layer of any of the ``candidates`` (the
-    kernels that targets / exclude select): not a position on a scan-stacked kernel's layer
-    axis (the probe found it) nor the layer number of another kernel's path. An index that is
-    in range for some kernels only (stacks of different lengths) adapts those."""
-    if config.layers is None or not candidates:
-        return  # nothing selected at all: `_select` says so
-    counts: dict[int, list[str]] = {}  # number of layers -> the stacked kernels with that many
-    numbers: dict[str, int | None] = {}  # other kernels -> the layer number in their paths
-    for path, leaf in candidates.items():
-        layer_axes = tuple(uses[path].layer_axes) if uses is not None and path in uses else ()
-        if layer_axes:
-            counts.setdefault(int(leaf.shape[layer_axes[0]]), []).append(path)
-        else:
-            numbers[path] = layer_index(path, config.layers_pattern)
-    found = {i for i in numbers.values() if i is not None}
-    bad = sorted({i for i in config.layers if i not in found and not any(i < n for n in counts)})
-    if not bad:
-        return
-    seen = [f"{describe(ps)} stacked by a scan, with {n} layer(s)" for n, ps in counts.items()]
-    if numbers:
-        where = f"layer numbers {sorted(found)}" if found else "no layer number"
-        seen.append(
-            f"{len(numbers)} other kernel(s) with {where} in their paths ("
-            + (
-                "the first number in a path)"
-                if config.layers_pattern is None
-                else "the number in the component that layers_pattern matches, or the next one)"
-            )
-        )
-    hint = ""
-    if uses is None and any(candidates[p].ndim > 2 for p in numbers):
-        hint = (
-            " A kernel of 3 or more dimensions may be stacked by nn.scan / nnx.scan: pass "
-            "probe=lambda p: model.apply(p, x) so that its layer axis is found."
-        )
-    raise ValueError(
-        f"LoraConfig(layers={config.layers!r}) matches no kernel at layer index(es) {bad}: the "
-        f"kernels that targets / exclude select are {'; '.join(seen)}.{hint}"
-    )
-
-
-def _no_probe_hint(
-    leaves: dict[str, PyTree], config: LoraConfig, uses: dict[str, Use] | None
-) -> str:
-    """For a config that matches nothing without a probe and with ``targets=None``: the rule
-    that picked the candidates, the leaves it passed over, and what to pass instead."""
-    if uses is not None or config.targets is not None:
-        return ""
-    big = [p for p, leaf in leaves.items() if getattr(leaf, "ndim", 0) >= 2]
-    others = [p for p in big if p.rsplit("/", 1)[-1] not in _FLAX_KERNEL_NAMES]
-    if others:
-        example = "|".join(re.escape(p) for p in others[:2])
-        todo = (
-            f"To adapt other leaves, pass targets= (regexes that re.fullmatch their paths, e.g. "
-            f"targets={example!r}; 2-D leaves then take their rows as the input axis) or "
-            "probe=lambda p: apply_fn(p, x) (every leaf the traced function contracts or "
-            "gathers becomes a kernel)."
-        )
-    else:
-        todo = "The tree has no other leaf of 2 or more dimensions to adapt."
-    return (
-        " Without a probe and with targets=None, only leaves named 'kernel' or 'embedding' "
-        f"(Flax's names) are candidates. Leaves of 2 or more dimensions in params: "
-        f"{describe(big, limit=10)}. {todo}"
-    )
-
-
-def layered_kernels(
-    selected: dict[str, tuple[Kind, tuple[int, ...]]],
-    uses: dict[str, Use] | None,
-    leaves: dict[str, PyTree],
-    config: LoraConfig,
-) -> dict[str, tuple[int, tuple[int, ...] | None]]:
-    """Path -> (number of leading layer axes, picked layers or ``None``) of the stacked kernels
-    among ``selected``; drops from ``selected`` the stacked kernels with no picked layer.
-
-    Raises:
-      ValueError: a scan slices a kernel on an axis that is not leading, a stacked kernel has
-        no output axis, or no kernel is left once ``layers`` is applied.
-    """
-    if uses is None:
-        return {}
-    out: dict[str, tuple[int, tuple[int, ...] | None]] = {}
-    for path in list(selected):
-        use = uses.get(path)
-        lax_ = tuple(getattr(use, "layer_axes", ()) or ())
-        if not lax_:
-            continue
-        shape = tuple(leaves[path].shape)
-        n = len(lax_)
-        if lax_ != tuple(range(n)):
-            raise ValueError(
-                f"Kernel {path!r} of shape {shape} is sliced by a scan on axes {lax_}; stacked "
-                "layers must be its leading axes."
-            )
-        in_axes = selected[path][1]
-        experts = tuple(getattr(use, "expert_axes", ()) or ())
-        if any(i < n for i in (*in_axes, *experts)) or len(in_axes) + len(experts) + n >= len(
-            shape
-        ):
-            raise ValueError(
-                f"Kernel {path!r} of shape {shape} with {n} layer axis(es): the probe contracts "
-                f"axes {in_axes}, which leaves no input or no output axis to factor."
-            )
-        layers = None
-        if config.layers is not None:
-            layers = tuple(sorted({i for i in config.layers if 0 <= i < shape[0]}))
-            if not layers:
-                del selected[path]
-                continue
-        out[path] = (n, layers)
-    if not selected:
-        raise ValueError(
-            f"LoraConfig(layers={config.layers!r}) picks no layer of the stacked kernels "
-            f"{describe(list(uses))}."
-        )
-    return out
 
 
 def _adapter(
@@ -350,7 +159,7 @@ def _adapter(
     layers: tuple[int, ...] | None,
     experts: tuple[int, ...] = (),
 ) -> tuple[LoraWeights, PyTree]:
-    """The adapter of one kernel (``n_layer_axes`` leading layer axes of a scan-stacked kernel,
+    """The adapter of one kernel (``n_layer_axes`` leading layer axes of a layered kernel,
     adapted on ``layers`` of the first one, ``None``: all; ``experts``: its expert axes, one
     adapter per expert), and the base it runs on when the init replaces it (PiSSA/OLoRA: the
     residual kernel; LoftQ: its `QuantizedKernel`), else ``None``."""

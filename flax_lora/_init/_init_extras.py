@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 
 from flax_lora import _regex
+from flax_lora._adapters._extras import TokenDelta, TrainedCopy
 from flax_lora._config import LoraConfig
-from flax_lora._extras import TokenDelta, TrainedCopy
-from flax_lora._paths import describe, flatten
+from flax_lora._paths import describe, flatten, leaf_name, module_path
 from flax_lora._probe import Use
 from flax_lora._typing import Kind, PyTree
 
@@ -32,7 +32,7 @@ def saved_leaves(leaves: dict[str, PyTree], config: LoraConfig) -> list[str]:
                 break
     unused = [p for p in config.modules_to_save if p not in used]
     if unused:
-        modules = list(dict.fromkeys(p.rsplit("/", 1)[0] for p in leaves if "/" in p))
+        modules = list(dict.fromkeys(module_path(p) for p in leaves if "/" in p))
         raise ValueError(
             f"LoraConfig.modules_to_save: {unused} match no module of params (a pattern must "
             f"re.fullmatch a module's path, the path of its leaves without the leaf name). "
@@ -73,14 +73,14 @@ def init_extras(
     if config.bias != "none":
         floating = lambda p: jnp.issubdtype(getattr(leaves[p], "dtype", jnp.int32), jnp.floating)
         if config.bias == "all":
-            biases = [p for p in leaves if p.rsplit("/", 1)[-1] == "bias" and floating(p)]
+            biases = [p for p in leaves if leaf_name(p) == "bias" and floating(p)]
             if not biases:
                 raise ValueError(
                     "LoraConfig(bias='all'): params hold no floating leaf named 'bias'. Leaves: "
                     f"{describe(leaves, limit=20)}."
                 )
         else:
-            modules = [p.rsplit("/", 1)[0] for p in selected if "/" in p]
+            modules = [module_path(p) for p in selected if "/" in p]
             biases = [f"{m}/bias" for m in modules if f"{m}/bias" in leaves]
             if not biases:
                 raise ValueError(
@@ -93,8 +93,8 @@ def init_extras(
             if path not in out:  # a bias of a module in modules_to_save is trained there
                 out[path] = TrainedCopy(value=copy_of(path), role="bias")
     if config.trainable_token_indices is not None:
-        for path, ids in _token_tables(leaves, config, uses).items():
-            table = leaves[path]
+        for path, ids in _token_embeddings(leaves, config, uses).items():
+            embedding = leaves[path]
             if path in selected or path in out:
                 raise ValueError(
                     f"LoraConfig.trainable_token_indices: the table {path!r} also gets "
@@ -102,35 +102,37 @@ def init_extras(
                     "have one of the two. Exclude it from targets (exclude=...) or from "
                     "modules_to_save."
                 )
-            bad = [i for i in ids if i >= table.shape[0]]
+            bad = [i for i in ids if i >= embedding.shape[0]]
             if bad:
                 raise ValueError(
                     f"LoraConfig.trainable_token_indices: token ids {bad} are out of range for "
-                    f"the table {path!r} of shape {tuple(table.shape)} (ids must be below "
-                    f"{table.shape[0]})."
+                    f"the table {path!r} of shape {tuple(embedding.shape)} (ids must be below "
+                    f"{embedding.shape[0]})."
                 )
-            delta = jnp.zeros((len(ids), *table.shape[1:]), config.dtype)
-            out[path] = TokenDelta(delta=delta, indices=tuple(ids), num_rows=int(table.shape[0]))
+            delta = jnp.zeros((len(ids), *embedding.shape[1:]), config.dtype)
+            out[path] = TokenDelta(
+                delta=delta, indices=tuple(ids), num_rows=int(embedding.shape[0])
+            )
     return out
 
 
-def _token_tables(
+def _token_embeddings(
     leaves: dict[str, PyTree], config: LoraConfig, uses: dict[str, Use] | None
 ) -> dict[str, tuple[int, ...]]:
-    """Table path -> token ids, for ``config.trainable_token_indices``."""
+    """Embedding path -> token ids, for ``config.trainable_token_indices``."""
     spec = config.trainable_token_indices
     embed = lambda p: uses is not None and p in uses and uses[p].kind == "embed"
-    is_table = lambda p: (
-        getattr(leaves[p], "ndim", 0) == 2 and (p.rsplit("/", 1)[-1] == "embedding" or embed(p))
+    is_embedding = lambda p: (
+        getattr(leaves[p], "ndim", 0) == 2 and (leaf_name(p) == "embedding" or embed(p))
     )
-    tables = [p for p in leaves if is_table(p)]
+    embeddings = [p for p in leaves if is_embedding(p)]
     if not isinstance(spec, dict):
-        if not tables:
+        if not embeddings:
             raise ValueError(
                 "LoraConfig.trainable_token_indices: params hold no Embed table (a 2-D leaf named "
                 "'embedding'); pass {regex: ids} to name the table."
             )
-        return {p: spec for p in tables}
+        return {p: spec for p in embeddings}
     out: dict[str, tuple[int, ...]] = {}
     what = "LoraConfig.trainable_token_indices"
     for pattern, ids in spec.items():
@@ -138,13 +140,13 @@ def _token_tables(
             p
             for p in leaves
             if getattr(leaves[p], "ndim", 0) >= 2
-            and any(_regex.fullmatch(pattern, q, what) for q in (p, p.rsplit("/", 1)[0]))
+            and any(_regex.fullmatch(pattern, q, what) for q in (p, module_path(p) or p))
         ]
         if not hits:
             raise ValueError(
                 f"LoraConfig.trainable_token_indices: {pattern!r} matches no table of params (it "
                 "must re.fullmatch a 2-D table's path or its module's path). Embed tables seen: "
-                f"{describe(tables)}."
+                f"{describe(embeddings)}."
             )
         for p in hits:
             if leaves[p].ndim != 2:

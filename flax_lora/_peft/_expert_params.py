@@ -7,7 +7,7 @@ targeted by name ``"<module>.<param>"`` (the key map's name of the kernel, e.g.
 
 - ``lora_A.weight (r * E, in)``, rows **expert-major** (row ``e * r + k`` is expert ``e``, rank
   ``k``); ``lora_B.weight (out, r * E)``, columns **rank-major** (column ``k * E + e``);
-  ``delta[e] = scaling * B_e @ A_e`` in PEFT's ``(out, in)`` view.
+  ``delta[e] = scaling * B_e @ A_e`` in PEFT's ``(out, in)`` layout.
 - PEFT's ``in`` is ``s2`` (it reads ``(E, out, in)``, the PyTorch Linear convention, as
   Mixtral's experts) unless the module has ``is_transposed = True`` (then ``s1``: ``(E, in,
   out)``, as gpt-oss's). A parameter laid out the other way round (``(E, in, out)`` without the
@@ -22,7 +22,7 @@ targeted by name ``"<module>.<param>"`` (the key map's name of the kernel, e.g.
 - ``rank_pattern`` / ``alpha_pattern`` keys match ``"<module>.<param>"``; ParamWrapper refuses
   ``lora_dropout``, DoRA, ``fan_in_fan_out`` and ``lora_bias``.
 
-Our factors from PEFT's view ``lhs[e] = A_e.T (in, r)``, ``rhs[e] = B_e.T (r, out)``:
+Our factors from PEFT's tensors as ``lhs[e] = A_e.T (in, r)``, ``rhs[e] = B_e.T (r, out)``:
 ``a, b = lhs, rhs`` when PEFT's ``in`` is the contracted side, else ``a, b = rhs^T, lhs^T``.
 """
 
@@ -36,9 +36,9 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from flax_lora._adapters import LoraWeights
-from flax_lora._peft._layout import Factors, Target
+from flax_lora._adapters._weights import LoraWeights
 from flax_lora._peft._names import BASE_LAYER
+from flax_lora._peft._tensor_layouts import Factors, Target
 
 ParamOrder = Sequence[str] | Mapping[str, Sequence[str]] | None
 """``param_order``: PyTorch's registration order of parameter names (e.g.

@@ -10,14 +10,14 @@ PEFT's names (checked against ``peft`` 0.21's ``save_pretrained``):
 - ``trainable_token_indices``: ``base_model.model.<embedding>.token_adapter.trainable_tokens_delta``
   of shape ``(k, dim)``, the ids in ``adapter_config.json`` (``{module name: [ids]}``). Despite
   its name it holds the *new rows* (PEFT writes them with ``index_copy``), i.e. ``W0[ids] +
-  delta`` in our terms (`TokenDelta` holds the additive delta), so writing needs the base table
+  delta`` in our terms (`TokenDelta` holds the additive delta), so writing needs the base embedding
   and reading subtracts it.
 
 Flax leaf -> PyTorch parameter: ``kernel`` -> ``weight`` (a 2-D Dense kernel transposed; a
 kernel of 3+ dimensions is refused on save, since a conv and a multi-axis Dense kernel need
 different layouts; on load a conv weight ``(out, in, *window)`` is read into Flax's
 ``(*window, in, out)``), ``embedding`` and ``scale`` -> ``weight``, ``bias`` -> ``bias``
-(flattened), any other leaf name as itself (`flax_lora._peft._layout.to_torch`).
+(flattened), any other leaf name as itself (`flax_lora._peft._tensor_layouts.to_torch`).
 """
 
 from __future__ import annotations
@@ -31,10 +31,9 @@ import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 from flax_lora import _regex
+from flax_lora._adapters._extras import Extra, TokenDelta, TrainedCopy, check_token_delta
 from flax_lora._config import LoraConfig
-from flax_lora._extras import TokenDelta, TrainedCopy, check_token_delta
-from flax_lora._paths import describe, flatten
-from flax_lora._peft._layout import from_torch, to_torch
+from flax_lora._paths import describe, flatten, leaf_name, module_path
 from flax_lora._peft._names import (
     BASE_LAYER,
     LAYER,
@@ -45,9 +44,8 @@ from flax_lora._peft._names import (
     split_tensor_key,
     torch_param,
 )
+from flax_lora._peft._tensor_layouts import from_torch, to_torch
 from flax_lora._typing import PyTree
-
-Extra = TrainedCopy | TokenDelta
 
 
 # -- save ----------------------------------------------------------------------------------------
@@ -119,9 +117,9 @@ def _token_rows(path: str, node: TokenDelta, base: dict[str, Any] | None) -> np.
             "trained rows themselves (W0[ids] + delta), so pass params=<the base params> "
             "to save_peft."
         )
-    table = jnp.asarray(base[path])
-    check_token_delta(path, node, tuple(table.shape), "save_peft")
-    rows = table[jnp.asarray(node.indices)].astype(jnp.float32) + jnp.asarray(
+    embedding = jnp.asarray(base[path])
+    check_token_delta(path, node, tuple(embedding.shape), "save_peft")
+    rows = embedding[jnp.asarray(node.indices)].astype(jnp.float32) + jnp.asarray(
         node.delta, jnp.float32
     )
     return np.ascontiguousarray(np.asarray(jax.device_get(rows), np.float32))
@@ -133,7 +131,7 @@ def _copy_tensor(path: str, node: TrainedCopy) -> np.ndarray:
     Raises:
       ValueError: a kernel of 3 or more dimensions, whose PyTorch layout is ambiguous.
     """
-    if path.rsplit("/", 1)[-1] == "kernel" and node.value.ndim > 2:
+    if leaf_name(path) == "kernel" and node.value.ndim > 2:
         # a conv (*window, in, out) and a multi-axis Dense kernel need different PyTorch
         # layouts, and a trained copy does not say which it is: never guess
         raise ValueError(
@@ -152,8 +150,9 @@ def _bias_mode(biases: list[str], lora_kernels: Iterable[str], config: LoraConfi
         return "none"
     if config is not None and config.bias != "none":
         return config.bias
-    lora_paths = {p.rsplit("/", 1)[0] for p in lora_kernels}
-    return "lora_only" if all(b.rsplit("/", 1)[0] in lora_paths for b in biases) else "all"
+    module = lambda p: module_path(p) or p  # a top-level leaf counts as its own module
+    lora_paths = {module(p) for p in lora_kernels}
+    return "lora_only" if all(module(b) in lora_paths for b in biases) else "all"
 
 
 # -- load ----------------------------------------------------------------------------------------
@@ -251,37 +250,37 @@ def _token_delta(
     module: str,
     ids: list[int],
     path: str,
-    table: ArrayLike | jax.ShapeDtypeStruct,
+    embedding: ArrayLike | jax.ShapeDtypeStruct,
     dtype: DTypeLike | None,
 ) -> TokenDelta:
-    """The `TokenDelta` ``rows - W0[ids]`` of PEFT's trained rows of the table at ``path``.
+    """The `TokenDelta` ``rows - W0[ids]`` of PEFT's trained rows of the embedding at ``path``.
 
     Raises:
-      ValueError: ``params`` holds no values for the table; ids out of range; a misfit.
+      ValueError: ``params`` holds no values for the embedding; ids out of range; a misfit.
     """
-    if not hasattr(table, "dtype") or isinstance(table, jax.ShapeDtypeStruct):
+    if not hasattr(embedding, "dtype") or isinstance(embedding, jax.ShapeDtypeStruct):
         raise ValueError(
             f"load_peft: the trainable tokens of {module!r} are stored as rows; the delta "
             f"needs the base table's values at {path!r}, but params hold none there."
         )
-    bad = [i for i in ids if not 0 <= i < table.shape[0]]
+    bad = [i for i in ids if not 0 <= i < embedding.shape[0]]
     if bad:
         raise ValueError(
             f"load_peft: token ids {bad} of {module!r} are out of range for the table "
-            f"{path!r} of shape {tuple(table.shape)}."
+            f"{path!r} of shape {tuple(embedding.shape)}."
         )
-    expected = (len(ids), *table.shape[1:])
+    expected = (len(ids), *embedding.shape[1:])
     if tuple(rows.shape) != expected:
         raise ValueError(
             f"load_peft: {key!r} has shape {tuple(rows.shape)}; the table {path!r} "
             f"with ids {ids} needs {expected}."
         )
-    base_rows = np.asarray(jax.device_get(table), np.float32)[np.asarray(ids)]
+    base_rows = np.asarray(jax.device_get(embedding), np.float32)[np.asarray(ids)]
     delta = np.asarray(rows, np.float32) - base_rows
     return TokenDelta(
         delta=jnp.asarray(delta, dtype or jnp.float32),
         indices=tuple(ids),
-        num_rows=int(table.shape[0]),
+        num_rows=int(embedding.shape[0]),
     )
 
 

@@ -6,7 +6,7 @@ the integer codes and their scales; `dequantize` turns them back into arrays of 
 dtype. It is pure and jit-able, so a training step calls it on the quantized tree *inside* the
 jitted function: only the codes live in memory between steps, and each kernel is expanded
 transiently for its use (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs",
-https://arxiv.org/abs/2305.14314). The formats themselves are in `flax_lora._quant`.
+https://arxiv.org/abs/2305.14314). The formats themselves are in `flax_lora._quant._formats`.
 """
 
 from __future__ import annotations
@@ -21,24 +21,21 @@ import numpy as np
 
 from flax_lora import _regex
 from flax_lora._config import regex_tuple
-from flax_lora._paths import describe, flatten, path_str
+from flax_lora._paths import KERNEL_LEAVES, describe, flatten, leaf_name, path_str
 from flax_lora._probe import kernel_uses
-from flax_lora._quant import (
+from flax_lora._quant._checks import check_format, finite_error, non_finite
+from flax_lora._quant._formats import (
     QuantizedKernel,
     as_shapes,
-    check_format,
     dequantize_kernel,
-    finite_error,
+    has_quantized,
     is_quantized,
     join_layers,
-    non_finite,
     quantize_f32,
     quantize_jit,
     split_layers,
 )
 from flax_lora._typing import PyTree, QuantFormat
-
-_KERNEL_NAMES = ("kernel", "embedding")
 
 
 def _select(leaves: dict[str, Any], patterns: tuple[str, ...] | None) -> list[str]:
@@ -48,7 +45,7 @@ def _select(leaves: dict[str, Any], patterns: tuple[str, ...] | None) -> list[st
         for p, x in leaves.items()
         if not is_quantized(x)
         and getattr(x, "ndim", 0) >= 2
-        and (patterns is not None or p.rsplit("/", 1)[-1] in _KERNEL_NAMES)
+        and (patterns is not None or leaf_name(p) in KERNEL_LEAVES)
     ]
     if patterns is None:
         chosen = candidates
@@ -199,7 +196,7 @@ def dequantize(params: PyTree) -> PyTree:
       The same tree with each `QuantizedKernel` replaced by an array of its original shape and
       dtype.
     """
-    if not any(is_quantized(x) for x in jax.tree.leaves(params, is_leaf=is_quantized)):
+    if not has_quantized(params):
         return params  # nothing to do: the very same tree
     return jax.tree.map(
         lambda x: dequantize_kernel(x) if is_quantized(x) else x, params, is_leaf=is_quantized
@@ -298,7 +295,7 @@ def requantize_layers(
 ) -> tuple[QuantizedKernel, float | None]:
     """``quantize(dequantize(q) + add(i))`` layer by layer for a kernel quantized per layer
     (``q.layer_axes``), in a `jax.lax.map` over the layers, so one layer's float kernel is
-    alive at a time; and the relative error ``||W - deQ(Q(W))|| / ||W||`` over the stack
+    alive at a time; and the relative error ``||W - deQ(Q(W))|| / ||W||`` over all layers
     (``None`` under a trace). ``add(i)``: layer ``i``'s float32 update."""
     treedef, flat = split_layers(q)
     fmt = (q.format, q.block_size, q.double_quant, jnp.dtype(q.dtype))

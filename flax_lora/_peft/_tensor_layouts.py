@@ -1,7 +1,7 @@
 """PEFT's tensor layouts: how each kind of PyTorch module holds LoRA factors and whole leaves.
 
-Ours are ``a (*I, r)`` and ``b (r, *O)`` in the Flax kernel's layout. One `Layout` per kind of
-PyTorch module that PEFT's LoRA adapts, each a pair of functions (``write``: ours -> PEFT's,
+Ours are ``a (*I, r)`` and ``b (r, *O)`` in the Flax kernel's layout. One `TensorLayout` per kind
+of PyTorch module that PEFT's LoRA adapts, each a pair of functions (``write``: ours -> PEFT's,
 ``read``: PEFT's -> ours, checking every shape) and the names of its two tensors:
 
 - `LINEAR`: Linear / GPT-2 Conv1D <-> Dense, DenseGeneral, Einsum: ``lora_A.weight =
@@ -18,12 +18,13 @@ PyTorch module that PEFT's LoRA adapts, each a pair of functions (``write``: our
 - DoRA (``use_dora``): ``<module>.lora_magnitude_vector`` is our ``m`` (`LoraWeights.m`, shape
   ``O``): ``(out,)`` for a Linear / Conv1D (``O`` flattened), ``(dim,)`` for an Embedding,
   ``(1, out, 1, ...)`` for a Conv. PEFT's norms run over the same axes as ours (see
-  `flax_lora._dora`).
+  `flax_lora._adapters._dora`).
 
-To add a layout: write its ``write`` / ``read`` pair, make a `Layout`, add it to `LAYOUTS` and
-teach `layout_of_adapter` (save) and `layout_of_target` (load) when to pick it. Expert kernels
+To add a layout: write its ``write`` / ``read`` pair, make a `TensorLayout`, add it to
+`TENSOR_LAYOUTS` and teach `layout_of_adapter` (save) and `layout_of_target` (load) when to pick
+it. Expert kernels
 (PEFT's ``target_parameters``) are not a module layout: their tensors' names depend on the
-other parameters of the module, so `flax_lora._peft._experts` holds them.
+other parameters of the module, so `flax_lora._peft._expert_params` holds them.
 
 Whole leaves (``modules_to_save``, biases) are written by `to_torch` and read by `from_torch`.
 """
@@ -40,7 +41,8 @@ import jax
 import numpy as np
 from jax.typing import ArrayLike
 
-from flax_lora._adapters import LoraWeights
+from flax_lora._adapters._weights import LoraWeights
+from flax_lora._paths import leaf_name
 from flax_lora._peft._names import MAGNITUDE
 from flax_lora._probe import Use
 from flax_lora._typing import Kind
@@ -79,7 +81,7 @@ class Factors(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class Layout:
+class TensorLayout:
     """How one kind of PyTorch module holds a LoRA factor pair and DoRA's magnitude."""
 
     keys: tuple[str, str]  # the names of lora_A and lora_B after the module name
@@ -203,25 +205,27 @@ def _read_embedding(t: Target, lora_a: np.ndarray, lora_b: np.ndarray) -> Factor
     return Factors(lora_a.T, lora_b.T, "embed", (0,))
 
 
-# -- the table -----------------------------------------------------------------------------------
-LINEAR = Layout((".lora_A.weight", ".lora_B.weight"), _write_linear, _read_linear, _flat_magnitude)
-CONV = Layout((".lora_A.weight", ".lora_B.weight"), _write_conv, _read_conv, _conv_magnitude)
-EMBEDDING = Layout(
+# -- the table of layouts ------------------------------------------------------------------------
+LINEAR = TensorLayout(
+    (".lora_A.weight", ".lora_B.weight"), _write_linear, _read_linear, _flat_magnitude
+)
+CONV = TensorLayout((".lora_A.weight", ".lora_B.weight"), _write_conv, _read_conv, _conv_magnitude)
+EMBEDDING = TensorLayout(
     (".lora_embedding_A", ".lora_embedding_B"), _write_embedding, _read_embedding, _flat_magnitude
 )
-LAYOUTS = (LINEAR, CONV, EMBEDDING)
-SUFFIXES = (*dict.fromkeys(k for layout in LAYOUTS for k in layout.keys), MAGNITUDE)
+TENSOR_LAYOUTS = (LINEAR, CONV, EMBEDDING)
+SUFFIXES = (*dict.fromkeys(k for layout in TENSOR_LAYOUTS for k in layout.keys), MAGNITUDE)
 """The names after a module's name of every tensor a LoRA module may hold."""
-PAIRS = {frozenset(layout.keys) for layout in LAYOUTS}
+PAIRS = {frozenset(layout.keys) for layout in TENSOR_LAYOUTS}
 """The sets of factor tensors a complete module holds."""
 
 
-def layout_of_adapter(w: LoraWeights) -> Layout:
+def layout_of_adapter(w: LoraWeights) -> TensorLayout:
     """The layout `save_peft` writes ``w`` in: by its kind."""
     return {"dense": LINEAR, "conv": CONV, "embed": EMBEDDING}[w.kind]
 
 
-def layout_of_target(t: Target) -> Layout:
+def layout_of_target(t: Target) -> TensorLayout:
     """The layout of a module's tensors in a file: by their names, then (Conv and Linear share
     names) by the rank of ``lora_A``, a conv weight for a Conv."""
     if EMBEDDING.keys[0] in t.tensors:
@@ -248,7 +252,7 @@ def from_peft(t: Target) -> Factors:
     """A module's factor tensors in our layout, for the kernel of ``t.shape``.
 
     Raises:
-      ValueError: the tensors do not fit the kernel, or the probe's view of it (naming both).
+      ValueError: the tensors do not fit the kernel, or what the probe saw of it (naming both).
     """
     layout = layout_of_target(t)
     return layout.read(t, t.tensors[layout.keys[0]], t.tensors[layout.keys[1]])
@@ -279,7 +283,7 @@ def to_torch(path: str, x: ArrayLike) -> np.ndarray:
     """A Flax leaf in its PyTorch twin's layout, float32: a 2-D ``kernel`` transposed, a conv
     kernel ``(*window, in, out)`` as ``(out, in, *window)``, a ``bias`` flattened."""
     x = _float32(x)
-    leaf = path.rsplit("/", 1)[-1]
+    leaf = leaf_name(path)
     if leaf == "kernel":
         if x.ndim == 2:
             x = x.T
@@ -296,7 +300,7 @@ def from_torch(path: str, t: np.ndarray, shape: tuple[int, ...], where: str) -> 
     Raises:
       ValueError: the tensor does not fit (naming the path and both shapes).
     """
-    leaf = path.rsplit("/", 1)[-1]
+    leaf = leaf_name(path)
     t = np.asarray(t)
     if leaf == "kernel" and len(shape) == 2 and t.shape == shape[::-1]:
         return t.T

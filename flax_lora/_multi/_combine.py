@@ -19,14 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_lora._adapters import (
-    LoraWeights,
-    adapter_tables,
-    extra_tables,
-    factor_dtype,
-    masked_factor,
-)
-from flax_lora._extras import combine_extras
+from flax_lora._adapters._delta import masked_factor
+from flax_lora._adapters._tables import adapter_tables, extra_tables
+from flax_lora._adapters._weights import LoraWeights, factor_dtype
+from flax_lora._multi._stack_extras import combine_extras
 from flax_lora._paths import nest
 from flax_lora._typing import PyTree
 
@@ -342,7 +338,7 @@ def _per_carried(
     key: jax.Array | None,
 ) -> LoraWeights:
     """``one`` (the combination of one kernel's adapters) at each carried index of adapters with
-    carried axes (the layers of a scan stack, the experts of an expert kernel, or both).
+    carried axes (the layers of a layered kernel, the experts of an expert kernel, or both).
 
     Each index's adapters are those of that index's own kernel (the ``vmap``-ed function sees a
     `LoraWeights` without carried axes, `LoraWeights.carried_slice`); random pruning draws its
@@ -353,7 +349,7 @@ def _per_carried(
     w0 = ws[0]
     lead = w0.carried_shape
     n = len(lead)
-    views = [  # the carried axes flattened to one mapped axis; layers x does not adapt: zeros
+    per_index = [  # the carried axes flattened to one mapped axis; layers x does not adapt: zeros
         x.carried_slice(
             a=masked_factor(x, x.a).reshape((math.prod(lead), *x.a.shape[n:])),
             b=masked_factor(x, x.b).reshape((math.prod(lead), *x.b.shape[n:])),
@@ -361,7 +357,7 @@ def _per_carried(
         for x in ws
     ]
     keys = None if key is None else jax.random.split(key, math.prod(lead))
-    out = jax.vmap(one, in_axes=(0, None if keys is None else 0))(views, keys)
+    out = jax.vmap(one, in_axes=(0, None if keys is None else 0))(per_index, keys)
     picked = (
         None if any(x.layers is None for x in ws) else sorted(set().union(*(x.layers for x in ws)))
     )
@@ -425,8 +421,3 @@ def _svd(
     u, s, vt = jnp.linalg.svd(m, full_matrices=False)
     root = jnp.sqrt(s[:k])
     return _result(ws[0], u[:, :k] * root, root[:, None] * vt[:k], factor_dtype(ws))
-
-
-# --------------------------------------------------------------------------------------------
-# stack / unstack / routing
-# --------------------------------------------------------------------------------------------

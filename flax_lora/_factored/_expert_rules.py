@@ -32,26 +32,13 @@ import jax
 import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
-from flax_lora._factored._base import as_array
 from flax_lora._factored._contract import Evaluator, Result, Unfactored, no_rule
-from flax_lora._factored._layout import value_ops_only
+from flax_lora._factored._layout_ops import value_ops_only
 from flax_lora._factored._lowrank import cast_like
-from flax_lora._factored._rules import dense_rule, dropout, kernel_use, operand
+from flax_lora._factored._quant_base import as_array
+from flax_lora._factored._rules import dequantized, dropout, kernel_use, operand
 from flax_lora._factored._view import EXPERT, I_SIDE, KernelView, expert_slice
-
-Key = jax.Array | None
-
-
-def dot_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
-    """``dot_general``: the expert rule for an (unrouted) expert view, else the Dense rule."""
-    if any(isinstance(x, KernelView) and EXPERT in x.meta.carried for x in invals):
-        return expert_dense_rule(interp, eqn, invals, key)
-    return dense_rule(interp, eqn, invals, key)
-
-
-def _not_quantized(eqn: jx.Eqn, invals: list[Any]) -> Unfactored:
-    del eqn, invals
-    return Unfactored("dequantized at this use")
+from flax_lora._typing import Key
 
 
 def _branch_inputs(
@@ -171,8 +158,8 @@ def _ragged(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Resu
     return _finish(base_out, low, v, g)
 
 
-expert_dense_rule = kernel_use(_not_quantized)(_expert_dense)
-_ragged_checked = kernel_use(_not_quantized)(_ragged)
+expert_dense_rule = kernel_use(dequantized)(_expert_dense)
+_ragged_checked = kernel_use(dequantized)(_ragged)
 
 
 def ragged_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:

@@ -3,10 +3,10 @@ factor the base kernel (PiSSA, OLoRA), and DoRA's magnitude.
 
 A kernel's axes are its input axes ``I``, its output axes ``O`` and its carried axes ``C``:
 the axes on which the adapter has an independent factor pair per index (the layer axes of a
-layered kernel, stacked by ``nn.scan`` / ``nnx.scan``; expert axes next). `init_factors` makes
+layered kernel, ``nn.scan`` / ``nnx.scan``; expert axes next). `init_factors` makes
 the factors of one slice of the carried axes at a time, in one loop over the slices, and stacks
 them; a kernel without carried axes is a single slice. LoftQ, which quantizes the base while it
-fits the factors, is in `flax_lora._loftq`.
+fits the factors, is in `flax_lora._init._loftq`.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from flax_lora._adapters import LoraWeights
-from flax_lora._dora import weight_norm
-from flax_lora._quant import QuantizedKernel, dequantize_kernel, is_quantized
+from flax_lora._adapters._dora import weight_norm
+from flax_lora._adapters._weights import LoraWeights
+from flax_lora._quant._formats import QuantizedKernel, dequantize_kernel, is_quantized
 from flax_lora._sharding import place
 from flax_lora._typing import Init, Kind
 
 RANDOM_INITS: tuple[Init, ...] = ("lora", "gaussian", "random")
-"""The inits that need the kernel's shape only (``b = 0``, or ``a = 0`` for an Embed table,
+"""The inits that need the kernel's shape only (``b = 0``, or ``a = 0`` for an embedding,
 except ``"random"``)."""
 
 FACTORING_INITS: tuple[Init, ...] = ("pissa", "olora", "loftq")
@@ -121,7 +121,7 @@ def init_factors(
       key: a PRNG key (used by the random inits only).
       kernel: the base kernel; a `jax.ShapeDtypeStruct` is enough for `RANDOM_INITS`.
       init: one of `RANDOM_INITS`, ``"pissa"`` or ``"olora"``.
-      kind: the kernel's kind (an Embed table starts with ``a = 0`` instead of ``b = 0``).
+      kind: the kernel's kind (an embedding starts with ``a = 0`` instead of ``b = 0``).
       in_axes: the kernel's input axes (counted in the whole kernel; none of them carried).
       rank: ``r``.
       scale: the adapter's ``scale`` (PiSSA's factors and every residual depend on it).

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import reprlib
 import stat
@@ -24,9 +23,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from flax_lora._adapters import LoraWeights, check_fits
-from flax_lora._config import LoraConfig
-from flax_lora._extras import Extra, from_meta
+from flax_lora._adapters._delta import check_fits
+from flax_lora._adapters._extras import Extra, from_meta
+from flax_lora._adapters._weights import LoraWeights
+from flax_lora._config import LoraConfig, finite_float
 from flax_lora._paths import describe, nest
 from flax_lora._typing import KINDS
 
@@ -216,10 +216,7 @@ def _ints(check: Check, distinct: bool = True) -> Check:
 def _real(v: Any, at: str) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise TypeError(f"{at} must be a number; got {_show(v)} ({type(v).__name__}).")
-    out = float(v)
-    if not math.isfinite(out):
-        raise ValueError(f"{at} must be finite; got {v}.")
-    return out
+    return finite_float(v, at, str(v))
 
 
 def _scale(v: Any, at: str) -> float:
