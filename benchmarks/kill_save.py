@@ -43,13 +43,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+)
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from support.internal import _atomic  # tests/support/internal.py: the one way to private names
 
 import flax_lora as lora
-from flax_lora._checkpoint import _atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS, WIDTH, RANK = 12, 512, 64

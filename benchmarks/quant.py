@@ -44,16 +44,18 @@ from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+)
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from support.trees import adapter_entries, leaves_by_path  # tests/support: no private names
 
 import flax_lora as lora
 from benchmarks.decoder import TARGETS, Decoder, ScanDecoder, loss_fn, make_batch
-from flax_lora._adapters._tables import adapter_table
-from flax_lora._paths import flatten
 
 FORMATS = {  # name -> quantize kwargs (None: the float32 base)
     "f32": None,
@@ -106,10 +108,10 @@ def loftq_errors(
         rank=rank, alpha=alpha, targets=TARGETS, init="loftq", loftq_iter=iters
     )
     adapters, qparams = lora.init(jax.random.key(3), params, config, probe=probe)
-    table = adapter_table(adapters)
-    w0 = {p: x for p, x in flatten(params).items() if p in table}
-    plain = flatten(lora.dequantize(lora.quantize(params, targets=TARGETS)))
-    merged = flatten(lora.merge(lora.dequantize(qparams), adapters))
+    table = adapter_entries(adapters)
+    w0 = {p: x for p, x in leaves_by_path(params).items() if p in table}
+    plain = leaves_by_path(lora.dequantize(lora.quantize(params, targets=TARGETS)))
+    merged = leaves_by_path(lora.merge(lora.dequantize(qparams), adapters))
     sq = lambda d: sum(float(jnp.sum((w0[p] - d[p]) ** 2)) for p in w0)
     norm = np.sqrt(sum(float(jnp.sum(w**2)) for w in w0.values()))
     return np.sqrt(sq(plain)) / norm, np.sqrt(sq(merged)) / norm

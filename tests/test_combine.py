@@ -11,12 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from support import INTEROP
+from support.internal import COMBINE_METHODS, Method
 from support.trees import kernel_deltas
 
 import flax_lora as lora
 from flax_lora import LoraWeights
-from flax_lora._multi._combine import Method
-from flax_lora._multi._combine_methods import COMBINE_METHODS
 
 
 # ------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ norm detached, ``dL/dV = G * m / ||V||``, ``dL/dm = sum_in(G * V) / ||V||``,
 from __future__ import annotations
 
 import functools
-import math
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import optax
 import pytest
 from support.compare import rel_err
 from support.jaxprs import all_eqns
+from support.refs import as_matrix, from_matrix
 from support.trees import adapter_entries, is_lora
 
 import flax_lora as lora
@@ -34,21 +34,6 @@ MODES = ("merged", "factored", "auto")
 
 
 # -- the float64 reference -------------------------------------------------------------------
-def _matrix(w: np.ndarray, in_axes: tuple[int, ...]) -> np.ndarray:
-    """A kernel as the ``(prod in, prod out)`` matrix (input axes in ``in_axes`` order)."""
-    out_axes = tuple(i for i in range(w.ndim) if i not in in_axes)
-    n_in = math.prod(w.shape[i] for i in in_axes)
-    return w.transpose(in_axes + out_axes).reshape(n_in, -1)
-
-
-def _kernel(mat: np.ndarray, shape: tuple[int, ...], in_axes: tuple[int, ...]) -> np.ndarray:
-    """The inverse of `_matrix`."""
-    out_axes = tuple(i for i in range(len(shape)) if i not in in_axes)
-    order = in_axes + out_axes
-    full = mat.reshape([shape[i] for i in order])
-    return full.transpose([order.index(i) for i in range(len(shape))])
-
-
 def reference(w0: np.ndarray, ad: Any) -> dict[str, np.ndarray]:
     """The DoRA kernel and the pieces of its gradient, in float64, from the numpy formula."""
     in_axes = tuple(ad.in_axes)
@@ -56,15 +41,15 @@ def reference(w0: np.ndarray, ad: Any) -> dict[str, np.ndarray]:
     a = np.asarray(ad.a, np.float64).reshape(-1, r)
     b = np.asarray(ad.b, np.float64).reshape(r, -1)
     m = np.asarray(ad.m, np.float64).reshape(-1)
-    v = _matrix(np.asarray(w0, np.float64), in_axes) + ad.scale * a @ b
+    v = as_matrix(np.asarray(w0, np.float64), in_axes) + ad.scale * a @ b
     norm = np.sqrt((v**2).sum(axis=0))
     w = v * (m / norm)[None, :]
-    return dict(w=_kernel(w, w0.shape, in_axes), v=v, norm=norm, a=a, b=b, m=m)
+    return dict(w=from_matrix(w, w0.shape, in_axes), v=v, norm=norm, a=a, b=b, m=m)
 
 
 def reference_grads(ref: dict[str, np.ndarray], g_kernel: np.ndarray, ad: Any) -> dict:
     """Gradients w.r.t. a, b, m (norm detached) given ``G = dL/dW`` in kernel layout."""
-    g = _matrix(g_kernel, tuple(ad.in_axes))
+    g = as_matrix(g_kernel, tuple(ad.in_axes))
     dv = g * (ref["m"] / ref["norm"])[None, :]
     return dict(
         a=(ad.scale * dv @ ref["b"].T).reshape(ad.a.shape),
@@ -215,7 +200,7 @@ def test_identity_at_init(name: str, init: str) -> None:
     apply, params, adapters, path, x = _case(name, init)
     ad = _entry(adapters)
     w0 = _kernel_of(params, path)
-    norm = np.sqrt((_matrix(w0, tuple(ad.in_axes)) ** 2).sum(axis=0)).reshape(ad.out_shape)
+    norm = np.sqrt((as_matrix(w0, tuple(ad.in_axes)) ** 2).sum(axis=0)).reshape(ad.out_shape)
     np.testing.assert_allclose(np.asarray(ad.m), norm, rtol=1e-6)  # m = ||W0|| per output
     xj = _as_input(x)
     base = np.asarray(apply(params, xj))
@@ -374,7 +359,7 @@ def test_unmerge_combine_refuse_dora() -> None:
         lora.unmerge(merged, adapters)
     with pytest.raises(ValueError, match="DoRA"):
         lora.combine([adapters, adapters], [0.5, 0.5])
-    # lora.stack takes DoRA adapters: tests/test_routing_dora.py
+    # lora.stack takes DoRA adapters: tests/support/check_routing.py (the capability matrix)
 
 
 def test_wrong_magnitude_shape_names_the_path() -> None:
@@ -407,7 +392,7 @@ def test_save_peft_refuses_mixed_dora_and_plain(tmp_path: Path) -> None:
         lora.save_peft(tmp_path, mixed)
 
 
-# -- kernels stacked by nn.scan (factored per layer; more in test_dora_scan.py) -------------
+# -- kernels stacked by nn.scan (factored per layer; more in support/check_dora.py) --------
 class _ScanBlock(nn.Module):
     @nn.compact
     def __call__(self, h: jax.Array, _: Any) -> tuple[jax.Array, None]:

@@ -16,12 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from support.internal import StackedCopy, split_plain, split_stacked
 from support.refs import ref_merged_kernel
 from support.trees import leaves_by_path, perturb, replace_leaves
 
 import flax_lora as lora
-from flax_lora._adapters._extras import StackedCopy
-from flax_lora._adapters._tables import split_plain, split_stacked
 
 TOL = 2e-5
 TOKENS = (1, 6, 9)

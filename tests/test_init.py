@@ -12,13 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from support.internal import Use, layered_kernels
 from support.models import build, fill, mlp
-from support.refs import ref_delta64
+from support.refs import as_matrix, ref_delta64
 from support.trees import adapter_entries, leaves_by_path, replace_leaves
 
 import flax_lora as lora
-from flax_lora._init._select import layered_kernels
-from flax_lora._probe import Use
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,12 +221,6 @@ def test_pissa_olora_reproduce_the_model(method: str, layer_name: str) -> None:
     np.testing.assert_allclose(_out(m.apply, residual, adapters, m.x), base, rtol=1e-4, atol=1e-4)
 
 
-def _matrix(w0: np.ndarray, in_axes: tuple[int, ...]) -> np.ndarray:
-    out_axes = [i for i in range(w0.ndim) if i not in in_axes]
-    n_in = math.prod(w0.shape[i] for i in in_axes)
-    return np.transpose(w0, (*in_axes, *out_axes)).reshape(n_in, -1)
-
-
 def _rank2_adapters(layer_name: str, init: str, alpha: float) -> list[tuple[Any, ...]]:
     """``(adapter, W0 as its (inputs, outputs) matrix in float64, in_axes)`` of each kernel of
     the layer case, adapted with rank 2 by ``init``."""
@@ -238,7 +231,7 @@ def _rank2_adapters(layer_name: str, init: str, alpha: float) -> list[tuple[Any,
     out = []
     for path, w in adapter_entries(adapters).items():
         in_axes, _ = m.kernels[path]
-        out.append((w, _matrix(np.asarray(kernels[path], np.float64), in_axes), in_axes))
+        out.append((w, as_matrix(np.asarray(kernels[path], np.float64), in_axes), in_axes))
     return out
 
 
@@ -248,7 +241,7 @@ def test_pissa_is_the_best_rank_r_approximation(layer_name: str) -> None:
     for w, w0, in_axes in _rank2_adapters(layer_name, "pissa", 5.0):
         u, s, vt = np.linalg.svd(w0, full_matrices=False)
         best = (u[:, :r] * s[:r]) @ vt[:r]  # Eckart-Young
-        got = _matrix(ref_delta64(w.a, w.b, in_axes, 5.0 / r), in_axes)
+        got = as_matrix(ref_delta64(w.a, w.b, in_axes, 5.0 / r), in_axes)
         np.testing.assert_allclose(got, best, atol=1e-5)
         # PEFT's split: a = U sqrt(S/scale), b = sqrt(S/scale) V^T -> equal column/row norms
         np.testing.assert_allclose(

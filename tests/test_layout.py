@@ -1,6 +1,8 @@
 """The package's layout holds what docs/architecture.md promises: imports form layers (no
 circle, so every import goes down), no module imports a package module inside a function, and
-no module grows past the size of one job.
+no module grows past the size of one job; and outside the package, the tests, their support
+modules, the benchmarks, the examples and the notebooks reach a private ``flax_lora._x`` name
+only through tests/support/internal.py, so a move in the library changes one file there.
 
 The import graph is read from the source with `ast`, independently of the code under test.
 """
@@ -8,12 +10,15 @@ The import graph is read from the source with `ast`, independently of the code u
 from __future__ import annotations
 
 import ast
+import json
 import pathlib
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "flax_lora"
+REPO = ROOT.parent
 MAX_LINES = 450
+INTERNAL = REPO / "tests" / "support" / "internal.py"  # the one way to private names
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -75,3 +80,80 @@ def test_imports_form_layers_without_circles() -> None:
 def test_no_module_over_one_job(name: str) -> None:
     lines = len(_modules()[name].read_text().splitlines())
     assert lines <= MAX_LINES, f"{name} has {lines} lines"
+
+
+# -- private names outside the package ------------------------------------------------------------
+def _is_private(module: str) -> bool:
+    """Whether a dotted ``flax_lora...`` module path goes through a private (``_x``) part."""
+    return any(part.startswith("_") for part in module.split(".")[1:])
+
+
+def private_names(source: str) -> list[str]:
+    """The private flax_lora names a source imports or reads: ``import flax_lora._x``, ``from
+    flax_lora._x import y``, ``from flax_lora import _x``, and ``lora._x`` on a name bound to the
+    package (dunders such as ``lora.__version__`` are public)."""
+    found, package_names = [], set()
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] != "flax_lora":
+                    continue
+                if _is_private(a.name):
+                    found.append(a.name)
+                package_names.add(a.asname if a.asname and a.name == "flax_lora" else "flax_lora")
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            if node.module.split(".")[0] != "flax_lora":
+                continue
+            if _is_private(node.module):
+                found.append(node.module)
+            found += [f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in package_names
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ):
+            found.append(f"flax_lora.{node.attr}")
+    return found
+
+
+def _sources() -> dict[str, str]:
+    """Every Python source of the tests, benchmarks and examples, and the code cells of the
+    notebooks (IPython's ``%`` / ``!`` lines left out), by path."""
+    out = {}
+    for folder in ("tests", "benchmarks", "examples"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            if path != INTERNAL:
+                out[str(path.relative_to(REPO))] = path.read_text()
+    for path in sorted((REPO / "notebooks").glob("*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+        lines = [ln for cell in code for ln in cell.splitlines() if ln.lstrip()[:1] not in "%!"]
+        out[str(path.relative_to(REPO))] = "\n".join(lines)
+    return out
+
+
+def test_the_private_name_check_sees_each_form() -> None:
+    for source in (
+        "import flax_lora._stack",
+        "import flax_lora._stack as s",
+        "from flax_lora._peft import _safetensors",
+        "from flax_lora._stack import gather",
+        "from flax_lora import _atomic",
+        "import flax_lora as lora\nlora._wrap.run",
+        "import flax_lora\nflax_lora._quant",
+    ):
+        assert private_names(source), source
+    public = "import flax_lora as lora\nfrom flax_lora import LoraConfig\nlora.wrap, lora.__file__"
+    assert private_names(public) == []
+
+
+def test_private_names_only_through_support_internal() -> None:
+    sources = _sources()
+    assert "tests/test_layout.py" in sources and any(p.startswith("benchmarks/") for p in sources)
+    bypass = {p: names for p, src in sources.items() if (names := private_names(src))}
+    assert bypass == {}, f"import these through tests/support/internal.py: {bypass}"
+    assert private_names(INTERNAL.read_text())  # where they do come from

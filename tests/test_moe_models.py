@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.extend import core as jex_core
+from support.compare import assert_close
 from support.moe_models import (
     DISPATCHES,
     D,
@@ -43,17 +44,12 @@ CASES = [
 ]
 
 
-def _close(x: Any, ref: np.ndarray, tol: float = 2e-6) -> None:
-    err = float(np.max(np.abs(np.asarray(x, np.float64) - ref)))
-    assert err <= tol * max(1.0, float(np.max(np.abs(ref)))), err
-
-
 @pytest.mark.parametrize(("framework", "dispatch", "stacked", "transposed"), CASES)
 def test_model_equals_reference(
     framework: str, dispatch: str, stacked: bool, transposed: bool
 ) -> None:
     case = build(framework, dispatch, stacked=stacked, transposed_out=transposed)
-    _close(jax.jit(case.apply)(case.params, case.x), ref_output(case, case.params))
+    assert_close(jax.jit(case.apply)(case.params, case.x), ref_output(case, case.params), 2e-6)
 
 
 @pytest.mark.parametrize(
@@ -72,7 +68,7 @@ def test_reference_with_factors(
     factors = random_factors(case)
     merged = with_kernels(case.params, merged64(case, case.params, factors))
     ref = ref_output(case, case.params, factors)
-    _close(jax.jit(case.apply)(merged, case.x), ref)
+    assert_close(jax.jit(case.apply)(merged, case.x), ref, 2e-6)
     assert np.max(np.abs(ref - ref_output(case, case.params))) > 0.1  # the factors matter
 
 

@@ -28,6 +28,7 @@ import flax_lora as lora
 pytest.importorskip("torch", reason=INTEROP)
 pytest.importorskip("peft", reason=INTEROP)
 
+from support.compare import assert_close
 from support.moe_adapters import nest
 from support.moe_models import E, L, build, random_factors, ref_output
 from support.peft_models import t2n
@@ -89,10 +90,6 @@ def _adapters(case: Any, factors: dict[str, tuple]) -> dict[str, Any]:
     return nest(entries)
 
 
-def _close(got: np.ndarray, ref: np.ndarray, tol: float = 1e-5) -> None:
-    assert np.max(np.abs(got - ref)) <= tol * max(1.0, float(np.max(np.abs(ref))))
-
-
 def _torch_delta(path: str, w: Any) -> np.ndarray:
     """PEFT's ``get_delta_weight`` of a wrapper in the Flax kernel's layout (the twin's
     ``w_out`` is the Flax kernel transposed)."""
@@ -124,11 +121,11 @@ def test_saved_experts_load_in_peft(tmp_path: Path, is_transposed: bool | None) 
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (R, ALPHA, 0.0)
     pm = from_pretrained(TorchMoe(case.params, is_transposed), tmp_path)
     ref = ref_output(case, case.params, factors)
-    _close(torch_forward(pm, case.x), ref)
+    assert_close(torch_forward(pm, case.x), ref, 1e-5)
     assert np.max(np.abs(ref - ref_output(case, case.params))) > 0.1
     # the adapters are the ones the reference describes: merged Flax model == reference
     merged = lora.merge(case.params, adapters)
-    _close(np.asarray(case.apply(merged, case.x)), ref, 1e-4)
+    assert_close(np.asarray(case.apply(merged, case.x)), ref, 1e-4)
     # and PEFT's per-expert deltas are ours
     for param, w in wrappers(pm).items():
         path = f"params/experts/{param}"
@@ -162,7 +159,7 @@ def test_peft_files_load_as_expert_adapters(
         assert ours.scale == ALPHA / R
         np.testing.assert_allclose(np.asarray(lora.delta(ours)), _torch_delta(path, w), atol=1e-5)
     factors = {p: (w.a, w.b, w.scale) for p, w in entries.items()}
-    _close(torch_forward(pm, case.x), ref_output(case, case.params, factors))
+    assert_close(torch_forward(pm, case.x), ref_output(case, case.params, factors), 1e-5)
 
 
 def test_ragged_transposed_flax_layout_round_trip(tmp_path: Path) -> None:
@@ -211,7 +208,7 @@ def test_scan_stacked_experts_both_ways(tmp_path: Path, is_transposed: bool | No
         f"layers.{i}.experts.{p}" for i in range(L) for p in EXPERT_PARAMS
     ]
     pm = from_pretrained(TorchMoeStack(case.params, is_transposed), tmp_path / "ours")
-    _close(torch_forward(pm, case.x), ref_output(case, case.params, factors))
+    assert_close(torch_forward(pm, case.x), ref_output(case, case.params, factors), 1e-5)
     # PEFT -> ours
     pm = get_moe_peft_model(TorchMoeStack(case.params, is_transposed), R, ALPHA, seed=4)
     pm.save_pretrained(str(tmp_path / "peft"))
@@ -220,7 +217,7 @@ def test_scan_stacked_experts_both_ways(tmp_path: Path, is_transposed: bool | No
     w_in = entries["params/layers/moe/experts/w_in"]
     assert (w_in.layer_axes, w_in.expert_axes, w_in.in_axes) == (1, (1,), (2,))
     got = {p: (w.a, w.b, w.scale) for p, w in entries.items()}
-    _close(torch_forward(pm, case.x), ref_output(case, case.params, got))
+    assert_close(torch_forward(pm, case.x), ref_output(case, case.params, got), 1e-5)
 
 
 def test_rank_and_alpha_patterns_both_ways(tmp_path: Path) -> None:
@@ -236,14 +233,14 @@ def test_rank_and_alpha_patterns_both_ways(tmp_path: Path) -> None:
     entries = {p: adapters["params"][p.split("/")[1]][p.split("/")[2]] for p in KEY_MAP}
     factors = {p: (w.a, w.b, w.scale) for p, w in entries.items()}
     ref = ref_output(case, case.params, factors)
-    _close(torch_forward(pm, case.x), ref)
+    assert_close(torch_forward(pm, case.x), ref, 1e-5)
     # ours -> PEFT: the patterns are written per parameter and PEFT gives the same model
     lora.save_peft(tmp_path / "ours", adapters, None, KEY_MAP, **opts)
     _, config = read_peft_files(tmp_path / "ours")
     assert config["rank_pattern"]["experts.w_out"] == 3
     assert config["alpha_pattern"]["experts.w_in"] == 5.0
     pm2 = from_pretrained(TorchMoe(case.params, None), tmp_path / "ours")
-    _close(torch_forward(pm2, case.x), ref)
+    assert_close(torch_forward(pm2, case.x), ref, 1e-5)
 
 
 def test_default_key_map_names_the_parameters(tmp_path: Path) -> None:

@@ -2,13 +2,18 @@
 another, only these):
 
 - ``trees``: leaves by "/"-joined path, adapter entries, kernel deltas, perturbations;
-- ``refs``: float64 references (the LoRA delta and merged kernel, bf16 ulps, the quantization
-  formats and bitsandbytes' tables);
+- ``refs``: float64 references (a kernel as a matrix, the LoRA delta and merged kernel, DoRA's
+  kernel, bf16 ulps, the quantization formats and bitsandbytes' tables); ``refs_models``:
+  float64 forwards and hand-written backward passes of whole test models;
+- ``cases``: the capability matrix's table (model kind x feature x mode) that
+  tests/test_matrix.py runs; ``check_<feature>``: its checks, one module per feature (dora,
+  quant, loftq, combine, stack, routing, merge, and peft, which imports torch);
 - ``compare``: relative errors and closeness; ``jaxprs``: equations and shapes of traced
   programs;
 - ``models``: the catalogue of layer cases (``LAYER_CASES``, ``build``), the MLP, a scan of
   scans, tied embeddings, stacked NNX layers, numpy-filled parameters; ``scan_models``,
-  ``mlp_stack``, ``routing_models``: the models of the scan, quantization and routing tests;
+  ``mlp_stack``, ``routing_models``, ``dg_stack``: the models of the scan, quantization, routing
+  and DoRA-scan checks;
 - ``internal``: the one way to flax_lora's private names, each with the reason it is needed;
 - ``mesh_checks``, ``multihost_worker``: scripts that tests run in subprocesses
   (``python -m support.<name>``);

@@ -19,7 +19,8 @@ def run_on_eight_devices(module: str, timeout: int = 900) -> dict[str, Any]:
     """``python -m module`` (e.g. ``"support.mesh_checks"``) with the repository root and
     tests/ on ``PYTHONPATH``; its last ``RESULT `` line, parsed."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    flags = env.get("XLA_FLAGS", "").split()  # keep the suite's (tests/conftest.py)
+    env["XLA_FLAGS"] = " ".join([*flags, "--xla_force_host_platform_device_count=8"])
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, "-m", module],

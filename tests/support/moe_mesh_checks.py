@@ -17,9 +17,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import flax_lora as lora
-from flax_lora._paths import nest
-from flax_lora._sharding import place_adapter
-from support.moe_adapters import expert_adapters
+from support.internal import place_adapter
+from support.moe_adapters import expert_adapters, nest
 from support.moe_models import build, random_factors
 from support.trees import adapter_entries, leaves_by_path
 
@@ -58,7 +57,7 @@ def check(stacked: bool, mesh: Mesh) -> dict[str, Any]:
     )
     kernels = leaves_by_path(sharded)
     table = adapter_entries(adapters)
-    placed = nest([(p, place_adapter(w, kernels[p])) for p, w in table.items()])
+    placed = nest({p: place_adapter(w, kernels[p]) for p, w in table.items()})
     out: dict[str, Any] = {"specs": {}}
     for path, w in adapter_entries(placed).items():
         dora = place_adapter(w.replace(m=jnp.ones(w.b.shape[:-2] + w.b.shape[-1:])), kernels[path])

@@ -35,6 +35,7 @@ expert) and runs the block in float64 numpy.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -315,6 +316,7 @@ def _kernels(prefix: str, stacked: bool, transposed_out: bool) -> dict[str, Expe
     }
 
 
+@functools.cache
 def build(
     framework: str,
     dispatch: str,
@@ -325,7 +327,8 @@ def build(
     seed: int = 1,
 ) -> MoeCase:
     """The case ``framework`` ("linen" | "nnx") x ``dispatch``, one block or an ``L``-layer
-    scan stack; params filled with seeded N(0, 0.5^2) values in ``param_dtype``."""
+    scan stack; params filled with seeded N(0, 0.5^2) values in ``param_dtype`` (cached for
+    the session: the tests never mutate a case)."""
     if dispatch not in DISPATCHES:
         raise ValueError(f"dispatch {dispatch!r} not in {DISPATCHES}")
     if framework == "linen":

@@ -1,5 +1,5 @@
 """PyTorch / PEFT helpers shared by the PEFT test modules (tests/test_peft.py,
-tests/test_peft_scan.py, tests/test_peft_dora_scan.py, tests/test_dora_peft.py).
+tests/support/check_peft.py, tests/test_dora_peft.py).
 
 Imports torch and peft: only a module that has already skipped without them
 (``pytest.importorskip``) imports this one.

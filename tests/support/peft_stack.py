@@ -1,5 +1,5 @@
-"""The scan-stacked PyTorch / Flax twin of tests/test_peft_scan.py, shared with
-tests/test_peft_dora_scan.py.
+"""The scan-stacked PyTorch / Flax twin of the capability matrix's PEFT checks
+(tests/support/check_peft.py, plain and DoRA adapters).
 
 The PyTorch model keeps its ``L`` identical blocks in a ``torch.nn.ModuleList`` (PEFT names one
 module per layer: ``layers.0.q``, ``layers.1.q``, ...); its Flax twin stacks the same blocks with

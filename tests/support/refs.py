@@ -1,6 +1,8 @@
-"""Float64 references written independently of flax_lora: the LoRA delta ``scale * a @ b`` put
-back into a kernel's layout, the merged kernel, bf16 distances, and the quantization formats
-(bitsandbytes' tables rebuilt as bitsandbytes builds them, int8, NF4, double quantization)."""
+"""Float64 references written independently of flax_lora: a kernel as its ``(inputs, outputs)``
+matrix, the LoRA delta ``scale * a @ b`` put back into a kernel's layout, the merged kernel,
+DoRA's kernel ``m * V / ||V||``, bf16 distances, and the quantization formats (bitsandbytes'
+tables rebuilt as bitsandbytes builds them, int8, NF4, double quantization). Float64 forwards
+and hand-written backward passes of whole test models are in `support.refs_models`."""
 
 from __future__ import annotations
 
@@ -20,6 +22,24 @@ BF16 = ml_dtypes.bfloat16
 # ---------------------------------------------------------------------------------------------
 # LoRA: the delta in the kernel layout we expect
 # ---------------------------------------------------------------------------------------------
+def as_matrix(w: np.ndarray, in_axes: tuple[int, ...]) -> np.ndarray:
+    """A kernel as the ``(prod in, prod out)`` matrix (input axes in ``in_axes`` order, then the
+    other axes in order)."""
+    in_axes = tuple(in_axes)
+    out_axes = tuple(i for i in range(w.ndim) if i not in in_axes)
+    n_in = math.prod(w.shape[i] for i in in_axes)
+    return np.transpose(w, in_axes + out_axes).reshape(n_in, -1)
+
+
+def from_matrix(mat: np.ndarray, shape: tuple[int, ...], in_axes: tuple[int, ...]) -> np.ndarray:
+    """The inverse of `as_matrix`: the matrix put back into a kernel of ``shape``."""
+    in_axes = tuple(in_axes)
+    out_axes = tuple(i for i in range(len(shape)) if i not in in_axes)
+    order = in_axes + out_axes
+    full = mat.reshape([shape[i] for i in order])
+    return full.transpose([order.index(i) for i in range(len(shape))])
+
+
 def ref_delta64(a: Any, b: Any, in_axes: tuple[int, ...], scale: float) -> np.ndarray:
     """``scale * a @ b`` in float64, put back into a kernel layout whose input axes are ``in_axes``.
 
@@ -53,6 +73,17 @@ def ref_merged_kernel(w0: Any, a: Any, b: Any, in_axes: tuple[int, ...], scale: 
     """``W0 + scale * a @ b`` in float64, then float32, then cast once to the kernel's dtype."""
     ref64 = np.asarray(w0, dtype=np.float64) + ref_delta64(a, b, in_axes, scale)
     return ref64.astype(np.float32).astype(np.asarray(w0).dtype)
+
+
+def dora_carried64(kernel: np.ndarray, d: np.ndarray, m: np.ndarray, carried: Any, inputs: Any):
+    """``m * V / ||V||`` in float64, ``V = W0 + delta``, the norm over the input axes per carried
+    index and output unit (``m (*C, *O)`` put back in the kernel's layout)."""
+    v = kernel + d
+    norm = np.sqrt(np.sum(v**2, axis=inputs, keepdims=True))
+    outputs = [i for i in range(v.ndim) if i not in carried and i not in inputs]
+    order = [*carried, *outputs]  # m's axes, in kernel axis numbers
+    m_k = np.expand_dims(np.transpose(m, np.argsort(np.argsort(order))), inputs)
+    return m_k * v / norm
 
 
 def bf16_ulps(x: Any, y: Any) -> np.ndarray:

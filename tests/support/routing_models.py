@@ -1,17 +1,25 @@
-"""The tiny Linen and NNX models of tests/test_routing.py (Embed, attention, Conv, Dense) and the
-per-example reference of routing, shared with tests/test_routing_dora.py."""
+"""The tiny Linen and NNX models of tests/test_routing.py (Embed, attention, Conv, Dense), the
+per-example reference of routing, and the adapter sets the capability matrix routes
+(support/check_routing.py, check_stack.py): three sets on a scan model, one of them on some
+layers only (`scan_sets`), and DoRA sets mixed with plain LoRA (`dora_sets`)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 import flax_lora as lora
+
+from .scan_models import X as SCAN_X
+from .scan_models import scan_model
+from .trees import adapter_entries, is_lora
 
 VOCAB, SEQ, DIM, BATCH = 24, 6, 16, 6
 IDS = [0, 2, -1, 1, 2, 0]
@@ -70,3 +78,72 @@ def routed_reference(
         p = params if k < 0 else lora.merge(params, sets[k])
         rows.append(np.asarray(apply_fn(p, x[j : j + 1]))[0])
     return np.stack(rows)
+
+
+# -- adapter sets ------------------------------------------------------------------------------
+KERNELS = r".*kernel"
+
+
+def _union(x: Any, y: Any) -> Any:
+    """Two adapter trees (nested dicts) with disjoint leaves, as one."""
+    if not isinstance(x, dict):
+        return x
+    return {k: _union(x[k], y[k]) if k in x and k in y else x.get(k, y.get(k)) for k in {*x, *y}}
+
+
+def scan_sets(apply: Callable, params: Any, x: Any, stacked: str) -> list[Any]:
+    """Three adapter sets of ranks 2, 4 (rsLoRA) and 3, all random (nonzero ``b``). Set 1 adapts
+    only layers 0 and 2 of the kernels matching ``stacked`` (its other kernels get their own
+    adapters, as `LoraConfig(layers=...)` leaves out kernels without a layer index)."""
+    probe = lambda p: apply(p, x)
+    init = lambda i, c: lora.init(jax.random.key(10 + i), params, c, probe=probe)
+    sets = [
+        init(0, lora.LoraConfig(rank=2, alpha=3.0, init="random", targets=KERNELS)),
+        init(1, lora.LoraConfig(rank=4, alpha=2.0, init="random", rslora=True, targets=stacked)),
+        init(2, lora.LoraConfig(rank=3, alpha=6.0, init="random", targets=KERNELS)),
+    ]
+    picked = init(
+        1,
+        lora.LoraConfig(
+            rank=4, alpha=2.0, init="random", rslora=True, targets=stacked, layers=(0, 2)
+        ),
+    )
+    others = {p for p in adapter_entries(sets[0]) if p not in adapter_entries(picked)}
+    sets[1] = picked
+    if others:
+        rest = init(3, lora.LoraConfig(rank=4, alpha=2.0, init="random", targets=[*others]))
+        sets[1] = _union(picked, rest)
+    assert adapter_entries(sets[1]).keys() == adapter_entries(sets[0]).keys()
+    return sets
+
+
+@functools.cache
+def scan_model_and_sets(name: str) -> tuple[Callable, Any, list[Any]]:
+    """`support.scan_models.scan_model` ``name`` and its `scan_sets` on every layered kernel
+    (cached for the session: the tests only read them)."""
+    apply, params = scan_model(name)
+    return apply, params, scan_sets(apply, params, SCAN_X, r".*layers.*kernel")
+
+
+def perturbed(adapters: Any, seed: int) -> Any:
+    """Moves each magnitude away from the column norms it is initialised to."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda w: w.replace(m=w.m * (1.0 + 0.3 * jnp.asarray(rng.normal(size=w.m.shape)))),
+        adapters,
+        is_leaf=is_lora,
+    )
+
+
+def dora_sets(apply_fn: Callable[..., Any], params: Any, batch: int) -> list[Any]:
+    """DoRA (rank 2), plain LoRA (rank 4, rsLoRA), DoRA (rank 3): nonzero b, perturbed m."""
+    probe = lambda p: apply_fn(p, tiny_tokens(batch))
+    configs = [
+        lora.LoraConfig(rank=2, alpha=4.0, init="random", dora=True),
+        lora.LoraConfig(rank=4, alpha=2.0, init="random", rslora=True),
+        lora.LoraConfig(rank=3, alpha=6.0, init="random", dora=True),
+    ]
+    sets = [
+        lora.init(jax.random.key(10 + i), params, c, probe=probe) for i, c in enumerate(configs)
+    ]
+    return [perturbed(s, 20 + i) if i != 1 else s for i, s in enumerate(sets)]

@@ -1,9 +1,10 @@
 """The layered models of tests/test_scan.py (``nn.scan`` / ``nnx.scan`` over ``L`` attention + MLP
-blocks, then a head), shared with tests/test_combine_scan.py and tests/test_routing_scan.py;
-each kernel's input axes written by hand."""
+blocks, then a head), shared with the capability matrix (support/check_combine.py,
+check_routing.py, check_stack.py); each kernel's input axes written by hand."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -70,8 +71,10 @@ X = np.random.default_rng(0).normal(size=(5, 7, D)).astype(np.float32)
 MODELS = ["linen", "linen_remat", "nnx"]
 
 
+@functools.cache
 def scan_model(name: str) -> tuple[Callable, Any]:
-    """``(apply, params)`` of model ``name`` (one of `MODELS`), params N(0, 0.4^2)."""
+    """``(apply, params)`` of model ``name`` (one of `MODELS`), params N(0, 0.4^2) (cached for
+    the session: the tests never mutate them)."""
     if name.startswith("linen"):
         model = LinenStack(remat=name == "linen_remat")
         return model.apply, fill_abstract(jax.eval_shape(model.init, jax.random.key(0), X), 1, 0.4)

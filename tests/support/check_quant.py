@@ -1,13 +1,17 @@
-"""QLoRA on kernels stacked by ``nn.scan`` / ``nnx.scan``: per-layer quantization, and the
-factored `lora.wrap` dequantizing each layer inside the scan body.
+"""QLoRA across the model kinds: kernels stacked by ``nn.scan`` / ``nnx.scan`` (``mlp-*``:
+per-layer quantization, the factored `lora.wrap` dequantizing each layer inside the scan body),
+tied embeddings (``tied``), an unstacked MLP (``mlp``), expert kernels (``moe-*``).
 
-References: float64 numpy (the formats re-implemented in `test_quant`: ``ref_int8``,
-``ref_nf4``, ``ref_double`` applied to each layer alone; the model re-implemented in numpy on
-the dequantized base, LoRA added as ``x @ W0 + s * (x @ a) @ b``), and the jaxpr of the step.
+References: float64 numpy (the formats re-implemented in `support.refs`: ``ref_int8``,
+``ref_nf4``, ``ref_double`` applied to each layer alone; the stack re-implemented in numpy on
+the dequantized base, LoRA added as ``x @ W0 + s * (x @ a) @ b``:
+`support.refs_models.mlp_stack64`; expert kernels merged per carried index in float64:
+`support.moe_models.merged64`), and the jaxpr of the step.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -16,14 +20,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from support.jaxprs import walk
-from support.mlp_stack import ALIGNED, STRADDLING, L, NnxStack, Stack
-from support.refs import ref_decode, ref_double, ref_int8, ref_nf4, unpack
-from support.trees import adapter_entries, leaves_by_path
 
 import flax_lora as lora
 
+from .cases import check
+from .compare import assert_close
+from .jaxprs import walk
+from .mlp_stack import ALIGNED, STRADDLING, L, NnxStack, Stack
+from .moe_adapters import expert_adapters
+from .moe_models import build as moe_build
+from .moe_models import carried_delta64, merged64, random_factors
+from .refs import ref_decode, ref_double, ref_int8, ref_nf4, unpack
+from .refs_models import mlp_stack64
+from .trees import adapter_entries, leaves_by_path
 
+
+@functools.cache
 def linen(dims: tuple[int, int], remat: bool = False, seed: int = 0) -> tuple[Any, Any, Any]:
     m = Stack(*dims, remat=remat)
     x = np.random.default_rng(seed).normal(size=(6, dims[0])).astype(np.float32)
@@ -39,8 +51,8 @@ def stacked_kernels(tree: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # per-layer quantization
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dims", [ALIGNED, STRADDLING])
-def test_int8_scales_per_layer_are_the_unstacked_quantization(dims: tuple[int, int]) -> None:
+@check
+def int8_scales_per_layer_are_the_unstacked_quantization(dims: tuple[int, int]) -> None:
     m, params, x = linen(dims)
     q = lora.quantize(params, dtype="int8", probe=lambda p: m.apply(p, x))
     for name, w in stacked_kernels(params).items():
@@ -66,9 +78,8 @@ def test_int8_scales_per_layer_are_the_unstacked_quantization(dims: tuple[int, i
     assert head.layer_axes == 0 and head.absmax.shape == (4,)
 
 
-@pytest.mark.parametrize("dims", [ALIGNED, STRADDLING])
-@pytest.mark.parametrize("double_quant", [False, True])
-def test_nf4_blocks_never_straddle_layers(dims: tuple[int, int], double_quant: bool) -> None:
+@check
+def nf4_blocks_never_straddle_layers(dims: tuple[int, int], double_quant: bool) -> None:
     m, params, x = linen(dims)
     q = lora.quantize(
         params, dtype="nf4", block_size=64, double_quant=double_quant, probe=lambda p: m.apply(p, x)
@@ -112,14 +123,16 @@ def test_nf4_blocks_never_straddle_layers(dims: tuple[int, int], double_quant: b
                 np.testing.assert_allclose(deq[i], ref_nf4(w[i], 64)["deq"], rtol=1e-6, atol=1e-7)
 
 
-def test_without_probe_a_stack_is_one_array() -> None:
+@check
+def without_probe_a_stack_is_one_array() -> None:
     _, params, _ = linen(STRADDLING)
     q = lora.quantize(params, dtype="int8")
     qk = stacked_kernels(q)["fc1"]
     assert qk.layer_axes == 0 and qk.absmax.shape == (12,)
 
 
-def test_quantize_kernel_layer_axes_and_bad_input() -> None:
+@check
+def quantize_kernel_layer_axes_and_bad_input() -> None:
     w = np.random.default_rng(1).normal(size=(2, 3, 5, 7)).astype(np.float32)
     q = lora.quantize_kernel(jnp.asarray(w), "nf4", block_size=8, layer_axes=2)
     assert q.codes.shape == (2, 3, 20) and q.absmax.shape == (2, 3, 5)
@@ -149,30 +162,6 @@ def build(kind: str, dims: tuple[int, int]) -> tuple[Any, Any, np.ndarray, dict[
     paths |= {"b1": "layers/fc1/bias", "b2": "layers/fc2/bias"}
     paths |= {"head": "head/kernel", "bh": "head/bias"}
     return (lambda s, x: nnx.merge(graphdef, s)(x)), state, x, paths
-
-
-def numpy_stack(p: dict, ad: dict, x: np.ndarray, c: np.ndarray, s: float) -> tuple:
-    """Output of the stack and the gradients of ``sum(c * y)`` w.r.t. the fc1/fc2 factors,
-    float64, backpropagated by hand through ``x + tanh(x @ W1 + b1) @ W2 + b2`` per layer."""
-    w = {n: p[n] + s * np.einsum("lir,lro->lio", ad[n][0], ad[n][1]) for n in ("fc1", "fc2")}
-    xs, hs = [x.astype(np.float64)], []
-    for i in range(L):
-        h = np.tanh(xs[-1] @ w["fc1"][i] + p["b1"][i])
-        hs.append(h)
-        xs.append(xs[-1] + h @ w["fc2"][i] + p["b2"][i])
-    y = xs[-1] @ p["head"] + p["bh"]
-    g = c @ p["head"].T
-    grads = {n: (np.zeros_like(ad[n][0]), np.zeros_like(ad[n][1])) for n in ("fc1", "fc2")}
-    for i in reversed(range(L)):
-        a2, b2 = ad["fc2"][0][i], ad["fc2"][1][i]
-        grads["fc2"][0][i] = s * hs[i].T @ (g @ b2.T)
-        grads["fc2"][1][i] = s * (hs[i] @ a2).T @ g
-        gpre = (g @ w["fc2"][i].T) * (1 - hs[i] ** 2)
-        a1, b1 = ad["fc1"][0][i], ad["fc1"][1][i]
-        grads["fc1"][0][i] = s * xs[i].T @ (gpre @ b1.T)
-        grads["fc1"][1][i] = s * (xs[i] @ a1).T @ gpre
-        g = g + gpre @ w["fc1"][i].T
-    return y, grads
 
 
 SCALE = 2.0
@@ -205,13 +194,13 @@ def quantized_case(kind: str, fmt: str) -> tuple[Any, ...]:
     return apply, q, adapters, x, qleaves, paths, p64, ad64
 
 
-@pytest.mark.parametrize("fmt", ["int8", "nf4"])
-@pytest.mark.parametrize("kind", ["linen", "linen_remat", "nnx", "nnx_remat"])
-def test_outputs_and_gradients_equal_the_dequantized_base_model(kind: str, fmt: str) -> None:
+@check
+def outputs_and_gradients_equal_the_dequantized_base_model(model: str, fmt: str) -> None:
+    kind = model.split("-", 1)[1]  # mlp-<kind>
     apply, q, adapters, x, qleaves, paths, p64, ad64 = quantized_case(kind, fmt)
     assert qleaves[paths["fc1"]].layer_axes == 1 and qleaves[paths["head"]].layer_axes == 0
     c = np.random.default_rng(5).normal(size=(x.shape[0], 4))
-    y_ref, g_ref = numpy_stack(p64, ad64, x, c, SCALE)
+    y_ref, g_ref = mlp_stack64(p64, ad64, x, c, SCALE)
 
     fn = lora.wrap(apply, mode="factored")
     loss = lambda ad: jnp.sum(jnp.asarray(c, jnp.float32) * fn(q, ad, x))
@@ -239,9 +228,9 @@ def dequantizations(jaxpr: Any) -> list[tuple[bool, str]]:
     return found
 
 
-@pytest.mark.parametrize("fmt", ["int8", "nf4"])
-@pytest.mark.parametrize("kind", ["linen_remat", "nnx_remat"])
-def test_the_stacked_step_dequantizes_inside_the_scan_body_only(kind: str, fmt: str) -> None:
+@check
+def the_stacked_step_dequantizes_inside_the_scan_body_only(model: str, fmt: str) -> None:
+    kind = model.split("-", 1)[1]  # mlp-<kind>
     apply, params, x, _ = build(kind, ALIGNED)
     probe = lambda p: apply(p, x)
     q = lora.quantize(params, targets=r".*(fc1|fc2)/kernel", probe=probe, **QUANT[fmt])
@@ -268,9 +257,8 @@ class Tied(nn.Module):
         return embed.attend(jnp.tanh(nn.Dense(16, name="fc")(embed(tokens))))
 
 
-@pytest.mark.parametrize("kw", [dict(dtype="int8"), dict(dtype="nf4", block_size=8)])
-@pytest.mark.parametrize("adapted", [False, True])
-def test_embed_lookup_dequantizes_the_gathered_rows(kw: dict, adapted: bool) -> None:
+@check
+def embed_lookup_dequantizes_the_gathered_rows(kw: dict, adapted: bool) -> None:
     m = Tied()
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 32, (3, 5)))
     params = m.init(jax.random.key(0), tokens)
@@ -297,11 +285,11 @@ def test_embed_lookup_dequantizes_the_gathered_rows(kw: dict, adapted: bool) -> 
     assert any(e.invars[0].aval.dtype in (jnp.int8, jnp.uint8) for e in gathers)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "nf4"])
-@pytest.mark.parametrize("kind", ["linen_remat", "nnx"])
-def test_merged_mode_merges_each_layer_inside_the_scan(kind: str, fmt: str) -> None:
+@check
+def merged_mode_merges_each_layer_inside_the_scan(model: str, fmt: str) -> None:
+    kind = model.split("-", 1)[1]  # mlp-<kind>
     apply, q, adapters, x, _, _, p64, ad64 = quantized_case(kind, fmt)
-    y_ref, _ = numpy_stack(p64, ad64, x, np.zeros((x.shape[0], 4)), SCALE)
+    y_ref, _ = mlp_stack64(p64, ad64, x, np.zeros((x.shape[0], 4)), SCALE)
     fn = lora.wrap(apply, mode="merged")
     y = jax.jit(fn)(q, adapters, x)
     np.testing.assert_allclose(np.asarray(y, np.float64), y_ref, rtol=2e-5, atol=2e-5)
@@ -310,8 +298,8 @@ def test_merged_mode_merges_each_layer_inside_the_scan(kind: str, fmt: str) -> N
     assert all(f"({L}," not in w for w in stacked), found  # only the head's, outside the scan
 
 
-@pytest.mark.parametrize("fmt", ["int8", "nf4"])
-def test_merge_requantize_works_layer_by_layer(fmt: str) -> None:
+@check
+def merge_requantize_works_layer_by_layer(fmt: str) -> None:
     m, params, x = linen(STRADDLING)
     probe = lambda p: m.apply(p, x)
     q = lora.quantize(params, targets=r".*(fc1|fc2)/kernel", probe=probe, **QUANT[fmt])
@@ -346,8 +334,8 @@ class Mlp(nn.Module):
         return nn.Dense(16, name="fc2")(h)
 
 
-@pytest.mark.parametrize("kw", [dict(dtype="int8"), dict(dtype="nf4", block_size=16)])
-def test_unstacked_gradients_through_quantized_products(kw: dict) -> None:
+@check
+def unstacked_gradients_through_quantized_products(kw: dict) -> None:
     m = Mlp()
     x = np.random.default_rng(0).normal(size=(5, 16)).astype(np.float32)
     params = m.init(jax.random.key(0), x)
@@ -381,3 +369,52 @@ def test_unstacked_gradients_through_quantized_products(kw: dict) -> None:
     kept = [t for t in jax.tree.leaves(pullback) if hasattr(t, "dtype")]
     floats = [t.shape for t in kept if jnp.issubdtype(t.dtype, jnp.floating)]
     assert (24, 16) not in floats and (16, 24) not in floats, floats
+
+
+# ---------------------------------------------------------------------------------------------
+# quantized expert bases
+# ---------------------------------------------------------------------------------------------
+TARGETS = r".*experts/w_(in|out)"
+EXPERTS = ("experts/w_in", "experts/w_out")
+_merge = jax.jit(lora.merge)
+
+
+def quantized_kernels(params: Any) -> dict[str, Any]:
+    """Path -> each `lora.QuantizedKernel` of ``params``."""
+    flat = leaves_by_path(params, is_leaf=lambda x: isinstance(x, lora.QuantizedKernel))
+    return {p: x for p, x in flat.items() if isinstance(x, lora.QuantizedKernel)}
+
+
+@check
+def merge_on_a_quantized_expert_base(dtype: str, stacked: bool, transposed: bool) -> None:
+    case = moe_build("linen", "einsum", stacked=stacked, transposed_out=transposed)
+    f = random_factors(case)
+    q = lora.quantize(case.params, TARGETS, dtype=dtype, block_size=32)
+    quantized = {p for p, x in quantized_kernels(q).items()}
+    assert quantized == {p for p in case.kernels if p.endswith(EXPERTS)}
+    base = merged64(case, lora.dequantize(q))
+    merged = _merge(q, expert_adapters(case, f))
+    for path, kernel in merged64(case, merged).items():
+        ax = case.kernels[path]
+        assert_close(kernel, base[path] + carried_delta64(*f[path], ax.carried, ax.inputs), 2e-6)
+
+
+@check
+def requantize_expert_kernels(stacked: bool) -> None:
+    case = moe_build("linen", "einsum", stacked=stacked, transposed_out=False)
+    f = random_factors(case, std=0.1)
+    n = int(stacked)  # a stacked kernel is quantized layer by layer (found by the probe)
+    q = lora.quantize(case.params, TARGETS, dtype="int8", probe=case.probe)
+    assert {x.layer_axes for x in quantized_kernels(q).values()} == {n}
+    with pytest.warns(UserWarning):
+        merged = lora.merge(q, expert_adapters(case, f), requantize=True)
+    qs = quantized_kernels(merged)
+    assert set(qs) == set(quantized_kernels(q)) and {x.layer_axes for x in qs.values()} == {n}
+    base = merged64(case, lora.dequantize(q))
+    got = merged64(case, lora.dequantize(merged))
+    for path in qs:
+        ax = case.kernels[path]
+        ref = base[path] + carried_delta64(*f[path], ax.carried, ax.inputs)
+        # int8 per (layer and) channel: at most half a step of the channel's absmax / 127
+        step = np.max(np.abs(ref), axis=tuple(range(n, ref.ndim - 1)), keepdims=True) / 127
+        assert np.all(np.abs(got[path] - ref) <= 0.5 * step + 1e-6)

@@ -1,5 +1,5 @@
-"""LoftQ (``init="loftq"``) on kernels stacked by ``nn.scan``: one LoftQ per layer, the stacked
-base quantized in `lora.quantize`'s format.
+"""LoftQ (``init="loftq"``) on kernels stacked by ``nn.scan`` (``mlp-linen``, ``nested``): one
+LoftQ per layer, the stacked base quantized in `lora.quantize`'s format.
 
 References: the unstacked LoftQ of each layer's kernel (``lora.init`` on a tree holding that
 layer alone), `lora.quantize` of the float params (plain QLoRA), and float64 numpy: the tests'
@@ -16,11 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from support.mlp_stack import ALIGNED, STRADDLING, L, Stack
-from support.models import NestedStack
-from support.refs import ref_decode, ref_delta64
 
 import flax_lora as lora
+
+from .cases import check
+from .mlp_stack import ALIGNED, L, Stack
+from .models import NestedStack
+from .refs import ref_decode, ref_delta64
 
 RANK, ALPHA = 4, 8.0  # scale 2: the factors carry 1 / scale
 SCALE = ALPHA / RANK
@@ -67,8 +69,8 @@ def assert_same_codes(q: lora.QuantizedKernel, ref: lora.QuantizedKernel) -> Non
 # ---------------------------------------------------------------------------------------------
 # (1) per layer
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("iters", [1, 3])
-def test_nf4_whole_blocks_per_layer_is_the_unstacked_loftq_of_each_layer(iters: int) -> None:
+@check
+def nf4_whole_blocks_per_layer_is_the_unstacked_loftq_of_each_layer(iters: int) -> None:
     m, params, x = model(ALIGNED)
     cfg = config("nf4", iters)
     adapters, qparams = loftq(m, params, x, cfg)
@@ -90,9 +92,8 @@ def test_nf4_whole_blocks_per_layer_is_the_unstacked_loftq_of_each_layer(iters: 
             np.testing.assert_array_equal(np.asarray(q.absmax[blocks]), np.asarray(q1.absmax))
 
 
-@pytest.mark.parametrize("dims", [ALIGNED, STRADDLING], ids=["whole_blocks", "straddling"])
-@pytest.mark.parametrize(("fmt", "iters"), [("nf4", 1), ("nf4", 3), ("int8", 1), ("int8", 3)])
-def test_stacked_base_is_lora_quantize_format_and_each_layer_beats_plain_qlora(
+@check
+def stacked_base_is_lora_quantize_format_and_each_layer_beats_plain_qlora(
     fmt: str, iters: int, dims: tuple[int, int]
 ) -> None:
     m, params, x = model(dims)
@@ -127,8 +128,8 @@ def test_stacked_base_is_lora_quantize_format_and_each_layer_beats_plain_qlora(
             assert e_loftq < 0.97 * e_plain
 
 
-@pytest.mark.parametrize("fmt", ["nf4", "int8"])
-def test_base_is_the_stacked_quantization_of_the_previous_residual(fmt: str) -> None:
+@check
+def base_is_the_stacked_quantization_of_the_previous_residual(fmt: str) -> None:
     """Iteration k quantizes ``W0 - scale * a @ b`` of iteration k - 1, all layers together
     (int8: one absmax per channel over all layers, as `lora.quantize` stores a stacked kernel)."""
     m, params, x = model(ALIGNED)
@@ -150,8 +151,8 @@ def test_base_is_the_stacked_quantization_of_the_previous_residual(fmt: str) -> 
 # ---------------------------------------------------------------------------------------------
 # (2) the model
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fmt", ["nf4", "int8"])
-def test_wrap_matches_merge_and_beats_plain_qlora(fmt: str) -> None:
+@check
+def wrap_matches_merge_and_beats_plain_qlora(fmt: str) -> None:
     m, params, x = model(ALIGNED)
     adapters, qparams = loftq(m, params, x, config(fmt, 2))
     y_float = np.asarray(m.apply(params, x), np.float64)
@@ -170,8 +171,8 @@ def test_wrap_matches_merge_and_beats_plain_qlora(fmt: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # (3) layers=
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fmt", ["nf4", "int8"])
-def test_layers_subset_keeps_the_others_plain(fmt: str) -> None:
+@check
+def layers_subset_keeps_the_others_plain(fmt: str) -> None:
     m, params, x = model(ALIGNED)
     ad_all, _ = loftq(m, params, x, config(fmt, 2))
     adapters, qparams = loftq(m, params, x, config(fmt, 2, layers=[0, 2]))
@@ -211,7 +212,8 @@ def test_layers_subset_keeps_the_others_plain(fmt: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # (4) nested scans
 # ---------------------------------------------------------------------------------------------
-def test_nested_scan_is_the_unstacked_loftq_of_each_layer() -> None:
+@check
+def nested_scan_is_the_unstacked_loftq_of_each_layer() -> None:
     m = NestedStack(width=16, layers=2)  # kernel (2, 2, 16, 16): 4 NF4 blocks per layer
     x = np.random.default_rng(1).normal(size=(5, 16)).astype(np.float32)
     params = m.init(jax.random.key(0), x)
@@ -245,7 +247,8 @@ def test_nested_scan_is_the_unstacked_loftq_of_each_layer() -> None:
     np.testing.assert_array_equal(ref_decode(q_sub)[0], ref_decode(plain)[0])
 
 
-def test_rank_above_a_layers_side_is_refused() -> None:
+@check
+def rank_above_a_layers_side_is_refused() -> None:
     m, params, x = model(ALIGNED)
     cfg = lora.LoraConfig(rank=17, init="loftq", targets=r".*/fc1/kernel")
     with pytest.raises(

@@ -1,9 +1,15 @@
-"""Per-example routing of a stack that holds DoRA adapters (mixed with plain LoRA).
+"""Per-example routing (`lora.stack` + ``lora_ids``) across the model kinds: attention + MLP blocks
+stacked by ``nn.scan`` / ``nnx.scan`` (``scan-*``), a scan of scans (``nested``), the tiny
+Embed / attention / Conv / Dense models with DoRA adapters mixed with plain LoRA
+(``tiny-*``), a scan stack holding DoRA adapters on some layers (``routed-scan``), and one Dense
+layer under LoRA dropout (``dense``).
 
-The reference runs each example alone (a batch of one) through its own merged model,
-``apply_fn(lora.merge(params, adapters_k), x[j:j+1])`` (`lora.merge` forms the DoRA kernel
-``m * V / ||V||``; tests/test_dora.py checks it against a float64 numpy formula and PEFT), or
-through the base for ``-1``: a Python loop sharing no code with the routed path.
+References are independent of the routed code: each example run alone (a batch of one) through
+the un-routed model with its own adapter merged in, ``apply(lora.merge(params, adapters_k),
+x[j:j+1])`` (or the base params for ``-1``; `lora.merge` forms the DoRA kernel ``m * V /
+||V||``, checked against float64 numpy and PEFT in tests/test_dora.py), a float64 numpy forward
+of the scan of scans (`support.refs_models.nested64`), gradients of each example through its
+own merged model, and PEFT's DoRA dropout form in float64 numpy.
 """
 
 from __future__ import annotations
@@ -16,50 +22,128 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-from support.routing_models import linen_tiny, nnx_tiny, routed_reference, tiny_tokens
-from support.trees import adapter_entries, is_lora
 
 import flax_lora as lora
 
-BATCH = 5  # examples (the tiny models' own batch is 6)
+from .cases import check
+from .compare import assert_close
+from .jaxprs import jaxpr_shapes
+from .models import NestedStack, fill_abstract
+from .refs_models import nested64
+from .routing_models import (
+    KERNELS,
+    dora_sets,
+    linen_tiny,
+    nnx_tiny,
+    perturbed,
+    routed_reference,
+    scan_model_and_sets,
+    scan_sets,
+    tiny_tokens,
+)
+from .scan_models import D, L, X
+from .trees import adapter_entries, is_lora
+
 IDS = [0, 2, -1, 1, 0]
-
-
-def _perturbed(adapters: Any, seed: int) -> Any:
-    """Moves each magnitude away from the column norms it is initialised to."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(
-        lambda w: w.replace(m=w.m * (1.0 + 0.3 * jnp.asarray(rng.normal(size=w.m.shape)))),
-        adapters,
-        is_leaf=is_lora,
-    )
-
-
-def _adapter_sets(apply_fn: Callable[..., Any], params: Any) -> list[Any]:
-    """DoRA (rank 2), plain LoRA (rank 4, rsLoRA), DoRA (rank 3): nonzero b, perturbed m."""
-    probe = lambda p: apply_fn(p, tiny_tokens(BATCH))
-    configs = [
-        lora.LoraConfig(rank=2, alpha=4.0, init="random", dora=True),
-        lora.LoraConfig(rank=4, alpha=2.0, init="random", rslora=True),
-        lora.LoraConfig(rank=3, alpha=6.0, init="random", dora=True),
-    ]
-    sets = [
-        lora.init(jax.random.key(10 + i), params, c, probe=probe) for i, c in enumerate(configs)
-    ]
-    return [_perturbed(s, 20 + i) if i != 1 else s for i, s in enumerate(sets)]
-
-
+BATCH = 5  # examples (the tiny models' own batch is 6)
 MODELS = {"linen": linen_tiny, "nnx": nnx_tiny}
 
 
-@pytest.mark.parametrize("family", sorted(MODELS))
-@pytest.mark.parametrize("mode", ["auto", "factored", "merged"])
-def test_routed_dora_equals_each_example_through_its_own_merged_model(
-    family: str, mode: str
-) -> None:
-    apply_fn, params = MODELS[family]()
-    sets = _adapter_sets(apply_fn, params)
+def _reference(apply: Callable, params: Any, sets: list[Any], x: Any, ids: list[int]) -> Any:
+    single = jax.jit(lambda p, xi: apply(p, xi))
+    rows = [
+        single(params if k < 0 else lora.merge(params, sets[k]), x[j : j + 1])[0]
+        for j, k in enumerate(ids)
+    ]
+    return np.stack([np.asarray(r) for r in rows])
+
+
+def _changed(want: np.ndarray, base: Any) -> float:
+    """The smallest, over the examples routed to an adapter, of how far it moves the output."""
+    diff = np.abs(np.asarray(want) - np.asarray(base)).reshape(len(IDS), -1).max(axis=1)
+    return float(diff[np.array(IDS) >= 0].min())
+
+
+@check
+def routed_scan_equals_each_example_through_its_own_merged_model(model: str, mode: str) -> None:
+    """Mode "factored" raises rather than fall back, so there the routing runs inside the scan:
+    each layer's uses get per-example factors, no example runs alone."""
+    apply, params, sets = scan_model_and_sets(model.split("-", 1)[1])  # scan-<name>
+    want = _reference(apply, params, sets, X, IDS)
+    fn = jax.jit(lora.wrap(apply, mode=mode))
+    stacked = lora.stack(sets)
+    got = fn(params, stacked, X, lora_ids=jnp.array(IDS))
+    assert_close(got, want, 1e-5)
+    base = np.asarray(jax.jit(apply)(params, X))
+    assert _changed(want, base) > 1e-3  # the adapters matter
+    # other ids, same compilation; all -1 is the base model
+    assert_close(fn(params, stacked, X, lora_ids=jnp.array([-1] * len(IDS))), base, 1e-5)
+    assert fn._cache_size() == 1
+
+
+@check
+def routed_factored_scan_forms_no_per_example_kernel() -> None:
+    """Inside the scan only the rank-R branch is per example: no array of a layer kernel's shape
+    with an example axis (forward or backward), which mode "merged" does form."""
+    apply, params, sets = scan_model_and_sets("linen")
+    stacked = lora.stack(sets)
+    per_example = set()
+    for w in adapter_entries(stacked).values():
+        per_example |= {(len(IDS), *w.kernel_shape), (len(IDS), *w.kernel_shape[w.layer_axes :])}
+    ids = jnp.array(IDS)
+
+    def count(mode: str, grad: bool) -> int:
+        fn = lambda st: jnp.sum(lora.wrap(apply, mode=mode)(params, st, X, lora_ids=ids))
+        shapes = jaxpr_shapes(jax.make_jaxpr(jax.grad(fn) if grad else fn)(stacked).jaxpr)
+        return sum(s in per_example for s in shapes)
+
+    assert count("factored", False) == 0 and count("factored", True) == 0
+    assert count("merged", False) > 0  # the check sees per-example kernels where they exist
+
+
+@check
+def routed_nested_scans_equal_a_float64_numpy_forward(mode: str) -> None:
+    """A scan of scans (kernels ``(L, 2, D, D)``, two layer axes), set 1 on outer layers 0, 2."""
+    model = NestedStack(width=D, layers=L)
+    params = fill_abstract(jax.eval_shape(model.init, jax.random.key(0), X), 4, 0.4)
+    sets = scan_sets(model.apply, params, X, KERNELS)
+    w = adapter_entries(sets[1])["params/outer/inner/fc/kernel"]
+    assert (w.layer_axes, w.layers) == (2, (0, 2))
+    want = nested64(params, sets, X, IDS)
+    fn = jax.jit(lora.wrap(model.apply, mode=mode))
+    got = fn(params, lora.stack(sets), X, lora_ids=jnp.array(IDS))
+    assert_close(got, want, 1e-5)
+    base = nested64(params, sets, X, [-1] * len(IDS))
+    assert _changed(want, base) > 1e-3
+
+
+# -- gradients -------------------------------------------------------------------------------
+@check
+def routed_scan_gradients_reach_only_the_adapters_used(mode: str) -> None:
+    apply, params, sets = scan_model_and_sets("linen")
+    stacked = lora.stack(sets)
+    ids = [1, 0, -1, 1, 0]  # adapter 2 unused
+    loss = lambda st: jnp.sum(lora.wrap(apply, mode=mode)(params, st, X, lora_ids=jnp.array(ids)))
+    grads = jax.jit(jax.grad(loss))(stacked)
+    for path, g in adapter_entries(grads).items():
+        ga, gb = np.asarray(g.a), np.asarray(g.b)
+        assert not np.any(ga[2]) and not np.any(gb[2]), path
+        assert np.abs(ga[0]).max() > 0 and np.abs(gb[1]).max() > 0, path
+        if g.layer_axes:  # layer 1 is not adapted by set 1: no gradient there
+            assert not np.any(ga[1, 1]) and not np.any(gb[1, 1]), path
+    merged_loss = lambda ad, xs: jnp.sum(apply(lora.merge(params, ad), xs))
+    for k in (0, 1):
+        mine = np.array([i for i, j in enumerate(ids) if j == k])
+        ref = jax.grad(merged_loss)(lora.unstack(stacked, k), X[mine])
+        got = lora.unstack(grads, k)
+        for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True):
+            assert_close(g, r, 5e-5)
+
+
+@check
+def routed_dora_equals_each_example_through_its_own_merged_model(model: str, mode: str) -> None:
+    apply_fn, params = MODELS[model.split("-", 1)[1]]()  # tiny-<family>
+    sets = dora_sets(apply_fn, params, BATCH)
     kinds = {w.kind for w in jax.tree.leaves(sets[0], is_leaf=is_lora)}
     assert kinds == {"dense", "embed", "conv"}
     x = tiny_tokens(BATCH)
@@ -77,33 +161,12 @@ def test_routed_dora_equals_each_example_through_its_own_merged_model(
     assert np.abs(want - lora_only)[[0, 1, 4]].min() > 1e-3
 
 
-def test_stack_representation_and_unstack_round_trip() -> None:
-    apply_fn, params = linen_tiny()
-    sets = _adapter_sets(apply_fn, params)
-    stacked = lora.stack(sets)
-    for path, w in adapter_entries(sets[0]).items():
-        st = adapter_entries(stacked)[path]
-        assert st.dora == (True, False, True)
-        assert st.m.shape == (3, *w.out_shape)
-        np.testing.assert_array_equal(np.asarray(st.m[1]), 0.0)
-    for k, s in enumerate(sets):
-        back = lora.unstack(stacked, k)
-        x = tiny_tokens(BATCH)
-        for path, w in adapter_entries(back).items():
-            assert (w.m is not None) == (k != 1), path
-        np.testing.assert_allclose(
-            np.asarray(apply_fn(lora.merge(params, back), x)),
-            np.asarray(apply_fn(lora.merge(params, s), x)),
-            rtol=2e-5,
-            atol=2e-5,
-        )
-
-
-def test_routed_dora_gradients_match_merged_references() -> None:
+@check
+def routed_dora_gradients_match_merged_references() -> None:
     """Gradients of the stacked a, b and m against the sum over examples of each example's
     gradient through its own merged model, mapped back into the stack."""
     apply_fn, params = linen_tiny()
-    sets = _adapter_sets(apply_fn, params)
+    sets = dora_sets(apply_fn, params, BATCH)
     stacked, x = lora.stack(sets), tiny_tokens(BATCH)
     ids = jnp.array(IDS)
     loss = lambda st: jnp.sum(jnp.sin(lora.wrap(apply_fn)(params, st, x, lora_ids=ids)))
@@ -133,9 +196,10 @@ def test_routed_dora_gradients_match_merged_references() -> None:
                 np.testing.assert_array_equal(np.asarray(g.m[k]), 0.0)
 
 
-def test_all_base_ids_and_dora_only_stack() -> None:
+@check
+def all_base_ids_and_dora_only_stack() -> None:
     apply_fn, params = linen_tiny()
-    sets = _adapter_sets(apply_fn, params)
+    sets = dora_sets(apply_fn, params, BATCH)
     x = tiny_tokens(BATCH)
     fn = jax.jit(lora.wrap(apply_fn, mode="factored"))
     stacked = lora.stack([sets[2], sets[0]])
@@ -163,8 +227,8 @@ class _Stacked(nn.Module):
         return nn.Dense(2, name="head")(h)
 
 
-@pytest.mark.parametrize("mode", ["auto", "factored", "merged"])
-def test_scan_stacked_dora_routes_per_layer(mode: str) -> None:
+@check
+def scan_stacked_dora_routes_per_layer(mode: str) -> None:
     model = _Stacked()
     x = jax.random.normal(jax.random.key(3), (BATCH, 4, 8))
     params = model.init(jax.random.key(0), x)
@@ -178,7 +242,7 @@ def test_scan_stacked_dora_routes_per_layer(mode: str) -> None:
     sets = [
         lora.init(jax.random.key(30 + i), params, c, probe=probe) for i, c in enumerate(configs)
     ]
-    sets = [_perturbed(s, 40 + i) if i != 1 else s for i, s in enumerate(sets)]
+    sets = [perturbed(s, 40 + i) if i != 1 else s for i, s in enumerate(sets)]
     layered = adapter_entries(sets[2])["params/layers/fc/kernel"]
     assert layered.layer_axes == 1 and layered.layers == (0, 2)
     want = routed_reference(model.apply, params, sets, x, IDS)
@@ -190,7 +254,8 @@ def test_scan_stacked_dora_routes_per_layer(mode: str) -> None:
     assert np.abs(want - lora_only)[[0, 1, 4]].min() > 1e-4  # m matters
 
 
-def test_routed_dropout_follows_peft_per_example() -> None:
+@check
+def routed_dropout_follows_peft_per_example() -> None:
     """With LoRA dropout each routed example gets PEFT's DoRA form
     ``x @ W0 + (g - 1) * (drop(x) @ W0) + g * low(drop(x))`` (``g = 1`` for a plain adapter):
     mean the undropped output, variance per output unit ``p / (1 - p) * sum_i x_i**2 C_ij**2``
@@ -208,7 +273,7 @@ def test_routed_dropout_follows_peft_per_example() -> None:
             ]
         )
     ]
-    sets[0] = _perturbed(sets[0], 51)
+    sets[0] = perturbed(sets[0], 51)
     ids = np.repeat([0, 1, -1], n)
     x = jnp.tile(row, (3 * n, 1))
     fn = jax.jit(lora.wrap(model.apply, mode="factored"))
