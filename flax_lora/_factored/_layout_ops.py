@@ -53,8 +53,24 @@ def layout_of(x: KernelView | Base, eqn: jx.Eqn) -> KernelView | Base:
     return base_layout(x, eqn.primitive, params, out_aval)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Op:
+    """One layout op on a view: its primitive and bound params, the base after it, the view's
+    sides once the op has made them meaningless (``unknown``), and ``new``: the view after the
+    op from its factors and sides (`apply_layout`)."""
+
+    name: str
+    prim: Any
+    params: dict[str, Any]
+    base: Base
+    unknown: list[str]
+    new: _New
+
+
 def apply_layout(v: KernelView, prim: Any, params: dict[str, Any], out_aval: Any) -> KernelView:
-    """Applies one layout op (``prim.name in LAYOUT_OPS``) to the view."""
+    """Applies one layout op (``prim.name in LAYOUT_OPS``) to the view: value ops keep it; a
+    view that cannot be factored any more (or a layered one) records why; the ops that move
+    axes go by `SHAPE_RULES`."""
     name = prim.name
     base = base_layout(v.base, prim, params, out_aval)  # recorded, for a quantized base
     meta = v.meta
@@ -73,37 +89,56 @@ def apply_layout(v: KernelView, prim: Any, params: dict[str, Any], out_aval: Any
         return new(v.a, v.b, unknown)
     if LAYER in meta.side:
         return new(v.a, v.b, unknown, f"`{name}` of a layered kernel")
-    if name == "transpose":
-        return _permute(v, tuple(jx.bound_param(prim, params, "permutation")), new)
-    if name == "squeeze":
-        drop = {d % len(meta.side) for d in jx.bound_param(prim, params, "dimensions")}
-        if any(meta.side[d] == EXPERT for d in drop):  # ``w[e]``: one expert's kernel
-            if any(meta.side[d] != EXPERT for d in drop) or not value_ops_only(v):
-                return new(v.a, v.b, unknown, "`squeeze` of an expert axis after a layout op")
-            return drop_experts(v, drop, base)
-        side = [s for d, s in enumerate(meta.side) if d not in drop]
-        return _refactor(v, side, base.shape, new)
-    if name == "broadcast_in_dim":
-        kept = tuple(jx.bound_param(prim, params, "broadcast_dimensions"))
-        shape = tuple(jx.bound_param(prim, params, "shape"))
-        added = [d for d in range(len(shape)) if d not in kept]
-        if (
-            list(kept) != sorted(kept)
-            or any(shape[d] != 1 for d in added)
-            or any(shape[d] != v.shape[k] for k, d in enumerate(kept))
-        ):
-            return new(v.a, v.b, unknown, f"`{name}` (a broadcast)")
-        side = [I_SIDE] * len(shape)
-        for k, d in enumerate(kept):
-            side[d] = meta.side[k]
-        return _refactor(v, side, shape, new)
-    # reshape
-    if params.get("dimensions") is not None:
-        return new(v.a, v.b, unknown, f"`{name}` with dimensions")
-    side, why = _reshape_sides(v.shape, tuple(base.shape), meta.side)
+    return SHAPE_RULES[name](v, _Op(name, prim, params, base, unknown, new))
+
+
+def _transpose(v: KernelView, op: _Op) -> KernelView:
+    return _permute(v, tuple(jx.bound_param(op.prim, op.params, "permutation")), op.new)
+
+
+def _squeeze(v: KernelView, op: _Op) -> KernelView:
+    side = v.meta.side
+    drop = {d % len(side) for d in jx.bound_param(op.prim, op.params, "dimensions")}
+    if any(side[d] == EXPERT for d in drop):  # ``w[e]``: one expert's kernel
+        if any(side[d] != EXPERT for d in drop) or not value_ops_only(v):
+            return op.new(v.a, v.b, op.unknown, "`squeeze` of an expert axis after a layout op")
+        return drop_experts(v, drop, op.base)
+    kept = [s for d, s in enumerate(side) if d not in drop]
+    return _refactor(v, kept, op.base.shape, op.new)
+
+
+def _broadcast(v: KernelView, op: _Op) -> KernelView:
+    kept = tuple(jx.bound_param(op.prim, op.params, "broadcast_dimensions"))
+    shape = tuple(jx.bound_param(op.prim, op.params, "shape"))
+    added = [d for d in range(len(shape)) if d not in kept]
+    if (
+        list(kept) != sorted(kept)
+        or any(shape[d] != 1 for d in added)
+        or any(shape[d] != v.shape[k] for k, d in enumerate(kept))
+    ):
+        return op.new(v.a, v.b, op.unknown, f"`{op.name}` (a broadcast)")
+    side = [I_SIDE] * len(shape)
+    for k, d in enumerate(kept):
+        side[d] = v.meta.side[k]
+    return _refactor(v, side, shape, op.new)
+
+
+def _reshape(v: KernelView, op: _Op) -> KernelView:
+    if op.params.get("dimensions") is not None:
+        return op.new(v.a, v.b, op.unknown, f"`{op.name}` with dimensions")
+    side, why = _reshape_sides(v.shape, tuple(op.base.shape), v.meta.side)
     if why is not None:
-        return new(v.a, v.b, unknown, why)
-    return _refactor(v, side, base.shape, new)
+        return op.new(v.a, v.b, op.unknown, why)
+    return _refactor(v, side, op.base.shape, op.new)
+
+
+SHAPE_RULES: dict[str, Callable[[KernelView, _Op], KernelView]] = {
+    "transpose": _transpose,
+    "squeeze": _squeeze,
+    "broadcast_in_dim": _broadcast,
+    "reshape": _reshape,
+}
+"""The layout ops that move or regroup axes, by primitive name: the view after the op."""
 
 
 def value_ops_only(v: KernelView) -> bool:
