@@ -64,7 +64,7 @@ def merge(params: PyTree, adapters: PyTree, requantize: bool = False) -> PyTree:
             "static argument."
         )
     requantize = bool(requantize)
-    adapters, extras = split_plain(adapters)
+    adapters, extras = split_plain(adapters, "merge")
     layered: dict[str, Any] = {}
     base = params
     if requantize:  # layered kernels quantized per layer: merged and quantized layer by layer
@@ -144,7 +144,7 @@ def unmerge(params: PyTree, adapters: PyTree) -> PyTree:
       TypeError: an adapted kernel is not floating.
     """
 
-    adapters, extras = split_plain(adapters)
+    adapters, extras = split_plain(adapters, "unmerge")
     return unmerge_extras(_fold(params, adapters, -1.0)[0], extras)
 
 

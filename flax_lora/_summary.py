@@ -164,7 +164,7 @@ def summary(params: PyTree, adapters: PyTree, show: bool = True) -> Summary:
             )
         )
 
-    for path, node in split_plain(adapters)[1].items():
+    for path, node in split_plain(adapters, "summary")[1].items():
         n, nbytes = _size(node.array)
         rows_ = len(node.indices) if isinstance(node, TokenDelta) else 0  # a token delta's rows
         shape = tuple(getattr(kernels.get(path), "shape", node.array.shape))

@@ -331,11 +331,11 @@ def test_split_keeps_plain_and_stacked_extras_apart() -> None:
     a TypeError naming its path."""
     plain = {"head": {"bias": lora.TrainedCopy(jnp.ones(3))}}
     stacked = {"head": {"bias": StackedCopy(values=jnp.ones((2, 3)))}}
-    rest, extras = split_plain(plain)
+    rest, extras = split_plain(plain, "merge")
     assert rest is None and list(extras) == ["head/bias"]
     np.testing.assert_array_equal(extras["head/bias"].value, np.ones(3))
     assert list(split_stacked(stacked)[1]) == ["head/bias"]
     with pytest.raises(TypeError, match="head/bias"):
-        split_plain(stacked)
+        split_plain(stacked, "merge")
     with pytest.raises(TypeError, match="head/bias"):
         split_stacked(plain)

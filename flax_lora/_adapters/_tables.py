@@ -106,9 +106,9 @@ def adapter_tables(
     return tables
 
 
-def extra_tables(adapter_list: Sequence[PyTree]) -> list[dict[str, Extra]]:
+def extra_tables(adapter_list: Sequence[PyTree], fn: str) -> list[dict[str, Extra]]:
     """The trained copies and token deltas (`flax_lora._adapters._extras`) of each adapter set."""
-    return [split_plain(ad)[1] for ad in adapter_list]
+    return [split_plain(ad, fn)[1] for ad in adapter_list]
 
 
 def stacked_table(stacked: PyTree) -> dict[str, StackedLoraWeights]:
@@ -146,15 +146,21 @@ def split(
     return (nest(rest) if rest else None), extras
 
 
-def split_plain(adapters: PyTree) -> tuple[PyTree, dict[str, Extra]]:
-    """`split` of one adapter set (its entries `LoraWeights`), its extras plain ones.
+def split_plain(adapters: PyTree, fn: str) -> tuple[PyTree, dict[str, Extra]]:
+    """`split` of one adapter set (its entries `LoraWeights`), its extras plain ones; ``fn``
+    names the public function for the error.
 
     Raises:
       TypeError: a stacked extra (from `lora.stack`), naming its path.
     """
     rest, extras = split(adapters, is_lora)
     plain = {p: v for p, v in extras.items() if isinstance(v, TrainedCopy | TokenDelta)}
-    _check_all(extras, plain, "one adapter set (not a stack: pick one with lora.unstack)")
+    if len(plain) != len(extras):
+        raise TypeError(
+            f"lora.{fn} takes one adapter set; found stacked entries (of lora.stack) at "
+            f"{describe(_strays(extras, plain))}. Use the sets from before lora.stack, or pick "
+            "one with lora.unstack."
+        )
     return rest, plain
 
 
@@ -166,11 +172,13 @@ def split_stacked(stacked: PyTree) -> tuple[PyTree, dict[str, StackedExtra]]:
     """
     rest, extras = split(stacked, is_stacked)
     out = {p: v for p, v in extras.items() if isinstance(v, StackedCopy | StackedTokenDelta)}
-    _check_all(extras, out, "a stack made by lora.stack")
+    if len(out) != len(extras):
+        raise TypeError(
+            "Expected a stack made by lora.stack; found the wrong kind of extra at "
+            f"{describe(_strays(extras, out))}."
+        )
     return rest, out
 
 
-def _check_all(extras: Mapping[str, object], kept: Mapping[str, object], expected: str) -> None:
-    if len(kept) != len(extras):
-        stray = [p for p in extras if p not in kept]
-        raise TypeError(f"Expected {expected}; found the wrong kind of extra at {describe(stray)}.")
+def _strays(extras: Mapping[str, object], kept: Mapping[str, object]) -> list[str]:
+    return [p for p in extras if p not in kept]

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_lora._adapters._delta import check_fits
-from flax_lora._adapters._extras import EXTRA_TYPES, Extra, StackedExtra, from_meta
+from flax_lora._adapters._extras import Extra, from_meta
 from flax_lora._adapters._weights import LoraWeights
 from flax_lora._checkpoint._schema import AdapterFields, ExtraFields, Meta
 from flax_lora._config import LoraConfig
@@ -385,25 +385,6 @@ def check_all_read(directory: Path, arrays: dict[str, Leaf], read: set[str]) -> 
             f"{where(directory)}: its 'arrays' item holds {describe(stray)}, which its metadata "
             "does not name (arrays and metadata of different saves?)."
         )
-
-
-_PLAIN = tuple(EXTRA_TYPES.values())
-"""The types of plain (not stacked) extras."""
-
-
-def plain_extras(extras: dict[str, Extra | StackedExtra], fn: str) -> dict[str, Extra]:
-    """The trained copies and token deltas of an adapter tree (``split``'s extras) to save.
-
-    Raises:
-      TypeError: a stacked one (of `lora.stack`), named by path: save each set before stacking.
-    """
-    stacked = [p for p, e in extras.items() if not isinstance(e, _PLAIN)]
-    if stacked:
-        raise TypeError(
-            f"lora.{fn} takes one adapter set; found stacked entries (of lora.stack) at "
-            f"{describe(stacked)}. Save the sets before stacking, or lora.unstack them."
-        )
-    return {p: e for p, e in extras.items() if isinstance(e, _PLAIN)}
 
 
 def stored_config(directory: Path, meta: Meta) -> LoraConfig | None:

@@ -18,8 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from flax_lora._adapters._tables import adapter_table, split
-from flax_lora._adapters._weights import is_lora
+from flax_lora._adapters._tables import adapter_table, split_plain
 from flax_lora._checkpoint import _atomic
 from flax_lora._checkpoint._meta import (
     FORMAT,
@@ -30,7 +29,6 @@ from flax_lora._checkpoint._meta import (
     check_all_read,
     extra,
     extra_fields,
-    plain_extras,
     read_meta,
     recognise,
     stored_config,
@@ -99,7 +97,7 @@ def save(
     if not isinstance(overwrite, bool):
         raise TypeError(f"lora.save: overwrite must be True or False; got {overwrite!r}.")
     table = adapter_table(adapters)
-    extras = plain_extras(split(adapters, is_lora)[1], "save")
+    extras = split_plain(adapters, "save")[1]
     if not table and not extras:
         raise ValueError("lora.save: the adapter tree is empty.")
     arrays = nest(

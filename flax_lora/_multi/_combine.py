@@ -165,7 +165,7 @@ def combine(
                 )
     plan = Plan(spec, rank, density, majority_sign_method)
     out = _combine_tables(tables, w, key, plan)
-    extras = extra_tables(adapter_list)
+    extras = extra_tables(adapter_list, "combine")
     combined = combine_extras(extras, w) if any(extras) else {}
     return nest([*out.items(), *combined.items()])
 

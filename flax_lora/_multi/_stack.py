@@ -86,7 +86,7 @@ def stack(adapter_list: Sequence[PyTree]) -> PyTree:
                 "a routed call applies one rate per kernel. Give them one rate (e.g. "
                 "w.replace(dropout=...)) before stacking."
             )
-    extras = stack_extras(extra_tables(adapter_list), "stack")
+    extras = stack_extras(extra_tables(adapter_list, "stack"), "stack")
     return nest([*_stack_tables(tables).items(), *extras.items()])
 
 

@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from flax_lora._adapters._extras import Extra
-from flax_lora._adapters._tables import adapter_table, split
+from flax_lora._adapters._tables import adapter_table, split, split_plain
 from flax_lora._adapters._weights import LoraWeights, is_lora
-from flax_lora._checkpoint._meta import plain_extras
 from flax_lora._config import LoraConfig
 from flax_lora._paths import describe, leaf_name
 from flax_lora._peft._adapter_config import (
@@ -175,15 +174,16 @@ def _parts(adapters: PyTree) -> tuple[dict[str, LoraWeights], dict[str, Extra]]:
 
     Raises:
       ValueError: no LoRA entries.
+      TypeError: stacked trained copies or token deltas (of `lora.stack`), naming their paths.
     """
     table = adapter_table(adapters)
-    extras = split(adapters, is_lora)[1]
     if not table:
+        extras = split(adapters, is_lora)[1]
         raise ValueError(
             "lora.save_peft: the adapter tree holds no LoRA factors"
             + (" (only trained copies / token deltas)." if extras else " (it is empty).")
         )
-    return table, plain_extras(extras, "save_peft")
+    return table, split_plain(adapters, "save_peft")[1]
 
 
 def _check_options(config: LoraConfig | None, task_type: str | None) -> None:

@@ -24,8 +24,9 @@ import flax_lora as lora
 
 from .cases import check
 from .compare import assert_close
+from .moe_adapters import einsum_case as _case
 from .moe_adapters import expert_adapters, kernel_shapes
-from .moe_models import build as moe_build
+from .moe_adapters import two_sets as _moe_sets
 from .moe_models import carried_delta64, merged64, random_factors
 from .refs import ref_delta64
 from .scan_models import CONFIG, X, in_axes_of, init_adapters, is_layered, scan_model
@@ -244,23 +245,10 @@ def _flat(a: Any, b: Any, nc: int) -> tuple[np.ndarray, np.ndarray]:
     return a64.reshape(c, -1, r), b64.reshape(c, r, -1)
 
 
-def _case(stacked: bool, transposed: bool = False) -> Any:
-    return moe_build("linen", "einsum", stacked=stacked, transposed_out=transposed)
-
-
 _merge = jax.jit(lora.merge)
 
 
 # -- expert kernels ------------------------------------------------------------------------------
-
-
-def _moe_sets(stacked: bool, transposed: bool, ranks: tuple[int, int] = (2, 2)) -> tuple:
-    case = _case(stacked, transposed)
-    f = [
-        random_factors(case, rank=ranks[0], scale=0.75, seed=3),
-        random_factors(case, rank=ranks[1], scale=0.5, seed=4),
-    ]
-    return case, f, [expert_adapters(case, x) for x in f]
 
 
 def _ncarried(case: Any, path: str) -> int:

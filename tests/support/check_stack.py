@@ -22,10 +22,11 @@ import flax_lora as lora
 from .cases import check
 from .compare import assert_close
 from .internal import gather, select
+from .moe_adapters import einsum_case as _case
 from .moe_adapters import expert_adapters
+from .moe_adapters import two_sets as _moe_sets
 from .moe_models import E, merged64, random_factors
 from .moe_models import L as MOE_L
-from .moe_models import build as moe_build
 from .refs import ref_delta64
 from .routing_models import dora_sets, linen_tiny, scan_model_and_sets, tiny_tokens
 from .scan_models import D, L
@@ -33,19 +34,6 @@ from .trees import adapter_entries
 
 BATCH = 5  # examples (the tiny models' own batch is 6)
 _merge = jax.jit(lora.merge)
-
-
-def _case(stacked: bool, transposed: bool = False) -> Any:
-    return moe_build("linen", "einsum", stacked=stacked, transposed_out=transposed)
-
-
-def _moe_sets(stacked: bool, transposed: bool, ranks: tuple[int, int] = (2, 2)) -> tuple:
-    case = _case(stacked, transposed)
-    f = [
-        random_factors(case, rank=ranks[0], scale=0.75, seed=3),
-        random_factors(case, rank=ranks[1], scale=0.5, seed=4),
-    ]
-    return case, f, [expert_adapters(case, x) for x in f]
 
 
 @check

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import flax_lora as lora
-from support.moe_models import MoeCase, merged64
+from support.moe_models import MoeCase, build, merged64, random_factors
 
 
 def kernel_shapes(case: MoeCase) -> dict[str, tuple[int, ...]]:
@@ -61,3 +61,19 @@ def expert_adapters(
             layers=layers if n else None,
         )
     return nest(flat)
+
+
+def einsum_case(stacked: bool, transposed: bool = False) -> MoeCase:
+    """The Linen einsum expert model (block or scan stack, ``w_out`` transposed or not)."""
+    return build("linen", "einsum", stacked=stacked, transposed_out=transposed)
+
+
+def two_sets(stacked: bool, transposed: bool, ranks: tuple[int, int] = (2, 2)) -> tuple:
+    """``(case, [factors of two sets], [their adapter trees])`` on `einsum_case`: random factors
+    of the given ranks (scales 0.75 and 0.5, seeds 3 and 4)."""
+    case = einsum_case(stacked, transposed)
+    f = [
+        random_factors(case, rank=ranks[0], scale=0.75, seed=3),
+        random_factors(case, rank=ranks[1], scale=0.5, seed=4),
+    ]
+    return case, f, [expert_adapters(case, x) for x in f]
