@@ -2,8 +2,8 @@
 
 The probe is traced to a jaxpr with `jax.make_jaxpr` (no FLOPs). Each kernel's invar is followed
 through the layout-only operations Flax applies to kernels (dtype promotion, transposes,
-reshapes, nested `jit`, remat, custom derivatives, `scan` over layered kernels) to the op that
-uses it:
+reshapes, nested `jit`, remat, custom derivatives, `scan` over layered kernels) and through a
+product with a value that is not a kernel (``w * w_scale``, Gemma 3n / 4) to the op that uses it:
 
 - ``gather`` (an Embed lookup): the gathered axis is the input axis -> ``"embed"``;
 - ``conv_general_dilated``: the input-feature and spatial axes -> ``"conv"``;
@@ -153,6 +153,16 @@ def _untracked(eqn: jx.Eqn, ins: list[Tracked | None], pins: Pins, uses: Uses) -
     return Step()
 
 
+def _scaled(eqn: jx.Eqn, ins: list[Tracked | None], pins: Pins, uses: Uses) -> Step:
+    """``mul`` / ``div`` of one kernel by an untracked value (``w * w_scale``, Gemma 3n / 4): the
+    product has the kernel's axes (JAX multiplies by a scalar as is, and by anything else of
+    the kernel's shape). A product of two kernels tracks nothing; nor does ``c / w``."""
+    at = [k for k, t in enumerate(ins) if t is not None]
+    if len(at) != 1 or (eqn.primitive.name == "div" and at[0] != 0):
+        return Step()
+    return Step((ins[at[0]],), pins[at[0]])
+
+
 def _slice(eqn: jx.Eqn, ins: list[Tracked | None], pins: Pins, uses: Uses) -> Step:
     """``slice`` / ``dynamic_slice``: an axis sliced to size 1 is taken at one index (``w[e]``
     in a Python loop over experts; an expert axis once squeezed)."""
@@ -278,6 +288,8 @@ def _call(eqn: jx.Eqn, ins: list[Tracked | None], pins: Pins, uses: Uses) -> Ste
 PROBE_RULES: dict[str, ProbeRule] = {
     **dict.fromkeys(jx.KEEPS_AXES, _keep),
     **dict.fromkeys(jx.LAYOUT_OPS - jx.KEEPS_AXES, _untracked),
+    "mul": _scaled,
+    "div": _scaled,
     "slice": _slice,
     "dynamic_slice": _slice,
     "transpose": _transpose,

@@ -255,8 +255,9 @@ def test_eager_call_and_none_adapters() -> None:
 
 
 # -- fallback and errors -----------------------------------------------------------------------
-def _scaled_kernel(p: dict, x: jax.Array) -> jax.Array:
-    return jnp.tanh(x @ p["first"]) @ (p["w"] * 1.5)
+def _masked_kernel(p: dict, x: jax.Array) -> jax.Array:
+    """The kernel times an array (a scalar is factored: tests/test_scaled_kernel.py)."""
+    return jnp.tanh(x @ p["first"]) @ (p["w"] * np.tril(np.ones((6, 6), np.float32)))
 
 
 def _scanned(p: dict, x: jax.Array) -> jax.Array:
@@ -287,7 +288,7 @@ def test_kernel_closed_over_by_a_scan_is_factored() -> None:
     )
 
 
-@pytest.mark.parametrize(("fn", "op"), [(_scaled_kernel, "mul"), (_carried, "scan")])
+@pytest.mark.parametrize(("fn", "op"), [(_masked_kernel, "mul"), (_carried, "scan")])
 def test_factored_mode_raises_with_path_and_op(fn: Callable, op: str) -> None:
     params = {"first": _x(4, 6, seed=1), "w": _x(6, 6, seed=2)}
     adapters = _adapters(params, lora.LoraConfig(rank=2, targets="first|w"))

@@ -8,7 +8,8 @@ The data path of one call, file by file:
   view, or alone, dequantized at its uses;
 - `_interpreter`: evaluates the jaxpr, one rule per primitive (the rule table `RULES`), with
   the typed result of `_contract` (`Unfactored`) when a use cannot be factored;
-- the rules: `_layout_ops` (casts, transposes, reshapes on views), `_rules` (``dot_general``,
+- the rules: `_layout_ops` (casts, transposes, reshapes on views), `_scale` (a view scaled
+  by a scalar, ``w * c``), `_rules` (``dot_general``,
   ``gather``, ``conv_general_dilated``), `_expert_rules` (``dot_general`` and
   ``ragged_dot_general`` of expert kernels, the expert axis kept a batch / group dimension),
   `_lowrank` (their low-rank branches and the Dense branch's hand-written VJP), `_scan`

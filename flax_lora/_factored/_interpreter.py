@@ -43,6 +43,7 @@ from flax_lora._factored._expert_rules import expert_dense_rule, ragged_rule, sl
 from flax_lora._factored._layout_ops import layout_of, layout_rule
 from flax_lora._factored._quant_base import as_array, is_quant_base
 from flax_lora._factored._rules import conv_rule, dense_rule, gather_rule
+from flax_lora._factored._scale import SCALINGS, scale_rule
 from flax_lora._factored._scan import scan_rule
 from flax_lora._factored._view import EXPERT, KernelView, materialize
 from flax_lora._typing import Key, Mode
@@ -94,6 +95,7 @@ RULES: dict[str, Rule] = {
     "dynamic_slice": slice_rule,
     "gather": gather_rule,
     "conv_general_dilated": conv_rule,
+    **dict.fromkeys(SCALINGS, scale_rule),
 }
 """The rule of each primitive that factored execution sees through or factors; any other
 primitive with a kernel among its inputs is `Unfactored`."""

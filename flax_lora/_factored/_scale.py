@@ -1,0 +1,61 @@
+"""A kernel view scaled by a scalar: ``w * c`` and ``w / c`` (``mul`` / ``div``).
+
+Gemma 3n / 4 scale a kernel before its use (``w * w_scale``, ``w_scale`` a Python or NumPy
+constant, or a scalar array computed in the model). JAX binds such a product with the scalar
+as a shape-``()`` operand of ``mul``. A scalar commutes with every layout op and with the
+product of the factors, so
+
+    c * (W0 + scale * a @ b) == c * W0 + scale * a @ (c * b)
+
+and the view stays factored: its base becomes ``c * W0`` (the equation bound as the model binds
+it), its ``b`` (and ``root_b``, with ``root`` scaled likewise, for `materialize`) ``c * b``.
+Gradients reach ``a`` and ``b`` through the scaled ``b``. Not factored: a multiplier that is
+not a scalar (a per-element or per-axis array), a kernel divided *into* something (``c / w``),
+a product of two kernels, a DoRA view (its normalised kernel does not scale with ``W0``) and a
+quantized base (dequantized there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+
+from flax_lora import _jaxpr as jx
+from flax_lora._factored._contract import Evaluator, Result, Unfactored, no_rule
+from flax_lora._factored._quant_base import is_quant_base
+from flax_lora._factored._view import KernelView
+from flax_lora._typing import Key
+
+SCALINGS: dict[str, Callable[[Any, Any], Any]] = {"mul": jnp.multiply, "div": jnp.divide}
+"""The primitives of a kernel scaled by a scalar, and the same operation on a factor."""
+
+
+def scale_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
+    """``mul`` / ``div`` of a kernel view by a scalar: the view with ``W0`` and ``b`` scaled."""
+    del interp, key
+    name = eqn.primitive.name
+    at = [k for k, x in enumerate(invals) if isinstance(x, KernelView)]
+    if len(at) != 1 or any(is_quant_base(x) for x in invals):
+        return no_rule(invals)  # two kernels, or a quantized kernel without adapter
+    v, c = invals[at[0]], invals[1 - at[0]]
+    if v.meta.why is not None:
+        return no_rule(invals)
+    if name == "div" and at[0] != 0:
+        return Unfactored("the kernel is the divisor")
+    if jnp.ndim(c) != 0:
+        return Unfactored(
+            f"the kernel is scaled by an array of shape {tuple(jnp.shape(c))}, not by a scalar"
+        )
+    if v.g is not None:
+        return Unfactored("a DoRA kernel scaled by a constant")
+    if is_quant_base(v.base) or is_quant_base(v.root):
+        return Unfactored("a quantized kernel scaled by a constant")
+    ins = list(invals)
+    ins[at[0]] = v.base
+    base = jx.bind(eqn, ins)[0]  # c * W0, as the model computes it
+    op = SCALINGS[name]
+    of = lambda x: op(x, jnp.asarray(c, x.dtype)) if x is not None else None
+    return [dataclasses.replace(v, base=base, b=of(v.b), root_b=of(v.root_b), root=of(v.root))]

@@ -1,0 +1,187 @@
+"""A kernel scaled before its use (``w * w_scale``, as Gemma 3n / 4's per-layer-input projection)
+and cast (``convert_element_type``): the probe learns the kernel's axes through the ``mul``, and
+``mode="factored"`` factors it as ``x @ (c * W0) + c * scale * (x @ a) @ b``.
+
+Each model is linear in its effective kernel ``W = c * (W0 + scale * a @ b)``: ``y = P @ W`` as
+matrices, ``P`` the layer input laid out by numpy (the activation, one-hot rows for a lookup,
+im2col patches for a convolution). The float64 reference computes ``y`` and the gradients of
+``sum(C * y)`` w.r.t. ``a`` and ``b`` by hand: ``dW = c * P.T @ C``,
+``da = scale * dW @ b.T``, ``db = scale * a.T @ dW``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from support.compare import rel_err
+from support.models import fill_abstract
+from support.refs import as_matrix
+
+import flax_lora as lora
+
+CONFIG = lora.LoraConfig(rank=2, alpha=3.0, init="random")
+C = 0.37  # the constant scale (a Python float; NumPy's sqrt below)
+rng = np.random.default_rng(0)
+X = rng.normal(size=(2, 5, 6)).astype(np.float32)
+IDS = rng.integers(0, 11, (2, 5)).astype(np.int32)
+
+
+class ScaledDense(nn.Module):
+    """``x @ (kernel * c)``: ``c`` a constant, or the scalar parameter ``w_scale``."""
+
+    scalar_param: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.param("kernel", nn.initializers.normal(), (x.shape[-1], 4))
+        c = self.param("w_scale", nn.initializers.ones, ()) if self.scalar_param else C
+        return x @ (k * c)
+
+
+class ScaledEinsum(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.param("kernel", nn.initializers.normal(), (x.shape[-1], 2, 3))
+        return jnp.einsum("btd,dhk->bthk", x, k * np.sqrt(np.float32(C)) / np.float32(2.0))
+
+
+class ScaledEmbed(nn.Module):
+    @nn.compact
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        e = self.param("embedding", nn.initializers.normal(), (11, 6))
+        return (e * C)[ids]
+
+
+class ScaledConv(nn.Module):
+    """A 1-D convolution, SAME padding, of ``kernel * c``, the kernel cast to bfloat16 and back."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.param("kernel", nn.initializers.normal(), (3, x.shape[-1], 4))
+        w = k.astype(jnp.bfloat16).astype(jnp.float32) * C
+        dims = ("NWC", "WIO", "NWC")
+        return jax.lax.conv_general_dilated(x, w, (1,), "SAME", dimension_numbers=dims)
+
+
+class NnxScaledDense(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (6, 4)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x @ (self.kernel[...] * C)
+
+
+def _conv_patches(x: np.ndarray, width: int) -> np.ndarray:
+    """im2col of a SAME-padded 1-D convolution: ``(B*T, width*I)``, kernel rows ``(k, i)``."""
+    pad = (width - 1) // 2
+    xp = np.pad(x, ((0, 0), (pad, width - 1 - pad), (0, 0)))
+    t = x.shape[1]
+    return np.stack([xp[:, k : k + t] for k in range(width)], axis=2).reshape(x.shape[0] * t, -1)
+
+
+# name -> (model, its input, the float64 patches P, the scale c, the kernel's input axes)
+CASES: dict[str, tuple[nn.Module, np.ndarray, np.ndarray, float, tuple[int, ...]]] = {
+    "dense": (ScaledDense(), X, X.reshape(-1, 6).astype(np.float64), C, (0,)),
+    "dense_scalar_param": (ScaledDense(True), X, X.reshape(-1, 6).astype(np.float64), None, (0,)),
+    "einsum": (
+        ScaledEinsum(),
+        X,
+        X.reshape(-1, 6).astype(np.float64),
+        float(np.float64(np.sqrt(np.float32(C))) / 2.0),
+        (0,),
+    ),
+    "embed": (ScaledEmbed(), IDS, np.eye(11)[IDS.reshape(-1)], C, (0,)),
+    "conv": (ScaledConv(), X, _conv_patches(X.astype(np.float64), 3), C, (0, 1)),
+}
+
+
+def _setup(model: nn.Module, x: np.ndarray) -> tuple[Callable, Any, Any]:
+    params = fill_abstract(jax.eval_shape(model.init, jax.random.key(0), x), 1, 0.5)
+    if "w_scale" in params["params"]:
+        params["params"]["w_scale"] = np.float32(C)
+    probe = lambda p: model.apply(p, x)
+    shapes = jax.eval_shape(lambda p: lora.init(jax.random.key(2), p, CONFIG, probe), params)
+    return model.apply, params, fill_abstract(shapes, 2, 0.3)
+
+
+def _reference(params: Any, w: lora.LoraWeights, pmat: np.ndarray, c: float, cot: np.ndarray):
+    """``y = P @ (c * (W0 + s a @ b))`` and the gradients of ``sum(cot * y)`` in float64 (the
+    conv model casts ``W0`` to bfloat16 first: so does the reference)."""
+    leaves = params["params"]
+    k0 = np.asarray(leaves["kernel"] if "kernel" in leaves else leaves["embedding"])
+    if w.kind == "conv":
+        k0 = np.asarray(jnp.asarray(k0).astype(jnp.bfloat16).astype(jnp.float32))
+    km = as_matrix(k0.astype(np.float64), tuple(w.in_axes))
+    r = w.a.shape[-1]
+    a = np.asarray(w.a, np.float64).reshape(-1, r)
+    b = np.asarray(w.b, np.float64).reshape(r, -1)
+    y = pmat @ (c * (km + w.scale * a @ b))
+    dw = c * pmat.T @ cot
+    return y, w.scale * dw @ b.T, w.scale * a.T @ dw
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_scaled_kernel(name: str) -> None:
+    """Probe axes; factored and merged forwards and gradients == the float64 reference."""
+    model, x, pmat, c, in_axes = CASES[name]
+    c = C if c is None else c
+    apply, params, adapters = _setup(model, x)
+    leaf = "kernel" if "kernel" in adapters["params"] else "embedding"
+    w = adapters["params"][leaf]
+    assert tuple(w.in_axes) == in_axes  # learned through the `mul` (and the casts)
+    assert w.kind == {"embed": "embed", "conv": "conv"}.get(name, "dense")
+    cot = np.random.default_rng(5).normal(size=(pmat.shape[0], w.b[0].size))
+    y_ref, da_ref, db_ref = _reference(params, w, pmat, c, cot)
+    for mode in ("factored", "merged"):
+        # merged conv: the adapted kernel goes through the model's bfloat16 cast
+        tol = 2e-2 if (name, mode) == ("conv", "merged") else 2e-5
+        fn = lora.wrap(apply, mode=mode)
+        assert rel_err(fn(params, adapters, x).reshape(y_ref.shape), y_ref) < tol, mode
+        loss = lambda ad, fn=fn: jnp.sum(fn(params, ad, x).reshape(cot.shape) * cot)
+        g = jax.grad(loss)(adapters)["params"][leaf]
+        assert rel_err(g.a.reshape(da_ref.shape), da_ref) < tol, mode
+        assert rel_err(g.b.reshape(db_ref.shape), db_ref) < tol, mode
+
+
+def test_nnx_scaled_linear() -> None:
+    """An NNX module scaling its kernel: factored == merged == the float64 reference."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: NnxScaledDense(nnx.Rngs(0))))
+    state = fill_abstract(state, 1, 0.5)
+    apply = lambda s, x: nnx.merge(graphdef, s)(x)
+    adapters = lora.init(jax.random.key(1), state, CONFIG, probe=lambda s: apply(s, X))
+    w = adapters["kernel"]
+    k0 = np.asarray(state["kernel"][...], np.float64)
+    a, b = np.asarray(w.a, np.float64), np.asarray(w.b, np.float64)
+    y_ref = X.astype(np.float64) @ (C * (k0 + w.scale * a @ b))
+    for mode in ("factored", "merged"):
+        assert rel_err(lora.wrap(apply, mode=mode)(state, adapters, X), y_ref) < 2e-5, mode
+
+
+class MaskedDense(nn.Module):
+    """``x @ (kernel * mask)``: a multiplier of the kernel's shape, not a scalar."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.param("kernel", nn.initializers.normal(), (x.shape[-1], 4))
+        mask = np.tril(np.ones((x.shape[-1], 4), np.float32))
+        return x @ (k * mask)
+
+
+def test_non_scalar_multiplier_is_merged_or_refused() -> None:
+    """A kernel times an array is not factored: mode="factored" says so naming the kernel and
+    ``mul``; mode="auto" merges that kernel (== mode="merged"). The probe still learns its
+    axes."""
+    apply, params, adapters = _setup(MaskedDense(), X)
+    assert adapters["params"]["kernel"].in_axes == (0,)
+    with pytest.raises(ValueError, match=r"'params/kernel' is used by `mul`.*not by a scalar"):
+        lora.wrap(apply, mode="factored")(params, adapters, X)
+    auto = lora.wrap(apply, mode="auto")(params, adapters, X)
+    merged = lora.wrap(apply, mode="merged")(params, adapters, X)
+    assert rel_err(auto, merged) < 1e-6
