@@ -11,6 +11,7 @@ from flax_lora._adapters._weights import LoraWeights, StackedLoraWeights
 from flax_lora._checkpoint._orbax import load, load_config, save
 from flax_lora._config import LoraConfig
 from flax_lora._init._make import init
+from flax_lora._init._selection import Choice, Selection, select
 from flax_lora._merge import merge, unmerge
 from flax_lora._multi._combine import combine
 from flax_lora._multi._stack import stack, unstack
@@ -25,9 +26,11 @@ from flax_lora._wrap import wrap
 __version__ = "0.1.0"
 
 __all__ = [
+    "Choice",
     "LoraConfig",
     "LoraWeights",
     "QuantizedKernel",
+    "Selection",
     "StackedLoraWeights",
     "Summary",
     "TokenDelta",
@@ -47,6 +50,7 @@ __all__ = [
     "requantize",
     "save",
     "save_peft",
+    "select",
     "stack",
     "summary",
     "trainable",

@@ -24,7 +24,40 @@ from flax_lora._field_checks import (
     real,
     regex_tuple,
 )
+from flax_lora._paths import leaf_name, module_path
 from flax_lora._typing import BIASES, INITS, Bias, Init, QuantFormat
+
+ALL_LINEAR = "all-linear"
+"""``LoraConfig(targets="all-linear")``: PEFT's shorthand, every kernel contracted as a linear
+map except the model's output head (`flax_lora._init._select`)."""
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def is_plain_name(pattern: str) -> bool:
+    """Whether a ``targets`` / ``exclude`` entry is a plain name: letters, digits, ``_`` and
+    ``-`` only (one path component: no regex metacharacter, no ``/``), matched as PEFT matches
+    ``target_modules`` names (`name_matches`) rather than as a regex that must
+    ``re.fullmatch`` the whole path (a plain name could only fullmatch a top-level leaf)."""
+    return _PLAIN_NAME.fullmatch(pattern) is not None
+
+
+def name_matches(name: str, path: str, kernel: bool = True) -> bool:
+    """PEFT's rule for a module name (``key == name or key.endswith("." + name)``) on paths: the
+    plain name ``name`` is the leaf's name, or, for a ``kernel`` leaf (PEFT names the module,
+    whose kernel is adapted), the name of the module holding it: ``"q_proj"`` and ``"kernel"``
+    select ``params/h0/attn/q_proj/kernel``, ``"gating_einsum"`` selects
+    ``params/layer_0/mlp/gating_einsum``; ``"proj"`` and ``"attn"`` select neither."""
+    return leaf_name(path) == name or (kernel and leaf_name(module_path(path)) == name)
+
+
+def target_matches(pattern: str, path: str, owner: str, kernel: bool = True) -> bool:
+    """One ``targets`` / ``exclude`` entry against a path: a plain name by `name_matches` (a
+    module name selects only a leaf that is a ``kernel`` of its module), any other regex by
+    ``re.fullmatch`` on the whole path (``owner`` names the field in errors)."""
+    if is_plain_name(pattern):
+        return name_matches(pattern, path, kernel)
+    return _regex.fullmatch(pattern, path, owner)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +79,19 @@ class LoraConfig:
     Attributes:
       rank: the rank ``r`` of every adapter, at least 1 (PEFT ``r``).
       alpha: ``scale = alpha / rank`` (PEFT ``lora_alpha``).
-      targets: kernels to adapt: ``None`` (every kernel), a regex that must ``re.fullmatch``
-        the path, or a sequence of them (PEFT ``target_modules``, on paths).
-      exclude: regexes (``re.fullmatch``) of paths never adapted (PEFT ``exclude_modules``).
+      targets: kernels to adapt (PEFT ``target_modules``): ``None`` (every kernel),
+        ``"all-linear"`` (every kernel contracted as a linear map: Dense, DenseGeneral, Einsum,
+        expert kernels; not embeddings, convolutions or the model's output head, see
+        `lora.select`), or one entry or a sequence of them, any of which selects a path. An
+        entry of letters, digits, ``_`` and ``-`` only is a plain name, matched as PEFT
+        matches module names: the leaf's name (``"gating_einsum"``), or the name of the module
+        holding a kernel (``"q_proj"`` selects ``params/h0/attn/q_proj/kernel``, not that
+        module's bias: a kernel is a leaf the probe contracts or gathers, without a probe one
+        named ``kernel`` or ``embedding``). Any other entry (one with ``/`` or a regex
+        metacharacter, e.g. PEFT's dotted ``"self_attn.q_proj"``) is a regex that must
+        ``re.fullmatch`` the whole path.
+      exclude: entries (plain names or regexes, as ``targets``) of paths never adapted (PEFT
+        ``exclude_modules``).
       rank_pattern: regex (``re.search`` on the path) -> rank; the first match wins.
       alpha_pattern: regex (``re.search`` on the path) -> alpha; the first match wins.
       init: ``"lora"`` (PEFT's default: ``b = 0``, or ``a = 0`` for an Embed), ``"gaussian"``,
@@ -124,10 +167,15 @@ class LoraConfig:
         layers are the entries of its leading axis, picked by `lora.init`) skips the ``layers``
         check on the path.
         """
-        full = _regex.fullmatch
+        full = target_matches
         targets = self.targets
-        # the pattern fields hold tuples once __post_init__ has run (`regex_tuple`)
-        if targets is not None and not any(full(p, path, "LoraConfig.targets") for p in targets):
+        # the pattern fields hold tuples once __post_init__ has run (`_targets`, `regex_tuple`);
+        # "all-linear" selects by the kernel's use (`flax_lora._init._select`), not by path
+        if (
+            targets is not None
+            and targets != ALL_LINEAR
+            and not any(full(p, path, "LoraConfig.targets") for p in targets)
+        ):
             return False
         if any(full(p, path, "LoraConfig.exclude") for p in self.exclude or ()):
             return False
@@ -161,7 +209,7 @@ class LoraConfig:
         d = dataclasses.asdict(self)
         d["dtype"] = np.dtype(self.dtype).name
         for k in ("targets", "exclude", "layers", "layers_pattern", "modules_to_save"):
-            d[k] = list(d[k]) if d[k] is not None else None
+            d[k] = list(d[k]) if d[k] is not None and d[k] != ALL_LINEAR else d[k]
         tokens = d["trainable_token_indices"]
         if isinstance(tokens, Mapping):
             d["trainable_token_indices"] = {k: list(v) for k, v in tokens.items()}
@@ -228,6 +276,21 @@ def _layers(layers: Any, name: str) -> tuple[int, ...] | None:
     return tuple(int(i) for i in items)
 
 
+def _targets(value: Any, name: str) -> str | tuple[str, ...] | None:
+    """``LoraConfig.targets``: ``"all-linear"`` (any case, as PEFT) kept as that string, else
+    one entry or a sequence of them as a tuple (`regex_tuple`)."""
+    if isinstance(value, str) and value.lower() == ALL_LINEAR:
+        return ALL_LINEAR
+    out = regex_tuple(value, name)
+    if out is not None and any(p.lower() == ALL_LINEAR for p in out):
+        raise ValueError(
+            f"{name}: 'all-linear' is PEFT's shorthand for every linear kernel and stands alone; "
+            f"got it in the sequence {list(out)!r}. Pass targets='all-linear' (and exclude= to "
+            "leave kernels out)."
+        )
+    return out
+
+
 def _token_ids(value: Any, name: str) -> tuple[int, ...]:
     """A sequence of distinct token ids >= 0 as a tuple of ints."""
     if isinstance(value, np.ndarray):
@@ -278,7 +341,7 @@ def _dtype(value: DTypeLike, name: str) -> DTypeLike:
 FIELD_CHECKS: dict[str, Check[Any]] = {
     "rank": integer(lo=1),
     "alpha": real(),
-    "targets": regex_tuple,
+    "targets": _targets,
     "exclude": lambda v, name: regex_tuple(v, name) or (),
     "rank_pattern": pattern_map(integer(lo=1), "rank"),
     "alpha_pattern": pattern_map(real(), "alpha"),

@@ -26,6 +26,7 @@ from typing import Any
 import jax
 
 from flax_lora import _jaxpr as jx
+from flax_lora._head import output_heads
 from flax_lora._paths import describe, path_str
 from flax_lora._typing import Kind
 
@@ -40,6 +41,7 @@ class Use:
     in_axes: tuple[int, ...]
     layer_axes: tuple[int, ...] = ()  # kernel axes sliced off by enclosing scans (nn.scan layers)
     expert_axes: tuple[int, ...] = ()  # batch / group axes of the product, or sliced per expert
+    head: bool = False  # its product is an output of the traced function (`flax_lora._head`)
 
 
 def reshape_groups(
@@ -311,7 +313,7 @@ def kernel_uses(probe: Callable[[Any], Any], params: Any) -> dict[str, Use]:
     """Traces ``probe(params)`` abstractly; returns each used kernel's path -> `Use`.
 
     An Embed lookup wins over other uses of the same embedding (``attend``); then a conv; then the
-    first contraction.
+    first contraction. `Use.head` marks the model's output heads (`flax_lora._head`).
 
     Raises:
       ValueError: ``params`` has leaves of 2 or more dimensions but the probe contracts or
@@ -341,4 +343,6 @@ def kernel_uses(probe: Callable[[Any], Any], params: Any) -> dict[str, Use]:
             "not from params it closes over."
         )
     rank: dict[Kind, int] = {"embed": 0, "conv": 1, "dense": 2}
-    return {p: min(us, key=lambda u: rank[u.kind]) for p, us in uses.items()}
+    out = {p: min(us, key=lambda u: rank[u.kind]) for p, us in uses.items()}
+    heads = output_heads(closed.jaxpr, {v: t[0] for v, t in tracked.items()})
+    return {p: dataclasses.replace(u, head=p in heads) for p, u in out.items()}

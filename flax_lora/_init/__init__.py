@@ -1,7 +1,8 @@
 """`lora.init`: which kernels to adapt, and how each adapter starts.
 
-- `_select`: which kernels (the config's patterns, the probe's uses, the layers picked on a
-  layered kernel);
+- `_select`: which kernels (the config's patterns and plain names, ``"all-linear"``, the probe's
+  uses, the layers picked on a layered kernel), each leaf's choice with its reason;
+- `_selection`: `lora.select`, those choices listed before training;
 - `_factors`: one kernel's starting factors (lora, gaussian, random, pissa, olora), one carried
   slice at a time, the rank checks, and DoRA's starting magnitude;
 - `_loftq`: LoftQ, the factors and the quantized base of one kernel fitted together;

@@ -9,36 +9,172 @@ with a probe, every leaf it contracts or gathers.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax.numpy as jnp
 
-from flax_lora._config import LoraConfig, layer_index, layer_tuple
+from flax_lora._config import ALL_LINEAR, LoraConfig, layer_index, layer_tuple, target_matches
 from flax_lora._paths import KERNEL_LEAVES, describe, leaf_name
 from flax_lora._probe import Use
 from flax_lora._typing import Kind, PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class Pick:
+    """Whether `lora.init` adapts a leaf of 2 or more dimensions, and why.
+
+    Attributes:
+      picked: adapted.
+      reason: why it is picked or skipped, in words.
+      candidate: a kernel by the first rule (the probe's uses, Flax's leaf names, ``targets``
+        without a probe, ``"all-linear"``), before ``targets`` / ``exclude`` / ``layers``.
+    """
+
+    picked: bool
+    reason: str
+    candidate: bool
+
+
+def choose(
+    leaves: dict[str, PyTree], config: LoraConfig, uses: dict[str, Use] | None
+) -> dict[str, Pick]:
+    """Path -> `Pick` of every leaf of 2 or more dimensions of ``leaves``."""
+    out = {}
+    embeddings = {p: x for p, x in leaves.items() if _is_embedding(p, x)}
+    for path, leaf in leaves.items():
+        if getattr(leaf, "ndim", 0) < 2:
+            continue
+        why_not = _not_candidate(path, leaf, config, uses, embeddings)
+        if why_not is not None:
+            out[path] = Pick(False, why_not, False)
+            continue
+        layered = uses is not None and path in uses and bool(uses[path].layer_axes)
+        kernel = path in uses if uses is not None else leaf_name(path) in KERNEL_LEAVES
+        why_not = _unmatched(path, config, layered, kernel)
+        out[path] = Pick(why_not is None, why_not or _why_picked(path, config, uses), True)
+    return out
+
+
+def _is_embedding(path: str, leaf: PyTree) -> bool:
+    return getattr(leaf, "ndim", 0) == 2 and leaf_name(path) == "embedding"
+
+
+def kind_of(path: str, leaf: PyTree, uses: dict[str, Use] | None) -> Kind | None:
+    """The kernel kind of a leaf: the probe's (an embedding contracted by ``attend`` only is
+    still an Embed), or for a 2-D leaf without a use, by its name; ``None``: unknown."""
+    if uses is not None and path in uses:
+        return "embed" if _is_embedding(path, leaf) else uses[path].kind
+    if getattr(leaf, "ndim", 0) == 2:
+        return "embed" if leaf_name(path) == "embedding" else "dense"
+    return None
+
+
+def _not_candidate(
+    path: str,
+    leaf: PyTree,
+    config: LoraConfig,
+    uses: dict[str, Use] | None,
+    embeddings: dict[str, PyTree],
+) -> str | None:
+    """Why the leaf at ``path`` is not a candidate kernel, or ``None`` when it is one."""
+    unused = "the probe does not contract or gather it"
+    if config.targets == ALL_LINEAR:
+        return _not_linear(path, leaf, uses, embeddings)
+    if uses is not None:
+        if path in uses or (config.targets is not None and _targeted(path, config, False)):
+            return None
+        return unused + ("" if config.targets is None else ", and targets do not match it")
+    if config.targets is not None or leaf_name(path) in KERNEL_LEAVES:
+        return None
+    return (
+        "not named 'kernel' or 'embedding' (without a probe or targets only Flax's kernel "
+        "names are candidates: pass probe= or targets=)"
+    )
+
+
+def _not_linear(
+    path: str, leaf: PyTree, uses: dict[str, Use] | None, embeddings: dict[str, PyTree]
+) -> str | None:
+    """Why ``targets="all-linear"`` leaves the leaf out (PEFT's rule: every linear layer but the
+    output head), or ``None``."""
+    tag = "all-linear: "
+    if uses is not None:
+        if path not in uses:
+            return tag + "the probe does not contract it"
+        kind = kind_of(path, leaf, uses)
+        if kind == "embed":
+            return tag + "an embedding (Embed table)"
+        if kind == "conv":
+            return tag + "a convolution kernel"
+        if uses[path].head:
+            return tag + "the model's output head (its product is an output of the probe)"
+        return None
+    if leaf_name(path) == "embedding":
+        return tag + "an embedding (Embed table)"
+    if leaf_name(path) != "kernel":
+        return tag + "without a probe only leaves named 'kernel' are linear kernels"
+    if leaf.ndim != 2:
+        return tag + (
+            f"without a probe only 2-D kernels ({leaf.ndim}-D may be a convolution, an Einsum or "
+            "a DenseGeneral kernel: pass probe=)"
+        )
+    vocab = [p for p, e in embeddings.items() if e.shape[0] == leaf.shape[1]]
+    if vocab:
+        return tag + (
+            "taken as the output head: without a probe, a 2-D kernel whose output size is the "
+            f"number of rows of the embedding {vocab[0]!r} (pass probe= to find the head by "
+            "its use)"
+        )
+    return None
+
+
+def _targeted(path: str, config: LoraConfig, kernel: bool) -> bool:
+    """Whether an entry of ``config.targets`` (a tuple) selects ``path``; a module's plain name
+    selects only a ``kernel`` leaf of it."""
+    what = "LoraConfig.targets"
+    return any(target_matches(p, path, what, kernel) for p in config.targets or ())
+
+
+def _unmatched(path: str, config: LoraConfig, layered: bool, kernel: bool) -> str | None:
+    """Why ``targets`` / ``exclude`` / ``layers`` leave out a candidate (a ``kernel``: used by
+    the probe, or without one named as Flax names kernels), or ``None``."""
+    if config.targets not in (None, ALL_LINEAR) and not _targeted(path, config, kernel):
+        return "targets do not match it"
+    what = "LoraConfig.exclude"
+    hit = [p for p in config.exclude or () if target_matches(p, path, what)]
+    if hit:
+        return f"excluded by {hit[0]!r}"
+    if config.layers is not None and not layered:
+        index = layer_index(path, config.layers_pattern)
+        if index is None:
+            return f"no layer number in its path (layers={list(layer_tuple(config))})"
+        if index not in layer_tuple(config):
+            return f"layer {index} is not in layers={list(layer_tuple(config))}"
+    return None
+
+
+def _why_picked(path: str, config: LoraConfig, uses: dict[str, Use] | None) -> str:
+    if config.targets == ALL_LINEAR:
+        return "all-linear: contracted as a linear map"
+    if config.targets is not None:
+        return "targets match it"
+    if uses is not None:
+        return f"the probe sees it as a {uses[path].kind} kernel"
+    return f"named {leaf_name(path)!r} (Flax's name)"
 
 
 def select_kernels(
     leaves: dict[str, PyTree], config: LoraConfig, uses: dict[str, Use] | None
 ) -> dict[str, tuple[Kind, tuple[int, ...]]]:
     """Path -> (kind, input axes) of every kernel the config adapts."""
-    candidates = {}
-    for path, leaf in leaves.items():
-        ndim = getattr(leaf, "ndim", 0)
-        if ndim < 2:
-            continue
-        if uses is not None:
-            if path in uses or (config.targets is not None and config.matches(path)):
-                candidates[path] = leaf
-        elif config.targets is not None or leaf_name(path) in KERNEL_LEAVES:
-            candidates[path] = leaf
+    choices = choose(leaves, config, uses)
+    candidates = {p: leaves[p] for p, c in choices.items() if c.candidate}
     targeted = {p: x for p, x in candidates.items() if config.matches(p, layer_in_path=False)}
     _check_layers_found(targeted, config, uses)
     # a layered kernel's layers are the entries of its leading axis, not a number in its
     # path: `layered_kernels` picks them
-    is_layered = lambda p: uses is not None and p in uses and bool(uses[p].layer_axes)
-    chosen = [p for p in candidates if config.matches(p, layer_in_path=not is_layered(p))]
+    chosen = [p for p, c in choices.items() if c.picked]
     if not chosen:
         raise ValueError(
             f"LoraConfig(targets={config.targets!r}, exclude={config.exclude!r}, "
@@ -57,13 +193,16 @@ def select_kernels(
                 f"Kernel {path!r} has shape {tuple(leaf.shape)}: an axis of size 0 leaves nothing "
                 "to adapt. Exclude it (LoraConfig.exclude) or give the layer a nonzero size."
             )
-        is_embedding = leaf.ndim == 2 and leaf_name(path) == "embedding"
-        if uses is not None and path in uses and not (is_embedding and uses[path].kind == "dense"):
+        kind = kind_of(path, leaf, uses)
+        if (
+            uses is not None
+            and path in uses
+            and not (_is_embedding(path, leaf) and uses[path].kind == "dense")
+        ):
             kind, in_axes = uses[path].kind, uses[path].in_axes
-        elif leaf.ndim == 2:
+        elif kind is not None:
             # An embedding's rows are its input axis also when the probe only contracts it
             # (``attend``), as without a probe.
-            kind = "embed" if leaf_name(path) == "embedding" else "dense"
             in_axes = (0,)
         elif uses is not None:
             raise ValueError(

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_lora import _regex
+from flax_lora._config import target_matches
 from flax_lora._field_checks import regex_tuple
 from flax_lora._paths import KERNEL_LEAVES, describe, flatten, leaf_name, path_str
-from flax_lora._probe import kernel_uses
+from flax_lora._probe import Use, kernel_uses
 from flax_lora._quant._checks import check_format, finite_error, non_finite
 from flax_lora._quant._formats import (
     QuantizedKernel,
@@ -50,7 +50,11 @@ def _select(leaves: dict[str, Any], patterns: tuple[str, ...] | None) -> list[st
     if patterns is None:
         chosen = candidates
     else:
-        hit = lambda p: any(_regex.fullmatch(t, p, "lora.quantize: targets") for t in patterns)
+        what = "lora.quantize: targets"
+        # a module's plain name selects the module's kernel (a leaf named as Flax names them)
+        hit = lambda p: any(
+            target_matches(t, p, what, leaf_name(p) in KERNEL_LEAVES) for t in patterns
+        )
         chosen = [p for p in candidates if hit(p)]
         again = [p for p, x in leaves.items() if is_quantized(x) and p not in chosen]
         again = [p for p in again if hit(p)]
@@ -102,9 +106,10 @@ def quantize(
 
     Args:
       params: a Linen variables dict, an NNX state, or any pytree.
-      targets: a regex that must ``re.fullmatch`` the path, or a sequence of them: the leaves
-        of 2 or more dimensions to quantize. ``None``: those named ``kernel`` or ``embedding``
-        (Flax's names), skipping leaves already quantized.
+      targets: the leaves of 2 or more dimensions to quantize, as `LoraConfig.targets`: plain
+        names (PEFT's module names: the path's last components) or regexes that must
+        ``re.fullmatch`` the path, one or a sequence. ``None``: those named ``kernel`` or
+        ``embedding`` (Flax's names), skipping leaves already quantized.
       dtype: the format, ``"nf4"`` (default) or ``"int8"``.
       block_size: NF4 values per absmax block (a positive even number); unused by int8.
       double_quant: quantize the NF4 block absmaxes too (QLoRA's double quantization).
@@ -114,6 +119,10 @@ def quantize(
     Returns:
       ``params`` with each selected kernel replaced by a `QuantizedKernel`; every other leaf is
       the same object.
+
+    Warns:
+      UserWarning: with ``targets=None`` and a ``probe``, leaves the probe contracts or gathers
+        that are left unquantized only because they are not named ``kernel`` / ``embedding``.
 
     Raises:
       ValueError: unknown ``dtype``, bad ``block_size``, ``double_quant`` with int8,
@@ -126,7 +135,10 @@ def quantize(
     chosen = set(_select(leaves, regex_tuple(targets, "lora.quantize: targets")))
     kernels = {p: x for p, x in leaves.items() if p in chosen}
     _check_finite("lora.quantize", kernels, dtype, bool(double_quant))
-    layers = _layer_axes(params, probe, chosen)
+    uses = None if probe is None else kernel_uses(probe, as_shapes(params))
+    if targets is None and uses is not None:
+        _warn_unnamed(leaves, uses)
+    layers = _layer_axes(uses, chosen)
 
     def f(kp: Any, x: Any) -> Any:
         path = path_str(kp)
@@ -152,14 +164,35 @@ def _check_finite(
         raise finite_error(owner, found, fmt, double_quant)
 
 
-def _layer_axes(
-    params: PyTree, probe: Callable[[PyTree], PyTree] | None, chosen: set[str]
-) -> dict[str, int]:
-    """Path -> number of leading layer axes of each chosen kernel a scan of ``probe`` slices."""
-    if probe is None:
+def _warn_unnamed(leaves: dict[str, Any], uses: dict[str, Use]) -> None:
+    """Warns of the floating leaves the probe contracts or gathers that ``targets=None`` leaves
+    unquantized only because of their names (tunix's ``w``, Gemma's ``gating_einsum``)."""
+    missed = [
+        p
+        for p in uses
+        if leaf_name(p) not in KERNEL_LEAVES
+        and p in leaves
+        and not is_quantized(leaves[p])
+        and jnp.issubdtype(leaves[p].dtype, jnp.floating)
+    ]
+    if not missed:
+        return
+    example = "|".join(missed[:2])
+    warnings.warn(
+        f"lora.quantize: the probe contracts or gathers {len(missed)} floating leaf(s) that are "
+        f"not quantized only because of their names: {describe(missed)}. With targets=None only "
+        "leaves named 'kernel' or 'embedding' (Flax's names) are quantized; pass targets= (e.g. "
+        f"targets={example!r}, or plain names such as their leaf names) to choose the kernels.",
+        stacklevel=3,
+    )
+
+
+def _layer_axes(uses: dict[str, Use] | None, chosen: set[str]) -> dict[str, int]:
+    """Path -> number of leading layer axes of each chosen kernel a scan of the probe slices."""
+    if uses is None:
         return {}
     out = {}
-    for path, use in kernel_uses(probe, as_shapes(params)).items():
+    for path, use in uses.items():
         axes = tuple(use.layer_axes)
         if path in chosen and axes and axes == tuple(range(len(axes))):
             out[path] = len(axes)
