@@ -169,20 +169,20 @@ def _warn_unnamed(leaves: dict[str, Any], uses: dict[str, Use]) -> None:
     unquantized only because of their names (tunix's ``w``, Gemma's ``gating_einsum``)."""
     missed = [
         p
-        for p in uses
-        if leaf_name(p) not in KERNEL_LEAVES
-        and p in leaves
-        and not is_quantized(leaves[p])
-        and jnp.issubdtype(leaves[p].dtype, jnp.floating)
+        for p, x in leaves.items()
+        if p in uses
+        and leaf_name(p) not in KERNEL_LEAVES
+        and not is_quantized(x)
+        and jnp.issubdtype(x.dtype, jnp.floating)
     ]
     if not missed:
         return
-    example = "|".join(missed[:2])
+    names = list(dict.fromkeys([*KERNEL_LEAVES, *(leaf_name(p) for p in missed)]))
     warnings.warn(
         f"lora.quantize: the probe contracts or gathers {len(missed)} floating leaf(s) that are "
         f"not quantized only because of their names: {describe(missed)}. With targets=None only "
-        "leaves named 'kernel' or 'embedding' (Flax's names) are quantized; pass targets= (e.g. "
-        f"targets={example!r}, or plain names such as their leaf names) to choose the kernels.",
+        "leaves named 'kernel' or 'embedding' (Flax's names) are quantized; pass targets= to "
+        f"choose the kernels, e.g. the leaf names targets={names!r} (plain names).",
         stacklevel=3,
     )
 
