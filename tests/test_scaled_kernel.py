@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from support.compare import rel_err
+from support.jaxprs import all_eqns
 from support.models import fill_abstract
 from support.refs import as_matrix
 
@@ -185,3 +186,69 @@ def test_non_scalar_multiplier_is_merged_or_refused() -> None:
     auto = lora.wrap(apply, mode="auto")(params, adapters, X)
     merged = lora.wrap(apply, mode="merged")(params, adapters, X)
     assert rel_err(auto, merged) < 1e-6
+
+
+def test_factored_gradient_forms_no_kernel() -> None:
+    """The factored gradient w.r.t. the adapters of a scaled Dense computes one kernel-sized
+    array, the model's own ``c * W0``: no adapted kernel, no kernel-sized gradient."""
+    apply, params, adapters = _setup(ScaledDense(), X)
+    fn = lora.wrap(apply, mode="factored")
+    grad = jax.grad(lambda ad: jnp.sum(fn(params, ad, X)))
+    eqns = all_eqns(jax.make_jaxpr(grad)(adapters).jaxpr)
+    sized = [e.primitive.name for e in eqns for v in e.outvars if tuple(v.aval.shape) == (6, 4)]
+    assert sized == ["mul"], sized
+
+
+class ScaledLayer(nn.Module):
+    @nn.compact
+    def __call__(self, h: jax.Array, _: None) -> tuple[jax.Array, None]:
+        k = self.param("kernel", nn.initializers.normal(), (h.shape[-1], h.shape[-1]))
+        return jnp.tanh(h @ (k * C)), None
+
+
+class ScaledStack(nn.Module):
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        scan = nn.scan(
+            ScaledLayer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+        )
+        return scan(name="layers")(h, None)[0]
+
+
+def test_layered_scaled_kernel() -> None:
+    """A scaled kernel inside ``nn.scan``: the probe finds the layer axis through the ``mul``;
+    factored == the float64 reference, layer by layer; its gradients == merged's."""
+    model = ScaledStack()
+    params = fill_abstract(jax.eval_shape(model.init, jax.random.key(0), X), 1, 0.5)
+    probe = lambda p: model.apply(p, X)
+    shapes = jax.eval_shape(lambda p: lora.init(jax.random.key(2), p, CONFIG, probe), params)
+    adapters = fill_abstract(shapes, 2, 0.3)
+    w = adapters["params"]["layers"]["kernel"]
+    assert (w.layer_axes, w.in_axes) == (1, (1,))
+    k0 = np.asarray(params["params"]["layers"]["kernel"], np.float64)
+    h = X.astype(np.float64)
+    for layer in range(3):
+        a, b = np.asarray(w.a[layer], np.float64), np.asarray(w.b[layer], np.float64)
+        h = np.tanh(h @ (C * (k0[layer] + w.scale * a @ b)))
+    fns = {m: lora.wrap(model.apply, mode=m) for m in ("factored", "merged")}
+    assert rel_err(fns["factored"](params, adapters, X), h) < 2e-5
+    grads = {
+        m: jax.grad(lambda ad, f=f: jnp.sum(f(params, ad, X) ** 2))(adapters)
+        for m, f in fns.items()
+    }
+    g, ref = (
+        grads["factored"]["params"]["layers"]["kernel"],
+        grads["merged"]["params"]["layers"]["kernel"],
+    )
+    assert rel_err(g.a, ref.a) < 2e-5 and rel_err(g.b, ref.b) < 2e-5
+
+
+def test_routed_scaled_kernel() -> None:
+    """``lora_ids`` routing through a scaled kernel: example ``j`` runs with adapter
+    ``ids[j]`` (``-1``: the base), as the merged model of that adapter does."""
+    apply, params, first = _setup(ScaledDense(), X)
+    second = jax.tree.map(lambda x: -x, first)
+    ids = np.array([1, -1], np.int32)
+    got = lora.wrap(apply, mode="factored")(params, lora.stack([first, second]), X, lora_ids=ids)
+    want = [apply(lora.merge(params, second), X[:1]), apply(params, X[1:])]
+    assert rel_err(got, np.concatenate(want)) < 2e-5

@@ -58,4 +58,5 @@ def scale_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> R
     base = jx.bind(eqn, ins)[0]  # c * W0, as the model computes it
     op = SCALINGS[name]
     of = lambda x: op(x, jnp.asarray(c, x.dtype)) if x is not None else None
-    return [dataclasses.replace(v, base=base, b=of(v.b), root_b=of(v.root_b), root=of(v.root))]
+    root = base if v.root is v.base else of(v.root)  # the kernel the view stands for, scaled
+    return [dataclasses.replace(v, base=base, b=of(v.b), root_b=of(v.root_b), root=root)]

@@ -46,8 +46,9 @@ def init(
     layer (``nn.scan``) and expert axes; without one, the leaves of 2 or more dimensions named
     ``kernel`` or ``embedding`` (or matched by ``targets``), whose rows are the input axis, so
     that those of 3 or more dimensions need the probe. `lora.select` lists the choice for
-    each leaf, with its reason, without making adapters. ``jax.tree.leaves`` of the result are exactly the
-    trainable arrays. Guide: `docs/guides/config.md` (selection, inits, ranks, ``layers``).
+    each leaf, with its reason, without making adapters. ``jax.tree.leaves`` of the result
+    are exactly the trainable arrays. Guide: `docs/guides/config.md` (selection, inits, ranks,
+    ``layers``).
 
     Sharp edge: ``init="pissa"``, ``"olora"`` and ``"loftq"`` change the base too, and then
     return a pair (below); the adapters fit only that new base.
