@@ -7,7 +7,9 @@ module named ``key`` when ``key == t or key.endswith("." + t)``, here on paths j
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from support.compare import rel_err
@@ -132,3 +134,39 @@ def test_plain_names_in_quantize() -> None:
     flat = jax.tree_util.tree_flatten_with_path(q, is_leaf=is_q)[0]
     quantized = {"/".join(str(k.key) for k in kp) for kp, x in flat if is_q(x)}
     assert quantized == {prefix + "fc1/kernel", prefix + "head/kernel"}
+
+
+class _Head(nn.Module):
+    """Embed, an MLP block added to the stream, then ``finish(stream, head Dense)``."""
+
+    finish: str = "plain"
+
+    @nn.compact
+    def __call__(self, ids):
+        h = nn.Embed(11, 8, name="embed")(ids)
+        h = h + nn.Dense(8, name="fc")(jax.nn.relu(h))
+        head = nn.Dense(11, name="head")
+        if self.finish == "softcap":  # Gemma's final logit softcapping, then log_softmax
+            return jax.nn.log_softmax(jnp.tanh(head(nn.LayerNorm()(h)) / 30.0) * 30.0)
+        if self.finish == "pair":  # (logits, hidden states)
+            return head(h), h
+        if self.finish == "hidden":  # an encoder without head: the stream is the output
+            return h
+        k = self.param("out", nn.initializers.normal(), (8, 11))
+        return jax.jit(lambda h, k: h @ k)(h, k)  # a head inside a nested jit
+
+
+@pytest.mark.parametrize(
+    ("finish", "heads"),
+    [("softcap", ["head"]), ("pair", ["head"]), ("hidden", []), ("plain", ["out"])],
+)
+def test_head_rule(finish: str, heads: list[str]) -> None:
+    """The head is a kernel whose product is an output, up to side values (a bias, a norm's
+    scale, a softcap, log_softmax), also inside a nested jit; a projection added to the stream
+    is never one."""
+    model = _Head(finish)
+    params = jax.eval_shape(model.init, jax.random.key(0), IDS)
+    s = lora.select(params, lora.LoraConfig(targets="all-linear"), lambda p: model.apply(p, IDS))
+    found = sorted(p.split("/")[1] for p, why in s.skipped.items() if "output head" in why)
+    assert found == heads
+    assert s.picked == ["params/fc/kernel"]

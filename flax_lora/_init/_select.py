@@ -179,7 +179,9 @@ def select_kernels(
         raise ValueError(
             f"LoraConfig(targets={config.targets!r}, exclude={config.exclude!r}, "
             f"layers={config.layers!r}) matches no kernel. Kernels seen: "
-            f"{describe(candidates, limit=40)}." + _no_probe_hint(leaves, config, uses)
+            f"{describe(candidates, limit=40)}."
+            + _no_probe_hint(leaves, config, uses)
+            + " lora.select(params, config, probe) lists why each leaf is skipped."
         )
     out = {}
     for path in chosen:
