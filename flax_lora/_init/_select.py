@@ -1,10 +1,14 @@
 """Which kernels `lora.init` adapts: the config's patterns and the probe's uses choose them
-(`select_kernels`: each one's kind and input axes), and the probe's scans give the layer axes
-of the layered ones and the layers picked on them (`layered_kernels`).
+(`choose`: each leaf picked or skipped, with the reason `lora.select` shows; `select_kernels`:
+each chosen kernel's kind and input axes), and the probe's scans give the layer axes of the
+layered ones and the layers picked on them (`layered_kernels`).
 
-Without a probe the candidates are the 2-D leaves named ``kernel`` or ``embedding`` (Flax's
-names, `flax_lora._paths.KERNEL_LEAVES`) or, with explicit targets, every 2-D leaf they match;
-with a probe, every leaf it contracts or gathers.
+Candidates: with a probe, every leaf it contracts or gathers (and any leaf ``targets`` names
+by its path); without one, the leaves of 2 or more dimensions named ``kernel`` or
+``embedding`` (Flax's names, `flax_lora._paths.KERNEL_LEAVES`) or, with explicit targets,
+every one they match (a module's plain name only its kernel). ``targets="all-linear"``: the
+candidates contracted as linear maps, not embeddings, convolutions or the output head
+(`flax_lora._head`; without a probe, 2-D ``kernel`` leaves, the head by the vocabulary size).
 """
 
 from __future__ import annotations
