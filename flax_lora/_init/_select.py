@@ -97,6 +97,13 @@ def _not_candidate(
     )
 
 
+NOT_LINEAR: dict[Kind, str] = {
+    "embed": "an embedding (Embed table)",
+    "conv": "a convolution kernel",
+}
+"""The kernel kinds ``targets="all-linear"`` leaves out (as PEFT), and how `lora.select` says so."""
+
+
 def _not_linear(
     path: str, leaf: PyTree, uses: dict[str, Use] | None, embeddings: dict[str, PyTree]
 ) -> str | None:
@@ -107,15 +114,13 @@ def _not_linear(
         if path not in uses:
             return tag + "the probe does not contract it"
         kind = kind_of(path, leaf, uses)
-        if kind == "embed":
-            return tag + "an embedding (Embed table)"
-        if kind == "conv":
-            return tag + "a convolution kernel"
+        if kind in NOT_LINEAR:
+            return tag + NOT_LINEAR[kind]
         if uses[path].head:
             return tag + "the model's output head (its product is an output of the probe)"
         return None
     if leaf_name(path) == "embedding":
-        return tag + "an embedding (Embed table)"
+        return tag + NOT_LINEAR["embed"]
     if leaf_name(path) != "kernel":
         return tag + "without a probe only leaves named 'kernel' are linear kernels"
     if leaf.ndim != 2:
