@@ -252,3 +252,26 @@ def test_routed_scaled_kernel() -> None:
     got = lora.wrap(apply, mode="factored")(params, lora.stack([first, second]), X, lora_ids=ids)
     want = [apply(lora.merge(params, second), X[:1]), apply(params, X[1:])]
     assert rel_err(got, np.concatenate(want)) < 2e-5
+
+
+def test_dora_scaled_kernel_is_merged() -> None:
+    """DoRA's normalised kernel does not scale with ``W0``: mode="factored" refuses the scaled
+    DoRA kernel naming ``mul``; mode="auto" merges it, equal to mode="merged"."""
+    model = ScaledDense()
+    params = fill_abstract(jax.eval_shape(model.init, jax.random.key(0), X), 1, 0.5)
+    config = lora.LoraConfig(rank=2, init="random", dora=True)
+    adapters = lora.init(jax.random.key(2), params, config, lambda p: model.apply(p, X))
+    with pytest.raises(ValueError, match=r"'params/kernel' is used by `mul`.*DoRA"):
+        lora.wrap(model.apply, mode="factored")(params, adapters, X)
+    auto = lora.wrap(model.apply, mode="auto")(params, adapters, X)
+    assert rel_err(auto, lora.wrap(model.apply, mode="merged")(params, adapters, X)) < 1e-6
+
+
+def test_quantized_scaled_kernel() -> None:
+    """QLoRA: a quantized kernel scaled before its use is dequantized there (mode="auto"), equal
+    to the merged model on the dequantized base."""
+    apply, params, adapters = _setup(ScaledDense(), X)
+    qparams = lora.quantize(params, dtype="int8")
+    got = lora.wrap(apply, mode="auto")(qparams, adapters, X)
+    want = apply(lora.merge(lora.dequantize(qparams), adapters), X)
+    assert rel_err(got, want) < 1e-5
