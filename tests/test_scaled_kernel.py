@@ -268,10 +268,17 @@ def test_dora_scaled_kernel_is_merged() -> None:
 
 
 def test_quantized_scaled_kernel() -> None:
-    """QLoRA: a quantized kernel scaled before its use is dequantized there (mode="auto"), equal
-    to the merged model on the dequantized base."""
+    """QLoRA: a quantized kernel scaled before its use is dequantized at the ``mul`` and
+    factored after it, equal to the merged model on the dequantized base; so are the
+    gradients."""
     apply, params, adapters = _setup(ScaledDense(), X)
     qparams = lora.quantize(params, dtype="int8")
-    got = lora.wrap(apply, mode="auto")(qparams, adapters, X)
-    want = apply(lora.merge(lora.dequantize(qparams), adapters), X)
-    assert rel_err(got, want) < 1e-5
+    base = lora.dequantize(qparams)
+    for mode in ("factored", "auto"):
+        fn = lora.wrap(apply, mode=mode)
+        got = fn(qparams, adapters, X)
+        assert rel_err(got, apply(lora.merge(base, adapters), X)) < 1e-5
+        g = jax.grad(lambda ad, fn=fn: jnp.sum(fn(qparams, ad, X) ** 2))(adapters)
+        ref = jax.grad(lambda ad: jnp.sum(apply(lora.merge(base, ad), X) ** 2))(adapters)
+        w, r = g["params"]["kernel"], ref["params"]["kernel"]
+        assert rel_err(w.a, r.a) < 1e-5 and rel_err(w.b, r.b) < 1e-5

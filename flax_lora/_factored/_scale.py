@@ -11,8 +11,8 @@ and the view stays factored: its base becomes ``c * W0`` (the equation bound as 
 it), its ``b`` (and ``root_b``, with ``root`` scaled likewise, for `materialize`) ``c * b``.
 Gradients reach ``a`` and ``b`` through the scaled ``b``. Not factored: a multiplier that is
 not a scalar (a per-element or per-axis array), a kernel divided *into* something (``c / w``),
-a product of two kernels, a DoRA view (its normalised kernel does not scale with ``W0``) and a
-quantized base (dequantized there).
+a product of two kernels, and a DoRA view (its normalised kernel does not scale with ``W0``).
+A quantized ``W0`` (QLoRA) is dequantized at the product, which the model computes anyway.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
 from flax_lora._factored._contract import Evaluator, Result, Unfactored, no_rule
-from flax_lora._factored._quant_base import is_quant_base
+from flax_lora._factored._quant_base import as_array, is_quant_base
 from flax_lora._factored._view import KernelView
 from flax_lora._typing import Key
 
@@ -51,12 +51,11 @@ def scale_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> R
         )
     if v.g is not None:
         return Unfactored("a DoRA kernel scaled by a constant")
-    if is_quant_base(v.base) or is_quant_base(v.root):
-        return Unfactored("a quantized kernel scaled by a constant")
     ins = list(invals)
-    ins[at[0]] = v.base
+    ins[at[0]] = as_array(v.base)  # a quantized W0 is dequantized at this use
     base = jx.bind(eqn, ins)[0]  # c * W0, as the model computes it
     op = SCALINGS[name]
     of = lambda x: op(x, jnp.asarray(c, x.dtype)) if x is not None else None
-    root = base if v.root is v.base else of(v.root)  # the kernel the view stands for, scaled
+    # the kernel the view stands for, scaled
+    root = base if v.root is v.base else of(as_array(v.root))
     return [dataclasses.replace(v, base=base, b=of(v.b), root_b=of(v.root_b), root=root)]
