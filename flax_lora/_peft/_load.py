@@ -131,7 +131,10 @@ def load_peft(
       directory: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
       params: the Flax params tree the adapter is for (a Linen variables dict, an NNX state).
       key_map: kernel path -> PyTorch module name, as for `save_peft` (a function may return
-        ``None``; every key of a dict must be a path in ``params``).
+        ``None``; every key of a dict must be a path in ``params``): a tuple of names reads
+        the modules onto one fused kernel (their rank, or their summed rank where their
+        ``lora_A`` differ), ``"<module>[i]"`` names give kernel ``i`` its block of the
+        module's output features, ``{expert}`` reads one module per expert.
       probe: an optional function of the params alone, e.g. ``lambda p: model.apply(p, x)``.
       dtype: the dtype of the factors; ``None`` keeps the file's (float32 as PEFT saves).
       param_order: PyTorch's registration order of expert parameters (as for `save_peft`).
@@ -150,8 +153,10 @@ def load_peft(
       ValueError: a config field out of range; a damaged or non-floating safetensors file, or
         tensors `save_peft` wrote with another config; options these adapters cannot honour
         (``lora_bias``, ...); tensors or key-map names that match no kernel, or do not fit;
-        ambiguous input axes without ``probe``; expert parameters ``param_order`` does not
-        order. Each names the file and the field, tensor or path (full list in the guide).
+        ambiguous input axes without ``probe``; a fused kernel's or an expert kernel's
+        modules missing some parts or experts, or not fitting them; expert parameters
+        ``param_order`` does not order. Each names the file and the field, tensor or path
+        (full list in the guide).
     """
     directory = Path(directory)
     spec = expert_spec(param_order, reversed_params, "load_peft")

@@ -85,7 +85,11 @@ def save_peft(
       config: the `LoraConfig` they were made with; ``None`` takes the most common rank,
         alphas from the scales and no rsLoRA.
       key_map: kernel path -> PyTorch module name, a function (``None`` for no twin) or a dict;
-        ``None`` drops a leading ``params`` and the leaf name and joins with ``"."``.
+        ``None`` drops a leading ``params`` and the leaf name and joins with ``"."``. A tuple of
+        names: a fused kernel PyTorch keeps as several modules (its first output axis cut into
+        equal parts: ``("attn.k_proj", "attn.v_proj")``); ``"<module>[i]"``: the kernel is the
+        ``i``-th block of output features of one module several kernels make (``qkv_proj[0]``);
+        ``{layer}`` / ``{expert}``: one module per layer / per expert.
       base_model_name_or_path: written to the config.
       task_type: PEFT's ``task_type`` (``"SEQ_CLS"``, ``"CAUSAL_LM"``, ...); ``None``: none.
       params: the base params, needed only for token deltas (PEFT stores the trained rows).
@@ -104,9 +108,12 @@ def save_peft(
     Raises:
       ValueError: an empty tree; paths the key map names no module (or one twice) for; an
         unknown ``task_type``; token deltas without ``params``; ``{layer}`` missing or
-        misplaced; a layout PEFT cannot express; expert parameters ``param_order`` does not
-        order; an alpha beyond ``|alpha| <= 1e6``; a ``directory`` that is a file or holds
-        files `save_peft` did not write. Nothing is written then; the guide lists every case.
+        misplaced; ``{expert}`` on a kernel without one expert axis; a fused kernel whose first
+        output axis does not divide into its names, or ``[i]`` parts not numbered from 0 or
+        not sharing their input; a layout PEFT cannot express; expert parameters
+        ``param_order`` does not order; an alpha beyond ``|alpha| <= 1e6``; a ``directory``
+        that is a file or holds files `save_peft` did not write. Nothing is written then; the
+        guide lists every case.
     """
     table, extras = _parts(adapters)
     _check_options(config, task_type)
