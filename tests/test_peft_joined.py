@@ -92,6 +92,52 @@ def test_qkv_as_one_module(tmp_path: Path, same: bool) -> None:
     )
 
 
+LAYERS = 3
+QKV_LAYERED = {f"{n}/kernel": f"layers.{{layer}}.attn.qkv_proj[{i}]" for i, n in enumerate(OUT)}
+
+
+def _qkv_layered(params: Any, x: Any) -> Any:
+    def body(h: Any, p: Any) -> Any:
+        return jnp.tanh(_qkv(p, h)[..., :D]), None  # q's block feeds the next layer
+
+    return jax.lax.scan(body, x, params)[0]
+
+
+@pytest.mark.parametrize("layers", [None, (0, 2)], ids=["all_layers", "some_layers"])
+def test_qkv_as_one_module_per_layer(tmp_path: Path, layers: Any) -> None:
+    rng = np.random.default_rng(4)
+    params = {
+        n: {"kernel": jnp.asarray(0.3 * rng.normal(size=(LAYERS, D, o)), jnp.float32)}
+        for n, o in OUT.items()
+    }
+    probe = lambda p: _qkv_layered(p, X)
+    config = lora.LoraConfig(rank=2, alpha=4.0, init="random", layers=layers)
+    adapters = lora.init(jax.random.key(1), params, config, probe=probe)
+    lora.save_peft(tmp_path, adapters, config, key_map=QKV_LAYERED)
+    tensors = _tensors64(tmp_path)
+    c = json.loads((tmp_path / "adapter_config.json").read_text())
+    kept = [0, 1, 2] if layers is None else list(layers)
+    assert sorted(k.split(".")[3] for k in tensors if k.endswith("lora_A.weight")) == [
+        str(i) for i in kept
+    ]
+    for i in kept:
+        la = tensors[f"{PRE}layers.{i}.attn.qkv_proj.lora_A.weight"]
+        lb = tensors[f"{PRE}layers.{i}.attn.qkv_proj.lora_B.weight"]
+        module = f"layers.{i}.attn.qkv_proj"
+        r = c["rank_pattern"].get(module, c["r"])
+        assert r == 6 and la.shape == (6, D)  # 3 kernels of rank 2
+        fused, o0 = c["alpha_pattern"].get(module, c["lora_alpha"]) / r * (lb @ la), 0
+        for name, n in OUT.items():
+            w = adapters[name]["kernel"]
+            ref = 2.0 * np.asarray(w.a[i], np.float64) @ np.asarray(w.b[i], np.float64)
+            np.testing.assert_allclose(fused[o0 : o0 + n].T, ref, atol=1e-6)
+            o0 += n
+    back = lora.load_peft(tmp_path, params, key_map=QKV_LAYERED, probe=probe)
+    assert jax.tree.structure(back) == jax.tree.structure(adapters)
+    for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(adapters), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_parts_must_be_numbered_from_zero(tmp_path: Path) -> None:
     params = _qkv_params()
     adapters = lora.init(jax.random.key(0), params, lora.LoraConfig(rank=2, init="random"))

@@ -88,11 +88,13 @@ def kernel_sites(
         layered = has(name, LAYER)
         if layered:
             templates[path] = template(name)
-        shape = tuple(kernel.shape)[int(layered) :]
-        use = None if uses is None else uses.get(path)
-        at = 0 if layered else None
-        axis = expert_axis(None if use is None else layer_use(use, path, template(name), at))
-        experts = range(shape[axis]) if has(name, EXPERT) and len(shape) > axis else [None]
+        experts: range | list[None] = [None]
+        if has(name, EXPERT):  # one module per expert: as many as the expert axis is long
+            shape = tuple(kernel.shape)[int(layered) :]
+            use = None if uses is None else uses.get(path)
+            at = 0 if layered else None
+            axis = expert_axis(None if use is None else layer_use(use, path, template(name), at))
+            experts = range(shape[axis]) if len(shape) > axis else [None]
         names = (name,) if isinstance(name, str) else name
         for j, n in enumerate(names):
             joined = part_of(n) if isinstance(name, str) else None
