@@ -32,6 +32,7 @@ from support.peft_models import (
     assert_same_adapters,
     get_peft_model,
     peft_from_pretrained,
+    perturb_peft_dora,
     randomize_lora,
     t2n,
 )
@@ -217,3 +218,16 @@ def test_file_with_a_misshapen_part_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"model.layers.1.self_attn.v_proj") as e:
         lora.load_peft(directory, params, key_map=keys, probe=_probe)
     assert "adapter_model.safetensors" in str(e.value) and "kv_einsum" in str(e.value)
+
+
+def test_dora_fused_both_ways(tmp_path: Path) -> None:
+    model, params = _twin(False)
+    pm = get_peft_model(model, r=4, lora_alpha=8, target_modules=MODULES, use_dora=True)
+    perturb_peft_dora(pm, seed=7)  # own lora_A per module, magnitudes away from ||W0||
+    pm.save_pretrained(tmp_path / "peft")
+    adapters = lora.load_peft(tmp_path / "peft", params, key_map=fm.key_map(False), probe=_probe)
+    ours = lora.wrap(fm.apply)(params, adapters, jnp.asarray(IDS))
+    np.testing.assert_allclose(ours, _logits(pm), atol=TOL)
+    lora.save_peft(tmp_path / "ours", adapters, key_map=fm.key_map(False))
+    back = peft_from_pretrained(_twin(False)[0], tmp_path / "ours")
+    np.testing.assert_allclose(_logits(back), ours, atol=TOL)

@@ -311,3 +311,11 @@ def test_load_peft_reads_gate_up_proj(tmp_path: Path) -> None:
         np.testing.assert_allclose(
             np.asarray(got[path], np.float64) - base, fused[..., i * FF : (i + 1) * FF], atol=1e-6
         )
+
+
+def test_key_map_names_must_be_strings_or_tuples_of_them(tmp_path: Path) -> None:
+    params = _qkv_params()
+    adapters = lora.init(jax.random.key(0), params, lora.LoraConfig(rank=2, init="random"))
+    for bad in [(), ("attn.k", 3), ["attn.k", "attn.v"]]:
+        with pytest.raises(TypeError, match=r"key_map\('q/kernel'\) must return a module name"):
+            lora.save_peft(tmp_path, adapters, key_map=QKV | {"q/kernel": bad})
