@@ -48,16 +48,27 @@ def _tensors64(directory: Path) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float64) for k, v in file.items()}
 
 
+def _is_lora(x: Any) -> bool:
+    return isinstance(x, lora.LoraWeights)
+
+
 def _delta64(adapters: Any, path: str) -> np.ndarray:
     """``scale * a @ b`` of a 2-D kernel's adapter in float64 (the adapter's own numbers)."""
     w = adapters[path.split("/")[0]]["kernel"]
     return float(w.scale) * np.asarray(w.a, np.float64) @ np.asarray(w.b, np.float64)
 
 
-@pytest.mark.parametrize("same", [True, False], ids=["equal_ranks", "own_ranks_alphas"])
-def test_qkv_as_one_module(tmp_path: Path, same: bool) -> None:
+PATTERNS = {
+    "equal_ranks": {},
+    "own_ranks": {"rank_pattern": {"^k/": 3}, "alpha_pattern": {"^k/": 6.0}},  # one scale
+    "own_ranks_alphas": {"rank_pattern": {"^k/": 3}, "alpha_pattern": {"^v/": 5.0}},
+}
+
+
+@pytest.mark.parametrize("case", list(PATTERNS))
+def test_qkv_as_one_module(tmp_path: Path, case: str) -> None:
     params = _qkv_params()
-    patterns = {} if same else {"rank_pattern": {"^k/": 3}, "alpha_pattern": {"^v/": 5.0}}
+    patterns, same = PATTERNS[case], case == "equal_ranks"
     config = lora.LoraConfig(rank=2, alpha=4.0, init="random", **patterns)
     adapters = lora.init(jax.random.key(0), params, config)
     lora.save_peft(tmp_path, adapters, config, key_map=QKV)
@@ -79,11 +90,14 @@ def test_qkv_as_one_module(tmp_path: Path, same: bool) -> None:
         assert not np.any(lb[o0 : o0 + n, :r0]) and not np.any(lb[o0 : o0 + n, r0 + rk :])
         o0, r0 = o0 + n, r0 + rk
     back = lora.load_peft(tmp_path, params, key_map=QKV)
-    if same:  # block-structured, equal ranks: each kernel its own block, the same factors
+    if case != "own_ranks_alphas":  # each kernel its own block of the rank: the same factors
         for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(adapters), strict=True):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
         assert jax.tree.structure(back) == jax.tree.structure(adapters)
-    for name in OUT:  # exact deltas either way (the module's whole rank where ranks differ)
+    else:  # the module's one scale is 1: the kernels' own scales folded into b
+        assert {float(w.scale) for w in jax.tree.leaves(back, is_leaf=_is_lora)} == {1.0}
+        assert [back[n]["kernel"].rank for n in OUT] == [2, 3, 2]
+    for name in OUT:  # exact deltas either way
         np.testing.assert_allclose(
             _delta64(back, name), _delta64(adapters, name), atol=1e-6, err_msg=name
         )

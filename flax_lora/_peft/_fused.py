@@ -13,9 +13,10 @@
   ``qkv_proj``, transformers 5's expert ``gate_up_proj``), kernel ``i`` giving the module's
   ``i``-th block of output features (in order, any sizes; the same input). The module's
   ``lora_A`` stacks the kernels' (rank ``sum r_i``), its ``lora_B`` is block-diagonal. Read back,
-  each kernel gets the module's ``lora_A`` and its rows of ``lora_B`` (exact for any file), and
-  where the file is block-structured as `save_peft` writes it (equal ranks; ``lora_B``'s rows of
-  kernel ``i`` zero outside rank block ``i``, in every layer), only its own rank block.
+  each kernel gets the module's ``lora_A`` and its rows of ``lora_B`` (exact for any file),
+  trimmed to the rank columns outside of which its rows of ``lora_B`` are zero in every layer:
+  its own block of a file `save_peft` wrote (exact factors back), the module's whole rank of a
+  file PEFT trained as one module.
 """
 
 from __future__ import annotations
@@ -308,21 +309,21 @@ def split_joined(w: LoraWeights, parts: Sequence[AdapterLayout]) -> list[LoraWei
 def trim_joined(
     index: int, count: int, pieces: Mapping[int | None, LoraWeights]
 ) -> dict[int | None, LoraWeights]:
-    """Kernel ``index`` of ``count`` joined ones, by layer: only its rank block of the module's
-    rank where every layer's ``b`` is zero outside it (as `save_peft` writes equal ranks), else
-    as read (the module's whole rank, exact either way)."""
+    """Kernel ``index`` of ``count`` joined ones, by layer, keeping of the module's rank only
+    columns outside of which every layer's ``b`` is zero (so the deltas stay exact): its equal
+    block when ``b`` is zero outside it (as `save_peft` writes equal ranks, also while ``b`` is
+    all zero), else the span of its nonzero columns (`save_peft`'s own ranks), else all."""
     ws = list(pieces.values())
-    r = ws[0].rank
-    if r % count or any(w.rank != r for w in ws):
+    r, rank_axis = ws[0].rank, len(ws[0].carried_shape)
+    if any(w.rank != r for w in ws):
         return dict(pieces)
-    n = r // count
-    lo, hi = index * n, (index + 1) * n
-    rank_axis = len(ws[0].carried_shape)
-    for w in ws:
-        b = _host(w.b)
-        rest = np.delete(b, np.s_[lo:hi], axis=rank_axis)
-        if np.any(rest):
-            return dict(pieces)
+    other = tuple(d for d in range(ws[0].b.ndim) if d != rank_axis)
+    used = np.flatnonzero(np.any([np.any(_host(w.b), axis=other) for w in ws], axis=0))
+    lo, hi = 0, r
+    if r % count == 0 and all(index * r // count <= u < (index + 1) * r // count for u in used):
+        lo, hi = index * r // count, (index + 1) * r // count
+    elif used.size:
+        lo, hi = int(used[0]), int(used[-1]) + 1
     return {
         i: w.replace(
             a=jax.lax.slice_in_dim(w.a, lo, hi, axis=w.a.ndim - 1),
