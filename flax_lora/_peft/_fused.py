@@ -36,7 +36,7 @@ from flax_lora._peft._names import part_of
 from flax_lora._peft._tensor_layouts import LINEAR, infer_in_axes
 from flax_lora._probe import Use
 
-Key = tuple[int | None, int | None]  # (layer, expert) of a group of a fused kernel's modules
+Group = tuple[int | None, int | None]  # (layer, expert) of a group of a fused kernel's modules
 
 
 # -- save ----------------------------------------------------------------------------------------
@@ -226,7 +226,7 @@ def fuse_parts(
     k: int,
     pieces: Mapping[tuple[int | None, int | None, int | None], LoraWeights],
     where: str,
-) -> dict[Key, LoraWeights]:
+) -> dict[Group, LoraWeights]:
     """The adapters of a fused kernel (per layer and expert) from its ``k`` modules' adapters
     (``pieces`` by layer, expert, part), each read for its part of the kernel.
 
@@ -234,7 +234,7 @@ def fuse_parts(
       ValueError: a layer or expert with some parts missing, or parts of different input
         layouts (naming the modules ``names`` and the file ``where``).
     """
-    groups: dict[Key, dict[int, LoraWeights]] = collections.defaultdict(dict)
+    groups: dict[Group, dict[int, LoraWeights]] = collections.defaultdict(dict)
     for (layer, expert, part), w in pieces.items():
         groups[(layer, expert)][int(part or 0)] = w
     for key, parts in groups.items():
@@ -248,7 +248,7 @@ def fuse_parts(
             raise ValueError(
                 f"load_peft: {where!r}: the fused kernel {path!r} is the {k} modules {names}, "
                 + (
-                    f"but the file lacks part(s) {missing}{at or ''} of them."
+                    f"but the file lacks part(s) {missing}{at} of them."
                     if missing
                     else f"but their tensors fit different layouts{at}: {sorted(layouts)}."
                 )
@@ -278,18 +278,14 @@ def _fused(parts: list[LoraWeights], scale: float, shared: bool) -> LoraWeights:
     else:
         a = jnp.concatenate([w.a for w in parts], axis=-1)
         ranks = [w.rank for w in parts]
-        b = jnp.zeros((sum(ranks), *_out_full(first, len(parts))), bs[0].dtype)
+        out_shape = (first.out_shape[0] * len(parts), *first.out_shape[1:])
+        b = jnp.zeros((sum(ranks), *out_shape), bs[0].dtype)
         r0 = 0
         for j, (bj, r) in enumerate(zip(bs, ranks, strict=True)):
             b = b.at[r0 : r0 + r, j * n : (j + 1) * n].set(bj)
             r0 += r
     m = None if first.m is None else jnp.concatenate([w.m for w in parts if w.m is not None], 0)
     return first.replace(a=a, b=b, m=m, scale=scale, kernel_shape=shape)
-
-
-def _out_full(w: LoraWeights, k: int) -> tuple[int, ...]:
-    """The output shape of the fused kernel of part adapter ``w`` (first output axis ``* k``)."""
-    return (w.out_shape[0] * k, *w.out_shape[1:])
 
 
 def split_joined(w: LoraWeights, parts: Sequence[AdapterLayout]) -> list[LoraWeights]:
