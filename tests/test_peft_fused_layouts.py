@@ -4,7 +4,9 @@ of module names gives, against float64 numpy deltas, and the exact round trip.
 - Gemma's ``qkv_einsum`` ``(3, N, D, H)`` (einsum ``BTD,SNDH->SBTNH``) as ``q_proj``,
   ``k_proj``, ``v_proj``: ``lora_A (r, D)`` shared, ``lora_B (N * H, r)`` per part;
 - an expert kernel ``(E, D, 2F)`` whose output holds gate and up side by side, written per
-  expert as ``("experts.{expert}.gate_proj", "experts.{expert}.up_proj")``.
+  expert as ``("experts.{expert}.gate_proj", "experts.{expert}.up_proj")``;
+- separate expert gate and up kernels ``(E, D, F)`` as one ``gate_up_proj`` module per expert
+  (``"experts.{expert}.gate_up_proj[i]"``).
 """
 
 from __future__ import annotations
@@ -102,3 +104,39 @@ def test_fused_expert_kernel_per_expert(tmp_path: Path) -> None:
             np.testing.assert_allclose(peft.T, delta[e][:, j * F : (j + 1) * F], atol=1e-6)
     _same(lora.load_peft(tmp_path, params, key_map=key_map, probe=probe), adapters)
     _same(lora.load_peft(tmp_path, params, key_map=key_map), adapters)  # expert axis first
+
+
+def _gate_up(params: Any, x: Any) -> Any:
+    xe = jnp.broadcast_to(x.reshape(-1, D), (E, x.shape[0] * x.shape[1], D))
+    p = params["experts"]
+    h = jnp.einsum("etd,edf->etf", xe, p["gate"])
+    return jax.nn.silu(h) * jnp.einsum("etd,edf->etf", xe, p["up"])
+
+
+def test_separate_expert_kernels_as_one_module_per_expert(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    params = {
+        "experts": {k: jnp.asarray(rng.normal(size=(E, D, F)), jnp.float32) for k in ("gate", "up")}
+    }
+    probe = lambda p: _gate_up(p, X)
+    config = lora.LoraConfig(rank=2, alpha=3.0, init="random")
+    adapters = lora.init(jax.random.key(0), params, config, probe=probe)
+    key_map = {
+        f"experts/{k}": f"experts.{{expert}}.gate_up_proj[{i}]"
+        for i, k in enumerate(("gate", "up"))
+    }
+    lora.save_peft(tmp_path, adapters, config, key_map=key_map)
+    t = _tensors(tmp_path)
+    assert {k: v.shape for k, v in t.items()} == {
+        f"{PRE}experts.{e}.gate_up_proj.lora_{x}.weight": s
+        for e in range(E)
+        for x, s in (("A", (4, D)), ("B", (2 * F, 4)))
+    }
+    for e in range(E):
+        m = f"{PRE}experts.{e}.gate_up_proj"
+        peft = 1.5 * t[m + ".lora_B.weight"] @ t[m + ".lora_A.weight"]  # (2F, D)
+        for i, k in enumerate(("gate", "up")):
+            w = adapters["experts"][k]
+            ref = 1.5 * np.asarray(w.a[e], np.float64) @ np.asarray(w.b[e], np.float64)
+            np.testing.assert_allclose(peft[i * F : (i + 1) * F].T, ref, atol=1e-6)
+    _same(lora.load_peft(tmp_path, params, key_map=key_map, probe=probe), adapters)

@@ -193,7 +193,7 @@ def load_peft(
             w = _weights(module.target, _read(module, cfg), cfg, dtype)
             if module.parts:  # a module several kernels make: each kernel its columns
                 for site, part in zip(module.sites, split_joined(w, module.parts), strict=True):
-                    pieces.setdefault(site.path, {})[(site.layer, None, None)] = part
+                    pieces.setdefault(site.path, {})[(site.layer, site.expert, None)] = part
             else:
                 s = module.sites[0]
                 pieces.setdefault(s.path, {})[(s.layer, s.expert, s.part)] = w
@@ -228,15 +228,16 @@ def _target(
     seen = []
     for s in sites:
         shape = tuple(int(n) for n in kernels[s.path].shape)[(s.layer is not None) :]
-        seen.append((s.path, shape, layer_use(_use(uses, s.path, name), s.path, name, s.layer)))
+        use = layer_use(_use(uses, s.path, name), s.path, name, s.layer)
+        if s.expert is not None:  # one expert's kernel
+            axis = expert_axis(use)
+            shape, use = shape[:axis] + shape[axis + 1 :], expert_use(use, axis)
+        seen.append((s.path, shape, use))
     param = expert_of.get(name, (name, None))[0]
     if sites[0].joined:
         joined_shape, joined_use, parts = joined_target(seen, where)
         return Target(sites[0].path, param, joined_shape, joined_use, stand_ins), parts
     (path, shape, use), s = seen[0], sites[0]
-    if s.expert is not None:
-        axis = expert_axis(use)
-        shape, use = shape[:axis] + shape[axis + 1 :], expert_use(use, axis)
     if s.parts:
         shape, use = part_target(shape, use, s.parts, stand_ins, f"{where} -> kernel {path!r}")
     return Target(path, param, shape, use, stand_ins), []
