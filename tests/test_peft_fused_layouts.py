@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 import flax_lora as lora
 
@@ -140,3 +140,18 @@ def test_separate_expert_kernels_as_one_module_per_expert(tmp_path: Path) -> Non
             ref = 1.5 * np.asarray(w.a[e], np.float64) @ np.asarray(w.b[e], np.float64)
             np.testing.assert_allclose(peft[i * F : (i + 1) * F].T, ref, atol=1e-6)
     _same(lora.load_peft(tmp_path, params, key_map=key_map, probe=probe), adapters)
+
+
+def test_tuple_that_does_not_divide_the_kernel_is_refused_on_load(tmp_path: Path) -> None:
+    params = {"attn": {"qkv_einsum": {"kernel": jnp.ones((3, N, D, H), jnp.float32)}}}
+    probe = lambda p: _qkv(p, X)
+    adapters = lora.init(jax.random.key(0), params, lora.LoraConfig(rank=2), probe=probe)
+    names = ("attn.q_proj", "attn.k_proj", "attn.v_proj")
+    lora.save_peft(tmp_path, adapters, key_map={"attn/qkv_einsum/kernel": names})
+    file = tmp_path / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(str(file)).items() if "v_proj" not in k}, str(file))
+    two = {"attn/qkv_einsum/kernel": names[:2]}
+    with pytest.raises(ValueError, match=r"first output axis 0 does not divide into its 2") as e:
+        lora.load_peft(tmp_path, params, key_map=two, probe=probe)
+    assert "adapter_model.safetensors" in str(e.value) and "attn/qkv_einsum/kernel" in str(e.value)
+    assert "module 'attn.q_proj'" in str(e.value) or "module 'attn.k_proj'" in str(e.value)

@@ -180,8 +180,9 @@ def part_target(
     out_axes = [i for i in range(len(shape)) if i not in in_axes]
     if not out_axes or shape[out_axes[0]] % k:
         raise ValueError(
-            f"{where}: the fused kernel has input axes {in_axes}; its first output axis "
-            f"{out_axes[0] if out_axes else None} does not divide into its {k} modules."
+            f"{where}: the fused kernel of shape {shape} has input axes {in_axes}; its first "
+            f"output axis {out_axes[0] if out_axes else None} does not divide into its {k} "
+            "modules (the key map's tuple of names)."
         )
     first = out_axes[0]
     part = tuple(n // k if i == first else n for i, n in enumerate(shape))
