@@ -333,3 +333,12 @@ def test_key_map_names_must_be_strings_or_tuples_of_them(tmp_path: Path) -> None
     for bad in [(), ("attn.k", 3), ["attn.k", "attn.v"]]:
         with pytest.raises(TypeError, match=r"key_map\('q/kernel'\) must return a module name"):
             lora.save_peft(tmp_path, adapters, key_map=QKV | {"q/kernel": bad})
+
+
+def test_biases_of_parts_are_refused(tmp_path: Path) -> None:
+    params = {n: p | {"bias": jnp.ones(OUT[n])} for n, p in _qkv_params().items()}
+    config = lora.LoraConfig(rank=2, init="random", bias="all")
+    adapters = lora.init(jax.random.key(0), params, config)
+    with pytest.raises(ValueError, match=r"no PyTorch module name .*'k/bias', 'q/bias', 'v/bias'"):
+        lora.save_peft(tmp_path, adapters, config, key_map=QKV)
+    assert not (tmp_path / "adapter_model.safetensors").exists()

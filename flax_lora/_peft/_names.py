@@ -115,12 +115,13 @@ def plain(name: str) -> str:
 
 def module_of(name_of: Namer, path: str) -> str | None:
     """The PyTorch module name of the leaf at ``path``: the key map's name of the path itself,
-    else of its module's ``kernel`` / ``embedding`` (a dict key map names kernels only)."""
+    else of its module's ``kernel`` / ``embedding`` (a dict key map names kernels only); none
+    for a fused kernel (a tuple of names) or a part of a module (``"<module>[i]"``)."""
     module = module_path(path)
     for candidate in (path, f"{module}/kernel", f"{module}/embedding"):
         name = name_of(candidate)
-        if isinstance(name, str):  # a fused kernel's tuple names no single module
-            return plain(name)
+        if isinstance(name, str) and part_of(name) is None:  # a tuple, a part: no one module
+            return name
     return None
 
 
