@@ -20,6 +20,7 @@ An embedding is classified by its lookup also when the same embedding is contrac
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -159,9 +160,12 @@ def _scaled(eqn: jx.Eqn, ins: list[Tracked | None], pins: Pins, uses: Uses) -> S
     """``mul`` / ``div`` of one kernel by an untracked value (``w * w_scale``, Gemma 3n / 4): the
     product has the kernel's axes (JAX multiplies by a scalar as is, and by anything else of
     the kernel's shape). A product of two kernels tracks nothing; nor does ``c / w``."""
-    at = [k for k, t in enumerate(ins) if t is not None]
+    # a leaf of size 1 (a ``(1, 1)`` scale parameter) is a scalar, not a kernel
+    at = [k for k, t in enumerate(ins) if t is not None and math.prod(jx.shape(eqn.invars[k])) > 1]
     if len(at) != 1 or (eqn.primitive.name == "div" and at[0] != 0):
         return Step()
+    if jx.shape(eqn.outvars[0]) != jx.shape(eqn.invars[at[0]]):
+        return Step()  # broadcast to more axes: not the kernel's layout any more
     return Step((ins[at[0]],), pins[at[0]])
 
 
@@ -344,5 +348,6 @@ def kernel_uses(probe: Callable[[Any], Any], params: Any) -> dict[str, Use]:
         )
     rank: dict[Kind, int] = {"embed": 0, "conv": 1, "dense": 2}
     out = {p: min(us, key=lambda u: rank[u.kind]) for p, us in uses.items()}
-    heads = output_heads(closed.jaxpr, {v: t[0] for v, t in tracked.items()})
+    kernels = {v: t[0] for v, t in tracked.items() if math.prod(jx.shape(v)) > 1}
+    heads = output_heads(closed.jaxpr, kernels)  # a leaf of size 1 is a scale, not a kernel
     return {p: dataclasses.replace(u, head=p in heads) for p, u in out.items()}

@@ -35,14 +35,21 @@ IDS = rng.integers(0, 11, (2, 5)).astype(np.int32)
 
 
 class ScaledDense(nn.Module):
-    """``x @ (kernel * c)``: ``c`` a constant, or the scalar parameter ``w_scale``."""
+    """``x @ (kernel * c)``: ``c`` a constant, the scalar parameter ``w_scale`` (``scale_shape``
+    ``()``), or one of shape ``(1, 1)`` that JAX broadcasts; or ``c`` a NumPy array of shape
+    ``(1,)``, broadcast (``broadcast_in_dim``) before the product."""
 
-    scalar_param: bool = False
+    scale_shape: tuple[int, ...] | None = None
+    numpy_vector: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k = self.param("kernel", nn.initializers.normal(), (x.shape[-1], 4))
-        c = self.param("w_scale", nn.initializers.ones, ()) if self.scalar_param else C
+        c: Any = C
+        if self.scale_shape is not None:
+            c = self.param("w_scale", nn.initializers.ones, self.scale_shape)
+        elif self.numpy_vector:
+            c = np.array([C], np.float32)
         return x @ (k * c)
 
 
@@ -90,7 +97,15 @@ def _conv_patches(x: np.ndarray, width: int) -> np.ndarray:
 # name -> (model, its input, the float64 patches P, the scale c, the kernel's input axes)
 CASES: dict[str, tuple[nn.Module, np.ndarray, np.ndarray, float, tuple[int, ...]]] = {
     "dense": (ScaledDense(), X, X.reshape(-1, 6).astype(np.float64), C, (0,)),
-    "dense_scalar_param": (ScaledDense(True), X, X.reshape(-1, 6).astype(np.float64), None, (0,)),
+    "dense_scalar_param": (ScaledDense(()), X, X.reshape(-1, 6).astype(np.float64), None, (0,)),
+    "dense_11_param": (ScaledDense((1, 1)), X, X.reshape(-1, 6).astype(np.float64), None, (0,)),
+    "dense_numpy_vector": (
+        ScaledDense(numpy_vector=True),
+        X,
+        X.reshape(-1, 6).astype(np.float64),
+        C,
+        (0,),
+    ),
     "einsum": (
         ScaledEinsum(),
         X,
@@ -106,7 +121,7 @@ CASES: dict[str, tuple[nn.Module, np.ndarray, np.ndarray, float, tuple[int, ...]
 def _setup(model: nn.Module, x: np.ndarray) -> tuple[Callable, Any, Any]:
     params = fill_abstract(jax.eval_shape(model.init, jax.random.key(0), x), 1, 0.5)
     if "w_scale" in params["params"]:
-        params["params"]["w_scale"] = np.float32(C)
+        params["params"]["w_scale"] = np.full(params["params"]["w_scale"].shape, C, np.float32)
     probe = lambda p: model.apply(p, x)
     shapes = jax.eval_shape(lambda p: lora.init(jax.random.key(2), p, CONFIG, probe), params)
     return model.apply, params, fill_abstract(shapes, 2, 0.3)

@@ -7,7 +7,8 @@ product of the factors, so
 
     c * (W0 + scale * a @ b) == c * W0 + scale * a @ (c * b)
 
-and the view stays factored: its base becomes ``c * W0`` (the equation bound as the model binds
+and the view stays factored (a value of size 1 that JAX broadcasts, shape ``(1, 1)``, is a
+scalar too): its base becomes ``c * W0`` (the equation bound as the model binds
 it), its ``b`` (and ``root_b``, with ``root`` scaled likewise, for `materialize`) ``c * b``.
 Gradients reach ``a`` and ``b`` through the scaled ``b``. Not factored: a multiplier that is
 not a scalar (a per-element or per-axis array), a kernel divided *into* something (``c / w``),
@@ -45,10 +46,11 @@ def scale_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> R
         return no_rule(invals)
     if name == "div" and at[0] != 0:
         return Unfactored("the kernel is the divisor")
-    if jnp.ndim(c) != 0:
+    if jnp.size(c) != 1 or jx.shape(eqn.outvars[0]) != v.shape:
         return Unfactored(
             f"the kernel is scaled by an array of shape {tuple(jnp.shape(c))}, not by a scalar"
         )
+    c = jnp.reshape(c, ())  # a size-1 value JAX broadcasts (``w * np.array([c])``)
     if v.g is not None:
         return Unfactored("a DoRA kernel scaled by a constant")
     ins = list(invals)
