@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -203,3 +205,21 @@ def test_names_invert_tunix_own_loader(family: str) -> None:
         parts = [kernel] if len(names) == 1 else list(kernel)  # fused / expert: axis 0
         for part, n in zip(parts, names, strict=True):
             assert (part == number[n + ".weight"]).all(), (path, n)
+
+
+def test_the_example_runs_and_agrees(tmp_path: Path) -> None:
+    """examples/tunix_to_peft.py (fewer steps): trains, writes PEFT's files, exits 0 only when
+    PyTorch + PEFT give its logits."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "tunix_to_peft.py"
+    run = subprocess.run(
+        [sys.executable, str(example), "--steps", "20", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "max |diff|" in run.stdout
+    assert sorted(p.name for p in (tmp_path / "tunix_peft").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
