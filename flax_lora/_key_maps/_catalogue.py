@@ -49,8 +49,9 @@ def key_map(name: str) -> RuleMap:
     Embeddings an output head may share (tunix's ``embedder``, Gemma's, GPT-2's ``wte``,
     Llama's ``embed_tokens``) and routers are not named: leave them out of ``targets``
     (``targets="all-linear"`` leaves out embeddings). A tuple of names (a fused kernel) and
-    ``{expert}`` names need a `save_peft` that takes them (`flax_lora/_peft`); until then
-    `save_peft` refuses such names with a ``TypeError`` naming the path.
+    ``{expert}`` names (one module per expert) need a `save_peft` that takes them: until then
+    it refuses a tuple with a ``TypeError`` naming the path, and writes an ``{expert}`` name as
+    it is, as a PyTorch parameter's name: keep Qwen3-MoE's experts out of ``targets``.
 
     Example:
       >>> import flax_lora as lora
