@@ -21,6 +21,7 @@ import transformers
 from flax import nnx
 from safetensors.torch import save_file
 from tunix.models.gemma import model as gemma_model
+from tunix.models.gemma import params_safetensors as gemma_params
 from tunix.models.gemma3 import model as gemma3_model
 from tunix.models.llama3 import model as llama3_model
 from tunix.models.llama3 import params as llama3_params
@@ -85,6 +86,12 @@ FAMILIES: dict[str, Family] = {
         lambda: transformers.Qwen3Config(**_hf_kwargs()),
         transformers.Qwen3ForCausalLM,
     ),
+    "gemma2": Family(  # num_kv_heads < num_heads: q_einsum and the fused kv_einsum
+        lambda: _gemma_config(DIMS["kv"]),
+        gemma_params.create_model_from_safe_tensors,
+        lambda: _gemma2_hf_config(),
+        transformers.Gemma2ForCausalLM,
+    ),
 }
 
 
@@ -110,9 +117,13 @@ def twin_pair(family: str, directory: Path, seed: int = 0) -> TwinPair:
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.contiguous() for k, v in hf.state_dict().items()}, directory / "model.safetensors"
-    )
+    tied = hf.config.tie_word_embeddings  # then lm_head.weight is the embedding's
+    weights = {
+        k: v.contiguous()
+        for k, v in hf.state_dict().items()
+        if not (tied and k == "lm_head.weight")
+    }
+    save_file(weights, directory / "model.safetensors")
     model = fam.load(str(directory), fam.tunix_config())
     graphdef, state = nnx.split(model)
 
@@ -132,6 +143,21 @@ def torch_logits(model: Any, tokens: np.ndarray) -> np.ndarray:
 
 
 # -- abstract tunix models of every family, for the name checks ------------------------------
+
+
+def _gemma2_hf_config() -> Any:
+    """A Gemma 2 that tunix's ``Gemma`` of `_gemma_config` computes: global attention only, no
+    soft caps, queries scaled by ``head_dim ** -0.5``, the embedding tied to the head."""
+    d = DIMS
+    return transformers.Gemma2Config(
+        vocab_size=d["vocab"], hidden_size=d["d"], intermediate_size=d["hidden"],
+        num_hidden_layers=d["layers"], num_attention_heads=d["heads"],
+        num_key_value_heads=d["kv"], head_dim=d["head_dim"], query_pre_attn_scalar=d["head_dim"],
+        attn_logit_softcapping=None, final_logit_softcapping=None, sliding_window=64,
+        layer_types=["full_attention"] * d["layers"], rms_norm_eps=1e-6,
+        hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+        attn_implementation="eager",
+    )  # fmt: skip
 
 
 def _gemma_config(num_kv_heads: int) -> Any:
