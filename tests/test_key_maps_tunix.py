@@ -1,8 +1,8 @@
 """The catalogue's tunix key maps on google-tunix's own models (the ``tunix`` extra).
 
-- Llama3, Qwen2, Qwen3, Gemma 2: a tiny random HF PyTorch model's weights are loaded into tunix
-  by tunix's own safetensors loader; LoRA (nonzero ``b``) on every attention and MLP kernel (but
-  Gemma's fused ``kv_einsum``);
+- Llama3, Qwen2, Qwen3, Gemma 2, Gemma 3: a tiny random HF PyTorch model's weights are loaded
+  into tunix by tunix's own safetensors loader; LoRA (nonzero ``b``) on every attention and MLP
+  kernel (but Gemma's fused ``kv_einsum``);
   `save_peft` with the catalogue's map -> ``PeftModel.from_pretrained`` gives the logits of
   `lora.wrap` (float32 tolerance), and `load_peft` reads the adapters back exactly.
 - Every family (also Qwen3-MoE, Gemma, Gemma 2 / 3): every kernel of the tunix model is named
@@ -53,6 +53,7 @@ TARGETS = {  # every attention and MLP kernel; Gemma's kv_einsum is fused (k, v)
     "qwen2": rf"layers/\d+/(attn/[qkvo]_proj/w|{MLP})",
     "qwen3": rf"layers/\d+/(attn/[qkvo]_proj/w|{MLP})",
     "gemma2": rf"layers/\d+/(attn/(q_einsum|attn_vec_einsum)/w|{MLP})",
+    "gemma3": rf"layers/\d+/(attn/(q_einsum|attn_vec_einsum)/w|{MLP})",
 }
 
 
@@ -66,7 +67,7 @@ def test_peft_gives_the_logits_of_wrap(family: str, tmp_path: Path) -> None:
     config = lora.LoraConfig(rank=2, alpha=4.0, init="random", targets=TARGETS[family])
     probe = lambda s: pair.apply(s, tokens)
     adapters = lora.init(jax.random.key(1), pair.state, config, probe=probe)
-    per_layer = 5 if family == "gemma2" else 7
+    per_layer = 5 if family.startswith("gemma") else 7
     assert len(jax.tree.leaves(adapters)) == 2 * per_layer * tunix_models.DIMS["layers"]
     ours = np.asarray(jax.jit(lora.wrap(pair.apply))(pair.state, adapters, tokens))
     assert np.abs(ours - base).max() > 0.05  # the adapters matter

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from tunix.models.gemma import model as gemma_model
 from tunix.models.gemma import params_safetensors as gemma_params
 from tunix.models.gemma3 import model as gemma3_model
+from tunix.models.gemma3 import params_safetensors as gemma3_params
 from tunix.models.llama3 import model as llama3_model
 from tunix.models.llama3 import params as llama3_params
 from tunix.models.qwen2 import model as qwen2_model
@@ -92,6 +93,12 @@ FAMILIES: dict[str, Family] = {
         lambda: _gemma2_hf_config(),
         transformers.Gemma2ForCausalLM,
     ),
+    "gemma3": Family(
+        lambda: _gemma3_config(DIMS["kv"]),
+        gemma3_params.create_model_from_safe_tensors,
+        lambda: _gemma3_hf_config(),
+        transformers.Gemma3ForCausalLM,
+    ),
 }
 
 
@@ -142,6 +149,22 @@ def torch_logits(model: Any, tokens: np.ndarray) -> np.ndarray:
         return model(input_ids=torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
 
 
+def _gemma3_hf_config() -> Any:
+    """A Gemma 3 (text) that tunix's ``Gemma3`` of `_gemma3_config` computes: RoPE base 10,000
+    for local and global layers, no soft caps, queries scaled by ``head_dim ** -0.5``, a
+    sliding window longer than the tests' sequences, the embedding tied to the head."""
+    d = DIMS
+    return transformers.Gemma3TextConfig(
+        vocab_size=d["vocab"], hidden_size=d["d"], intermediate_size=d["hidden"],
+        num_hidden_layers=d["layers"], num_attention_heads=d["heads"],
+        num_key_value_heads=d["kv"], head_dim=d["head_dim"], query_pre_attn_scalar=d["head_dim"],
+        attn_logit_softcapping=None, final_logit_softcapping=None, sliding_window=16,
+        rope_theta=10_000.0, rope_local_base_freq=10_000.0, rms_norm_eps=1e-6,
+        hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+        attn_implementation="eager",
+    )  # fmt: skip
+
+
 # -- abstract tunix models of every family, for the name checks ------------------------------
 
 
@@ -175,7 +198,7 @@ def _gemma3_config(num_kv_heads: int) -> Any:
     return gemma3_model.ModelConfig(
         num_layers=d["layers"], num_embed=d["vocab"], embed_dim=d["d"], hidden_dim=d["hidden"],
         num_heads=d["heads"], head_dim=d["head_dim"], num_kv_heads=num_kv_heads,
-        sliding_window_size=16,
+        sliding_window_size=16, param_dtype=jnp.float32,
     )  # fmt: skip
 
 
