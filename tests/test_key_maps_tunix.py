@@ -1,15 +1,17 @@
 """The catalogue's tunix key maps on google-tunix's own models (the ``tunix`` extra).
 
-- Llama3, Qwen2, Qwen3, Gemma 2, Gemma 3: a tiny random HF PyTorch model's weights are loaded
-  into tunix by tunix's own safetensors loader; LoRA (nonzero ``b``) on every attention and MLP
-  kernel (but Gemma's fused ``kv_einsum``);
+- Llama3, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3: a tiny random HF PyTorch model, written
+  with ``save_pretrained``, is loaded into tunix by tunix's own safetensors loader; LoRA
+  (nonzero ``b``) on every attention and MLP kernel (but Gemma's fused ``kv_einsum`` and
+  Qwen3-MoE's experts, which wait for tuple and ``{expert}`` names: its attention and head);
   `save_peft` with the catalogue's map -> ``PeftModel.from_pretrained`` gives the logits of
   `lora.wrap` (float32 tolerance), and `load_peft` reads the adapters back exactly.
-- Every family (also Qwen3-MoE, Gemma, Gemma 2 / 3): every kernel of the tunix model is named
-  (but the documented exceptions), the names are exactly the adaptable modules of the
-  transformers twin, and each name is the one tunix's own HF -> tunix mapping sends to that
-  path. Fused (tuple) and ``{expert}`` names are checked as names here; writing them is
-  `save_peft`'s (tests of the fused-kernel and per-expert files).
+- Every family (Gemma with and without the fused ``qkv_einsum`` too): every kernel of the tunix
+  model is named (but the documented exceptions), the names are exactly the adaptable modules of
+  the transformers twin (Qwen3-MoE's expert names: the tensors its ``save_pretrained`` writes),
+  and each name's HF weight is what tunix's own loading steps put into that kernel (the part of
+  a fused kernel, the expert of an expert kernel). Writing fused and ``{expert}`` names is
+  `save_peft`'s (tests of the fused-kernel and per-expert files, after that work is merged).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 from support import tunix_models  # noqa: E402  (imports tunix)
 from support.peft_models import assert_same_adapters  # noqa: E402
 from tunix.models.gemma import params_safetensors as gemma_params  # noqa: E402
@@ -52,6 +55,7 @@ TARGETS = {  # every attention and MLP kernel; Gemma's kv_einsum is fused (k, v)
     "llama3": rf"layers/\d+/(attn/[qkvo]_proj/w|{MLP})",
     "qwen2": rf"layers/\d+/(attn/[qkvo]_proj/w|{MLP})",
     "qwen3": rf"layers/\d+/(attn/[qkvo]_proj/w|{MLP})",
+    "qwen3_moe": r"layers/\d+/attn/[qkvo]_proj/w|lm_head/w",  # {expert} names: not yet
     "gemma2": rf"layers/\d+/(attn/(q_einsum|attn_vec_einsum)/w|{MLP})",
     "gemma3": rf"layers/\d+/(attn/(q_einsum|attn_vec_einsum)/w|{MLP})",
 }
@@ -67,8 +71,8 @@ def test_peft_gives_the_logits_of_wrap(family: str, tmp_path: Path) -> None:
     config = lora.LoraConfig(rank=2, alpha=4.0, init="random", targets=TARGETS[family])
     probe = lambda s: pair.apply(s, tokens)
     adapters = lora.init(jax.random.key(1), pair.state, config, probe=probe)
-    per_layer = 5 if family.startswith("gemma") else 7
-    assert len(jax.tree.leaves(adapters)) == 2 * per_layer * tunix_models.DIMS["layers"]
+    per_layer, head = {"qwen3_moe": (4, 1), "gemma2": (5, 0), "gemma3": (5, 0)}.get(family, (7, 0))
+    assert len(jax.tree.leaves(adapters)) == 2 * (per_layer * tunix_models.DIMS["layers"] + head)
     ours = np.asarray(jax.jit(lora.wrap(pair.apply))(pair.state, adapters, tokens))
     assert np.abs(ours - base).max() > 0.05  # the adapters matter
 
@@ -139,7 +143,7 @@ def _flat_names(km: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, list[s
 
 
 @pytest.mark.parametrize("family", list(TWINS))
-def test_every_kernel_is_named_as_a_module_of_the_twin(family: str) -> None:
+def test_every_kernel_is_named_as_a_module_of_the_twin(family: str, tmp_path: Path) -> None:
     name, twin = TWINS[family]
     shapes = tunix_models.kernel_shapes(family)
     named = _flat_names(lora.key_map(name), shapes)
@@ -149,11 +153,15 @@ def test_every_kernel_is_named_as_a_module_of_the_twin(family: str) -> None:
 
     model = twin()(_twin_config(family))
     modules = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    if family == "qwen3_moe":  # transformers 5 fuses the experts into parameters
+    if family == "qwen3_moe":
+        # transformers 5 fuses the experts into parameters, but writes HF's checkpoint layout,
+        # one Linear per expert: the {expert} names are its names
         experts = {n for n in names if ".experts." in n}
-        assert len(experts) == 3 * 4 * tunix_models.DIMS["layers"]
-        names = [n for n in names if n not in experts]
-        modules -= {n for n in modules if n.endswith(".mlp.gate")}
+        model.save_pretrained(tmp_path)
+        with safe_open(tmp_path / "model.safetensors", "np") as f:
+            written = {k.removesuffix(".weight") for k in f.keys() if ".experts." in k}  # noqa: SIM118
+        assert experts == written and len(experts) == 3 * 4 * tunix_models.DIMS["layers"]
+        names = [n for n in names if n not in experts]  # (its router is no Linear either)
     if family.startswith("gemma"):  # tunix's Gemma decodes with its embedding (left out)
         modules -= {"lm_head"}
     assert set(names) == modules

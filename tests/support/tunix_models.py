@@ -2,8 +2,8 @@
 
 Imports tunix, torch and transformers: only test modules that skipped without them
 (``pytest.importorskip``) import this one. A twin pair shares its weights by tunix's own
-loader: the random PyTorch model's state dict is written to safetensors and read back with
-``tunix.models.<family>.params.create_model_from_safe_tensors``.
+loader: the random PyTorch model is written with ``save_pretrained`` (HF's checkpoint layout)
+and read back with tunix's ``create_model_from_safe_tensors`` of the family.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import transformers
 from flax import nnx
-from safetensors.torch import save_file
 from tunix.models.gemma import model as gemma_model
 from tunix.models.gemma import params_safetensors as gemma_params
 from tunix.models.gemma3 import model as gemma3_model
@@ -68,6 +67,10 @@ def _hf_kwargs() -> dict[str, Any]:
     )  # fmt: skip
 
 
+_HF_MOE = dict(
+    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=DIMS["hidden"], norm_topk_prob=True
+)  # tunix's Qwen3 MoE layer renormalizes the top-k routing weights
+
 FAMILIES: dict[str, Family] = {
     "llama3": Family(
         lambda: llama3_model.ModelConfig(**_tunix_kwargs()),
@@ -86,6 +89,12 @@ FAMILIES: dict[str, Family] = {
         qwen3_params.create_model_from_safe_tensors,
         lambda: transformers.Qwen3Config(**_hf_kwargs()),
         transformers.Qwen3ForCausalLM,
+    ),
+    "qwen3_moe": Family(
+        lambda: _qwen3_moe_config(),
+        qwen3_params.create_model_from_safe_tensors,
+        lambda: transformers.Qwen3MoeConfig(**_hf_kwargs(), **_HF_MOE),
+        transformers.Qwen3MoeForCausalLM,
     ),
     "gemma2": Family(  # num_kv_heads < num_heads: q_einsum and the fused kv_einsum
         lambda: _gemma_config(DIMS["kv"]),
@@ -123,14 +132,7 @@ def twin_pair(family: str, directory: Path, seed: int = 0) -> TwinPair:
         for p in hf.parameters():
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
-    directory.mkdir(parents=True, exist_ok=True)
-    tied = hf.config.tie_word_embeddings  # then lm_head.weight is the embedding's
-    weights = {
-        k: v.contiguous()
-        for k, v in hf.state_dict().items()
-        if not (tied and k == "lm_head.weight")
-    }
-    save_file(weights, directory / "model.safetensors")
+    hf.save_pretrained(directory)  # HF's checkpoint layout (per-expert weights, tied head out)
     model = fam.load(str(directory), fam.tunix_config())
     graphdef, state = nnx.split(model)
 
