@@ -47,12 +47,12 @@ def key_map(name: str) -> RuleMap:
       so pass ``probe`` to `init` and `load_peft`), Llama.
 
     Embeddings an output head may share (tunix's ``embedder``, Gemma's, GPT-2's ``wte``,
-    Llama's ``embed_tokens``) and routers are not named: leave them out of ``targets``
-    (``targets="all-linear"`` leaves out embeddings). A tuple of names (a fused kernel) and
-    ``{expert}`` names (one module per expert) need a `save_peft` that takes them: until then
-    it refuses a tuple with a ``TypeError`` naming the path (`load_peft` asks about every kernel
-    of ``params``, so filter the tuples out there), and writes an ``{expert}`` name as it is, as
-    a PyTorch parameter's name: keep Qwen3-MoE's experts out of ``targets``.
+    Llama's ``embed_tokens``) and routers are not named: leave them out of ``targets`` (a regex
+    of the attention and MLP kernels). A tuple of names (a fused kernel) and ``{expert}`` names
+    (one module per expert) need a `save_peft` that takes them: until then it refuses a tuple
+    with a ``TypeError`` naming the path (`load_peft` asks about every kernel of ``params``, so
+    filter the tuples out there), and writes an ``{expert}`` name as it is, as a PyTorch
+    parameter's name: keep Qwen3-MoE's experts out of ``targets``.
 
     Example:
       >>> import flax_lora as lora
