@@ -140,6 +140,10 @@ def main() -> None:
         + " ".join(f"{c:>13}" for c in cols)
         + f" {'lora/full':>10} {'again/full':>11}"
     )
+    for face in args.faces:  # warm-up: JAX's one-time costs (first lowering, first compile)
+        apply, params = model_of(face, 1)
+        full_cost(apply, params, batch)
+        lora_cost(apply, params, batch)
     for face in args.faces:
         for n in args.blocks:
             apply, params = model_of(face, n)
