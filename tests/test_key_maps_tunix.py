@@ -17,7 +17,8 @@
   model is named (but the documented exceptions), the names are exactly the adaptable modules of
   the transformers twin (Qwen3-MoE's expert names: the tensors its ``save_pretrained`` writes),
   and each name's HF weight is what tunix's own loading steps put into that kernel (the part of
-  a fused kernel, the expert of an expert kernel).
+  a fused kernel, the expert of an expert kernel); ``tunix/qwen3_moe_hf5``'s expert names are
+  transformers 5's expert parameters, their ``[i]`` parts filling them exactly.
 """
 
 from __future__ import annotations
@@ -258,6 +259,39 @@ def test_every_kernel_is_named_as_a_module_of_the_twin(family: str, tmp_path: Pa
     if family.startswith("gemma"):  # tunix's Gemma decodes with its embedding (left out)
         modules -= {"lm_head"}
     assert set(names) == modules
+
+
+def test_fused_expert_names_are_parameters_of_transformers5() -> None:
+    """``tunix/qwen3_moe_hf5``: every kernel is named (but the router and the embedding), the
+    attention and head names are the twin's Linear modules, and the expert names are
+    transformers 5's ``Qwen3MoeExperts`` parameters, their ``[i]`` parts filling
+    ``gate_up_proj (E, 2F, D)`` (gate then up) and ``down_proj (E, D, F)`` exactly."""
+    shapes = tunix_models.kernel_shapes("qwen3_moe")
+    km = lora.key_map("tunix/qwen3_moe_hf5")
+    named = {p: km(p) for p in shapes if km(p) is not None}
+    assert set(shapes) - set(named) == {p for p in shapes if UNNAMED.fullmatch(p)}
+    model = transformers.Qwen3MoeForCausalLM(_twin_config("qwen3_moe"))
+    params = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    filled: dict[str, list[tuple[int, tuple[int, ...]]]] = {}
+    for path, name in named.items():
+        assert isinstance(name, str), path
+        part = re.fullmatch(r"(.*)\[(\d+)\]", name)
+        if not re.fullmatch(EXPERTS, path):
+            assert part is None and name in linears, (path, name)
+            continue
+        param = part.group(1) if part else name
+        filled.setdefault(param, []).append((int(part.group(2)) if part else 0, shapes[path]))
+    layers = tunix_models.DIMS["layers"]
+    assert len(filled) == 2 * layers
+    for param, parts in filled.items():
+        e, n_out, n_in = params[param]  # PyTorch's (E, out, in)
+        parts.sort()
+        assert [i for i, _ in parts] == list(range(len(parts)))
+        # each tunix kernel is (E, in, out); the parts stack on the output axis
+        assert all(s[0] == e and s[1] == n_in for _, s in parts), param
+        assert sum(s[2] for _, s in parts) == n_out, param
+        assert len(parts) == (2 if param.endswith("gate_up_proj") else 1)
 
 
 LOADERS: dict[str, tuple[Any, Any]] = {
