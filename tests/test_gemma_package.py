@@ -34,8 +34,7 @@ GEMMA = (
 pytest.importorskip("gemma", reason=GEMMA)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from gemma.gm.nn import _config as gemma_config  # noqa: E402
-from gemma.gm.nn import _modules, _transformer  # noqa: E402
+from gemma import gm  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 from support.refs import as_matrix, ref_delta64  # noqa: E402
 from support.trees import adapter_entries, leaves_by_path  # noqa: E402
@@ -50,18 +49,18 @@ R, ALPHA = 2, 4.0
 
 def _model(num_kv_heads: int) -> Any:
     """A tiny Gemma 3 text model as the package's ``Gemma3_*`` classes configure it."""
-    types = gemma_config.make_attention_layers_types(
-        (_modules.AttentionType.LOCAL_SLIDING, _modules.AttentionType.GLOBAL),
-        num_layers=LAYERS,
-    )
-    config = gemma_config.TransformerConfig(
+    kinds = gm.nn.config.AttentionType
+    types = gm.nn.config.make_attention_layers_types(
+        (kinds.LOCAL_SLIDING, kinds.GLOBAL), num_layers=LAYERS
+    )  # Gemma 3's pattern is 5 local layers to 1 global: here one of each
+    config = gm.nn.config.TransformerConfig(
         num_embed=VOCAB, embed_dim=D, hidden_dim=HIDDEN, num_heads=HEADS, head_dim=HEAD_DIM,
         num_kv_heads=num_kv_heads, final_logit_softcap=None, use_post_attn_norm=True,
         use_post_ffw_norm=True, use_qk_norm=True, attention_types=types,
         sliding_window_size=4, transpose_gating_einsum=True, local_base_frequency=10_000,
         global_base_frequency=1_000_000, vision_encoder=None,
     )  # fmt: skip
-    return _transformer.Transformer(config=config, dtype=jnp.float32)
+    return gm.nn.Transformer(config=config, dtype=jnp.float32)
 
 
 def _hf_modules(num_layers: int) -> set[str]:
@@ -149,7 +148,7 @@ def test_gate_is_the_part_through_the_activation() -> None:
     """The fused ``gating_einsum``'s part 0 (named ``gate_proj``) is the one the package passes
     through its GELU and part 1 (``up_proj``) the one it multiplies by: the package's MLP equals
     a float64 numpy MLP with that reading, and not with the parts swapped."""
-    ffw = _modules.FeedForward(features=D, hidden_dim=HIDDEN, transpose_gating_einsum=True)
+    ffw = gm.nn.FeedForward(features=D, hidden_dim=HIDDEN, transpose_gating_einsum=True)
     x = np.random.default_rng(2).normal(size=(3, D))
     p = ffw.init(jax.random.key(3), jnp.asarray(x, jnp.float32))
     rng = np.random.default_rng(4)  # weights that put GELU far from linear
