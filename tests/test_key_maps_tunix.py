@@ -6,7 +6,10 @@
   safetensors loader; LoRA (nonzero ``b``) on every attention and MLP kernel (Qwen3-MoE: its
   experts, attention and head); `lora.wrap` equals the merged model, `save_peft` with the
   catalogue's map -> ``PeftModel.from_pretrained`` takes every tensor and gives the logits of
-  `lora.wrap` (float32 tolerance), and `load_peft` reads the adapters back exactly. Qwen3-MoE's
+  `lora.wrap` (float32 tolerance), and `load_peft` reads the adapters back exactly (our files
+  and PEFT's ``save_pretrained`` of them); PEFT's model with random factors of its own (``k_proj``
+  and ``v_proj`` apart, a full ``gate_up_proj`` ``lora_B``), saved by PEFT, loads onto the
+  fused kernels and gives PEFT's logits through `lora.wrap`. Qwen3-MoE's
   experts go to transformers 5's fused ``experts.gate_up_proj`` (``[0]`` gate, ``[1]`` up) and
   ``experts.down_proj`` through PEFT's ``target_parameters`` (``tunix/qwen3_moe_hf5``).
 - Qwen3-MoE's experts as one module per expert (``tunix/qwen3_moe``, HF's checkpoint and vLLM's
@@ -48,7 +51,7 @@ import transformers  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 from support import tunix_models  # noqa: E402  (imports tunix)
-from support.peft_models import assert_same_adapters  # noqa: E402
+from support.peft_models import assert_same_adapters, perturb_peft_dora  # noqa: E402
 from support.trees import leaves_by_path  # noqa: E402
 from tunix.models.gemma import params_safetensors as gemma_params  # noqa: E402
 from tunix.models.gemma3 import params_safetensors as gemma3_params  # noqa: E402
@@ -138,6 +141,28 @@ def test_peft_gives_the_logits_of_wrap(name: str, tmp_path: Path) -> None:
 
     back = lora.load_peft(tmp_path / "peft", pair.state, key_map=km, probe=probe, **case.options)
     assert_same_adapters(back, adapters)
+    # the files PEFT itself writes of what it loaded read back exactly too
+    pm.save_pretrained(str(tmp_path / "from_peft"), save_embedding_layers=False)
+    again = lora.load_peft(
+        tmp_path / "from_peft", pair.state, key_map=km, probe=probe, **case.options
+    )
+    assert_same_adapters(again, adapters)
+
+    # PyTorch -> JAX: factors PEFT holds apart (k_proj's and v_proj's own lora_A, a full lora_B
+    # of gate_up_proj) load onto the fused / joined kernels and give PEFT's logits
+    perturb_peft_dora(pm, seed=5)  # random A and B for every lora_ tensor (no DoRA here)
+    pm.save_pretrained(str(tmp_path / "trained"), save_embedding_layers=False)
+    trained = lora.load_peft(
+        tmp_path / "trained", pair.state, key_map=km, probe=probe, **case.options
+    )
+    for path, a in leaves_by_path(trained).items():  # PEFT's factors, so their ranks
+        names = km(path.removesuffix("/a"))
+        if path.endswith("/a") and (isinstance(names, tuple) or "[" in str(names)):
+            assert a.shape[-1] == 2 * (len(names) if isinstance(names, tuple) else 2), path
+    theirs = tunix_models.torch_logits(pm, tokens)
+    assert np.abs(theirs - ours).max() > 0.05  # other adapters than ours
+    got = np.asarray(jax.jit(lora.wrap(pair.apply))(pair.state, trained, tokens))
+    np.testing.assert_allclose(got, theirs, atol=TOL)
 
 
 def test_experts_as_one_module_per_expert(tmp_path: Path) -> None:
