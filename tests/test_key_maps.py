@@ -108,6 +108,12 @@ def test_lookups_by_hand() -> None:
     moe = lora.key_map("tunix/qwen3_moe")
     assert moe("layers/1/mlp/up_proj") == "model.layers.1.mlp.experts.{expert}.up_proj"
     assert moe("layers/1/mlp/router/kernel") is None
+    hf5 = lora.key_map("tunix/qwen3_moe_hf5")  # transformers 5's fused expert parameters
+    assert hf5("layers/1/mlp/gate_proj") == "model.layers.1.mlp.experts.gate_up_proj[0]"
+    assert hf5("layers/1/mlp/up_proj") == "model.layers.1.mlp.experts.gate_up_proj[1]"
+    assert hf5("layers/1/mlp/down_proj") == "model.layers.1.mlp.experts.down_proj"
+    assert hf5("layers/1/mlp/router/kernel") is None
+    assert hf5("layers/1/attn/q_proj/w") == "model.layers.1.self_attn.q_proj"
     # a Linen variables dict's leading collection is dropped
     bert = lora.key_map("transformers/bert")
     assert bert("params/bert/encoder/layer/11/attention/self/query/kernel") == (
@@ -141,7 +147,10 @@ def test_the_docstring_lists_every_family() -> None:
     families = {
         f"{source}/{fam}"
         for source, fams in {
-            "tunix": ["llama3", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3"],
+            "tunix": [
+                *("llama3", "qwen2", "qwen3", "qwen3_moe", "qwen3_moe_hf5"),
+                *("gemma", "gemma2", "gemma3"),
+            ],
             "gemma": ["gemma3"],
             "transformers": ["bert", "gpt2", "llama"],
         }.items()

@@ -1,21 +1,32 @@
 """The catalogue's tunix key maps on google-tunix's own models (the ``tunix`` extra).
 
-- Llama3, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3: a tiny random HF PyTorch model, written
-  with ``save_pretrained``, is loaded into tunix by tunix's own safetensors loader; LoRA
-  (nonzero ``b``) on every attention and MLP kernel (but Gemma's fused ``kv_einsum`` and
-  Qwen3-MoE's experts, which wait for tuple and ``{expert}`` names: its attention and head);
-  `save_peft` with the catalogue's map -> ``PeftModel.from_pretrained`` gives the logits of
-  `lora.wrap` (float32 tolerance), and `load_peft` reads the adapters back exactly.
+- Llama3, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 (Gemma with ``num_kv_heads < num_heads``:
+  the fused ``kv_einsum``; with ``num_kv_heads == num_heads``: the fused ``qkv_einsum``): a tiny
+  random HF PyTorch model, written with ``save_pretrained``, is loaded into tunix by tunix's own
+  safetensors loader; LoRA (nonzero ``b``) on every attention and MLP kernel (Qwen3-MoE: its
+  experts, attention and head); `lora.wrap` equals the merged model, `save_peft` with the
+  catalogue's map -> ``PeftModel.from_pretrained`` takes every tensor and gives the logits of
+  `lora.wrap` (float32 tolerance), and `load_peft` reads the adapters back exactly (our files
+  and PEFT's ``save_pretrained`` of them); PEFT's model with random factors of its own (``k_proj``
+  and ``v_proj`` apart, a full ``gate_up_proj`` ``lora_B``), saved by PEFT, loads onto the
+  fused kernels and gives PEFT's logits through `lora.wrap`. Qwen3-MoE's
+  experts go to transformers 5's fused ``experts.gate_up_proj`` (``[0]`` gate, ``[1]`` up) and
+  ``experts.down_proj`` through PEFT's ``target_parameters`` (``tunix/qwen3_moe_hf5``).
+- Qwen3-MoE's experts as one module per expert (``tunix/qwen3_moe``, HF's checkpoint and vLLM's
+  layout; transformers 5 has no such modules for PEFT to load onto): the file's modules are the
+  checkpoint's, each expert's factors its own (float64 deltas), the checkpoint weight plus the
+  file's delta is the merged tunix kernel's expert, and `load_peft` reads it back exactly.
 - Every family (Gemma with and without the fused ``qkv_einsum`` too): every kernel of the tunix
   model is named (but the documented exceptions), the names are exactly the adaptable modules of
   the transformers twin (Qwen3-MoE's expert names: the tensors its ``save_pretrained`` writes),
   and each name's HF weight is what tunix's own loading steps put into that kernel (the part of
-  a fused kernel, the expert of an expert kernel). Writing fused and ``{expert}`` names is
-  `save_peft`'s (tests of the fused-kernel and per-expert files, after that work is merged).
+  a fused kernel, the expert of an expert kernel); ``tunix/qwen3_moe_hf5``'s expert names are
+  transformers 5's expert parameters, their ``[i]`` parts filling them exactly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -38,8 +49,10 @@ import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from safetensors import safe_open  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
 from support import tunix_models  # noqa: E402  (imports tunix)
-from support.peft_models import assert_same_adapters  # noqa: E402
+from support.peft_models import assert_same_adapters, perturb_peft_dora  # noqa: E402
+from support.trees import leaves_by_path  # noqa: E402
 from tunix.models.gemma import params_safetensors as gemma_params  # noqa: E402
 from tunix.models.gemma3 import params_safetensors as gemma3_params  # noqa: E402
 from tunix.models.llama3 import params as llama3_params  # noqa: E402
@@ -51,42 +64,148 @@ import flax_lora as lora  # noqa: E402
 
 TOL = 1e-4
 MLP = r"mlp/(gate|up|down)_proj/kernel"
-TARGETS = {  # every attention and MLP kernel; Gemma's kv_einsum is fused (k, v): not yet
-    "llama3": rf"layers/\d+/(attn/[qkvo]_proj/w|{MLP})",
-    "qwen2": rf"layers/\d+/(attn/[qkvo]_proj/w|{MLP})",
-    "qwen3": rf"layers/\d+/(attn/[qkvo]_proj/w|{MLP})",
-    "qwen3_moe": r"layers/\d+/attn/[qkvo]_proj/w|lm_head/w",  # {expert} names: not yet
-    "gemma2": rf"layers/\d+/(attn/(q_einsum|attn_vec_einsum)/w|{MLP})",
-    "gemma3": rf"layers/\d+/(attn/(q_einsum|attn_vec_einsum)/w|{MLP})",
+LLAMA_TARGETS = rf"layers/\d+/(attn/[qkvo]_proj/w|{MLP})"
+GEMMA_TARGETS = rf"layers/\d+/(attn/(q|kv|qkv|attn_vec)_einsum/w|{MLP})"
+EXPERTS = r"layers/\d+/mlp/(gate|up|down)_proj"
+ORDER = ("gate_up_proj", "down_proj")  # transformers 5's Qwen3MoeExperts registers them so
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A PEFT round trip: the twin pair, the catalogue's map, the targets (every attention and
+    MLP kernel), the adapted kernels per layer (and heads), `save_peft`/`load_peft` options."""
+
+    family: str
+    key_map: str
+    targets: str
+    per_layer: int
+    head: int = 0
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+CASES = {
+    "llama3": Case("llama3", "tunix/llama3", LLAMA_TARGETS, 7),
+    "qwen2": Case("qwen2", "tunix/qwen2", LLAMA_TARGETS, 7),
+    "qwen3": Case("qwen3", "tunix/qwen3", LLAMA_TARGETS, 7),
+    # Qwen3-MoE onto transformers 5's fused experts (gate_up_proj[0] / [1], down_proj: PEFT's
+    # target_parameters) and the untied head
+    "qwen3_moe_hf5": Case(
+        "qwen3_moe",
+        "tunix/qwen3_moe_hf5",
+        rf"layers/\d+/attn/[qkvo]_proj/w|{EXPERTS}|lm_head/w",
+        7,
+        head=1,
+        options={"param_order": ORDER},
+    ),
+    # q_einsum, the fused kv_einsum (k_proj, v_proj), attn_vec_einsum, the MLP
+    "gemma2": Case("gemma2", "tunix/gemma2", GEMMA_TARGETS, 6),
+    "gemma3": Case("gemma3", "tunix/gemma3", GEMMA_TARGETS, 6),
+    # num_heads == num_kv_heads: the fused qkv_einsum (q_proj, k_proj, v_proj)
+    "gemma2_qkv": Case("gemma2_qkv", "tunix/gemma2", GEMMA_TARGETS, 5),
+    "gemma3_qkv": Case("gemma3_qkv", "tunix/gemma3", GEMMA_TARGETS, 5),
 }
 
 
-@pytest.mark.parametrize("family", list(TARGETS))
-def test_peft_gives_the_logits_of_wrap(family: str, tmp_path: Path) -> None:
-    pair = tunix_models.twin_pair(family, tmp_path / "hf")
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 7)))
+def _tokens() -> jax.Array:
+    return jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 7)))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_peft_gives_the_logits_of_wrap(name: str, tmp_path: Path) -> None:
+    case = CASES[name]
+    pair = tunix_models.twin_pair(case.family, tmp_path / "hf")
+    tokens = _tokens()
     base = np.asarray(pair.apply(pair.state, tokens))
     np.testing.assert_allclose(base, tunix_models.torch_logits(pair.torch_model, tokens), atol=TOL)
 
-    config = lora.LoraConfig(rank=2, alpha=4.0, init="random", targets=TARGETS[family])
+    config = lora.LoraConfig(rank=2, alpha=4.0, init="random", targets=case.targets)
     probe = lambda s: pair.apply(s, tokens)
     adapters = lora.init(jax.random.key(1), pair.state, config, probe=probe)
-    per_layer, head = {"qwen3_moe": (4, 1), "gemma2": (5, 0), "gemma3": (5, 0)}.get(family, (7, 0))
-    assert len(jax.tree.leaves(adapters)) == 2 * (per_layer * tunix_models.DIMS["layers"] + head)
+    n = case.per_layer * tunix_models.DIMS["layers"] + case.head
+    assert len(jax.tree.leaves(adapters)) == 2 * n
     ours = np.asarray(jax.jit(lora.wrap(pair.apply))(pair.state, adapters, tokens))
+    merged = np.asarray(pair.apply(lora.merge(pair.state, adapters), tokens))
+    np.testing.assert_allclose(ours, merged, atol=TOL)
     assert np.abs(ours - base).max() > 0.05  # the adapters matter
 
-    km = lora.key_map(f"tunix/{family}")
-    lora.save_peft(tmp_path / "peft", adapters, config, key_map=km)
+    km = lora.key_map(case.key_map)
+    lora.save_peft(tmp_path / "peft", adapters, config, key_map=km, **case.options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.PeftModel.from_pretrained(pair.torch_model, str(tmp_path / "peft")).eval()
+    with safe_open(tmp_path / "peft" / "adapter_model.safetensors", "np") as f:
+        written = set(f.keys())
+    # PEFT took every tensor of the file (its state dict adds lm_head's base weight)
+    assert {k for k in peft.get_peft_model_state_dict(pm) if ".lora_" in k} == written
     np.testing.assert_allclose(ours, tunix_models.torch_logits(pm, tokens), atol=TOL)
 
-    # load_peft asks the key map about every kernel of params; until it takes fused names
-    # (tuples), Gemma's kv_einsum is left out here
-    single = lambda path: names if isinstance(names := km(path), str) else None
-    back = lora.load_peft(tmp_path / "peft", pair.state, key_map=single, probe=probe)
+    back = lora.load_peft(tmp_path / "peft", pair.state, key_map=km, probe=probe, **case.options)
+    assert_same_adapters(back, adapters)
+    # the files PEFT itself writes of what it loaded read back exactly too
+    pm.save_pretrained(str(tmp_path / "from_peft"), save_embedding_layers=False)
+    again = lora.load_peft(
+        tmp_path / "from_peft", pair.state, key_map=km, probe=probe, **case.options
+    )
+    assert_same_adapters(again, adapters)
+
+    # PyTorch -> JAX: factors PEFT holds apart (k_proj's and v_proj's own lora_A, a full lora_B
+    # of gate_up_proj) load onto the fused / joined kernels and give PEFT's logits
+    perturb_peft_dora(pm, seed=5)  # random A and B for every lora_ tensor (no DoRA here)
+    pm.save_pretrained(str(tmp_path / "trained"), save_embedding_layers=False)
+    trained = lora.load_peft(
+        tmp_path / "trained", pair.state, key_map=km, probe=probe, **case.options
+    )
+    for path, a in leaves_by_path(trained).items():  # PEFT's factors, so their ranks
+        names = km(path.removesuffix("/a"))
+        if path.endswith("/a") and (isinstance(names, tuple) or "[" in str(names)):
+            assert a.shape[-1] == 2 * (len(names) if isinstance(names, tuple) else 2), path
+    theirs = tunix_models.torch_logits(pm, tokens)
+    assert np.abs(theirs - ours).max() > 0.05  # other adapters than ours
+    got = np.asarray(jax.jit(lora.wrap(pair.apply))(pair.state, trained, tokens))
+    np.testing.assert_allclose(got, theirs, atol=TOL)
+
+
+def test_experts_as_one_module_per_expert(tmp_path: Path) -> None:
+    """Qwen3-MoE's experts in HF's checkpoint layout (``tunix/qwen3_moe``: one module per
+    expert, vLLM's LoRA layout): the file's modules are the checkpoint's expert modules, each
+    expert's factors are its own (a float64 delta per expert), the checkpoint's weight plus the
+    file's delta is the merged tunix kernel's expert, and `load_peft` reads it back exactly."""
+    pair = tunix_models.twin_pair("qwen3_moe", tmp_path / "hf")
+    tokens = _tokens()
+    targets = rf"layers/\d+/attn/[qkvo]_proj/w|{EXPERTS}|lm_head/w"
+    config = lora.LoraConfig(rank=2, alpha=4.0, init="random", targets=targets)
+    probe = lambda s: pair.apply(s, tokens)
+    adapters = lora.init(jax.random.key(1), pair.state, config, probe=probe)
+    km = lora.key_map("tunix/qwen3_moe")
+    lora.save_peft(tmp_path / "peft", adapters, config, key_map=km)
+
+    tensors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    with safe_open(tmp_path / "hf" / "model.safetensors", "np") as f:
+        checkpoint = {k: f.get_tensor(k) for k in f.keys() if ".experts." in k}  # noqa: SIM118
+    modules = {k.removesuffix(".weight") for k in checkpoint}
+    assert len(modules) == 3 * 4 * tunix_models.DIMS["layers"]
+    written = {k.removeprefix("base_model.model.") for k in tensors if ".experts." in k}
+    assert written == {f"{m}.lora_{ab}.weight" for m in modules for ab in "AB"}
+
+    entries = leaves_by_path(adapters)
+    merged = leaves_by_path(lora.merge(pair.state, adapters))
+    shapes = {p: tuple(x.shape) for p, x in leaves_by_path(pair.state).items()}
+    experts = {p: n for p, n in _flat_names(km, shapes).items() if re.fullmatch(EXPERTS, p)}
+    assert len(experts) == 3 * tunix_models.DIMS["layers"]
+    for path, names in experts.items():
+        a = np.asarray(entries[path + "/a"], np.float64)  # (E, in, r)
+        b = np.asarray(entries[path + "/b"], np.float64)  # (E, r, out)
+        assert len(names) == a.shape[0] == 4
+        for e, name in enumerate(names):
+            la, lb = (tensors[f"base_model.model.{name}.lora_{ab}.weight"] for ab in "AB")
+            np.testing.assert_array_equal(la, np.asarray(entries[path + "/a"])[e].T)
+            np.testing.assert_array_equal(lb, np.asarray(entries[path + "/b"])[e].T)
+            delta = 2.0 * lb.astype(np.float64) @ la.astype(np.float64)  # alpha / r = 2
+            np.testing.assert_allclose(delta, (2.0 * a[e] @ b[e]).T, rtol=1e-12, atol=1e-15)
+            w = checkpoint[name + ".weight"].astype(np.float64) + delta  # (out, in)
+            np.testing.assert_allclose(w, np.asarray(merged[path])[e].T, atol=1e-6)
+
+    back = lora.load_peft(tmp_path / "peft", pair.state, key_map=km, probe=probe)
     assert_same_adapters(back, adapters)
 
 
@@ -165,6 +284,39 @@ def test_every_kernel_is_named_as_a_module_of_the_twin(family: str, tmp_path: Pa
     if family.startswith("gemma"):  # tunix's Gemma decodes with its embedding (left out)
         modules -= {"lm_head"}
     assert set(names) == modules
+
+
+def test_fused_expert_names_are_parameters_of_transformers5() -> None:
+    """``tunix/qwen3_moe_hf5``: every kernel is named (but the router and the embedding), the
+    attention and head names are the twin's Linear modules, and the expert names are
+    transformers 5's ``Qwen3MoeExperts`` parameters, their ``[i]`` parts filling
+    ``gate_up_proj (E, 2F, D)`` (gate then up) and ``down_proj (E, D, F)`` exactly."""
+    shapes = tunix_models.kernel_shapes("qwen3_moe")
+    km = lora.key_map("tunix/qwen3_moe_hf5")
+    named = {p: km(p) for p in shapes if km(p) is not None}
+    assert set(shapes) - set(named) == {p for p in shapes if UNNAMED.fullmatch(p)}
+    model = transformers.Qwen3MoeForCausalLM(_twin_config("qwen3_moe"))
+    params = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    filled: dict[str, list[tuple[int, tuple[int, ...]]]] = {}
+    for path, name in named.items():
+        assert isinstance(name, str), path
+        part = re.fullmatch(r"(.*)\[(\d+)\]", name)
+        if not re.fullmatch(EXPERTS, path):
+            assert part is None and name in linears, (path, name)
+            continue
+        param = part.group(1) if part else name
+        filled.setdefault(param, []).append((int(part.group(2)) if part else 0, shapes[path]))
+    layers = tunix_models.DIMS["layers"]
+    assert len(filled) == 2 * layers
+    for param, parts in filled.items():
+        e, n_out, n_in = params[param]  # PyTorch's (E, out, in)
+        parts.sort()
+        assert [i for i, _ in parts] == list(range(len(parts)))
+        # each tunix kernel is (E, in, out); the parts stack on the output axis
+        assert all(s[0] == e and s[1] == n_in for _, s in parts), param
+        assert sum(s[2] for _, s in parts) == n_out, param
+        assert len(parts) == (2 if param.endswith("gate_up_proj") else 1)
 
 
 LOADERS: dict[str, tuple[Any, Any]] = {

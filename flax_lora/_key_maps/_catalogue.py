@@ -10,6 +10,7 @@ CATALOGUE: dict[str, tuple[Rule, ...]] = {
     "tunix/qwen2": _tunix.LLAMA,
     "tunix/qwen3": _tunix.LLAMA,
     "tunix/qwen3_moe": _tunix.QWEN3_MOE,
+    "tunix/qwen3_moe_hf5": _tunix.QWEN3_MOE_HF5,
     "tunix/gemma": _tunix.GEMMA,
     "tunix/gemma2": _tunix.GEMMA,
     "tunix/gemma3": _tunix.GEMMA,
@@ -38,6 +39,11 @@ def key_map(name: str) -> RuleMap:
       ``Qwen3ForCausalLM``.
     - ``tunix/qwen3_moe``: attention as above; expert kernels one module per expert
       (``model.layers.0.mlp.experts.{expert}.gate_proj``, HF's checkpoint and vLLM's layout).
+    - ``tunix/qwen3_moe_hf5``: attention as above; expert kernels onto transformers 5's fused
+      expert parameters (PEFT's ``target_parameters``): ``gate_proj`` and ``up_proj`` ->
+      ``model.layers.0.mlp.experts.gate_up_proj[0]`` and ``[1]``, ``down_proj`` ->
+      ``...experts.down_proj``; pass ``param_order=("gate_up_proj", "down_proj")`` to
+      `save_peft` and `load_peft`.
     - ``tunix/gemma``, ``tunix/gemma2``, ``tunix/gemma3``, ``gemma/gemma3``: ``q_einsum`` ->
       ``q_proj``; the fused ``kv_einsum`` -> ``(k_proj, v_proj)`` and ``qkv_einsum`` -> ``(q_proj,
       k_proj, v_proj)``; ``attn_vec_einsum`` -> ``o_proj``; the MLP (the ``gemma`` package's fused
@@ -48,11 +54,9 @@ def key_map(name: str) -> RuleMap:
 
     Embeddings an output head may share (tunix's ``embedder``, Gemma's, GPT-2's ``wte``,
     Llama's ``embed_tokens``) and routers are not named: leave them out of ``targets`` (a regex
-    of the attention and MLP kernels). A tuple of names (a fused kernel) and ``{expert}`` names
-    (one module per expert) need a `save_peft` that takes them: until then it refuses a tuple
-    with a ``TypeError`` naming the path (`load_peft` asks about every kernel of ``params``, so
-    filter the tuples out there), and writes an ``{expert}`` name as it is, as a PyTorch
-    parameter's name: keep Qwen3-MoE's experts out of ``targets``.
+    of the attention and MLP kernels). Fused kernels (a tuple of names), ``{expert}`` names and
+    ``"<module>[i]"`` parts are `save_peft` / `load_peft` key-map values, so every attention and
+    MLP kernel of these families goes both ways.
 
     Example:
       >>> import flax_lora as lora

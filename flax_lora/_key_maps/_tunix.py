@@ -38,7 +38,23 @@ QWEN3_MOE: tuple[Rule, ...] = (
 ``mlp/down_proj (E, F, D)`` (``nnx.Param`` leaves of the MoE layer) as one module per expert,
 ``{expert}`` in the name: the layout of HuggingFace's checkpoints (tunix stacks them from it),
 of transformers 4.57's ``Qwen3MoeSparseMoeBlock`` and of vLLM's LoRA. (transformers 5 fuses the
-experts into ``experts.gate_up_proj`` / ``experts.down_proj`` parameters.)"""
+experts into ``experts.gate_up_proj`` / ``experts.down_proj`` parameters: `QWEN3_MOE_HF5`.)"""
+
+_EXPERTS = r"model.layers.\1.mlp.experts"
+
+QWEN3_MOE_HF5: tuple[Rule, ...] = (
+    LLAMA[0],
+    (rf"{_LAYER}/mlp/gate_proj", rf"{_EXPERTS}.gate_up_proj[0]"),
+    (rf"{_LAYER}/mlp/up_proj", rf"{_EXPERTS}.gate_up_proj[1]"),
+    (rf"{_LAYER}/mlp/down_proj", rf"{_EXPERTS}.down_proj"),
+    LLAMA[2],
+)
+"""Qwen3-MoE onto transformers 5's ``Qwen3MoeExperts``, whose experts are two parameters,
+``gate_up_proj (E, 2F, D)`` (gate rows, then up rows) and ``down_proj (E, D, F)``: PEFT's
+``target_parameters``. The expert kernels ``gate_proj`` and ``up_proj`` are the two parts
+``[0]`` and ``[1]`` of ``experts.gate_up_proj``, ``down_proj`` is ``experts.down_proj``;
+PyTorch registers ``gate_up_proj`` first (`save_peft` / `load_peft` need
+``param_order=("gate_up_proj", "down_proj")``)."""
 
 GEMMA: tuple[Rule, ...] = (
     (rf"{_LAYER}/attn/q_einsum/w", rf"{_ATTN}.q_proj"),

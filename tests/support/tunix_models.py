@@ -99,13 +99,25 @@ FAMILIES: dict[str, Family] = {
     "gemma2": Family(  # num_kv_heads < num_heads: q_einsum and the fused kv_einsum
         lambda: _gemma_config(DIMS["kv"]),
         gemma_params.create_model_from_safe_tensors,
-        lambda: _gemma2_hf_config(),
+        lambda: _gemma2_hf_config(DIMS["kv"]),
+        transformers.Gemma2ForCausalLM,
+    ),
+    "gemma2_qkv": Family(  # num_kv_heads == num_heads: the fused qkv_einsum
+        lambda: _gemma_config(DIMS["heads"]),
+        gemma_params.create_model_from_safe_tensors,
+        lambda: _gemma2_hf_config(DIMS["heads"]),
         transformers.Gemma2ForCausalLM,
     ),
     "gemma3": Family(
         lambda: _gemma3_config(DIMS["kv"]),
         gemma3_params.create_model_from_safe_tensors,
-        lambda: _gemma3_hf_config(),
+        lambda: _gemma3_hf_config(DIMS["kv"]),
+        transformers.Gemma3ForCausalLM,
+    ),
+    "gemma3_qkv": Family(
+        lambda: _gemma3_config(DIMS["heads"]),
+        gemma3_params.create_model_from_safe_tensors,
+        lambda: _gemma3_hf_config(DIMS["heads"]),
         transformers.Gemma3ForCausalLM,
     ),
 }
@@ -151,7 +163,7 @@ def torch_logits(model: Any, tokens: np.ndarray) -> np.ndarray:
         return model(input_ids=torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
 
 
-def _gemma3_hf_config() -> Any:
+def _gemma3_hf_config(num_kv_heads: int) -> Any:
     """A Gemma 3 (text) that tunix's ``Gemma3`` of `_gemma3_config` computes: RoPE base 10,000
     for local and global layers, no soft caps, queries scaled by ``head_dim ** -0.5``, a
     sliding window longer than the tests' sequences, the embedding tied to the head."""
@@ -159,7 +171,8 @@ def _gemma3_hf_config() -> Any:
     return transformers.Gemma3TextConfig(
         vocab_size=d["vocab"], hidden_size=d["d"], intermediate_size=d["hidden"],
         num_hidden_layers=d["layers"], num_attention_heads=d["heads"],
-        num_key_value_heads=d["kv"], head_dim=d["head_dim"], query_pre_attn_scalar=d["head_dim"],
+        num_key_value_heads=num_kv_heads, head_dim=d["head_dim"],
+        query_pre_attn_scalar=d["head_dim"],
         attn_logit_softcapping=None, final_logit_softcapping=None, sliding_window=16,
         rope_theta=10_000.0, rope_local_base_freq=10_000.0, rms_norm_eps=1e-6,
         hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
@@ -170,14 +183,15 @@ def _gemma3_hf_config() -> Any:
 # -- abstract tunix models of every family, for the name checks ------------------------------
 
 
-def _gemma2_hf_config() -> Any:
+def _gemma2_hf_config(num_kv_heads: int) -> Any:
     """A Gemma 2 that tunix's ``Gemma`` of `_gemma_config` computes: global attention only, no
     soft caps, queries scaled by ``head_dim ** -0.5``, the embedding tied to the head."""
     d = DIMS
     return transformers.Gemma2Config(
         vocab_size=d["vocab"], hidden_size=d["d"], intermediate_size=d["hidden"],
         num_hidden_layers=d["layers"], num_attention_heads=d["heads"],
-        num_key_value_heads=d["kv"], head_dim=d["head_dim"], query_pre_attn_scalar=d["head_dim"],
+        num_key_value_heads=num_kv_heads, head_dim=d["head_dim"],
+        query_pre_attn_scalar=d["head_dim"],
         attn_logit_softcapping=None, final_logit_softcapping=None, sliding_window=64,
         layer_types=["full_attention"] * d["layers"], rms_norm_eps=1e-6,
         hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
