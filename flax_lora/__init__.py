@@ -8,6 +8,8 @@ freeze the base; `merge` / `unmerge` are pure functions; checkpoints go through 
 from flax_lora._adapters._delta import delta
 from flax_lora._adapters._extras import TokenDelta, TrainedCopy
 from flax_lora._adapters._weights import LoraWeights, StackedLoraWeights
+from flax_lora._bridges._linen_bridge import LinenBridge
+from flax_lora._bridges._nnx_bridge import NnxBridge, merged, to_adapters
 from flax_lora._checkpoint._orbax import load, load_config, save
 from flax_lora._config import LoraConfig
 from flax_lora._init._make import init
@@ -25,8 +27,10 @@ from flax_lora._wrap import wrap
 __version__ = "0.1.0"
 
 __all__ = [
+    "LinenBridge",
     "LoraConfig",
     "LoraWeights",
+    "NnxBridge",
     "QuantizedKernel",
     "StackedLoraWeights",
     "Summary",
@@ -42,6 +46,7 @@ __all__ = [
     "load_config",
     "load_peft",
     "merge",
+    "merged",
     "quantize",
     "quantize_kernel",
     "requantize",
@@ -49,6 +54,7 @@ __all__ = [
     "save_peft",
     "stack",
     "summary",
+    "to_adapters",
     "trainable",
     "unmerge",
     "unstack",
