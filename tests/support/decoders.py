@@ -1,7 +1,8 @@
 """Small autoregressive decoders with a KV cache, and greedy decoding loops as samplers run them.
 
-- `LinenDecoder`: Embed, two blocks of causal ``nn.SelfAttention`` (``decode=True`` keeps its
-  keys and values in Linen's ``"cache"`` collection) and a Dense MLP, a Dense head; and
+- `LinenDecoder`: Embed, two blocks of causal ``nn.MultiHeadDotProductAttention``
+  (``decode=True`` keeps its keys and values in Linen's ``"cache"`` collection) and a Dense
+  MLP, a Dense head; and
   `linen_greedy`, the loop of a gemma-style sampler that takes a ``(model, params)`` pair:
   ``model.apply({"params": params, "cache": cache}, token, decode=True, mutable=["cache"])``
   one token at a time, the prompt first, then the argmax.
@@ -31,7 +32,9 @@ class LinenDecoder(nn.Module):
         x = nn.Embed(VOCAB, WIDTH, name="embed")(tokens)
         mask = None if decode else nn.make_causal_mask(tokens)
         for i in range(BLOCKS):
-            attn = nn.SelfAttention(HEADS, qkv_features=WIDTH, decode=decode, name=f"attn{i}")
+            attn = nn.MultiHeadDotProductAttention(
+                HEADS, qkv_features=WIDTH, decode=decode, name=f"attn{i}"
+            )
             x = x + attn(x, mask=mask)
             h = nn.gelu(nn.Dense(2 * WIDTH, name=f"up{i}")(x))
             x = x + nn.Dense(WIDTH, name=f"down{i}")(h)
@@ -39,7 +42,7 @@ class LinenDecoder(nn.Module):
 
 
 def linen_model(seed: int = 0, batch: int = 2, length: int = 12) -> tuple[Any, Any, Any]:
-    """``(model, params, cache)``: the decoder, params with N(0, 0.5^2) kernels (the default
+    """``(model, params, cache)``: the decoder, params with N(0, 0.3^2) kernels (the default
     init's outputs are too flat for distinct greedy tokens), and an empty cache for ``batch``
     sequences of up to ``length`` tokens."""
     model = LinenDecoder()
@@ -48,7 +51,7 @@ def linen_model(seed: int = 0, batch: int = 2, length: int = 12) -> tuple[Any, A
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
     leaves = [
-        0.5 * jax.random.normal(k, x.shape, x.dtype) if x.ndim >= 2 else x
+        0.3 * jax.random.normal(k, x.shape, x.dtype) if x.ndim >= 2 else x
         for k, x in zip(keys, leaves, strict=True)
     ]
     cache = model.init(jax.random.key(seed), tokens, decode=True)["cache"]
@@ -110,13 +113,13 @@ class NnxDecoder(nnx.Module):
 
 
 def nnx_model(seed: int = 0) -> NnxDecoder:
-    """The NNX decoder with N(0, 0.5^2) kernels (see `linen_model`)."""
+    """The NNX decoder with N(0, 0.3^2) kernels (see `linen_model`)."""
     model = NnxDecoder(nnx.Rngs(seed))
     params = nnx.state(model, nnx.Param)
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
     leaves = [
-        0.5 * jax.random.normal(k, x.shape, x.dtype) if x.ndim >= 2 else x
+        0.3 * jax.random.normal(k, x.shape, x.dtype) if x.ndim >= 2 else x
         for k, x in zip(keys, leaves, strict=True)
     ]
     nnx.update(model, jax.tree.unflatten(treedef, leaves))
