@@ -7,6 +7,7 @@ call runs ``base`` through `lora.wrap`; every other collection (the KV cache) is
 model's own, passed through and written back.
 """
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -104,6 +105,18 @@ class LinenBridge(nn.Module):
             for name, value in tree.items():
                 self.put_variable(collection, name, value)
         return out
+
+
+# the dataclass signature lists Linen's ``parent`` (its default a sentinel object whose address
+# changes per run) and ``name``: show the fields a user passes
+LinenBridge.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=nn.Module),
+        inspect.Parameter(
+            "mode", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="auto", annotation=Mode
+        ),
+    ]
+)
 
 
 def _inner_mutable(outer: Any) -> Any:

@@ -10,6 +10,7 @@ flax_lora adapters as they are.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -117,6 +118,13 @@ class NnxBridge(nnx.Module):
         if model is None or name.startswith("_"):
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return getattr(model, name)
+
+
+# NNX's metaclass hides ``__init__``'s signature behind ``(*args, **kwargs)``: show the real one
+_INIT = inspect.signature(NnxBridge.__init__)
+NnxBridge.__signature__ = _INIT.replace(  # type: ignore[attr-defined]
+    parameters=list(_INIT.parameters.values())[1:], return_annotation=inspect.Signature.empty
+)
 
 
 def to_adapters(bridge: NnxBridge) -> PyTree:
