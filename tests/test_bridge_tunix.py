@@ -37,7 +37,6 @@ from tunix.sft import utils as sft_utils
 VOCAB = 32
 PAD, BOS, EOS = 0, 1, 2
 TARGETS = r".*attn/(q|k|v|o)_proj/w|.*mlp/(gate|up|down)_proj/kernel"
-CONFIG = lora.LoraConfig(rank=4, alpha=8.0, targets=TARGETS)
 SEQ = np.array([BOS, *([3, 4, 5, 6, 7, 8, 9, 10] * 2)], np.int32)  # the pattern to learn
 
 
@@ -97,6 +96,9 @@ def model_inputs(tokens: Any) -> dict[str, Any]:
 
 
 def bridged(seed: int = 0, init: str = "lora") -> lora.NnxBridge:
+    """The tiny Qwen3 with adapters on its attention and MLP kernels, in mode "factored": every
+    use of an adapted kernel (tunix's 3-D attention einsums included) is factored, none
+    merged."""
     model = tiny_qwen3(seed)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     inputs = model_inputs(SEQ[None])
@@ -107,7 +109,7 @@ def bridged(seed: int = 0, init: str = "lora") -> lora.NnxBridge:
 
     config = lora.LoraConfig(rank=4, alpha=8.0, targets=TARGETS, init=init)
     adapters = lora.init(jax.random.key(seed + 1), params, config, probe=probe)
-    return lora.NnxBridge(model, adapters)
+    return lora.NnxBridge(model, adapters, mode="factored")
 
 
 def numpy_copy(tree: Any) -> list[np.ndarray]:
@@ -129,6 +131,7 @@ def test_the_bridge_is_what_tunix_calls_lora() -> None:
     assert all(x is y for x, y in zip(lora_leaves, ours, strict=True))
 
 
+@pytest.mark.filterwarnings("ignore:Sharding info not provided")  # orbax, restoring untargeted
 def test_peft_trainer_trains_only_the_adapters(tmp_path: Path) -> None:
     bridge = bridged()
     base_before = numpy_copy(nnx.state(bridge.model, nnx.Param))
@@ -199,7 +202,7 @@ def test_peft_trainer_trains_only_the_adapters(tmp_path: Path) -> None:
 def test_sampler_greedy_tokens_equal_the_merged_model() -> None:
     bridge = bridged(init="random")  # both factors nonzero: the adapters change the model
     small = jax.tree.map(lambda x: 0.3 * x, lora.to_adapters(bridge))
-    bridge = lora.NnxBridge(bridge.model, small)
+    bridge = lora.NnxBridge(bridge.model, small, mode="factored")
     cache = sampler_lib.CacheConfig(cache_size=32, num_layers=2, num_kv_heads=2, head_dim=8)
     prompts = ["abcd", "hgf"]
 
