@@ -54,6 +54,21 @@ def test_apply_equals_wrap_and_the_merged_model(mode: str) -> None:
     assert np.abs(np.asarray(base - merged)).max() > 0.1, "the adapters must change the output"
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_stack_routes_examples_with_lora_ids(mode: str) -> None:
+    model, params, first, _ = setup()
+    second = jax.tree.map(lambda v: -v, first)
+    bridge = lora.LinenBridge(model, mode=mode)  # type: ignore[arg-type]
+    x = jnp.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    stacked = {"base": params, "lora": lora.stack([first, second])}
+    got = bridge.apply({"params": stacked}, x, lora_ids=jnp.array([1, -1, 0]))
+    rows = [
+        model.apply({"params": p}, x[i : i + 1])[0]
+        for i, p in enumerate([lora.merge(params, second), params, lora.merge(params, first)])
+    ]
+    assert_close(got, np.stack(rows), tol=1e-5)
+
+
 def test_gradients_equal_the_merged_model() -> None:
     model, params, adapters, _ = setup()
     bridge = lora.LinenBridge(model)

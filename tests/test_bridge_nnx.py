@@ -175,6 +175,22 @@ def test_to_adapters_and_merged_round_trip() -> None:
     assert np.abs(np.asarray(model.l1.kernel[...])).max() > 0
 
 
+@pytest.mark.parametrize("mode", ["auto", "factored"])
+def test_a_stack_routes_examples_with_lora_ids(mode: str) -> None:
+    model = MLP(nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    config = lora.LoraConfig(rank=2, alpha=4.0, init="random")
+    sets = [lora.init(jax.random.key(k), params, config) for k in (1, 2)]
+    bridge = lora.NnxBridge(model, lora.stack(sets), mode=mode)  # type: ignore[arg-type]
+    x = jax.random.normal(jax.random.key(7), (3, 4))
+    got = np.asarray(bridge(x, lora_ids=jnp.array([1, -1, 0])))
+    base = np.asarray(model.l2(jax.nn.relu(model.l1(x))), np.float64)
+    want = np.stack([ref64(model, sets[1], x)[0], base[1], ref64(model, sets[0], x)[2]])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"lora\.unstack"):
+        lora.merged(bridge)
+
+
 def test_kv_cache_decoding_writes_the_cache_back() -> None:
     model = nnx_model()
     config = lora.LoraConfig(rank=4, alpha=4.0, init="random")

@@ -19,9 +19,14 @@ from flax_lora._wrap import wrap
 
 
 def _run_module(
-    params: PyTree, module: nn.Module, others: PyTree, mutable: Any, *args: Any, **kwargs: Any
+    params: PyTree, *args: Any, lora_bridge: tuple[nn.Module, PyTree, Any], **kwargs: Any
 ) -> Any:
-    """``module.apply`` on the base params and the other collections, ``mutable`` passed on."""
+    """``module.apply`` on the base params and the other collections, ``mutable`` passed on.
+
+    ``lora_bridge`` is ``(module, other collections, mutable)``: a keyword, so that `lora.wrap`
+    with ``lora_ids`` routes the model's own positional inputs only and hands it to every
+    example whole."""
+    module, others, mutable = lora_bridge
     return module.apply({"params": params, **others}, *args, mutable=mutable, **kwargs)
 
 
@@ -95,9 +100,8 @@ class LinenBridge(nn.Module):
         others = {name: tree for name, tree in variables.items() if name != "params"}
         mutable = _inner_mutable(self.scope.mutable if self.scope is not None else False)
         base = self.model.clone(parent=None)  # unbound: run by its own apply
-        out = RUNNERS[self.mode](
-            params["base"], params["lora"], base, others, mutable, *args, **kwargs
-        )
+        parts = (base, others, mutable)
+        out = RUNNERS[self.mode](params["base"], params["lora"], *args, lora_bridge=parts, **kwargs)
         if mutable is False:
             return out
         out, updated = out

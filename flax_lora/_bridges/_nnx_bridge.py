@@ -17,7 +17,9 @@ from typing import Any
 import jax
 from flax import nnx
 
+from flax_lora._adapters._weights import is_stacked
 from flax_lora._merge import merge
+from flax_lora._multi._stack import unstack
 from flax_lora._paths import describe, flatten, path_str
 from flax_lora._typing import MODES, Mode, PyTree
 from flax_lora._wrap import wrap
@@ -27,13 +29,15 @@ def _is_variable(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def _run_model(params: PyTree, graphdef: Any, rest: PyTree, *args: Any, **kwargs: Any) -> Any:
+def _run_model(params: PyTree, *args: Any, lora_bridge: tuple[Any, PyTree], **kwargs: Any) -> Any:
     """The base model rebuilt from its params and other state, called; with its new state.
 
-    Returns the model's output and its non-``Param`` state after the call (a KV cache, batch
-    statistics, RNG counts), which the bridge writes back to the base model.
+    ``lora_bridge`` is ``(graphdef, non-param state)``, a keyword: `lora.wrap` traces its arrays
+    like the positional inputs'. Returns the model's output and its non-``Param`` state after
+    the call (a KV cache, batch statistics, RNG counts), which the bridge writes back.
     """
-    model = nnx.merge(graphdef, params, rest)
+    graphdef, rest = lora_bridge
+    model = nnx.merge(graphdef, params, rest, copy=True)  # variables of this trace
     out = model(*args, **kwargs)
     return out, nnx.state(model, nnx.Not(nnx.Param))
 
@@ -77,7 +81,8 @@ class NnxBridge(nnx.Module):
     Args:
       model: the base ``nnx.Module``; it holds no ``nnx.LoRAParam`` of its own.
       adapters: adapters for ``nnx.state(model, nnx.Param)`` (from `lora.init`, `lora.load`,
-        `lora.load_peft`, ...): their paths are the model's param paths.
+        `lora.load_peft`, ...): their paths are the model's param paths. A `lora.stack` tree
+        routes each example through its own set with ``bridge(x, lora_ids=ids)``.
       mode: `lora.wrap`'s mode: ``"auto"``, ``"factored"`` or ``"merged"``.
 
     Raises:
@@ -107,7 +112,7 @@ class NnxBridge(nnx.Module):
         graphdef, *states = nnx.split(self.model, nnx.Param, ...)
         params, rest = states
         out, new_rest = RUNNERS[self.mode](
-            params, to_adapters(self), graphdef, rest, *args, **kwargs
+            params, to_adapters(self), *args, lora_bridge=(graphdef, rest), **kwargs
         )
         nnx.update(self.model, new_rest)
         return out
@@ -166,12 +171,20 @@ def merged(bridge: NnxBridge) -> nnx.Module:
 
     Raises:
       TypeError: ``bridge`` is not an `NnxBridge`.
+      ValueError: the bridge holds a `lora.stack` tree (no one merged model; unstack a set).
     """
     if not isinstance(bridge, NnxBridge):
         raise TypeError(f"lora.merged: expected an NnxBridge; got {type(bridge).__name__}.")
+    adapters = to_adapters(bridge)
+    if _is_stack(adapters):
+        raise ValueError(
+            "lora.merged: the bridge holds a lora.stack of adapter sets (for lora_ids routing), "
+            "which has no one merged model; merge one set: lora.merged(lora.NnxBridge(model, "
+            "lora.unstack(lora.to_adapters(bridge), i)))."
+        )
     graphdef, *states = nnx.split(bridge.model, nnx.Param, ...)
     params, rest = states
-    return nnx.merge(graphdef, merge(params, to_adapters(bridge)), rest, copy=True)
+    return nnx.merge(graphdef, merge(params, adapters), rest, copy=True)
 
 
 def _check_base(model: nnx.Module) -> None:
@@ -200,4 +213,11 @@ def _check_adapters(model: nnx.Module, adapters: PyTree) -> None:
                 f"lora.NnxBridge: adapter leaf {path_str(path)!r} must be an array; "
                 f"got {type(leaf).__name__}."
             )
-    jax.eval_shape(merge, nnx.state(model, nnx.Param), adapters)
+    if _is_stack(adapters):  # a routing stack: its first set stands for all (lora.stack checked)
+        jax.eval_shape(lambda p, s: merge(p, unstack(s, 0)), nnx.state(model, nnx.Param), adapters)
+    else:
+        jax.eval_shape(merge, nnx.state(model, nnx.Param), adapters)
+
+
+def _is_stack(adapters: PyTree) -> bool:
+    return any(is_stacked(x) for x in jax.tree.leaves(adapters, is_leaf=is_stacked))
