@@ -135,6 +135,39 @@ def test_collections_come_back_as_the_base_models() -> None:
         bridge.apply(bridged, token, decode=True)
 
 
+class Noisy(nn.Module):
+    """Dense, dropout (always on), Dense."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.Dropout(0.5, deterministic=False)(nn.Dense(8)(x))
+        return nn.Dense(3)(h)
+
+
+class StreamKey(nn.Module):
+    """The key a root module's ``make_rng("dropout")`` gives: what the bridge hands the base."""
+
+    def __call__(self) -> jax.Array:
+        return self.make_rng("dropout")
+
+
+def test_rng_streams_reach_the_base_model() -> None:
+    model = Noisy()
+    x = jax.random.normal(jax.random.key(0), (4, 5))
+    key = jax.random.key(1)
+    params = model.init({"params": jax.random.key(2), "dropout": key}, x)["params"]
+    adapters = lora.init(jax.random.key(3), params, lora.LoraConfig(rank=2, init="random"))
+    bridged = {"params": {"base": params, "lora": adapters}}
+    got = lora.LinenBridge(model).apply(bridged, x, rngs={"dropout": key})
+    derived = StreamKey().apply({}, rngs={"dropout": key})
+    want = model.apply({"params": lora.merge(params, adapters)}, x, rngs={"dropout": derived})
+    assert_close(got, want, tol=1e-5)
+    other = lora.LinenBridge(model).apply(bridged, x, rngs={"dropout": jax.random.key(9)})
+    assert np.abs(np.asarray(other - got)).max() > 1e-3, "another key, another dropout mask"
+    with pytest.raises(Exception, match="dropout"):
+        lora.LinenBridge(model).apply(bridged, x)  # the base model's own error: no stream
+
+
 def test_bad_params_and_fields_are_named() -> None:
     model, params, adapters, _ = setup()
     tokens = jnp.asarray(PROMPT)

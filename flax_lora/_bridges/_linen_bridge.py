@@ -19,15 +19,17 @@ from flax_lora._wrap import wrap
 
 
 def _run_module(
-    params: PyTree, *args: Any, lora_bridge: tuple[nn.Module, PyTree, Any], **kwargs: Any
+    params: PyTree, *args: Any, lora_bridge: tuple[nn.Module, PyTree, Any, Any], **kwargs: Any
 ) -> Any:
-    """``module.apply`` on the base params and the other collections, ``mutable`` passed on.
+    """``module.apply`` on the base params and the other collections, ``mutable`` and the RNG
+    streams passed on.
 
-    ``lora_bridge`` is ``(module, other collections, mutable)``: a keyword, so that `lora.wrap`
-    with ``lora_ids`` routes the model's own positional inputs only and hands it to every
-    example whole."""
-    module, others, mutable = lora_bridge
-    return module.apply({"params": params, **others}, *args, mutable=mutable, **kwargs)
+    ``lora_bridge`` is ``(module, other collections, mutable, rngs)``: a keyword, so that
+    `lora.wrap` with ``lora_ids`` routes the model's own positional inputs only and hands it to
+    every example whole."""
+    module, others, mutable, rngs = lora_bridge
+    variables = {"params": params, **others}
+    return module.apply(variables, *args, mutable=mutable, rngs=rngs, **kwargs)
 
 
 # one wrapped runner per mode, shared by every Linen bridge
@@ -50,10 +52,13 @@ class LinenBridge(nn.Module):
     ``(bridge.model, lora.merge(params["base"], params["lora"]))``. Guide:
     `docs/guides/bridges.md`.
 
+    The RNG streams of the call (``rngs={"dropout": key}``) reach the base model as
+    ``self.make_rng(name)`` of the bridge: a key derived from the given one, as for any Linen
+    submodule (LoRA dropout is ``lora_rng``, as in `lora.wrap`).
+
     Sharp edges: only ``__call__`` runs through the bridge (a sampler calling
-    ``apply(..., method=...)`` of the base model needs the merged pair); Linen RNG streams
-    (``rngs=``) are not passed to the base model (use ``lora_rng`` for LoRA dropout);
-    ``bridge.init`` has nothing to build: make the params from ``model.init`` and `lora.init`.
+    ``apply(..., method=...)`` of the base model needs the merged pair); ``bridge.init`` has
+    nothing to build: make the params from ``model.init`` and `lora.init`.
 
     Example:
       >>> adapters = lora.init(key, base_params, lora.LoraConfig(rank=8), probe=probe)
@@ -100,7 +105,9 @@ class LinenBridge(nn.Module):
         others = {name: tree for name, tree in variables.items() if name != "params"}
         mutable = _inner_mutable(self.scope.mutable if self.scope is not None else False)
         base = self.model.clone(parent=None)  # unbound: run by its own apply
-        parts = (base, others, mutable)
+        streams = self.scope.rngs if self.scope is not None else {}
+        rngs = {name: self.make_rng(name) for name in streams if name != "params"} or None
+        parts = (base, others, mutable, rngs)
         out = RUNNERS[self.mode](params["base"], params["lora"], *args, lora_bridge=parts, **kwargs)
         if mutable is False:
             return out
