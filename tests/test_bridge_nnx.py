@@ -17,6 +17,7 @@ import optax
 import pytest
 from flax import nnx
 from support.decoders import nnx_greedy, nnx_model
+from support.jaxprs import jaxpr_shapes
 
 import flax_lora as lora
 
@@ -144,6 +145,34 @@ def test_optimizer_wrt_lora_param_trains_only_the_adapters(mode: str) -> None:
     base_after = [np.array(v) for v in jax.tree.leaves(nnx.state(model, nnx.Param))]
     assert all(np.array_equal(u, v) for u, v in zip(base_before, base_after, strict=True))
     assert int(model.calls[...]) == 21, "the call counter is written back at every step"
+
+
+class Wide(nnx.Module):
+    """Two Linear layers of kernel shapes no activation of the test has: (6, 10), (10, 7)."""
+
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.l1 = nnx.Linear(6, 10, rngs=rngs)
+        self.l2 = nnx.Linear(10, 7, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.l2(jnp.tanh(self.l1(x)))
+
+
+@pytest.mark.parametrize("mode", ["factored", "merged"])
+def test_a_training_step_forms_no_kernel_sized_array_when_factored(mode: str) -> None:
+    model = Wide(nnx.Rngs(0))
+    adapters = lora.init(jax.random.key(1), nnx.state(model, nnx.Param), lora.LoraConfig(rank=2))
+    bridge = lora.NnxBridge(model, adapters, mode=mode)  # type: ignore[arg-type]
+    x = jnp.ones((5, 6))
+
+    def step(m: lora.NnxBridge) -> Any:
+        return nnx.grad(lambda m: jnp.sum(m(x) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(m)
+
+    graphdef, state = nnx.split(bridge)
+    jaxpr = jax.make_jaxpr(lambda s: step(nnx.merge(graphdef, s)))(state).jaxpr
+    kernel_sized = {(6, 10), (10, 7)} & set(jaxpr_shapes(jaxpr))
+    # no base gradient, no adapted kernel, no kernel-sized adapter gradient: only in "merged"
+    assert kernel_sized == (set() if mode == "factored" else {(6, 10), (10, 7)})
 
 
 def test_to_adapters_and_merged_round_trip() -> None:
