@@ -7,7 +7,8 @@ base params are bitwise what they were (compared with a numpy copy taken before)
 (tunix's own loss function) falls, the checkpoint tunix writes holds exactly the adapters'
 arrays (read back by orbax without a target) and a new trainer restores them; tunix's sampler
 generates with the bridge the greedy tokens of the merged model (`lora.merged`) run through the
-same sampler.
+same sampler (for a tiny Llama3 too: it has no ``init_cache`` of its own, so the sampler builds
+its cache from ``CacheConfig``).
 
 These tests need the ``google-tunix`` package (not a dependency of flax_lora, nor installed by
 CI): they skip without it. Set-up, in a venv of its own (tunix pins its own jax and flax):
@@ -34,6 +35,7 @@ pytest.importorskip(
 )
 import orbax.checkpoint as ocp  # tunix's checkpoints
 from tunix.generate import sampler as sampler_lib
+from tunix.models.llama3 import model as llama3
 from tunix.models.qwen3 import model as qwen3
 from tunix.sft import peft_trainer
 from tunix.sft import utils as sft_utils
@@ -63,8 +65,16 @@ class Tokenizer:
         return PAD
 
 
-def tiny_qwen3(seed: int = 0) -> qwen3.Qwen3:
-    config = qwen3.ModelConfig(
+FAMILIES = {
+    "qwen3": (qwen3.Qwen3, qwen3.ModelConfig),
+    "llama3": (llama3.Llama3, llama3.ModelConfig),  # no init_cache: the sampler makes the cache
+}
+
+
+def tiny(family: str = "qwen3", seed: int = 0) -> nnx.Module:
+    """A 2-layer model of tunix's ``family`` with small dimensions and random weights."""
+    make, make_config = FAMILIES[family]
+    config = make_config(
         num_layers=2,
         vocab_size=VOCAB,
         embed_dim=32,
@@ -75,7 +85,7 @@ def tiny_qwen3(seed: int = 0) -> qwen3.Qwen3:
         rope_theta=10_000,
         norm_eps=1e-6,
     )
-    model = qwen3.Qwen3(config, rngs=nnx.Rngs(seed))
+    model = make(config, rngs=nnx.Rngs(seed))
     # tunix initialises the MLP kernels to zeros (weights come from a checkpoint): random ones
     params = nnx.state(model, nnx.Param)
     leaves, treedef = jax.tree.flatten(params)
@@ -99,11 +109,11 @@ def model_inputs(tokens: Any) -> dict[str, Any]:
     }
 
 
-def bridged(seed: int = 0, init: str = "lora") -> lora.NnxBridge:
-    """The tiny Qwen3 with adapters on its attention and MLP kernels, in mode "factored": every
+def bridged(family: str = "qwen3", seed: int = 0, init: str = "lora") -> lora.NnxBridge:
+    """The tiny model with adapters on its attention and MLP kernels, in mode "factored": every
     use of an adapted kernel (tunix's 3-D attention einsums included) is factored, none
     merged."""
-    model = tiny_qwen3(seed)
+    model = tiny(family, seed)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     inputs = model_inputs(SEQ[None])
 
@@ -203,8 +213,9 @@ def test_peft_trainer_trains_only_the_adapters(tmp_path: Path) -> None:
     restored.close()
 
 
-def test_sampler_greedy_tokens_equal_the_merged_model() -> None:
-    bridge = bridged(init="random")  # both factors nonzero: the adapters change the model
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_sampler_greedy_tokens_equal_the_merged_model(family: str) -> None:
+    bridge = bridged(family, init="random")  # both factors nonzero: the adapters change the model
     small = jax.tree.map(lambda x: 0.3 * x, lora.to_adapters(bridge))
     bridge = lora.NnxBridge(bridge.model, small, mode="factored")
     cache = sampler_lib.CacheConfig(cache_size=32, num_layers=2, num_kv_heads=2, head_dim=8)
