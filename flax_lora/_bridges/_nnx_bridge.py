@@ -65,7 +65,9 @@ class NnxBridge(nnx.Module):
     read from the base model (``config``, ``init_cache``, ``num_embed``, ``embedder``, ...), as
     samplers do. Guide: `docs/guides/bridges.md`.
 
-    Sharp edge: only ``__call__`` runs with the adapters. A method read from the base model
+    Sharp edges: ``nnx.LoRAParam`` is a subclass of ``nnx.Param``, so a plain
+    ``nnx.grad(loss)(bridge)`` or ``wrt=nnx.Param`` takes the base params too: name
+    ``nnx.LoRAParam``. Only ``__call__`` runs with the adapters. A method read from the base model
     through the bridge (``bridge.embedder.decode``, ``bridge.init_cache``) is the base model's own
     and sees its plain kernels; that is right for cache set-up, not for a method that computes
     with an adapted kernel.
