@@ -42,12 +42,17 @@ class Block(nn.Module):
     heads: int
     hidden: int
     dtype: Any = jnp.float32
+    decode: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         h = nn.LayerNorm(dtype=self.dtype, name="ln1")(x)
         h = nn.MultiHeadDotProductAttention(
-            num_heads=self.heads, dtype=self.dtype, deterministic=True, name="attn"
+            num_heads=self.heads,
+            dtype=self.dtype,
+            deterministic=True,
+            decode=self.decode,
+            name="attn",
         )(h, h, mask=mask)
         x = x + h
         h = nn.LayerNorm(dtype=self.dtype, name="ln2")(x)
@@ -55,7 +60,10 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    """GPT-style decoder: tied embedding, ``layers`` pre-LN blocks, logits via ``attend``."""
+    """GPT-style decoder: tied embedding, ``layers`` pre-LN blocks, logits via ``attend``.
+
+    With ``decode=True`` the attention keeps a KV cache (Flax's ``cache`` collection, sized by
+    the tokens given to ``init``) and each call takes the next token(s) of every sequence."""
 
     vocab: int = 8192
     d_model: int = 512
@@ -64,6 +72,7 @@ class Decoder(nn.Module):
     layers: int = 6
     dtype: Any = jnp.float32
     remat: bool = False
+    decode: bool = False
 
     @nn.compact
     def __call__(self, tokens: jax.Array, offset: jax.Array | None = None) -> jax.Array:
@@ -73,10 +82,10 @@ class Decoder(nn.Module):
         x = embed(tokens)
         if offset is not None:
             x = x + offset
-        mask = nn.make_causal_mask(tokens)
+        mask = None if self.decode else nn.make_causal_mask(tokens)
         block = nn.remat(Block) if self.remat else Block
         for i in range(self.layers):
-            x = block(self.heads, self.hidden, dtype=self.dtype, name=f"h{i}")(x, mask)
+            x = block(self.heads, self.hidden, self.dtype, self.decode, name=f"h{i}")(x, mask)
         x = nn.LayerNorm(dtype=self.dtype, name="ln_f")(x)
         return embed.attend(x).astype(jnp.float32)
 

@@ -13,6 +13,7 @@ from flax_lora._bridges._nnx_bridge import NnxBridge, merged, to_adapters
 from flax_lora._checkpoint._orbax import load, load_config, save
 from flax_lora._config import LoraConfig
 from flax_lora._init._make import init
+from flax_lora._key_maps._catalogue import key_map
 from flax_lora._merge import merge, unmerge
 from flax_lora._multi._combine import combine
 from flax_lora._multi._stack import stack, unstack
@@ -42,6 +43,7 @@ __all__ = [
     "dequantize_kernel",
     "freeze_base",
     "init",
+    "key_map",
     "load",
     "load_config",
     "load_peft",

@@ -34,9 +34,9 @@ def wrap(apply_fn: Callable[..., Any], mode: Mode = "auto") -> Callable[..., Any
     Trained copies and token deltas are applied to ``params`` first; quantized kernels are
     dequantized at their uses. Guide: `docs/guides/wrap.md`.
 
-    Sharp edge: the factored Dense branch has a hand-written backward pass (a
-    ``jax.custom_vjp``), so forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``,
-    ``jax.hessian``) of the factored modes raises; use ``mode="merged"`` for those.
+    Forward- and reverse-mode differentiation work in every mode (``jax.grad``, ``jax.jvp``,
+    ``jax.jacfwd``, ``jax.hessian``), except forward mode through a quantized kernel (QLoRA) in
+    the factored modes: use ``mode="merged"`` there.
 
     Example:
       >>> fn = jax.jit(lora.wrap(model.apply))

@@ -157,27 +157,82 @@ def test_wrapped_signature_and_merged_dropout_warning() -> None:
     np.testing.assert_array_equal(y, fn(m.params, adapters, m.x))  # and indeed none
 
 
-def test_forward_mode_autodiff_merged_works_factored_explains() -> None:
-    """jax.jvp w.r.t. the adapters: mode "merged" gives the model's jvp with the kernel tangent
-    ``scale * (da @ b + a @ db)``; the factored modes raise an error that says to use it."""
-    model = nn.Dense(5)
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)), jnp.float32)
+class _TwoOnOneInput(nn.Module):
+    """Two Dense layers on one input (as q and k of attention): the factored branches of both
+    run as one low-rank product."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.tanh(nn.Dense(5, name="q")(x)) * nn.Dense(5, name="k")(x)
+
+
+def _forward_mode_case():
+    model = _TwoOnOneInput()
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
     params = model.init(jax.random.key(0), x)
     config = lora.LoraConfig(rank=2, alpha=3.0, init="random")
     adapters = lora.init(jax.random.key(1), params, config)
-    tangent = jax.tree.map(lambda t: 0.5 * jnp.ones_like(t), adapters)
-    y, dy = jax.jvp(
-        lambda ad: lora.wrap(model.apply, mode="merged")(params, ad, x), (adapters,), (tangent,)
+    tangent = jax.tree.map(lambda t: jnp.asarray(rng.normal(size=t.shape), t.dtype), adapters)
+    dx = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    return model, params, adapters, x, tangent, dx
+
+
+def _forward64(params, adapters, x, tangent, dx, eps):
+    """The model in float64 numpy at adapters + eps * tangent and x + eps * dx."""
+    p, t = params["params"], tangent["params"]
+    xs = np.asarray(x, np.float64) + eps * np.asarray(dx, np.float64)
+    outs = []
+    for name in ("q", "k"):
+        w, dw = adapters["params"][name]["kernel"], t[name]["kernel"]
+        a = np.asarray(w.a, np.float64) + eps * np.asarray(dw.a, np.float64)
+        b = np.asarray(w.b, np.float64) + eps * np.asarray(dw.b, np.float64)
+        kernel = np.asarray(p[name]["kernel"], np.float64) + w.scale * a @ b
+        outs.append(xs @ kernel + np.asarray(p[name]["bias"], np.float64))
+    return np.tanh(outs[0]) * outs[1]
+
+
+@pytest.mark.parametrize("mode", ["merged", "auto", "factored"])
+def test_forward_mode_autodiff_in_every_mode(mode) -> None:
+    """jax.jvp w.r.t. the adapters and the input, and jax.jacfwd w.r.t. the input, in every
+    mode (the factored branches have a custom JVP whose transpose is their backward pass):
+    equal to the float64 model's central difference (exact up to eps**2 for this smooth
+    model) and, for jacfwd, to jax.jacrev."""
+    model, params, adapters, x, tangent, dx = _forward_mode_case()
+    fn = lora.wrap(model.apply, mode=mode)
+    y, dy = jax.jit(lambda ad, x: jax.jvp(lambda a, u: fn(params, a, u), (ad, x), (tangent, dx)))(
+        adapters, x
     )
+    eps = 1e-5
+    fd = (
+        _forward64(params, adapters, x, tangent, dx, eps)
+        - _forward64(params, adapters, x, tangent, dx, -eps)
+    ) / (2 * eps)
+    np.testing.assert_allclose(y, _forward64(params, adapters, x, tangent, dx, 0.0), rtol=1e-5)
+    np.testing.assert_allclose(dy, fd, rtol=1e-4, atol=1e-5)
+    jf = jax.jacfwd(lambda u: fn(params, adapters, u))(x)
+    jr = jax.jacrev(lambda u: fn(params, adapters, u))(x)
+    np.testing.assert_allclose(jf, jr, rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(jnp.abs(jf))) > 0.1  # a Jacobian, not zeros
+
+
+def test_hessian_of_factored_equals_the_closed_form() -> None:
+    """jax.hessian of ``sum((x @ (W0 + s a b))**2)`` w.r.t. ``b`` through the factored mode:
+    ``2 s^2 (x a)^T (x a)`` on the rank axes times the identity on the output axis, in float64."""
+    model = nn.Dense(5, use_bias=False)
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(6, 4)), jnp.float32)
+    params = model.init(jax.random.key(0), x)
+    adapters = lora.init(
+        jax.random.key(1), params, lora.LoraConfig(rank=2, alpha=3.0, init="random")
+    )
+    fn = lora.wrap(model.apply, mode="factored")
     w = adapters["params"]["kernel"]
-    dw = tangent["params"]["kernel"]
-    a, b, da, db = (np.asarray(v, np.float64) for v in (w.a, w.b, dw.a, dw.b))
-    kernel = np.asarray(params["params"]["kernel"], np.float64) + w.scale * a @ b
-    dkernel = w.scale * (da @ b + a @ db)
-    x64 = np.asarray(x, np.float64)
-    np.testing.assert_allclose(y, x64 @ kernel + np.asarray(params["params"]["bias"]), rtol=1e-5)
-    np.testing.assert_allclose(dy, x64 @ dkernel, rtol=1e-5, atol=1e-6)
-    for mode in ("auto", "factored"):
-        fn = lora.wrap(model.apply, mode=mode)
-        with pytest.raises(TypeError, match=r"forward-mode autodiff.*mode='merged'"):
-            jax.jvp(lambda ad: fn(params, ad, x), (adapters,), (tangent,))  # noqa: B023
+
+    def loss(b: jax.Array) -> jax.Array:
+        ad = {"params": {"kernel": w.replace(b=b)}}
+        return jnp.sum(fn(params, ad, x) ** 2)
+
+    h = jax.hessian(loss)(w.b)
+    xa = np.asarray(x, np.float64) @ np.asarray(w.a, np.float64)
+    want = 2 * w.scale**2 * np.einsum("rs,mn->rmsn", xa.T @ xa, np.eye(5))
+    np.testing.assert_allclose(h, want, rtol=1e-5, atol=1e-5)

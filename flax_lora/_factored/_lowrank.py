@@ -1,4 +1,4 @@
-"""The low-rank branches of the factored rules, and the Dense branch's hand-written VJP.
+"""The low-rank branches of the factored rules, and the Dense branch's custom JVP.
 
 Each branch is one small function of the layer input and the two factors:
 
@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 
 def cast_like(x: jax.Array, dtype: Any) -> jax.Array:
@@ -43,22 +44,12 @@ def dense_branches(
     transposed copy of the activations. The product with ``b`` is written as an elementwise
     rank-``r`` expansion, which XLA fuses into whatever consumes it (the base matmul's
     epilogue, an activation), instead of a rank-``r`` matmul that writes and re-reads a
-    (tokens, M) array; `_lowrank` gives it a hand-written backward pass made of matmuls only,
-    each shaped so that no large operand is transposed.
+    (tokens, M) array; `_lowrank` gives it a custom JVP whose transpose (the backward pass)
+    is made of matmuls and one fusable expansion, none with a large operand transposed.
     """
     lead = x.shape[:-1]
     x2 = jnp.reshape(x, (math.prod(lead), x.shape[-1]))
-    try:
-        outs = _lowrank(x2, tuple(a), tuple(b), precision, out_type)
-    except TypeError as e:
-        if "forward-mode" not in str(e):
-            raise
-        raise TypeError(
-            "lora.wrap: forward-mode autodiff (jax.jvp, jax.jacfwd, jax.hessian, jax.linearize) "
-            "is not available in modes 'auto' and 'factored': their Dense branch has a "
-            "hand-written backward pass (a custom_vjp). Use lora.wrap(apply_fn, mode='merged') "
-            "for forward-mode derivatives."
-        ) from e
+    outs = _lowrank(x2, tuple(a), tuple(b), precision, out_type)
     return tuple(jnp.reshape(u, (*lead, u.shape[-1])) for u in outs)
 
 
@@ -104,35 +95,73 @@ def _lowrank_outs(x2: Any, a: tuple, b: tuple, precision: Any, out: Any, unrolle
     return outs, (x2, a_all, b, t)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
 def _lowrank(x2: Any, a: tuple, b: tuple, precision: Any, out: Any) -> tuple:
     return _lowrank_outs(x2, a, b, precision, out, unrolled=True)[0]  # not differentiated
 
 
-def _lowrank_fwd(x2: Any, a: tuple, b: tuple, precision: Any, out: Any) -> tuple:
-    return _lowrank_outs(x2, a, b, precision, out, unrolled=False)
+def _is_zero(t: Any) -> bool:
+    return isinstance(t, SymbolicZero)
 
 
-def _lowrank_bwd(precision: Any, out: Any, res: tuple, gs: tuple) -> tuple:
-    del out
-    x2, a_all, b, t = res
-    bounds = _splits(b, 0)
-    g_ts, g_bs = [], []
-    for (i, j), bk, g in zip(bounds, b, gs, strict=True):
-        g_ts.append(_dot(g, cast_like(bk, g.dtype), 1, 1, precision, None))  # (N, r)
-        g_bs.append(
-            cast_like(_dot(cast_like(t[:, i:j], g.dtype), g, 0, 0, precision, None), bk.dtype)
+def _lowrank_jvp(precision: Any, out: Any, primals: tuple, tangents: tuple) -> tuple:
+    """The tangent of the branches, linear in ``(dx, da, db)`` and written so that JAX's
+    transpose of it (the backward pass of `jax.grad`) is made of matmuls and one fusable
+    expansion, none with a large operand transposed:
+
+    - ``dt = dx @ a`` as the broadcast-multiply-sum over ``K`` whose transpose is the expansion
+      ``g_t @ a.T`` (fused into the consumer of the input's gradient);
+    - ``dt += x @ da`` contracted with ``da.T`` behind an optimization barrier: its transpose is
+      ``g_t.T @ x`` of shape ``(r, K)``, then the barrier, then the transpose; without the
+      barrier XLA folds the transpose into the dot, the ``(K, N) x (N, r)`` form that XLA:CPU
+      runs ~10x slower;
+    - ``dout_k = dt_k @ b_k + t_k @ db_k`` as two matmuls, transposed to ``g_k @ b_k.T`` and
+      ``t_k.T @ g_k``.
+    """
+    x2, a, b = primals
+    dx, da, db = tangents
+    outs, (_, a_all, _, t) = _lowrank_outs(x2, a, b, precision, out, unrolled=False)
+    dts = []
+    if not _is_zero(dx):
+        acc = jnp.promote_types(dx.dtype, jnp.float32)
+        dt = jnp.sum(dx.astype(acc)[:, None, :] * a_all.T.astype(acc)[None, :, :], axis=2)
+        dts.append(dt.astype(t.dtype))
+    if not all(_is_zero(d) for d in da):
+        da_all = (
+            jnp.concatenate(
+                [
+                    jnp.zeros(ak.shape, ak.dtype) if _is_zero(d) else d
+                    for ak, d in zip(a, da, strict=True)
+                ],
+                axis=1,
+            )
+            if len(da) > 1
+            else da[0]
         )
-    g_t = g_ts[0] if len(g_ts) == 1 else jnp.concatenate(g_ts, axis=1)
-    # (r, K), then transposed: the barrier stops XLA from folding the transpose into the dot,
-    # which would make it the (K, N) x (N, r) form that XLA:CPU runs ~10x slower
-    g_a = lax.optimization_barrier(_dot(g_t, cast_like(x2, g_t.dtype), 0, 0, precision, None)).T
-    g_x = _expand(g_t, a_all.T, x2.dtype)  # (N, K)
-    g_a = tuple(cast_like(g_a[:, i:j], a_all.dtype) for i, j in bounds)
-    return g_x, g_a, tuple(g_bs)
+        da_t = lax.optimization_barrier(da_all.T)
+        dts.append(
+            lax.dot_general(
+                x2, da_t, (((1,), (1,)), ((), ())), precision, preferred_element_type=out
+            )
+        )
+    dt_all = None if not dts else dts[0] if len(dts) == 1 else dts[0] + dts[1]
+    douts = []
+    for (i, j), bk, dbk, tk, o in zip(_splits(a, 1), b, db, _cols(t, a), outs, strict=True):
+        parts = []
+        if dt_all is not None:
+            parts.append(_dot(dt_all[:, i:j], cast_like(bk, dt_all.dtype), 1, 0, precision, None))
+        if not _is_zero(dbk):
+            parts.append(_dot(cast_like(tk, dbk.dtype), dbk, 1, 0, precision, None))
+        d = sum(parts[1:], parts[0]) if parts else jnp.zeros(o.shape, o.dtype)
+        douts.append(cast_like(d, o.dtype))
+    return outs, tuple(douts)
 
 
-_lowrank.defvjp(_lowrank_fwd, _lowrank_bwd)
+_lowrank.defjvp(_lowrank_jvp, symbolic_zeros=True)
+
+
+def _cols(t: jax.Array, a: Sequence[jax.Array]) -> list[jax.Array]:
+    return [t[:, i:j] for i, j in _splits(a, 1)]
 
 
 def embed_branch(rows: jax.Array, b: jax.Array) -> jax.Array:

@@ -11,6 +11,9 @@ modules, from the bottom of the import graph up:
 - `_safetensors`: the safetensors format: the header parsed and checked, single tensors read;
 - `_files`: both files: written without losing or mixing anything, read as untrusted input;
 - `_layered`: one PyTorch module per layer of a layered kernel (``nn.scan``);
+- `_per_expert`: an expert kernel as one PyTorch module per expert (``{expert}`` names);
+- `_fused`: a fused kernel as several PyTorch modules (a tuple of names), and several kernels as
+  one module (``"<module>[i]"`` names);
 - `_expert_params`: expert kernels as PEFT's ``target_parameters`` (ParamWrapper tensors,
   nesting);
 - `_extra_tensors`: the extras' tensors: ``modules_to_save``, trained biases, trainable tokens;

@@ -23,21 +23,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_lora._adapters._weights import LoraWeights
-from flax_lora._peft._names import LAYER, layer_name
+from flax_lora._peft._names import LAYER, Name, has, layer_name
 from flax_lora._probe import Use
 from flax_lora._typing import ArrayLeaf
 
 
 class Module(NamedTuple):
-    """One PEFT module to write: the kernel's path, the module's name, its (unlayered) adapter."""
+    """One PEFT module to write: the kernel's path, the module's name, its (unlayered) adapter.
+    Before a fused kernel is split (`flax_lora._peft._fused`) its name is the key map's tuple."""
 
     path: str
-    name: str
+    name: Name
     w: LoraWeights
 
 
 # -- save ----------------------------------------------------------------------------------------
-def layer_modules(path: str, name: str, w: LoraWeights) -> list[Module]:
+def layer_modules(path: str, name: Name, w: LoraWeights) -> list[Module]:
     """The PEFT modules ``w`` stands for: itself, or for a layered kernel one per adapted layer,
     as the adapter of that layer's kernel.
 
@@ -46,7 +47,7 @@ def layer_modules(path: str, name: str, w: LoraWeights) -> list[Module]:
         more than one layer axis (nested scans).
     """
     if not w.layer_axes:
-        if LAYER in name:
+        if has(name, LAYER):
             raise ValueError(
                 f"save_peft: key_map names the unstacked kernel {path!r} {name!r}, with the "
                 f"placeholder {LAYER!r}; only kernels stacked by a scan have layers."
@@ -58,7 +59,7 @@ def layer_modules(path: str, name: str, w: LoraWeights) -> list[Module]:
             f"{w.layer_axes} layer axes (nested scans); PEFT modules can be named by one layer "
             "index only, so one layer axis is expected."
         )
-    if LAYER not in name:
+    if not has(name, LAYER):
         raise ValueError(
             f"save_peft: key_map names the scan-stacked kernel {path!r} (shape "
             f"{tuple(w.kernel_shape)}) {name!r}; a stacked kernel's name must contain "

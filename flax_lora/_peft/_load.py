@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from flax_lora._adapters._weights import LoraWeights
+from flax_lora._adapters._weights import AdapterLayout, LoraWeights
 from flax_lora._paths import describe, flatten, nest
 from flax_lora._peft._adapter_config import rank_and_scale, read_config
 from flax_lora._peft._config_checks import PeftConfig
@@ -36,6 +36,13 @@ from flax_lora._peft._expert_params import (
 )
 from flax_lora._peft._extra_tensors import load_extras
 from flax_lora._peft._files import Weights, open_weights
+from flax_lora._peft._fused import (
+    fuse_parts,
+    joined_target,
+    part_target,
+    split_joined,
+    trim_joined,
+)
 from flax_lora._peft._layered import join_layer_modules, layer_use
 from flax_lora._peft._names import (
     CONFIG_NAME,
@@ -48,30 +55,38 @@ from flax_lora._peft._names import (
     split_tensor_key,
     torch_param,
 )
+from flax_lora._peft._per_expert import expert_axis, expert_use, join_experts
 from flax_lora._peft._sites import (
+    Kernel,
+    Site,
     expert_sites,
     kernel_sites,
     kernels_of,
     match,
     param_namer,
+    template,
 )
 from flax_lora._peft._tensor_layouts import Factors, Target, from_peft, magnitude_from_peft
 from flax_lora._probe import Use, kernel_uses
 from flax_lora._typing import Leaf, PyTree
+
+Piece = tuple[int | None, int | None, int | None]  # a module's layer, expert and part
 
 HEADER_BASE = 1 << 20  # bytes of safetensors header allowed for any params tree ...
 HEADER_PER_TENSOR = 1 << 10  # ... and per tensor a file for it may hold (names ~100 bytes)
 
 
 class _Module(NamedTuple):
-    """How one module of the file is read: its kernel's path and layer, its target (tensors
-    to be filled in), and for an expert kernel whether PEFT reads it reversed."""
+    """How one module of the file is read: its kernels' sites (several for a module several
+    kernels make, then ``parts`` their layouts), its target (tensors to be filled in; the
+    kernel's part, expert or layer it is read for), and for an expert kernel (PEFT's
+    ``target_parameters``) whether PEFT reads it reversed."""
 
-    path: str
-    layer: int | None
+    sites: list[Site]
     target: Target
     expert: bool
     reversed_: bool
+    parts: list[AdapterLayout]
 
 
 class _Read(NamedTuple):
@@ -116,7 +131,10 @@ def load_peft(
       directory: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
       params: the Flax params tree the adapter is for (a Linen variables dict, an NNX state).
       key_map: kernel path -> PyTorch module name, as for `save_peft` (a function may return
-        ``None``; every key of a dict must be a path in ``params``).
+        ``None``; every key of a dict must be a path in ``params``): a tuple of names reads
+        the modules onto one fused kernel (their rank, or their summed rank where their
+        ``lora_A`` differ), ``"<module>[i]"`` names give kernel ``i`` its block of the
+        module's output features, ``{expert}`` reads one module per expert.
       probe: an optional function of the params alone, e.g. ``lambda p: model.apply(p, x)``.
       dtype: the dtype of the factors; ``None`` keeps the file's (float32 as PEFT saves).
       param_order: PyTorch's registration order of expert parameters (as for `save_peft`).
@@ -135,30 +153,31 @@ def load_peft(
       ValueError: a config field out of range; a damaged or non-floating safetensors file, or
         tensors `save_peft` wrote with another config; options these adapters cannot honour
         (``lora_bias``, ...); tensors or key-map names that match no kernel, or do not fit;
-        ambiguous input axes without ``probe``; expert parameters ``param_order`` does not
-        order. Each names the file and the field, tensor or path (full list in the guide).
+        ambiguous input axes without ``probe``; a fused kernel's or an expert kernel's
+        modules missing some parts or experts, or not fitting them; expert parameters
+        ``param_order`` does not order. Each names the file and the field, tensor or path
+        (full list in the guide).
     """
     directory = Path(directory)
     spec = expert_spec(param_order, reversed_params, "load_peft")
     cfg, config_sha = read_config(directory)
     kernels = kernels_of(params, key_map)
     name_of = namer(key_map)
-    sites, templates = kernel_sites(kernels, param_namer(name_of, key_map is None, cfg))
+    uses = kernel_uses(probe, params) if probe is not None else None
+    sites, templates = kernel_sites(kernels, param_namer(name_of, key_map is None, cfg), uses)
     sites, expert_of = expert_sites(sites, templates, cfg, spec)
     leaves = flatten(params)
     limit = HEADER_BASE + HEADER_PER_TENSOR * (3 * len(sites) + len(leaves))
     with open_weights(directory, limit, config_sha) as weights:
         _check_dora(cfg, weights)
         site_of = match(weights.modules, sites, directory)
-        uses = kernel_uses(probe, params) if probe is not None else None
         plan = {}
         for name in weights.modules:  # every module checked on stand-ins: nothing read yet
-            path, layer = site_of[name]
-            shape = tuple(int(s) for s in kernels[path].shape)[(layer is not None) :]
-            use = layer_use(_use(uses, path, name), path, name, layer)
-            param, template = expert_of.get(name, (name, None))
-            target = Target(path, param, shape, use, weights.stand_ins(name))
-            module = _Module(path, layer, target, template is not None, spec.is_reversed(template))
+            template = expert_of.get(name, (name, None))[1]
+            target, parts = _target(name, site_of[name], kernels, uses, expert_of, weights)
+            module = _Module(
+                site_of[name], target, template is not None, spec.is_reversed(template), parts
+            )
             try:
                 _read(module, cfg)
             except ValueError as e:  # the layouts' errors name the module and kernel
@@ -166,20 +185,104 @@ def load_peft(
             plan[name] = module
         others = _other_tensors(weights, leaves, name_of)
         extras = load_extras(others, cfg, params, name_of, weights.file, dtype)
-        per_kernel: dict[str, dict[int | None, LoraWeights]] = {}
+        pieces: dict[str, dict[Piece, LoraWeights]] = {}
         for name, module in plan.items():
             module = module._replace(
                 target=dataclasses.replace(module.target, tensors=weights.tensors(name))
             )
             w = _weights(module.target, _read(module, cfg), cfg, dtype)
-            per_kernel.setdefault(module.path, {})[module.layer] = w
+            if module.parts:  # a module several kernels make: each kernel its columns
+                for site, part in zip(module.sites, split_joined(w, module.parts), strict=True):
+                    pieces.setdefault(site.path, {})[(site.layer, site.expert, None)] = part
+            else:
+                s = module.sites[0]
+                pieces.setdefault(s.path, {})[(s.layer, s.expert, s.part)] = w
+    joined = {  # kernel -> its place among those that make one module
+        s.path: (s.part or 0, len(m.sites)) for m in plan.values() if m.parts for s in m.sites
+    }
     entries = [
-        (path, join_layer_modules(path, templates[path], kernels[path], _layers(pieces)))
-        if path in templates
-        else (path, pieces[None])
-        for path, pieces in per_kernel.items()
+        (path, _assemble(path, by, kernels[path], templates, joined, uses, name_of, weights.file))
+        for path, by in pieces.items()
     ]
     return nest(entries + list(extras.items()))
+
+
+def _target(
+    name: str,
+    sites: list[Site],
+    kernels: Mapping[str, Kernel],
+    uses: dict[str, Use] | None,
+    expert_of: Mapping[str, tuple[str, str]],
+    weights: Weights,
+) -> tuple[Target, list[AdapterLayout]]:
+    """The target module ``name`` is read for (with its tensors' stand-ins): its kernel, one
+    layer of it, one expert of that, one part of a fused kernel; or the module several kernels
+    make together (then with their layouts).
+
+    Raises:
+      ValueError: the probe does not see a kernel, or not as the key map names it; the kernel
+        does not split or join as named (naming the module, kernel and file).
+    """
+    stand_ins = weights.stand_ins(name)
+    where = f"load_peft: {weights.file!r}: module {name!r}"
+    seen = []
+    for s in sites:
+        shape = tuple(int(n) for n in kernels[s.path].shape)[(s.layer is not None) :]
+        use = layer_use(_use(uses, s.path, name), s.path, name, s.layer)
+        if s.expert is not None:  # one expert's kernel
+            axis = expert_axis(use)
+            shape, use = shape[:axis] + shape[axis + 1 :], expert_use(use, axis)
+        seen.append((s.path, shape, use))
+    param = expert_of.get(name, (name, None))[0]
+    if sites[0].joined:
+        joined_shape, joined_use, parts = joined_target(seen, where)
+        return Target(sites[0].path, param, joined_shape, joined_use, stand_ins), parts
+    (path, shape, use), s = seen[0], sites[0]
+    if s.parts:
+        shape, use = part_target(shape, use, s.parts, stand_ins, f"{where} -> kernel {path!r}")
+    return Target(path, param, shape, use, stand_ins), []
+
+
+def _assemble(
+    path: str,
+    pieces: dict[Piece, LoraWeights],
+    kernel: Kernel,
+    templates: Mapping[str, str],
+    joined: Mapping[str, tuple[int, int]],
+    uses: dict[str, Use] | None,
+    name_of: Namer,
+    file: str,
+) -> LoraWeights:
+    """The adapter of the kernel at ``path`` from its modules' adapters (by layer, expert and
+    part): parts fused, experts joined, a joined module's rank block kept, layers joined."""
+    layered = path in templates
+    name = name_of(path)
+    label = template(name) if name is not None else path
+    fused_k = len(name) if isinstance(name, tuple) else 0
+    if fused_k:
+        by: dict[tuple[int | None, int | None], LoraWeights] = fuse_parts(
+            path, label, fused_k, pieces, file
+        )
+    else:
+        by = {(layer, expert): w for (layer, expert, _), w in pieces.items()}
+    layers: dict[int | None, LoraWeights]
+    if any(expert is not None for _, expert in by):
+        shape = tuple(int(n) for n in kernel.shape)[int(layered) :]
+        use = _use(uses, path, label) if uses is not None else None
+        axis = expert_axis(layer_use(use, path, label, 0 if layered else None))
+        per_layer: dict[int | None, dict[int, LoraWeights]] = {}
+        for (layer, expert), w in by.items():
+            per_layer.setdefault(layer, {})[int(expert or 0)] = w
+        layers = {
+            i: join_experts(path, label, axis, shape, ws, file) for i, ws in per_layer.items()
+        }
+    else:
+        layers = {layer: w for (layer, _), w in by.items()}
+    if path in joined:  # one of the kernels of a module several make
+        layers = trim_joined(*joined[path], layers)
+    if layered:
+        return join_layer_modules(path, templates[path], kernel, _layers(layers))
+    return layers[None]
 
 
 def _check_dora(cfg: PeftConfig, weights: Weights) -> None:

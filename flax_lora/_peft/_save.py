@@ -40,8 +40,10 @@ from flax_lora._peft._expert_params import (
 )
 from flax_lora._peft._extra_tensors import save_extras
 from flax_lora._peft._files import write_adapter
+from flax_lora._peft._fused import join_modules, split_modules
 from flax_lora._peft._layered import Module, layer_modules
-from flax_lora._peft._names import LAYER, PREFIX, KeyMap, Namer, namer
+from flax_lora._peft._names import LAYER, PREFIX, KeyMap, Name, Namer, namer, plain
+from flax_lora._peft._per_expert import expert_modules
 from flax_lora._peft._tensor_layouts import to_peft
 from flax_lora._typing import PyTree
 
@@ -83,7 +85,11 @@ def save_peft(
       config: the `LoraConfig` they were made with; ``None`` takes the most common rank,
         alphas from the scales and no rsLoRA.
       key_map: kernel path -> PyTorch module name, a function (``None`` for no twin) or a dict;
-        ``None`` drops a leading ``params`` and the leaf name and joins with ``"."``.
+        ``None`` drops a leading ``params`` and the leaf name and joins with ``"."``. A tuple of
+        names: a fused kernel PyTorch keeps as several modules (its first output axis cut into
+        equal parts: ``("attn.k_proj", "attn.v_proj")``); ``"<module>[i]"``: the kernel is the
+        ``i``-th block of output features of one module several kernels make (``qkv_proj[0]``);
+        ``{layer}`` / ``{expert}``: one module per layer / per expert.
       base_model_name_or_path: written to the config.
       task_type: PEFT's ``task_type`` (``"SEQ_CLS"``, ``"CAUSAL_LM"``, ...); ``None``: none.
       params: the base params, needed only for token deltas (PEFT stores the trained rows).
@@ -102,9 +108,12 @@ def save_peft(
     Raises:
       ValueError: an empty tree; paths the key map names no module (or one twice) for; an
         unknown ``task_type``; token deltas without ``params``; ``{layer}`` missing or
-        misplaced; a layout PEFT cannot express; expert parameters ``param_order`` does not
-        order; an alpha beyond ``|alpha| <= 1e6``; a ``directory`` that is a file or holds
-        files `save_peft` did not write. Nothing is written then; the guide lists every case.
+        misplaced; ``{expert}`` on a kernel without one expert axis; a fused kernel whose first
+        output axis does not divide into its names, or ``[i]`` parts not numbered from 0 or
+        not sharing their input; a layout PEFT cannot express; expert parameters
+        ``param_order`` does not order; an alpha beyond ``|alpha| <= 1e6``; a ``directory``
+        that is a file or holds files `save_peft` did not write. Nothing is written then; the
+        guide lists every case.
     """
     table, extras = _parts(adapters)
     _check_options(config, task_type)
@@ -112,6 +121,7 @@ def save_peft(
     name_of = namer(key_map)
     names = _names(table, name_of, default=key_map is None)
     modules = _modules(table, names)
+    names = {p: plain(n) if isinstance(n, str) else n for p, n in names.items()}  # "[i]" dropped
     _check_dora(table)
     rslora = bool(config.rslora) if config is not None else False
     files = _expert_files(modules, names, spec)
@@ -119,15 +129,16 @@ def save_peft(
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     for path, name, w in modules:
+        assert isinstance(name, str)  # tuples split by _modules
         if name in files:  # an expert kernel: PEFT's target_parameters
-            part = to_peft_expert(w, spec.is_reversed(names[path]))
+            part = to_peft_expert(w, spec.is_reversed(_str(names[path])))
             tensors |= {f"{PREFIX}{files[name]}{key}": t for key, t in part.items()}
         else:
             tensors |= {f"{PREFIX}{name}{key}": t for key, t in to_peft(path, w).items()}
         ranks[name] = w.rank
         alphas[name] = _checked_alpha(path, name, w, alpha_for(path, w, config, rslora))
     extra_tensors, fields = save_extras(
-        extras, name_of, {m.name for m in modules}, table, params, config
+        extras, name_of, {_str(m.name) for m in modules}, table, params, config
     )
     peft_config = config_json(
         ranks,
@@ -204,7 +215,11 @@ def _check_options(config: LoraConfig | None, task_type: str | None) -> None:
         )
 
 
-def _names(table: dict[str, LoraWeights], name_of: Namer, default: bool) -> dict[str, str]:
+def _str(name: Name) -> str:
+    return name if isinstance(name, str) else ", ".join(name)
+
+
+def _names(table: dict[str, LoraWeights], name_of: Namer, default: bool) -> dict[str, Name]:
     """The key map's name of each kernel (an expert kernel's, a parameter's: with the default
     key map its leaf name is kept, ``experts.w_in``); ``default``: the key map is the default.
 
@@ -232,13 +247,17 @@ def _names(table: dict[str, LoraWeights], name_of: Namer, default: bool) -> dict
     return {path: name for path, name in names.items() if name is not None}
 
 
-def _modules(table: dict[str, LoraWeights], names: dict[str, str]) -> list[Module]:
-    """The PEFT modules (or parameters) the adapters make, layer by layer for layered kernels.
+def _modules(table: dict[str, LoraWeights], names: dict[str, Name]) -> list[Module]:
+    """The PEFT modules (or parameters) the adapters make: layer by layer for layered kernels,
+    expert by expert for names with ``{expert}``, part by part for fused kernels (a tuple of
+    names), and one module of the kernels named ``"<module>[i]"`` together.
 
     Raises:
       ValueError: several kernels with one name; a name that does not fit a kernel.
     """
     modules = [m for path, w in table.items() for m in layer_modules(path, names[path], w)]
+    modules = [x for m in modules for x in expert_modules(m)]
+    modules = join_modules([x for m in modules for x in split_modules(m)])
     counts = collections.Counter(m.name for m in modules)
     twice = [n for n, c in counts.items() if c > 1]
     if twice:
@@ -261,7 +280,9 @@ def _check_dora(table: dict[str, LoraWeights]) -> None:
         )
 
 
-def _expert_files(modules: list[Module], names: dict[str, str], spec: ExpertSpec) -> dict[str, str]:
+def _expert_files(
+    modules: list[Module], names: dict[str, Name], spec: ExpertSpec
+) -> dict[str, str]:
     """The parameter name -> its file module name (``.base_layer`` nesting), of each expert
     kernel's module (``w.expert_axes``), checked.
 
@@ -273,17 +294,17 @@ def _expert_files(modules: list[Module], names: dict[str, str], spec: ExpertSpec
     experts = [m for m in modules if m.w.expert_axes]
     for m in experts:
         check_expert(m.path, m.w)
-        if not split_param(m.name)[0]:
+        if not split_param(_str(m.name))[0]:
             raise ValueError(
                 f"save_peft: the expert kernel {m.path!r} is named {m.name!r}; PEFT targets a "
                 "parameter of a submodule as '<module>.<param>' (e.g. 'experts.w1')."
             )
-    owners = {split_param(m.name)[0] for m in experts}
-    both = sorted(owners & {m.name for m in modules if not m.w.expert_axes})
+    owners = {split_param(_str(m.name))[0] for m in experts}
+    both = sorted(owners & {_str(m.name) for m in modules if not m.w.expert_axes})
     if both:
         raise ValueError(
             f"save_peft: modules {both} are adapted as modules (target_modules) and hold adapted "
             "expert parameters (target_parameters); PEFT refuses a module targeted both ways."
         )
-    templates = {m.name: names[m.path] for m in experts}
-    return nesting([m.name for m in experts], templates, spec, "save_peft")
+    templates = {_str(m.name): _str(names[m.path]) for m in experts}
+    return nesting([_str(m.name) for m in experts], templates, spec, "save_peft")

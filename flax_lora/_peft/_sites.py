@@ -9,15 +9,28 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 from flax_lora._paths import KERNEL_LEAVES, describe, flatten, leaf_name
 from flax_lora._peft._config_checks import PeftConfig
 from flax_lora._peft._expert_params import ExpertSpec, nesting
-from flax_lora._peft._names import LAYER, KeyMap, Namer, layer_name
+from flax_lora._peft._layered import layer_use
+from flax_lora._peft._names import (
+    EXPERT,
+    LAYER,
+    KeyMap,
+    Name,
+    Namer,
+    has,
+    layer_name,
+    part_of,
+    plain,
+)
+from flax_lora._peft._per_expert import expert_axis
+from flax_lora._probe import Use
 from flax_lora._typing import ArrayLeaf, PyTree
 
 Kernel = ArrayLeaf
-Site = tuple[str, int | None]  # a module's kernel path and layer (None: an unlayered kernel)
 
 
 def kernels_of(params: PyTree, key_map: KeyMap) -> dict[str, Kernel]:
@@ -37,23 +50,62 @@ def kernels_of(params: PyTree, key_map: KeyMap) -> dict[str, Kernel]:
     return kernels
 
 
+class Site(NamedTuple):
+    """Where a module of a PEFT file goes: a kernel's path, and its layer (layered kernels),
+    its expert (``{expert}`` names), its part: of a fused kernel's ``parts`` modules (a tuple
+    of names), or, with ``parts == 0``, the kernel's place in a module several kernels make
+    (``"<module>[i]"``)."""
+
+    path: str
+    layer: int | None = None
+    expert: int | None = None
+    part: int | None = None
+    parts: int = 0
+
+    @property
+    def joined(self) -> bool:
+        """Whether the module is made of several kernels, this one at ``part``."""
+        return self.part is not None and not self.parts
+
+
+def template(name: Name) -> str:
+    """A key map's name for messages and for PEFT's parameter names: a part's ``[i]`` dropped,
+    a tuple's names joined with ``", "``."""
+    return plain(name) if isinstance(name, str) else ", ".join(name)
+
+
 def kernel_sites(
-    kernels: Mapping[str, Kernel], name_of: Namer
+    kernels: Mapping[str, Kernel], name_of: Namer, uses: Mapping[str, Use] | None
 ) -> tuple[dict[str, list[Site]], dict[str, str]]:
-    """Module name -> the kernels (and layers) the key map gives that name, and layered kernel
-    path -> its name with ``{layer}``."""
+    """Module name -> the kernels (and layers, experts, parts) the key map gives that name, and
+    layered kernel path -> its name with ``{layer}`` (`template`)."""
     sites: dict[str, list[Site]] = {}
     templates: dict[str, str] = {}
     for path, kernel in kernels.items():
         name = name_of(path)
         if name is None:
             continue
-        if LAYER not in name:
-            sites.setdefault(name, []).append((path, None))
-            continue
-        templates[path] = name
-        for i in range(kernel.shape[0]):
-            sites.setdefault(layer_name(name, i), []).append((path, i))
+        layered = has(name, LAYER)
+        if layered:
+            templates[path] = template(name)
+        experts: range | list[None] = [None]
+        if has(name, EXPERT):  # one module per expert: as many as the expert axis is long
+            shape = tuple(kernel.shape)[int(layered) :]
+            use = None if uses is None else uses.get(path)
+            at = 0 if layered else None
+            axis = expert_axis(None if use is None else layer_use(use, path, template(name), at))
+            experts = range(shape[axis]) if len(shape) > axis else [None]
+        names = (name,) if isinstance(name, str) else name
+        for j, n in enumerate(names):
+            joined = part_of(n) if isinstance(name, str) else None
+            part = j if isinstance(name, tuple) else (joined[1] if joined else None)
+            base = joined[0] if joined else n
+            for i in range(kernel.shape[0]) if layered else [None]:
+                for e in experts:
+                    module = base if i is None else layer_name(base, i)
+                    module = module if e is None else layer_name(module, e, EXPERT)
+                    site = Site(path, i, e, part, len(names) if isinstance(name, tuple) else 0)
+                    sites.setdefault(str(module), []).append(site)
     return sites, templates
 
 
@@ -69,8 +121,10 @@ def param_namer(name_of: Namer, default: bool, cfg: PeftConfig) -> Namer:
     if not default:
         return name_of
 
-    def name(path: str) -> str | None:
+    def name(path: str) -> Name | None:
         module = name_of(path)
+        if not isinstance(module, str):
+            return module
         param = f"{module}.{leaf_name(path)}"
         return param if module and _targeted(cfg, param) else module
 
@@ -91,7 +145,8 @@ def expert_sites(
     """
     params = [n for n in sites if _targeted(cfg, n)]
     key_names = {
-        n: templates.get(sites[n][0][0], n) if sites[n][0][1] is not None else n for n in params
+        n: templates.get(sites[n][0].path, n) if sites[n][0].layer is not None else n
+        for n in params
     }
 
     def targeted(module: str, param: str) -> bool:
@@ -104,12 +159,13 @@ def expert_sites(
 
 def match(
     modules: Mapping[str, Mapping[str, str]], sites: dict[str, list[Site]], directory: Path
-) -> dict[str, Site]:
-    """The kernel (and layer) of each module of the file: of several with its name, the one
-    whose leaf is a ``kernel`` / ``embedding`` (not, say, a multi-axis bias beside it).
+) -> dict[str, list[Site]]:
+    """The kernel (and layer, ...) of each module of the file: of several with its name, the
+    one whose leaf is a ``kernel`` / ``embedding`` (not, say, a multi-axis bias beside it); the
+    kernels of a module several make (``"<module>[i]"``), in order.
 
     Raises:
-      ValueError: modules that match no kernel, or several.
+      ValueError: modules that match no kernel, or several; parts of a module missing or twice.
     """
     unmatched = [n for n in modules if n not in sites]
     if unmatched:
@@ -121,12 +177,24 @@ def match(
         )
     found = {}
     for n in modules:
-        named = [s for s in sites[n] if leaf_name(s[0]) in KERNEL_LEAVES]
+        if all(s.joined for s in sites[n]):
+            parts = sorted(sites[n], key=lambda s: s.part or 0)
+            if [s.part for s in parts] != list(range(len(parts))):
+                raise ValueError(
+                    f"load_peft: key_map names the kernels {[s.path for s in parts]} parts "
+                    f"{[s.part for s in parts]} of the module {n!r} of {str(directory)!r}; "
+                    f"parts [0] to [{len(parts) - 1}] are expected, each once."
+                )
+            found[n] = parts
+            continue
+        named = [s for s in sites[n] if leaf_name(s.path) in KERNEL_LEAVES]
         found[n] = named if len(sites[n]) > 1 and len(named) == 1 else sites[n]
-    twice = {n: [path for path, _ in s] for n, s in found.items() if len(s) > 1}
-    if twice:
-        raise ValueError(f"load_peft: key_map maps several kernels to one module: {twice}.")
-    return {n: s[0] for n, s in found.items()}
+        if len(found[n]) > 1:
+            raise ValueError(
+                f"load_peft: key_map maps several kernels to one module: "
+                f"{ {n: [s.path for s in found[n]]} }."
+            )
+    return found
 
 
 def _nesting_hint(names: Collection[str]) -> str:

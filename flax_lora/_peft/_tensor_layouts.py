@@ -108,7 +108,7 @@ def _read_linear(t: Target, lora_a: np.ndarray, lora_b: np.ndarray) -> Factors:
     elif len(t.shape) == 2:
         kind, in_axes = "dense", (0,)
     else:
-        kind, in_axes = "dense", _infer_in_axes(t.where, t.shape, n_in, n_out)
+        kind, in_axes = "dense", infer_in_axes(t.where, t.shape, n_in, n_out)
     in_shape = tuple(t.shape[i] for i in in_axes)
     out_shape = tuple(s for i, s in enumerate(t.shape) if i not in in_axes)
     if math.prod(in_shape) != n_in or math.prod(out_shape) != n_out:
@@ -119,7 +119,7 @@ def _read_linear(t: Target, lora_a: np.ndarray, lora_b: np.ndarray) -> Factors:
     return Factors(lora_a.T.reshape(*in_shape, r), lora_b.T.reshape(r, *out_shape), kind, in_axes)
 
 
-def _infer_in_axes(where: str, shape: tuple[int, ...], n_in: int, n_out: int) -> tuple[int, ...]:
+def infer_in_axes(where: str, shape: tuple[int, ...], n_in: int, n_out: int) -> tuple[int, ...]:
     """The one set of axes whose sizes multiply to ``n_in`` (the rest to ``n_out``)."""
     nd = len(shape)
     fits = [

@@ -19,7 +19,8 @@ another, only these):
   (``python -m support.<name>``);
 - ``peft_models``, ``peft_stack``, ``examples``: PyTorch twins and the example scripts; they
   import torch (or what an example imports), so only modules that have already skipped without
-  the `interop` extra (``pytest.importorskip``) import them.
+  the `interop` extra (``pytest.importorskip``) import them; ``tunix_models``: tiny google-tunix
+  models and their transformers twins (imports tunix: the `tunix` extra).
 """
 
 #: the reason given when a PyTorch test skips
