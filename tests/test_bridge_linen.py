@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from support.compare import assert_close
-from support.decoders import linen_greedy, linen_model
+from support.sampler_loops import linen_greedy, linen_model
 
 import flax_lora as lora
 

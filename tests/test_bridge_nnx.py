@@ -16,8 +16,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from support.decoders import nnx_greedy, nnx_model
 from support.jaxprs import jaxpr_shapes
+from support.sampler_loops import nnx_greedy, nnx_model
 
 import flax_lora as lora
 

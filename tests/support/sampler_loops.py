@@ -1,4 +1,8 @@
-"""Small autoregressive decoders with a KV cache, and greedy decoding loops as samplers run them.
+"""Decoding loops as samplers run them, over a module or a ``(model, params)`` pair, and small
+decoders with a KV cache for them (tests/test_bridge_*.py: the bridges are driven the way tunix's
+and gemma's samplers drive a model; `support.decode_models` steps a pure function instead).
+The kernels are drawn N(0, 0.3^2), so that greedy tokens vary along a sequence and adapters
+change them (at Flax's default init the greedy tokens of these tiny models repeat one token).
 
 - `LinenDecoder`: Embed, two blocks of causal ``nn.MultiHeadDotProductAttention``
   (``decode=True`` keeps its keys and values in Linen's ``"cache"`` collection) and a Dense
