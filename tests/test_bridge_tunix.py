@@ -5,7 +5,8 @@ adapters through the bridge and trained a few steps by tunix's ``PeftTrainer``, 
 LoRA by the bridge's ``nnx.LoRAParam`` variables. Checked against independent references: the
 base params are bitwise what they were (compared with a numpy copy taken before), the loss
 (tunix's own loss function) falls, the checkpoint tunix writes holds exactly the adapters'
-arrays (read back by orbax without a target) and a new trainer restores them; tunix's sampler
+arrays (read back by orbax without a target) and a new trainer restores them, and they go to
+HF PEFT files (`lora.key_map("tunix/qwen3")`) and back exactly; tunix's sampler
 generates with the bridge the greedy tokens of the merged model (`lora.merged`) run through the
 same sampler (for a tiny Llama3 too: it has no ``init_cache`` of its own, so the sampler builds
 its cache from ``CacheConfig``).
@@ -211,6 +212,22 @@ def test_peft_trainer_trains_only_the_adapters(tmp_path: Path) -> None:
     ):
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
     restored.close()
+
+    # the trained adapters leave as HF PEFT files (tunix's Qwen3 -> Qwen3ForCausalLM names) and
+    # come back exactly
+    key_map = lora.key_map("tunix/qwen3")
+    lora_config = lora.LoraConfig(rank=4, alpha=8.0, targets=TARGETS)
+    lora.save_peft(tmp_path / "peft", adapters_after, lora_config, key_map=key_map)
+    graphdef, params, rest = nnx.split(bridge.model, nnx.Param, ...)
+    args = (inputs["input_tokens"], inputs["positions"], None, inputs["attention_mask"])
+    back = lora.load_peft(
+        tmp_path / "peft",
+        params,
+        key_map=key_map,
+        probe=lambda p: nnx.merge(graphdef, p, rest)(*args)[0],
+    )
+    for u, v in zip(jax.tree.leaves(back), jax.tree.leaves(adapters_after), strict=True):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
