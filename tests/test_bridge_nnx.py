@@ -175,6 +175,26 @@ def test_a_training_step_forms_no_kernel_sized_array_when_factored(mode: str) ->
     assert kernel_sized == (set() if mode == "factored" else {(6, 10), (10, 7)})
 
 
+def test_dora_magnitudes_are_lora_params_and_train() -> None:
+    model = MLP(nnx.Rngs(0))
+    config = lora.LoraConfig(rank=2, alpha=4.0, init="random", dora=True)
+    adapters = lora.init(jax.random.key(1), nnx.state(model, nnx.Param), config)
+    bridge = lora.NnxBridge(model, adapters, mode="factored")
+    paths = flat_paths(nnx.state(bridge, nnx.LoRAParam))
+    assert paths == {f"adapters/l{i}/kernel/{f}" for i in (1, 2) for f in "abm"}
+    x = x_in()
+    np.testing.assert_allclose(
+        np.asarray(bridge(x)), np.asarray(lora.merged(bridge)(x)), rtol=1e-5, atol=1e-5
+    )
+    optimizer = nnx.Optimizer(bridge, optax.sgd(0.1), wrt=nnx.LoRAParam)
+    loss = lambda m: jnp.sum(m(x) ** 2)
+    optimizer.update(bridge, nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(bridge))
+    after = lora.to_adapters(bridge)
+    for name in ("l1", "l2"):
+        old, new = adapters[name]["kernel"], after[name]["kernel"]
+        assert not np.array_equal(np.asarray(old.m), np.asarray(new.m)), name
+
+
 def test_to_adapters_and_merged_round_trip() -> None:
     model, adapters, bridge = mlp_bridge()
     x = x_in()
