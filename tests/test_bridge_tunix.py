@@ -8,8 +8,9 @@ base params are bitwise what they were (compared with a numpy copy taken before)
 arrays (read back by orbax without a target) and a new trainer restores them, and they go to
 HF PEFT files (`lora.key_map("tunix/qwen3")`) and back exactly; tunix's sampler
 generates with the bridge the greedy tokens of the merged model (`lora.merged`) run through the
-same sampler (for a tiny Llama3 too: it has no ``init_cache`` of its own, so the sampler builds
-its cache from ``CacheConfig``).
+same sampler (for a tiny Llama3 too, which has no ``init_cache`` of its own, so the sampler
+builds its cache from ``CacheConfig``; and a tiny Gemma3: tied embedding, fused kv einsum,
+``get_attention_mask`` read through the bridge).
 
 These tests need the ``google-tunix`` package (not a dependency of flax_lora, nor installed by
 CI): they skip without it. Set-up, in a venv of its own (tunix pins its own jax and flax):
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -36,6 +38,7 @@ pytest.importorskip(
 )
 import orbax.checkpoint as ocp  # tunix's checkpoints
 from tunix.generate import sampler as sampler_lib
+from tunix.models.gemma3 import model as gemma3
 from tunix.models.llama3 import model as llama3
 from tunix.models.qwen3 import model as qwen3
 from tunix.sft import peft_trainer
@@ -43,7 +46,11 @@ from tunix.sft import utils as sft_utils
 
 VOCAB = 32
 PAD, BOS, EOS = 0, 1, 2
-TARGETS = r".*attn/(q|k|v|o)_proj/w|.*mlp/(gate|up|down)_proj/kernel"
+# Llama3 / Qwen3 attention, Gemma3 attention (q, the fused kv, the output einsum), the MLPs
+TARGETS = (
+    r".*attn/(q|k|v|o)_proj/w|.*attn/(q_einsum|kv_einsum|attn_vec_einsum)/w"
+    r"|.*mlp/(gate|up|down)_proj/kernel"
+)
 SEQ = np.array([BOS, *([3, 4, 5, 6, 7, 8, 9, 10] * 2)], np.int32)  # the pattern to learn
 
 
@@ -66,25 +73,26 @@ class Tokenizer:
         return PAD
 
 
-FAMILIES = {
-    "qwen3": (qwen3.Qwen3, qwen3.ModelConfig),
-    "llama3": (llama3.Llama3, llama3.ModelConfig),  # no init_cache: the sampler makes the cache
+LLAMA_LIKE = dict(vocab_size=VOCAB, rope_theta=10_000, norm_eps=1e-6)
+FAMILIES: dict[str, tuple[Any, Any, dict[str, Any]]] = {
+    "qwen3": (qwen3.Qwen3, qwen3.ModelConfig, LLAMA_LIKE),
+    # no init_cache: the sampler makes the cache from CacheConfig
+    "llama3": (llama3.Llama3, llama3.ModelConfig, LLAMA_LIKE),
+    # tied embedding (embedder.decode inside the call), a fused kv einsum, sliding-window layers,
+    # get_attention_mask read by the sampler through the bridge
+    "gemma3": (
+        gemma3.Gemma3,
+        gemma3.ModelConfig,
+        dict(num_embed=VOCAB, sliding_window_size=8, param_dtype=jnp.float32),
+    ),
 }
 
 
 def tiny(family: str = "qwen3", seed: int = 0) -> nnx.Module:
     """A 2-layer model of tunix's ``family`` with small dimensions and random weights."""
-    make, make_config = FAMILIES[family]
+    make, make_config, extra = FAMILIES[family]
     config = make_config(
-        num_layers=2,
-        vocab_size=VOCAB,
-        embed_dim=32,
-        hidden_dim=64,
-        num_heads=4,
-        head_dim=8,
-        num_kv_heads=2,
-        rope_theta=10_000,
-        norm_eps=1e-6,
+        num_layers=2, embed_dim=32, hidden_dim=64, num_heads=4, head_dim=8, num_kv_heads=2, **extra
     )
     model = make(config, rngs=nnx.Rngs(seed))
     # tunix initialises the MLP kernels to zeros (weights come from a checkpoint): random ones
@@ -96,6 +104,11 @@ def tiny(family: str = "qwen3", seed: int = 0) -> nnx.Module:
         for k, x in zip(keys, leaves, strict=True)
     ]
     nnx.update(model, jax.tree.unflatten(treedef, leaves))
+    if family == "gemma3":
+        # Gemma scales the embedded tokens by sqrt(d) and decodes with the same (tied) table: a
+        # smaller table lets the layers, not the last token's own embedding, pick the next token
+        table = model.embedder.input_embedding
+        table[...] = 0.1 * table[...]
     return model
 
 
