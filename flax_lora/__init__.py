@@ -8,6 +8,8 @@ freeze the base; `merge` / `unmerge` are pure functions; checkpoints go through 
 from flax_lora._adapters._delta import delta
 from flax_lora._adapters._extras import TokenDelta, TrainedCopy
 from flax_lora._adapters._weights import LoraWeights, StackedLoraWeights
+from flax_lora._bridges._linen_bridge import LinenBridge
+from flax_lora._bridges._nnx_bridge import NnxBridge, merged, to_adapters
 from flax_lora._checkpoint._orbax import load, load_config, save
 from flax_lora._config import LoraConfig
 from flax_lora._init._make import init
@@ -28,8 +30,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Choice",
+    "LinenBridge",
     "LoraConfig",
     "LoraWeights",
+    "NnxBridge",
     "QuantizedKernel",
     "Selection",
     "StackedLoraWeights",
@@ -47,6 +51,7 @@ __all__ = [
     "load_config",
     "load_peft",
     "merge",
+    "merged",
     "quantize",
     "quantize_kernel",
     "requantize",
@@ -55,6 +60,7 @@ __all__ = [
     "select",
     "stack",
     "summary",
+    "to_adapters",
     "trainable",
     "unmerge",
     "unstack",

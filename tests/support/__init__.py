@@ -14,6 +14,9 @@ another, only these):
   scans, tied embeddings, stacked NNX layers, numpy-filled parameters; ``scan_models``,
   ``mlp_stack``, ``routing_models``, ``dg_stack``: the models of the scan, quantization, routing
   and DoRA-scan checks;
+- ``decode_models``: tiny decoders with a KV cache and greedy decoding by a pure step function
+  (tests/test_generate.py); ``sampler_loops``: greedy loops as samplers run them, over an NNX
+  module whose cache lives inside it or a Linen ``(model, params)`` pair (the bridges' tests);
 - ``internal``: the one way to flax_lora's private names, each with the reason it is needed;
 - ``mesh_checks``, ``multihost_worker``: scripts that tests run in subprocesses
   (``python -m support.<name>``);
