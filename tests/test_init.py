@@ -162,6 +162,26 @@ def test_keys_give_different_adapters() -> None:
     assert not np.array_equal(a1["params/fc1/kernel"].a[:4], a1["params/fc0/kernel"].a)
 
 
+@pytest.mark.parametrize("key", ["typed", "raw"])
+def test_eager_init_draws_with_the_keys_of_traced_init(key: str) -> None:
+    """`lora.init` with a concrete key reads its split keys to the host (JAX compiles no
+    ``unstack`` per size); under `jax.jit` the key is traced and split as JAX splits it. Both
+    must give the same factors, for plain and layered (one key per layer) kernels, with typed
+    and legacy raw keys."""
+    from support.scan_models import X, scan_model
+
+    apply, params = scan_model("linen")
+    config = lora.LoraConfig(rank=2, init="random")
+    k = jax.random.key(4) if key == "typed" else jax.random.PRNGKey(4)
+    probe = lambda p: apply(p, X)
+    eager = adapter_entries(lora.init(k, params, config, probe=probe))
+    traced = adapter_entries(jax.jit(lambda k: lora.init(k, params, config, probe=probe))(k))
+    assert set(eager) == set(traced) and any(w.a.ndim == 3 for w in eager.values())
+    for path, w in eager.items():
+        np.testing.assert_array_equal(w.a, traced[path].a, err_msg=path)
+        np.testing.assert_array_equal(w.b, traced[path].b, err_msg=path)
+
+
 def test_adapter_dtype() -> None:
     _, variables, _ = mlp()
     adapters = lora.init(jax.random.key(0), variables, lora.LoraConfig(dtype=jnp.bfloat16))

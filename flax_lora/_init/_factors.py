@@ -100,6 +100,28 @@ def rank_note(path: str, w: LoraWeights) -> str | None:
     return f"{path!r}: rank {w.rank} > min(fan_in={fan_in}, fan_out={fan_out})"
 
 
+def split_keys(key: jax.Array, n: int) -> list[jax.Array]:
+    """The ``n`` keys of ``jax.random.split(key, n)``, as a list.
+
+    Iterating a split key array makes JAX compile an ``unstack`` per size (0.3-0.6 s each on
+    CPU at the start of every run), so a concrete key's split is read to the host once and each
+    key wrapped from its data (one small program for all). Under
+    ``jax_threefry_partitionable`` (JAX's default) the first ``n`` keys of a larger split are
+    those of ``split(key, n)``, so the split is compiled per power-of-two size only. A traced
+    key (``lora.init`` under ``jax.eval_shape`` or ``jit``) is split as it is.
+    """
+    if isinstance(key, jax.core.Tracer):
+        return list(jax.random.split(key, n))
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    m = _bucket(n) if getattr(jax.config, "jax_threefry_partitionable", False) else n
+    keys = jax.random.split(key, m)
+    data = np.asarray(jax.random.key_data(keys) if typed else keys)[:n]
+    if not typed:
+        return list(data)
+    impl = jax.random.key_impl(key)
+    return [jax.random.wrap_key_data(d, impl=impl) for d in data]
+
+
 def init_factors(
     key: jax.Array,
     kernel: jax.Array | jax.ShapeDtypeStruct,
@@ -144,7 +166,7 @@ def init_factors(
     needs_values = init not in RANDOM_INITS
     keys = [key]
     for size in sizes:
-        keys = [k for parent in keys for k in jax.random.split(parent, size)]
+        keys = [k for parent in keys for k in split_keys(parent, size)]
     a_s: list[jax.Array] = []
     b_s: list[jax.Array] = []
     residuals: list[jax.Array] = []

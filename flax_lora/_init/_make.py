@@ -20,6 +20,7 @@ from flax_lora._init._factors import (
     init_factors,
     kernel_values,
     rank_note,
+    split_keys,
     warn_ranks,
     with_magnitude,
 )
@@ -99,7 +100,7 @@ def init(
     selected, layered = layered_kernels(
         select_kernels(candidates, config, uses), uses, leaves, config
     )
-    keys = jax.random.split(key, max(len(selected), 1))
+    keys = split_keys(key, max(len(selected), 1))
     bases = flatten(original, is_leaf=is_quantized) if config.dora else {}
     adapters: list[tuple[str, LoraWeights]] = []
     new_kernels: dict[str, PyTree] = {}
