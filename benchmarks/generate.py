@@ -25,7 +25,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +35,7 @@ import jax.numpy as jnp
 
 import flax_lora as lora
 from benchmarks.decoder import TARGETS, Decoder
+from benchmarks.train_step import timed
 
 BATCH = 16
 
@@ -57,12 +57,6 @@ def decode_loop(apply: Callable[..., Any], params: Any, tokens: int) -> Callable
         return jax.lax.fori_loop(0, tokens, body, (cache, first, out))[2]
 
     return run
-
-
-def timed(fn: Callable[[], Any]) -> tuple[float, float]:
-    c, t = time.process_time(), time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - t, time.process_time() - c
 
 
 def main() -> None:
@@ -112,7 +106,7 @@ def main() -> None:
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
     for _ in range(args.rounds):
         for name, run in runs.items():
-            times[name].append(timed(run))
+            times[name].append(timed(run)[1:])  # (wall, CPU) seconds
     n = BATCH * args.tokens
     med = {
         k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))

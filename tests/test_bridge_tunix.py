@@ -30,6 +30,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from support.sampler_loops import normal_kernels
 
 import flax_lora as lora
 
@@ -96,14 +97,7 @@ def tiny(family: str = "qwen3", seed: int = 0) -> nnx.Module:
     )
     model = make(config, rngs=nnx.Rngs(seed))
     # tunix initialises the MLP kernels to zeros (weights come from a checkpoint): random ones
-    params = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
-    leaves = [
-        0.3 * jax.random.normal(k, x.shape, x.dtype) if x.ndim >= 2 else x
-        for k, x in zip(keys, leaves, strict=True)
-    ]
-    nnx.update(model, jax.tree.unflatten(treedef, leaves))
+    nnx.update(model, normal_kernels(nnx.state(model, nnx.Param), jax.random.key(seed + 100)))
     if family == "gemma3":
         # Gemma scales the embedded tokens by sqrt(d) and decodes with the same (tied) table: a
         # smaller table lets the layers, not the last token's own embedding, pick the next token

@@ -85,14 +85,17 @@ def _splits(parts: Sequence[jax.Array], axis: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _lowrank_outs(x2: Any, a: tuple, b: tuple, precision: Any, out: Any, unrolled: bool) -> tuple:
+def _lowrank_outs(
+    x2: Any, a: tuple, b: tuple, precision: Any, out: Any, unrolled: bool
+) -> tuple[tuple, jax.Array, jax.Array]:
+    """The branches' outputs, and ``a_all = [a_1 | a_2 | ...]`` and ``t = x2 @ a_all``."""
     a_all = a[0] if len(a) == 1 else jnp.concatenate(a, axis=1)
     t = _dot(x2, a_all, 1, 0, precision, out)
     outs = tuple(
         _expand(t[:, i:j], bk, jnp.result_type(t, bk), unrolled)
         for (i, j), bk in zip(_splits(a, 1), b, strict=True)
     )
-    return outs, (x2, a_all, b, t)
+    return outs, a_all, t
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
@@ -120,7 +123,7 @@ def _lowrank_jvp(precision: Any, out: Any, primals: tuple, tangents: tuple) -> t
     """
     x2, a, b = primals
     dx, da, db = tangents
-    outs, (_, a_all, _, t) = _lowrank_outs(x2, a, b, precision, out, unrolled=False)
+    outs, a_all, t = _lowrank_outs(x2, a, b, precision, out, unrolled=False)
     dts = []
     if not _is_zero(dx):
         acc = jnp.promote_types(dx.dtype, jnp.float32)
@@ -144,24 +147,20 @@ def _lowrank_jvp(precision: Any, out: Any, primals: tuple, tangents: tuple) -> t
                 x2, da_t, (((1,), (1,)), ((), ())), precision, preferred_element_type=out
             )
         )
-    dt_all = None if not dts else dts[0] if len(dts) == 1 else dts[0] + dts[1]
+    dt_all = sum(dts[1:], dts[0]) if dts else None
     douts = []
-    for (i, j), bk, dbk, tk, o in zip(_splits(a, 1), b, db, _cols(t, a), outs, strict=True):
+    for (i, j), bk, dbk, o in zip(_splits(a, 1), b, db, outs, strict=True):
         parts = []
         if dt_all is not None:
             parts.append(_dot(dt_all[:, i:j], cast_like(bk, dt_all.dtype), 1, 0, precision, None))
         if not _is_zero(dbk):
-            parts.append(_dot(cast_like(tk, dbk.dtype), dbk, 1, 0, precision, None))
+            parts.append(_dot(cast_like(t[:, i:j], dbk.dtype), dbk, 1, 0, precision, None))
         d = sum(parts[1:], parts[0]) if parts else jnp.zeros(o.shape, o.dtype)
         douts.append(cast_like(d, o.dtype))
     return outs, tuple(douts)
 
 
 _lowrank.defjvp(_lowrank_jvp, symbolic_zeros=True)
-
-
-def _cols(t: jax.Array, a: Sequence[jax.Array]) -> list[jax.Array]:
-    return [t[:, i:j] for i, j in _splits(a, 1)]
 
 
 def embed_branch(rows: jax.Array, b: jax.Array) -> jax.Array:

@@ -23,6 +23,8 @@ from flax import nnx
 import flax_lora as lora
 from benchmarks.decoder import Decoder
 
+from .sampler_loops import feed
+
 VOCAB, DIM, HEADS, HIDDEN, LAYERS = 48, 32, 2, 64, 2
 PROMPT, STEPS = 3, 10  # prompt tokens, then generated ones (the cache holds PROMPT + STEPS)
 LENGTH = PROMPT + STEPS
@@ -37,19 +39,15 @@ def prompts(batch: int) -> jax.Array:
 
 
 def greedy(step: Step, cache: Any, prompt: jax.Array) -> np.ndarray:
-    """The tokens after the prompt, ``(B, STEPS)``: greedy decoding, one call of ``step`` per
-    token."""
-    out, tok = [], prompt[:, :1]
-    for t in range(LENGTH - 1):
-        cache, logits = step(cache, tok)
-        if t + 1 < PROMPT:
-            tok = prompt[:, t + 1 : t + 2]
-        else:
-            tok = jnp.argmax(logits, axis=-1)[:, None].astype(prompt.dtype)
-            out.append(np.asarray(tok[:, 0]))
-    cache, logits = step(cache, tok)
-    out.append(np.asarray(jnp.argmax(logits, axis=-1)))
-    return np.stack(out, axis=1)
+    """The tokens after the prompt, ``(B, STEPS + 1)``: greedy decoding, one call of ``step``
+    per token (``LENGTH`` calls, the cache's length)."""
+    state = [cache]
+
+    def one(token: jax.Array) -> jax.Array:
+        state[0], logits = step(state[0], token)
+        return logits
+
+    return feed(one, prompt, STEPS + 1)[0]
 
 
 # -- Linen --------------------------------------------------------------------------------------

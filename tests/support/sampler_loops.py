@@ -17,6 +17,7 @@ change them (at Flax's default init the greedy tokens of these tiny models repea
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -26,6 +27,39 @@ import numpy as np
 from flax import nnx
 
 VOCAB, WIDTH, HEADS, BLOCKS = 13, 16, 2, 2
+
+
+def normal_kernels(params: Any, key: jax.Array, std: float = 0.3) -> Any:
+    """``params`` with every leaf of 2 or more dimensions drawn N(0, std^2) (one key split from
+    ``key`` per leaf, in tree order); biases and norm scales kept."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    leaves = [
+        std * jax.random.normal(k, x.shape, x.dtype) if x.ndim >= 2 else x
+        for k, x in zip(keys, leaves, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def feed(
+    step: Callable[[jax.Array], jax.Array], prompt: np.ndarray | jax.Array, steps: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy decoding, one call of ``step`` (tokens ``(B, 1)`` -> last logits ``(B, V)``, the
+    cache kept by the caller) per token: the prompt's tokens first, then each argmax.
+
+    Returns the ``steps`` generated tokens ``(B, steps)`` and the logits of every fed position
+    ``(B, P + steps - 1, V)``."""
+    fed, out, seen = jnp.asarray(prompt[:, :1]), [], []
+    for t in range(prompt.shape[1] + steps - 1):
+        logits = step(fed)
+        seen.append(np.asarray(logits))
+        nxt = jnp.argmax(logits, axis=-1)
+        if t + 1 < prompt.shape[1]:
+            fed = jnp.asarray(prompt[:, t + 1 : t + 2])
+        else:
+            out.append(np.asarray(nxt))
+            fed = nxt[:, None]
+    return np.stack(out, axis=1), np.stack(seen, axis=1)
 
 
 class LinenDecoder(nn.Module):
@@ -52,14 +86,8 @@ def linen_model(seed: int = 0, batch: int = 2, length: int = 12) -> tuple[Any, A
     model = LinenDecoder()
     tokens = jnp.zeros((batch, length), jnp.int32)
     params = model.init(jax.random.key(seed), tokens)["params"]
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    leaves = [
-        0.3 * jax.random.normal(k, x.shape, x.dtype) if x.ndim >= 2 else x
-        for k, x in zip(keys, leaves, strict=True)
-    ]
     cache = model.init(jax.random.key(seed), tokens, decode=True)["cache"]
-    return model, jax.tree.unflatten(treedef, leaves), cache
+    return model, normal_kernels(params, jax.random.key(seed + 1)), cache
 
 
 def linen_greedy(
@@ -77,17 +105,13 @@ def linen_greedy(
         )
         return logits[:, -1], state["cache"]
 
-    fed, out, seen = jnp.asarray(prompt[:, :1]), [], []
-    for t in range(prompt.shape[1] + steps - 1):
-        logits, cache = step(params, cache, fed)
-        seen.append(np.asarray(logits))
-        nxt = jnp.argmax(logits, axis=-1)
-        if t + 1 < prompt.shape[1]:
-            fed = jnp.asarray(prompt[:, t + 1 : t + 2])
-        else:
-            out.append(np.asarray(nxt))
-            fed = nxt[:, None]
-    return np.stack(out, axis=1), np.stack(seen, axis=1)
+    state = [cache]
+
+    def one(token: jax.Array) -> jax.Array:
+        logits, state[0] = step(params, state[0], token)
+        return logits
+
+    return feed(one, prompt, steps)
 
 
 class NnxDecoder(nnx.Module):
@@ -119,14 +143,7 @@ class NnxDecoder(nnx.Module):
 def nnx_model(seed: int = 0) -> NnxDecoder:
     """The NNX decoder with N(0, 0.3^2) kernels (see `linen_model`)."""
     model = NnxDecoder(nnx.Rngs(seed))
-    params = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    leaves = [
-        0.3 * jax.random.normal(k, x.shape, x.dtype) if x.ndim >= 2 else x
-        for k, x in zip(keys, leaves, strict=True)
-    ]
-    nnx.update(model, jax.tree.unflatten(treedef, leaves))
+    nnx.update(model, normal_kernels(nnx.state(model, nnx.Param), jax.random.key(seed + 1)))
     return model
 
 
@@ -140,14 +157,4 @@ def nnx_greedy(module: nnx.Module, prompt: np.ndarray, steps: int) -> tuple[np.n
     def step(module: nnx.Module, token: jax.Array) -> jax.Array:
         return module(token, decode=True)[:, -1]
 
-    fed, out, seen = jnp.asarray(prompt[:, :1]), [], []
-    for t in range(prompt.shape[1] + steps - 1):
-        logits = step(module, fed)
-        seen.append(np.asarray(logits))
-        nxt = jnp.argmax(logits, axis=-1)
-        if t + 1 < prompt.shape[1]:
-            fed = jnp.asarray(prompt[:, t + 1 : t + 2])
-        else:
-            out.append(np.asarray(nxt))
-            fed = nxt[:, None]
-    return np.stack(out, axis=1), np.stack(seen, axis=1)
+    return feed(lambda token: step(module, token), prompt, steps)
