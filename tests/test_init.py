@@ -182,6 +182,12 @@ def test_eager_init_draws_with_the_keys_of_traced_init(key: str) -> None:
         np.testing.assert_array_equal(w.b, traced[path].b, err_msg=path)
 
 
+def test_a_key_that_is_no_key_is_jaxs_type_error() -> None:
+    _, variables, _ = mlp()
+    with pytest.raises(TypeError, match="PRNG key"):
+        lora.init(0, variables, lora.LoraConfig(rank=2))
+
+
 def test_adapter_dtype() -> None:
     _, variables, _ = mlp()
     adapters = lora.init(jax.random.key(0), variables, lora.LoraConfig(dtype=jnp.bfloat16))

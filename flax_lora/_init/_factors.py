@@ -112,9 +112,9 @@ def split_keys(key: jax.Array, n: int) -> list[jax.Array]:
     """
     if isinstance(key, jax.core.Tracer):
         return list(jax.random.split(key, n))
-    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
     m = _bucket(n) if getattr(jax.config, "jax_threefry_partitionable", False) else n
-    keys = jax.random.split(key, m)
+    keys = jax.random.split(key, m)  # JAX's own TypeError for what is no key
+    typed = jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)
     data = np.asarray(jax.random.key_data(keys) if typed else keys)[:n]
     if not typed:
         return list(data)
