@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import optax
 
 import flax_lora as lora
+from benchmarks._plot import ratio_bars
 from benchmarks.decoder import TARGETS, Decoder, loss_fn, make_batch
 
 
@@ -134,6 +135,7 @@ def main() -> None:
         action="store_true",
         help="XLA:CPU memory-minimizing scheduler for all variants (see the module docstring)",
     )
+    ap.add_argument("--plot", metavar="PNG", help="also write the ratios as a bar chart")
     args = ap.parse_args()
     if args.memory_scheduler:  # before the backend starts: XLA reads XLA_FLAGS then
         flag = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
@@ -195,6 +197,19 @@ def main() -> None:
         f"\n{args.rounds} interleaved rounds x {args.reps} calls per variant; CPU ms is the "
         f"process CPU time (all threads) per call; total wall {time.perf_counter() - t0:.0f} s"
     )
+    if args.plot:
+        ref = "full fine-tuning step"
+        bars = {
+            n.replace(" step", "").replace("LoRA ", "LoRA\n"): {
+                "time (wall)": med[n] / med[ref],
+                "time (CPU)": cmed[n] / cmed[ref],
+                "peak memory": memory[n][1] / full_total,
+            }
+            for n in runs
+        }
+        title = f"Training step / full fine-tuning ({args.layers}-block decoder, jax {jax.__version__})"
+        ratio_bars(args.plot, title, bars, "ratio to full fine-tuning")
+        print(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":
