@@ -8,7 +8,11 @@ import platform
 
 
 def ratio_bars(
-    path: str, title: str, bars: dict[str, dict[str, float]], ylabel: str, floor: float | None = None
+    path: str,
+    title: str,
+    bars: dict[str, dict[str, float]],
+    ylabel: str,
+    floor: float | None = None,
 ) -> None:
     """Writes a PNG: one group of bars per entry of ``bars`` (label -> series -> ratio), a line at
     1 (the reference) and, if given, a dashed line at ``floor``; the machine and date in the

@@ -207,7 +207,9 @@ def main() -> None:
             }
             for n in runs
         }
-        title = f"Training step / full fine-tuning ({args.layers}-block decoder, jax {jax.__version__})"
+        title = (
+            f"Training step / full fine-tuning ({args.layers}-block decoder, jax {jax.__version__})"
+        )
         ratio_bars(args.plot, title, bars, "ratio to full fine-tuning")
         print(f"plot: {args.plot}")
 

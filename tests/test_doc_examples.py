@@ -7,7 +7,6 @@ imports, and the objects the page's text takes as given). Files the blocks write
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -29,9 +28,7 @@ def _name(page: Path) -> str:
 
 
 WITH_CODE = [
-    p
-    for p in PAGES
-    if any((_name(p), i) not in doc_pages.NOT_RUN for i in range(len(_blocks(p))))
+    p for p in PAGES if any((_name(p), i) not in doc_pages.NOT_RUN for i in range(len(_blocks(p))))
 ]
 
 
@@ -60,5 +57,8 @@ def test_count_of_doc_examples() -> None:
         assert i < len(_blocks(ROOT / page)), (page, i)
         assert re.search(r"tests/test_\w+\.py", reason), reason
         assert (ROOT / re.search(r"tests/test_\w+\.py", reason).group(0)).is_file(), reason
-    print(f"doc examples: {total - len(not_run)} run, {len(not_run)} not run, in {len(WITH_CODE)} pages")
+    print(
+        f"doc examples: {total - len(not_run)} run, {len(not_run)} not run, "
+        f"in {len(WITH_CODE)} pages"
+    )
     assert total - len(not_run) >= 30

@@ -1,4 +1,4 @@
-"""The README's usage examples run as written, and do what they say."""
+"""The README's example and the NNX getting-started page run as written, and do what they say."""
 
 from __future__ import annotations
 
@@ -10,17 +10,18 @@ import numpy as np
 import optax
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+NNX_PAGE = README.parent / "docs" / "getting-started" / "nnx.md"
 
 
-def _block(section: str) -> str:
-    text = README.read_text()
-    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+def _block(section: str, page: Path = README) -> str:
+    text = page.read_text()
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0] if section else text
     return re.search(r"```python\n(.*?)```", body, re.S).group(1)
 
 
 def test_readme_linen_and_nnx_usage_run(tmp_path: Path) -> None:
     ns: dict = {}
-    linen = _block("Usage (Linen)").replace("/tmp/", f"{tmp_path}/")
+    linen = _block("Example").replace("/tmp/", f"{tmp_path}/")
     exec(compile(linen, "README-linen", "exec"), ns)
     # the 100 adapter-only steps fitted the batch: the loss fell well below the base model's
     base_logits = ns["model"].apply(ns["params"], ns["x"])
@@ -32,7 +33,7 @@ def test_readme_linen_and_nnx_usage_run(tmp_path: Path) -> None:
         np.asarray(ns["model"].apply(ns["merged"], ns["x"])), np.asarray(wrapped), atol=1e-5
     )
 
-    exec(compile(_block("Usage (NNX)"), "README-nnx", "exec"), ns)
+    exec(compile(_block("", NNX_PAGE), "docs-nnx", "exec"), ns)
     x = ns["x"]
     ad = jax.tree.map(lambda v: v + 0.01, ns["adapters"])  # nonzero b: a real update
     want = ns["fn"](ns["state"], ad, x)

@@ -61,7 +61,8 @@ key = jax.random.key(2)
 x = jax.random.normal(jax.random.key(0), (4, 16))
 params = model.init(jax.random.key(1), x)
 config = lora.LoraConfig(rank=4)
-adapters = lora.init(key, params, lora.LoraConfig(rank=4, init="random"), probe=lambda p: model.apply(p, x))
+_random = lora.LoraConfig(rank=4, init="random")
+adapters = lora.init(key, params, _random, probe=lambda p: model.apply(p, x))
 """
 
 
@@ -174,7 +175,9 @@ apply = model.apply
     + LAYERED.replace("model = Layered()", "layered = Layered()")
     .replace("x = jax", "xl = jax")
     .replace("params = model.init(jax.random.key(1), x)", "layered_params = layered.init(key, xl)")
-    .replace("adapters = lora.init(key, params,", "layered_adapters = lora.init(key, layered_params,")
+    .replace(
+        "adapters = lora.init(key, params,", "layered_adapters = lora.init(key, layered_params,"
+    )
     .replace("lambda p: model.apply(p, x)", "lambda p: layered.apply(p, xl)")
 )
 
@@ -197,9 +200,18 @@ SETUPS: dict[str, str] = {
 }
 
 NOT_RUN: dict[tuple[str, int], str] = {
-    ("docs/guides/bridges.md", 2): "a tunix PeftTrainer run and Sampler: tests/test_bridge_tunix.py",
+    (
+        "docs/guides/bridges.md",
+        2,
+    ): "a tunix PeftTrainer run and Sampler: tests/test_bridge_tunix.py",
     ("docs/guides/peft.md", 1): "a tunix Llama3 to PEFT: tests/test_key_maps_tunix.py",
     ("docs/guides/peft.md", 2): "a tunix Qwen3-MoE to PEFT: tests/test_key_maps_tunix.py",
-    ("docs/guides/peft.md", 4): "a Gemma-style fused kv and Mixtral experts: tests/test_peft_joined.py",
-    ("docs/guides/sharding.md", 0): "a mesh of several devices: tests/test_sharding.py (8 CPU devices)",
+    (
+        "docs/guides/peft.md",
+        4,
+    ): "a Gemma-style fused kv and Mixtral experts: tests/test_peft_joined.py",
+    (
+        "docs/guides/sharding.md",
+        0,
+    ): "a mesh of several devices: tests/test_sharding.py (8 CPU devices)",
 }
