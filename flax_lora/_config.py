@@ -71,7 +71,7 @@ class LoraConfig:
     lookarounds, conditionals, atomic groups and possessive repeats are refused. Paths are key
     paths joined with ``/`` (``params/h0/attn/query/kernel``). Guide: `docs/guides/config.md`.
 
-    Example:
+    Examples:
       >>> config = lora.LoraConfig(rank=8, alpha=16.0, targets=r".*/(query|value)/kernel")
       >>> config.scale_for("params/h0/attn/query/kernel")
       2.0

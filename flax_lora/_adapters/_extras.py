@@ -52,11 +52,13 @@ Role = Literal["module", "bias"]
 class TrainedCopy:
     """A trainable copy of one base leaf that replaces it (PEFT's ``modules_to_save`` / ``bias``).
 
-    Example:
-      >>> config = lora.LoraConfig(targets=".*/query/kernel", modules_to_save=["params/head"])
-      >>> adapters = lora.init(jax.random.key(0), params, config)
-      >>> adapters["params"]["head"]["kernel"].value.shape  # a copy of the head's kernel
-      (384, 2)
+    Examples:
+      >>> model = nn.Sequential([nn.Dense(8), nn.Dense(2)])
+      >>> params = model.init(jax.random.key(0), jnp.ones((1, 4)))
+      >>> config = lora.LoraConfig(rank=2, targets="layers_0", modules_to_save=["params/layers_1"])
+      >>> adapters = lora.init(jax.random.key(1), params, config)
+      >>> adapters["params"]["layers_1"]["kernel"].value.shape  # a copy of the head's kernel
+      (8, 2)
 
     Attributes:
       value: the trained leaf, the shape of the base leaf (its only pytree leaf).
@@ -133,11 +135,13 @@ class TokenDelta:
     gets its row plus its delta, every other row is ``W0``'s; a tied ``attend`` sees the same
     embedding.
 
-    Example:
-      >>> config = lora.LoraConfig(targets=".*/query/kernel", trainable_token_indices=[5, 7])
-      >>> adapters = lora.init(jax.random.key(0), params, config)
-      >>> adapters["params"]["embed"]["embedding"].delta.shape  # (2, features), zeros at init
-      (2, 384)
+    Examples:
+      >>> model = nn.Sequential([nn.Embed(10, 8), nn.Dense(4)])
+      >>> params = model.init(jax.random.key(0), jnp.ones((1, 3), int))
+      >>> config = lora.LoraConfig(rank=2, targets=".*/kernel", trainable_token_indices=[5, 7])
+      >>> adapters = lora.init(jax.random.key(1), params, config)
+      >>> adapters["params"]["layers_0"]["embedding"].delta.shape  # rows 5 and 7, zeros at init
+      (2, 8)
 
     Attributes:
       delta: shape ``(len(indices), *embedding.shape[1:])``, the only pytree leaf.

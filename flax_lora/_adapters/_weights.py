@@ -138,7 +138,7 @@ class LoraWeights(Axes):
     ``scale * a @ b`` per carried index, in the kernel's own layout (`lora.delta`). Guide:
     `docs/guides/config.md`.
 
-    Example:
+    Examples:
       >>> w = lora.init(jax.random.key(0), {"kernel": jnp.ones((3, 4))}, lora.LoraConfig(rank=2))
       >>> w["kernel"].a.shape, w["kernel"].b.shape, w["kernel"].scale
       ((3, 2), (2, 4), 4.0)
@@ -227,10 +227,13 @@ class StackedLoraWeights(Axes):
     deltas and DoRA norms unchanged. A routed call gathers the factors per example (``-1``:
     zeros, the base). Guide: `docs/guides/multi_adapter.md`.
 
-    Example:
-      >>> stacked = lora.stack([adapters_a, adapters_b])
-      >>> w = stacked["params"]["Dense_0"]["kernel"]  # a StackedLoraWeights
-      >>> w.num_adapters, w.ranks  # 2 and each adapter's own rank
+    Examples:
+      >>> params = {"kernel": jnp.ones((3, 4))}
+      >>> adapters_a = lora.init(jax.random.key(0), params, lora.LoraConfig(rank=2))
+      >>> adapters_b = lora.init(jax.random.key(1), params, lora.LoraConfig(rank=3))
+      >>> w = lora.stack([adapters_a, adapters_b])["kernel"]
+      >>> w.num_adapters, w.ranks, w.a.shape, w.b.shape
+      (2, (2, 3), (2, 3, 3), (2, 3, 4))
 
     Attributes:
       a: shape ``(N, *C, *I, R)``, ``R`` the largest rank.

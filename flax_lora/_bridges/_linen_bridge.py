@@ -60,11 +60,13 @@ class LinenBridge(nn.Module):
     ``apply(..., method=...)`` of the base model needs the merged pair); ``bridge.init`` has
     nothing to build: make the params from ``model.init`` and `lora.init`.
 
-    Example:
-      >>> adapters = lora.init(key, base_params, lora.LoraConfig(rank=8), probe=probe)
+    Examples:
+      >>> model, x = nn.Dense(4), jnp.ones((2, 3))
+      >>> base_params = model.init(jax.random.key(0), x)["params"]
+      >>> adapters = lora.init(jax.random.key(1), base_params, lora.LoraConfig(rank=2))
       >>> bridge, params = lora.LinenBridge(model), {"base": base_params, "lora": adapters}
-      >>> logits, state = bridge.apply(
-      ...     {"params": params, "cache": cache}, tokens, decode=True, mutable=["cache"])
+      >>> bridge.apply({"params": params}, x).shape  # other collections pass as the model's
+      (2, 4)
 
     Attributes:
       model: the base Linen module.

@@ -58,8 +58,7 @@ def key_map(name: str) -> RuleMap:
     ``"<module>[i]"`` parts are `save_peft` / `load_peft` key-map values, so every attention and
     MLP kernel of these families goes both ways.
 
-    Example:
-      >>> import flax_lora as lora
+    Examples:
       >>> km = lora.key_map("tunix/llama3")
       >>> km("layers/0/attn/q_proj/w")
       'model.layers.0.self_attn.q_proj'
