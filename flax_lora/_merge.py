@@ -10,7 +10,7 @@ import numpy as np
 
 from flax_lora._adapters._delta import check_fits, delta, layer_mask
 from flax_lora._adapters._dora import dora_kernel
-from flax_lora._adapters._extras import substitute, unmerge_extras
+from flax_lora._adapters._substitute import substitute, unmerge_extras
 from flax_lora._adapters._tables import adapter_table, split_plain
 from flax_lora._paths import describe, path_str
 from flax_lora._quant._formats import dequantize_kernel, has_quantized, is_quantized

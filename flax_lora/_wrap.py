@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from flax_lora._adapters._extras import substitute
+from flax_lora._adapters._substitute import substitute
 from flax_lora._adapters._tables import split, stacked_table
 from flax_lora._adapters._weights import is_lora, is_stacked
 from flax_lora._factored._contract import RoutingFallback

@@ -73,9 +73,9 @@ class LinenBridge(nn.Module):
       mode: `lora.wrap`'s mode: ``"auto"``, ``"factored"`` or ``"merged"``.
 
     Raises:
-      ValueError (at ``apply``): params that are not ``{"base": ..., "lora": ...}``; an unknown
+      ValueError: at ``apply``: params that are not ``{"base": ..., "lora": ...}``; an unknown
         ``mode``; adapters that do not fit the base params (as `lora.wrap`).
-      TypeError (at ``apply``): ``model`` is not a Linen module.
+      TypeError: at ``apply``: ``model`` is not a Linen module.
     """
 
     model: nn.Module
@@ -92,8 +92,15 @@ class LinenBridge(nn.Module):
             raise ValueError(f"lora.LinenBridge: mode must be one of {MODES}; got {self.mode!r}.")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """The base model's ``__call__`` with the adapters; ``lora_rng`` / ``lora_ids`` as in
-        `lora.wrap`."""
+        """The base model's ``__call__`` with the adapters (run it through ``bridge.apply``).
+
+        Args:
+          *args: the base model's positional inputs.
+          **kwargs: its keyword inputs, and ``lora_rng`` / ``lora_ids`` as in `lora.wrap`.
+
+        Returns:
+          What the base model returns.
+        """
         self._check()
         variables = self.variables
         params = variables.get("params")

@@ -112,8 +112,15 @@ class NnxBridge(nnx.Module):
         self.mode = mode
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """``model(*args, **kwargs)`` with the adapters; ``lora_rng`` / ``lora_ids`` as in
-        `lora.wrap`."""
+        """``model(*args, **kwargs)`` with the adapters.
+
+        Args:
+          *args: the base model's positional inputs.
+          **kwargs: its keyword inputs, and ``lora_rng`` / ``lora_ids`` as in `lora.wrap`.
+
+        Returns:
+          What the base model returns.
+        """
         graphdef, *states = nnx.split(self.model, nnx.Param, ...)
         params, rest = states
         out, new_rest = RUNNERS[self.mode](

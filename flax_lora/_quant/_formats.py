@@ -183,6 +183,12 @@ class QuantizedKernel:
 
         Slicing every leaf on its first axis (as `jax.lax.scan` does with its ``xs``) then gives
         one layer's `QuantizedKernel`, exactly the single-layer quantization of that layer.
+
+        Returns:
+          A `QuantizedKernel` of the same leaves.
+
+        Raises:
+          ValueError: the kernel has no layer axis.
         """
         if not self.layer_axes:
             raise ValueError(f"{self!r} has no layer axis.")
