@@ -52,10 +52,6 @@ class LinenBridge(nn.Module):
     ``(bridge.model, lora.merge(params["base"], params["lora"]))``. Guide:
     `docs/guides/bridges.md`.
 
-    The RNG streams of the call (``rngs={"dropout": key}``) reach the base model as
-    ``self.make_rng(name)`` of the bridge: a key derived from the given one, as for any Linen
-    submodule (LoRA dropout is ``lora_rng``, as in `lora.wrap`).
-
     Sharp edges: only ``__call__`` runs through the bridge (a sampler calling
     ``apply(..., method=...)`` of the base model needs the merged pair); ``bridge.init`` has
     nothing to build: make the params from ``model.init`` and `lora.init`.

@@ -105,12 +105,7 @@ def select(
     convolution, the output head). `lora.init` may still refuse a picked kernel (a kernel of 3
     or more dimensions without a probe, a size-0 axis, a non-floating dtype).
 
-    ``"all-linear"`` leaves out the model's output head: with a probe, each kernel whose product
-    is an output of the traced function, up to values that come from neither the input nor
-    another kernel (a bias, a cast, a softcap): an LM head, a classifier, a plain MLP's last
-    layer, but not a block's last projection added to the residual stream. Without a probe, a
-    2-D ``kernel`` whose output size equals the number of rows of an ``embedding`` in the tree
-    (an LM head over that vocabulary).
+    What ``"all-linear"`` takes as the model's output head: `docs/guides/config.md`.
 
     Examples:
       >>> model = nn.Sequential([nn.Embed(10, 8), nn.Dense(8), nn.Dense(2)])  # a tiny LM
