@@ -113,7 +113,7 @@ class QuantizedKernel:
       >>> q = qparams["dense"]["kernel"]
       >>> q
       QuantizedKernel(nf4, shape=(32, 64), dtype=float32, block_size=64)
-      >>> q.shape, q.nbytes  # the kernel's shape; the bytes it stores (8192 as float32)
+      >>> q.shape, q.nbytes  # the kernel's shape; the bytes it stores (8192 in float32)
       ((32, 64), 1152)
       >>> lora.dequantize(qparams)["dense"]["kernel"].shape  # float again
       (32, 64)

@@ -103,7 +103,7 @@ def quantize(
     Examples:
       >>> model, x = nn.Dense(64), jnp.ones((2, 32))
       >>> qparams = lora.quantize(model.init(jax.random.key(0), x), dtype="nf4")
-      >>> qparams["params"]["kernel"].nbytes  # 8192 as float32
+      >>> qparams["params"]["kernel"].nbytes  # its bytes: 8192 in float32
       1152
       >>> adapters = lora.init(jax.random.key(1), qparams, lora.LoraConfig(rank=4))
       >>> jax.jit(lora.wrap(model.apply))(qparams, adapters, x).shape  # dequantized at each use
