@@ -155,6 +155,9 @@ def summary(params: PyTree, adapters: PyTree, show: bool = True) -> Summary:
 
     Returns:
       A `Summary` whose ``str`` is the printed table.
+
+    Raises:
+      TypeError: ``adapters`` holds leaves other than adapter entries (naming their paths).
     """
 
     kernels = flatten(params, is_leaf=is_quantized)
