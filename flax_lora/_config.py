@@ -71,7 +71,7 @@ class LoraConfig:
     lookarounds, conditionals, atomic groups and possessive repeats are refused. Paths are key
     paths joined with ``/`` (``params/h0/attn/query/kernel``). Guide: `docs/guides/config.md`.
 
-    Example:
+    Examples:
       >>> config = lora.LoraConfig(rank=8, alpha=16.0, targets=r".*/(query|value)/kernel")
       >>> config.scale_for("params/h0/attn/query/kernel")
       2.0
@@ -163,9 +163,14 @@ class LoraConfig:
     def matches(self, path: str, layer_in_path: bool = True) -> bool:
         """Whether ``path`` is selected by ``targets``, ``exclude`` and ``layers``.
 
-        ``layer_in_path=False`` (a layered kernel, one whose layers ``nn.scan`` stacks: its
-        layers are the entries of its leading axis, picked by `lora.init`) skips the ``layers``
-        check on the path.
+        Args:
+          path: a leaf's path, keys joined with ``/``.
+          layer_in_path: ``False`` for a layered kernel (one whose layers ``nn.scan`` stacks:
+            its layers are the entries of its leading axis, picked by `lora.init`) skips the
+            ``layers`` check on the path.
+
+        Returns:
+          Whether the config adapts the leaf at ``path``.
         """
         full = target_matches
         targets = self.targets
@@ -186,26 +191,52 @@ class LoraConfig:
         return True
 
     def rank_for(self, path: str) -> int:
-        """The rank of the adapter at ``path``: the first matching ``rank_pattern``, or ``rank``."""
+        """The rank of the adapter at ``path``: the first matching ``rank_pattern``, or ``rank``.
+
+        Args:
+          path: a kernel's path, keys joined with ``/``.
+
+        Returns:
+          The rank.
+        """
         for pattern, r in self.rank_pattern.items():
             if _regex.search(pattern, path, "LoraConfig.rank_pattern"):
                 return int(r)
         return int(self.rank)
 
     def alpha_for(self, path: str) -> float:
-        """The alpha at ``path``: the first matching ``alpha_pattern``, or ``alpha``."""
+        """The alpha at ``path``: the first matching ``alpha_pattern``, or ``alpha``.
+
+        Args:
+          path: a kernel's path, keys joined with ``/``.
+
+        Returns:
+          The alpha.
+        """
         for pattern, a in self.alpha_pattern.items():
             if _regex.search(pattern, path, "LoraConfig.alpha_pattern"):
                 return float(a)
         return float(self.alpha)
 
     def scale_for(self, path: str) -> float:
-        """``alpha / r``, or ``alpha / sqrt(r)`` with ``rslora``."""
+        """The scale of the adapter at ``path``: ``alpha / r``, or ``alpha / sqrt(r)`` with
+        ``rslora`` (``r`` and ``alpha`` from `rank_for` and `alpha_for`).
+
+        Args:
+          path: a kernel's path, keys joined with ``/``.
+
+        Returns:
+          The scale.
+        """
         r = self.rank_for(path)
         return self.alpha_for(path) / (math.sqrt(r) if self.rslora else r)
 
     def to_dict(self) -> dict[str, object]:
-        """A JSON-ready dict of the fields (dtype by name)."""
+        """The fields as a JSON-ready dict (the dtype by name).
+
+        Returns:
+          A dict of plain values: lists, strings, numbers, ``None``.
+        """
         d = dataclasses.asdict(self)
         d["dtype"] = np.dtype(self.dtype).name
         for k in ("targets", "exclude", "layers", "layers_pattern", "modules_to_save"):
@@ -219,7 +250,14 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, object]) -> LoraConfig:
-        """The inverse of :meth:`to_dict`."""
+        """The config whose `to_dict` is ``d``.
+
+        Args:
+          d: a dict as `to_dict` makes it (every field is checked, as in the constructor).
+
+        Returns:
+          The config.
+        """
         fields: dict[str, Any] = dict(d)  # each value is checked by __post_init__
         fields["dtype"] = jnp.dtype(fields.get("dtype", "float32"))
         return cls(**fields)

@@ -38,7 +38,7 @@ def is_int(value: object) -> bool:
 def integer(lo: int | None = None) -> Check[int]:
     """A checker of ints (NumPy integers too, not bools) of at least ``lo`` (if given).
 
-    Example:
+    Examples:
       >>> integer(lo=1)(np.int64(3), "LoraConfig.rank")
       3
     """
@@ -66,7 +66,7 @@ def real(ok: Callable[[float], bool] | None = None, expected: str = "") -> Check
     """A checker of finite real numbers (ints, floats, NumPy scalars, concrete 0-d arrays; not
     bools or strings) for which ``ok`` holds (``expected`` says which, e.g. ``"in [0, 1)"``).
 
-    Example:
+    Examples:
       >>> real(lambda x: 0.0 <= x < 1.0, "in [0, 1)")(np.float32(0.5), "LoraConfig.dropout")
       0.5
     """

@@ -10,7 +10,7 @@ import numpy as np
 
 from flax_lora._adapters._delta import check_fits, delta, layer_mask
 from flax_lora._adapters._dora import dora_kernel
-from flax_lora._adapters._extras import substitute, unmerge_extras
+from flax_lora._adapters._substitute import substitute, unmerge_extras
 from flax_lora._adapters._tables import adapter_table, split_plain
 from flax_lora._paths import describe, path_str
 from flax_lora._quant._formats import dequantize_kernel, has_quantized, is_quantized
@@ -39,9 +39,15 @@ def merge(params: PyTree, adapters: PyTree, requantize: bool = False) -> PyTree:
     Sharp edge: ``requantize=True`` rounds the merged kernels to the base's quantization grid,
     which loses most of a small LoRA update; it warns with the relative error it introduces.
 
-    Example:
-      >>> merged = jax.jit(lora.merge)(params, adapters)
+    Examples:
+      >>> model, x = nn.Dense(4), jnp.ones((2, 3))
+      >>> params = model.init(jax.random.key(0), x)
+      >>> config = lora.LoraConfig(rank=2, init="random")  # "random": b != 0, a real update
+      >>> adapters = lora.init(jax.random.key(1), params, config)
+      >>> merged = jax.jit(lora.merge)(params, adapters)  # a plain params tree
       >>> y = model.apply(merged, x)  # zero added latency
+      >>> bool(jnp.allclose(y, lora.wrap(model.apply)(params, adapters, x), atol=1e-5))
+      True
 
     Args:
       params: the base params tree.
@@ -128,8 +134,12 @@ def unmerge(params: PyTree, adapters: PyTree) -> PyTree:
     trained copies (`TrainedCopy`, which replaced their leaves) cannot be unmerged: they raise;
     keep the base params instead (`merge` does not change them). Guide: `docs/guides/dora.md`.
 
-    Example:
+    Examples:
+      >>> params = {"kernel": jnp.ones((3, 4))}
+      >>> adapters = lora.init(jax.random.key(0), params, lora.LoraConfig(rank=2, init="random"))
       >>> base = lora.unmerge(lora.merge(params, adapters), adapters)
+      >>> bool(jnp.allclose(base["kernel"], params["kernel"], atol=1e-5))
+      True
 
     Args:
       params: a params tree with the adapters merged in.

@@ -21,9 +21,12 @@ def trainable(tree: PyTree, also: str | None = None) -> PyTree:
     Adapter leaves include trained copies (``modules_to_save``, trained biases) and token
     deltas, so a head trained through ``LoraConfig(modules_to_save=...)`` needs no ``also``.
 
-    Example:
-      >>> tree = {"params": params, "lora": adapters}
-      >>> mask = lora.trainable(tree, also="head")  # adapters + a new classifier head
+    Examples:
+      >>> params = {"kernel": jnp.ones((3, 4)), "head": jnp.ones((4, 2))}
+      >>> adapters = lora.init(jax.random.key(0), params, lora.LoraConfig(rank=2))
+      >>> mask = lora.trainable({"params": params, "lora": adapters}, also="head")
+      >>> mask["params"], jax.tree.leaves(mask["lora"])  # the adapters and the head
+      ({'head': True, 'kernel': False}, [True, True])
 
     Args:
       tree: any pytree that holds adapters (as returned by `lora.init`) and base leaves.
@@ -59,12 +62,17 @@ def freeze_base(
     ``optax.masked(tx, mask)``, which passes the raw gradient through for masked-out leaves,
     nothing reaches a frozen leaf.
 
-    Example:
+    Examples:
+      >>> params = {"kernel": jnp.ones((3, 4))}
+      >>> adapters = lora.init(jax.random.key(0), params, lora.LoraConfig(rank=2))
       >>> tree = {"params": params, "lora": adapters}
       >>> tx = lora.freeze_base(optax.adamw(1e-3), tree)
       >>> opt_state = tx.init(tree)
+      >>> grads = jax.tree.map(jnp.ones_like, tree)
       >>> updates, opt_state = tx.update(grads, opt_state, tree)
       >>> tree = optax.apply_updates(tree, updates)
+      >>> bool((tree["params"]["kernel"] == 1.0).all())  # the base did not move
+      True
 
     Args:
       tx: the optimizer for the trainable leaves.

@@ -379,7 +379,7 @@ def _build(pattern: str) -> Pattern | str:
 def compile(pattern: str, what: str = "pattern") -> Pattern:
     """``pattern`` compiled for matching in time linear in the text (cached per pattern).
 
-    Example:
+    Examples:
       >>> _regex.compile(r"(\\w+)+!", "LoraConfig.rank_pattern").search("encoder/layer_0")
       False
 

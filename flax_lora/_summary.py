@@ -38,10 +38,14 @@ class Summary:
     Returned by `lora.summary`; ``str(summary)`` is the printed table, one row per adapted
     kernel, and the fields below hold the numbers.
 
-    Example:
+    Examples:
+      >>> params = {"kernel": jnp.ones((32, 64))}
+      >>> adapters = lora.init(jax.random.key(0), params, lora.LoraConfig(rank=2))
       >>> s = lora.summary(params, adapters, show=False)
       >>> s.trainable_params, s.total_params, f"{100 * s.trainable_fraction:.2f}%"
+      (192, 2240, '8.57%')
       >>> [(r.path, r.rank) for r in s.rows]
+      [('kernel', 2)]
 
     Attributes:
       rows: one row per adapted kernel (path, kernel shape, rank, scale, adapter parameters
@@ -128,9 +132,15 @@ def _parameters(params: PyTree) -> list[Any]:
 def summary(params: PyTree, adapters: PyTree, show: bool = True) -> Summary:
     """Counts trainable and total parameters and bytes, per adapted kernel and in total.
 
-    Example:
-      >>> s = lora.summary(params, adapters)  # prints a table
+    Examples:
+      >>> params = {"kernel": jnp.ones((32, 64))}
+      >>> adapters = lora.init(jax.random.key(0), params, lora.LoraConfig(rank=2))
+      >>> s = lora.summary(params, adapters)  # prints the table
+      path                     kernel  rank    scale      params
+      kernel                    32x64     2        4         192
+      trainable params: 192 || all params: 2,240 || trainable%: 8.5714 || ...
       >>> s.trainable_params, s.total_params
+      (192, 2240)
 
     Args:
       params: the base params tree. As in PEFT, only parameters count: of an NNX state its
@@ -145,6 +155,9 @@ def summary(params: PyTree, adapters: PyTree, show: bool = True) -> Summary:
 
     Returns:
       A `Summary` whose ``str`` is the printed table.
+
+    Raises:
+      TypeError: ``adapters`` holds leaves other than adapter entries (naming their paths).
     """
 
     kernels = flatten(params, is_leaf=is_quantized)

@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from flax_lora._adapters._extras import substitute
+from flax_lora._adapters._substitute import substitute
 from flax_lora._adapters._tables import split, stacked_table
 from flax_lora._adapters._weights import is_lora, is_stacked
 from flax_lora._factored._contract import RoutingFallback
@@ -38,11 +38,17 @@ def wrap(apply_fn: Callable[..., Any], mode: Mode = "auto") -> Callable[..., Any
     ``jax.jacfwd``, ``jax.hessian``), except forward mode through a quantized kernel (QLoRA) in
     the factored modes: use ``mode="merged"`` there.
 
-    Example:
-      >>> fn = jax.jit(lora.wrap(model.apply))
-      >>> y = fn(params, adapters, x)
-      >>> grads = jax.grad(lambda ad: loss(fn(params, ad, x)))(adapters)
-      >>> y = fn(params, adapters, x, lora_rng=jax.random.key(0))  # with LoRA dropout
+    Examples:
+      >>> model, x = nn.Dense(4), jnp.ones((2, 3))
+      >>> params = model.init(jax.random.key(0), x)
+      >>> adapters = lora.init(jax.random.key(1), params, lora.LoraConfig(rank=2, dropout=0.1))
+      >>> fn = jax.jit(lora.wrap(model.apply))  # fn(params, adapters, x)
+      >>> fn(params, adapters, x).shape
+      (2, 4)
+      >>> grads = jax.grad(lambda ad: fn(params, ad, x).sum())(adapters)  # the adapters only
+      >>> grads["params"]["kernel"].a.shape, grads["params"]["kernel"].b.shape
+      ((3, 2), (2, 4))
+      >>> y = fn(params, adapters, x, lora_rng=jax.random.key(2))  # with LoRA dropout
 
     Args:
       apply_fn: any function whose first argument is the params pytree (a Linen

@@ -49,9 +49,15 @@ def delta(w: LoraWeights, dtype: DTypeLike = jnp.float32) -> jax.Array:
     ``LoraConfig(layers=...)`` give zeros). A DoRA adapter's magnitude is not applied here:
     `lora.merge` forms the DoRA kernel.
 
-    Example:
-      >>> w = adapters["params"]["Dense_0"]["kernel"]
-      >>> d = lora.delta(w)  # same shape as params["params"]["Dense_0"]["kernel"]
+    Examples:
+      >>> params = {"kernel": jnp.ones((3, 4))}
+      >>> adapters = lora.init(jax.random.key(0), params, lora.LoraConfig(rank=2, init="random"))
+      >>> d = lora.delta(adapters["kernel"])  # the kernel's shape
+      >>> d.shape, d.dtype
+      ((3, 4), dtype('float32'))
+      >>> w = adapters["kernel"]
+      >>> bool(jnp.allclose(d, w.scale * w.a @ w.b))
+      True
 
     Args:
       w: the `LoraWeights` of one kernel.

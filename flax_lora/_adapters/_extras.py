@@ -36,10 +36,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_lora._paths import describe, path_str
-from flax_lora._quant._formats import dequantize_kernel, is_quantized
-from flax_lora._typing import PyTree
-
 Value = jax.Array | np.ndarray
 """A concrete leaf of ``params`` (a JAX or NumPy array)."""
 
@@ -52,11 +48,13 @@ Role = Literal["module", "bias"]
 class TrainedCopy:
     """A trainable copy of one base leaf that replaces it (PEFT's ``modules_to_save`` / ``bias``).
 
-    Example:
-      >>> config = lora.LoraConfig(targets=".*/query/kernel", modules_to_save=["params/head"])
-      >>> adapters = lora.init(jax.random.key(0), params, config)
-      >>> adapters["params"]["head"]["kernel"].value.shape  # a copy of the head's kernel
-      (384, 2)
+    Examples:
+      >>> model = nn.Sequential([nn.Dense(8), nn.Dense(2)])
+      >>> params = model.init(jax.random.key(0), jnp.ones((1, 4)))
+      >>> config = lora.LoraConfig(rank=2, targets="layers_0", modules_to_save=["params/layers_1"])
+      >>> adapters = lora.init(jax.random.key(1), params, config)
+      >>> adapters["params"]["layers_1"]["kernel"].value.shape  # a copy of the head's kernel
+      (8, 2)
 
     Attributes:
       value: the trained leaf, the shape of the base leaf (its only pytree leaf).
@@ -83,27 +81,63 @@ class TrainedCopy:
         return self.value
 
     def replace(self, **changes: Any) -> TrainedCopy:
-        """A copy with the given fields changed (`dataclasses.replace`)."""
+        """A copy with the given fields changed.
+
+        Args:
+          **changes: fields to set, as `dataclasses.replace`.
+
+        Returns:
+          The new `TrainedCopy`.
+        """
         return dataclasses.replace(self, **changes)
 
     def meta(self) -> dict[str, object]:
-        """The static fields as a JSON-ready dict."""
+        """The static fields as a JSON-ready dict (a checkpoint's metadata).
+
+        Returns:
+          ``{"type": "copy", "role": role}``.
+        """
         return dict(type=self.TYPE, role=self.role)
 
     def arrays(self) -> dict[str, jax.Array]:
-        """Its arrays by field name (for checkpoints)."""
+        """Its arrays by field name (for checkpoints).
+
+        Returns:
+          ``{"value": value}``.
+        """
         return {"value": self.value}
 
     @classmethod
     def from_meta(
         cls, meta: Mapping[str, object], arrays: Mapping[str, Value], path: str
     ) -> TrainedCopy:
-        """The copy at ``path`` from its checkpoint metadata and arrays (`lora.load`)."""
+        """The copy at ``path`` from its checkpoint metadata and arrays (`lora.load`).
+
+        Args:
+          meta: its `meta`.
+          arrays: a checkpoint's arrays by ``"<path>/<field>"``.
+          path: the path of the leaf it replaces.
+
+        Returns:
+          The `TrainedCopy`.
+        """
         return cls(value=jnp.asarray(arrays[f"{path}/value"]), role=cast(Role, meta["role"]))
 
     def apply(self, path: str, leaf: Value, where: str, sign: float = 1.0) -> jax.Array:
-        """The leaf replaced by the copy, cast to the leaf's dtype (``sign`` is not used: a
-        copy is never taken out again, `REPLACES_LEAF`)."""
+        """The leaf replaced by the copy, cast to the leaf's dtype.
+
+        Args:
+          path: the leaf's path, for errors.
+          leaf: the base leaf.
+          where: the caller, for errors (e.g. ``"lora.merge"``).
+          sign: not used: a copy is never taken out again (`REPLACES_LEAF`).
+
+        Returns:
+          The copy, in the leaf's dtype.
+
+        Raises:
+          ValueError: the copy's shape is not the leaf's.
+        """
         del sign
         shape = tuple(np.shape(leaf))
         if tuple(np.shape(self.value)) != shape:
@@ -115,8 +149,19 @@ class TrainedCopy:
 
     @classmethod
     def stack(cls, nodes: Sequence[TrainedCopy], path: str, fn: str) -> StackedCopy:
-        """The copies of ``N`` adapter sets at ``path``, stacked (``ValueError`` naming
-        ``lora.{fn}`` and ``path`` when their shapes differ)."""
+        """The copies of ``N`` adapter sets at ``path``, stacked (for `lora.stack`).
+
+        Args:
+          nodes: one copy per adapter set.
+          path: their leaf's path, for errors.
+          fn: the public function, for errors (``"stack"``).
+
+        Returns:
+          The stacked copies, adapter axis first.
+
+        Raises:
+          ValueError: their shapes differ (naming ``lora.{fn}`` and ``path``).
+        """
         if len({tuple(np.shape(n.value)) for n in nodes}) > 1:
             raise ValueError(f"lora.{fn}: the trained copies of {path!r} differ in shape.")
         dtype = jnp.result_type(*[n.value.dtype for n in nodes])
@@ -133,11 +178,13 @@ class TokenDelta:
     gets its row plus its delta, every other row is ``W0``'s; a tied ``attend`` sees the same
     embedding.
 
-    Example:
-      >>> config = lora.LoraConfig(targets=".*/query/kernel", trainable_token_indices=[5, 7])
-      >>> adapters = lora.init(jax.random.key(0), params, config)
-      >>> adapters["params"]["embed"]["embedding"].delta.shape  # (2, features), zeros at init
-      (2, 384)
+    Examples:
+      >>> model = nn.Sequential([nn.Embed(10, 8), nn.Dense(4)])
+      >>> params = model.init(jax.random.key(0), jnp.ones((1, 3), int))
+      >>> config = lora.LoraConfig(rank=2, targets=".*/kernel", trainable_token_indices=[5, 7])
+      >>> adapters = lora.init(jax.random.key(1), params, config)
+      >>> adapters["params"]["layers_0"]["embedding"].delta.shape  # rows 5 and 7, zeros at init
+      (2, 8)
 
     Attributes:
       delta: shape ``(len(indices), *embedding.shape[1:])``, the only pytree leaf.
@@ -165,22 +212,46 @@ class TokenDelta:
         return self.delta
 
     def replace(self, **changes: Any) -> TokenDelta:
-        """A copy with the given fields changed (`dataclasses.replace`)."""
+        """A copy with the given fields changed.
+
+        Args:
+          **changes: fields to set, as `dataclasses.replace`.
+
+        Returns:
+          The new `TokenDelta`.
+        """
         return dataclasses.replace(self, **changes)
 
     def meta(self) -> dict[str, object]:
-        """The static fields as a JSON-ready dict."""
+        """The static fields as a JSON-ready dict (a checkpoint's metadata).
+
+        Returns:
+          ``{"type": "tokens", "indices": [...], "num_rows": num_rows}``.
+        """
         return dict(type=self.TYPE, indices=list(self.indices), num_rows=self.num_rows)
 
     def arrays(self) -> dict[str, jax.Array]:
-        """Its arrays by field name (for checkpoints)."""
+        """Its arrays by field name (for checkpoints).
+
+        Returns:
+          ``{"delta": delta}``.
+        """
         return {"delta": self.delta}
 
     @classmethod
     def from_meta(
         cls, meta: Mapping[str, object], arrays: Mapping[str, Value], path: str
     ) -> TokenDelta:
-        """The token delta at ``path`` from its checkpoint metadata and arrays (`lora.load`)."""
+        """The token delta at ``path`` from its checkpoint metadata and arrays (`lora.load`).
+
+        Args:
+          meta: its `meta`.
+          arrays: a checkpoint's arrays by ``"<path>/<field>"``.
+          path: the embedding's path.
+
+        Returns:
+          The `TokenDelta`.
+        """
         return cls(
             delta=jnp.asarray(arrays[f"{path}/delta"]),
             indices=tuple(int(i) for i in cast(Sequence[int], meta["indices"])),
@@ -188,8 +259,21 @@ class TokenDelta:
         )
 
     def apply(self, path: str, leaf: Value, where: str, sign: float = 1.0) -> jax.Array:
-        """The embedding with ``sign * delta`` added to its rows ``indices``, computed in float32
-        (or the embedding's dtype, if wider) and cast once."""
+        """The embedding with ``sign * delta`` added to its rows ``indices``.
+
+        Args:
+          path: the embedding's path, for errors.
+          leaf: the embedding.
+          where: the caller, for errors (e.g. ``"lora.merge"``).
+          sign: ``1.0`` adds the delta, ``-1.0`` takes it out again (`lora.unmerge`).
+
+        Returns:
+          The embedding, computed in float32 (or its dtype, if wider) and cast once to its
+          dtype.
+
+        Raises:
+          ValueError: the delta does not fit the embedding (naming ``path``).
+        """
         check_token_delta(path, self, tuple(np.shape(leaf)), where)
         compute = jnp.promote_types(leaf.dtype, jnp.float32)
         idx = jnp.asarray(self.indices, jnp.int32)
@@ -198,9 +282,21 @@ class TokenDelta:
 
     @classmethod
     def stack(cls, nodes: Sequence[TokenDelta], path: str, fn: str) -> StackedTokenDelta:
-        """The deltas of ``N`` adapter sets at ``path`` on the union of their rows (zeros where
-        a set has none); ``ValueError`` naming ``lora.{fn}`` and ``path`` when they are for
-        embeddings of different row counts."""
+        """The deltas of ``N`` adapter sets at ``path``, stacked (for `lora.stack`).
+
+        Args:
+          nodes: one token delta per adapter set.
+          path: their embedding's path, for errors.
+          fn: the public function, for errors (``"stack"``).
+
+        Returns:
+          The deltas on the union of their rows (zeros where a set has none), adapter axis
+          first.
+
+        Raises:
+          ValueError: they are for embeddings of different row counts (naming ``lora.{fn}``
+            and ``path``).
+        """
         if len({n.num_rows for n in nodes}) > 1:
             raise ValueError(
                 f"lora.{fn}: the token deltas of {path!r} are for embeddings of different "
@@ -336,47 +432,6 @@ def is_extra(x: object) -> TypeGuard[Extra | StackedExtra]:
     return isinstance(x, _ALL_TYPES)
 
 
-def substitute(
-    params: PyTree, extras: Mapping[str, Extra | StackedExtra], where: str = "lora.wrap"
-) -> PyTree:
-    """``params`` with each extra node applied to the leaf at its path (`TrainedCopy.apply`,
-    `TokenDelta.apply`).
-
-    Raises:
-      ValueError: a path is not a leaf of ``params``, or a shape does not fit (naming it).
-      TypeError: a node is a stacked one (naming its path).
-    """
-    if not extras:
-        return params
-    out, missing = _apply_all(params, extras, where)
-    if missing:
-        raise ValueError(
-            f"{where}: adapters hold trained copies or token deltas for {describe(missing)}, "
-            "which are not leaves of params. Were these adapters made for another model?"
-        )
-    return out
-
-
-def _apply_all(
-    params: PyTree, extras: Mapping[str, Extra | StackedExtra], where: str, sign: float = 1.0
-) -> tuple[PyTree, list[str]]:
-    """``params`` with each node of ``extras`` applied at its path (a quantized leaf
-    dequantized first), and the paths of ``extras`` that are not leaves of ``params``."""
-    seen: set[str] = set()
-
-    def apply(keypath: Any, leaf: Any) -> Any:
-        path = path_str(keypath)
-        if path not in extras:
-            return leaf
-        seen.add(path)
-        if is_quantized(leaf):
-            leaf = dequantize_kernel(leaf)
-        return extras[path].apply(path, leaf, where, sign)
-
-    out = jax.tree_util.tree_map_with_path(apply, params, is_leaf=is_quantized)
-    return out, [p for p in extras if p not in seen]
-
-
 def check_token_delta(path: str, node: TokenDelta, shape: tuple[int, ...], where: str) -> None:
     """Raises ``ValueError`` naming ``path`` unless ``node`` fits an embedding of ``shape``."""
     expected = (len(node.indices), *shape[1:])
@@ -387,23 +442,6 @@ def check_token_delta(path: str, node: TokenDelta, shape: tuple[int, ...], where
             f"path has shape {shape}, so a delta of shape {expected} and {node.num_rows} rows "
             "were expected."
         )
-
-
-def unmerge_extras(params: PyTree, extras: dict[str, Extra]) -> PyTree:
-    """`lora.unmerge` of the extra nodes: token deltas are subtracted; a trained copy raises."""
-    if not extras:
-        return params
-    copies = [p for p, v in extras.items() if v.REPLACES_LEAF]
-    if copies:
-        raise ValueError(
-            f"lora.unmerge: the adapters hold trained copies (modules_to_save or trained biases) "
-            f"of {describe(copies)}; merge replaced those leaves, so their base values are lost. "
-            "Keep the base params instead (merge is pure and does not change them)."
-        )
-    out, missing = _apply_all(params, extras, "lora.unmerge", sign=-1.0)
-    if missing:
-        raise ValueError(f"lora.unmerge: no leaf of params at {describe(missing)}.")
-    return out
 
 
 def from_meta(meta: dict[str, Any], arrays: dict[str, Any], path: str) -> Extra:

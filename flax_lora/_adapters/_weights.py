@@ -138,7 +138,7 @@ class LoraWeights(Axes):
     ``scale * a @ b`` per carried index, in the kernel's own layout (`lora.delta`). Guide:
     `docs/guides/config.md`.
 
-    Example:
+    Examples:
       >>> w = lora.init(jax.random.key(0), {"kernel": jnp.ones((3, 4))}, lora.LoraConfig(rank=2))
       >>> w["kernel"].a.shape, w["kernel"].b.shape, w["kernel"].scale
       ((3, 2), (2, 4), 4.0)
@@ -188,19 +188,35 @@ class LoraWeights(Axes):
         return AdapterLayout(**{f.name: getattr(self, f.name) for f in fields})
 
     def layer_slice(self, n: int = 1, **changes: Any) -> LoraWeights:
-        """The adapter of one layer's kernel of a layered adapter: ``n`` leading layer
-        axes dropped from the metadata (``layers`` cleared, `AdapterLayout.layer_slice`), with
-        ``changes`` (e.g. that layer's factors ``a``, ``b``) applied."""
+        """The adapter of one layer's kernel of a layered adapter.
+
+        Args:
+          n: the number of leading layer axes to drop from the metadata (``layers`` is
+            cleared).
+          **changes: fields to set, as `dataclasses.replace` (e.g. that layer's ``a``, ``b``).
+
+        Returns:
+          A `LoraWeights` for one layer's kernel.
+        """
         return self.layout.layer_slice(n).with_factors(self.a, self.b, self.m).replace(**changes)
 
     def carried_slice(self, **changes: Any) -> LoraWeights:
-        """The adapter of the kernel at one carried index (one layer of a layered kernel, one
-        expert): every carried axis dropped from the metadata (`AdapterLayout.carried_slice`),
-        with ``changes`` (e.g. that index's factors ``a``, ``b``) applied."""
+        """The adapter of the kernel at one carried index (one layer, one expert).
+
+        Args:
+          **changes: fields to set, as `dataclasses.replace` (e.g. that index's ``a``, ``b``).
+
+        Returns:
+          A `LoraWeights` with every carried axis dropped from the metadata.
+        """
         return self.layout.carried_slice().with_factors(self.a, self.b, self.m).replace(**changes)
 
     def meta(self) -> dict[str, object]:
-        """The static fields as a JSON-ready dict."""
+        """The static fields as a JSON-ready dict (a checkpoint's metadata).
+
+        Returns:
+          A dict of plain values: lists, strings, numbers, bools, ``None``.
+        """
         return dict(
             scale=float(self.scale),
             in_axes=list(self.in_axes),
@@ -227,10 +243,13 @@ class StackedLoraWeights(Axes):
     deltas and DoRA norms unchanged. A routed call gathers the factors per example (``-1``:
     zeros, the base). Guide: `docs/guides/multi_adapter.md`.
 
-    Example:
-      >>> stacked = lora.stack([adapters_a, adapters_b])
-      >>> w = stacked["params"]["Dense_0"]["kernel"]  # a StackedLoraWeights
-      >>> w.num_adapters, w.ranks  # 2 and each adapter's own rank
+    Examples:
+      >>> params = {"kernel": jnp.ones((3, 4))}
+      >>> adapters_a = lora.init(jax.random.key(0), params, lora.LoraConfig(rank=2))
+      >>> adapters_b = lora.init(jax.random.key(1), params, lora.LoraConfig(rank=3))
+      >>> w = lora.stack([adapters_a, adapters_b])["kernel"]
+      >>> w.num_adapters, w.ranks, w.a.shape, w.b.shape
+      (2, (2, 3), (2, 3, 3), (2, 3, 4))
 
     Attributes:
       a: shape ``(N, *C, *I, R)``, ``R`` the largest rank.
@@ -269,8 +288,12 @@ class StackedLoraWeights(Axes):
         return len(self.ranks)
 
     def dora_keep(self) -> np.ndarray:
-        """Where ``m`` is read: a boolean array ``(N, *C)``, True for DoRA adapters (on the
-        layers they adapt), False for plain ones (their ``g`` is 1)."""
+        """Where ``m`` is read.
+
+        Returns:
+          A boolean array ``(N, *C)``: True for DoRA adapters (on the layers they adapt),
+          False for plain ones (their ``g`` is 1).
+        """
         keep = np.zeros((self.num_adapters, *self.carried_shape), bool)
         for k, d in enumerate(self.dora or (False,) * self.num_adapters):
             if d is True:
@@ -299,9 +322,16 @@ class StackedLoraWeights(Axes):
         )
 
     def entry(self, a: jax.Array, b: jax.Array, m: jax.Array | None = None) -> LoraWeights:
-        """One adapter of the stack as a `LoraWeights` of this kernel (scale 1, `layout`), with
-        the factors (and DoRA magnitude) given: e.g. ``a[k]``, ``b[k]``, or factors gathered per
-        example."""
+        """One adapter of the stack as a `LoraWeights` of this kernel (scale 1, `layout`).
+
+        Args:
+          a: its ``a``, e.g. ``self.a[k]`` or factors gathered per example.
+          b: its ``b``, as ``a``.
+          m: its DoRA magnitude, or ``None``.
+
+        Returns:
+          The `LoraWeights`.
+        """
         return self.layout.with_factors(a, b, m)
 
 

@@ -52,28 +52,26 @@ class LinenBridge(nn.Module):
     ``(bridge.model, lora.merge(params["base"], params["lora"]))``. Guide:
     `docs/guides/bridges.md`.
 
-    The RNG streams of the call (``rngs={"dropout": key}``) reach the base model as
-    ``self.make_rng(name)`` of the bridge: a key derived from the given one, as for any Linen
-    submodule (LoRA dropout is ``lora_rng``, as in `lora.wrap`).
-
     Sharp edges: only ``__call__`` runs through the bridge (a sampler calling
     ``apply(..., method=...)`` of the base model needs the merged pair); ``bridge.init`` has
     nothing to build: make the params from ``model.init`` and `lora.init`.
 
-    Example:
-      >>> adapters = lora.init(key, base_params, lora.LoraConfig(rank=8), probe=probe)
+    Examples:
+      >>> model, x = nn.Dense(4), jnp.ones((2, 3))
+      >>> base_params = model.init(jax.random.key(0), x)["params"]
+      >>> adapters = lora.init(jax.random.key(1), base_params, lora.LoraConfig(rank=2))
       >>> bridge, params = lora.LinenBridge(model), {"base": base_params, "lora": adapters}
-      >>> logits, state = bridge.apply(
-      ...     {"params": params, "cache": cache}, tokens, decode=True, mutable=["cache"])
+      >>> bridge.apply({"params": params}, x).shape  # other collections pass as the model's
+      (2, 4)
 
     Attributes:
       model: the base Linen module.
       mode: `lora.wrap`'s mode: ``"auto"``, ``"factored"`` or ``"merged"``.
 
     Raises:
-      ValueError (at ``apply``): params that are not ``{"base": ..., "lora": ...}``; an unknown
+      ValueError: at ``apply``: params that are not ``{"base": ..., "lora": ...}``; an unknown
         ``mode``; adapters that do not fit the base params (as `lora.wrap`).
-      TypeError (at ``apply``): ``model`` is not a Linen module.
+      TypeError: at ``apply``: ``model`` is not a Linen module.
     """
 
     model: nn.Module
@@ -90,8 +88,15 @@ class LinenBridge(nn.Module):
             raise ValueError(f"lora.LinenBridge: mode must be one of {MODES}; got {self.mode!r}.")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """The base model's ``__call__`` with the adapters; ``lora_rng`` / ``lora_ids`` as in
-        `lora.wrap`."""
+        """The base model's ``__call__`` with the adapters (run it through ``bridge.apply``).
+
+        Args:
+          *args: the base model's positional inputs.
+          **kwargs: its keyword inputs, and ``lora_rng`` / ``lora_ids`` as in `lora.wrap`.
+
+        Returns:
+          What the base model returns.
+        """
         self._check()
         variables = self.variables
         params = variables.get("params")

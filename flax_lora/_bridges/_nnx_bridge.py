@@ -72,13 +72,16 @@ class NnxBridge(nnx.Module):
     and sees its plain kernels; that is right for cache set-up, not for a method that computes
     with an adapted kernel.
 
-    Example:
+    Examples:
+      >>> model = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
       >>> params = nnx.state(model, nnx.Param)
-      >>> adapters = lora.init(key, params, lora.LoraConfig(rank=8), probe=probe)
+      >>> adapters = lora.init(jax.random.key(1), params, lora.LoraConfig(rank=2))
       >>> bridge = lora.NnxBridge(model, adapters)
-      >>> logits = bridge(tokens)  # model(tokens) with the adapters
-      >>> opt = nnx.Optimizer(bridge, optax.adam(1e-3), wrt=nnx.LoRAParam)
-      >>> adapters = lora.to_adapters(bridge)  # the plain adapter tree, e.g. for lora.save
+      >>> bridge(jnp.ones((2, 3))).shape  # model(x) with the adapters
+      (2, 4)
+      >>> opt = nnx.Optimizer(bridge, optax.adam(1e-3), wrt=nnx.LoRAParam)  # a and b only
+      >>> lora.to_adapters(bridge)["kernel"].a.shape  # the plain adapter tree
+      (3, 2)
 
     Args:
       model: the base ``nnx.Module``; it holds no ``nnx.LoRAParam`` of its own.
@@ -109,8 +112,15 @@ class NnxBridge(nnx.Module):
         self.mode = mode
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """``model(*args, **kwargs)`` with the adapters; ``lora_rng`` / ``lora_ids`` as in
-        `lora.wrap`."""
+        """``model(*args, **kwargs)`` with the adapters.
+
+        Args:
+          *args: the base model's positional inputs.
+          **kwargs: its keyword inputs, and ``lora_rng`` / ``lora_ids`` as in `lora.wrap`.
+
+        Returns:
+          What the base model returns.
+        """
         graphdef, *states = nnx.split(self.model, nnx.Param, ...)
         params, rest = states
         out, new_rest = RUNNERS[self.mode](
@@ -137,9 +147,14 @@ NnxBridge.__signature__ = _INIT.replace(  # type: ignore[attr-defined]
 def to_adapters(bridge: NnxBridge) -> PyTree:
     """The bridge's adapters as a plain flax_lora adapter tree (arrays, no NNX variables).
 
-    Example:
-      >>> lora.save("ckpt", lora.to_adapters(bridge), config)
-      >>> y = lora.wrap(apply)(nnx.state(bridge.model, nnx.Param), lora.to_adapters(bridge), x)
+    Examples:
+      >>> model = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+      >>> params = nnx.state(model, nnx.Param)
+      >>> config = lora.LoraConfig(rank=2)
+      >>> bridge = lora.NnxBridge(model, lora.init(jax.random.key(1), params, config))
+      >>> adapters = lora.to_adapters(bridge)  # e.g. for lora.save or lora.merge
+      >>> type(adapters["kernel"]).__name__, adapters["kernel"].a.shape
+      ('LoraWeights', (3, 2))
 
     Args:
       bridge: an `NnxBridge`.
@@ -161,9 +176,14 @@ def merged(bridge: NnxBridge) -> nnx.Module:
     The new model shares no variable with the bridge: its params are the merged arrays, its
     other state (a KV cache, ...) a copy of the base model's; the bridge is left as it was.
 
-    Example:
+    Examples:
+      >>> model, x = nnx.Linear(3, 4, rngs=nnx.Rngs(0)), jnp.ones((2, 3))
+      >>> config = lora.LoraConfig(rank=2, init="random")  # "random": b != 0, a real update
+      >>> adapters = lora.init(jax.random.key(1), nnx.state(model, nnx.Param), config)
+      >>> bridge = lora.NnxBridge(model, adapters)
       >>> plain = lora.merged(bridge)  # e.g. for a sampler or an export without flax_lora
-      >>> plain(tokens)  # equals bridge(tokens) to float32 rounding
+      >>> type(plain).__name__, bool(jnp.allclose(plain(x), bridge(x), atol=1e-5))
+      ('Linear', True)
 
     Args:
       bridge: an `NnxBridge`.

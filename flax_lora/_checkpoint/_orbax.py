@@ -65,9 +65,12 @@ def save(
     same ``directory`` on a shared file system, as with orbax: each writes its shards, the
     primary process moves the checkpoint into place, and none returns before it is there.
 
-    Example:
-      >>> lora.save("/tmp/run/adapters", adapters, config)
-      >>> adapters = lora.load("/tmp/run/adapters")
+    Examples:
+      >>> params, config = {"kernel": jnp.ones((3, 4))}, lora.LoraConfig(rank=2)
+      >>> adapters = lora.init(jax.random.key(0), params, config)
+      >>> path = lora.save(tempfile.mkdtemp() + "/adapters", adapters, config)
+      >>> lora.load(path)["kernel"].a.shape
+      (3, 2)
 
     Args:
       directory: where the checkpoint goes.
@@ -236,9 +239,13 @@ def load(directory: str | os.PathLike[str]) -> PyTree:
     as with orbax; each gets every factor whole, on its own first device (place them on a mesh
     with ``jax.device_put``).
 
-    Example:
-      >>> adapters = lora.load("/tmp/run/adapters")
-      >>> y = lora.wrap(model.apply)(params, adapters, x)
+    Examples:
+      >>> params, config = {"kernel": jnp.ones((3, 4))}, lora.LoraConfig(rank=2)
+      >>> adapters = lora.init(jax.random.key(0), params, config)
+      >>> path = lora.save(tempfile.mkdtemp() + "/adapters", adapters, config)
+      >>> restored = lora.load(path)
+      >>> restored["kernel"].scale, bool((restored["kernel"].a == adapters["kernel"].a).all())
+      (4.0, True)
 
     Args:
       directory: a checkpoint directory written by `save`.
@@ -332,9 +339,11 @@ def load_config(directory: str | os.PathLike[str]) -> LoraConfig | None:
 
     Sharp edge: in a multi-process run every process must call it, as `load`.
 
-    Example:
-      >>> lora.save("/tmp/run/adapters", adapters, config)
-      >>> lora.load_config("/tmp/run/adapters") == config
+    Examples:
+      >>> params, config = {"kernel": jnp.ones((3, 4))}, lora.LoraConfig(rank=2)
+      >>> adapters = lora.init(jax.random.key(0), params, config)
+      >>> path = lora.save(tempfile.mkdtemp() + "/adapters", adapters, config)
+      >>> lora.load_config(path) == config
       True
 
     Args:

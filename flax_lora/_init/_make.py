@@ -54,7 +54,7 @@ def init(
     Sharp edge: ``init="pissa"``, ``"olora"`` and ``"loftq"`` change the base too, and then
     return a pair (below); the adapters fit only that new base.
 
-    Example:
+    Examples:
       >>> model = nn.Dense(4)
       >>> params = model.init(jax.random.key(0), jnp.ones((1, 3)))
       >>> adapters = lora.init(jax.random.key(1), params, lora.LoraConfig(rank=2))

@@ -18,6 +18,14 @@ from flax_lora._typing import Kind, PyTree
 class Choice:
     """One leaf of 2 or more dimensions: whether `lora.init` adapts it, and why.
 
+    Examples:
+      >>> params = {"dense": {"kernel": jnp.ones((3, 4))}, "w": jnp.ones((2, 2))}
+      >>> picked, skipped = lora.select(params, lora.LoraConfig(rank=2)).choices
+      >>> picked.path, picked.shape, picked.picked, picked.reason
+      ('dense/kernel', (3, 4), True, "named 'kernel' (Flax's name)")
+      >>> skipped.path, skipped.picked, skipped.reason
+      ('w', False, "not named 'kernel' or 'embedding' ...")
+
     Attributes:
       path: the leaf's path.
       shape: its shape.
@@ -42,10 +50,14 @@ class Selection:
 
     ``str(selection)`` is a table (path, shape, picked or skipped, kind, reason).
 
-    Example:
+    Examples:
+      >>> model = nn.Sequential([nn.Embed(10, 8), nn.Dense(8), nn.Dense(2)])  # a tiny LM
+      >>> tokens = jnp.ones((1, 4), int)
+      >>> params, probe = model.init(jax.random.key(0), tokens), lambda p: model.apply(p, tokens)
       >>> s = lora.select(params, lora.LoraConfig(targets="all-linear"), probe=probe)
       >>> s.picked  # the paths lora.init adapts
-      >>> s.skipped["params/lm_head/kernel"]
+      ['params/layers_1/kernel']
+      >>> s.skipped["params/layers_2/kernel"]
       "all-linear: the model's output head (its product is an output of the probe)"
 
     Attributes:
@@ -93,16 +105,18 @@ def select(
     convolution, the output head). `lora.init` may still refuse a picked kernel (a kernel of 3
     or more dimensions without a probe, a size-0 axis, a non-floating dtype).
 
-    ``"all-linear"`` leaves out the model's output head: with a probe, each kernel whose product
-    is an output of the traced function, up to values that come from neither the input nor
-    another kernel (a bias, a cast, a softcap): an LM head, a classifier, a plain MLP's last
-    layer, but not a block's last projection added to the residual stream. Without a probe, a
-    2-D ``kernel`` whose output size equals the number of rows of an ``embedding`` in the tree
-    (an LM head over that vocabulary).
+    What ``"all-linear"`` takes as the model's output head: `docs/guides/config.md`.
 
-    Example:
-      >>> config = lora.LoraConfig(targets=["query", "value"])
-      >>> print(lora.select(params, config))  # a table: path, shape, picked / skipped, reason
+    Examples:
+      >>> model = nn.Sequential([nn.Embed(10, 8), nn.Dense(8), nn.Dense(2)])  # a tiny LM
+      >>> tokens = jnp.ones((1, 4), int)
+      >>> params, probe = model.init(jax.random.key(0), tokens), lambda p: model.apply(p, tokens)
+      >>> s = lora.select(params, lora.LoraConfig(targets="all-linear"), probe=probe, show=True)
+      path                           shape           kind   reason
+      params/layers_0/embedding       10x8  skipped  embed  all-linear: an embedding (Embed table)
+      params/layers_1/kernel           8x8  picked   dense  all-linear: contracted as a linear map
+      params/layers_2/kernel           8x2  skipped  dense  all-linear: the model's output head ...
+      picked: 1 || skipped: 2
 
     Args:
       params: a Linen variables dict, an NNX state, or any pytree (a quantized tree is read

@@ -31,44 +31,26 @@ def key_map(name: str) -> RuleMap:
     the names a PEFT adapter of the PyTorch model uses). It gives ``None`` for a path it does not
     name (no PyTorch twin), so `save_peft` refuses adapters on such a kernel naming the path.
 
-    The families (``tunix/*``: google-tunix 0.1.7's ``tunix.models``, NNX states;
-    ``gemma/*``: the ``gemma`` package; ``transformers/*``: transformers 4.57's Flax models):
+    Embeddings an output head may share and routers are not named: leave them out of
+    ``targets``. The families, and what each maps: `docs/guides/peft.md`.
 
-    - ``tunix/llama3``, ``tunix/qwen2``, ``tunix/qwen3``: attention ``q/k/v/o_proj``, MLP
-      ``gate/up/down_proj``, ``lm_head`` -> ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` /
-      ``Qwen3ForCausalLM``.
-    - ``tunix/qwen3_moe``: attention as above; expert kernels one module per expert
-      (``model.layers.0.mlp.experts.{expert}.gate_proj``, HF's checkpoint and vLLM's layout).
-    - ``tunix/qwen3_moe_hf5``: attention as above; expert kernels onto transformers 5's fused
-      expert parameters (PEFT's ``target_parameters``): ``gate_proj`` and ``up_proj`` ->
-      ``model.layers.0.mlp.experts.gate_up_proj[0]`` and ``[1]``, ``down_proj`` ->
-      ``...experts.down_proj``; pass ``param_order=("gate_up_proj", "down_proj")`` to
-      `save_peft` and `load_peft`.
-    - ``tunix/gemma``, ``tunix/gemma2``, ``tunix/gemma3``, ``gemma/gemma3``: ``q_einsum`` ->
-      ``q_proj``; the fused ``kv_einsum`` -> ``(k_proj, v_proj)`` and ``qkv_einsum`` -> ``(q_proj,
-      k_proj, v_proj)``; ``attn_vec_einsum`` -> ``o_proj``; the MLP (the ``gemma`` package's fused
-      ``gating_einsum`` -> ``(gate_proj, up_proj)``, ``linear`` -> ``down_proj``).
-    - ``transformers/bert``, ``transformers/gpt2``, ``transformers/llama``: Flax BERT (with or
-      without ``bert/`` and ``classifier``), GPT-2 (``Conv1D``: its Flax kernel is ``(out, in)``,
-      so pass ``probe`` to `init` and `load_peft`), Llama.
-
-    Embeddings an output head may share (tunix's ``embedder``, Gemma's, GPT-2's ``wte``,
-    Llama's ``embed_tokens``) and routers are not named: leave them out of ``targets`` (a regex
-    of the attention and MLP kernels). Fused kernels (a tuple of names), ``{expert}`` names and
-    ``"<module>[i]"`` parts are `save_peft` / `load_peft` key-map values, so every attention and
-    MLP kernel of these families goes both ways.
-
-    Example:
-      >>> import flax_lora as lora
+    Examples:
       >>> km = lora.key_map("tunix/llama3")
       >>> km("layers/0/attn/q_proj/w")
       'model.layers.0.self_attn.q_proj'
-      >>> km("embedder/input_embedding") is None
+      >>> km("embedder/input_embedding") is None  # no PyTorch twin
       True
-      >>> # lora.save_peft("/tmp/adapter", adapters, config, key_map=km)
+      >>> lora.key_map("tunix/gemma3")("layers/0/attn/kv_einsum/w")  # a fused kernel
+      ('model.layers.0.self_attn.k_proj', 'model.layers.0.self_attn.v_proj')
+      >>> # lora.save_peft(directory, adapters, config, key_map=km)
 
     Args:
-      name: a family's name, ``"<source>/<family>"`` as listed above.
+      name: a family's name: ``tunix/llama3``, ``tunix/qwen2``, ``tunix/qwen3``,
+        ``tunix/qwen3_moe``, ``tunix/qwen3_moe_hf5`` (pass ``param_order=("gate_up_proj",
+        "down_proj")`` to `save_peft` and `load_peft`), ``tunix/gemma``, ``tunix/gemma2``,
+        ``tunix/gemma3``, ``gemma/gemma3``, ``transformers/bert``, ``transformers/gpt2`` (its
+        Flax kernels are ``(out, in)``: pass ``probe`` to `init` and `load_peft`),
+        ``transformers/llama``.
 
     Returns:
       The key map: a function of a kernel path (a leading ``params/`` is ignored) that gives

@@ -76,10 +76,19 @@ def combine(
     Sharp edge: with several adapters, ``"linear"`` and the pruning methods hold cross terms
     ``aᵢ bⱼ`` (i ≠ j), so their delta is not ``Σᵢ wᵢ Δᵢ``: ``"cat"`` is, exactly.
 
-    Example:
+    Examples:
+      >>> params, config = {"kernel": jnp.ones((3, 4))}, lora.LoraConfig(rank=2, init="random")
+      >>> adapters_a = lora.init(jax.random.key(0), params, config)
+      >>> adapters_b = lora.init(jax.random.key(1), params, config)
       >>> both = lora.combine([adapters_a, adapters_b], [0.7, 0.3], method="cat")
-      >>> low = lora.combine([adapters_a, adapters_b], [1.0, -1.0], method="svd", rank=8)
-      >>> y = lora.wrap(model.apply)(params, both, x)
+      >>> both["kernel"].rank, both["kernel"].scale
+      (4, 1.0)
+      >>> want = 0.7 * lora.delta(adapters_a["kernel"]) + 0.3 * lora.delta(adapters_b["kernel"])
+      >>> bool(jnp.allclose(lora.delta(both["kernel"]), want, atol=1e-5))
+      True
+      >>> low = lora.combine([adapters_a, adapters_b], [1.0, -1.0], method="svd", rank=2)
+      >>> low["kernel"].rank
+      2
 
     Args:
       adapter_list: adapter sets of the same model, adapting the same kernels with the same

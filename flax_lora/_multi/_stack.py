@@ -59,10 +59,15 @@ def stack(adapter_list: Sequence[PyTree]) -> PyTree:
     Sharp edge: a routed call on a stack holding trained copies or token deltas runs each
     example as a batch of one (layers that mix examples then see one example).
 
-    Example:
-      >>> stacked = lora.stack([adapters_a, adapters_b, adapters_c])
-      >>> y = lora.wrap(model.apply)(params, stacked, x, lora_ids=jnp.array([0, 2, -1, 1]))
-      >>> again_b = lora.unstack(stacked, 1)  # adapters_b, its scale folded into b
+    Examples:
+      >>> model, x = nn.Dense(4), jnp.ones((4, 3))
+      >>> params, config = model.init(jax.random.key(0), x), lora.LoraConfig(rank=2, init="random")
+      >>> sets = [lora.init(jax.random.key(i), params, config) for i in (1, 2, 3)]
+      >>> stacked, fn = lora.stack(sets), lora.wrap(model.apply)
+      >>> y = fn(params, stacked, x, lora_ids=jnp.array([0, 2, -1, 1]))  # -1: the base
+      >>> bool(jnp.allclose(y[1], fn(params, sets[2], x)[1], atol=1e-5))
+      True
+      >>> again = lora.unstack(stacked, 1)  # sets[1], its scale folded into b
 
     Args:
       adapter_list: adapter sets of the same model that adapt the same kernels with the same
@@ -143,8 +148,12 @@ def unstack(stacked: PyTree, index: int) -> PyTree:
     layer axes and ``layers=None``: layers the original did not adapt hold zero factors. A DoRA
     adapter comes back with its ``m`` (and, layered, its ``layers``, which DoRA needs).
 
-    Example:
-      >>> adapters_b = lora.unstack(lora.stack([adapters_a, adapters_b]), 1)
+    Examples:
+      >>> params, config = {"kernel": jnp.ones((3, 4))}, lora.LoraConfig(rank=2, init="random")
+      >>> sets = [lora.init(jax.random.key(i), params, config) for i in (0, 1)]
+      >>> w = lora.unstack(lora.stack(sets), 1)["kernel"]  # sets[1], its scale folded into b
+      >>> w.scale, bool(jnp.allclose(lora.delta(w), lora.delta(sets[1]["kernel"]), atol=1e-6))
+      (1.0, True)
 
     Args:
       stacked: a tree from `lora.stack`.

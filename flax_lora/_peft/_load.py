@@ -123,9 +123,14 @@ def load_peft(
     without one the load accepts only an unambiguous split of PEFT's ``in`` / ``out`` features
     (a ``(384, 12, 32)`` q kernel is ambiguous) and otherwise raises: it never guesses.
 
-    Example:
-      >>> adapters = lora.load_peft("/tmp/adapter", params)
-      >>> y = lora.wrap(model.apply)(params, adapters, x)
+    Examples:
+      >>> params = {"params": {"lin": {"kernel": jnp.ones((3, 4))}}}  # PyTorch's module "lin"
+      >>> config = lora.LoraConfig(rank=2, init="random")
+      >>> path = lora.save_peft(tempfile.mkdtemp(), lora.init(jax.random.key(0), params, config))
+      >>> adapters = lora.load_peft(path, params)  # a folder PEFT wrote reads the same way
+      >>> w = adapters["params"]["lin"]["kernel"]
+      >>> w.a.shape, w.b.shape, w.scale
+      ((3, 2), (2, 4), 4.0)
 
     Args:
       directory: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.

@@ -74,9 +74,14 @@ def save_peft(
     Sharp edge: PEFT also matches a listed name as a suffix (``lin`` targets ``block.lin``); such
     an extra module starts as PEFT's no-op (``B = 0``), but PEFT may warn about missing keys.
 
-    Example:
-      >>> lora.save_peft("/tmp/adapter", adapters, config)
-      >>> # PyTorch: PeftModel.from_pretrained(torch_model, "/tmp/adapter")
+    Examples:
+      >>> params = {"params": {"lin": {"kernel": jnp.ones((3, 4))}}}  # PyTorch's module "lin"
+      >>> config = lora.LoraConfig(rank=2)
+      >>> adapters = lora.init(jax.random.key(0), params, config)
+      >>> path = lora.save_peft(tempfile.mkdtemp(), adapters, config)
+      >>> # PyTorch: PeftModel.from_pretrained(torch_model, path)
+      >>> lora.load_peft(path, params)["params"]["lin"]["kernel"].a.shape
+      (3, 2)
 
     Args:
       directory: the output directory (created, or a folder whose other files are left alone).

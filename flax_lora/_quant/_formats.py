@@ -108,11 +108,15 @@ class QuantizedKernel:
 
     Use `dequantize_kernel` (or `dequantize` on a whole tree) to get the kernel back.
 
-    Example:
-      >>> qparams = lora.quantize(params, dtype="nf4")
-      >>> q = qparams["params"]["Dense_0"]["kernel"]  # QuantizedKernel(nf4, shape=(64, 32), ...)
-      >>> q.shape, q.nbytes  # the kernel's shape; the bytes it stores
-      >>> w = lora.dequantize(qparams)["params"]["Dense_0"]["kernel"]  # float again
+    Examples:
+      >>> qparams = lora.quantize({"dense": {"kernel": jnp.ones((32, 64))}}, dtype="nf4")
+      >>> q = qparams["dense"]["kernel"]
+      >>> q
+      QuantizedKernel(nf4, shape=(32, 64), dtype=float32, block_size=64)
+      >>> q.shape, q.nbytes  # the kernel's shape; the bytes it stores (8192 in float32)
+      ((32, 64), 1152)
+      >>> lora.dequantize(qparams)["dense"]["kernel"].shape  # float again
+      (32, 64)
 
     Attributes:
       codes: ``"int8"``: int8 codes of the kernel's shape. ``"nf4"``: uint8 of shape
@@ -179,6 +183,12 @@ class QuantizedKernel:
 
         Slicing every leaf on its first axis (as `jax.lax.scan` does with its ``xs``) then gives
         one layer's `QuantizedKernel`, exactly the single-layer quantization of that layer.
+
+        Returns:
+          A `QuantizedKernel` of the same leaves.
+
+        Raises:
+          ValueError: the kernel has no layer axis.
         """
         if not self.layer_axes:
             raise ValueError(f"{self!r} has no layer axis.")
@@ -236,7 +246,7 @@ def quantize_kernel(
 ) -> QuantizedKernel:
     """Quantizes one floating array (see `lora.quantize` for the formats).
 
-    Example:
+    Examples:
       >>> q = lora.quantize_kernel(jnp.ones((64, 32)), "nf4")
       >>> lora.dequantize_kernel(q).shape
       (64, 32)
@@ -337,8 +347,13 @@ def _nearest(x: jax.Array, levels: np.ndarray) -> jax.Array:
 def dequantize_kernel(q: QuantizedKernel) -> jax.Array:
     """The kernel a `QuantizedKernel` stands for, in its original shape and dtype (jit-able).
 
-    Example:
-      >>> w = lora.dequantize_kernel(qparams["params"]["Dense_0"]["kernel"])
+    Examples:
+      >>> w0 = jnp.linspace(-1.0, 1.0, 64).reshape(8, 8)
+      >>> w = lora.dequantize_kernel(lora.quantize_kernel(w0, "int8"))
+      >>> w.shape, w.dtype
+      ((8, 8), dtype('float32'))
+      >>> float(jnp.abs(w - w0).max()) < 0.01  # int8: within half a step of absmax / 127
+      True
 
     Args:
       q: a `QuantizedKernel`.

@@ -100,9 +100,14 @@ def quantize(
     NaN or inf then makes its int8 channel, its nf4 block (with ``double_quant``, the whole
     kernel) dequantize to NaN. Outside a trace such a kernel is a ``ValueError``.
 
-    Example:
-      >>> qparams = lora.quantize(params, dtype="nf4")
-      >>> y = jax.jit(lora.wrap(model.apply))(qparams, adapters, x)  # dequantized at each use
+    Examples:
+      >>> model, x = nn.Dense(64), jnp.ones((2, 32))
+      >>> qparams = lora.quantize(model.init(jax.random.key(0), x), dtype="nf4")
+      >>> qparams["params"]["kernel"].nbytes  # its bytes: 8192 in float32
+      1152
+      >>> adapters = lora.init(jax.random.key(1), qparams, lora.LoraConfig(rank=4))
+      >>> jax.jit(lora.wrap(model.apply))(qparams, adapters, x).shape  # dequantized at each use
+      (2, 64)
 
     Args:
       params: a Linen variables dict, an NNX state, or any pytree.
@@ -205,11 +210,16 @@ def dequantize(params: PyTree) -> PyTree:
     Call it inside the jitted function, so that only the codes are kept between steps; a tree
     without quantized kernels is returned unchanged.
 
-    Example:
+    Examples:
+      >>> model, x = nn.Dense(64), jnp.ones((2, 32))
+      >>> qparams = lora.quantize(model.init(jax.random.key(0), x))
+      >>> adapters = lora.init(jax.random.key(1), qparams, lora.LoraConfig(rank=4))
       >>> @jax.jit
-      ... def step(adapters, qparams, x):
-      ...     return jax.grad(lambda ad: loss(lora.wrap(model.apply)(lora.dequantize(qparams),
-      ...                                                          ad, x)))(adapters)
+      ... def grads(adapters, qparams, x):  # only the codes are kept between steps
+      ...     loss = lambda ad: lora.wrap(model.apply)(lora.dequantize(qparams), ad, x).sum()
+      ...     return jax.grad(loss)(adapters)
+      >>> grads(adapters, qparams, x)["params"]["kernel"].b.shape
+      (4, 64)
 
     Args:
       params: a params tree, possibly holding `QuantizedKernel` nodes.
@@ -234,9 +244,13 @@ def requantize(params: PyTree, like: PyTree) -> PyTree:
     ``‖W - deQ(Q(W))‖ / ‖W‖`` it introduces (measured, largest over the kernels; not measured
     under a trace). Keep the dequantized merge when that matters.
 
-    Example:
+    Examples:
+      >>> qparams = lora.quantize({"kernel": jax.random.normal(jax.random.key(0), (32, 64))})
+      >>> config = lora.LoraConfig(rank=4, init="random")
+      >>> adapters = lora.init(jax.random.key(1), qparams, config)
       >>> merged = lora.merge(lora.dequantize(qparams), adapters)
-      >>> qmerged = lora.requantize(merged, like=qparams)  # warns with the measured error
+      >>> lora.requantize(merged, like=qparams)["kernel"]  # warns with the measured error
+      QuantizedKernel(nf4, shape=(32, 64), dtype=float32, block_size=64)
 
     Args:
       params: a params tree with float kernels at the paths that are quantized in ``like``.
