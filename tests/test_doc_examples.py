@@ -36,6 +36,8 @@ WITH_CODE = [
 def test_page_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     name = _name(page)
+    if name in doc_pages.NEEDS:
+        pytest.importorskip(doc_pages.NEEDS[name], reason=f"{name}'s examples need it")
     ns: dict = {"__name__": "doc_example"}
     exec(compile(doc_pages.COMMON + doc_pages.SETUPS.get(name, ""), f"{name}:setup", "exec"), ns)
     ran = 0

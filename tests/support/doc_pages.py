@@ -3,7 +3,8 @@
 A page's ```python blocks run in order in one namespace, after the common imports (``jax``,
 ``jnp``, ``np``, ``optax``, ``nn``, ``nnx``, ``lora``) and the page's setup here: the objects its
 text describes as already there (a model, its params, an input). Pages not listed need none.
-``NOT_RUN`` names the blocks that need what CI's legs cannot give them (a tunix training run, a
+``NEEDS`` names the package a page's examples need (they run in the CI leg that has it and
+skip elsewhere, saying so); ``NOT_RUN`` names the blocks that need what CI's legs cannot give them (a tunix training run, a
 mesh of real accelerators), each with the test that runs the same code on tiny models.
 """
 
@@ -198,6 +199,9 @@ SETUPS: dict[str, str] = {
     "docs/guides/generation.md": DECODER,
     "docs/guides/moe.md": MOE,
 }
+
+# pages whose examples need a package only some CI legs have: the page runs where it imports
+NEEDS: dict[str, str] = {"docs/guides/maxtext.md": "maxtext"}
 
 NOT_RUN: dict[tuple[str, int], str] = {
     (
