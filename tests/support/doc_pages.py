@@ -4,8 +4,9 @@ A page's ```python blocks run in order in one namespace, after the common import
 ``jnp``, ``np``, ``optax``, ``nn``, ``nnx``, ``lora``) and the page's setup here: the objects its
 text describes as already there (a model, its params, an input). Pages not listed need none.
 ``NEEDS`` names the package a page's examples need (they run in the CI leg that has it and
-skip elsewhere, saying so); ``NOT_RUN`` names the blocks that need what CI's legs cannot give them (a tunix training run, a
-mesh of real accelerators), each with the test that runs the same code on tiny models.
+skip elsewhere, saying so); ``NOT_RUN`` names the blocks that need what CI's legs cannot give
+them (a tunix training run, a mesh of real accelerators), each with the test that runs the same
+code on tiny models.
 """
 
 from __future__ import annotations
