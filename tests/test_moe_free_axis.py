@@ -69,6 +69,20 @@ def dense_block(p: Any, x: jax.Array) -> jax.Array:
     return jnp.einsum("BSEM,BSE->BSM", out, comb)
 
 
+def dense_block_respelled(p: Any, x: jax.Array) -> jax.Array:
+    """The dense path spelled otherwise: ``wi_0`` as the lhs of its ``dot_general`` (the output
+    ``(E, H, B, S)``, transposed), ``wi_1``'s output transposed, and ``h`` reshaped to
+    ``(tokens, E, H)`` before ``wo``: the free expert axis is followed through each."""
+    w, idx = _route(p["gate"]["kernel"], x.reshape(-1, M))
+    comb = jnp.einsum("tk,tke->te", w, jax.nn.one_hot(idx, E, dtype=w.dtype))
+    h0 = jax.lax.dot_general(p["wi_0"], x, (((1,), (2,)), ((), ())))  # (E, H, B, S)
+    h0 = jnp.transpose(h0, (2, 3, 0, 1))
+    h1 = jnp.transpose(jnp.einsum("EMH,BSM->EBSH", p["wi_1"], x), (1, 2, 0, 3))
+    h = (jax.nn.silu(h0) * h1).reshape(-1, E, H)
+    out = jnp.einsum("EHM,TEH->TEM", p["wo"], h)
+    return jnp.einsum("TEM,TE->TM", out, comb).reshape(x.shape)
+
+
 @jax.jit
 def _grouped(xs: jax.Array, wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array, gs: jax.Array) -> Any:
     h = jax.nn.silu(jax.lax.ragged_dot(xs, wi_0, gs)) * jax.lax.ragged_dot(xs, wi_1, gs)
@@ -88,10 +102,11 @@ def sparse_block(p: Any, x: jax.Array) -> jax.Array:
 
 
 BLOCKS = {"dense": dense_block, "sparse": sparse_block}
+RESPELLED = {**BLOCKS, "respelled": dense_block_respelled}
 
 
 def model(block: str, params: Any, x: jax.Array) -> jax.Array:
-    return BLOCKS[block](params["moe"], x)
+    return RESPELLED[block](params["moe"], x)
 
 
 def layered_model(block: str, params: Any, x: jax.Array) -> jax.Array:
@@ -248,9 +263,9 @@ def _structure(adapters: Any) -> dict[str, Any]:
 def test_both_paths_give_one_lora_per_expert_of_the_same_structure() -> None:
     found = {
         block: _structure(_init(PARAMS, functools.partial(model, block, x=jnp.asarray(X))))
-        for block in BLOCKS
+        for block in RESPELLED
     }
-    assert found["dense"] == found["sparse"]
+    assert found["dense"] == found["sparse"] == found["respelled"]
     s = found["dense"]
     assert s["moe/wi_0"] == ((E, M, R), (E, R, H), (1,), (0,), (E, M, H))
     assert s["moe/wi_1"] == s["moe/wi_0"]
@@ -270,7 +285,7 @@ def test_layered_stack_gives_one_lora_per_layer_and_expert() -> None:
     assert w["moe/wo"].a.shape == (L, E, H, R) and w["moe/wo"].b.shape == (L, E, R, M)
 
 
-CASES = [(block, layered) for layered in (False, True) for block in BLOCKS]
+CASES = [*((block, False) for block in RESPELLED), *((block, True) for block in BLOCKS)]
 
 
 def _case(block: str, layered: bool) -> tuple[Any, Any]:
