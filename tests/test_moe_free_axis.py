@@ -420,6 +420,26 @@ def test_attention_heads_stay_output_axes() -> None:
     assert rel_err(got, merged) < 1e-5
 
 
+def _summed(p: Any, x: jax.Array) -> jax.Array:
+    """Every token through every expert, summed over the experts, then a kernel whose batch
+    dimension meets only the token axis: ``E`` never meets a kernel's batch dimension."""
+    h = jnp.einsum("td,edf->etf", x, p["w_in"]).sum(0)  # (T, F)
+    return jnp.einsum("tf,tfd->td", h, p["w_tok"])  # the token axis batched with a kernel's
+
+
+def test_a_free_axis_reduced_away_stays_an_output_axis() -> None:
+    t, f = 5, 3
+    params = {"w_in": RNG.normal(size=(E, M, f)), "w_tok": RNG.normal(size=(t, f, M))}
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    x = jnp.asarray(X.reshape(-1, M)[:t])
+    adapters = _init(params, lambda p: _summed(p, x))
+    s = _structure(adapters)
+    assert s["w_in"] == ((M, R), (R, E, f), (1,), (), (E, M, f))
+    assert s["w_tok"][3] == (0,)  # its own batch dimension is an expert axis, as before
+    want = _summed(lora.merge(params, adapters), x)
+    assert rel_err(lora.wrap(_summed, mode="factored")(params, adapters, x), want) < 1e-5
+
+
 @pytest.mark.parametrize("block", list(BLOCKS))
 def test_dora_and_routing_over_free_expert_axes(block: str) -> None:
     """DoRA per expert (factored: norms per expert and output unit) and a routing stack
