@@ -17,8 +17,10 @@ Every reference is float64 numpy written without flax_lora: per-expert kernels
 Checked: the probe gives one LoRA per expert on both paths with the same structure
 (``a (E, M, r)``, ``b (E, r, H)``); every mode of `lora.wrap` equals the merged model and the
 float64 reference; gradients agree across modes and paths; an adapter trained on one path runs
-on the other; merge / unmerge, `save_peft` / `load_peft`; a layered (``lax.scan``) stack;
-attention's free head axes (Gemma's ``kv_einsum``, ``q``) stay output axes.
+on the other; merge / unmerge, `save_peft` / `load_peft`; DoRA and routing; layered stacks
+(``lax.scan`` and Linen ``nn.scan``); the dense path respelled (kernel first, transposes, a
+reshape). Free axes that meet no kernel's batch dimension stay output axes (attention's heads,
+Gemma's ``q`` and fused ``kv_einsum``; an expert axis summed away).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -459,3 +462,58 @@ def test_dora_and_routing_over_free_expert_axes(block: str) -> None:
     got = lora.wrap(fn)(PARAMS, lora.stack(adapters), x, lora_ids=jnp.arange(B))
     for i, a in enumerate(adapters):
         assert rel_err(got[i], fn(lora.merge(PARAMS, a), x)[i]) < 2e-5, i
+
+
+# -- a Linen nn.scan stack, as MaxText builds its decoder ---------------------------------------
+class _MoeLayer(nn.Module):
+    block: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
+        init = nn.initializers.normal(0.3)
+        p = {
+            "gate": {"kernel": self.param("gate", nn.initializers.normal(1.0), (M, E))},
+            "wi_0": self.param("wi_0", init, (E, M, H)),
+            "wi_1": self.param("wi_1", init, (E, M, H)),
+            "wo": self.param("wo", init, (E, H, M)),
+        }
+        return x + RESPELLED[self.block](p, x), None
+
+
+class _Decoder(nn.Module):
+    block: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        layers = nn.scan(
+            _MoeLayer, variable_axes={"params": 0}, split_rngs={"params": True}, length=L
+        )
+        return layers(self.block, name="layers")(x, None)[0]
+
+
+def test_linen_scan_stack_on_either_path() -> None:
+    """``nn.scan`` over MoE layers whose params are ``self.param`` leaves: the same layered,
+    per-expert adapters on both paths, and every mode equals the float64 reference."""
+    x = jnp.asarray(X)
+    variables = _Decoder("dense").init(jax.random.key(7), x)
+    found = {}
+    for block in BLOCKS:
+        apply = _Decoder(block).apply
+        adapters = _init(variables, lambda v, apply=apply: apply(v, x))
+        found[block] = _structure(adapters)
+        k = {
+            p.replace("params/layers", "moe").replace("moe/gate", "moe/gate/kernel"): w
+            for p, w in merged64(variables, adapters).items()
+        }
+        want = ref64(k, X, layered=True)
+        for mode in ("factored", "auto", "merged"):
+            got = jax.jit(lora.wrap(apply, mode=mode))(variables, adapters, x)
+            assert rel_err(got, want) < 2e-5, (block, mode)
+    assert found["dense"] == found["sparse"]
+    assert found["dense"]["params/layers/wi_0"] == (
+        (L, E, M, R),
+        (L, E, R, H),
+        (2,),
+        (1,),
+        (L, E, M, H),
+    )
