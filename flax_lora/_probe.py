@@ -8,7 +8,9 @@ product with a value that is not a kernel (``w * w_scale``, Gemma 3n / 4) to the
 - ``gather`` (an Embed lookup): the gathered axis is the input axis -> ``"embed"``;
 - ``conv_general_dilated``: the input-feature and spatial axes -> ``"conv"``;
 - ``dot_general``: the contracted axes -> ``"dense"``; the kernel's batch dimensions are its
-  **expert axes** (``jnp.einsum("etd,edf->etf", x, w)``);
+  **expert axes** (``jnp.einsum("etd,edf->etf", x, w)``); so is a **free** kernel axis (neither
+  contracted nor batched) whose axis of the product later meets a kernel's batch dimension
+  (MaxText's dense MoE ``"BSM,EMH->BSEH"``, then ``"BSEH,EHM->BSEM"``: `flax_lora._free_axes`);
 - ``ragged_dot_general`` (``jax.lax.ragged_dot``), the kernel as rhs: the contracted axes ->
   ``"dense"``, the group axis an expert axis;
 - a Python loop over experts (``w[e]``: ``slice`` / ``dynamic_slice`` to size 1, then
@@ -22,11 +24,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import jax
 
 from flax_lora import _jaxpr as jx
+from flax_lora._free_axes import Free, Origins, carry, union
 from flax_lora._head import output_heads
 from flax_lora._paths import describe, path_str
 from flax_lora._typing import Kind
@@ -113,6 +116,7 @@ class Step:
 
     outs: tuple[Tracked | None, ...] = ()
     pin: tuple[int, ...] = ()
+    free: tuple[Free | None, ...] = ()  # the free axes of the products among the outvars
 
 
 Pins = list[tuple[int, ...]]
@@ -123,26 +127,50 @@ ProbeRule = Callable[[jx.Eqn, list[Tracked | None], Pins, Uses], Step]
 kernel's), ``pins`` their pinned axes; records the uses it finds in ``uses``."""
 
 
-def _walk(jaxpr: jx.Jaxpr, tracked: dict[jx.Var, Tracked], uses: Uses) -> dict[jx.Var, Tracked]:
+def _walk(
+    jaxpr: jx.Jaxpr,
+    tracked: dict[jx.Var, Tracked],
+    uses: Uses,
+    free: dict[jx.Var, Free] | None = None,
+) -> tuple[dict[jx.Var, Tracked], dict[jx.Var, Free]]:
     """Follows tracked vars through ``jaxpr`` by the rule of each primitive (`PROBE_RULES`, a
-    call-like equation's body otherwise); returns the tracked outvars."""
+    call-like equation's body otherwise), and the free axes of products (`Free`) by
+    `flax_lora._free_axes.carry`; returns the tracked outvars and those holding free axes."""
     env = dict(tracked)
+    frees = dict(free or {})
     pinned: dict[jx.Var, tuple[int, ...]] = {}  # var -> kernel axes taken at one index (``w[e]``)
     for eqn in jaxpr.eqns:
-        ins = [None if isinstance(v, jx.Literal) else env.get(v) for v in eqn.invars]
-        if not any(ins):
+        # a literal (a constant) is unhashable and stems from no kernel
+        vs = [None if jx.is_literal(v) else cast(jx.Var, v) for v in eqn.invars]
+        ins = [None if v is None else env.get(v) for v in vs]
+        fins = [None if v is None else frees.get(v) for v in vs]
+        if not any(ins) and not any(fins):
             continue
-        pins = [() if isinstance(v, jx.Literal) else pinned.get(v, ()) for v in eqn.invars]
-        step = PROBE_RULES.get(eqn.primitive.name, _call)(eqn, ins, pins, uses)
+        pins = [() if v is None else pinned.get(v, ()) for v in vs]
+        rule = PROBE_RULES.get(eqn.primitive.name)
+        sub = jx.sub_body(eqn) if rule is None else None
+        if sub is not None:
+            step = _call(sub, ins, fins, uses)
+        else:
+            step = rule(eqn, ins, pins, uses) if rule is not None and any(ins) else Step()
+            found = carry(eqn, [None if t is None else t[1] for t in ins], fins)
+            step = dataclasses.replace(step, free=union(step.free, found))
         for o, t in zip(eqn.outvars, step.outs, strict=False):
             if t is not None:
                 env[o] = t
+        for o, f in zip(eqn.outvars, step.free, strict=False):
+            if f is not None:
+                frees[o] = f
         if step.pin:
             pinned[eqn.outvars[0]] = step.pin
-    return {v: env[v] for v in jaxpr.outvars if not jx.is_literal(v) and v in env}
+    outs = [v for v in jaxpr.outvars if not jx.is_literal(v)]
+    return {v: env[v] for v in outs if v in env}, {v: frees[v] for v in outs if v in frees}
 
 
-def _inner(invars: Sequence[jx.Var], ins: Sequence[Tracked | None]) -> dict[jx.Var, Tracked]:
+T = TypeVar("T")
+
+
+def _inner(invars: Sequence[jx.Var], ins: Sequence[T | None]) -> dict[jx.Var, T]:
     return {iv: t for iv, t in zip(invars, ins, strict=True) if t}
 
 
@@ -207,15 +235,25 @@ def _first(ins: list[Tracked | None]) -> Tracked:
 
 
 def _dot(eqn: jx.Eqn, ins: list[Tracked | None], pins: Pins, uses: Uses) -> Step:
-    """``dot_general``: the contracted axes are input axes, the batch axes expert axes."""
+    """``dot_general``: the contracted axes are input axes, the batch axes expert axes; the
+    product's axes from the kernel's free axes are `Free` (expert axes if they later meet a
+    kernel's batch dimension)."""
     d = jx.dot(eqn)
     sides = ((d.lhs_contract, d.lhs_batch), (d.rhs_contract, d.rhs_batch))
-    for t, pin, (contract, batch) in zip(ins, pins, sides, strict=False):
+    free: list[Origins] = [() for _ in jx.shape(eqn.outvars[0])]
+    at = len(d.lhs_batch)  # the output is (batch..., lhs free..., rhs free...)
+    for k, (t, pin, (contract, batch)) in enumerate(zip(ins, pins, sides, strict=False)):
+        dims = [i for i in range(len(jx.shape(eqn.invars[k]))) if i not in (*contract, *batch)]
         if t is not None:
             path, amap = t
             experts = tuple(sorted({*_axes(amap, batch), *pin}))
-            uses.setdefault(path, []).append(Use("dense", _axes(amap, contract), (), experts))
-    return Step()
+            use = Use("dense", _axes(amap, contract), (), experts)
+            uses.setdefault(path, []).append(use)
+            if len(dims) >= 2:  # one may be an expert axis, another stays an output axis
+                for n, i in enumerate(dims):
+                    free[at + n] = ((use, amap[i]),) if amap[i] else ()
+        at += len(dims)
+    return Step(free=(tuple(free),) if any(free) else ())
 
 
 def _ragged_dot(eqn: jx.Eqn, ins: list[Tracked | None], pins: Pins, uses: Uses) -> Step:
@@ -281,14 +319,17 @@ def _while(eqn: jx.Eqn, ins: list[Tracked | None], pins: Pins, uses: Uses) -> St
     return Step()
 
 
-def _call(eqn: jx.Eqn, ins: list[Tracked | None], pins: Pins, uses: Uses) -> Step:
-    """A call-like equation (jit, remat, custom derivatives, ``shard_map``, ...): its body,
-    whose tracked outputs are the equation's; any other primitive tracks nothing."""
-    sub = jx.sub_body(eqn)
-    if sub is None:
-        return Step()
-    out = _walk(sub.jaxpr, _inner(sub.jaxpr.invars, ins), uses)
-    return Step(tuple(out.get(io) for io in sub.jaxpr.outvars))
+def _call(sub: jx.Body, ins: list[Tracked | None], fins: list[Free | None], uses: Uses) -> Step:
+    """A call-like equation (jit, remat, custom derivatives, ``shard_map``, ...) with body
+    ``sub``: its tracked and free outputs are the body's."""
+    invars = sub.jaxpr.invars
+    out, free = _walk(sub.jaxpr, _inner(invars, ins), uses, _inner(invars, fins))
+    # a literal outvar (a constant returned beside a product) is unhashable and tracks nothing
+    outvars = [None if jx.is_literal(o) else o for o in sub.jaxpr.outvars]
+    return Step(
+        tuple(None if o is None else out.get(o) for o in outvars),
+        free=tuple(None if o is None else free.get(o) for o in outvars),
+    )
 
 
 PROBE_RULES: dict[str, ProbeRule] = {

@@ -160,8 +160,10 @@ class LoraWeights(Axes):
         the adapted indices of its first layer axis; the others' factors are zero and stay zero
         (the update is masked per layer). ``None``: all layers.
       expert_axes: the kernel's expert axes (a batch dimension of the ``dot_general`` using it,
-        or the group axis of ``ragged_dot``): one adapter per expert, ``a (E, d, r)`` and
-        ``b (E, r, f)`` for a kernel ``(E, d, f)``. ``()`` for an ordinary kernel.
+        the group axis of ``ragged_dot``, or an axis free in its product that later meets a
+        kernel's batch dimension, as MaxText's dense MoE ``"BSM,EMH->BSEH"``): one adapter per
+        expert, ``a (E, d, r)`` and ``b (E, r, f)`` for a kernel ``(E, d, f)``. ``()`` for an
+        ordinary kernel.
     """
 
     a: jax.Array

@@ -7,7 +7,11 @@ input and output axes: ``a (E, *I, r)``, ``b (E, r, *O)``.
 - ``dot_general`` whose kernel batch dimensions are exactly the view's expert axes (the batched
   einsum ``"etd,edf->etf"``, the kernel on either side):
   ``dot(x, W0) + scale * dot(dot(x, a), b)``, both low-rank products keeping the expert axes as
-  batch dimensions, laid out as the equation's output (kernel first: the branch is transposed).
+  batch dimensions, laid out as the equation's output (kernel first: the branch is transposed);
+- ``dot_general`` whose kernel has no batch dimension and whose expert axes are free (MaxText's
+  dense MoE, ``"BSM,EMH->BSEH"``: every token through every expert):
+  ``dot(x, W0) + scale * dot(dot(x, a), b)``, the first product ``(B, S, E, r)`` with the expert
+  axes free in it, the second batched over them, laid out as the equation's output;
 - ``ragged_dot_general`` (``jax.lax.ragged_dot``), the kernel as rhs with its group axis the
   expert axis: ``rd(x, W0, gs) + scale * rd(rd(x, a, gs), b, gs)``, the same group sizes and
   ragged dimension. JAX differentiates both into products of the factors' size (the ragged
@@ -37,7 +41,7 @@ from flax_lora._factored._layout_ops import value_ops_only
 from flax_lora._factored._lowrank import cast_like
 from flax_lora._factored._quant_base import as_array
 from flax_lora._factored._rules import dequantized, dropout, kernel_use, operand
-from flax_lora._factored._view import EXPERT, I_SIDE, KernelView, expert_slice
+from flax_lora._factored._view import EXPERT, I_SIDE, O_SIDE, KernelView, expert_slice
 from flax_lora._typing import Key
 
 
@@ -76,6 +80,8 @@ def _expert_dense(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -
     ins, experts = v.axes(I_SIDE), v.axes(EXPERT)
     if _dora_with_dropout(v, key):
         return Unfactored("DoRA with LoRA dropout on an expert kernel")
+    if not kb and sorted(kc) == ins and len(v.meta.carried) == len(experts):
+        return _free_experts(interp, eqn, invals, v, x_pos, key)
     if tuple(kb) != tuple(experts) or sorted(kc) != ins or len(v.meta.carried) != len(experts):
         return Unfactored(
             f"the expert kernel's batch dimensions {tuple(kb)} and contracted axes {tuple(kc)} "
@@ -102,6 +108,43 @@ def _expert_dense(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -
         o_shape = v.g.shape[n:]
         g = v.g.reshape(*v.g.shape[:n], *(ones + o_shape if x_pos == 0 else o_shape + ones))
     return _finish(jx.bind(eqn, operands)[0], low, v, g)
+
+
+def _free_experts(
+    interp: Evaluator, eqn: jx.Eqn, invals: list[Any], v: KernelView, x_pos: int, key: Key
+) -> Result:
+    """``dot_general`` whose kernel's expert axes are free (not batch dimensions): ``x @ a``
+    keeps them free, ``(x free..., E..., r)``, then the product with ``b`` is batched over them
+    and laid out as the equation's output (``(x free..., kernel free...)``, kernel first
+    ``(kernel free..., x free...)``, the kernel's free axes being its expert and output axes in
+    view order)."""
+    d = jx.dot(eqn)
+    kc, xc = (d.rhs_contract, d.lhs_contract) if x_pos == 0 else (d.lhs_contract, d.rhs_contract)
+    ins, experts, outs = v.axes(I_SIDE), v.axes(EXPERT), v.axes(O_SIDE)
+    x, a, b = _branch_inputs(interp, v, invals[x_pos], "dot_general", key)
+    n, n_x = len(experts), x.ndim - len(xc)
+    hints = dict(precision=d.precision, preferred_element_type=d.preferred_element_type)
+    t = jax.lax.dot_general(
+        x, a, ((xc, tuple(n + ins.index(k) for k in kc)), ((), ())), **hints
+    )  # (x free..., E..., r)
+    e_in_t = tuple(range(n_x, n_x + n))
+    low = jax.lax.dot_general(
+        t, b, (((t.ndim - 1,), (n,)), (e_in_t, tuple(range(n)))), **hints
+    )  # (E..., x free..., O...)
+    kernel_free = [  # each free view axis' position in ``low``, in view order
+        experts.index(k) if k in experts else n + n_x + outs.index(k)
+        for k in range(len(v.shape))
+        if k not in kc
+    ]
+    x_free = list(range(n, n + n_x))
+    perm = tuple(x_free + kernel_free if x_pos == 0 else kernel_free + x_free)
+    operands = list(invals)
+    operands[x_pos] = as_array(invals[x_pos])
+    operands[1 - x_pos] = as_array(v.base)
+    g = None
+    if v.g is not None:  # (E..., O...) -> (E..., 1 per x free axis, O...), laid out as ``low``
+        g = jnp.transpose(v.g.reshape(*v.g.shape[:n], *(1,) * n_x, *v.g.shape[n:]), perm)
+    return _finish(jx.bind(eqn, operands)[0], jnp.transpose(low, perm), v, g)
 
 
 def _ragged(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:

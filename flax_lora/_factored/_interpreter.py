@@ -63,7 +63,9 @@ def remat_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> R
     # outside the region instead of leaving it as an array
     where = {v: k for k, v in enumerate(region.body.jaxpr.invars)}
     passed = [
-        Passed(where[o]) if o in where and _is_kernel(invals[where[o]]) else None
+        Passed(where[o])
+        if not jx.is_literal(o) and o in where and _is_kernel(invals[where[o]])
+        else None
         for o in region.body.jaxpr.outvars
     ]
 
