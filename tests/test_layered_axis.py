@@ -1,0 +1,285 @@
+"""Layered kernels whose layer axis is not their first (MaxText's ``param_scan_axis: 1``):
+``(d, L, f)`` kernels moved to ``(L, d, f)`` in the traced model just before the scan.
+
+References are independent of the code under test: the merged kernels are built in float64
+numpy layer by layer, ``W0[:, l] + scale * a[l] @ b[l]`` with each kernel's layer axis and input
+axes written by hand (tests/support/axis_models.py), and the model is run on them; gradients of
+every mode are compared with those of the model on kernels merged by a differentiable jnp
+reference (no flax_lora code in the reference's path). The models: a Linen ``nn.scan`` with
+``variable_axes={"params": 1}`` and a hand-written `jax.lax.scan` over ``jnp.moveaxis``
+(one kernel with its layer axis last).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from support.axis_models import (
+    MODELS,
+    SPECS,
+    L,
+    X,
+    axis_model,
+    init_adapters,
+    probe_of,
+    ref_delta_layered64,
+    ref_merge64,
+)
+from support.compare import assert_close
+from support.jaxprs import jaxpr_shapes
+from support.refs import ref_delta_jnp
+from support.trees import adapter_entries, leaves_by_path, replace_leaves
+
+import flax_lora as lora
+
+CONFIG = lora.LoraConfig(rank=2, alpha=3.0, init="random")
+MODES = ["merged", "factored", "auto"]
+
+
+def ref_params(name: str, params: Any, adapters: Any) -> Any:
+    """The params with every adapted kernel merged in float64 numpy, cast once to float32."""
+    merged = ref_merge64(name, params, adapters)
+    return replace_leaves(params, {p: v.astype(np.float32) for p, v in merged.items()})
+
+
+def jnp_merged(name: str, params: Any, adapters: Any) -> Any:
+    """The params with each kernel merged by a differentiable jnp reference (per layer, stacked
+    on the kernel's layer axis written by hand): the gradients' reference."""
+    kernels = leaves_by_path(params)
+    new = {}
+    for path, w in adapter_entries(adapters).items():
+        axis, ins = SPECS[name][path]
+        if axis is None:
+            d = ref_delta_jnp(w.a, w.b, ins, w.scale)
+        else:
+            inner = tuple(i - (i > axis) for i in ins)
+            per = [ref_delta_jnp(w.a[i], w.b[i], inner, w.scale) for i in range(L)]
+            d = jnp.stack(per, axis=axis)
+        new[path] = jnp.asarray(kernels[path]) + d
+    return replace_leaves(params, new)
+
+
+# -- the adapters --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", MODELS)
+def test_adapters_keep_the_layer_axis_first_and_record_where_the_kernel_has_it(name: str) -> None:
+    _, params = axis_model(name)
+    adapters = init_adapters(name, CONFIG)
+    kernels = leaves_by_path(params)
+    entries = adapter_entries(adapters)
+    assert set(entries) == set(SPECS[name])
+    for path, w in entries.items():
+        axis, ins = SPECS[name][path]
+        shape = kernels[path].shape
+        assert w.stored_shape == shape, path
+        if axis is None:
+            assert (w.layer_axes, w.layer_at) == (0, 0)
+            continue
+        rest = [d for d in range(len(shape)) if d != axis]
+        outs = [d for d in rest if d not in ins]
+        assert (w.layer_axes, w.layer_at) == (1, axis), path
+        assert w.a.shape == (L, *[shape[d] for d in ins], 2), path
+        assert w.b.shape == (L, 2, *[shape[d] for d in outs]), path
+        assert w.kernel_shape == (L, *[shape[d] for d in rest]), path  # the scan layout
+        assert_close(lora.delta(w), ref_delta_layered64(w, axis, ins), 1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_merge_and_unmerge_equal_the_float64_merge(name: str) -> None:
+    _, params = axis_model(name)
+    adapters = init_adapters(name, CONFIG)
+    merged = jax.jit(lora.merge)(params, adapters)
+    ref = ref_merge64(name, params, adapters)
+    got = leaves_by_path(merged)
+    for path, want in ref.items():
+        assert_close(got[path], want, 1e-5)
+    back = leaves_by_path(lora.unmerge(merged, adapters))
+    for path, w0 in leaves_by_path(params).items():
+        assert_close(back[path], w0, 1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", MODELS)
+def test_every_mode_equals_the_model_on_merged_kernels(name: str, mode: str) -> None:
+    apply, params = axis_model(name)
+    adapters = init_adapters(name, CONFIG)
+    want = apply(ref_params(name, params, adapters), X)
+    got = jax.jit(lora.wrap(apply, mode=mode))(params, adapters, X)
+    assert_close(got, want, 1e-4)
+    assert_close(apply(lora.merge(params, adapters), X), want, 1e-4)
+    assert float(jnp.max(jnp.abs(apply(params, X) - want))) > 1e-2  # the adapters do something
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_gradients_agree_across_modes(name: str) -> None:
+    apply, params = axis_model(name)
+    adapters = init_adapters(name, CONFIG)
+    target = np.random.default_rng(3).normal(size=np.shape(apply(params, X)))
+    loss = lambda y: jnp.mean((y - target) ** 2)
+    ref = jax.grad(lambda ad: loss(apply(jnp_merged(name, params, ad), X)))(adapters)
+    for mode in MODES:
+        run = lora.wrap(apply, mode=mode)
+        got = jax.jit(jax.grad(lambda ad, run=run: loss(run(params, ad, X))))(adapters)
+        for path, g in adapter_entries(got).items():
+            r = adapter_entries(ref)[path]
+            assert_close(g.a, r.a, 1e-4), (mode, path)
+            assert_close(g.b, r.b, 1e-4), (mode, path)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_factored_scan_forms_no_layer_kernel(name: str) -> None:
+    """Factored mode computes no array of an adapted kernel's shape (as stored, moved to the
+    scan layout, or one layer's) that the base model itself does not compute, forward and
+    backward; merged mode does."""
+    apply, params = axis_model(name)
+    adapters = init_adapters(name, CONFIG)
+    kernel_shapes = set()
+    for w in adapter_entries(adapters).values():
+        kernel_shapes |= {w.stored_shape, w.kernel_shape, w.kernel_shape[w.layer_axes :]}
+
+    def count(fn: Callable[..., Any], *args: Any) -> int:
+        shapes = jaxpr_shapes(jax.make_jaxpr(fn)(*args).jaxpr)
+        return sum(s in kernel_shapes for s in shapes)
+
+    loss = lambda y: jnp.sum(jnp.sin(y))
+    base_fwd = count(apply, params, X)
+    base_bwd = count(jax.grad(lambda x, p: loss(apply(p, x))), X, params)
+    fn = lora.wrap(apply, mode="factored")
+    assert count(lambda p, ad: fn(p, ad, X), params, adapters) <= base_fwd
+    assert count(jax.grad(lambda ad, p: loss(fn(p, ad, X))), adapters, params) <= base_bwd
+    merged = lora.wrap(apply, mode="merged")
+    assert count(lambda p, ad: merged(p, ad, X), params, adapters) > base_fwd
+
+
+# -- picking layers, DoRA ------------------------------------------------------------------------
+@pytest.mark.parametrize("name", MODELS)
+def test_layers_pick_layers_on_the_kernels_layer_axis(name: str) -> None:
+    apply, params = axis_model(name)
+    config = lora.LoraConfig(rank=2, alpha=3.0, init="random", layers=[0, 2])
+    adapters = init_adapters(name, config)
+    for path, w in adapter_entries(adapters).items():
+        axis = SPECS[name][path][0]
+        if axis is None:
+            continue
+        assert w.layers == (0, 2)
+        d = np.asarray(lora.delta(w))
+        assert np.all(np.take(d, 1, axis=axis) == 0), path
+        assert np.any(np.take(d, 0, axis=axis) != 0), path
+    want = apply(ref_params(name, params, adapters), X)
+    for mode in MODES:
+        run = lora.wrap(apply, mode=mode)
+        assert_close(jax.jit(run)(params, adapters, X), want, 1e-4)
+        g = jax.grad(lambda ad, run=run: jnp.sum(run(params, ad, X) ** 2))(adapters)
+        for path, gw in adapter_entries(g).items():
+            if SPECS[name][path][0] is not None:
+                assert not np.any(np.asarray(gw.a[1])) and not np.any(np.asarray(gw.b[1]))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_dora_norms_per_layer_on_the_kernels_layer_axis(name: str) -> None:
+    apply, params = axis_model(name)
+    adapters = init_adapters(name, lora.LoraConfig(rank=2, alpha=3.0, init="random", dora=True))
+    rng = np.random.default_rng(4)
+    adapters = jax.tree.map(
+        lambda w: w.replace(m=w.m * jnp.asarray(1 + 0.3 * rng.normal(size=w.m.shape), w.m.dtype)),
+        adapters,
+        is_leaf=lambda x: isinstance(x, lora.LoraWeights),
+    )
+    for path, w in adapter_entries(adapters).items():
+        axis = SPECS[name][path][0]
+        if axis is not None:
+            assert w.m.shape[0] == L
+    want = apply(ref_params(name, params, adapters), X)
+    for mode in MODES:
+        assert_close(jax.jit(lora.wrap(apply, mode=mode))(params, adapters, X), want, 1e-4)
+    got = leaves_by_path(lora.merge(params, adapters))
+    for path, ref in ref_merge64(name, params, adapters).items():
+        assert_close(got[path], ref, 1e-5)
+
+
+# -- several adapters ----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", MODELS)
+def test_routing_by_lora_ids_equals_each_examples_merged_model(name: str) -> None:
+    apply, params = axis_model(name)
+    one = init_adapters(name, CONFIG)
+    two = lora.init(jax.random.key(7), params, CONFIG, probe=probe_of(apply))
+    stacked = lora.stack([one, two])
+    ids = jnp.asarray([1, -1, 0, 1])
+    got = jax.jit(lora.wrap(apply, mode="factored"))(params, stacked, X, lora_ids=ids)
+    for j, i in enumerate(np.asarray(ids)):
+        p = params if i < 0 else ref_params(name, params, [one, two][i])
+        assert_close(got[j], apply(p, X[j : j + 1])[0], 1e-4)
+
+
+# -- files -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", MODELS)
+def test_save_and_load_round_trip_exactly(name: str, tmp_path: Path) -> None:
+    adapters = init_adapters(name, lora.LoraConfig(rank=2, init="random", layers=[1]))
+    lora.save(tmp_path / "ckpt", adapters)
+    back = lora.load(tmp_path / "ckpt")
+    assert jax.tree.structure(back) == jax.tree.structure(adapters)  # layer_at included
+    for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(adapters), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def key_map(path: str) -> str:
+    """``params/layers/wi/kernel`` -> ``layers.{layer}.wi``; ``w_in`` -> ``layers.{layer}.w_in``;
+    the head -> ``head``."""
+    parts = [p for p in path.split("/") if p not in ("params", "kernel")]
+    if parts[0] == "layers":
+        return "layers.{layer}." + ".".join(parts[1:])
+    return parts[0] if parts[0] == "head" else "layers.{layer}." + parts[0]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_save_peft_and_load_peft_round_trip_exactly(name: str, tmp_path: Path) -> None:
+    apply, params = axis_model(name)
+    for config in (CONFIG, lora.LoraConfig(rank=2, init="random", layers=[0, 2])):
+        adapters = init_adapters(name, config)
+        lora.save_peft(tmp_path / str(config.layers), adapters, config, key_map=key_map)
+        back = lora.load_peft(tmp_path / str(config.layers), params, key_map, probe=probe_of(apply))
+        assert jax.tree.structure(back) == jax.tree.structure(adapters)
+        for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(adapters), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_checkpoint_with_a_layer_position_out_of_range_is_refused(tmp_path: Path) -> None:
+    adapters = init_adapters("jax", CONFIG)
+    lora.save(tmp_path / "ckpt", adapters)
+    meta_file = tmp_path / "ckpt" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    entry = next(e for e in meta["adapters"].values() if e.get("layer_at") == 2)  # w_out
+    entry["layer_at"] = 3  # (f, d, L): a layer axis from axis 3 on is out of range
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="field 'layer_at': 3"):
+        lora.load(tmp_path / "ckpt")
+
+
+# -- what is refused -------------------------------------------------------------------------------
+def test_quantize_refuses_a_kernel_whose_layer_axis_does_not_lead() -> None:
+    apply, params = axis_model("jax")
+    with pytest.raises(ValueError, match=r"'w_in' is sliced by a scan on axes \(1,\)"):
+        lora.quantize(params, targets=["w_in", "w_out"], probe=probe_of(apply))
+
+
+def test_scans_on_axes_apart_are_refused() -> None:
+    """A kernel sliced by two scans on axes that are not next to each other."""
+
+    def apply(p: Any, x: jax.Array) -> jax.Array:
+        def outer(h: jax.Array, w: jax.Array) -> tuple[jax.Array, None]:  # w (d, 2, f)
+            def inner(h: jax.Array, w1: jax.Array) -> tuple[jax.Array, None]:
+                return h + jnp.tanh(h @ w1), None
+
+            return jax.lax.scan(inner, h, jnp.moveaxis(w, 1, 0))[0], None
+
+        return jax.lax.scan(outer, x, jnp.moveaxis(p["w"], 3, 0))[0]  # layer axes 1 and 3
+
+    params = {"w": np.zeros((8, 2, 8, 3), np.float32)}
+    with pytest.raises(ValueError, match="next to each other"):
+        lora.init(jax.random.key(0), params, CONFIG, probe=lambda p: apply(p, X))
