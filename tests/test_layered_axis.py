@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import core as jex_core
 from support.axis_models import (
     MODELS,
     SPECS,
@@ -33,6 +34,7 @@ from support.axis_models import (
     ref_merge64,
 )
 from support.compare import assert_close
+from support.eight_devices import run_on_eight_devices
 from support.jaxprs import jaxpr_shapes
 from support.refs import ref_delta_jnp
 from support.trees import adapter_entries, leaves_by_path, replace_leaves
@@ -149,7 +151,11 @@ def test_factored_scan_forms_no_layer_kernel(name: str) -> None:
 
     loss = lambda y: jnp.sum(jnp.sin(y))
     base_fwd = count(apply, params, X)
-    base_bwd = count(jax.grad(lambda x, p: loss(apply(p, x))), X, params)
+    # the base model as a jaxpr (an NNX module refuses to be built under jax.grad w.r.t. x
+    # with its state passed along)
+    as_fun = jex_core.jaxpr_as_fun(jax.make_jaxpr(apply)(params, X))
+    base = lambda p, x: as_fun(*jax.tree.leaves(p), x)[0]
+    base_bwd = count(jax.grad(lambda x, p: loss(base(p, x))), X, params)
     fn = lora.wrap(apply, mode="factored")
     assert count(lambda p, ad: fn(p, ad, X), params, adapters) <= base_fwd
     assert count(jax.grad(lambda ad, p: loss(fn(p, ad, X))), adapters, params) <= base_bwd
@@ -201,6 +207,23 @@ def test_dora_norms_per_layer_on_the_kernels_layer_axis(name: str) -> None:
     got = leaves_by_path(lora.merge(params, adapters))
     for path, ref in ref_merge64(name, params, adapters).items():
         assert_close(got[path], ref, 1e-5)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_put_the_residual_back_in_the_kernels_layout(init: str) -> None:
+    """The residual base plus the float64 merge of the factors is the original kernel, and
+    every mode runs the original model."""
+    apply, params = axis_model("linen")
+    config = lora.LoraConfig(rank=2, alpha=3.0, init=init)
+    adapters, residual = lora.init(jax.random.key(2), params, config, probe=probe_of(apply))
+    merged = ref_merge64("linen", residual, adapters)
+    kernels = leaves_by_path(params)
+    for path, v in merged.items():
+        assert leaves_by_path(residual)[path].shape == kernels[path].shape
+        assert_close(v, kernels[path], 1e-5)
+    want = apply(params, X)
+    for mode in MODES:
+        assert_close(jax.jit(lora.wrap(apply, mode=mode))(residual, adapters, X), want, 1e-4)
 
 
 # -- several adapters ----------------------------------------------------------------------------
@@ -283,3 +306,30 @@ def test_scans_on_axes_apart_are_refused() -> None:
     params = {"w": np.zeros((8, 2, 8, 3), np.float32)}
     with pytest.raises(ValueError, match="next to each other"):
         lora.init(jax.random.key(0), params, CONFIG, probe=lambda p: apply(p, X))
+
+
+# -- on a mesh ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mesh_results() -> dict[str, Any]:
+    """The 8-device checks (support/axis_mesh_checks.py), run once in a subprocess."""
+    return run_on_eight_devices("support.axis_mesh_checks")
+
+
+def test_init_on_a_mesh_gives_factors_the_shardings_of_the_kernels_own_axes(
+    mesh_results: dict[str, Any],
+) -> None:
+    assert mesh_results["devices"] == 8
+    rows = mesh_results["init"]
+    assert len(rows) == 4
+    for path, r in rows.items():
+        assert [r["a"], r["b"]] == r["want"], path
+        assert r["same"], path  # the values do not depend on the placement
+    assert all(mesh_results["merge_keeps"].values()), mesh_results["merge_keeps"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_step_on_a_mesh_equals_one_device(mesh_results: dict[str, Any], mode: str) -> None:
+    s = mesh_results["steps"][mode]
+    assert abs(s["loss_mesh"] - s["loss_one"]) <= 1e-5 * abs(s["loss_one"]), s
+    assert s["min_grad"] > 1e-3  # every factor has a gradient
+    assert s["max_grad_diff"] <= 1e-5 * max(1.0, s["min_grad"]), s

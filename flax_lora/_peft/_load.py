@@ -121,7 +121,9 @@ def load_peft(
 
     Sharp edge: a dense kernel of 3 or more dimensions has its input axes from ``probe``;
     without one the load accepts only an unambiguous split of PEFT's ``in`` / ``out`` features
-    (a ``(384, 12, 32)`` q kernel is ambiguous) and otherwise raises: it never guesses.
+    (a ``(384, 12, 32)`` q kernel is ambiguous) and otherwise raises: it never guesses. A
+    name with ``{layer}`` reads onto the kernel's first axis unless ``probe`` shows the scan
+    slicing another (MaxText's ``(d, L, mlp)``, `LoraWeights.layer_at`): pass it for those.
 
     Example:
       >>> adapters = lora.load_peft("/tmp/adapter", params)

@@ -8,6 +8,8 @@ written by hand, and a float64 numpy merge of their adapters.
   layer axis); Flax moves the layer axis first in the traced model, before the scan.
 - ``"jax"``: plain JAX, a hand-written `jax.lax.scan` over ``jnp.moveaxis(kernel, p, 0)``, one
   kernel with its layer axis in the middle, ``(d, L, f)``, one with it last, ``(f, d, L)``.
+- ``"nnx"``: NNX blocks built by ``nnx.vmap(..., out_axes=1)`` and run by
+  ``nnx.scan(..., in_axes=(nnx.Carry, 1))``: kernels ``(d, L, f)``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 import flax_lora as lora
 
@@ -29,7 +32,7 @@ from .trees import adapter_entries, leaves_by_path
 
 L, D, H, K, F = 3, 8, 2, 4, 16  # layers, width, heads, head size, MLP width
 X = np.random.default_rng(0).normal(size=(4, 5, D)).astype(np.float32)
-MODELS = ["linen", "jax"]
+MODELS = ["linen", "jax", "nnx"]
 
 
 class Block(nn.Module):
@@ -63,6 +66,35 @@ def jax_apply(p: Any, x: jax.Array) -> jax.Array:
     return h @ p["head"]
 
 
+class NnxBlock(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.wi = nnx.Linear(D, F, rngs=rngs)
+        self.wo = nnx.Linear(F, D, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x + self.wo(jnp.tanh(self.wi(x)))
+
+
+class NnxModel(nnx.Module):
+    """Blocks whose parameters are stacked on axis 1, scanned on that axis."""
+
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        @nnx.split_rngs(splits=L)
+        @nnx.vmap(in_axes=(0,), out_axes=1)
+        def build(rngs: nnx.Rngs) -> NnxBlock:
+            return NnxBlock(rngs)
+
+        self.layers = build(rngs)
+        self.head = nnx.Linear(D, 3, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        def body(x: jax.Array, block: NnxBlock) -> jax.Array:
+            return block(x)
+
+        x = nnx.scan(body, in_axes=(nnx.Carry, 1), out_axes=nnx.Carry)(x, self.layers)
+        return self.head(x)
+
+
 # path -> (the kernel's layer axis, its input axes), in the kernel's own layout, by hand
 SPECS: dict[str, dict[str, tuple[int | None, tuple[int, ...]]]] = {
     "linen": {
@@ -73,6 +105,11 @@ SPECS: dict[str, dict[str, tuple[int | None, tuple[int, ...]]]] = {
         "params/head/kernel": (None, (0,)),
     },
     "jax": {"w_in": (1, (0,)), "w_out": (2, (0,)), "head": (None, (0,))},
+    "nnx": {
+        "layers/wi/kernel": (1, (0,)),
+        "layers/wo/kernel": (1, (0,)),
+        "head/kernel": (None, (0,)),
+    },
 }
 
 
@@ -83,6 +120,9 @@ def axis_model(name: str) -> tuple[Callable[..., Any], Any]:
         model = MaxTextLike()
         shapes = jax.eval_shape(model.init, jax.random.key(0), X)
         return model.apply, fill_abstract(shapes, 1, 0.4)
+    if name == "nnx":
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: NnxModel(nnx.Rngs(0))))
+        return (lambda s, x: nnx.merge(graphdef, s)(x)), fill_abstract(state, 1, 0.4)
     rng = np.random.default_rng(1)
     params = {
         "w_in": (0.4 * rng.normal(size=(D, L, F))).astype(np.float32),
