@@ -36,7 +36,7 @@ from support.axis_models import (
 from support.compare import assert_close
 from support.eight_devices import run_on_eight_devices
 from support.jaxprs import jaxpr_shapes
-from support.refs import ref_delta_jnp
+from support.refs import ref_delta64, ref_delta_jnp
 from support.trees import adapter_entries, leaves_by_path, replace_leaves
 
 import flax_lora as lora
@@ -282,6 +282,68 @@ def test_checkpoint_with_a_layer_position_out_of_range_is_refused(tmp_path: Path
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="field 'layer_at': 3"):
         lora.load(tmp_path / "ckpt")
+
+
+# -- nested scans ------------------------------------------------------------------------------
+def nested_outside(p: Any, x: jax.Array) -> jax.Array:
+    """Two scans over a kernel stored (d, 2, 3, d): both layer axes moved first at once."""
+
+    def outer(h: jax.Array, w: jax.Array) -> tuple[jax.Array, None]:  # w (3, d, d)
+        def inner(h: jax.Array, w1: jax.Array) -> tuple[jax.Array, None]:
+            return h + jnp.tanh(h @ w1), None
+
+        return jax.lax.scan(inner, h, w)[0], None
+
+    return jax.lax.scan(outer, x, jnp.moveaxis(p["w"], (1, 2), (0, 1)))[0]
+
+
+def nested_inside(p: Any, x: jax.Array) -> jax.Array:
+    """The same kernel, each layer axis moved first by the scan that slices it."""
+
+    def outer(h: jax.Array, w: jax.Array) -> tuple[jax.Array, None]:  # w (d, 3, d)
+        def inner(h: jax.Array, w1: jax.Array) -> tuple[jax.Array, None]:
+            return h + jnp.tanh(h @ w1), None
+
+        return jax.lax.scan(inner, h, jnp.moveaxis(w, 1, 0))[0], None
+
+    return jax.lax.scan(outer, x, jnp.moveaxis(p["w"], 1, 0))[0]
+
+
+@pytest.mark.parametrize("apply", [nested_outside, nested_inside])
+def test_nested_scans_over_a_kernels_middle_axes(apply: Callable[..., Any]) -> None:
+    w0 = (0.3 * np.random.default_rng(5).normal(size=(8, 2, 3, 8))).astype(np.float32)
+    params = {"w": w0}
+    adapters = lora.init(jax.random.key(0), params, CONFIG, probe=lambda p: apply(p, X))
+    w = adapters["w"]
+    assert (w.layer_axes, w.layer_at, w.a.shape, w.b.shape) == (2, 1, (2, 3, 8, 2), (2, 3, 2, 8))
+    ref = np.asarray(w0, np.float64).copy()
+    for i in range(2):
+        for j in range(3):
+            ref[:, i, j, :] += ref_delta64(w.a[i, j], w.b[i, j], (0,), w.scale)
+    assert_close(lora.merge(params, adapters)["w"], ref, 1e-5)
+    want = apply({"w": ref.astype(np.float32)}, X)
+    for mode in MODES:
+        assert_close(jax.jit(lora.wrap(apply, mode=mode))(params, adapters, X), want, 1e-4)
+
+
+# -- quantized bases -------------------------------------------------------------------------------
+def test_qlora_without_a_probe_quantizes_the_kernel_whole_and_runs_it() -> None:
+    """Without a probe `lora.quantize` does not know the layer axis and quantizes the kernel as
+    one; the adapters (from a probe) then run on it in every mode as on its dequantized kernel."""
+    apply, params = axis_model("jax")
+    qparams = lora.quantize(params, targets=["w_in", "w_out"], dtype="int8")
+    adapters = lora.init(jax.random.key(2), qparams, CONFIG, probe=probe_of(apply))
+    dequantized = lora.dequantize(qparams)
+    want = apply(ref_params("jax", dequantized, adapters), X)
+    for mode in MODES:
+        assert_close(jax.jit(lora.wrap(apply, mode=mode))(qparams, adapters, X), want, 1e-4)
+
+
+def test_loftq_refuses_a_kernel_whose_layer_axis_does_not_lead() -> None:
+    apply, params = axis_model("jax")
+    config = lora.LoraConfig(rank=2, init="loftq", targets="w_in")
+    with pytest.raises(ValueError, match=r"init='loftq'.*'w_in'.*layer axes from axis 1"):
+        lora.init(jax.random.key(0), params, config, probe=probe_of(apply))
 
 
 # -- what is refused -------------------------------------------------------------------------------

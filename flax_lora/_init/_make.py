@@ -161,6 +161,11 @@ def _adapter(
 
     Axes are the kernel's own; a kernel whose layer axes do not lead is made in its scan layout
     (layer axes first, `LoraWeights.layer_at`), and its residual base put back."""
+    if layer_at and config.init == "loftq":
+        raise ValueError(
+            f"init='loftq' does not support a kernel whose layer axes do not lead yet "
+            f"({path!r} of shape {tuple(kernel.shape)}, layer axes from axis {layer_at})."
+        )
     if layer_at:
         order = stored_order(n_layer_axes, layer_at, len(kernel.shape))
         scan = lambda d: order[d]  # the kernel's own axis -> its scan-layout axis
@@ -176,13 +181,8 @@ def _adapter(
             tuple(scan(d) for d in experts),
         )
         w = w.replace(layer_at=layer_at)
-        if isinstance(residual, jax.Array):
+        if residual is not None:  # PiSSA / OLoRA: the residual kernel, in the scan layout
             residual = w.to_stored(residual)
-        elif residual is not None:
-            raise ValueError(
-                f"init={config.init!r} does not support a kernel whose layer axes do not lead "
-                f"yet ({path!r}, layer axes from axis {layer_at})."
-            )
         return _placed(w, kernel), residual
     shape = tuple(kernel.shape)
     n = n_layer_axes
