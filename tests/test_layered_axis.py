@@ -240,6 +240,34 @@ def test_routing_by_lora_ids_equals_each_examples_merged_model(name: str) -> Non
         assert_close(got[j], apply(p, X[j : j + 1])[0], 1e-4)
 
 
+@pytest.mark.parametrize("method", ["cat", "svd"])
+def test_combine_works_layer_by_layer_in_the_kernels_layout(method: str) -> None:
+    """``cat`` is exactly ``sum w_i * delta_i``; ``svd`` at the summed rank (here full for each
+    layer's rank-4 sum) too, each per layer on the kernel's own layer axis."""
+    apply, params = axis_model("jax")
+    one = init_adapters("jax", CONFIG)
+    two = lora.init(jax.random.key(7), params, CONFIG, probe=probe_of(apply))
+    rank = 4 if method == "svd" else None
+    both = lora.combine([one, two], [0.7, -0.4], method=method, rank=rank)
+    for path, w in adapter_entries(both).items():
+        axis, ins = SPECS["jax"][path]
+        assert w.layer_at == (0 if axis is None else axis)
+        want = 0.7 * ref_delta_layered64(adapter_entries(one)[path], axis, ins)
+        want -= 0.4 * ref_delta_layered64(adapter_entries(two)[path], axis, ins)
+        assert_close(lora.delta(w), want, 1e-4)
+
+
+def test_summary_shows_the_kernels_as_stored_and_counts_the_factors() -> None:
+    _, params = axis_model("linen")
+    adapters = init_adapters("linen", CONFIG)
+    report = lora.summary(params, adapters, show=False)
+    kernels = leaves_by_path(params)
+    assert {r.path: r.kernel_shape for r in report.rows} == {
+        p: kernels[p].shape for p in SPECS["linen"]
+    }
+    assert report.trainable_params == sum(int(np.size(x)) for x in jax.tree.leaves(adapters))
+
+
 # -- files -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", MODELS)
 def test_save_and_load_round_trip_exactly(name: str, tmp_path: Path) -> None:

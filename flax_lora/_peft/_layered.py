@@ -59,14 +59,14 @@ def layer_modules(path: str, name: Name, w: LoraWeights) -> list[Module]:
         return [Module(path, name, w)]
     if w.layer_axes > 1:
         raise ValueError(
-            f"save_peft: the kernel {path!r} of shape {tuple(w.kernel_shape)} has "
+            f"save_peft: the kernel {path!r} of shape {tuple(w.stored_shape)} has "
             f"{w.layer_axes} layer axes (nested scans); PEFT modules can be named by one layer "
             "index only, so one layer axis is expected."
         )
     if not has(name, LAYER):
         raise ValueError(
             f"save_peft: key_map names the scan-stacked kernel {path!r} (shape "
-            f"{tuple(w.kernel_shape)}) {name!r}; a stacked kernel's name must contain "
+            f"{tuple(w.stored_shape)}) {name!r}; a stacked kernel's name must contain "
             f"{LAYER!r}, replaced by each layer index (one PEFT module per layer)."
         )
     layers = range(w.kernel_shape[0]) if w.layers is None else w.layers
