@@ -172,7 +172,12 @@ def _adapter(
         w, residual = _adapter(
             key,
             path,
-            _transposed(kernel, tuple(order.index(i) for i in range(len(order)))),
+            _transposed(  # the values only for an init that reads them (no copy else)
+                kernel
+                if config.init in FACTORING_INITS
+                else jax.ShapeDtypeStruct(tuple(kernel.shape), kernel.dtype),
+                tuple(order.index(i) for i in range(len(order))),
+            ),
             kind,
             tuple(scan(d) for d in in_axes),
             config,
