@@ -291,10 +291,15 @@ def key_map(path: str) -> str:
 @pytest.mark.parametrize("name", MODELS)
 def test_save_peft_and_load_peft_round_trip_exactly(name: str, tmp_path: Path) -> None:
     apply, params = axis_model(name)
-    for config in (CONFIG, lora.LoraConfig(rank=2, init="random", layers=[0, 2])):
+    configs = [
+        CONFIG,
+        lora.LoraConfig(rank=2, init="random", layers=[0, 2]),
+        lora.LoraConfig(rank=2, init="random", dora=True),
+    ]
+    for k, config in enumerate(configs):
         adapters = init_adapters(name, config)
-        lora.save_peft(tmp_path / str(config.layers), adapters, config, key_map=key_map)
-        back = lora.load_peft(tmp_path / str(config.layers), params, key_map, probe=probe_of(apply))
+        lora.save_peft(tmp_path / str(k), adapters, config, key_map=key_map)
+        back = lora.load_peft(tmp_path / str(k), params, key_map, probe=probe_of(apply))
         assert jax.tree.structure(back) == jax.tree.structure(adapters)
         for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(adapters), strict=True):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

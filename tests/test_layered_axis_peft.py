@@ -83,13 +83,26 @@ def test_peft_written_adapter_loads_on_the_kernels_layer_axis(tmp_path: Path) ->
     assert np.abs(expected - flax_out(params, None)).max() > 0.1  # the adapter changes the model
 
 
-@pytest.mark.parametrize("layers", [None, (0, 2)])
-def test_save_peft_loads_in_peft(tmp_path: Path, layers: tuple[int, ...] | None) -> None:
+@pytest.mark.parametrize(("layers", "dora"), [(None, False), ((0, 2), False), (None, True)])
+def test_save_peft_loads_in_peft(
+    tmp_path: Path, layers: tuple[int, ...] | None, dora: bool
+) -> None:
     params = axis1_params(TorchStack())
     config = lora.LoraConfig(
-        rank=2, alpha=3.0, targets=r".*/(q|fc|head)/kernel", layers=layers, init="random"
+        rank=2,
+        alpha=3.0,
+        targets=r".*/(q|fc|head)/kernel",
+        layers=layers,
+        init="random",
+        dora=dora,
     )
     adapters = lora.init(jax.random.key(0), params, config, probe=probe)
+    if dora:  # magnitudes off ||V||, so that DoRA's rescaling shows
+        adapters = jax.tree.map(
+            lambda w: w.replace(m=w.m * 1.3),
+            adapters,
+            is_leaf=lambda x: isinstance(x, lora.LoraWeights),
+        )
     expected = flax_out(params, adapters)
     assert np.abs(expected - flax_out(params, None)).max() > 0.1
     lora.save_peft(tmp_path, adapters, config, key_map=key_map)
