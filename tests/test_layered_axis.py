@@ -359,6 +359,42 @@ def test_nested_scans_over_a_kernels_middle_axes(apply: Callable[..., Any]) -> N
         assert_close(jax.jit(lora.wrap(apply, mode=mode))(params, adapters, X), want, 1e-4)
 
 
+# -- expert kernels --------------------------------------------------------------------------------
+def moe_apply(p: Any, x: jax.Array) -> jax.Array:
+    """Expert kernels stored (E, L, d, f) (MaxText's MoE with param_scan_axis 1), each layer's
+    (E, d, f) used by an einsum batched over the experts."""
+
+    def body(h: jax.Array, w: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+        u = jnp.tanh(jnp.einsum("etd,edf->etf", h, w[0]))
+        return h + jnp.einsum("etf,efd->etd", u, w[1]), None
+
+    xs = (jnp.moveaxis(p["wi"], 1, 0), jnp.moveaxis(p["wo"], 1, 0))
+    return jax.lax.scan(body, x, xs)[0]
+
+
+def test_expert_kernels_with_the_layer_axis_second() -> None:
+    rng = np.random.default_rng(6)
+    e, d, f = 4, 8, 16
+    params = {
+        "wi": (0.3 * rng.normal(size=(e, L, d, f))).astype(np.float32),
+        "wo": (0.3 * rng.normal(size=(e, L, f, d))).astype(np.float32),
+    }
+    x = rng.normal(size=(e, 5, d)).astype(np.float32)
+    adapters = lora.init(jax.random.key(1), params, CONFIG, probe=lambda p: moe_apply(p, x))
+    ref = {}
+    for k, w in adapters.items():
+        assert (w.layer_at, w.expert_axes) == (1, (1,))  # experts second in the scan layout
+        assert w.a.shape[:2] == w.b.shape[:2] == (L, e)
+        ref[k] = np.asarray(params[k], np.float64).copy()
+        for i in range(L):
+            for j in range(e):
+                ref[k][j, i] += ref_delta64(w.a[i, j], w.b[i, j], (0,), w.scale)
+        assert_close(lora.merge(params, adapters)[k], ref[k], 1e-5)
+    want = moe_apply({k: v.astype(np.float32) for k, v in ref.items()}, x)
+    for mode in MODES:
+        assert_close(jax.jit(lora.wrap(moe_apply, mode=mode))(params, adapters, x), want, 1e-4)
+
+
 # -- quantized bases -------------------------------------------------------------------------------
 def test_qlora_without_a_probe_quantizes_the_kernel_whole_and_runs_it() -> None:
     """Without a probe `lora.quantize` does not know the layer axis and quantizes the kernel as
