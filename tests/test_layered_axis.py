@@ -227,11 +227,18 @@ def test_pissa_and_olora_put_the_residual_back_in_the_kernels_layout(init: str) 
 
 
 # -- several adapters ----------------------------------------------------------------------------
+@pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("name", MODELS)
-def test_routing_by_lora_ids_equals_each_examples_merged_model(name: str) -> None:
+def test_routing_by_lora_ids_equals_each_examples_merged_model(name: str, dora: bool) -> None:
+    """A stack of a plain and a (DoRA, with ``dora``) adapter, routed per example."""
     apply, params = axis_model(name)
     one = init_adapters(name, CONFIG)
-    two = lora.init(jax.random.key(7), params, CONFIG, probe=probe_of(apply))
+    config = lora.LoraConfig(rank=3, alpha=2.0, init="random", dora=dora)
+    two = lora.init(jax.random.key(7), params, config, probe=probe_of(apply))
+    if dora:  # magnitudes off ||V||, so that DoRA's rescaling shows
+        two = jax.tree.map(
+            lambda w: w.replace(m=w.m * 1.3), two, is_leaf=lambda x: isinstance(x, lora.LoraWeights)
+        )
     stacked = lora.stack([one, two])
     ids = jnp.asarray([1, -1, 0, 1])
     got = jax.jit(lora.wrap(apply, mode="factored"))(params, stacked, X, lora_ids=ids)
