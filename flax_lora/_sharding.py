@@ -36,6 +36,9 @@ class FactorLayout(Protocol):
     @property
     def out_axes(self) -> tuple[int, ...]: ...
 
+    @property
+    def stored_order(self) -> tuple[int, ...]: ...
+
     def replace(self, **changes: object) -> Self: ...
 
 
@@ -77,10 +80,12 @@ def place_adapter(w: W, kernel: jax.Array | jax.ShapeDtypeStruct) -> W:
     """``w`` with ``a (*C, *I, r)``, ``b (*C, r, *O)`` and a DoRA ``m (*C, *O)`` each given the
     sharding of the kernel axes it is laid out on (`place`): the carried axes (layer and expert
     axes) keep the kernel's mesh axes, and so do the input and output axes; the rank axis is
-    not split. ``w`` unchanged when the kernel has no `NamedSharding`."""
+    not split. ``w`` unchanged when the kernel has no `NamedSharding`. The axes are ``w``'s
+    (the kernel's scan layout), mapped to the kernel's own by ``w.stored_order``."""
     c = tuple(w.carried_axes)
+    own = lambda axes: tuple(w.stored_order.index(d) for d in axes)
     return w.replace(
-        a=place(w.a, kernel, (*c, *w.in_axes), -1),
-        b=place(w.b, kernel, (*c, *w.out_axes), len(c)),
-        m=None if w.m is None else place(w.m, kernel, (*c, *w.out_axes)),
+        a=place(w.a, kernel, own((*c, *w.in_axes)), -1),
+        b=place(w.b, kernel, own((*c, *w.out_axes)), len(c)),
+        m=None if w.m is None else place(w.m, kernel, own((*c, *w.out_axes))),
     )

@@ -168,7 +168,7 @@ def summary(params: PyTree, adapters: PyTree, show: bool = True) -> Summary:
         rows.append(
             Row(
                 path,
-                tuple(w.kernel_shape),
+                tuple(w.stored_shape),  # as in params (the layer axes where the kernel has them)
                 w.rank,
                 float(w.scale),
                 na + nb + nm,

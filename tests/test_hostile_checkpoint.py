@@ -575,6 +575,9 @@ H, E = "params/head/bias", "params/embed/embedding"
         (_set(D, "layer_axes", 2), ValueError, [D, "'layer_axes'"]),
         (_set(D, "layer_axes", 1), ValueError, [D, "'in_axes'", "layer axis"]),
         (_set(D, "layer_axes", True), TypeError, [D, "'layer_axes'"]),
+        (_set(D, "layer_at", 1), ValueError, [D, "'layer_at'"]),  # no layer axis to place
+        (_set(D, "layer_at", -1), ValueError, [D, "'layer_at'"]),
+        (_set(D, "layer_at", True), TypeError, [D, "'layer_at'"]),
         (_set(D, "layers", [99]), ValueError, [D, "'layers'"]),
         (_set(D, "layers", 1), TypeError, [D, "'layers'"]),
         (_set(D, "expert_axes", [9]), ValueError, [D, "'expert_axes'"]),
@@ -706,6 +709,11 @@ _ORACLE = {
         lambda w: w.layer_axes,
     ),
     "expert_axes": (_int_list, lambda v: v == [], lambda w: list(w.expert_axes)),
+    "layer_at": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool),
+        lambda v: v == 0,
+        lambda w: w.layer_at,
+    ),
     "layers": (
         lambda v: v is None or _int_list(v),
         lambda v: v is None or (len(set(v)) == len(v) and all(0 <= i < 3 for i in v)),

@@ -424,7 +424,7 @@ def test_layered_kernels_leaves_its_argument_alone() -> None:
     kept, layered = layered_kernels(selected, uses, leaves, lora.LoraConfig(layers=[3]))
     assert selected == before
     assert list(kept) == ["t/kernel", "d"]
-    assert layered == {"t/kernel": (1, (3,))}
+    assert layered == {"t/kernel": (1, (3,), 0)}
 
 
 def test_adapter_layout_is_the_static_fields_without_arrays() -> None:

@@ -20,9 +20,9 @@ them through bfloat16."""
 
 def check_fits(path: str, w: LoraWeights, shape: tuple[int, ...]) -> None:
     """Raises ``ValueError`` naming ``path`` unless ``w`` fits a kernel of ``shape``."""
-    if tuple(shape) != tuple(w.kernel_shape):
+    if tuple(shape) != tuple(w.stored_shape):
         raise ValueError(
-            f"Adapter for {path!r} was made for a kernel of shape {tuple(w.kernel_shape)}, but "
+            f"Adapter for {path!r} was made for a kernel of shape {tuple(w.stored_shape)}, but "
             f"the kernel at that path has shape {tuple(shape)}. Were these adapters made for "
             "another model?"
         )
@@ -46,7 +46,8 @@ def delta(w: LoraWeights, dtype: DTypeLike = jnp.float32) -> jax.Array:
 
     The product runs at the highest matmul precision, so TPUs do not round it through bfloat16.
     For a layered kernel (``nn.scan``) it is one product per layer (layers not picked by
-    ``LoraConfig(layers=...)`` give zeros). A DoRA adapter's magnitude is not applied here:
+    ``LoraConfig(layers=...)`` give zeros), with the layer axes where the kernel holds them
+    (``LoraWeights.layer_at``). A DoRA adapter's magnitude is not applied here:
     `lora.merge` forms the DoRA kernel.
 
     Examples:
@@ -64,7 +65,8 @@ def delta(w: LoraWeights, dtype: DTypeLike = jnp.float32) -> jax.Array:
       dtype: the dtype to compute and return in.
 
     Returns:
-      An array of the kernel's shape: the update ``merge`` adds for a plain LoRA adapter.
+      An array of the kernel's shape (``w.stored_shape``): the update ``merge`` adds for a
+      plain LoRA adapter.
     """
     r = w.a.shape[-1]
     n_in = math.prod(w.in_shape)
@@ -76,7 +78,7 @@ def delta(w: LoraWeights, dtype: DTypeLike = jnp.float32) -> jax.Array:
     d = d.reshape(lead + w.in_shape + w.out_shape)
     order = w.carried_axes + w.in_axes + w.out_axes
     inverse = tuple(order.index(i) for i in range(len(order)))
-    return d.transpose(inverse)
+    return w.to_stored(d.transpose(inverse))
 
 
 def layer_mask(w: LoraWeights) -> np.ndarray | None:

@@ -33,12 +33,16 @@ def weight_norm(kernel: jax.Array, w: LoraWeights, dtype: DTypeLike = jnp.float3
 
     Not detached: `lora.init` uses it for ``m``; `dora_kernel` detaches it.
     """
+    if w.layer_at:  # layer axes held elsewhere: the norm of the scan layout
+        return weight_norm(w.to_scan(kernel), w.replace(layer_at=0), dtype)
     v = kernel.astype(dtype) + delta(w, dtype)
     return jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(sorted(w.in_axes))))
 
 
 def dora_kernel(kernel: jax.Array, w: LoraWeights, dtype: DTypeLike = jnp.float32) -> jax.Array:
     """The DoRA kernel ``m * V / stop_gradient(||V||)`` in the kernel's layout, in ``dtype``."""
+    if w.layer_at:  # layer axes held elsewhere: computed in the scan layout, moved back
+        return w.to_stored(dora_kernel(w.to_scan(kernel), w.replace(layer_at=0), dtype))
     v = kernel.astype(dtype) + delta(w, dtype)
     norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(sorted(w.in_axes)), keepdims=True))
     m = jnp.expand_dims(magnitude(w).astype(dtype), tuple(sorted(w.in_axes)))

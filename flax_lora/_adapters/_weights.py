@@ -8,6 +8,11 @@ independent factor pair per index, so ``a`` has shape ``(*C, *I, r)`` and ``b`` 
 The carried axes are the leading layer axes of a layered kernel (``nn.scan`` / ``nnx.scan``)
 (``layer_axes``) followed by its expert axes (``expert_axes``: a batch dimension of the
 ``dot_general`` using the kernel, or the group axis of ``ragged_dot``), in the kernel's order.
+
+A kernel may hold its layer axes elsewhere than in front (MaxText's ``param_scan_axis: 1``
+stores ``(d, L, mlp)`` and moves ``L`` to the front before the scan): ``layer_at`` says where.
+The static fields then describe the kernel in its **scan layout**, layer axes first (as the
+scan slices it), and `Axes.to_stored` / `Axes.stored_shape` give the kernel's own layout.
 """
 
 from __future__ import annotations
@@ -25,17 +30,47 @@ from flax_lora._typing import Kind
 
 class Axes:
     """The axis properties shared by `AdapterLayout`, `LoraWeights` and `StackedLoraWeights`,
-    over their static fields ``in_axes``, ``kernel_shape``, ``layer_axes``, ``expert_axes``.
+    over their static fields ``in_axes``, ``kernel_shape``, ``layer_axes``, ``expert_axes``,
+    ``layer_at``.
 
     The kernel's axes split into carried axes ``C`` (`carried_axes`), input axes ``I``
     (``in_axes``) and output axes ``O`` (`out_axes`, the rest). ``in_axes`` and
-    ``kernel_shape`` refer to the whole kernel, carried axes included.
+    ``kernel_shape`` refer to the whole kernel, carried axes included, in its scan layout
+    (layer axes first); a kernel that holds its layer axes at ``layer_at > 0`` has the shape
+    `stored_shape`.
     """
 
     in_axes: tuple[int, ...]
     kernel_shape: tuple[int, ...]
     layer_axes: int
     expert_axes: tuple[int, ...]
+    layer_at: int
+
+    @property
+    def stored_order(self) -> tuple[int, ...]:
+        """For each axis of the kernel as stored, its axis in the scan layout: the permutation
+        that `to_stored` applies (the identity when ``layer_at == 0``)."""
+        n, at = self.layer_axes, self.layer_at
+        return stored_order(n, at, len(self.kernel_shape))
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The kernel's shape as stored: ``kernel_shape`` with its layer axes at ``layer_at``."""
+        return tuple(self.kernel_shape[i] for i in self.stored_order)
+
+    def to_stored(self, x: jax.Array) -> jax.Array:
+        """``x``, an array in the kernel's scan layout (layer axes first; ``kernel_shape``),
+        with its layer axes moved to ``layer_at``, the kernel's own layout."""
+        order = self.stored_order
+        return x if order == tuple(range(len(order))) else jnp.transpose(x, order)
+
+    def to_scan(self, x: jax.Array) -> jax.Array:
+        """``x``, an array in the kernel's own layout (`stored_shape`), with its layer axes
+        moved first: the scan layout of ``kernel_shape`` (the inverse of `to_stored`)."""
+        order = self.stored_order
+        if order == tuple(range(len(order))):
+            return x
+        return jnp.transpose(x, tuple(order.index(i) for i in range(len(order))))
 
     @property
     def carried_axes(self) -> tuple[int, ...]:
@@ -88,8 +123,9 @@ class AdapterLayout(Axes):
     layer_axes: int = 0
     layers: tuple[int, ...] | None = None
     expert_axes: tuple[int, ...] = ()
+    layer_at: int = 0
 
-    LAYOUT_FIELDS = ("kernel_shape", "layer_axes", "expert_axes", "in_axes", "kind")
+    LAYOUT_FIELDS = ("kernel_shape", "layer_axes", "expert_axes", "in_axes", "kind", "layer_at")
     """The static fields that adapters of one kernel share whatever their ranks and scales."""
 
     def with_factors(self, a: jax.Array, b: jax.Array, m: jax.Array | None = None) -> LoraWeights:
@@ -99,7 +135,7 @@ class AdapterLayout(Axes):
 
     def layer_slice(self, n: int = 1) -> AdapterLayout:
         """The layout of one layer's kernel of a layered adapter: ``n`` leading layer axes
-        dropped (``layers`` cleared)."""
+        dropped (``layers`` cleared; the layer axes left, if any, stay at ``layer_at``)."""
         return dataclasses.replace(
             self,
             kernel_shape=tuple(self.kernel_shape[n:]),
@@ -107,6 +143,7 @@ class AdapterLayout(Axes):
             layer_axes=self.layer_axes - n,
             expert_axes=tuple(d - n for d in self.expert_axes),
             layers=None,
+            layer_at=self.layer_at if self.layer_axes > n else 0,
         )
 
     def carried_slice(self) -> AdapterLayout:
@@ -121,6 +158,7 @@ class AdapterLayout(Axes):
             layer_axes=0,
             expert_axes=(),
             layers=None,
+            layer_at=0,
         )
 
 
@@ -164,6 +202,11 @@ class LoraWeights(Axes):
         kernel's batch dimension, as MaxText's dense MoE ``"BSM,EMH->BSEH"``): one adapter per
         expert, ``a (E, d, r)`` and ``b (E, r, f)`` for a kernel ``(E, d, f)``. ``()`` for an
         ordinary kernel.
+      layer_at: where the kernel holds its layer axes (0: in front, as ``nn.scan`` stores
+        them; 1 for MaxText's ``param_scan_axis: 1``, a kernel ``(d, L, mlp)``).
+        ``kernel_shape``, ``in_axes`` and ``expert_axes`` describe the kernel with its layer
+        axes moved first (``(L, d, mlp)``, its scan layout); `Axes.stored_shape` is its own
+        shape. The factors keep the layer axes first whatever ``layer_at``.
     """
 
     a: jax.Array
@@ -177,6 +220,7 @@ class LoraWeights(Axes):
     layer_axes: int = dataclasses.field(default=0, metadata=dict(static=True))
     layers: tuple[int, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
     expert_axes: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
+    layer_at: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     @property
     def rank(self) -> int:
@@ -230,6 +274,7 @@ class LoraWeights(Axes):
             layer_axes=self.layer_axes,
             layers=None if self.layers is None else list(self.layers),
             expert_axes=list(self.expert_axes),
+            layer_at=self.layer_at,
         )
 
 
@@ -268,6 +313,7 @@ class StackedLoraWeights(Axes):
         ``g = m / ||V||`` is 1), ``True`` (DoRA) or, for a layered DoRA adapter adapted on some
         layers only, the tuple of its ``layers``; ``None`` without ``m``.
       expert_axes: the kernel's expert axes, as `LoraWeights.expert_axes`.
+      layer_at: where the kernel holds its layer axes, as `LoraWeights.layer_at`.
     """
 
     a: jax.Array
@@ -283,6 +329,7 @@ class StackedLoraWeights(Axes):
         default=None, metadata=dict(static=True)
     )
     expert_axes: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
+    layer_at: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     @property
     def num_adapters(self) -> int:
@@ -321,6 +368,7 @@ class StackedLoraWeights(Axes):
             dropout=self.dropout,
             layer_axes=self.layer_axes,
             expert_axes=self.expert_axes,
+            layer_at=self.layer_at,
         )
 
     def entry(self, a: jax.Array, b: jax.Array, m: jax.Array | None = None) -> LoraWeights:
@@ -335,6 +383,13 @@ class StackedLoraWeights(Axes):
           The `LoraWeights`.
         """
         return self.layout.with_factors(a, b, m)
+
+
+def stored_order(n: int, at: int, ndim: int) -> tuple[int, ...]:
+    """The permutation that moves ``n`` leading axes of an ``ndim``-axis array to position
+    ``at`` (`Axes.to_stored`): stored axis ``j`` is scan-layout axis ``order[j]``."""
+    rest = tuple(range(n, ndim))
+    return (*rest[:at], *range(n), *rest[at:])
 
 
 def is_lora(x: object) -> TypeGuard[LoraWeights]:

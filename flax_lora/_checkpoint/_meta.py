@@ -254,6 +254,7 @@ ADAPTER_FIELDS: dict[str, tuple[object, Check]] = {  # field -> (default, check)
     "layer_axes": (0, _count),
     "layers": (None, _optional(_ints(_count))),
     "expert_axes": ((), _ints(_count)),
+    "layer_at": (0, _count),
     "rank": (None, _optional(_positive)),
     "dora": (False, _flag),
 }
@@ -282,6 +283,11 @@ def adapter_fields(directory: Path, path: str, entry: dict[str, object]) -> Adap
     shape, n = f["kernel_shape"], len(f["kernel_shape"])
     if f["layer_axes"] >= n:
         raise ValueError(f"{at}, field 'layer_axes': {f['layer_axes']} for a kernel {shape}.")
+    if f["layer_at"] and (not f["layer_axes"] or f["layer_at"] + f["layer_axes"] > n):
+        raise ValueError(
+            f"{at}, field 'layer_at': {f['layer_at']} for a kernel {shape} with layer_axes "
+            f"{f['layer_axes']} (expected 0, or a position that leaves the layer axes in range)."
+        )
     for name in ("in_axes", "expert_axes"):
         for i in f[name]:
             if i >= n or i < f["layer_axes"]:
@@ -344,9 +350,10 @@ def adapter(directory: Path, path: str, f: AdapterFields, arrays: dict[str, Leaf
         layer_axes=f["layer_axes"],
         layers=f["layers"],
         expert_axes=f["expert_axes"],
+        layer_at=f["layer_at"],
     )
     try:
-        check_fits(path, w, w.kernel_shape)
+        check_fits(path, w, w.stored_shape)
     except ValueError as e:
         raise ValueError(f"{where(directory)}: its arrays disagree with its metadata: {e}") from e
     if f["rank"] is not None and a.shape[-1] != f["rank"]:

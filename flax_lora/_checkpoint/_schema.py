@@ -34,6 +34,7 @@ class AdapterFields(TypedDict):
     layer_axes: int
     layers: tuple[int, ...] | None
     expert_axes: tuple[int, ...]
+    layer_at: int
     rank: int | None
     dora: bool
 

@@ -87,9 +87,18 @@ def apply_layout(v: KernelView, prim: Any, params: dict[str, Any], out_aval: Any
     unknown = [I_SIDE] * len(out_aval.shape)  # sides no longer mean anything
     if meta.why is not None:
         return new(v.a, v.b, unknown)
-    if LAYER in meta.side:
+    if LAYER in meta.side and not (name == "transpose" and _keeps_layers(v, params, prim)):
         return new(v.a, v.b, unknown, f"`{name}` of a layered kernel")
     return SHAPE_RULES[name](v, _Op(name, prim, params, base, unknown, new))
+
+
+def _keeps_layers(v: KernelView, params: dict[str, Any], prim: Any) -> bool:
+    """Whether a transpose keeps the layer axes in their order (MaxText's ``moveaxis`` of a
+    kernel stored ``(d, L, ...)`` before its scan): the factors, whose layer axes lead, then
+    stay as they are."""
+    perm = tuple(jx.bound_param(prim, params, "permutation"))
+    layers = [d for d in perm if v.meta.side[d] == LAYER]
+    return layers == sorted(layers)
 
 
 def _transpose(v: KernelView, op: _Op) -> KernelView:

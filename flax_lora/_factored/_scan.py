@@ -1,10 +1,14 @@
 """Factored execution through ``scan``: layered kernels (``nn.scan`` / ``nnx.scan``).
 
 A model whose layers are stacked by ``nn.scan`` passes each layered kernel ``(L, *rest)`` to a
-``scan`` primitive as a per-iteration operand: the body sees one layer's slice. The scan rule
-runs a real `jax.lax.scan` whose body evaluates the scan's body jaxpr with the same interpreter,
-feeding it, for each layered kernel view, the slices of ``W0`` and of the factors along their
-``"layer"`` carried axis (`flax_lora._factored._view.per_layer`): an ordinary view of one layer.
+``scan`` primitive as a per-iteration operand: the body sees one layer's slice. A kernel stored
+with its layer axis elsewhere (MaxText's ``param_scan_axis: 1``, ``(d, L, mlp)``) reaches the
+scan through a transpose that brings the layer axis first; the view follows it
+(`flax_lora._factored._layout_ops`) and `per_layer` slices the stored kernel on its own axis.
+The scan rule runs a real `jax.lax.scan` whose body evaluates the scan's body jaxpr with the
+same interpreter, feeding it, for each layered kernel view, the slices of ``W0`` and of the
+factors along their ``"layer"`` carried axis (`flax_lora._factored._view.per_layer`): an
+ordinary view of one layer.
 So the layer's kernel uses are factored as anywhere else and no per-layer merged kernel is
 formed. A DoRA view's ``g`` (and ``m``) are sliced with the factors; a routed view keeps its
 example axis; a quantized layered kernel is sliced per layer
@@ -104,6 +108,6 @@ def _sliceable(v: KernelView) -> str | None:
         return v.meta.why
     if not v.meta.side or v.meta.side[0] != LAYER:
         return "the scan slices an axis of the kernel that is not its layer axis"
-    if any(prim.name not in jx.VALUE_OPS for prim, _ in v.meta.ops):
+    if any(prim.name not in (*jx.VALUE_OPS, "transpose") for prim, _ in v.meta.ops):
         return "the layered kernel is reshaped before the scan"
     return None

@@ -15,8 +15,9 @@ them out (`make_view`, `make_routed_view`), slices them (`per_layer`) and maps t
 (`per_example`):
 
 - ``"layer"``: the layer axis of a layered kernel (``nn.scan`` / ``nnx.scan``). ``W0`` has it
-  too (its side is ``"layer"``); the scan rule slices it together with ``W0``, so the scan's
-  body sees an ordinary view of one layer.
+  too (its side is ``"layer"``), where the kernel holds it (`LoraWeights.layer_at`; a transpose
+  that moves it first, as MaxText's before its scan, moves only the sides); the scan rule
+  slices it together with ``W0``, so the scan's body sees an ordinary view of one layer.
 - ``"expert"``: an expert axis of the kernel (`LoraWeights.expert_axes`; its side is
   ``"expert"``): ``W0`` has it too, and the expert rules (`flax_lora._factored._expert_rules`) keep
   it a batch (or group) dimension of the low-rank products.
@@ -160,12 +161,13 @@ def make_view(path: str, leaf: Any, w: LoraWeights) -> KernelView:
     if w.m is not None and w.expert_axes:  # DoRA per expert (and layer): norms mapped over C
         inner = w.layout.carried_slice()  # the carried axes lead: the layout past them
         keep = None if mask is None else jnp.asarray(mask > 0)
-        g, root_m = layered_factor(as_array(kernel), inner, a, w.b, w.m, n, keep)
+        g, root_m = layered_factor(w.to_scan(as_array(kernel)), inner, a, w.b, w.m, n, keep)
         return _assemble(path, kernel, w.layout, a, w.b, g, root_m, carried)
     if w.m is not None and w.layer_axes:
         inner = w.layout.layer_slice(w.layer_axes)
         keep = None if mask is None else jnp.asarray(mask > 0)
-        g, root_m = layered_factor(as_array(kernel), inner, a, w.b, w.m, w.layer_axes, keep)
+        lead = w.to_scan(as_array(kernel))  # layer axes first (`LoraWeights.layer_at`)
+        g, root_m = layered_factor(lead, inner, a, w.b, w.m, w.layer_axes, keep)
     elif w.m is not None:  # DoRA: the factor per output unit, from W0's norms and low-rank terms
         g = dora_factor(as_array(kernel), w)
     return _assemble(path, kernel, w.layout, a, w.b, g, root_m, carried)
@@ -198,10 +200,11 @@ def _assemble(
     carried: tuple[Carried, ...],
 ) -> KernelView:
     """The view of ``kernel`` before any op: the factors' input and output axes put in the
-    kernel's axis order, after the ``carried`` axes that lead them."""
+    kernel's axis order, after the ``carried`` axes that lead them. The sides are those of the
+    kernel as stored (its layer axes at ``w.layer_at``)."""
     n = len(carried)
     lead = tuple(range(n))
-    side = tuple(
+    scan_side = tuple(
         LAYER
         if d < w.layer_axes
         else EXPERT
@@ -211,6 +214,7 @@ def _assemble(
         else O_SIDE
         for d in range(len(w.kernel_shape))
     )
+    side = tuple(scan_side[d] for d in w.stored_order)
     in_order = sorted(range(len(w.in_axes)), key=lambda k: w.in_axes[k])
     out_order = sorted(range(len(w.out_axes)), key=lambda k: w.out_axes[k])
     view_a = transposed(a, (*lead, *[n + k for k in in_order], a.ndim - 1))
@@ -246,23 +250,46 @@ def per_layer(v: KernelView) -> KernelView:
     metadata of one layer, so that `jax.lax.scan` hands its body an ordinary view of one layer.
 
     The scan rule has checked that this axis is the base's first and that only value ops (dtype
-    casts, sharding) were applied (`flax_lora._factored._scan`); of those, the ones that
-    commute with slicing stay in the layer's op history.
+    casts, sharding) and transposes were applied (`flax_lora._factored._scan`); of those, the
+    ones that commute with slicing stay in the layer's op history. A transpose that brought the
+    layer axis first (a kernel whose layer axes do not lead, `LoraWeights.layer_at`) moves the
+    root's layer axis first instead; what it does to the other axes stays, as one transpose.
     """
     meta = v.meta
     k = meta.carried.index(LAYER)
+    perm = composed_transpose(v)
+    is_array = lambda x: isinstance(x, jax.Array)
+    ops = tuple((p, q) for p, q in meta.ops if p.name in jx.ELEMENTWISE)
+    root = layer_base(v.root)
+    rest = [d for d in range(len(perm)) if d != perm[0]]
+    inner = tuple(rest.index(d) for d in perm[1:])  # the transpose left for one layer
+    if perm[0] != 0 and not ops and inner == tuple(range(len(inner))) and is_array(v.base):
+        root = v.base  # the root moved by the model's own transpose: no second copy
+    elif perm[0] != 0:  # the root's layer axis is perm[0]: moved first, the rest as they were
+        root = jnp.moveaxis(as_array(v.root), perm[0], 0)
+    if inner != tuple(range(len(inner))):
+        transpose = next(p for p, _ in meta.ops if p.name == "transpose")
+        ops = (*ops, (transpose, {"permutation": inner}))
     one = ViewMeta(
         meta.path,
         meta.weights.layer_slice(1),  # layers cleared: the mask is already in a and root_a
-        tuple((p, q) for p, q in meta.ops if p.name in jx.ELEMENTWISE),
+        ops,
         meta.side[1:],
         meta.carried[:k] + meta.carried[k + 1 :],
     )
     first = lambda x: x if x is None or k == 0 else jnp.moveaxis(x, k, 0)
     moved = {f: first(getattr(v, f)) for f in _FACTORS}
-    return dataclasses.replace(
-        v, root=layer_base(v.root), base=layer_base(v.base), meta=one, **moved
-    )
+    return dataclasses.replace(v, root=root, base=layer_base(v.base), meta=one, **moved)
+
+
+def composed_transpose(v: KernelView) -> tuple[int, ...]:
+    """The permutation of the root's axes that the view's transposes make (its other ops must
+    keep the axes: value ops): the view's axis ``j`` is the root's axis ``perm[j]``."""
+    perm = tuple(range(len(v.shape)))
+    for p, params in v.meta.ops:
+        if p.name == "transpose":
+            perm = tuple(perm[i] for i in jx.bound_param(p, params, "permutation"))
+    return perm
 
 
 def per_example(v: KernelView) -> tuple[KernelView, KernelView]:

@@ -211,7 +211,8 @@ def with_magnitude(w: LoraWeights, base: jax.Array | QuantizedKernel) -> LoraWei
     """
     kernel = dequantize_kernel(base) if isinstance(base, QuantizedKernel) else base
     m = weight_norm(kernel, w, jnp.promote_types(kernel.dtype, jnp.float32)).astype(w.b.dtype)
-    return w.replace(m=place(m, kernel, (*w.carried_axes, *w.out_axes)))
+    own = tuple(w.stored_order.index(d) for d in (*w.carried_axes, *w.out_axes))
+    return w.replace(m=place(m, kernel, own))  # the kernel's own axes (`LoraWeights.layer_at`)
 
 
 def _factor(

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_lora._adapters._weights import LoraWeights
+from flax_lora._adapters._weights import LoraWeights, stored_order
 from flax_lora._config import LoraConfig
 from flax_lora._init._factors import (
     FACTORING_INITS,
@@ -106,10 +106,10 @@ def init(
     new_kernels: dict[str, PyTree] = {}
     too_big: list[str] = []  # adapters of a rank above their kernel's smaller side
     for k, (path, (kind, in_axes)) in zip(keys, selected.items(), strict=False):
-        n, layers = layered.get(path, (0, None))
+        n, layers, at = layered.get(path, (0, None, 0))
         experts = uses[path].expert_axes if uses is not None and path in uses else ()
         w, residual = _adapter(
-            k, path, leaves[path], kind, in_axes, config, n, layers, tuple(experts)
+            k, path, leaves[path], kind, in_axes, config, n, layers, tuple(experts), at
         )
         if config.dora:
             w = with_magnitude(w, residual if residual is not None else bases[path])
@@ -152,11 +152,43 @@ def _adapter(
     n_layer_axes: int,
     layers: tuple[int, ...] | None,
     experts: tuple[int, ...] = (),
+    layer_at: int = 0,
 ) -> tuple[LoraWeights, PyTree]:
-    """The adapter of one kernel (``n_layer_axes`` leading layer axes of a layered kernel,
-    adapted on ``layers`` of the first one, ``None``: all; ``experts``: its expert axes, one
-    adapter per expert), and the base it runs on when the init replaces it (PiSSA/OLoRA: the
-    residual kernel; LoftQ: its `QuantizedKernel`), else ``None``."""
+    """The adapter of one kernel (``n_layer_axes`` layer axes of a layered kernel, from axis
+    ``layer_at`` on, adapted on ``layers`` of the first one, ``None``: all; ``experts``: its
+    expert axes, one adapter per expert), and the base it runs on when the init replaces it
+    (PiSSA/OLoRA: the residual kernel; LoftQ: its `QuantizedKernel`), else ``None``.
+
+    Axes are the kernel's own; a kernel whose layer axes do not lead is made in its scan layout
+    (layer axes first, `LoraWeights.layer_at`), and its residual base put back."""
+    if layer_at and config.init == "loftq":
+        raise ValueError(
+            f"init='loftq' does not support a kernel whose layer axes do not lead yet "
+            f"({path!r} of shape {tuple(kernel.shape)}, layer axes from axis {layer_at})."
+        )
+    if layer_at:
+        order = stored_order(n_layer_axes, layer_at, len(kernel.shape))
+        scan = lambda d: order[d]  # the kernel's own axis -> its scan-layout axis
+        w, residual = _adapter(
+            key,
+            path,
+            _transposed(  # the values only for an init that reads them (no copy else)
+                kernel
+                if config.init in FACTORING_INITS
+                else jax.ShapeDtypeStruct(tuple(kernel.shape), kernel.dtype),
+                tuple(order.index(i) for i in range(len(order))),
+            ),
+            kind,
+            tuple(scan(d) for d in in_axes),
+            config,
+            n_layer_axes,
+            layers,
+            tuple(scan(d) for d in experts),
+        )
+        w = w.replace(layer_at=layer_at)
+        if residual is not None:  # PiSSA / OLoRA: the residual kernel, in the scan layout
+            residual = w.to_stored(residual)
+        return _placed(w, kernel), residual
     shape = tuple(kernel.shape)
     n = n_layer_axes
     lead = tuple(range(n))
@@ -218,6 +250,26 @@ def _adapter(
         expert_axes=experts,
     )
     return w, base
+
+
+def _transposed(
+    kernel: jax.Array | jax.ShapeDtypeStruct, perm: tuple[int, ...]
+) -> jax.Array | jax.ShapeDtypeStruct:
+    """``kernel`` (an array or a shape) transposed by ``perm``."""
+    if isinstance(kernel, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(tuple(kernel.shape[d] for d in perm), kernel.dtype)
+    return jnp.transpose(kernel, perm)
+
+
+def _placed(w: LoraWeights, kernel: jax.Array | jax.ShapeDtypeStruct) -> LoraWeights:
+    """``w`` (made in its kernel's scan layout) with its factors given the sharding of the
+    kernel axes as stored (`place`)."""
+    own = lambda axes: tuple(w.stored_order.index(d) for d in axes)
+    c = w.carried_axes
+    return w.replace(
+        a=place(w.a, kernel, own((*c, *w.in_axes)), -1),
+        b=place(w.b, kernel, own((*c, *w.out_axes)), len(c)),
+    )
 
 
 def _carried_first(

@@ -313,19 +313,23 @@ def layered_kernels(
     uses: dict[str, Use] | None,
     leaves: dict[str, PyTree],
     config: LoraConfig,
-) -> tuple[dict[str, tuple[Kind, tuple[int, ...]]], dict[str, tuple[int, tuple[int, ...] | None]]]:
+) -> tuple[
+    dict[str, tuple[Kind, tuple[int, ...]]],
+    dict[str, tuple[int, tuple[int, ...] | None, int]],
+]:
     """``selected`` without the layered kernels with no picked layer, and path -> (number of
-    leading layer axes, picked layers or ``None``) of the layered kernels left. ``selected`` is
-    not changed.
+    layer axes, picked layers or ``None``, the kernel axis where its layer axes start:
+    ``LoraWeights.layer_at``) of the layered kernels left. ``selected`` is not changed; its
+    input axes stay in the kernel's own layout.
 
     Raises:
-      ValueError: a scan slices a kernel on an axis that is not leading, a layered kernel has
-        no output axis, or no kernel is left once ``layers`` is applied.
+      ValueError: a scan slices a kernel on axes that are not next to each other, a layered
+        kernel has no output axis, or no kernel is left once ``layers`` is applied.
     """
     if uses is None:
         return selected, {}
     kept = dict(selected)
-    out: dict[str, tuple[int, tuple[int, ...] | None]] = {}
+    out: dict[str, tuple[int, tuple[int, ...] | None, int]] = {}
     for path in selected:
         use = uses.get(path)
         lax_ = tuple(getattr(use, "layer_axes", ()) or ())
@@ -333,14 +337,15 @@ def layered_kernels(
             continue
         shape = tuple(leaves[path].shape)
         n = len(lax_)
-        if lax_ != tuple(range(n)):
+        at = lax_[0]
+        if lax_ != tuple(range(at, at + n)):
             raise ValueError(
-                f"Kernel {path!r} of shape {shape} is sliced by a scan on axes {lax_}; its "
-                "layer axes must be its leading axes."
+                f"Kernel {path!r} of shape {shape} is sliced by scans on axes {lax_}; its "
+                "layer axes must be next to each other, in order."
             )
         in_axes = selected[path][1]
         experts = tuple(getattr(use, "expert_axes", ()) or ())
-        if any(i < n for i in (*in_axes, *experts)) or len(in_axes) + len(experts) + n >= len(
+        if any(i in lax_ for i in (*in_axes, *experts)) or len(in_axes) + len(experts) + n >= len(
             shape
         ):
             raise ValueError(
@@ -349,11 +354,11 @@ def layered_kernels(
             )
         layers = None
         if config.layers is not None:
-            layers = tuple(sorted({i for i in layer_tuple(config) if 0 <= i < shape[0]}))
+            layers = tuple(sorted({i for i in layer_tuple(config) if 0 <= i < shape[at]}))
             if not layers:
                 del kept[path]
                 continue
-        out[path] = (n, layers)
+        out[path] = (n, layers, at)
     if not kept:
         raise ValueError(
             f"LoraConfig(layers={config.layers!r}) picks no layer of the layered kernels "

@@ -230,4 +230,5 @@ def _per_carried(
         layer_axes=w0.layer_axes,
         expert_axes=tuple(w0.expert_axes),
         layers=None if picked is None else tuple(picked),
+        layer_at=w0.layer_at,
     )

@@ -135,6 +135,7 @@ def _stack_tables(tables: list[dict[str, LoraWeights]]) -> dict[str, StackedLora
             expert_axes=w0.expert_axes,
             m=m,
             dora=dora,
+            layer_at=w0.layer_at,
         )
     return out
 
@@ -280,7 +281,7 @@ def stacked_dora(w: StackedLoraWeights, kernel: jax.Array) -> tuple[jax.Array, j
     """
     c = w.carried_axes  # layer and expert axes: one norm per carried index
     inner = w.layout.carried_slice()  # the layout at one carried index
-    lead = jnp.moveaxis(kernel, c, tuple(range(len(c))))  # the carried axes first, as a's
+    lead = jnp.moveaxis(w.to_scan(kernel), c, tuple(range(len(c))))  # carried axes first
     with_base = lambda x: jnp.concatenate([x, jnp.zeros_like(x[:1])])  # row N: the base
     keep = with_base(jnp.asarray(w.dora_keep()))
     one = lambda a, b, m, k: layered_factor(lead, inner, a, b, m, len(c), k)

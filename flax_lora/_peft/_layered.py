@@ -11,6 +11,10 @@ An adapter of some layers only (`LoraWeights.layers`) writes those layers' modul
 file without some layers' modules gives those layers zero factors (and, for DoRA, the magnitudes
 ``||W0||`` of their base kernels, so they stay the base) and ``layers=`` the others. One layered
 adapter has one rank, one scale and one DoRA-ness for all its layers.
+
+A kernel that holds its layer axis elsewhere (MaxText's ``(d, L, mlp)``,
+`LoraWeights.layer_at`) is written the same way (its factors keep the layer axis first); to
+read one, ``load_peft`` needs the probe, which says where the layer axis is (`scan_layouts`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_lora._adapters._weights import LoraWeights
+from flax_lora._adapters._weights import LoraWeights, stored_order
 from flax_lora._peft._names import LAYER, Name, has, layer_name
 from flax_lora._probe import Use
 from flax_lora._typing import ArrayLeaf
@@ -55,14 +59,14 @@ def layer_modules(path: str, name: Name, w: LoraWeights) -> list[Module]:
         return [Module(path, name, w)]
     if w.layer_axes > 1:
         raise ValueError(
-            f"save_peft: the kernel {path!r} of shape {tuple(w.kernel_shape)} has "
+            f"save_peft: the kernel {path!r} of shape {tuple(w.stored_shape)} has "
             f"{w.layer_axes} layer axes (nested scans); PEFT modules can be named by one layer "
             "index only, so one layer axis is expected."
         )
     if not has(name, LAYER):
         raise ValueError(
             f"save_peft: key_map names the scan-stacked kernel {path!r} (shape "
-            f"{tuple(w.kernel_shape)}) {name!r}; a stacked kernel's name must contain "
+            f"{tuple(w.stored_shape)}) {name!r}; a stacked kernel's name must contain "
             f"{LAYER!r}, replaced by each layer index (one PEFT module per layer)."
         )
     layers = range(w.kernel_shape[0]) if w.layers is None else w.layers
@@ -77,6 +81,35 @@ def layer_modules(path: str, name: Name, w: LoraWeights) -> list[Module]:
 
 
 # -- load ----------------------------------------------------------------------------------------
+def scan_layouts(kernels: dict[str, ArrayLeaf], uses: dict[str, Use] | None) -> dict[str, int]:
+    """Puts each kernel whose probe use has its layer axis elsewhere than in front (one layer
+    axis, `LoraWeights.layer_at`) in its scan layout, layer axis first, in ``kernels`` and
+    ``uses`` (changed in place), so that the modules are read as for ``nn.scan``'s kernels;
+    returns path -> ``layer_at`` of those kernels."""
+    moved: dict[str, int] = {}
+    for path, kernel in list(kernels.items()):
+        use = None if uses is None else uses.get(path)
+        if use is None or len(use.layer_axes) != 1 or use.layer_axes[0] == 0:
+            continue
+        at = use.layer_axes[0]
+        order = stored_order(1, at, len(kernel.shape))
+        scan = lambda d: order[d]  # noqa: B023 - used at once; the kernel's axis -> scan layout
+        perm = tuple(order.index(i) for i in range(len(order)))
+        if isinstance(kernel, jax.ShapeDtypeStruct) or not hasattr(kernel, "dtype"):
+            kernels[path] = jax.ShapeDtypeStruct(tuple(kernel.shape[d] for d in perm), kernel.dtype)
+        else:
+            kernels[path] = jnp.transpose(kernel, perm)
+        assert uses is not None
+        uses[path] = dataclasses.replace(
+            use,
+            in_axes=tuple(scan(d) for d in use.in_axes),
+            layer_axes=(0,),
+            expert_axes=tuple(scan(d) for d in use.expert_axes),
+        )
+        moved[path] = at
+    return moved
+
+
 def layer_use(use: Use | None, path: str, name: str, layer: int | None) -> Use | None:
     """What the probe saw of the kernel that module ``name`` is read onto: the kernel at ``path``,
     or its layer ``layer`` (then without the layer axis).

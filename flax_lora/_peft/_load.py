@@ -43,7 +43,7 @@ from flax_lora._peft._fused import (
     split_joined,
     trim_joined,
 )
-from flax_lora._peft._layered import join_layer_modules, layer_use
+from flax_lora._peft._layered import join_layer_modules, layer_use, scan_layouts
 from flax_lora._peft._names import (
     CONFIG_NAME,
     MAGNITUDE,
@@ -121,7 +121,9 @@ def load_peft(
 
     Sharp edge: a dense kernel of 3 or more dimensions has its input axes from ``probe``;
     without one the load accepts only an unambiguous split of PEFT's ``in`` / ``out`` features
-    (a ``(384, 12, 32)`` q kernel is ambiguous) and otherwise raises: it never guesses.
+    (a ``(384, 12, 32)`` q kernel is ambiguous) and otherwise raises: it never guesses. A
+    name with ``{layer}`` reads onto the kernel's first axis unless ``probe`` shows the scan
+    slicing another (MaxText's ``(d, L, mlp)``, `LoraWeights.layer_at`): pass it for those.
 
     Examples:
       >>> params = {"params": {"lin": {"kernel": jnp.ones((3, 4))}}}  # PyTorch's module "lin"
@@ -169,6 +171,7 @@ def load_peft(
     kernels = kernels_of(params, key_map)
     name_of = namer(key_map)
     uses = kernel_uses(probe, params) if probe is not None else None
+    moved = scan_layouts(kernels, uses)  # layer axes not leading: read in the scan layout
     sites, templates = kernel_sites(kernels, param_namer(name_of, key_map is None, cfg), uses)
     sites, expert_of = expert_sites(sites, templates, cfg, spec)
     leaves = flatten(params)
@@ -209,6 +212,7 @@ def load_peft(
         (path, _assemble(path, by, kernels[path], templates, joined, uses, name_of, weights.file))
         for path, by in pieces.items()
     ]
+    entries = [(p, w.replace(layer_at=moved[p]) if p in moved else w) for p, w in entries]
     return nest(entries + list(extras.items()))
 
 

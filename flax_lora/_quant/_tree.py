@@ -132,7 +132,9 @@ def quantize(
     Raises:
       ValueError: unknown ``dtype``, bad ``block_size``, ``double_quant`` with int8,
         ``targets`` that match no kernel (listing the paths seen) or an already quantized one,
-        or a selected kernel holding a NaN or an inf (naming it, how many and where).
+        a selected kernel holding a NaN or an inf (naming it, how many and where), or one
+        whose layer axes (``probe``) do not lead (MaxText's ``param_scan_axis: 1``: not
+        supported yet).
       TypeError: a selected kernel is not floating.
     """
     check_format(dtype, block_size, double_quant)
@@ -193,13 +195,25 @@ def _warn_unnamed(leaves: dict[str, Any], uses: dict[str, Use]) -> None:
 
 
 def _layer_axes(uses: dict[str, Use] | None, chosen: set[str]) -> dict[str, int]:
-    """Path -> number of leading layer axes of each chosen kernel a scan of the probe slices."""
+    """Path -> number of leading layer axes of each chosen kernel a scan of the probe slices.
+
+    Raises:
+      ValueError: a chosen kernel's layer axes do not lead (quantized per layer, its codes
+        could not be sliced by the scan as the kernel is).
+    """
     if uses is None:
         return {}
     out = {}
     for path, use in uses.items():
         axes = tuple(use.layer_axes)
-        if path in chosen and axes and axes == tuple(range(len(axes))):
+        if path in chosen and axes and axes != tuple(range(len(axes))):
+            raise ValueError(
+                f"lora.quantize: the kernel {path!r} is sliced by a scan on axes {axes}, not "
+                "on its leading axes (MaxText's param_scan_axis: 1). Quantizing such a layered "
+                "kernel per layer is not supported yet: leave it out with targets=, or store "
+                "its layer axis first (param_scan_axis: 0)."
+            )
+        if path in chosen and axes:
             out[path] = len(axes)
     return out
 
