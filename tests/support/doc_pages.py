@@ -184,6 +184,32 @@ apply = model.apply
 )
 
 
+MAXTEXT_LIKE = """
+class Mlp(nn.Module):
+    @nn.compact
+    def __call__(self, h):
+        return nn.Dense(16, name="wo")(jax.nn.silu(nn.Dense(32, name="wi_0")(h)))
+
+class Layer(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return h + Mlp(name="mlp")(h), None
+
+class Decoder(nn.Module):  # kernels stored (d, L, mlp), as MaxText's param_scan_axis: 1
+    @nn.compact
+    def __call__(self, x):
+        layers = nn.scan(Layer, variable_axes={"params": 1}, split_rngs={"params": True}, length=3)
+        return layers(name="layers")(x, None)[0]
+
+class MaxTextLike(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return Decoder(name="decoder")(x)
+
+mt_model = MaxTextLike()
+mt_params = mt_model.init(jax.random.key(7), x)
+"""
+
 SETUPS: dict[str, str] = {
     "docs/getting-started/nnx.md": "x = jnp.ones((4, 784))",
     "docs/guides/config.md": ATTENTION,
@@ -193,7 +219,7 @@ SETUPS: dict[str, str] = {
     "docs/guides/dora.md": ATTENTION,
     "docs/guides/multi_adapter.md": ATTENTION,
     "docs/guides/qlora.md": ATTENTION.replace('r".*/(query|value)/kernel"', "None"),
-    "docs/guides/layered.md": LAYERED,
+    "docs/guides/layered.md": LAYERED + MAXTEXT_LIKE,
     "docs/guides/peft.md": PEFT,
     "docs/guides/bridges.md": NNX_LM,
     "docs/guides/extras.md": BERT_LIKE,
