@@ -44,14 +44,19 @@ pytest.importorskip(
     "maxtext",
     reason="the MaxText tests need maxtext==0.2.5 (Python >= 3.12; docs/guides/maxtext.md)",
 )
-from support import maxtext_models as mm  # noqa: E402  (imports maxtext)
-from support.compare import rel_err  # noqa: E402
-from support.trees import adapter_entries, leaves_by_path  # noqa: E402
+from support import maxtext_models as mm
+from support.compare import rel_err
+from support.trees import adapter_entries, leaves_by_path
 
 MODES = ("merged", "factored", "auto")
 CASES = [
     pytest.param(family, layout, sparse, id=f"{family}{'-sparse' if sparse else ''}-{layout}")
-    for family, sparse in (("llama2", False), ("gemma3", False), ("mixtral", False), ("mixtral", True))
+    for family, sparse in (
+        ("llama2", False),
+        ("gemma3", False),
+        ("mixtral", False),
+        ("mixtral", True),
+    )
     for layout in mm.LAYOUTS
 ]
 
@@ -88,7 +93,9 @@ def awaiting(family: str, layout: str, sparse: bool, structural: bool) -> list[s
     return out
 
 
-def mark(request: pytest.FixtureRequest, *cases: tuple[str, str, bool], structural: bool = False) -> None:
+def mark(
+    request: pytest.FixtureRequest, *cases: tuple[str, str, bool], structural: bool = False
+) -> None:
     """Marks the running test xfail(strict) when one of its cases awaits engine work."""
     waits = sorted({w for case in cases for w in awaiting(*case, structural=structural)})
     if waits:
@@ -131,7 +138,7 @@ def test_merged_kernels_are_a_float64_merge_per_layer_and_expert(request, family
     assert set(entries) == expected
     merged = leaves_by_path(lora.merge(m.params, adapters))
     for path, w in entries.items():
-        n_in, expert = mm.conventions(path)
+        _, expert = mm.conventions(path)
         layered = mm.is_layered_path(m, path)
         carried = ((m.num_layers,) if layered else ()) + ((mm.EXPERTS,) if expert else ())
         assert w.a.shape[: len(carried)] == carried, (path, w.a.shape)  # one LoRA each

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flax_lora._key_maps import _flax_families, _tunix
+from flax_lora._key_maps import _flax_families, _maxtext, _tunix
 from flax_lora._key_maps._rule_map import Rule, RuleMap
 
 CATALOGUE: dict[str, tuple[Rule, ...]] = {
@@ -15,12 +15,16 @@ CATALOGUE: dict[str, tuple[Rule, ...]] = {
     "tunix/gemma2": _tunix.GEMMA,
     "tunix/gemma3": _tunix.GEMMA,
     "gemma/gemma3": _flax_families.GEMMA3,
+    "maxtext/llama2": _maxtext.LLAMA2,
+    "maxtext/mixtral": _maxtext.MIXTRAL,
+    "maxtext/mixtral_experts": _maxtext.MIXTRAL_EXPERTS,
+    "maxtext/gemma3": _maxtext.GEMMA3,
     "transformers/bert": _flax_families.BERT,
     "transformers/gpt2": _flax_families.GPT2,
     "transformers/llama": _flax_families.LLAMA,
 }
 """Name -> rules. The names are ``<source>/<family>``; the source is where the Flax model
-comes from (google-tunix, the ``gemma`` package, transformers 4.57's Flax models)."""
+comes from (google-tunix, the ``gemma`` package, MaxText, transformers 4.57's Flax models)."""
 
 
 def key_map(name: str) -> RuleMap:
@@ -32,7 +36,8 @@ def key_map(name: str) -> RuleMap:
     name (no PyTorch twin), so `save_peft` refuses adapters on such a kernel naming the path.
 
     The families (``tunix/*``: google-tunix 0.1.7's ``tunix.models``, NNX states;
-    ``gemma/*``: the ``gemma`` package; ``transformers/*``: transformers 4.57's Flax models):
+    ``gemma/*``: the ``gemma`` package; ``maxtext/*``: MaxText 0.2.5's NNX decoders;
+    ``transformers/*``: transformers 4.57's Flax models):
 
     - ``tunix/llama3``, ``tunix/qwen2``, ``tunix/qwen3``: attention ``q/k/v/o_proj``, MLP
       ``gate/up/down_proj``, ``lm_head`` -> ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` /
@@ -48,6 +53,16 @@ def key_map(name: str) -> RuleMap:
       ``q_proj``; the fused ``kv_einsum`` -> ``(k_proj, v_proj)`` and ``qkv_einsum`` -> ``(q_proj,
       k_proj, v_proj)``; ``attn_vec_einsum`` -> ``o_proj``; the MLP (the ``gemma`` package's fused
       ``gating_einsum`` -> ``(gate_proj, up_proj)``, ``linear`` -> ``down_proj``).
+    - ``maxtext/llama2`` (MaxText's ``llama2-*``, ``llama3-*``, ``mistral-*``), ``maxtext/mixtral``,
+      ``maxtext/mixtral_experts``, ``maxtext/gemma3``: ``self_attention/query|key|value|out`` ->
+      ``q/k/v/o_proj``, ``mlp/wi_0|wi_1|wo`` -> ``gate/up/down_proj``, ``logits_dense`` ->
+      ``lm_head``; scanned layers (``decoder/layers/...``) as ``model.layers.{layer}...``,
+      unscanned (``decoder/layers_3/...``) by index; Mixtral's experts onto transformers 5's
+      ``mlp.experts.gate_up_proj[0]``/``[1]`` and ``down_proj`` (pass ``param_order=
+      ("gate_up_proj", "down_proj")``) or, ``_experts``, one module per expert
+      (``block_sparse_moe.experts.{expert}.w1``); Gemma 3 unscanned only. MaxText's Llama and
+      Mixtral fold ``1/sqrt(head_dim)`` into the query kernel: scale the query adapters' ``b``
+      by ``sqrt(head_dim)`` for HF (docs/guides/maxtext.md).
     - ``transformers/bert``, ``transformers/gpt2``, ``transformers/llama``: Flax BERT (with or
       without ``bert/`` and ``classifier``), GPT-2 (``Conv1D``: its Flax kernel is ``(out, in)``,
       so pass ``probe`` to `init` and `load_peft`), Llama.

@@ -31,10 +31,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import maxtext
 import numpy as np
 from flax import nnx
-
-import maxtext
 from maxtext.configs import pyconfig
 from maxtext.trainers.pre_train import train
 from maxtext.utils import model_creation_utils
