@@ -187,7 +187,7 @@ def main() -> None:
     try:
         import maxtext  # noqa: F401
     except ImportError:
-        print("skipped: needs maxtext==0.2.5 (Python >= 3.12; docs/guides/maxtext.md)")
+        print("skipped: needs maxtext==0.2.5 (Python >= 3.12): pip install -e '.[maxtext]'")
         return
     layouts = {
         "unscanned": dict(scan_layers=False),

@@ -104,8 +104,8 @@ def test_maxtext_paths_name_hf_modules(family, path, name):
 
 MAXTEXT_PYTHON = os.environ.get("FLAX_LORA_MAXTEXT_PYTHON")
 NO_MAXTEXT = (
-    "set FLAX_LORA_MAXTEXT_PYTHON to a Python with maxtext==0.2.5 (docs/guides/maxtext.md) to "
-    "check the MaxText key maps against PEFT"
+    "set FLAX_LORA_MAXTEXT_PYTHON to a Python with maxtext==0.2.5 (pip install -e '.[maxtext]' on "
+    "Python >= 3.12) to check the MaxText key maps against PEFT"
 )
 TWINS = [
     pytest.param(f, lay, id=f"{f}-{lay}")
