@@ -133,6 +133,12 @@ def _needs_twin() -> None:
         pytest.skip(NO_MAXTEXT)
 
 
+def _pythonpath() -> str:
+    """This checkout first, so that the subprocess imports the flax_lora under test."""
+    root = str(Path(__file__).resolve().parents[1])
+    return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+
+
 _EXPORTS: dict[tuple[str, str], tuple[Path, int, str]] = {}
 
 
@@ -147,7 +153,7 @@ def _export(family: str, layout: str, tmp_root: Path) -> tuple[Path, int, str]:
             capture_output=True,
             text=True,
             timeout=600,
-            env={**os.environ, "JAX_PLATFORMS": "cpu"},
+            env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": _pythonpath()},
         )
         if proc.returncode not in (0, 3):
             raise AssertionError(proc.stderr[-4000:])
