@@ -7,5 +7,6 @@ from the bottom of the import graph up:
 - `_tunix`: the models of google-tunix (Llama3, Qwen2, Qwen3, Qwen3-MoE, Gemma 1/2/3);
 - `_flax_families`: the ``gemma`` package's Gemma 3 and HuggingFace transformers 4.57's Flax
   BERT, GPT-2 and Llama;
+- `_maxtext`: Google MaxText's decoders (Llama 2/3 and Mistral, Mixtral, Gemma 3);
 - `_catalogue`: the table of every family by name and `key_map`.
 """

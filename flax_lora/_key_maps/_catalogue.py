@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flax_lora._key_maps import _flax_families, _tunix
+from flax_lora._key_maps import _flax_families, _maxtext, _tunix
 from flax_lora._key_maps._rule_map import Rule, RuleMap
 
 CATALOGUE: dict[str, tuple[Rule, ...]] = {
@@ -15,12 +15,16 @@ CATALOGUE: dict[str, tuple[Rule, ...]] = {
     "tunix/gemma2": _tunix.GEMMA,
     "tunix/gemma3": _tunix.GEMMA,
     "gemma/gemma3": _flax_families.GEMMA3,
+    "maxtext/llama2": _maxtext.LLAMA2,
+    "maxtext/mixtral": _maxtext.MIXTRAL,
+    "maxtext/mixtral_experts": _maxtext.MIXTRAL_EXPERTS,
+    "maxtext/gemma3": _maxtext.GEMMA3,
     "transformers/bert": _flax_families.BERT,
     "transformers/gpt2": _flax_families.GPT2,
     "transformers/llama": _flax_families.LLAMA,
 }
 """Name -> rules. The names are ``<source>/<family>``; the source is where the Flax model
-comes from (google-tunix, the ``gemma`` package, transformers 4.57's Flax models)."""
+comes from (google-tunix, the ``gemma`` package, MaxText, transformers 4.57's Flax models)."""
 
 
 def key_map(name: str) -> RuleMap:
@@ -48,7 +52,11 @@ def key_map(name: str) -> RuleMap:
       name: a family's name: ``tunix/llama3``, ``tunix/qwen2``, ``tunix/qwen3``,
         ``tunix/qwen3_moe``, ``tunix/qwen3_moe_hf5`` (pass ``param_order=("gate_up_proj",
         "down_proj")`` to `save_peft` and `load_peft`), ``tunix/gemma``, ``tunix/gemma2``,
-        ``tunix/gemma3``, ``gemma/gemma3``, ``transformers/bert``, ``transformers/gpt2`` (its
+        ``tunix/gemma3``, ``gemma/gemma3``, ``maxtext/llama2`` (also MaxText's llama3 and
+        mistral), ``maxtext/mixtral`` (pass ``param_order=("gate_up_proj", "down_proj")``),
+        ``maxtext/mixtral_experts``, ``maxtext/gemma3`` (MaxText's Llama and Mixtral fold
+        ``1/sqrt(head_dim)`` into the query kernel: see `docs/guides/maxtext.md`),
+        ``transformers/bert``, ``transformers/gpt2`` (its
         Flax kernels are ``(out, in)``: pass ``probe`` to `init` and `load_peft`),
         ``transformers/llama``.
 
