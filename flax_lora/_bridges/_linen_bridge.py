@@ -12,14 +12,22 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax
 from flax.core import DenyList
+from flax.core.scope import CollectionFilter
 
 from flax_lora._typing import MODES, Mode, PyTree
 from flax_lora._wrap import wrap
 
+Streams = dict[str, jax.Array] | None
+"""The RNG streams of a bridge's call, by name (``None``: none)."""
+
 
 def _run_module(
-    params: PyTree, *args: Any, lora_bridge: tuple[nn.Module, PyTree, Any, Any], **kwargs: Any
+    params: PyTree,
+    *args: object,
+    lora_bridge: tuple[nn.Module, PyTree, CollectionFilter, Streams],
+    **kwargs: Any,  # Linen's apply keywords, typed by Linen
 ) -> Any:
     """``module.apply`` on the base params and the other collections, ``mutable`` and the RNG
     streams passed on.
@@ -87,7 +95,7 @@ class LinenBridge(nn.Module):
         if self.mode not in MODES:
             raise ValueError(f"lora.LinenBridge: mode must be one of {MODES}; got {self.mode!r}.")
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: object, **kwargs: object) -> Any:
         """The base model's ``__call__`` with the adapters (run it through ``bridge.apply``).
 
         Args:
@@ -135,7 +143,7 @@ LinenBridge.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
 )
 
 
-def _inner_mutable(outer: Any) -> Any:
+def _inner_mutable(outer: CollectionFilter) -> CollectionFilter:
     """The collections the base model may change: those of the bridge's call but ``params``."""
     if outer is False:
         return False
