@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar, cast
+from typing import TypeVar, cast
 
 import jax
 
@@ -32,7 +32,7 @@ from flax_lora import _jaxpr as jx
 from flax_lora._free_axes import Free, Origins, carry, union
 from flax_lora._head import output_heads
 from flax_lora._paths import describe, path_str
-from flax_lora._typing import Kind
+from flax_lora._typing import Kind, PyTree
 
 AxisMap = tuple[tuple[int, ...], ...]  # for each axis of a var: the kernel axes it stems from
 
@@ -325,7 +325,7 @@ def _call(sub: jx.Body, ins: list[Tracked | None], fins: list[Free | None], uses
     invars = sub.jaxpr.invars
     out, free = _walk(sub.jaxpr, _inner(invars, ins), uses, _inner(invars, fins))
     # a literal outvar (a constant returned beside a product) is unhashable and tracks nothing
-    outvars = [None if jx.is_literal(o) else o for o in sub.jaxpr.outvars]
+    outvars = [None if isinstance(o, jx.Literal) else o for o in sub.jaxpr.outvars]
     return Step(
         tuple(None if o is None else out.get(o) for o in outvars),
         free=tuple(None if o is None else free.get(o) for o in outvars),
@@ -354,7 +354,7 @@ PROBE_RULES: dict[str, ProbeRule] = {
 any other primitive goes to `_call` (a call-like equation's body, else nothing tracked)."""
 
 
-def kernel_uses(probe: Callable[[Any], Any], params: Any) -> dict[str, Use]:
+def kernel_uses(probe: Callable[[PyTree], PyTree], params: PyTree) -> dict[str, Use]:
     """Traces ``probe(params)`` abstractly; returns each used kernel's path -> `Use`.
 
     An Embed lookup wins over other uses of the same embedding (``attend``); then a conv; then the

@@ -90,7 +90,7 @@ def _expert_dense(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -
     x, a, b = _branch_inputs(interp, v, invals[x_pos], "dot_general", key)
     n = len(experts)
     lead = tuple(range(n))
-    hints = dict(precision=d.precision, preferred_element_type=d.preferred_element_type)
+    hints = d.hints()
     t = jax.lax.dot_general(
         x, a, ((xc, tuple(n + ins.index(k) for k in kc)), (xb, lead)), **hints
     )  # (E, x free..., r)
@@ -123,7 +123,7 @@ def _free_experts(
     ins, experts, outs = v.axes(I_SIDE), v.axes(EXPERT), v.axes(O_SIDE)
     x, a, b = _branch_inputs(interp, v, invals[x_pos], "dot_general", key)
     n, n_x = len(experts), x.ndim - len(xc)
-    hints = dict(precision=d.precision, preferred_element_type=d.preferred_element_type)
+    hints = d.hints()
     t = jax.lax.dot_general(
         x, a, ((xc, tuple(n + ins.index(k) for k in kc)), ((), ())), **hints
     )  # (x free..., E..., r)
@@ -176,13 +176,20 @@ def _ragged(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Resu
         )
     x, a, b = _branch_inputs(interp, v, invals[0], "ragged_dot_general", key)
     gs = as_array(invals[2])
-    hints = dict(precision=d.precision, preferred_element_type=d.preferred_element_type)
+    hints = d.hints()
     first = jx.Dot(
-        d.lhs_contract, tuple(1 + ins.index(k) for k in d.rhs_contract), (), (), *hints.values()
+        d.lhs_contract,
+        tuple(1 + ins.index(k) for k in d.rhs_contract),
+        (),
+        (),
+        d.precision,
+        d.preferred_element_type,
     )
     free = [k for k in range(x.ndim) if k not in d.lhs_contract]
     ragged = tuple(free.index(k) for k in rd.lhs_ragged)
-    second = jx.Dot((x.ndim - len(d.lhs_contract),), (1,), (), (), *hints.values())
+    second = jx.Dot(
+        (x.ndim - len(d.lhs_contract),), (1,), (), (), d.precision, d.preferred_element_type
+    )
     try:
         t = jax.lax.ragged_dot_general(
             x, a, gs, jx.ragged_numbers(first, rd.lhs_ragged, (0,)), **hints
