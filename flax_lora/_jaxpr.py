@@ -34,11 +34,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, TypedDict, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict, cast
 
 import jax
 from jax.extend import core as jex_core
 from jax.typing import DTypeLike
+
+if TYPE_CHECKING:  # typing.TypeIs from Python 3.13; the checker's own stubs before
+    from typing_extensions import TypeIs
 
 Eqn = jex_core.JaxprEqn
 Var = jex_core.Var
@@ -46,6 +49,7 @@ Literal = jex_core.Literal
 Atom = Var | Literal
 """An equation operand: a variable or a literal."""
 Jaxpr = jex_core.Jaxpr
+ClosedJaxpr = jex_core.ClosedJaxpr
 Primitive = jex_core.Primitive
 
 
@@ -439,7 +443,7 @@ def eqn_context(eqn: Eqn) -> contextlib.ExitStack:
     return stack
 
 
-def is_literal(v: object) -> bool:
+def is_literal(v: object) -> TypeIs[Literal]:
     """Whether a jaxpr atom is a literal (not a variable)."""
     return isinstance(v, jex_core.Literal)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import TypeVar, cast
+from typing import TypeVar
 
 import jax
 
@@ -141,7 +141,7 @@ def _walk(
     pinned: dict[jx.Var, tuple[int, ...]] = {}  # var -> kernel axes taken at one index (``w[e]``)
     for eqn in jaxpr.eqns:
         # a literal (a constant) is unhashable and stems from no kernel
-        vs = [None if jx.is_literal(v) else cast(jx.Var, v) for v in eqn.invars]
+        vs = [None if jx.is_literal(v) else v for v in eqn.invars]
         ins = [None if v is None else env.get(v) for v in vs]
         fins = [None if v is None else frees.get(v) for v in vs]
         if not any(ins) and not any(fins):
@@ -325,7 +325,7 @@ def _call(sub: jx.Body, ins: list[Tracked | None], fins: list[Free | None], uses
     invars = sub.jaxpr.invars
     out, free = _walk(sub.jaxpr, _inner(invars, ins), uses, _inner(invars, fins))
     # a literal outvar (a constant returned beside a product) is unhashable and tracks nothing
-    outvars = [None if isinstance(o, jx.Literal) else o for o in sub.jaxpr.outvars]
+    outvars = [None if jx.is_literal(o) else o for o in sub.jaxpr.outvars]
     return Step(
         tuple(None if o is None else out.get(o) for o in outvars),
         free=tuple(None if o is None else free.get(o) for o in outvars),

@@ -30,13 +30,11 @@ is merged at its use in mode ``"auto"``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
-from flax_lora._factored._contract import Evaluator, Result, Unfactored, no_rule
+from flax_lora._factored._contract import Evaluator, Result, Unfactored, Value, no_rule
 from flax_lora._factored._layout_ops import value_ops_only
 from flax_lora._factored._lowrank import cast_like
 from flax_lora._factored._quant_base import as_array
@@ -46,7 +44,7 @@ from flax_lora._typing import Key
 
 
 def _branch_inputs(
-    interp: Evaluator, v: KernelView, x: Any, op: str, key: Key
+    interp: Evaluator, v: KernelView, x: Value, op: str, key: Key
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The branch input (dropout applied) and the two factors in a common compute dtype."""
     x = operand(interp, x, op, "both operands are kernels")
@@ -56,7 +54,7 @@ def _branch_inputs(
 
 def _finish(
     base_out: jax.Array, low: jax.Array, v: KernelView, g: jax.Array | None = None
-) -> list[Any]:
+) -> list[jax.Array]:
     """``base_out + scale * low``; DoRA: times ``g`` (broadcast to the output already)."""
     low = low * jnp.asarray(v.scale, low.dtype)
     acc = jnp.promote_types(base_out.dtype, jnp.float32)
@@ -68,7 +66,7 @@ def _dora_with_dropout(v: KernelView, key: Key) -> bool:
     return v.g is not None and key is not None and float(v.meta.weights.dropout) > 0
 
 
-def _expert_dense(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
+def _expert_dense(interp: Evaluator, eqn: jx.Eqn, invals: list[Value], key: Key) -> Result:
     """``dot_general`` with an expert view: the low-rank products batched over the experts."""
     x_pos = 0 if isinstance(invals[1], KernelView) else 1
     v = invals[1 - x_pos]
@@ -111,7 +109,7 @@ def _expert_dense(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -
 
 
 def _free_experts(
-    interp: Evaluator, eqn: jx.Eqn, invals: list[Any], v: KernelView, x_pos: int, key: Key
+    interp: Evaluator, eqn: jx.Eqn, invals: list[Value], v: KernelView, x_pos: int, key: Key
 ) -> Result:
     """``dot_general`` whose kernel's expert axes are free (not batch dimensions): ``x @ a``
     keeps them free, ``(x free..., E..., r)``, then the product with ``b`` is batched over them
@@ -147,7 +145,7 @@ def _free_experts(
     return _finish(jx.bind(eqn, operands)[0], jnp.transpose(low, perm), v, g)
 
 
-def _ragged(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
+def _ragged(interp: Evaluator, eqn: jx.Eqn, invals: list[Value], key: Key) -> Result:
     """``ragged_dot_general`` with an expert view as rhs: two grouped low-rank products."""
     v = invals[1]
     if any(isinstance(x, KernelView) for x in (invals[0], invals[2])) or not isinstance(
@@ -212,7 +210,7 @@ expert_dense_rule = kernel_use(dequantized)(_expert_dense)
 _ragged_checked = kernel_use(dequantized)(_ragged)
 
 
-def ragged_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
+def ragged_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Value], key: Key) -> Result:
     """``ragged_dot_general``; a routed expert view (``lora_ids``) cannot be mapped per example
     here (``ragged_dot`` has no batching rule, and its rows are sorted assignments, not
     examples): the call then runs each example as a batch of one (mode ``"auto"``)."""
@@ -221,7 +219,7 @@ def ragged_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> 
     return _ragged_checked(interp, eqn, invals, key)
 
 
-def slice_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
+def slice_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Value], key: Key) -> Result:
     """``slice`` / ``dynamic_slice`` of an expert view to one expert (``w[e]`` in a loop over
     the experts; the ``squeeze`` that follows is a layout op): the factors are sliced with
     ``W0``, so each expert's uses are factored by the ordinary rules."""
@@ -239,7 +237,7 @@ def slice_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> R
         return Unfactored("a slice of an expert kernel other than one expert")
     d = changed[0]
     if eqn.primitive.name == "slice":
-        start: Any = int(jx.param(eqn, "start_indices")[d])
+        start: int | jax.Array = int(jx.param(eqn, "start_indices")[d])
     else:  # dynamic_slice(operand, *start_indices)
         start = as_array(invals[1 + d])
     take = lambda x, k: jax.lax.dynamic_slice_in_dim(x, start, 1, axis=k)

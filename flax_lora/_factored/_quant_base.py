@@ -30,7 +30,7 @@ A `QuantBase` stands in for ``W0`` in an adapted kernel's `KernelView` (its ``ro
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, TypeGuard, TypeVar
+from typing import Any, TypeGuard, TypeVar, overload
 
 import jax
 import jax.numpy as jnp
@@ -128,7 +128,11 @@ def is_quant_base(x: object) -> TypeGuard[QuantBase]:
     return isinstance(x, QuantBase)
 
 
-def as_array(x: Base) -> jax.Array:
+@overload
+def as_array(x: Base) -> jax.Array: ...
+@overload
+def as_array(x: T) -> T: ...
+def as_array(x: object) -> object:
     """``x`` itself, or for a `QuantBase` the dequantized kernel (at this use)."""
     return x.value() if isinstance(x, QuantBase) else x
 
