@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import jax
 from jax.extend import core as jex_core
@@ -162,13 +162,6 @@ class While(NamedTuple):
     body_nconsts: int
 
 
-class DotHints(TypedDict):
-    """The precision settings of a product, as keywords of ``jax.lax.dot_general``."""
-
-    precision: jax.lax.PrecisionLike
-    preferred_element_type: DTypeLike | None
-
-
 class Dot(NamedTuple):
     """``dot_general``'s dimension numbers and its precision settings."""
 
@@ -178,12 +171,6 @@ class Dot(NamedTuple):
     rhs_batch: tuple[int, ...]
     precision: jax.lax.PrecisionLike
     preferred_element_type: DTypeLike | None
-
-    def hints(self) -> DotHints:
-        """The precision settings, as keywords of ``jax.lax.dot_general``."""
-        return DotHints(
-            precision=self.precision, preferred_element_type=self.preferred_element_type
-        )
 
 
 class RaggedDot(NamedTuple):

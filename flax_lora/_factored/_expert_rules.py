@@ -30,8 +30,11 @@ is merged at its use in mode ``"auto"``.
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from flax_lora import _jaxpr as jx
 from flax_lora._factored._contract import Evaluator, Result, Unfactored, Value, no_rule
@@ -41,6 +44,17 @@ from flax_lora._factored._quant_base import as_array
 from flax_lora._factored._rules import dequantized, dropout, kernel_use, operand
 from flax_lora._factored._view import EXPERT, I_SIDE, O_SIDE, KernelView, expert_slice
 from flax_lora._typing import Key
+
+
+class _Hints(TypedDict):
+    """A product's precision settings, as keywords of ``jax.lax.dot_general``."""
+
+    precision: jax.lax.PrecisionLike
+    preferred_element_type: DTypeLike | None
+
+
+def _hints(d: jx.Dot) -> _Hints:
+    return _Hints(precision=d.precision, preferred_element_type=d.preferred_element_type)
 
 
 def _branch_inputs(
@@ -88,7 +102,7 @@ def _expert_dense(interp: Evaluator, eqn: jx.Eqn, invals: list[Value], key: Key)
     x, a, b = _branch_inputs(interp, v, invals[x_pos], "dot_general", key)
     n = len(experts)
     lead = tuple(range(n))
-    hints = d.hints()
+    hints = _hints(d)
     t = jax.lax.dot_general(
         x, a, ((xc, tuple(n + ins.index(k) for k in kc)), (xb, lead)), **hints
     )  # (E, x free..., r)
@@ -121,7 +135,7 @@ def _free_experts(
     ins, experts, outs = v.axes(I_SIDE), v.axes(EXPERT), v.axes(O_SIDE)
     x, a, b = _branch_inputs(interp, v, invals[x_pos], "dot_general", key)
     n, n_x = len(experts), x.ndim - len(xc)
-    hints = d.hints()
+    hints = _hints(d)
     t = jax.lax.dot_general(
         x, a, ((xc, tuple(n + ins.index(k) for k in kc)), ((), ())), **hints
     )  # (x free..., E..., r)
@@ -174,7 +188,7 @@ def _ragged(interp: Evaluator, eqn: jx.Eqn, invals: list[Value], key: Key) -> Re
         )
     x, a, b = _branch_inputs(interp, v, invals[0], "ragged_dot_general", key)
     gs = as_array(invals[2])
-    hints = d.hints()
+    hints = _hints(d)
     first = jx.Dot(
         d.lhs_contract,
         tuple(1 + ins.index(k) for k in d.rhs_contract),
