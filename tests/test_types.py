@@ -19,7 +19,6 @@ import typing
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import pytest
 from jax.typing import DTypeLike
 
 import flax_lora as lora
@@ -37,12 +36,7 @@ _MARKERS = {"PyTree": _PyTree, "DTypeLike": _JaxAlias, "ArrayLike": _JaxAlias}
 
 # (qualified name, parameter or "return") -> why Any stays: where no type exists (the user's
 # model's inputs and outputs pass through). The test fails on an entry that no longer matches.
-ALLOWED: dict[tuple[str, str], str] = {
-    ("wrap", "apply_fn"): "the user's model: its arguments and outputs pass through untouched",
-    ("wrap", "return"): "apply_fn with the adapters: the user's model's arguments and outputs",
-    ("LinenBridge.__call__", "return"): "what the user's Linen model returns",
-    ("NnxBridge.__call__", "return"): "what the user's NNX model returns",
-}
+ALLOWED: dict[tuple[str, str], str] = {}
 
 CALLED_DUNDERS = ("__init__", "__call__")
 """The dunder methods of a public class that users call by name or by calling an instance."""
@@ -130,6 +124,6 @@ def test_every_public_name_is_walked() -> None:
     assert walked == set(lora.__all__)
 
 
-@pytest.mark.parametrize("key", sorted(ALLOWED))
-def test_allowed_entries_give_a_reason(key: tuple[str, str]) -> None:
-    assert len(ALLOWED[key]) > 10, f"ALLOWED{key} needs a reason"
+def test_allowed_entries_give_a_reason() -> None:
+    short = [key for key, why in ALLOWED.items() if len(why) <= 10]
+    assert not short, f"ALLOWED entries need a reason: {short}"

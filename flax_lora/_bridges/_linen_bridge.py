@@ -25,10 +25,10 @@ Streams = dict[str, jax.Array] | None
 
 def _run_module(
     params: PyTree,
-    *args: object,
+    *args: PyTree,
     lora_bridge: tuple[nn.Module, PyTree, CollectionFilter, Streams],
-    **kwargs: Any,  # Linen's apply keywords, typed by Linen
-) -> Any:
+    **kwargs: PyTree,
+) -> PyTree:
     """``module.apply`` on the base params and the other collections, ``mutable`` and the RNG
     streams passed on.
 
@@ -41,7 +41,7 @@ def _run_module(
 
 
 # one wrapped runner per mode, shared by every Linen bridge
-RUNNERS: dict[str, Callable[..., Any]] = {
+RUNNERS: dict[str, Callable[..., PyTree]] = {
     "auto": wrap(_run_module, "auto"),
     "factored": wrap(_run_module, "factored"),
     "merged": wrap(_run_module, "merged"),
@@ -95,7 +95,9 @@ class LinenBridge(nn.Module):
         if self.mode not in MODES:
             raise ValueError(f"lora.LinenBridge: mode must be one of {MODES}; got {self.mode!r}.")
 
-    def __call__(self, *args: object, **kwargs: object) -> Any:
+    # quoted: this module is evaluated without postponed annotations (a Linen module's fields),
+    # and the signature should read PyTree, not the Any it aliases
+    def __call__(self, *args: "PyTree", **kwargs: "PyTree") -> "PyTree":
         """The base model's ``__call__`` with the adapters (run it through ``bridge.apply``).
 
         Args:
