@@ -395,7 +395,7 @@ def bind_params(eqn: Eqn) -> dict[str, Any]:
     return params
 
 
-def bind(eqn: Eqn, invals: Sequence[Any]) -> list[Any]:
+def bind(eqn: Eqn, invals: Sequence[object]) -> list[Any]:
     """Binds ``eqn``'s primitive unchanged to new inputs (JAX's `eval_jaxpr` step)."""
     params = eqn.primitive.get_bind_params(eqn.params)
     subfuns: Sequence[Any] = ()
@@ -405,7 +405,7 @@ def bind(eqn: Eqn, invals: Sequence[Any]) -> list[Any]:
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
-def rebind(eqn: Eqn, invals: Sequence[Any], **changes: object) -> Any:
+def rebind(eqn: Eqn, invals: Sequence[object], **changes: object) -> Any:
     """``eqn``'s primitive bound to ``invals`` with some parameters changed (one output).
 
     Used for first-order primitives only (a gather of the factor ``a`` with its own slice
