@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from flax_lora import _jaxpr as jx
-from flax_lora._factored._contract import Evaluator, Result, Unfactored, Value, no_rule
+from flax_lora._factored._contract import Evaluator, InterpValue, Result, Unfactored, no_rule
 from flax_lora._factored._layout_ops import value_ops_only
 from flax_lora._factored._lowrank import cast_like
 from flax_lora._factored._quant_base import as_array
@@ -58,7 +58,7 @@ def _hints(d: jx.Dot) -> _Hints:
 
 
 def _branch_inputs(
-    interp: Evaluator, v: KernelView, x: Value, op: str, key: Key
+    interp: Evaluator, v: KernelView, x: InterpValue, op: str, key: Key
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The branch input (dropout applied) and the two factors in a common compute dtype."""
     x = operand(interp, x, op, "both operands are kernels")
@@ -80,7 +80,7 @@ def _dora_with_dropout(v: KernelView, key: Key) -> bool:
     return v.g is not None and key is not None and float(v.meta.weights.dropout) > 0
 
 
-def _expert_dense(interp: Evaluator, eqn: jx.Eqn, invals: list[Value], key: Key) -> Result:
+def _expert_dense(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Result:
     """``dot_general`` with an expert view: the low-rank products batched over the experts."""
     x_pos = 0 if isinstance(invals[1], KernelView) else 1
     v = invals[1 - x_pos]
@@ -123,7 +123,7 @@ def _expert_dense(interp: Evaluator, eqn: jx.Eqn, invals: list[Value], key: Key)
 
 
 def _free_experts(
-    interp: Evaluator, eqn: jx.Eqn, invals: list[Value], v: KernelView, x_pos: int, key: Key
+    interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], v: KernelView, x_pos: int, key: Key
 ) -> Result:
     """``dot_general`` whose kernel's expert axes are free (not batch dimensions): ``x @ a``
     keeps them free, ``(x free..., E..., r)``, then the product with ``b`` is batched over them
@@ -159,7 +159,7 @@ def _free_experts(
     return _finish(jx.bind(eqn, operands)[0], jnp.transpose(low, perm), v, g)
 
 
-def _ragged(interp: Evaluator, eqn: jx.Eqn, invals: list[Value], key: Key) -> Result:
+def _ragged(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Result:
     """``ragged_dot_general`` with an expert view as rhs: two grouped low-rank products."""
     v = invals[1]
     if any(isinstance(x, KernelView) for x in (invals[0], invals[2])) or not isinstance(
@@ -224,7 +224,7 @@ expert_dense_rule = kernel_use(dequantized)(_expert_dense)
 _ragged_checked = kernel_use(dequantized)(_ragged)
 
 
-def ragged_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Value], key: Key) -> Result:
+def ragged_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Result:
     """``ragged_dot_general``; a routed expert view (``lora_ids``) cannot be mapped per example
     here (``ragged_dot`` has no batching rule, and its rows are sorted assignments, not
     examples): the call then runs each example as a batch of one (mode ``"auto"``)."""
@@ -233,7 +233,7 @@ def ragged_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Value], key: Key) -
     return _ragged_checked(interp, eqn, invals, key)
 
 
-def slice_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Value], key: Key) -> Result:
+def slice_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Result:
     """``slice`` / ``dynamic_slice`` of an expert view to one expert (``w[e]`` in a loop over
     the experts; the ``squeeze`` that follows is a layout op): the factors are sliced with
     ``W0``, so each expert's uses are factored by the ordinary rules."""

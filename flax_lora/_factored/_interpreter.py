@@ -29,12 +29,12 @@ from flax_lora import _jaxpr as jx
 from flax_lora._factored._contract import (
     Ahead,
     Evaluator,
+    InterpValue,
     Passed,
     Result,
     RoutingFallback,
     Rule,
     Unfactored,
-    Value,
     leaving,
     no_rule,
     returned,
@@ -49,13 +49,13 @@ from flax_lora._factored._view import EXPERT, KernelView, materialize
 from flax_lora._typing import Key, Mode
 
 
-def call_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Value], key: Key) -> Result:
+def call_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Result:
     """A nested ``jit``: its body is evaluated inline, with the equation's key."""
     body = jx.call(eqn).body
     return interp.eval(body.jaxpr, body.consts, invals, key)
 
 
-def remat_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Value], key: Key) -> Result:
+def remat_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Result:
     """A remat region, re-wrapped in `jax.checkpoint` with its policy and evaluated inside."""
     region = jx.remat(eqn)
     name = eqn.primitive.name
@@ -69,7 +69,7 @@ def remat_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Value], key: Key) ->
         for o in region.body.jaxpr.outvars
     ]
 
-    def body(body_key: Key, *vals: Value) -> list[Value] | RoutingFallback:
+    def body(body_key: Key, *vals: InterpValue) -> list[InterpValue] | RoutingFallback:
         outs = interp.eval(region.body.jaxpr, region.body.consts, vals, body_key)
         if isinstance(outs, RoutingFallback):
             return outs
@@ -79,7 +79,7 @@ def remat_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Value], key: Key) ->
     return returned(checkpointed(key, *invals), invals)
 
 
-def dot_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Value], key: Key) -> Result:
+def dot_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Result:
     """``dot_general``: the expert rule for an (unrouted) expert view, else the Dense rule."""
     if any(isinstance(x, KernelView) and EXPERT in x.meta.carried for x in invals):
         return expert_dense_rule(interp, eqn, invals, key)
@@ -110,7 +110,7 @@ def _is_kernel(x: object) -> bool:
 class _Frame:
     """The state of one jaxpr being evaluated: its environment and where the loop is."""
 
-    def __init__(self, jaxpr: jx.Jaxpr, env: dict[jx.Var, Value]) -> None:
+    def __init__(self, jaxpr: jx.Jaxpr, env: dict[jx.Var, InterpValue]) -> None:
         self.jaxpr = jaxpr
         self.env = env
         self.index = 0
@@ -154,11 +154,11 @@ class Interpreter:
         self._frames: list[_Frame] = []
 
     def eval(
-        self, jaxpr: jx.Jaxpr, consts: Sequence[Value], args: Sequence[Value], key: Key
-    ) -> list[Value] | RoutingFallback:
+        self, jaxpr: jx.Jaxpr, consts: Sequence[InterpValue], args: Sequence[InterpValue], key: Key
+    ) -> list[InterpValue] | RoutingFallback:
         """Evaluates ``jaxpr``; ``key`` is its dropout key (``None``: no dropout). A
         `RoutingFallback` ends it and is returned instead of the outputs."""
-        env: dict[jx.Var, Value] = {}
+        env: dict[jx.Var, InterpValue] = {}
         env.update(zip(jaxpr.constvars, consts, strict=True))
         env.update(zip(jaxpr.invars, args, strict=True))
         frame = _Frame(jaxpr, env)
@@ -181,7 +181,9 @@ class Interpreter:
             self._frames.pop()
         return [v.val if isinstance(v, jx.Literal) else env[v] for v in jaxpr.outvars]
 
-    def apply(self, eqn: jx.Eqn, invals: list[Value], key: Key) -> list[Value] | RoutingFallback:
+    def apply(
+        self, eqn: jx.Eqn, invals: list[InterpValue], key: Key
+    ) -> list[InterpValue] | RoutingFallback:
         """Evaluates one equation with kernels among ``invals`` by the rule of its primitive;
         a use the rule cannot factor falls back (`plain`)."""
         name = eqn.primitive.name
@@ -195,7 +197,7 @@ class Interpreter:
         plain = leaving(self, invals, [None] * len(invals), name, out.reason)
         return plain if isinstance(plain, RoutingFallback) else jx.bind(eqn, plain)
 
-    def plain(self, x: Value, op: str, reason: str) -> jax.Array | RoutingFallback:
+    def plain(self, x: InterpValue, op: str, reason: str) -> jax.Array | RoutingFallback:
         """``x`` as an array where it leaves factored execution (a use ``op`` that cannot be
         factored, an output): a view `merged`, a quantized base dequantized; for a routed view
         the `RoutingFallback` that ends the routed call."""
@@ -276,6 +278,6 @@ def _eqn_key(key: Key, eqn: jx.Eqn, index: int) -> Key:
     return jax.random.fold_in(key, index)
 
 
-def _no_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Value], key: Key) -> Unfactored:
+def _no_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Unfactored:
     del interp, eqn, key
     return no_rule(invals)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
-from flax_lora._factored._contract import Evaluator, Result, Value, no_rule
+from flax_lora._factored._contract import Evaluator, InterpValue, Result, no_rule
 from flax_lora._factored._quant_base import Base, base_layout
 from flax_lora._factored._view import (
     EXPERT,
@@ -36,7 +36,7 @@ from flax_lora._typing import Key
 _New = Callable[..., KernelView]  # the view after the op, from its factors and sides
 
 
-def layout_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Value], key: Key) -> Result:
+def layout_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Result:
     """The rule of the ops in `flax_lora._jaxpr.LAYOUT_OPS`: the view (or quantized base)
     follows the op."""
     del interp, key

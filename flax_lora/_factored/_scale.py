@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from flax_lora import _jaxpr as jx
-from flax_lora._factored._contract import Evaluator, Result, Unfactored, Value, no_rule
+from flax_lora._factored._contract import Evaluator, InterpValue, Result, Unfactored, no_rule
 from flax_lora._factored._quant_base import as_array, is_quant_base
 from flax_lora._factored._view import KernelView
 from flax_lora._typing import Key
@@ -38,7 +38,7 @@ SCALINGS: dict[str, Callable[[ArrayLike, ArrayLike], jax.Array]] = {
 """The primitives of a kernel scaled by a scalar, and the same operation on a factor."""
 
 
-def scale_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Value], key: Key) -> Result:
+def scale_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Result:
     """``mul`` / ``div`` of a kernel view by a scalar: the view with ``W0`` and ``b`` scaled."""
     del interp, key
     name = eqn.primitive.name

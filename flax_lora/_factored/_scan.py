@@ -28,11 +28,11 @@ import jax.numpy as jnp
 from flax_lora import _jaxpr as jx
 from flax_lora._factored._contract import (
     Evaluator,
+    InterpValue,
     Passed,
     Result,
     RoutingFallback,
     Unfactored,
-    Value,
     leaving,
     returned,
 )
@@ -41,7 +41,7 @@ from flax_lora._factored._view import LAYER, KernelView, per_layer
 from flax_lora._typing import Key
 
 
-def scan_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Value], key: Key) -> Result:
+def scan_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Result:
     """``scan`` with kernel views (or quantized kernels) among its operands, evaluated by
     ``interp`` inside a real `jax.lax.scan`; `Unfactored` when it does not fit (a view as loop
     carry, a view whose sliced axis is not its layer axis, ...)."""
@@ -55,11 +55,15 @@ def scan_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Value], key: Key) -> 
     for x in xs:
         if isinstance(x, KernelView) and (why := _sliceable(x)) is not None:
             return Unfactored(why)
-    xs_in: list[Value] = [per_layer(x) if isinstance(x, KernelView) else layer_base(x) for x in xs]
+    xs_in: list[InterpValue] = [
+        per_layer(x) if isinstance(x, KernelView) else layer_base(x) for x in xs
+    ]
     if key is not None:  # the layer index, for each layer's dropout key
         xs_in.append(jnp.arange(loop.length, dtype=jnp.uint32))
 
-    def body(c: list[Value], sl: list[Value]) -> tuple[list[Value], list[Value] | RoutingFallback]:
+    def body(
+        c: list[InterpValue], sl: list[InterpValue]
+    ) -> tuple[list[InterpValue], list[InterpValue] | RoutingFallback]:
         """One layer; a ys output that is a layer's kernel as it came in is `Passed` (the
         scan's xs operand is returned), and a `RoutingFallback` is returned as the ys (the
         carry unchanged) for `scan_rule` to return."""
@@ -94,7 +98,7 @@ def scan_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Value], key: Key) -> 
     return [*carry_out, *rest]
 
 
-def _passed(o: Value, layer: list[Value]) -> Passed | None:
+def _passed(o: InterpValue, layer: list[InterpValue]) -> Passed | None:
     """`Passed` when the body output ``o`` is one of the layer's kernel inputs as it came in."""
     if not (isinstance(o, KernelView) or is_quant_base(o)):
         return None
