@@ -142,7 +142,7 @@ class LoraConfig:
             object.__setattr__(self, f.name, value)
 
     # -- equality and hashing --------------------------------------------------------------
-    def _key(self) -> tuple[Any, ...]:
+    def _key(self) -> tuple[object, ...]:
         """The fields as a hashable tuple: the pattern dicts as their items *in order* (the
         first matching pattern wins, so order is part of the meaning), the dtype normalised."""
         norm = lambda v: tuple(v.items()) if isinstance(v, Mapping) else v
@@ -286,14 +286,14 @@ def layer_tuple(config: LoraConfig) -> tuple[int, ...]:
     return cast(tuple[int, ...], config.layers or ())
 
 
-def _layers(layers: Any, name: str) -> tuple[int, ...] | None:
+def _layers(layers: object, name: str) -> tuple[int, ...] | None:
     """``LoraConfig.layers`` as a tuple of layer indices (``None`` stays ``None``)."""
     if layers is None:
         return None
     if isinstance(layers, np.ndarray) and layers.ndim == 0:
         layers = layers.item()
     if is_int(layers):
-        items: tuple[Any, ...] = (layers,)
+        items: tuple[object, ...] = (layers,)
     elif isinstance(layers, Iterable) and not isinstance(layers, str | bytes | Mapping):
         items = tuple(layers)
     else:
@@ -311,10 +311,10 @@ def _layers(layers: Any, name: str) -> tuple[int, ...] | None:
                 f"{name} takes layer indices >= 0 (the first number in a path, or the "
                 f"position on a layered kernel's layer axis); got {int(i)} in {layers!r}."
             )
-    return tuple(int(i) for i in items)
+    return tuple(int(cast(int, i)) for i in items)  # each an int: checked above
 
 
-def _targets(value: Any, name: str) -> str | tuple[str, ...] | None:
+def _targets(value: object, name: str) -> str | tuple[str, ...] | None:
     """``LoraConfig.targets``: ``"all-linear"`` (any case, as PEFT) kept as that string, else
     one entry or a sequence of them as a tuple (`regex_tuple`)."""
     if isinstance(value, str) and value.lower() == ALL_LINEAR:
@@ -329,7 +329,7 @@ def _targets(value: Any, name: str) -> str | tuple[str, ...] | None:
     return out
 
 
-def _token_ids(value: Any, name: str) -> tuple[int, ...]:
+def _token_ids(value: object, name: str) -> tuple[int, ...]:
     """A sequence of distinct token ids >= 0 as a tuple of ints."""
     if isinstance(value, np.ndarray):
         value = value.tolist()
@@ -351,7 +351,7 @@ def _token_ids(value: Any, name: str) -> tuple[int, ...]:
 _token_map = pattern_map(_token_ids, "token ids")
 
 
-def _tokens(value: Any, name: str) -> tuple[int, ...] | dict[str, tuple[int, ...]] | None:
+def _tokens(value: object, name: str) -> tuple[int, ...] | dict[str, tuple[int, ...]] | None:
     """``LoraConfig.trainable_token_indices`` as a tuple of ids or ``{regex: ids}``."""
     if value is None:
         return None
@@ -363,20 +363,21 @@ def _tokens(value: Any, name: str) -> tuple[int, ...] | dict[str, tuple[int, ...
     return _token_ids(value, name)
 
 
-def _dtype(value: DTypeLike, name: str) -> DTypeLike:
+def _dtype(value: object, name: str) -> DTypeLike:
     """A floating dtype (anything `numpy.dtype` reads: a JAX / NumPy type, a name)."""
     if value is None:
         raise TypeError(f"{name} must be a floating dtype; got None.")
+    like = cast(DTypeLike, value)  # what numpy.dtype reads: checked by it, just below
     try:
-        dtype = np.dtype(value)
+        dtype = np.dtype(like)
     except TypeError as e:
         raise TypeError(f"{name} must be a floating dtype; got {value!r}.") from e
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"{name} must be a floating dtype; got {dtype}.")
-    return value
+    return like
 
 
-FIELD_CHECKS: dict[str, Check[Any]] = {
+FIELD_CHECKS: dict[str, Check[object]] = {
     "rank": integer(lo=1),
     "alpha": real(),
     "targets": _targets,

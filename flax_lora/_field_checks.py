@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import SupportsFloat, TypeGuard, TypeVar
 
 import jax
 import numpy as np
@@ -20,7 +20,7 @@ import numpy as np
 from flax_lora import _regex
 
 T = TypeVar("T")
-Check = Callable[[Any, str], T]
+Check = Callable[[object, str], T]
 """``check(value, name)``: ``value`` normalised, or an error starting with ``name``."""
 Patterns = str | Sequence[str] | None
 """One regex, several, or ``None``."""
@@ -30,7 +30,7 @@ def _got(value: object, show: Callable[[object], str] = repr) -> str:
     return f"got {show(value)} ({type(value).__name__})"
 
 
-def is_int(value: object) -> bool:
+def is_int(value: object) -> TypeGuard[int | np.integer]:
     """An ``int`` or a NumPy integer, not a bool."""
     return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
 
@@ -43,7 +43,7 @@ def integer(lo: int | None = None) -> Check[int]:
       3
     """
 
-    def check(value: Any, name: str) -> int:
+    def check(value: object, name: str) -> int:
         if not is_int(value):
             raise TypeError(f"{name} must be an int; {_got(value)}.")
         if lo is not None and value < lo:
@@ -53,7 +53,7 @@ def integer(lo: int | None = None) -> Check[int]:
     return check
 
 
-def finite_float(value: Any, name: str, shown: str) -> float:
+def finite_float(value: SupportsFloat, name: str, shown: str) -> float:
     """``float(value)``; ``ValueError`` ("``name`` must be finite; got ``shown``") for an inf or
     a NaN."""
     out = float(value)
@@ -71,11 +71,13 @@ def real(ok: Callable[[float], bool] | None = None, expected: str = "") -> Check
       0.5
     """
 
-    def check(value: Any, name: str) -> float:
-        concrete = isinstance(value, np.ndarray | jax.Array) and not isinstance(
-            value, jax.core.Tracer
-        )
-        if concrete and value.ndim == 0 and np.issubdtype(value.dtype, np.number):
+    def check(value: object, name: str) -> float:
+        if (
+            isinstance(value, np.ndarray | jax.Array)
+            and not isinstance(value, jax.core.Tracer)
+            and value.ndim == 0
+            and np.issubdtype(value.dtype, np.number)
+        ):
             value = value.item()
         if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a real number; {_got(value)}.")
@@ -87,7 +89,7 @@ def real(ok: Callable[[float], bool] | None = None, expected: str = "") -> Check
     return check
 
 
-def boolean(value: Any, name: str) -> bool:
+def boolean(value: object, name: str) -> bool:
     """A ``bool`` (or NumPy bool) as a ``bool``."""
     if not isinstance(value, bool | np.bool_):
         raise TypeError(f"{name} must be a bool; {_got(value)}.")
@@ -101,7 +103,7 @@ def one_of(choices: tuple[str, ...], show: Callable[[object], str] = repr) -> Ch
 
     said = f"{choices[0]!r} or {choices[1]!r}" if len(choices) == 2 else f"one of {choices}"
 
-    def check(value: Any, name: str) -> str:
+    def check(value: object, name: str) -> str:
         if not isinstance(value, str):
             raise TypeError(f"{name} must be a string, {said}; {_got(value, show)}.")
         if value not in choices:
@@ -111,7 +113,7 @@ def one_of(choices: tuple[str, ...], show: Callable[[object], str] = repr) -> Ch
     return check
 
 
-def regex_tuple(value: Patterns, owner: str) -> tuple[str, ...] | None:
+def regex_tuple(value: object, owner: str) -> tuple[str, ...] | None:
     """``value`` (one regex or several) as a tuple of valid regexes; ``None`` stays ``None``.
 
     A valid regex is one `flax_lora._regex` matches in linear time (Python's syntax without
@@ -142,7 +144,7 @@ def pattern_map(check: Check[T], what: str) -> Check[dict[str, T]]:
     """A checker of mappings regex -> value (e.g. ``LoraConfig.rank_pattern``): the keys valid
     regexes, each value checked by ``check`` under the name ``name[key]``; the order is kept."""
 
-    def check_map(value: Any, name: str) -> dict[str, T]:
+    def check_map(value: object, name: str) -> dict[str, T]:
         if not isinstance(value, Mapping):
             raise TypeError(f"{name} must be a mapping of regex string -> {what}; {_got(value)}.")
         for key in value:

@@ -33,11 +33,15 @@ First-order primitives (``transpose``, ``gather``, ``conv_general_dilated``, ...
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import jax
 from jax.extend import core as jex_core
+from jax.typing import DTypeLike
+
+if TYPE_CHECKING:  # typing.TypeIs from Python 3.13; the checker's own stubs before
+    from typing_extensions import TypeIs
 
 Eqn = jex_core.JaxprEqn
 Var = jex_core.Var
@@ -45,6 +49,8 @@ Literal = jex_core.Literal
 Atom = Var | Literal
 """An equation operand: a variable or a literal."""
 Jaxpr = jex_core.Jaxpr
+ClosedJaxpr = jex_core.ClosedJaxpr
+Primitive = jex_core.Primitive
 
 
 class UnsupportedJaxError(NotImplementedError):
@@ -56,7 +62,7 @@ def unsupported(eqn: Eqn, expected: str) -> UnsupportedJaxError:
     return _unknown(eqn.primitive.name, eqn.params, expected)
 
 
-def _unknown(name: str, params: dict[str, Any], expected: str) -> UnsupportedJaxError:
+def _unknown(name: str, params: Mapping[str, object], expected: str) -> UnsupportedJaxError:
     found = ", ".join(sorted(params)) or "none"
     return UnsupportedJaxError(
         f"flax_lora does not know the `{name}` equation of jax {jax.__version__}: "
@@ -74,7 +80,7 @@ def param(eqn: Eqn, key: str) -> Any:
     return bound_param(eqn.primitive, eqn.params, key)
 
 
-def bound_param(prim: Any, params: dict[str, Any], key: str) -> Any:
+def bound_param(prim: Primitive, params: dict[str, Any], key: str) -> Any:
     """The parameter ``key`` of bind parameters ``params`` (from `bind_params`) of ``prim``.
 
     Raises:
@@ -89,11 +95,11 @@ def bound_param(prim: Any, params: dict[str, Any], key: str) -> Any:
 class Body(NamedTuple):
     """A sub-jaxpr and the constants it closes over (evaluate as ``eval(jaxpr, consts, args)``)."""
 
-    jaxpr: Any
-    consts: list[Any]
+    jaxpr: Jaxpr
+    consts: list[Any]  # JAX's own type for a jaxpr's constants (arrays, scalars, tokens)
 
 
-def _body(eqn: Eqn, value: Any) -> Body:
+def _body(eqn: Eqn, value: object) -> Body:
     """A `Body` from a ``ClosedJaxpr`` (jax < 0.12) or a `Jaxpr` (consts attached, 0.12)."""
     if isinstance(value, jex_core.ClosedJaxpr):  # on jax 0.12 every Jaxpr is one
         return Body(value.jaxpr, list(value.consts))
@@ -115,7 +121,7 @@ class Remat(NamedTuple):
 
     body: Body
     prevent_cse: bool
-    policy: Any
+    policy: Callable[..., bool] | None
 
 
 class CustomCall(NamedTuple):
@@ -163,8 +169,8 @@ class Dot(NamedTuple):
     rhs_contract: tuple[int, ...]
     lhs_batch: tuple[int, ...]
     rhs_batch: tuple[int, ...]
-    precision: Any
-    preferred_element_type: Any
+    precision: jax.lax.PrecisionLike
+    preferred_element_type: DTypeLike | None
 
 
 class RaggedDot(NamedTuple):
@@ -309,7 +315,9 @@ def ragged_dot(eqn: Eqn) -> RaggedDot:
     return RaggedDot(dims, ragged, group)
 
 
-def ragged_numbers(dims: Dot, lhs_ragged: Sequence[int], rhs_group: Sequence[int]) -> Any:
+def ragged_numbers(
+    dims: Dot, lhs_ragged: Sequence[int], rhs_group: Sequence[int]
+) -> jax.lax.RaggedDotDimensionNumbers:
     """``jax.lax.RaggedDotDimensionNumbers`` from a `Dot`'s dimensions and the ragged and group
     dimensions (to bind ``ragged_dot_general`` with new operands)."""
     return jax.lax.RaggedDotDimensionNumbers(
@@ -387,7 +395,7 @@ def bind_params(eqn: Eqn) -> dict[str, Any]:
     return params
 
 
-def bind(eqn: Eqn, invals: Sequence[Any]) -> list[Any]:
+def bind(eqn: Eqn, invals: Sequence[object]) -> list[Any]:
     """Binds ``eqn``'s primitive unchanged to new inputs (JAX's `eval_jaxpr` step)."""
     params = eqn.primitive.get_bind_params(eqn.params)
     subfuns: Sequence[Any] = ()
@@ -397,7 +405,7 @@ def bind(eqn: Eqn, invals: Sequence[Any]) -> list[Any]:
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
-def rebind(eqn: Eqn, invals: Sequence[Any], **changes: Any) -> Any:
+def rebind(eqn: Eqn, invals: Sequence[object], **changes: object) -> Any:
     """``eqn``'s primitive bound to ``invals`` with some parameters changed (one output).
 
     Used for first-order primitives only (a gather of the factor ``a`` with its own slice
@@ -422,7 +430,7 @@ def eqn_context(eqn: Eqn) -> contextlib.ExitStack:
     return stack
 
 
-def is_literal(v: Any) -> bool:
+def is_literal(v: object) -> TypeIs[Literal]:
     """Whether a jaxpr atom is a literal (not a variable)."""
     return isinstance(v, jex_core.Literal)
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import KeyPath
 
 from flax_lora._adapters._delta import check_fits, delta, layer_mask
 from flax_lora._adapters._dora import dora_kernel
@@ -15,7 +14,7 @@ from flax_lora._adapters._tables import adapter_table, split_plain
 from flax_lora._paths import describe, path_str
 from flax_lora._quant._formats import dequantize_kernel, has_quantized, is_quantized
 from flax_lora._quant._tree import requantize_layers, requantize_tree
-from flax_lora._typing import PyTree
+from flax_lora._typing import Leaf, PyTree
 
 _DORA_UNMERGE = (
     "lora.unmerge: the adapter for {path!r} is a DoRA adapter (it has a magnitude m). A DoRA "
@@ -71,7 +70,7 @@ def merge(params: PyTree, adapters: PyTree, requantize: bool = False) -> PyTree:
         )
     requantize = bool(requantize)
     adapters, extras = split_plain(adapters, "merge")
-    layered: dict[str, Any] = {}
+    layered: dict[str, float | None] = {}
     base = params
     if requantize:  # layered kernels quantized per layer: merged and quantized layer by layer
         params, layered = _requantize_layers(params, adapters)
@@ -85,16 +84,16 @@ def merge(params: PyTree, adapters: PyTree, requantize: bool = False) -> PyTree:
     return requantize_tree(merged, base, layered)
 
 
-def _requantize_layers(params: PyTree, adapters: PyTree) -> tuple[PyTree, dict[str, Any]]:
+def _requantize_layers(params: PyTree, adapters: PyTree) -> tuple[PyTree, dict[str, float | None]]:
     """Each adapted kernel quantized per layer (``layer_axes``, a plain LoRA adapter of the
     same layer axes) replaced by its merged kernel quantized again, one layer at a time
     (`flax_lora._quant._tree.requantize_layers`); and path -> relative rounding error of each."""
     if adapters is None:
         return params, {}
     table = adapter_table(adapters)
-    errors: dict[str, Any] = {}
+    errors: dict[str, float | None] = {}
 
-    def f(keypath: Any, leaf: Any) -> Any:
+    def f(keypath: KeyPath, leaf: Leaf) -> Leaf:
         path = path_str(keypath)
         w = table.get(path)
         if w is None or not is_quantized(leaf) or not leaf.layer_axes or w.m is not None:
@@ -110,7 +109,7 @@ def _requantize_layers(params: PyTree, adapters: PyTree) -> tuple[PyTree, dict[s
         keep = None if mask is None else jnp.repeat(jnp.asarray(mask), int(np.prod(lead[1:])))
         inner = w.layout.layer_slice(n)
 
-        def add(i: Any) -> Any:
+        def add(i: jax.Array) -> jax.Array:
             d = delta(inner.with_factors(a[i], b[i]), jnp.float32)
             return d if keep is None else d * keep[i]
 
@@ -170,7 +169,7 @@ def _fold(
     kernels: list[str] = []
     dequantized: list[str] = []
 
-    def fold(keypath: Any, leaf: Any) -> Any:
+    def fold(keypath: KeyPath, leaf: Leaf) -> Leaf:
         path = path_str(keypath)
         if getattr(leaf, "ndim", 0) >= 2:
             kernels.append(path)

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import optax
+from jax.tree_util import KeyPath
 
 from flax_lora import _regex
 from flax_lora._adapters._extras import is_extra
 from flax_lora._adapters._weights import is_lora
 from flax_lora._paths import path_str
-from flax_lora._typing import PyTree
+from flax_lora._typing import Leaf, PyTree
 
 
 def trainable(tree: PyTree, also: str | None = None) -> PyTree:
@@ -43,7 +42,7 @@ def trainable(tree: PyTree, also: str | None = None) -> PyTree:
     """
     pattern = _regex.compile(also, "lora.trainable: also") if also is not None else None
 
-    def label(keypath: Any, x: Any) -> Any:
+    def label(keypath: KeyPath, x: Leaf) -> PyTree:
         if is_lora(x) or is_extra(x):
             return jax.tree.map(lambda _: True, x)
         return bool(pattern and pattern.search(path_str(keypath)))

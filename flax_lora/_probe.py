@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar, cast
+from typing import TypeVar
 
 import jax
 
@@ -32,7 +32,7 @@ from flax_lora import _jaxpr as jx
 from flax_lora._free_axes import Free, Origins, carry, union
 from flax_lora._head import output_heads
 from flax_lora._paths import describe, path_str
-from flax_lora._typing import Kind
+from flax_lora._typing import Kind, PyTree
 
 AxisMap = tuple[tuple[int, ...], ...]  # for each axis of a var: the kernel axes it stems from
 
@@ -141,7 +141,7 @@ def _walk(
     pinned: dict[jx.Var, tuple[int, ...]] = {}  # var -> kernel axes taken at one index (``w[e]``)
     for eqn in jaxpr.eqns:
         # a literal (a constant) is unhashable and stems from no kernel
-        vs = [None if jx.is_literal(v) else cast(jx.Var, v) for v in eqn.invars]
+        vs = [None if jx.is_literal(v) else v for v in eqn.invars]
         ins = [None if v is None else env.get(v) for v in vs]
         fins = [None if v is None else frees.get(v) for v in vs]
         if not any(ins) and not any(fins):
@@ -354,7 +354,7 @@ PROBE_RULES: dict[str, ProbeRule] = {
 any other primitive goes to `_call` (a call-like equation's body, else nothing tracked)."""
 
 
-def kernel_uses(probe: Callable[[Any], Any], params: Any) -> dict[str, Use]:
+def kernel_uses(probe: Callable[[PyTree], PyTree], params: PyTree) -> dict[str, Use]:
     """Traces ``probe(params)`` abstractly; returns each used kernel's path -> `Use`.
 
     An Embed lookup wins over other uses of the same embedding (``attend``); then a conv; then the

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 import jax
 from flax import nnx
@@ -14,7 +14,7 @@ from flax_lora._adapters._extras import TokenDelta
 from flax_lora._adapters._tables import adapter_table, split_plain
 from flax_lora._paths import flatten
 from flax_lora._quant._formats import is_quantized
-from flax_lora._typing import PyTree
+from flax_lora._typing import Leaf, PyTree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +108,7 @@ def _human(n: int) -> str:
     return str(size)
 
 
-def _size(x: Any) -> tuple[int, int]:
+def _size(x: Leaf) -> tuple[int, int]:
     """(elements, bytes) of an array; a `QuantizedKernel` counts the elements of the kernel it
     stands for and the bytes of its stored arrays (codes, absmax, double-quant scales)."""
     if is_quantized(x):
@@ -117,7 +117,7 @@ def _size(x: Any) -> tuple[int, int]:
     return n, n * getattr(getattr(x, "dtype", None), "itemsize", 0)
 
 
-def _parameters(params: PyTree) -> list[Any]:
+def _parameters(params: PyTree) -> list[Leaf]:
     """The parameter arrays of ``params`` (see `summary`)."""
     variables = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
     if any(isinstance(v, nnx.Variable) for v in variables):

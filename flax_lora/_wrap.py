@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
+from jax.typing import ArrayLike
 
 from flax_lora._adapters._substitute import substitute
 from flax_lora._adapters._tables import split, stacked_table
@@ -19,10 +19,10 @@ from flax_lora._merge import merge
 from flax_lora._multi._stack import check_ids, num_stacked, select
 from flax_lora._quant._formats import has_quantized
 from flax_lora._quant._tree import dequantize
-from flax_lora._typing import MODES, Mode, PyTree
+from flax_lora._typing import MODES, Key, Mode, PyTree
 
 
-def wrap(apply_fn: Callable[..., Any], mode: Mode = "auto") -> Callable[..., Any]:
+def wrap(apply_fn: Callable[..., PyTree], mode: Mode = "auto") -> Callable[..., PyTree]:
     """Transforms ``apply_fn(params, *args)`` into ``fn(params, adapters, *args)``.
 
     The wrapped function computes ``apply_fn(lora.merge(params, adapters), *args, **kwargs)``
@@ -77,7 +77,13 @@ def wrap(apply_fn: Callable[..., Any], mode: Mode = "auto") -> Callable[..., Any
         raise ValueError(f"lora.wrap: mode must be one of {MODES}; got {mode!r}.")
     tracer = Tracer(apply_fn)
 
-    def run(params: PyTree, adapters: PyTree, args: Any, kwargs: Any, rng: Any) -> Any:
+    def run(
+        params: PyTree,
+        adapters: PyTree,
+        args: tuple[PyTree, ...],
+        kwargs: dict[str, PyTree],
+        rng: Key,
+    ) -> PyTree:
         # trained copies and token deltas replace / change base leaves before anything runs
         adapters, extras = split(adapters, is_lora)
         params = substitute(params, extras)
@@ -94,11 +100,11 @@ def wrap(apply_fn: Callable[..., Any], mode: Mode = "auto") -> Callable[..., Any
     def wrapped(
         params: PyTree,
         adapters: PyTree,
-        *args: Any,
-        lora_rng: Any = None,
-        lora_ids: Any = None,
-        **kwargs: Any,
-    ) -> Any:
+        *args: PyTree,
+        lora_rng: jax.Array | None = None,
+        lora_ids: ArrayLike | Sequence[int] | None = None,
+        **kwargs: PyTree,
+    ) -> PyTree:
         if mode == "merged" and lora_rng is not None:
             warnings.warn(
                 "lora.wrap(mode='merged') applies no LoRA dropout, so lora_rng is ignored; use "
@@ -128,20 +134,20 @@ def wrap(apply_fn: Callable[..., Any], mode: Mode = "auto") -> Callable[..., Any
     return wrapped
 
 
-def _leading_sizes(args: tuple[Any, ...]) -> set[int | None]:
+def _leading_sizes(args: tuple[PyTree, ...]) -> set[int | None]:
     """The sizes of axis 0 of the positional inputs' leaves (``None`` for a scalar)."""
     return {int(np.shape(x)[0]) if np.ndim(x) else None for x in jax.tree.leaves(args)}
 
 
 def _routed(
-    run: Callable[..., Any],
+    run: Callable[[PyTree, PyTree, tuple[PyTree, ...], dict[str, PyTree], Key], PyTree],
     params: PyTree,
     stacked: PyTree,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    rng: Any,
-    ids: Any,
-) -> Any:
+    args: tuple[PyTree, ...],
+    kwargs: dict[str, PyTree],
+    rng: Key,
+    ids: ArrayLike | Sequence[int],
+) -> PyTree:
     """Example ``j`` of the batch through adapter ``ids[j]``: a `jax.vmap` over the examples.
 
     Inside the map each example runs as a batch of one with its own factors, gathered from the
@@ -162,7 +168,7 @@ def _routed(
     ids = check_ids(ids, n, batch)
     keys = None if rng is None else jax.random.split(rng, batch)
 
-    def one(index: jax.Array, key: Any, example: tuple[Any, ...]) -> Any:
+    def one(index: jax.Array, key: Key, example: tuple[PyTree, ...]) -> PyTree:
         single = jax.tree.map(lambda x: x[None], example)
         out = run(params, select(stacked, index, params), single, kwargs, key)
         flat, _ = jax.tree_util.tree_flatten_with_path(out)

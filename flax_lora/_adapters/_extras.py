@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Literal, TypeGuard, cast
+from typing import Any, ClassVar, Literal, NoReturn, TypeGuard, cast
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +80,7 @@ class TrainedCopy:
         """Its trained array (``value``)."""
         return self.value
 
-    def replace(self, **changes: Any) -> TrainedCopy:
+    def replace(self, **changes: object) -> TrainedCopy:
         """A copy with the given fields changed.
 
         Args:
@@ -89,7 +89,7 @@ class TrainedCopy:
         Returns:
           The new `TrainedCopy`.
         """
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **cast(dict[str, Any], changes))  # checked at run time
 
     def meta(self) -> dict[str, object]:
         """The static fields as a JSON-ready dict (a checkpoint's metadata).
@@ -211,7 +211,7 @@ class TokenDelta:
         """Its trained array (``delta``)."""
         return self.delta
 
-    def replace(self, **changes: Any) -> TokenDelta:
+    def replace(self, **changes: object) -> TokenDelta:
         """A copy with the given fields changed.
 
         Args:
@@ -220,7 +220,7 @@ class TokenDelta:
         Returns:
           The new `TokenDelta`.
         """
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **cast(dict[str, Any], changes))  # checked at run time
 
     def meta(self) -> dict[str, object]:
         """The static fields as a JSON-ready dict (a checkpoint's metadata).
@@ -340,7 +340,7 @@ class _Stacked:
         )
 
     @classmethod
-    def stack(cls, nodes: Sequence[Any], path: str, fn: str) -> Any:
+    def stack(cls, nodes: Sequence[object], path: str, fn: str) -> NoReturn:
         """Refused: the entry is stacked already (``TypeError`` naming ``path``)."""
         del nodes
         raise TypeError(f"lora.{fn}: {path!r} holds an already stacked entry.")
@@ -364,7 +364,7 @@ class StackedCopy(_Stacked):
         """Adapter ``i``'s copy."""
         return TrainedCopy(value=self.values[i], role=self.role)
 
-    def select(self, index: jax.Array, base: Any, path: str) -> TrainedCopy:
+    def select(self, index: jax.Array, base: Value | None, path: str) -> TrainedCopy:
         """The copy of adapter ``index`` (possibly traced); for ``-1`` (or out of range) the
         base leaf ``base`` (``ValueError`` naming ``path`` when it is ``None``)."""
         if base is None:
@@ -403,7 +403,7 @@ class StackedTokenDelta(_Stacked):
         """Adapter ``i``'s delta (on the union rows)."""
         return self._one(self.delta[i])
 
-    def select(self, index: jax.Array, base: Any, path: str) -> TokenDelta:
+    def select(self, index: jax.Array, base: Value | None, path: str) -> TokenDelta:
         """The delta of adapter ``index`` (possibly traced); zeros for ``-1`` (or out of range).
         ``base`` and ``path`` are not needed."""
         del base, path
@@ -444,7 +444,7 @@ def check_token_delta(path: str, node: TokenDelta, shape: tuple[int, ...], where
         )
 
 
-def from_meta(meta: dict[str, Any], arrays: dict[str, Any], path: str) -> Extra:
+def from_meta(meta: Mapping[str, object], arrays: Mapping[str, Value], path: str) -> Extra:
     """The extra node of ``path`` from checkpoint metadata (its ``type`` picks the class in
     `EXTRA_TYPES`) and its arrays (`lora.load`)."""
-    return EXTRA_TYPES[meta["type"]].from_meta(meta, arrays, path)
+    return EXTRA_TYPES[cast(str, meta["type"])].from_meta(meta, arrays, path)

@@ -4,14 +4,14 @@ is added to (or, for `lora.unmerge`, taken out of) its embedding's rows."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import jax
+from jax.tree_util import KeyPath
 
 from flax_lora._adapters._extras import Extra, StackedExtra
 from flax_lora._paths import describe, path_str
 from flax_lora._quant._formats import dequantize_kernel, is_quantized
-from flax_lora._typing import PyTree
+from flax_lora._typing import Leaf, PyTree
 
 
 def substitute(
@@ -42,7 +42,7 @@ def _apply_all(
     dequantized first), and the paths of ``extras`` that are not leaves of ``params``."""
     seen: set[str] = set()
 
-    def apply(keypath: Any, leaf: Any) -> Any:
+    def apply(keypath: KeyPath, leaf: Leaf) -> Leaf:
         path = path_str(keypath)
         if path not in extras:
             return leaf

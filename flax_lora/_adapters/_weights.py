@@ -99,7 +99,7 @@ class Axes:
         """The sizes of the kernel's output axes ``O``."""
         return tuple(self.kernel_shape[i] for i in self.out_axes)
 
-    def replace(self, **changes: Any) -> Self:
+    def replace(self, **changes: object) -> Self:
         """A copy with the given fields changed (`dataclasses.replace`), e.g. new factors."""
         changed: Self = dataclasses.replace(cast(Any, self), **changes)  # subclasses: dataclasses
         return changed
@@ -233,7 +233,7 @@ class LoraWeights(Axes):
         fields = dataclasses.fields(AdapterLayout)
         return AdapterLayout(**{f.name: getattr(self, f.name) for f in fields})
 
-    def layer_slice(self, n: int = 1, **changes: Any) -> LoraWeights:
+    def layer_slice(self, n: int = 1, **changes: object) -> LoraWeights:
         """The adapter of one layer's kernel of a layered adapter.
 
         Args:
@@ -246,7 +246,7 @@ class LoraWeights(Axes):
         """
         return self.layout.layer_slice(n).with_factors(self.a, self.b, self.m).replace(**changes)
 
-    def carried_slice(self, **changes: Any) -> LoraWeights:
+    def carried_slice(self, **changes: object) -> LoraWeights:
         """The adapter of the kernel at one carried index (one layer, one expert).
 
         Args:

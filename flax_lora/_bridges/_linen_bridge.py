@@ -12,15 +12,23 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax
 from flax.core import DenyList
+from flax.core.scope import CollectionFilter
 
 from flax_lora._typing import MODES, Mode, PyTree
 from flax_lora._wrap import wrap
 
+Streams = dict[str, jax.Array] | None
+"""The RNG streams of a bridge's call, by name (``None``: none)."""
+
 
 def _run_module(
-    params: PyTree, *args: Any, lora_bridge: tuple[nn.Module, PyTree, Any, Any], **kwargs: Any
-) -> Any:
+    params: PyTree,
+    *args: PyTree,
+    lora_bridge: tuple[nn.Module, PyTree, CollectionFilter, Streams],
+    **kwargs: PyTree,
+) -> PyTree:
     """``module.apply`` on the base params and the other collections, ``mutable`` and the RNG
     streams passed on.
 
@@ -33,7 +41,7 @@ def _run_module(
 
 
 # one wrapped runner per mode, shared by every Linen bridge
-RUNNERS: dict[str, Callable[..., Any]] = {
+RUNNERS: dict[str, Callable[..., PyTree]] = {
     "auto": wrap(_run_module, "auto"),
     "factored": wrap(_run_module, "factored"),
     "merged": wrap(_run_module, "merged"),
@@ -87,7 +95,9 @@ class LinenBridge(nn.Module):
         if self.mode not in MODES:
             raise ValueError(f"lora.LinenBridge: mode must be one of {MODES}; got {self.mode!r}.")
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    # quoted: this module is evaluated without postponed annotations (a Linen module's fields),
+    # and the signature should read PyTree, not the Any it aliases
+    def __call__(self, *args: "PyTree", **kwargs: "PyTree") -> "PyTree":
         """The base model's ``__call__`` with the adapters (run it through ``bridge.apply``).
 
         Args:
@@ -135,7 +145,7 @@ LinenBridge.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
 )
 
 
-def _inner_mutable(outer: Any) -> Any:
+def _inner_mutable(outer: CollectionFilter) -> CollectionFilter:
     """The collections the base model may change: those of the bridge's call but ``params``."""
     if outer is False:
         return False

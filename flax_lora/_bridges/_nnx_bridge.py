@@ -25,11 +25,16 @@ from flax_lora._typing import MODES, Mode, PyTree
 from flax_lora._wrap import wrap
 
 
-def _is_variable(x: Any) -> bool:
+def _is_variable(x: object) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def _run_model(params: PyTree, *args: Any, lora_bridge: tuple[Any, PyTree], **kwargs: Any) -> Any:
+def _run_model(
+    params: PyTree,
+    *args: PyTree,
+    lora_bridge: tuple[nnx.GraphDef[nnx.Module], PyTree],
+    **kwargs: PyTree,
+) -> tuple[PyTree, nnx.State]:
     """The base model rebuilt from its params and other state, called; with its new state.
 
     ``lora_bridge`` is ``(graphdef, non-param state)``, a keyword: `lora.wrap` traces its arrays
@@ -44,7 +49,7 @@ def _run_model(params: PyTree, *args: Any, lora_bridge: tuple[Any, PyTree], **kw
 
 # one wrapped runner per mode, shared by every bridge: its trace cache is keyed by the model's
 # graphdef, shapes and statics, so bridges of one model structure share their traces
-RUNNERS: dict[str, Callable[..., Any]] = {
+RUNNERS: dict[str, Callable[..., PyTree]] = {
     "auto": wrap(_run_model, "auto"),
     "factored": wrap(_run_model, "factored"),
     "merged": wrap(_run_model, "merged"),
@@ -111,7 +116,7 @@ class NnxBridge(nnx.Module):
         self.adapters = nnx.data(jax.tree.map(nnx.LoRAParam, adapters))
         self.mode = mode
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: PyTree, **kwargs: PyTree) -> PyTree:
         """``model(*args, **kwargs)`` with the adapters.
 
         Args:

@@ -30,13 +30,14 @@ is merged at its use in mode ``"auto"``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypedDict
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from flax_lora import _jaxpr as jx
-from flax_lora._factored._contract import Evaluator, Result, Unfactored, no_rule
+from flax_lora._factored._contract import Evaluator, InterpValue, Result, Unfactored, no_rule
 from flax_lora._factored._layout_ops import value_ops_only
 from flax_lora._factored._lowrank import cast_like
 from flax_lora._factored._quant_base import as_array
@@ -45,8 +46,19 @@ from flax_lora._factored._view import EXPERT, I_SIDE, O_SIDE, KernelView, expert
 from flax_lora._typing import Key
 
 
+class _Hints(TypedDict):
+    """A product's precision settings, as keywords of ``jax.lax.dot_general``."""
+
+    precision: jax.lax.PrecisionLike
+    preferred_element_type: DTypeLike | None
+
+
+def _hints(d: jx.Dot) -> _Hints:
+    return _Hints(precision=d.precision, preferred_element_type=d.preferred_element_type)
+
+
 def _branch_inputs(
-    interp: Evaluator, v: KernelView, x: Any, op: str, key: Key
+    interp: Evaluator, v: KernelView, x: InterpValue, op: str, key: Key
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The branch input (dropout applied) and the two factors in a common compute dtype."""
     x = operand(interp, x, op, "both operands are kernels")
@@ -56,7 +68,7 @@ def _branch_inputs(
 
 def _finish(
     base_out: jax.Array, low: jax.Array, v: KernelView, g: jax.Array | None = None
-) -> list[Any]:
+) -> list[jax.Array]:
     """``base_out + scale * low``; DoRA: times ``g`` (broadcast to the output already)."""
     low = low * jnp.asarray(v.scale, low.dtype)
     acc = jnp.promote_types(base_out.dtype, jnp.float32)
@@ -68,7 +80,7 @@ def _dora_with_dropout(v: KernelView, key: Key) -> bool:
     return v.g is not None and key is not None and float(v.meta.weights.dropout) > 0
 
 
-def _expert_dense(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
+def _expert_dense(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Result:
     """``dot_general`` with an expert view: the low-rank products batched over the experts."""
     x_pos = 0 if isinstance(invals[1], KernelView) else 1
     v = invals[1 - x_pos]
@@ -90,7 +102,7 @@ def _expert_dense(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -
     x, a, b = _branch_inputs(interp, v, invals[x_pos], "dot_general", key)
     n = len(experts)
     lead = tuple(range(n))
-    hints = dict(precision=d.precision, preferred_element_type=d.preferred_element_type)
+    hints = _hints(d)
     t = jax.lax.dot_general(
         x, a, ((xc, tuple(n + ins.index(k) for k in kc)), (xb, lead)), **hints
     )  # (E, x free..., r)
@@ -111,7 +123,7 @@ def _expert_dense(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -
 
 
 def _free_experts(
-    interp: Evaluator, eqn: jx.Eqn, invals: list[Any], v: KernelView, x_pos: int, key: Key
+    interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], v: KernelView, x_pos: int, key: Key
 ) -> Result:
     """``dot_general`` whose kernel's expert axes are free (not batch dimensions): ``x @ a``
     keeps them free, ``(x free..., E..., r)``, then the product with ``b`` is batched over them
@@ -123,7 +135,7 @@ def _free_experts(
     ins, experts, outs = v.axes(I_SIDE), v.axes(EXPERT), v.axes(O_SIDE)
     x, a, b = _branch_inputs(interp, v, invals[x_pos], "dot_general", key)
     n, n_x = len(experts), x.ndim - len(xc)
-    hints = dict(precision=d.precision, preferred_element_type=d.preferred_element_type)
+    hints = _hints(d)
     t = jax.lax.dot_general(
         x, a, ((xc, tuple(n + ins.index(k) for k in kc)), ((), ())), **hints
     )  # (x free..., E..., r)
@@ -147,7 +159,7 @@ def _free_experts(
     return _finish(jx.bind(eqn, operands)[0], jnp.transpose(low, perm), v, g)
 
 
-def _ragged(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
+def _ragged(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Result:
     """``ragged_dot_general`` with an expert view as rhs: two grouped low-rank products."""
     v = invals[1]
     if any(isinstance(x, KernelView) for x in (invals[0], invals[2])) or not isinstance(
@@ -176,13 +188,20 @@ def _ragged(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Resu
         )
     x, a, b = _branch_inputs(interp, v, invals[0], "ragged_dot_general", key)
     gs = as_array(invals[2])
-    hints = dict(precision=d.precision, preferred_element_type=d.preferred_element_type)
+    hints = _hints(d)
     first = jx.Dot(
-        d.lhs_contract, tuple(1 + ins.index(k) for k in d.rhs_contract), (), (), *hints.values()
+        d.lhs_contract,
+        tuple(1 + ins.index(k) for k in d.rhs_contract),
+        (),
+        (),
+        d.precision,
+        d.preferred_element_type,
     )
     free = [k for k in range(x.ndim) if k not in d.lhs_contract]
     ragged = tuple(free.index(k) for k in rd.lhs_ragged)
-    second = jx.Dot((x.ndim - len(d.lhs_contract),), (1,), (), (), *hints.values())
+    second = jx.Dot(
+        (x.ndim - len(d.lhs_contract),), (1,), (), (), d.precision, d.preferred_element_type
+    )
     try:
         t = jax.lax.ragged_dot_general(
             x, a, gs, jx.ragged_numbers(first, rd.lhs_ragged, (0,)), **hints
@@ -205,7 +224,7 @@ expert_dense_rule = kernel_use(dequantized)(_expert_dense)
 _ragged_checked = kernel_use(dequantized)(_ragged)
 
 
-def ragged_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
+def ragged_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Result:
     """``ragged_dot_general``; a routed expert view (``lora_ids``) cannot be mapped per example
     here (``ragged_dot`` has no batching rule, and its rows are sorted assignments, not
     examples): the call then runs each example as a batch of one (mode ``"auto"``)."""
@@ -214,7 +233,7 @@ def ragged_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> 
     return _ragged_checked(interp, eqn, invals, key)
 
 
-def slice_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
+def slice_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Result:
     """``slice`` / ``dynamic_slice`` of an expert view to one expert (``w[e]`` in a loop over
     the experts; the ``squeeze`` that follows is a layout op): the factors are sliced with
     ``W0``, so each expert's uses are factored by the ordinary rules."""
@@ -232,7 +251,7 @@ def slice_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> R
         return Unfactored("a slice of an expert kernel other than one expert")
     d = changed[0]
     if eqn.primitive.name == "slice":
-        start: Any = int(jx.param(eqn, "start_indices")[d])
+        start: int | jax.Array = int(jx.param(eqn, "start_indices")[d])
     else:  # dynamic_slice(operand, *start_indices)
         start = as_array(invals[1 + d])
     take = lambda x, k: jax.lax.dynamic_slice_in_dim(x, start, 1, axis=k)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 
@@ -30,6 +29,7 @@ from flax_lora import _jaxpr as jx
 from flax_lora._factored._contract import (
     Ahead,
     Evaluator,
+    InterpValue,
     Passed,
     Result,
     RoutingFallback,
@@ -49,13 +49,13 @@ from flax_lora._factored._view import EXPERT, KernelView, materialize
 from flax_lora._typing import Key, Mode
 
 
-def call_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
+def call_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Result:
     """A nested ``jit``: its body is evaluated inline, with the equation's key."""
     body = jx.call(eqn).body
     return interp.eval(body.jaxpr, body.consts, invals, key)
 
 
-def remat_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
+def remat_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Result:
     """A remat region, re-wrapped in `jax.checkpoint` with its policy and evaluated inside."""
     region = jx.remat(eqn)
     name = eqn.primitive.name
@@ -69,7 +69,7 @@ def remat_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> R
         for o in region.body.jaxpr.outvars
     ]
 
-    def body(body_key: Key, *vals: Any) -> list[Any] | RoutingFallback:
+    def body(body_key: Key, *vals: InterpValue) -> list[InterpValue] | RoutingFallback:
         outs = interp.eval(region.body.jaxpr, region.body.consts, vals, body_key)
         if isinstance(outs, RoutingFallback):
             return outs
@@ -79,7 +79,7 @@ def remat_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> R
     return returned(checkpointed(key, *invals), invals)
 
 
-def dot_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
+def dot_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Result:
     """``dot_general``: the expert rule for an (unrouted) expert view, else the Dense rule."""
     if any(isinstance(x, KernelView) and EXPERT in x.meta.carried for x in invals):
         return expert_dense_rule(interp, eqn, invals, key)
@@ -103,29 +103,29 @@ RULES: dict[str, Rule] = {
 primitive with a kernel among its inputs is `Unfactored`."""
 
 
-def _is_kernel(x: Any) -> bool:
+def _is_kernel(x: object) -> bool:
     return isinstance(x, KernelView) or is_quant_base(x)
 
 
 class _Frame:
     """The state of one jaxpr being evaluated: its environment and where the loop is."""
 
-    def __init__(self, jaxpr: Any, env: dict[Any, Any]) -> None:
+    def __init__(self, jaxpr: jx.Jaxpr, env: dict[jx.Var, InterpValue]) -> None:
         self.jaxpr = jaxpr
         self.env = env
         self.index = 0
         self.early: set[int] = set()  # indices of layout equations evaluated ahead of the loop
         self.ahead: dict[int, jax.Array] = {}  # equation index -> its branch, from a sibling's
-        self._producers: dict[Any, int] | None = None
-        self._dots: dict[Any, list[tuple[int, jx.Eqn]]] | None = None
+        self._producers: dict[jx.Var, int] | None = None
+        self._dots: dict[jx.Var, list[tuple[int, jx.Eqn]]] | None = None
 
-    def producer(self, var: Any) -> int | None:
+    def producer(self, var: jx.Var) -> int | None:
         """The index of the equation that computes ``var`` (``None``: an input)."""
         if self._producers is None:
             self._producers = {o: i for i, e in enumerate(self.jaxpr.eqns) for o in e.outvars}
         return self._producers.get(var)
 
-    def dots_using(self, var: Any) -> list[tuple[int, jx.Eqn]]:
+    def dots_using(self, var: jx.Var) -> list[tuple[int, jx.Eqn]]:
         """The ``dot_general`` equations (with their index) that take ``var`` as an operand."""
         if self._dots is None:
             self._dots = {}
@@ -154,11 +154,11 @@ class Interpreter:
         self._frames: list[_Frame] = []
 
     def eval(
-        self, jaxpr: jx.Jaxpr, consts: Sequence[Any], args: Sequence[Any], key: Key
-    ) -> list[Any] | RoutingFallback:
+        self, jaxpr: jx.Jaxpr, consts: Sequence[InterpValue], args: Sequence[InterpValue], key: Key
+    ) -> list[InterpValue] | RoutingFallback:
         """Evaluates ``jaxpr``; ``key`` is its dropout key (``None``: no dropout). A
         `RoutingFallback` ends it and is returned instead of the outputs."""
-        env: dict[Any, Any] = {}
+        env: dict[jx.Var, InterpValue] = {}
         env.update(zip(jaxpr.constvars, consts, strict=True))
         env.update(zip(jaxpr.invars, args, strict=True))
         frame = _Frame(jaxpr, env)
@@ -181,7 +181,9 @@ class Interpreter:
             self._frames.pop()
         return [v.val if isinstance(v, jx.Literal) else env[v] for v in jaxpr.outvars]
 
-    def apply(self, eqn: jx.Eqn, invals: list[Any], key: Key) -> list[Any] | RoutingFallback:
+    def apply(
+        self, eqn: jx.Eqn, invals: list[InterpValue], key: Key
+    ) -> list[InterpValue] | RoutingFallback:
         """Evaluates one equation with kernels among ``invals`` by the rule of its primitive;
         a use the rule cannot factor falls back (`plain`)."""
         name = eqn.primitive.name
@@ -195,7 +197,7 @@ class Interpreter:
         plain = leaving(self, invals, [None] * len(invals), name, out.reason)
         return plain if isinstance(plain, RoutingFallback) else jx.bind(eqn, plain)
 
-    def plain(self, x: Any, op: str, reason: str) -> jax.Array | RoutingFallback:
+    def plain(self, x: InterpValue, op: str, reason: str) -> jax.Array | RoutingFallback:
         """``x`` as an array where it leaves factored execution (a use ``op`` that cannot be
         factored, an output): a view `merged`, a quantized base dequantized; for a routed view
         the `RoutingFallback` that ends the routed call."""
@@ -245,7 +247,7 @@ class Interpreter:
         frame = self._frames[-1]
         return frame.ahead.pop(frame.index, None)
 
-    def _resolve(self, var: Any, frame: _Frame) -> KernelView | None:
+    def _resolve(self, var: jx.Atom, frame: _Frame) -> KernelView | None:
         """The kernel view ``var`` will hold, evaluating its layout ops ahead if needed."""
         if jx.is_literal(var):
             return None
@@ -276,6 +278,6 @@ def _eqn_key(key: Key, eqn: jx.Eqn, index: int) -> Key:
     return jax.random.fold_in(key, index)
 
 
-def _no_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Unfactored:
+def _no_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Unfactored:
     del interp, eqn, key
     return no_rule(invals)

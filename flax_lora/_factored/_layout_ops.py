@@ -11,14 +11,14 @@ the factorisation; the view then records why (`ViewMeta.why`), and can only be m
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
-from flax_lora._factored._contract import Evaluator, Result, no_rule
+from flax_lora._factored._contract import Evaluator, InterpValue, Result, no_rule
 from flax_lora._factored._quant_base import Base, base_layout
 from flax_lora._factored._view import (
     EXPERT,
@@ -36,7 +36,7 @@ from flax_lora._typing import Key
 _New = Callable[..., KernelView]  # the view after the op, from its factors and sides
 
 
-def layout_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
+def layout_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Result:
     """The rule of the ops in `flax_lora._jaxpr.LAYOUT_OPS`: the view (or quantized base)
     follows the op."""
     del interp, key
@@ -47,7 +47,8 @@ def layout_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> 
 
 def layout_of(x: KernelView | Base, eqn: jx.Eqn) -> KernelView | Base:
     """A view or a base after the layout equation ``eqn``."""
-    params, out_aval = jx.bind_params(eqn), eqn.outvars[0].aval
+    params = jx.bind_params(eqn)
+    out_aval = cast(jax.core.ShapedArray, eqn.outvars[0].aval)  # a layout op's: an array's
     if isinstance(x, KernelView):
         return apply_layout(x, eqn.primitive, params, out_aval)
     return base_layout(x, eqn.primitive, params, out_aval)
@@ -60,14 +61,16 @@ class _Op:
     op from its factors and sides (`apply_layout`)."""
 
     name: str
-    prim: Any
+    prim: jx.Primitive
     params: dict[str, Any]
     base: Base
     unknown: list[str]
     new: _New
 
 
-def apply_layout(v: KernelView, prim: Any, params: dict[str, Any], out_aval: Any) -> KernelView:
+def apply_layout(
+    v: KernelView, prim: jx.Primitive, params: dict[str, Any], out_aval: jax.core.ShapedArray
+) -> KernelView:
     """Applies one layout op (``prim.name in LAYOUT_OPS``) to the view: value ops keep it; a
     view that cannot be factored any more (or a layered one) records why; the ops that move
     axes go by `SHAPE_RULES`."""
@@ -76,7 +79,13 @@ def apply_layout(v: KernelView, prim: Any, params: dict[str, Any], out_aval: Any
     meta = v.meta
     ops = (*meta.ops, (prim, params))
 
-    def new(a: Any, b: Any, side: Any, why: str | None = meta.why, g: Any = v.g) -> KernelView:
+    def new(
+        a: jax.Array,
+        b: jax.Array,
+        side: Sequence[str],
+        why: str | None = meta.why,
+        g: jax.Array | None = v.g,
+    ) -> KernelView:
         if why is None and _experts_of(side, base.shape) != _experts_of(meta.side, v.shape):
             why = f"`{name}` moves, merges or drops an expert axis"
         changed = ViewMeta(meta.path, meta.weights, ops, tuple(side), meta.carried, why)
@@ -92,7 +101,7 @@ def apply_layout(v: KernelView, prim: Any, params: dict[str, Any], out_aval: Any
     return SHAPE_RULES[name](v, _Op(name, prim, params, base, unknown, new))
 
 
-def _keeps_layers(v: KernelView, params: dict[str, Any], prim: Any) -> bool:
+def _keeps_layers(v: KernelView, params: dict[str, Any], prim: jx.Primitive) -> bool:
     """Whether a transpose keeps the layer axes in their order (MaxText's ``moveaxis`` of a
     kernel stored ``(d, L, ...)`` before its scan): the factors, whose layer axes lead, then
     stay as they are."""
@@ -156,7 +165,7 @@ def value_ops_only(v: KernelView) -> bool:
     return all(p.name in jx.VALUE_OPS for p, _ in v.meta.ops)
 
 
-def _experts_of(side: Any, shape: Any) -> list[int]:
+def _experts_of(side: Sequence[str], shape: Sequence[int]) -> list[int]:
     """The sizes of the expert axes, in order (they must pass a layout op unchanged)."""
     return [shape[d] for d, s in enumerate(side) if s == EXPERT]
 

@@ -30,7 +30,7 @@ A `QuantBase` stands in for ``W0`` in an adapted kernel's `KernelView` (its ``ro
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, TypeGuard, TypeVar, overload
 
 import jax
 import jax.numpy as jnp
@@ -47,15 +47,18 @@ from flax_lora._quant._formats import (
     is_quantized,
     nf4_values,
 )
+from flax_lora._typing import Leaf
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(eq=False)
 class _Meta:
     """The static part of a `QuantBase` (compared by identity, so it can sit in a treedef)."""
 
-    ops: tuple[tuple[Any, dict[str, Any]], ...]  # layout ops recorded, in order
+    ops: tuple[tuple[jx.Primitive, dict[str, Any]], ...]  # layout ops recorded, in order
     shape: tuple[int, ...]  # after the ops
-    dtype: Any  # after the ops
+    dtype: np.dtype  # after the ops
 
 
 @jax.tree_util.register_dataclass
@@ -76,14 +79,14 @@ class QuantBase:
         return self.meta.shape
 
     @property
-    def dtype(self) -> Any:
+    def dtype(self) -> np.dtype:
         return self.meta.dtype
 
     @property
     def ndim(self) -> int:
         return len(self.meta.shape)
 
-    def value(self, tie: Any = None) -> jax.Array:
+    def value(self, tie: jax.Array | None = None) -> jax.Array:
         """The float kernel: dequantized, then the recorded ops applied.
 
         ``tie``: a float32 zero computed from data (an activation, a gradient; `_zero_of`).
@@ -99,7 +102,7 @@ class QuantBase:
         return out
 
 
-def _zero_of(x: Any) -> jax.Array:
+def _zero_of(x: jax.Array) -> jax.Array:
     """A float32 zero that XLA cannot compute before ``x``: ``0 * x[0]``, with a non-finite
     ``x[0]`` replaced by 0 first, so that it is exactly 0 (or -0) whatever ``x`` holds and a
     NaN or inf in ``x`` never reaches the kernel (only that example's rows of the product are
@@ -113,7 +116,7 @@ Base = jax.Array | QuantBase
 """The base kernel ``W0`` of a view, or a kernel without adapter: an array or a `QuantBase`."""
 
 
-def as_base(leaf: Any) -> Any:
+def as_base(leaf: T) -> T | QuantBase:
     """How an input leaf enters the interpreted model: a quantized kernel as the `QuantBase`
     that no op has touched yet, anything else as it is."""
     if not is_quantized(leaf):
@@ -121,16 +124,20 @@ def as_base(leaf: Any) -> Any:
     return QuantBase(leaf, _Meta((), tuple(leaf.shape), jnp.dtype(leaf.dtype)))
 
 
-def is_quant_base(x: Any) -> bool:
+def is_quant_base(x: object) -> TypeGuard[QuantBase]:
     return isinstance(x, QuantBase)
 
 
-def as_array(x: Any) -> Any:
+@overload
+def as_array(x: Base) -> jax.Array: ...
+@overload
+def as_array(x: T) -> T: ...
+def as_array(x: object) -> object:
     """``x`` itself, or for a `QuantBase` the dequantized kernel (at this use)."""
     return x.value() if isinstance(x, QuantBase) else x
 
 
-def input_aval(x: Any) -> Any:
+def input_aval(x: Leaf) -> jax.core.ShapedArray:
     """The abstract value the model is traced with for an input leaf (a `QuantizedKernel`
     stands for its float kernel)."""
     if is_quantized(x):
@@ -138,7 +145,9 @@ def input_aval(x: Any) -> Any:
     return jax.typeof(x)
 
 
-def base_layout(x: Base, prim: Any, params: dict[str, Any], out_aval: Any) -> Base:
+def base_layout(
+    x: Base, prim: jx.Primitive, params: dict[str, Any], out_aval: jax.core.ShapedArray
+) -> Base:
     """A layout op (transpose, reshape, dtype cast, ...) on an array or a `QuantBase`."""
     if not isinstance(x, QuantBase):
         return prim.bind(x, **params)
@@ -191,7 +200,7 @@ def layer_base(x: Base) -> Base:
 
 
 # -- the base product ------------------------------------------------------------------------
-def _zero_cotangent(x: Any) -> Any:
+def _zero_cotangent(x: jax.Array) -> jax.Array | np.ndarray:
     if jnp.issubdtype(x.dtype, jnp.floating):
         return jnp.zeros_like(x)
     return np.zeros(x.shape, jax.dtypes.float0)
@@ -205,26 +214,28 @@ def base_product(eqn: jx.Eqn, x: jax.Array, base: Base, x_first: bool) -> jax.Ar
         return jx.bind(eqn, (x, base) if x_first else (base, x))[0]
     leaves, treedef = jax.tree.flatten(base)
 
-    def product(xv: Any, w: Any) -> Any:
+    def product(xv: jax.Array, w: jax.Array) -> jax.Array:
         return jx.bind(eqn, (xv, w) if x_first else (w, xv))[0]
 
-    def kernel(ls: Any, tie: Any) -> Any:
+    def kernel(ls: list[jax.Array], tie: jax.Array) -> jax.Array:
         return jax.tree.unflatten(treedef, ls).value(tie)
 
     @jax.custom_vjp
-    def f(xv: Any, ls: list[Any]) -> Any:
+    def f(xv: jax.Array, ls: list[jax.Array]) -> jax.Array:
         return product(xv, kernel(ls, _zero_of(xv)))
 
     # x's shape and dtype, static: a residual must be an array (`jax.jit(wrap)` under `grad`
     # makes the residuals outputs of the jitted forward pass)
     x_aval = jax.ShapeDtypeStruct(x.shape, x.dtype)
 
-    def fwd(xv: Any, ls: list[Any]) -> tuple[Any, Any]:  # dequantized here, not earlier
+    def fwd(  # dequantized here, not earlier
+        xv: jax.Array, ls: list[jax.Array]
+    ) -> tuple[jax.Array, list[jax.Array]]:
         xv, ls = lax.optimization_barrier((xv, ls))
         out = product(xv, kernel(ls, _zero_of(xv)))
         return out, ls
 
-    def bwd(ls: Any, g: Any) -> tuple[Any, Any]:
+    def bwd(ls: list[jax.Array], g: jax.Array) -> tuple[jax.Array, list[jax.Array | np.ndarray]]:
         g, ls = lax.optimization_barrier((g, ls))
         w = kernel(ls, _zero_of(g))  # dequantized again, once g is there
         (g_x,) = jax.linear_transpose(lambda xv: product(xv, w), x_aval)(g)
@@ -265,7 +276,7 @@ def base_gather(eqn: jx.Eqn, base: Base, indices: jax.Array) -> jax.Array:
     if by_row is None:
         return jx.bind(eqn, (base.value(), indices))[0]
 
-    def take(x: Any) -> Any:  # an out-of-range row of integer codes reads as code 0
+    def take(x: jax.Array) -> jax.Array:  # an out-of-range row of integer codes reads as code 0
         fill = jx.param(eqn, "fill_value") if jnp.issubdtype(x.dtype, jnp.floating) else 0
         return jx.rebind(eqn, (x, indices), slice_sizes=(1, *x.shape[1:]), fill_value=fill)
 

@@ -19,18 +19,23 @@ operation) is `Unfactored`; the interpreter then records that the call must fall
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
-from flax_lora._factored._contract import Evaluator, Result, RoutingFallback, Unfactored
+from flax_lora._factored._contract import (
+    Evaluator,
+    InterpValue,
+    Result,
+    RoutingFallback,
+    Unfactored,
+)
 from flax_lora._factored._view import EXAMPLE, KernelView, per_example
 from flax_lora._typing import Key
 
 
-def routed_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
+def routed_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Result:
     """Evaluates ``eqn``, a use of routed kernels, for each example: the interpreter's rule
     for one example (views of one adapter, the activation a batch of one), vmapped. Each
     example's dropout key is split from the equation's."""
@@ -47,8 +52,8 @@ def routed_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> 
                 f"the activation has shape {jnp.shape(x)}, not the batch ({batch}) on axis {d} "
                 "(the batch that lora_ids routes: one id per example)"
             )
-    vals: list[Any] = []
-    in_axes: list[Any] = []
+    vals: list[InterpValue] = []
+    in_axes: list[KernelView | int | None] = []  # a view's in_axes: a view of axes
     for k, x in enumerate(invals):
         if isinstance(x, KernelView) and x.routed:
             one_view, axis = per_example(x)
@@ -59,7 +64,7 @@ def routed_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> 
             in_axes.append(None if isinstance(x, KernelView) else in_pos.get(k))
     keys = None if key is None else jax.random.split(key, batch)
 
-    def one(key_j: Key, *ex: Any) -> list[Any] | RoutingFallback:
+    def one(key_j: Key, *ex: InterpValue) -> list[InterpValue] | RoutingFallback:
         vals_j = [jnp.expand_dims(x, in_pos[k]) if k in in_pos else x for k, x in enumerate(ex)]
         outs = interp.apply(eqn, vals_j, key_j)
         if isinstance(outs, RoutingFallback):
@@ -74,7 +79,7 @@ BatchAxes = tuple[dict[int, int], int]
 """``({operand index: its batch axis}, the output's batch axis)`` of a routed use."""
 
 
-def _batch_axes(eqn: jx.Eqn, invals: list[Any]) -> BatchAxes | Unfactored:
+def _batch_axes(eqn: jx.Eqn, invals: list[InterpValue]) -> BatchAxes | Unfactored:
     """The batch axes of a routed use (by the rule of its primitive in `BATCH_AXES`), or why
     no operand is an activation with the batch on a free axis."""
     rule = BATCH_AXES.get(eqn.primitive.name)
@@ -83,14 +88,14 @@ def _batch_axes(eqn: jx.Eqn, invals: list[Any]) -> BatchAxes | Unfactored:
     return rule(eqn, invals)
 
 
-def _conv_axes(eqn: jx.Eqn, invals: list[Any]) -> BatchAxes | Unfactored:
+def _conv_axes(eqn: jx.Eqn, invals: list[InterpValue]) -> BatchAxes | Unfactored:
     if isinstance(invals[0], KernelView):
         return Unfactored("the kernel is the convolution's input")
     dn = jx.param(eqn, "dimension_numbers")
     return {0: dn.lhs_spec[0]}, dn.out_spec[0]
 
 
-def _gather_axes(eqn: jx.Eqn, invals: list[Any]) -> BatchAxes | Unfactored:
+def _gather_axes(eqn: jx.Eqn, invals: list[InterpValue]) -> BatchAxes | Unfactored:
     if not isinstance(invals[0], KernelView) or isinstance(invals[1], KernelView):
         return Unfactored("the kernel is gathered as indices")
     dn = jx.param(eqn, "dimension_numbers")
@@ -101,7 +106,7 @@ def _gather_axes(eqn: jx.Eqn, invals: list[Any]) -> BatchAxes | Unfactored:
     return {1: 0}, batch_dims[0]
 
 
-def _dot_axes(eqn: jx.Eqn, invals: list[Any]) -> BatchAxes | Unfactored:
+def _dot_axes(eqn: jx.Eqn, invals: list[InterpValue]) -> BatchAxes | Unfactored:
     """The activation's axis 0 must be a free (not contracted, not batch) axis."""
     d = jx.dot(eqn)
     lc, rc, lb, rb = d.lhs_contract, d.rhs_contract, d.lhs_batch, d.rhs_batch
@@ -119,7 +124,7 @@ def _dot_axes(eqn: jx.Eqn, invals: list[Any]) -> BatchAxes | Unfactored:
     return {x_pos: 0}, out
 
 
-BATCH_AXES: dict[str, Callable[[jx.Eqn, list[Any]], BatchAxes | Unfactored]] = {
+BATCH_AXES: dict[str, Callable[[jx.Eqn, list[InterpValue]], BatchAxes | Unfactored]] = {
     "conv_general_dilated": _conv_axes,
     "gather": _gather_axes,
     "dot_general": _dot_axes,

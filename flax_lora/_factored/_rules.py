@@ -22,20 +22,28 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from flax_lora import _jaxpr as jx
-from flax_lora._factored._contract import Ahead, Evaluator, Result, Rule, Unfactored, no_rule
+from flax_lora._factored._contract import (
+    Ahead,
+    Evaluator,
+    InterpValue,
+    Result,
+    Rule,
+    Unfactored,
+    no_rule,
+)
 from flax_lora._factored._lowrank import cast_like, conv_branch, dense_branches, embed_branch
 from flax_lora._factored._quant_base import as_array, base_gather, base_product, is_quant_base
 from flax_lora._factored._routing import routed_rule
 from flax_lora._factored._view import I_SIDE, O_SIDE, KernelView
 from flax_lora._typing import Key
 
-BaseRule = Callable[[jx.Eqn, list[Any]], Result]
+BaseRule = Callable[[jx.Eqn, list[InterpValue]], Result]
 
 
 # -- what every use of a kernel checks first ----------------------------------------------------
@@ -48,7 +56,7 @@ def kernel_use(base_rule: BaseRule) -> Callable[[Rule], Rule]:
 
     def complete(rule: Rule) -> Rule:
         @functools.wraps(rule)
-        def checked(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
+        def checked(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Result:
             views = [x for x in invals if isinstance(x, KernelView)]
             if not views:
                 return base_rule(eqn, invals)
@@ -67,13 +75,13 @@ def kernel_use(base_rule: BaseRule) -> Callable[[Rule], Rule]:
     return complete
 
 
-def dequantized(eqn: jx.Eqn, invals: list[Any]) -> Unfactored:
+def dequantized(eqn: jx.Eqn, invals: list[InterpValue]) -> Unfactored:
     """Quantized kernels, no adapter, an op without a rule of its own: dequantized there."""
     del eqn, invals
     return Unfactored("dequantized at this use")
 
 
-def _base_dense(eqn: jx.Eqn, invals: list[Any]) -> Result:
+def _base_dense(eqn: jx.Eqn, invals: list[InterpValue]) -> Result:
     """``dot_general`` with one quantized kernel: dequantized at the product (`base_product`)."""
     dims = jx.dot(eqn)
     if sum(is_quant_base(x) for x in invals) == 1:
@@ -84,7 +92,7 @@ def _base_dense(eqn: jx.Eqn, invals: list[Any]) -> Result:
     return dequantized(eqn, invals)
 
 
-def _base_gather(eqn: jx.Eqn, invals: list[Any]) -> Result:
+def _base_gather(eqn: jx.Eqn, invals: list[InterpValue]) -> Result:
     """``gather`` from a quantized embedding: only the rows are dequantized (`base_gather`)."""
     if is_quant_base(invals[0]) and not is_quant_base(invals[1]):
         return [base_gather(eqn, invals[0], invals[1])]
@@ -92,7 +100,7 @@ def _base_gather(eqn: jx.Eqn, invals: list[Any]) -> Result:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def operand(interp: Evaluator, x: Any, op: str, reason: str) -> jax.Array:
+def operand(interp: Evaluator, x: InterpValue, op: str, reason: str) -> jax.Array:
     """An operand the rule needs as an array: a view is merged, a quantized base dequantized."""
     return interp.merged(x, op, reason) if isinstance(x, KernelView) else as_array(x)
 
@@ -115,11 +123,13 @@ def _matrix(f: jax.Array, rows: Sequence[int], cols: Sequence[int]) -> jax.Array
     return jnp.reshape(f, (n, -1))
 
 
-def _scaled(b: jax.Array, scale: float, dtype: Any) -> jax.Array:
+def _scaled(b: jax.Array, scale: float, dtype: DTypeLike) -> jax.Array:
     return cast_like(b * jnp.asarray(scale, b.dtype), dtype)
 
 
-def dora_scale(v: KernelView, out_ndim: int, o_pos: list[int], dtype: Any) -> jax.Array | None:
+def dora_scale(
+    v: KernelView, out_ndim: int, o_pos: list[int], dtype: DTypeLike
+) -> jax.Array | None:
     """DoRA's ``g`` broadcastable against an array of ``out_ndim`` axes whose axes ``o_pos``
     are the view's O axes, in view order; ``None`` without DoRA."""
     if v.g is None:
@@ -218,7 +228,7 @@ def finish_dense(
     plan: DensePlan,
     low: jax.Array,
     x_drop: jax.Array | None = None,
-) -> list[Any]:
+) -> list[jax.Array]:
     """``dot_general(x, W0) + low``, with the branch ``low`` (``(*lead, M)``) laid out to fit.
 
     DoRA (``v.g``, the kernel contracted on its input axes): ``g * (x @ W0 + low)``, or with
@@ -262,7 +272,7 @@ def _dora_out(
 
 
 @kernel_use(_base_dense)
-def dense_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
+def dense_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Result:
     """``dot_general`` with a kernel view, its branch shared with later siblings where it can."""
     x_pos = 0 if isinstance(invals[1], KernelView) else 1
     v = invals[1 - x_pos]
@@ -323,7 +333,7 @@ def _siblings(
 
 
 @kernel_use(_base_gather)
-def gather_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
+def gather_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Result:
     """``gather`` of rows of a kernel view (an Embed lookup; no dropout there, as PEFT)."""
     del key
     v = invals[0]
@@ -368,7 +378,7 @@ def gather_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> 
 
 
 @kernel_use(dequantized)
-def conv_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
+def conv_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Result:
     """``conv_general_dilated`` of an input with a kernel view (not a grouped convolution)."""
     v = invals[1]
     if not isinstance(v, KernelView) or v.meta.why is not None:

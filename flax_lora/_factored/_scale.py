@@ -20,21 +20,25 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
 
+import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from flax_lora import _jaxpr as jx
-from flax_lora._factored._contract import Evaluator, Result, Unfactored, no_rule
+from flax_lora._factored._contract import Evaluator, InterpValue, Result, Unfactored, no_rule
 from flax_lora._factored._quant_base import as_array, is_quant_base
 from flax_lora._factored._view import KernelView
 from flax_lora._typing import Key
 
-SCALINGS: dict[str, Callable[[Any, Any], Any]] = {"mul": jnp.multiply, "div": jnp.divide}
+SCALINGS: dict[str, Callable[[ArrayLike, ArrayLike], jax.Array]] = {
+    "mul": jnp.multiply,
+    "div": jnp.divide,
+}
 """The primitives of a kernel scaled by a scalar, and the same operation on a factor."""
 
 
-def scale_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
+def scale_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Result:
     """``mul`` / ``div`` of a kernel view by a scalar: the view with ``W0`` and ``b`` scaled."""
     del interp, key
     name = eqn.primitive.name

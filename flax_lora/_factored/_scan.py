@@ -22,14 +22,13 @@ every layer, the same for a layer whatever else the model does.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
 from flax_lora import _jaxpr as jx
 from flax_lora._factored._contract import (
     Evaluator,
+    InterpValue,
     Passed,
     Result,
     RoutingFallback,
@@ -42,7 +41,7 @@ from flax_lora._factored._view import LAYER, KernelView, per_layer
 from flax_lora._typing import Key
 
 
-def scan_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Result:
+def scan_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[InterpValue], key: Key) -> Result:
     """``scan`` with kernel views (or quantized kernels) among its operands, evaluated by
     ``interp`` inside a real `jax.lax.scan`; `Unfactored` when it does not fit (a view as loop
     carry, a view whose sliced axis is not its layer axis, ...)."""
@@ -56,11 +55,15 @@ def scan_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Re
     for x in xs:
         if isinstance(x, KernelView) and (why := _sliceable(x)) is not None:
             return Unfactored(why)
-    xs_in: list[Any] = [per_layer(x) if isinstance(x, KernelView) else layer_base(x) for x in xs]
+    xs_in: list[InterpValue] = [
+        per_layer(x) if isinstance(x, KernelView) else layer_base(x) for x in xs
+    ]
     if key is not None:  # the layer index, for each layer's dropout key
         xs_in.append(jnp.arange(loop.length, dtype=jnp.uint32))
 
-    def body(c: list[Any], sl: list[Any]) -> tuple[list[Any], list[Any] | RoutingFallback]:
+    def body(
+        c: list[InterpValue], sl: list[InterpValue]
+    ) -> tuple[list[InterpValue], list[InterpValue] | RoutingFallback]:
         """One layer; a ys output that is a layer's kernel as it came in is `Passed` (the
         scan's xs operand is returned), and a `RoutingFallback` is returned as the ys (the
         carry unchanged) for `scan_rule` to return."""
@@ -95,7 +98,7 @@ def scan_rule(interp: Evaluator, eqn: jx.Eqn, invals: list[Any], key: Key) -> Re
     return [*carry_out, *rest]
 
 
-def _passed(o: Any, layer: list[Any]) -> Passed | None:
+def _passed(o: InterpValue, layer: list[InterpValue]) -> Passed | None:
     """`Passed` when the body output ``o`` is one of the layer's kernel inputs as it came in."""
     if not (isinstance(o, KernelView) or is_quant_base(o)):
         return None

@@ -9,13 +9,14 @@ interpreter (`flax_lora._factored._interpreter`) with each adapted kernel enteri
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Hashable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import PyTreeDef
 
+from flax_lora import _jaxpr as jx
 from flax_lora._adapters._delta import check_fits
 from flax_lora._adapters._tables import adapter_table, stacked_table
 from flax_lora._adapters._weights import LoraWeights, StackedLoraWeights
@@ -26,23 +27,25 @@ from flax_lora._factored._view import KernelView, make_routed_view, make_view
 from flax_lora._paths import describe, path_str
 from flax_lora._quant._formats import is_quantized
 from flax_lora._quant._tree import dequantize
-from flax_lora._typing import Mode, PyTree
+from flax_lora._typing import Leaf, Mode, PyTree
 
 _CACHE_SIZE = 8
 
 
-def _is_array(x: Any) -> bool:
+def _is_array(x: object) -> bool:
     return isinstance(x, jax.Array | np.ndarray | np.generic)
 
 
 class Tracer:
     """Traces ``apply_fn`` to a jaxpr, caching one per input structure and abstract values."""
 
-    def __init__(self, apply_fn: Callable[..., Any]) -> None:
+    def __init__(self, apply_fn: Callable[..., PyTree]) -> None:
         self.apply_fn = apply_fn
-        self.cache: collections.OrderedDict[Any, tuple[Any, Any]] = collections.OrderedDict()
+        self.cache: collections.OrderedDict[Hashable, tuple[jx.ClosedJaxpr, PyTreeDef]] = (
+            collections.OrderedDict()
+        )
 
-    def __call__(self, leaves: list[Any], treedef: Any) -> tuple[Any, Any]:
+    def __call__(self, leaves: list[Leaf], treedef: PyTreeDef) -> tuple[jx.ClosedJaxpr, PyTreeDef]:
         dynamic = [_is_array(x) or is_quantized(x) for x in leaves]
         avals = [input_aval(x) for x, d in zip(leaves, dynamic, strict=True) if d]
         specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in avals]
@@ -56,7 +59,7 @@ class Tracer:
             self.cache.move_to_end(key)
             return hit
 
-        def flat_fn(*vals: Any) -> Any:
+        def flat_fn(*vals: jax.Array) -> PyTree:
             it = iter(vals)
             full = [next(it) if d else x for x, d in zip(leaves, dynamic, strict=True)]
             params, args, kwargs = jax.tree_util.tree_unflatten(treedef, full)
@@ -76,8 +79,8 @@ def call_factored(
     mode: Mode,
     params: PyTree,
     adapters: PyTree,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
+    args: tuple[PyTree, ...],
+    kwargs: dict[str, PyTree],
     lora_rng: jax.Array | None,
 ) -> PyTree:
     """``apply_fn(merge(params, adapters), *args, **kwargs)`` computed in factored form.
@@ -98,8 +101,8 @@ def call_routed(
     params: PyTree,
     stacked: PyTree,
     ids: jax.Array,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
+    args: tuple[PyTree, ...],
+    kwargs: dict[str, PyTree],
     lora_rng: jax.Array | None,
 ) -> PyTree | RoutingFallback:
     """`call_factored` with a stacked tree (`lora.stack`) whose adapter ``ids[j]`` is applied
@@ -120,10 +123,10 @@ def _interpret(
     tracer: Tracer,
     interp: Interpreter,
     table: dict[str, LoraWeights],
-    view: Callable[[str, Any], KernelView],
+    view: Callable[[str, Leaf], KernelView],
     params: PyTree,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
+    args: tuple[PyTree, ...],
+    kwargs: dict[str, PyTree],
     key: jax.Array | None,
 ) -> PyTree | RoutingFallback:
     """Traces ``apply_fn`` and evaluates it with ``interp``, the kernel at each path of
@@ -148,7 +151,7 @@ def _interpret(
     return jax.tree_util.tree_unflatten(out_def, plain)
 
 
-def _check(table: dict[str, LoraWeights], paths: list[str], leaves: list[Any]) -> None:
+def _check(table: dict[str, LoraWeights], paths: list[str], leaves: list[Leaf]) -> None:
     index = dict(zip(paths, leaves, strict=True))
     missing = [p for p in table if p not in index]
     if missing:

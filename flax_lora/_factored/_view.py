@@ -33,10 +33,12 @@ it then stands for ``g * (base + scale * a @ b)``. The base may be a quantized k
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flax_lora import _jaxpr as jx
 from flax_lora._adapters._delta import delta, layer_mask, masked_factor
@@ -44,6 +46,7 @@ from flax_lora._adapters._dora import dora_factor, dora_kernel, layered_factor
 from flax_lora._adapters._weights import AdapterLayout, LoraWeights, StackedLoraWeights
 from flax_lora._factored._quant_base import Base, as_array, as_base, layer_base
 from flax_lora._multi._stack import gather, gather_dora
+from flax_lora._typing import Leaf
 
 Carried = Literal["layer", "example", "expert"]
 LAYER: Carried = "layer"
@@ -67,7 +70,7 @@ class ViewMeta:
 
     path: str
     weights: AdapterLayout
-    ops: tuple[tuple[Any, dict[str, Any]], ...]
+    ops: tuple[tuple[jx.Primitive, dict[str, Any]], ...]
     side: tuple[str, ...]
     carried: tuple[Carried, ...]
     why: str | None = None
@@ -111,7 +114,7 @@ class KernelView:
         return float(self.meta.weights.scale)
 
     @property
-    def dtype(self) -> Any:
+    def dtype(self) -> np.dtype:
         return self.base.dtype
 
     @property
@@ -139,7 +142,7 @@ def transposed(x: jax.Array, perm: tuple[int, ...]) -> jax.Array:
 
 
 # -- making views ------------------------------------------------------------------------------
-def make_view(path: str, leaf: Any, w: LoraWeights) -> KernelView:
+def make_view(path: str, leaf: Leaf, w: LoraWeights) -> KernelView:
     """The view of an adapted kernel that no op has touched yet (a quantized kernel's base is a
     `QuantBase`, dequantized at its uses).
 
@@ -307,13 +310,15 @@ def per_example(v: KernelView) -> tuple[KernelView, KernelView]:
     return inner, spec
 
 
-def expert_slice(v: KernelView, axis: int, take: Any, base: Base) -> KernelView:
+def expert_slice(
+    v: KernelView, axis: int, take: Callable[[jax.Array, int], jax.Array], base: Base
+) -> KernelView:
     """The view sliced to one index on its expert axis ``axis`` (``w[e]`` of a loop over the
     experts): ``take(x, k)`` slices an array on its carried axis ``k``; ``base`` is ``W0``
     sliced. The view's ops so far must be value ops (its layout is the kernel's): the sliced
     view starts afresh, ``W0``'s slice as its root."""
     k = v.axes(EXPERT).index(axis) + v.meta.carried.index(EXPERT)
-    cut: dict[str, Any] = {
+    cut: dict[str, Any] = {  # factors, some None: dataclasses.replace keywords
         f: None if getattr(v, f) is None else take(getattr(v, f), k) for f in _FACTORS
     }
     w = v.meta.weights.replace(kernel_shape=tuple(base.shape))
@@ -326,7 +331,7 @@ def drop_experts(v: KernelView, drop: set[int], base: Base) -> KernelView:
     an ordinary view of one expert's kernel, ``base`` (``W0`` squeezed) its root."""
     meta, w = v.meta, v.meta.weights
     lost = [v.axes(EXPERT).index(d) + meta.carried.index(EXPERT) for d in sorted(drop)]
-    cut: dict[str, Any] = {
+    cut: dict[str, Any] = {  # factors, some None: dataclasses.replace keywords
         f: None if getattr(v, f) is None else jnp.squeeze(getattr(v, f), tuple(lost))
         for f in _FACTORS
     }

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ from flax_lora._init._loftq import loftq_factors
 from flax_lora._init._select import layered_kernels, select_kernels
 from flax_lora._paths import flatten, nest, path_str
 from flax_lora._probe import kernel_uses
-from flax_lora._quant._formats import as_shapes, has_quantized, is_quantized
+from flax_lora._quant._formats import QuantizedKernel, as_shapes, has_quantized, is_quantized
 from flax_lora._sharding import place
 from flax_lora._typing import Kind, PyTree
 
@@ -153,7 +153,7 @@ def _adapter(
     layers: tuple[int, ...] | None,
     experts: tuple[int, ...] = (),
     layer_at: int = 0,
-) -> tuple[LoraWeights, PyTree]:
+) -> tuple[LoraWeights, QuantizedKernel | jax.Array | None]:
     """The adapter of one kernel (``n_layer_axes`` layer axes of a layered kernel, from axis
     ``layer_at`` on, adapted on ``layers`` of the first one, ``None``: all; ``experts``: its
     expert axes, one adapter per expert), and the base it runs on when the init replaces it
@@ -187,7 +187,7 @@ def _adapter(
         )
         w = w.replace(layer_at=layer_at)
         if residual is not None:  # PiSSA / OLoRA: the residual kernel, in the scan layout
-            residual = w.to_stored(residual)
+            residual = w.to_stored(cast(jax.Array, residual))  # not LoftQ's: refused above
         return _placed(w, kernel), residual
     shape = tuple(kernel.shape)
     n = n_layer_axes
@@ -215,6 +215,7 @@ def _adapter(
         raise ValueError(
             f"init='loftq' does not support expert kernels yet ({path!r}, expert axes {experts})."
         )
+    base: QuantizedKernel | jax.Array | None
     if config.init == "loftq":  # the base becomes Q, quantized
         a, b, base = loftq_factors(
             kernel_values(kernel, config.init),
@@ -273,11 +274,14 @@ def _placed(w: LoraWeights, kernel: jax.Array | jax.ShapeDtypeStruct) -> LoraWei
 
 
 def _carried_first(
-    make: Callable[[Any, tuple[int, ...]], tuple[Any, Any, Any]],
+    make: Callable[
+        [jax.Array | jax.ShapeDtypeStruct, tuple[int, ...]],
+        tuple[jax.Array, jax.Array, jax.Array | None],
+    ],
     kernel: jax.Array | jax.ShapeDtypeStruct,
     carried: tuple[int, ...],
     in_axes: tuple[int, ...],
-) -> tuple[Any, Any, Any]:
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """``make(kernel, in_axes)`` on the kernel with its carried axes moved first (an expert
     axis need not lead), its residual base (if any) put back in the kernel's layout."""
     rest = tuple(d for d in range(len(kernel.shape)) if d not in carried)
@@ -285,7 +289,9 @@ def _carried_first(
     if perm == tuple(range(len(perm))):
         return make(kernel, in_axes)
     if isinstance(kernel, jax.ShapeDtypeStruct):
-        moved: Any = jax.ShapeDtypeStruct(tuple(kernel.shape[d] for d in perm), kernel.dtype)
+        moved: jax.Array | jax.ShapeDtypeStruct = jax.ShapeDtypeStruct(
+            tuple(kernel.shape[d] for d in perm), kernel.dtype
+        )
     else:
         moved = jnp.transpose(kernel, perm)
     a, b, base = make(moved, tuple(perm.index(d) for d in in_axes))

@@ -20,11 +20,11 @@ as a DoRA adapter whose magnitude is ``||W0 + a @ b||``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from flax_lora._adapters._delta import masked_factor
 from flax_lora._adapters._dora import layered_factor
@@ -196,7 +196,9 @@ def unstack(stacked: PyTree, index: int) -> PyTree:
     return nest(out)
 
 
-def check_ids(ids: Any, num_adapters: int, batch: int | None = None) -> jax.Array:
+def check_ids(
+    ids: ArrayLike | Sequence[int], num_adapters: int, batch: int | None = None
+) -> jax.Array:
     """Validates routing ids and returns them as an int32 array.
 
     Concrete ids must lie in ``[-1, num_adapters)``; traced ids cannot be checked without a host

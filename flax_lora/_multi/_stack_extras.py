@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from flax_lora._adapters._extras import Extra, StackedExtra
 from flax_lora._paths import describe, flatten
@@ -46,7 +47,9 @@ def stack_extras(tables: list[dict[str, Extra]], fn: str) -> dict[str, StackedEx
     return out
 
 
-def select_extras(stacked: dict[str, StackedExtra], index: Any, params: PyTree) -> dict[str, Extra]:
+def select_extras(
+    stacked: dict[str, StackedExtra], index: ArrayLike, params: PyTree
+) -> dict[str, Extra]:
     """Adapter ``index``'s extra nodes (possibly traced); for ``-1`` (or out of range) the base
     leaf (from ``params``) and a zero delta."""
     leaves = flatten(params) if params is not None else {}

@@ -8,8 +8,6 @@ kernels by name before anything is quantized (not under a trace, where the value
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,7 +41,7 @@ def _finite_counts(w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.A
     return (*counts, jnp.argmax(~jnp.isfinite(flat)))
 
 
-def non_finite(w: Any) -> str | None:
+def non_finite(w: jax.Array | np.ndarray) -> str | None:
     """``None`` when ``w`` holds only finite values or is traced (its values unknown); else
     what it holds, e.g. ``"2 non-finite values (1 nan, 1 inf; the first at index (0, 3))"``."""
     if isinstance(w, jax.core.Tracer) or not jnp.issubdtype(w.dtype, jnp.floating):

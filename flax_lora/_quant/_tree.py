@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import KeyPath
 
 from flax_lora._config import target_matches
 from flax_lora._field_checks import regex_tuple
@@ -35,10 +35,10 @@ from flax_lora._quant._formats import (
     quantize_jit,
     split_layers,
 )
-from flax_lora._typing import PyTree, QuantFormat
+from flax_lora._typing import Leaf, PyTree, QuantFormat
 
 
-def _select(leaves: dict[str, Any], patterns: tuple[str, ...] | None) -> list[str]:
+def _select(leaves: dict[str, Leaf], patterns: tuple[str, ...] | None) -> list[str]:
     """The paths to quantize: the rule of `lora.init` without a probe."""
     candidates = [
         p
@@ -147,7 +147,7 @@ def quantize(
         _warn_unnamed(leaves, uses)
     layers = _layer_axes(uses, chosen)
 
-    def f(kp: Any, x: Any) -> Any:
+    def f(kp: KeyPath, x: Leaf) -> Leaf:
         path = path_str(kp)
         if is_quantized(x) or path not in chosen:
             return x
@@ -158,7 +158,7 @@ def quantize(
 
 
 def _check_finite(
-    owner: str, kernels: dict[str, Any], fmt: QuantFormat, double_quant: bool = False
+    owner: str, kernels: dict[str, Leaf], fmt: QuantFormat, double_quant: bool = False
 ) -> None:
     """Raises `finite_error` naming every kernel (path -> array) that holds a NaN or an inf;
     traced kernels are not checked."""
@@ -171,7 +171,7 @@ def _check_finite(
         raise finite_error(owner, found, fmt, double_quant)
 
 
-def _warn_unnamed(leaves: dict[str, Any], uses: dict[str, Use]) -> None:
+def _warn_unnamed(leaves: dict[str, Leaf], uses: dict[str, Use]) -> None:
     """Warns of the floating leaves the probe contracts or gathers that ``targets=None`` leaves
     unquantized only because of their names (tunix's ``w``, Gemma's ``gating_einsum``)."""
     missed = [
@@ -298,7 +298,7 @@ def requantize_tree(params: PyTree, like: PyTree, done: dict[str, float | None])
         )
     errors: dict[str, float] = {p: e for p, e in done.items() if e is not None}
 
-    def f(kp: Any, x: Any) -> Any:
+    def f(kp: KeyPath, x: Leaf) -> Leaf:
         path = path_str(kp)
         q = table.get(path)
         if q is None or is_quantized(x):
