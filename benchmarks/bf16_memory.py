@@ -18,8 +18,11 @@ full fine-tuning. Then the outputs: the flax_lora bfloat16 factored step's loss 
 against a float32 reference (float32 base and factors, the same values), and the gemma-style
 reference's logits against flax_lora's on the same adapters.
 
-The ``gemma`` package needs Python >= 3.12 (and pulls TensorFlow): it is no dependency of this
-project, and without it the script measures the reference alone and says so.
+With the ``gemma`` package installed the script also measures the package's own Gemma 3
+(``gm.nn.Transformer``, the same sizes, bf16) with full fine-tuning, flax_lora and
+`gm.nn.LoRA`, as issue 26 did. The package needs Python >= 3.12 (and pulls TensorFlow): it is
+no dependency of this project, and without it the script measures the reference alone and
+says so.
 
 Run:  python -m benchmarks.bf16_memory   (about a minute on 2 CPUs; compile only, no timing)
 """
@@ -345,6 +348,53 @@ def check_outputs(cfg: GemmaLike, batch: dict) -> None:
     del g16
 
 
+def measure_gemma3(gm: Any, batch: dict) -> dict[str, tuple[int, int]]:
+    """The package's own Gemma 3 (``gm.nn.Transformer``: 4 layers, d 512, 8 query and 2
+    key-value heads of 64, MLP 2048, vocab 8192, bf16): full fine-tuning, flax_lora (bf16
+    factors on every attention and MLP kernel) and `gm.nn.LoRA` (bf16)."""
+    kinds = gm.nn.config.AttentionType
+    config = gm.nn.config.TransformerConfig(
+        num_embed=8192, embed_dim=512, hidden_dim=2048, num_heads=8, head_dim=64,
+        num_kv_heads=2, final_logit_softcap=None, use_post_attn_norm=True,
+        use_post_ffw_norm=True, use_qk_norm=True, sliding_window_size=64,
+        attention_types=gm.nn.config.make_attention_layers_types(
+            (kinds.LOCAL_SLIDING, kinds.GLOBAL), num_layers=4
+        ),
+        transpose_gating_einsum=True, local_base_frequency=10_000,
+        global_base_frequency=1_000_000, vision_encoder=None,
+    )  # fmt: skip
+    model = gm.nn.Transformer(config=config, dtype=jnp.bfloat16)
+    tokens = batch["tokens"]
+    params = cast(model.init(jax.random.key(1), tokens), jnp.bfloat16)
+    apply = lambda p, t: model.apply(p, t).logits.astype(jnp.float32)
+    targets = r"params/layer_\d+/(attn/(q|kv|attn_vec)_einsum/w|mlp/(gating_einsum|linear))"
+    cfg = lora.LoraConfig(rank=RANK, alpha=ALPHA, targets=targets, dtype=jnp.bfloat16)
+    ad = lora.init(jax.random.key(2), params, cfg, probe=lambda p: apply(p, tokens))
+    out = {
+        "full fine-tuning": memory(
+            compile_step(full_step(apply), (params, TX.init(params)), None, batch)
+        ),
+        "flax_lora, bf16 factors": memory(
+            compile_step(flax_lora_step(apply), (ad, TX.init(ad)), params, batch)
+        ),
+    }
+    wrapped = gm.nn.LoRA(rank=RANK, model=model, dtype=jnp.bfloat16)
+    wapply = lambda p, t: wrapped.apply(p, t).logits.astype(jnp.float32)
+    p = cast(wrapped.init(jax.random.key(1), tokens), jnp.bfloat16)
+    frozen, trained = split_flat(p, lambda k: "lora" in k.lower())
+    out["gemma gm.nn.LoRA, bf16 factors"] = memory(
+        compile_step(split_step(wapply), (trained, TX.init(trained)), frozen, batch)
+    )
+    return out
+
+
+def _table(title: str, mem: dict[str, tuple[int, int]]) -> None:
+    full = mem["full fine-tuning"][1]
+    print(f"\n{title:36s} {'temp MiB':>9s} {'peak MiB':>9s} {'x full':>7s}")
+    for name, (temp, total) in mem.items():
+        print(f"{name:36s} {temp / 2**20:9.1f} {total / 2**20:9.1f} {total / full:7.3f}")
+
+
 def main() -> None:
     cfg = GemmaLike()
     batch = make_batch(jax.random.key(0), cfg)
@@ -355,16 +405,15 @@ def main() -> None:
         f"{cfg.layers} layers, d {cfg.d_model}, batch {batch['tokens'].shape}, r {RANK}"
     )
     mem = measure(cfg, batch)
-    full = mem["full fine-tuning"][1]
-    print(f"\n{'compiled step (bf16 base)':36s} {'temp MiB':>9s} {'peak MiB':>9s} {'x full':>7s}")
-    for name, (temp, total) in mem.items():
-        print(f"{name:36s} {temp / 2**20:9.1f} {total / 2**20:9.1f} {total / full:7.3f}")
+    _table("compiled step (bf16 base)", mem)
     ours, ref = mem["flax_lora, bf16 factors"], mem["gemma-style reference, bf16 factors"]
     print(
         f"flax_lora bf16 - gemma-style bf16: temp {ours[0] - ref[0]:+d} bytes, "
         f"peak {ours[1] - ref[1]:+d} bytes"
     )
     check_outputs(cfg, batch)
+    if gm is not None:
+        _table("the gemma package's Gemma 3", measure_gemma3(gm, batch))
 
 
 if __name__ == "__main__":
