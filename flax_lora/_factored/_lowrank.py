@@ -57,6 +57,13 @@ def _dot(x: jax.Array, y: jax.Array, cx: int, cy: int, precision: Any, out: Any)
     return lax.dot_general(x, y, (((cx,), (cy,)), ((), ())), precision, preferred_element_type=out)
 
 
+def _narrow(t: jax.Array, m: jax.Array, dtype: Any) -> bool:
+    """Whether ``t``, ``m`` and the result are all one floating dtype narrower than float32
+    (bfloat16, float16): the branch then runs in that dtype, as the base layer does."""
+    dt = jnp.dtype(dtype)
+    return t.dtype == m.dtype == dt and jnp.issubdtype(dt, jnp.floating) and dt.itemsize < 4
+
+
 def _expand(t: jax.Array, m: jax.Array, dtype: Any, unrolled: bool = False) -> jax.Array:
     """``t @ m`` for a small inner dimension ``r``, as elementwise multiply-adds.
 
@@ -65,7 +72,17 @@ def _expand(t: jax.Array, m: jax.Array, dtype: Any, unrolled: bool = False) -> j
     matmul epilogue best) or ``r`` unrolled multiply-adds (used for a forward pass alone, where
     the sum form makes XLA:CPU pull whole MLP blocks, activation and all, into one slower
     fusion). Both accumulate in at least float32.
+
+    In training with ``t``, ``m`` and ``dtype`` all bfloat16 (or float16) it is a matmul in
+    that dtype instead, as the base layer's own (XLA's CPU, GPU and TPU dots accumulate these
+    in float32 and round once): fused into an activation's input (a gated MLP's gate and up
+    projections), the float32 sum form leaves XLA holding float32 and base-product buffers of
+    (tokens, features) for the backward pass, about 6% of the step's peak on a bfloat16
+    Gemma-like decoder (``benchmarks/bf16_memory.py``). Asking the dot for a float32 result
+    and casting it costs a float32 (tokens, features) buffer again.
     """
+    if not unrolled and _narrow(t, m, dtype):
+        return _dot(t, m, 1, 0, None, None)
     acc = jnp.promote_types(dtype, jnp.float32)
     t, m = t.astype(acc), m.astype(acc)
     if unrolled:
@@ -113,7 +130,10 @@ def _lowrank_jvp(precision: Any, out: Any, primals: tuple, tangents: tuple) -> t
     expansion, none with a large operand transposed:
 
     - ``dt = dx @ a`` as the broadcast-multiply-sum over ``K`` whose transpose is the expansion
-      ``g_t @ a.T`` (fused into the consumer of the input's gradient);
+      ``g_t @ a.T`` (fused into the consumer of the input's gradient); with ``x``, ``a`` and
+      ``t`` all bfloat16 (or float16) a matmul in that dtype, transposed to the matmul
+      ``g_t @ a.T``: the float32 expansion leaves a float32 (tokens, K) buffer there (see
+      `_expand` for the forward's);
     - ``dt += x @ da`` contracted with ``da.T`` behind an optimization barrier: its transpose is
       ``g_t.T @ x`` of shape ``(r, K)``, then the barrier, then the transpose; without the
       barrier XLA folds the transpose into the dot, the ``(K, N) x (N, r)`` form that XLA:CPU
@@ -126,9 +146,12 @@ def _lowrank_jvp(precision: Any, out: Any, primals: tuple, tangents: tuple) -> t
     outs, a_all, t = _lowrank_outs(x2, a, b, precision, out, unrolled=False)
     dts = []
     if not _is_zero(dx):
-        acc = jnp.promote_types(dx.dtype, jnp.float32)
-        dt = jnp.sum(dx.astype(acc)[:, None, :] * a_all.T.astype(acc)[None, :, :], axis=2)
-        dts.append(dt.astype(t.dtype))
+        if _narrow(dx, a_all, t.dtype):  # bfloat16: a matmul, as the base layer's
+            dts.append(_dot(dx, a_all, 1, 0, precision, out))
+        else:
+            acc = jnp.promote_types(dx.dtype, jnp.float32)
+            dt = jnp.sum(dx.astype(acc)[:, None, :] * a_all.T.astype(acc)[None, :, :], axis=2)
+            dts.append(dt.astype(t.dtype))
     if not all(_is_zero(d) for d in da):
         da_all = (
             jnp.concatenate(
